@@ -1,0 +1,69 @@
+"""The `concept-erase` command. Each subcommand lives with its layer and is imported only when used.
+
+A subcommand module exposes `register(subparsers)`, which adds its parser(s) and sets `func` (a callable
+taking the parsed namespace and returning an exit code). Parser construction must stay import-light.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import ConceptEraseError
+
+# subcommand name -> module holding its `register`. Several names may share one module.
+SUBCOMMANDS: dict[str, str] = {
+    "classify": "concept_erase.classification.cli",
+    "mask": "concept_erase.diffusion.cli",
+    "erase": "concept_erase.diffusion.cli",
+    "generate": "concept_erase.diffusion.cli",
+    "export": "concept_erase.diffusion.cli",
+    "minisd": "concept_erase.diffusion.minisd.cli",
+    "demo": "concept_erase.demo",
+    "evaluate": "evaluation.cli",
+    "compare": "evaluation.cli",
+    "app": "app.cli",
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="concept-erase",
+        description="Erase a concept from a Stable Diffusion checkpoint with SalUn, and measure it.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    seen: set[str] = set()
+    modules = [SUBCOMMANDS[only]] if only in SUBCOMMANDS else list(dict.fromkeys(SUBCOMMANDS.values()))
+    for module_name in modules:
+        if module_name in seen:
+            continue
+        seen.add(module_name)
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:  # an optional layer whose extra is not installed
+            if only is not None:
+                raise ConceptEraseError(f"command {only!r} needs a missing package: {err.name}") from err
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Import only the requested subcommand's module, so `concept-erase classify` never imports diffusers.
+    first = next((a for a in argv if not a.startswith("-")), None)
+    try:
+        parser = build_parser(first if first in SUBCOMMANDS else None)
+        args = parser.parse_args(argv)
+        return int(args.func(args) or 0)
+    except ConceptEraseError as err:
+        print(f"concept-erase: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("concept-erase: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,26 @@
+"""Shared fixtures: tiny real pipelines built offline. No test may touch the network or ../shared."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # 2 processes on 2 cores spin otherwise (DESIGN.md 8b)
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory):
+    """A tiny random StableDiffusionPipeline saved as a diffusers folder (read-only use: copy to modify)."""
+    from concept_erase.diffusion.tiny import build_tiny_pipeline
+
+    path = tmp_path_factory.mktemp("tiny") / "pipe"
+    build_tiny_pipeline(seed=0).save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def tiny_pipeline():
+    """A fresh tiny pipeline object (seed 0), built in memory."""
+    from concept_erase.diffusion.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(seed=0)
