@@ -1,0 +1,220 @@
+"""The mask engine: exact definition, ties, files, compatibility errors, and frozen-means-frozen."""
+
+import pytest
+import torch
+from torch import nn
+
+from concept_erase.errors import ConceptEraseError
+from concept_erase.saliency import (
+    SaliencyMask,
+    compute_saliency,
+    model_fingerprint,
+    threshold_scores,
+)
+
+
+def _linear(w=(0.5, -0.5), b=0.1):
+    model = nn.Linear(2, 1)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([w]))
+        model.bias.fill_(b)
+    return model
+
+
+def _sum_loss(model, x):
+    return model(x).sum()
+
+
+def test_scores_are_abs_of_signed_sum_over_batches():
+    # d(sum y)/dw = sum of inputs; batch 1 gives [1, -2], batch 2 gives [2, 1]; d/db = rows per batch.
+    model = _linear()
+    batches = [torch.tensor([[1.0, -2.0]]), torch.tensor([[2.0, 1.0]])]
+    scores = compute_saliency(model, batches, _sum_loss)
+    # |(-2) + 1| = 1, not |-2| + |1| = 3: the sign is summed before the absolute value (SalUn Eq. 6).
+    assert torch.equal(scores["weight"], torch.tensor([[3.0, 1.0]]))
+    assert torch.equal(scores["bias"], torch.tensor([2.0]))
+    mask = SaliencyMask.from_scores(scores, keep=0.5, model=model)  # round(0.5 * 3) = 2 kept
+    assert mask.masks["weight"].tolist() == [[True, False]]
+    assert mask.masks["bias"].tolist() == [True]
+
+
+def test_compute_leaves_model_as_it_was():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5), nn.Linear(2, 1))
+    model.train()
+    model[0].bias.requires_grad_(False)
+    compute_saliency(model, [torch.ones(3, 2)], _sum_loss, include=r"^2\.")
+    assert model.training
+    assert model[0].bias.requires_grad is False and model[0].weight.requires_grad is True
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_include_filter_and_empty_inputs():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+    scores = compute_saliency(model, [torch.ones(1, 2)], _sum_loss, include=r"^1\.")
+    assert set(scores) == {"1.weight", "1.bias"}
+    with pytest.raises(ConceptEraseError, match="include='nothing'"):
+        compute_saliency(model, [torch.ones(1, 2)], _sum_loss, include="nothing")
+    with pytest.raises(ConceptEraseError, match="empty"):
+        compute_saliency(model, [], _sum_loss)
+
+
+def test_ties_are_broken_by_parameter_then_element_order():
+    scores = {"a": torch.tensor([1.0, 2.0, 2.0]), "b": torch.tensor([2.0, 2.0, 0.0])}
+    masks = threshold_scores(scores, keep=0.5)  # 3 of 6: the four 2.0s tie for 3 places
+    assert masks["a"].tolist() == [False, True, True]
+    assert masks["b"].tolist() == [True, False, False]
+
+
+@pytest.mark.parametrize("lowest", [False, True])
+def test_global_threshold_matches_a_full_sort(lowest):
+    gen = torch.Generator().manual_seed(0)
+    # integer-valued floats: many ties; three tensors of different sizes, one global ranking
+    scores = {f"p{i}": torch.randint(0, 50, (n,), generator=gen).float() for i, n in enumerate([7, 300, 1000])}
+    flat = torch.cat(list(scores.values()))
+    for keep in (0.01, 0.3, 0.5, 0.9, 1.0):
+        masks = threshold_scores(scores, keep, lowest=lowest)
+        kept = torch.cat([m for m in masks.values()])
+        k = round(keep * flat.numel())
+        assert int(kept.sum()) == k
+        chosen, rest = flat[kept], flat[~kept]
+        if rest.numel():
+            assert (chosen.min() >= rest.max()) if not lowest else (chosen.max() <= rest.min())
+        # deterministic: same answer twice
+        again = torch.cat(list(threshold_scores(scores, keep, lowest=lowest).values()))
+        assert torch.equal(kept, again)
+
+
+def test_threshold_handles_tiny_and_huge_float_ranges():
+    scores = {"x": torch.tensor([0.0, 1e-30, 3.4e38, 1e-7, 2.5])}
+    assert threshold_scores(scores, keep=0.4)["x"].tolist() == [False, False, True, False, True]
+
+
+@pytest.mark.parametrize("keep", [0, -0.1, 1.5, float("nan")])
+def test_keep_outside_unit_interval_is_refused(keep):
+    with pytest.raises(ConceptEraseError, match="keep must be in"):
+        threshold_scores({"x": torch.ones(4)}, keep)
+
+
+def _mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+def _ce_loss(model, batch):
+    x, y = batch
+    return nn.functional.cross_entropy(model(x), y)
+
+
+def _forget_batches():
+    gen = torch.Generator().manual_seed(1)
+    return [(torch.randn(5, 4, generator=gen), torch.randint(0, 3, (5,), generator=gen)) for _ in range(3)]
+
+
+def test_save_load_round_trip_and_layer_stats(tmp_path):
+    model = _mlp()
+    mask = SaliencyMask.compute(model, _forget_batches(), _ce_loss, keep=0.3, concept="class 2")
+    path = mask.save(tmp_path / "mask.safetensors")
+    loaded = SaliencyMask.load(path, model=model)
+    assert loaded.keep == 0.3 and loaded.concept == "class 2" and loaded.fingerprint == model_fingerprint(model)
+    for name in mask.masks:
+        assert torch.equal(loaded.masks[name], mask.masks[name])
+    total = sum(p.numel() for p in model.parameters())
+    assert sum(int(m.sum()) for m in loaded.masks.values()) == round(0.3 * total)
+    stats = loaded.layer_stats(depth=1)
+    assert set(stats) == {"0", "2"} and all(0 <= v <= 1 for v in stats.values())
+    with pytest.raises(ConceptEraseError, match="already exists"):
+        mask.save(path)
+
+
+def test_mask_for_another_model_names_the_first_mismatch(tmp_path):
+    mask = SaliencyMask.compute(_mlp(), _forget_batches(), _ce_loss)
+    path = mask.save(tmp_path / "m.safetensors")
+    wider = nn.Sequential(nn.Linear(4, 9), nn.ReLU(), nn.Linear(9, 3))
+    with pytest.raises(ConceptEraseError, match=r"'0.weight' has shape \(8, 4\) but the model's is \(9, 4\)"):
+        SaliencyMask.load(path, model=wider)
+    other = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3), nn.Linear(3, 3))
+    with pytest.raises(ConceptEraseError, match="'3.weight' differs"):
+        SaliencyMask.load(path, model=other)
+    renamed = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 3))
+    with pytest.raises(ConceptEraseError, match="'2.weight' does not exist"):
+        SaliencyMask.load(path, model=renamed)
+
+
+def test_unreadable_mask_files(tmp_path):
+    with pytest.raises(ConceptEraseError, match="does not exist"):
+        SaliencyMask.load(tmp_path / "missing.safetensors")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00\x01not a safetensors file")
+    with pytest.raises(ConceptEraseError, match="cannot read mask file"):
+        SaliencyMask.load(junk)
+    good = SaliencyMask.compute(_mlp(), _forget_batches(), _ce_loss).save(tmp_path / "good.safetensors")
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[:-7])
+    with pytest.raises(ConceptEraseError, match="cannot read mask file"):
+        SaliencyMask.load(truncated)
+
+
+def test_bool_mask_files_load_too(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    model = _mlp()
+    mask = SaliencyMask.random(model, keep=0.5, seed=3)
+    meta = {"format": "concept-erase-saliency-mask", "keep": "0.5",
+            "mask_shapes": json.dumps({n: list(m.shape) for n, m in mask.masks.items()}),
+            "model_shapes": json.dumps([[n, list(s)] for n, s in mask.model_shapes])}
+    save_file(dict(mask.masks), str(tmp_path / "bool.safetensors"), metadata=meta)
+    loaded = SaliencyMask.load(tmp_path / "bool.safetensors", model=model)
+    assert all(torch.equal(loaded.masks[n], m) for n, m in mask.masks.items())
+
+
+@pytest.mark.parametrize("make_optimizer", [
+    lambda params: torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1),
+    lambda params: torch.optim.SGD(params, lr=1e-2, momentum=0.9, weight_decay=0.1),
+], ids=["adamw", "sgd-momentum"])
+def test_frozen_weights_stay_bit_identical(make_optimizer):
+    model = _mlp()
+    mask = SaliencyMask.compute(model, _forget_batches(), _ce_loss, keep=0.5, include=r"^0\.")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    # hand the optimizer EVERY parameter: the guarantee must not depend on the caller filtering
+    optimizer = make_optimizer(list(model.parameters()))
+    handle = mask.attach(model, optimizer)
+    for batch in _forget_batches() * 10:
+        optimizer.zero_grad()
+        _ce_loss(model, batch).backward()
+        optimizer.step()
+    for name, p in model.named_parameters():
+        m = mask.masks.get(name, torch.zeros(p.shape, dtype=torch.bool))
+        assert torch.equal(p.detach()[~m], before[name][~m]), f"frozen entries of {name} moved"
+        if m.any():
+            assert not torch.equal(p.detach()[m], before[name][m]), f"salient entries of {name} did not move"
+    handle.remove()
+
+
+def test_weight_decay_alone_would_move_masked_weights():
+    """The control for the test above: masking gradients without restoring is NOT enough with AdamW."""
+    model = _mlp()
+    mask = SaliencyMask.random(model, keep=0.5, seed=0)
+    before = model[0].weight.detach().clone()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    for name, p in model.named_parameters():
+        p.register_hook(lambda g, m=mask.masks[name]: g * m)
+    for batch in _forget_batches():
+        optimizer.zero_grad()
+        _ce_loss(model, batch).backward()
+        optimizer.step()
+    frozen = ~mask.masks["0.weight"]
+    assert not torch.equal(model[0].weight.detach()[frozen], before[frozen])
+
+
+def test_random_and_name_masks():
+    model = _mlp()
+    a, b = SaliencyMask.random(model, 0.25, seed=0), SaliencyMask.random(model, 0.25, seed=1)
+    total = sum(p.numel() for p in model.parameters())
+    assert sum(int(m.sum()) for m in a.masks.values()) == round(0.25 * total)
+    assert any(not torch.equal(a.masks[n], b.masks[n]) for n in a.masks)
+    named = SaliencyMask.from_names(model, r"^2\.")
+    assert named.masks["2.weight"].all() and not named.masks["0.weight"].any()
+    assert named.kept_fraction == pytest.approx((8 * 3 + 3) / total)
+    assert [p.shape for p in named.trainable_parameters(model)] == [(3, 8), (3,)]
