@@ -10,7 +10,7 @@ Three things the reference implementations got wrong and this file does not (DES
 - "masked" means frozen: zeroing gradients is not enough once AdamW's decoupled weight decay or SGD's
   momentum/weight decay touch every parameter, so `MaskedUpdate` also restores frozen entries after each step.
 
-The threshold is found by an exact radix select over the fp32 bit patterns, one tensor at a time, so it never
+The threshold is found by an exact radix select over the fp32 bit patterns (two 16-bit passes), one tensor at a time, so it never
 needs a flat copy of all scores (SD's UNet has 860M of them) nor an argsort.
 """
 
@@ -129,22 +129,22 @@ def compute_saliency(
 def _kth_largest_bits(scores: list[torch.Tensor], k: int) -> int:
     """Bit pattern of the k-th largest value (1-based) over several non-negative fp32 tensors.
 
-    Non-negative IEEE floats order like their bit patterns read as integers, so a byte-wise radix select
-    (4 passes of 256-bin histograms) finds the exact value with per-tensor temporaries only.
+    Non-negative IEEE floats order like their bit patterns read as integers, so a radix select over the
+    high then the low 16 bits (two passes of 65,536-bin histograms) finds the exact value with per-tensor
+    temporaries only.
     """
     prefix, remaining = 0, k
-    for shift in (24, 16, 8, 0):
-        hist = torch.zeros(256, dtype=torch.int64)
+    for shift in (16, 0):
+        hist = torch.zeros(1 << 16, dtype=torch.int64)
         for s in scores:
             bits = s.reshape(-1).view(torch.int32)
-            if shift != 24:  # only the elements whose higher bytes equal the prefix found so far
-                bits = bits[(bits >> (shift + 8)) == prefix]
-            hist += torch.bincount((bits >> shift) & 0xFF, minlength=256)
-        above = torch.flip(hist, [0]).cumsum(0)  # above[i] = count in bins >= 255 - i
+            if shift == 0:  # only the elements whose high half equals the one found in the first pass
+                bits = bits[(bits >> 16) == prefix]
+            hist += torch.bincount((bits >> shift) & 0xFFFF, minlength=1 << 16)
+        above = torch.flip(hist, [0]).cumsum(0)  # above[i] = count in bins >= 65535 - i
         i = int(torch.searchsorted(above, torch.tensor(remaining)))
-        byte = 255 - i
         remaining -= int(above[i - 1]) if i > 0 else 0
-        prefix = (prefix << 8) | byte
+        prefix = (prefix << 16) | (0xFFFF - i)
     return prefix
 
 
