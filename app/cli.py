@@ -1,0 +1,73 @@
+"""The `concept-erase app` subcommand: load the named models, then serve the Gradio app.
+
+With no arguments it opens on MiniSD and its erased demo model, so it works right after install, offline.
+Safe defaults (issue 6): binds 127.0.0.1 unless --host says otherwise; no public share link unless --share.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import MISSING, fields
+
+from concept_erase.errors import ConceptEraseError
+
+DEFAULT_BASE = "minisd"
+
+
+def register(subparsers) -> None:
+    from .ui import AppConfig
+
+    p = subparsers.add_parser(
+        "app", help="serve the before/after Gradio app",
+        description="Compare a base model with erased models on the same prompts and seeds, in the browser. "
+                    "With no arguments: MiniSD and its erased demo model.",
+    )
+    p.add_argument("--base", default=DEFAULT_BASE,
+                   help="base model: 'minisd', a diffusers folder, a .safetensors/.ckpt file or a hub id "
+                        "(default: minisd)")
+    p.add_argument("--erased", action="append", default=[], metavar="PATH",
+                   help="an erased model folder or file; repeat to compare several "
+                        "(default with --base minisd: the MiniSD erased demo model)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it)")
+    p.add_argument("--port", type=int, default=7860, help="port to serve on (default 7860)")
+    p.add_argument("--share", action="store_true",
+                   help="also create a public gradio.live link (off by default; needs the internet)")
+    p.add_argument("--device", default=None, help="torch device for the models, e.g. cuda (default: cpu)")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="weight dtype (default: float32)")
+    # The app's limits, one flag per AppConfig field, with the dataclass's help text.
+    for f in fields(AppConfig):
+        default = f.default if f.default is not MISSING else None
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(default), default=default,
+                       help=f"{f.metadata['help']} (default {default})")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    launch(args, block=True)
+    return 0
+
+
+def launch(args: argparse.Namespace, *, block: bool = True):
+    """Load the models named by `args`, build the app and serve it; returns the Blocks (when not blocking)."""
+    from .models import ModelRegistry
+    from .ui import AppConfig, build_app
+
+    if not 0 <= args.port <= 65535:
+        raise ConceptEraseError(f"--port must be 0-65535, got {args.port}")
+    config = AppConfig(**{f.name: getattr(args, f.name) for f in fields(AppConfig)})
+    erased = list(args.erased)
+    if not erased:
+        if args.base != DEFAULT_BASE:
+            raise ConceptEraseError(f"--base {args.base!r} needs at least one --erased model to compare")
+        from concept_erase.demo import demo_erased_model
+
+        print("preparing the MiniSD erased demo model (made once, then cached)...", flush=True)
+        erased = [str(demo_erased_model())]
+    registry = ModelRegistry.load(args.base, erased, device=args.device, dtype=args.dtype)
+    demo = build_app(registry, config)
+    # max_file_size: an Evaluate CSV of a few hundred rows is far below it; anything larger is refused.
+    demo.launch(server_name=args.host, server_port=args.port or None, share=args.share, inbrowser=False,
+                prevent_thread_lock=not block, max_file_size="2mb", quiet=not block)
+    return demo

@@ -1,0 +1,100 @@
+"""The models the app may use: fixed at launch, addressed by name only.
+
+The browser never sends a filesystem path: every request names a model from this registry, and an unknown
+name is refused with a one-line error (issue 6, "only the models named at launch can be loaded").
+Pipelines are loaded once at launch, so a bad `--base` / `--erased` fails before the server starts.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from concept_erase.errors import ConceptEraseError
+
+BASE_NAME = "base"
+# The file the erase command writes beside the model card (DESIGN 3: the saliency mask it trained under).
+MASK_FILENAME = "mask.safetensors"
+
+
+@dataclass
+class Model:
+    """One launched model: its public name, where it came from, and what its folder says about it."""
+
+    name: str
+    source: str
+    pipe: Any = field(repr=False)
+    card: dict = field(default_factory=dict)
+    mask_path: Path | None = None
+    # Pipelines are not safe to call from two threads at once (schedulers keep state); one lock each.
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+
+def _unique_name(wanted: str, taken: set[str]) -> str:
+    name, i = wanted, 2
+    while name in taken:
+        name, i = f"{wanted}-{i}", i + 1
+    return name
+
+
+def _read_card(folder: Path) -> dict:
+    """The model card's front matter, or {} for folders that have none (e.g. a plain diffusers folder)."""
+    from concept_erase.diffusion.io import read_model_card
+
+    if not (folder / "README.md").is_file():
+        return {}
+    try:
+        return read_model_card(folder) or {}
+    except ConceptEraseError:
+        return {}
+
+
+class ModelRegistry:
+    """The base model and each erased model, by name. `names` lists them base first."""
+
+    def __init__(self, models: list[Model]):
+        if not models:
+            raise ConceptEraseError("the app needs at least a base model")
+        self._models = {m.name: m for m in models}
+        self.base_name = models[0].name
+
+    @classmethod
+    def load(cls, base: str, erased: list[str], *, device: str | None = None, dtype: str | None = None) -> "ModelRegistry":
+        """Load `base` (any `load_pipeline` source, e.g. "minisd") and each erased model folder/file.
+
+        An erased model is named after its folder (made unique), which is what the browser sees.
+        """
+        from concept_erase.diffusion.io import load_pipeline
+
+        if not erased:
+            raise ConceptEraseError("pass at least one --erased model to compare against the base")
+        models = [Model(BASE_NAME, base, load_pipeline(base, dtype=dtype, device=device))]
+        taken = {BASE_NAME}
+        for source in erased:
+            path = Path(source)
+            if not path.exists():
+                raise ConceptEraseError(f"erased model {source!r} does not exist")
+            name = _unique_name(path.stem if path.is_file() else path.name, taken)
+            taken.add(name)
+            folder = path if path.is_dir() else path.parent
+            mask = folder / MASK_FILENAME
+            # A single-file checkpoint is loaded with the base folder's config when the base is a folder.
+            config = base if path.is_file() and Path(base).is_dir() else None
+            pipe = load_pipeline(str(path), config=config, dtype=dtype, device=device)
+            models.append(Model(name, str(path), pipe, _read_card(folder), mask if mask.is_file() else None))
+        return cls(models)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._models)
+
+    @property
+    def erased_names(self) -> list[str]:
+        return [n for n in self._models if n != self.base_name]
+
+    def get(self, name: str) -> Model:
+        if not isinstance(name, str) or name not in self._models:
+            raise ConceptEraseError(f"unknown model {name!r}; this app was launched with {', '.join(self._models)}")
+        return self._models[name]

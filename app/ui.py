@@ -1,0 +1,355 @@
+"""The Gradio app: the same prompt and seeds on the base and each erased model, side by side.
+
+A thin layer (DESIGN 2): images come from `concept_erase.diffusion.generate.generate_images`, detections
+from `evaluation.nudity`, prompt sets and scores from `evaluation`; nothing here trains or scores.
+Every handler is a plain function of (registry, config, inputs) so tests can call it without a browser;
+`build_app` wires them to components and turns `ConceptEraseError` into a `gr.Error` toast.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from PIL import Image
+
+from concept_erase.errors import ConceptEraseError
+
+from .models import ModelRegistry
+
+# Seeds are fed to torch.Generator.manual_seed; keep them in the range every backend accepts.
+MAX_SEED = 2**32 - 1
+# Small models (MiniSD draws 16x16) are enlarged for the browser with nearest-neighbour, never smoothed.
+DISPLAY_MIN_SIDE = 256
+MODEL_QUEUE_ID = "models"
+# Model-card keys every diffusers card has; they say nothing about the erasure.
+CARD_BOILERPLATE = ("library_name", "pipeline_tag", "tags")
+
+
+@dataclass
+class AppConfig:
+    """Limits that keep one user from monopolising the server (issue 6, safe defaults)."""
+
+    max_prompt_chars: int = field(default=500, metadata={"help": "longest prompt (characters) accepted"})
+    max_images: int = field(default=8, metadata={"help": "most images per model per Generate"})
+    max_steps: int = field(default=100, metadata={"help": "most denoising steps per image"})
+    default_steps: int = field(default=25, metadata={"help": "denoising steps shown when the page opens"})
+    default_guidance: float = field(default=7.5, metadata={"help": "guidance scale shown when the page opens"})
+    max_eval_prompts: int = field(default=300, metadata={"help": "most rows of an Evaluate prompt set"})
+    classifier: str = field(default="auto", metadata={
+        "help": "classifier for class prompt sets in the Evaluate tab: minisd-digits, minisd-styles, torchvision "
+                "or a transformers classifier folder; 'auto' = minisd-digits when the base is MiniSD"})
+    nudity_threshold: float = field(default=0.6, metadata={"help": "NudeNet score above which a region is blurred"})
+    concurrency: int = field(default=1, metadata={"help": "requests generating at the same time"})
+    max_queue: int = field(default=16, metadata={"help": "requests waiting at most; more are refused"})
+
+    def __post_init__(self):
+        for name in ("max_prompt_chars", "max_images", "max_steps", "default_steps", "max_eval_prompts",
+                     "concurrency", "max_queue"):
+            if int(getattr(self, name)) < 1:
+                raise ConceptEraseError(f"{name} must be at least 1, got {getattr(self, name)!r}")
+        if self.default_steps > self.max_steps:
+            raise ConceptEraseError(f"default_steps {self.default_steps} exceeds max_steps {self.max_steps}")
+        if not 0.0 < self.nudity_threshold < 1.0:
+            raise ConceptEraseError(f"nudity_threshold must be in (0, 1), got {self.nudity_threshold!r}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Input checks: one-line messages naming the bad value.
+
+def check_prompt(prompt: Any, limit: int, what: str = "prompt") -> str:
+    if prompt is None:
+        prompt = ""
+    if not isinstance(prompt, str):
+        raise ConceptEraseError(f"{what} must be text, got {type(prompt).__name__}")
+    if len(prompt) > limit:
+        raise ConceptEraseError(f"{what} is {len(prompt)} characters long; the limit is {limit}. Shorten it.")
+    return prompt
+
+
+def _check_int(value: Any, name: str, low: int, high: int) -> int:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConceptEraseError(f"{name} must be a whole number, got {value!r}") from None
+    if number != int(number) or not low <= number <= high:
+        raise ConceptEraseError(f"{name} must be a whole number from {low} to {high}, got {value!r}")
+    return int(number)
+
+
+def _check_float(value: Any, name: str, low: float, high: float) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConceptEraseError(f"{name} must be a number, got {value!r}") from None
+    if not low <= number <= high:
+        raise ConceptEraseError(f"{name} must be between {low} and {high}, got {value!r}")
+    return number
+
+
+def _selected_models(registry: ModelRegistry, names: Any) -> list[str]:
+    """The erased models to show, validated by name (the browser cannot send anything else)."""
+    if names is None:
+        return registry.erased_names
+    if isinstance(names, str):
+        names = [names]
+    chosen = [registry.get(n).name for n in names]
+    if registry.base_name in chosen:
+        chosen.remove(registry.base_name)  # the base is always shown
+    return chosen
+
+
+# ----------------------------------------------------------------------------------------------------
+# Safe preview: NudeNet on every image; exposed regions blurred before the image leaves the server.
+
+def safe_preview(images: list[Image.Image], threshold: float) -> tuple[list[Image.Image], list[str]]:
+    """Blur what NudeNet finds exposed; return the images and a one-line summary per image."""
+    from evaluation.nudity import blur_exposed, detect
+
+    results = detect(images, threshold=threshold)
+    shown, summaries = [], []
+    for image, found in zip(images, results):
+        shown.append(blur_exposed(image, found) if found.any_exposed else image)
+        if not found.detections:
+            summaries.append("nothing detected")
+        else:
+            parts = [f"{d.label} {d.score:.2f}" + (" (blurred)" if d.exposed else "") for d in found.detections]
+            summaries.append(", ".join(parts))
+    return shown, summaries
+
+
+def for_display(image: Image.Image) -> Image.Image:
+    """Enlarge tiny images by a whole factor with nearest-neighbour so the browser shows crisp pixels."""
+    side = max(image.size)
+    if side >= DISPLAY_MIN_SIDE:
+        return image
+    factor = -(-DISPLAY_MIN_SIDE // side)
+    return image.resize((image.width * factor, image.height * factor), Image.NEAREST)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Compare tab
+
+def compare(
+    registry: ModelRegistry,
+    config: AppConfig,
+    prompt: str,
+    negative_prompt: str = "",
+    seed: int = 0,
+    steps: int | None = None,
+    guidance: float | None = None,
+    num_images: int = 1,
+    models: list[str] | None = None,
+    safe: bool = True,
+    progress: Callable[[float, str], None] | None = None,
+) -> dict[str, list[tuple[Image.Image, str]]]:
+    """Generate `num_images` images (seeds seed, seed+1, ...) for the base and each chosen erased model.
+
+    Returns {model name: [(image, caption), ...]} with the base first; captions name the seed and, under
+    safe preview, what NudeNet found. The same (prompt, seed) gives the same noise on every model, so any
+    difference is the erasure (generate_images uses one generator per image).
+    """
+    from concept_erase.diffusion.generate import generate_images
+
+    prompt = check_prompt(prompt, config.max_prompt_chars)
+    if not prompt.strip():
+        raise ConceptEraseError("prompt is empty; type what to draw")
+    negative_prompt = check_prompt(negative_prompt, config.max_prompt_chars, "negative prompt")
+    seed = _check_int(seed, "seed", 0, MAX_SEED - config.max_images)
+    steps = _check_int(config.default_steps if steps is None else steps, "steps", 1, config.max_steps)
+    guidance = _check_float(config.default_guidance if guidance is None else guidance, "guidance", 0.0, 30.0)
+    num_images = _check_int(num_images, "number of images", 1, config.max_images)
+    names = [registry.base_name] + _selected_models(registry, models)
+    seeds = [seed + i for i in range(num_images)]
+
+    results: dict[str, list[tuple[Image.Image, str]]] = {}
+    for i, name in enumerate(names):
+        if progress is not None:
+            progress(i / len(names), f"generating with {name}")
+        model = registry.get(name)
+        with model.lock:
+            images = generate_images(
+                model.pipe, [prompt] * num_images, seeds, num_inference_steps=steps, guidance_scale=guidance,
+                negative_prompt=negative_prompt or None,
+            )
+        captions = [f"{name} · seed {s}" for s in seeds]
+        if safe:
+            images, summaries = safe_preview(images, config.nudity_threshold)
+            captions = [f"{c} · {s}" for c, s in zip(captions, summaries)]
+        results[name] = [(for_display(img), cap) for img, cap in zip(images, captions)]
+    if progress is not None:
+        progress(1.0, "done")
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------
+# Concept tab
+
+def concept_summary(registry: ModelRegistry, name: str) -> tuple[str, Any]:
+    """Markdown describing what `name` erased (its model card) and a bar plot of the mask's kept fraction
+    per UNet block (None when the folder has no mask)."""
+    model = registry.get(name)
+    if name == registry.base_name:
+        raise ConceptEraseError(f"{name!r} is the base model; choose an erased model")
+    card = model.card
+    lines = [f"### {name}", f"Loaded from `{model.source}`.", ""]
+    if not card:
+        lines.append("This model folder has no model card, so what it erased is unknown.")
+    else:
+        lines += ["| field | value |", "| --- | --- |"]
+        for key, value in card.items():
+            if key in CARD_BOILERPLATE:
+                continue
+            if isinstance(value, (list, tuple)):
+                value = "; ".join(str(v) for v in value)
+            elif isinstance(value, dict):
+                value = ", ".join(f"{k}={v}" for k, v in value.items())
+            text = str(value).replace("|", "\\|").replace("\n", " ")
+            lines.append(f"| {key} | {text[:300]} |")
+    figure = None
+    if model.mask_path is None:
+        lines += ["", "No saliency mask beside this model, so there is no per-block plot."]
+    else:
+        from concept_erase.saliency import SaliencyMask
+
+        mask = SaliencyMask.load(model.mask_path)
+        stats = mask.layer_stats()
+        lines += ["", f"Saliency mask: {mask.kept_fraction:.1%} of the UNet's weights were trainable."]
+        figure = _bar_plot(stats, f"kept fraction per UNet block ({name})")
+    return "\n".join(lines), figure
+
+
+def _bar_plot(values: dict[str, float], title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")  # the server has no display
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, max(2.5, 0.3 * len(values))))
+    names = list(values)
+    ax.barh(names, [values[n] for n in names], color="#4c72b0")
+    ax.set_xlim(0, 1)
+    ax.invert_yaxis()
+    ax.set_xlabel("fraction of weights kept trainable")
+    ax.set_title(title)
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------------
+# The Blocks
+
+def _ui_errors(fn):
+    """Show library errors as a one-line toast (gr.Error) instead of a generic 'Error'."""
+    import gradio as gr
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ConceptEraseError as err:
+            raise gr.Error(str(err), print_exception=False) from None
+
+    return wrapper
+
+
+def build_app(registry: ModelRegistry, config: AppConfig | None = None):
+    """The gr.Blocks: Compare, Concept and Evaluate tabs over the launched models. Queue settings applied."""
+    import gradio as gr
+
+    config = config or AppConfig()
+    names = registry.names
+    # Generate (button or Enter) and Evaluate share one slot pool: at most `concurrency` of them run the
+    # models at a time, the rest wait in the queue (at most `max_queue`), whatever button started them.
+    model_queue = {"concurrency_id": MODEL_QUEUE_ID, "concurrency_limit": config.concurrency}
+
+    with gr.Blocks(title="concept-erase: before and after", analytics_enabled=False) as demo:
+        gr.Markdown(
+            "# concept-erase: the same seed before and after\n"
+            f"Base model: **{registry.base_name}** (`{registry.get(registry.base_name).source}`). "
+            f"Erased: {', '.join(f'**{n}**' for n in registry.erased_names)}."
+        )
+        with gr.Tab("Compare"):
+            with gr.Row():
+                with gr.Column(scale=3):
+                    prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt",
+                                        info=f"at most {config.max_prompt_chars} characters")
+                    negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="negative")
+                with gr.Column(scale=2):
+                    seed = gr.Number(label="Seed", value=0, precision=0, minimum=0,
+                                     maximum=MAX_SEED - config.max_images, elem_id="seed")
+                    num_images = gr.Slider(1, config.max_images, value=min(4, config.max_images), step=1,
+                                           label="Number of images (seeds seed, seed+1, ...)")
+            with gr.Row():
+                steps = gr.Slider(1, config.max_steps, value=config.default_steps, step=1, label="Steps")
+                guidance = gr.Slider(0.0, 20.0, value=config.default_guidance, step=0.5, label="Guidance scale")
+                chosen = gr.CheckboxGroup(registry.erased_names, value=registry.erased_names,
+                                          label="Erased models to compare")
+                safe = gr.Checkbox(value=True, label="Safe preview", elem_id="safe-preview",
+                                   info="NudeNet checks every image and blurs exposed regions before they "
+                                        "are sent to the browser; untick to see raw images")
+            generate = gr.Button("Generate", variant="primary", elem_id="generate")
+            galleries = {}
+            with gr.Row():
+                for name in names:
+                    galleries[name] = gr.Gallery(label=name, columns=2, format="png", elem_id=f"gallery-{name}",
+                                                 buttons=["download", "download_all", "fullscreen"])
+
+            def on_generate(prompt, negative, seed, steps, guidance, num_images, chosen, safe,
+                            progress=gr.Progress()):
+                out = compare(registry, config, prompt, negative, seed, steps, guidance, num_images, chosen,
+                              safe, progress=lambda f, desc: progress(f, desc=desc))
+                return [out.get(name, []) for name in names]
+
+            generate.click(_ui_errors(on_generate),
+                           inputs=[prompt, negative, seed, steps, guidance, num_images, chosen, safe],
+                           outputs=[galleries[n] for n in names], api_name="generate", **model_queue)
+            prompt.submit(_ui_errors(on_generate),
+                          inputs=[prompt, negative, seed, steps, guidance, num_images, chosen, safe],
+                          outputs=[galleries[n] for n in names], api_name=False, **model_queue)
+
+        with gr.Tab("Concept"):
+            which = gr.Dropdown(registry.erased_names, value=registry.erased_names[0], label="Erased model")
+            card_md = gr.Markdown()
+            mask_plot = gr.Plot(label="Saliency mask")
+            show = _ui_errors(lambda name: concept_summary(registry, name))
+            which.change(show, inputs=which, outputs=[card_md, mask_plot], api_name="concept")
+            demo.load(show, inputs=which, outputs=[card_md, mask_plot], api_name=False)
+
+        _evaluate_tab(registry, config)
+
+    demo.queue(default_concurrency_limit=config.concurrency, max_size=config.max_queue)
+    return demo
+
+
+def _evaluate_tab(registry: ModelRegistry, config: AppConfig) -> None:
+    """Evaluate tab; shares the Compare tab's concurrency pool (see `build_app`)."""
+    import gradio as gr
+
+    from . import evaluate as ev
+
+    with gr.Tab("Evaluate"):
+        gr.Markdown(
+            f"Run a small prompt set (a preset, or a CSV of at most {config.max_eval_prompts} rows) on the "
+            "base and erased models and compare the scores before and after."
+        )
+        with gr.Row():
+            preset = gr.Dropdown(ev.preset_names(registry), value=None, label="Preset prompt set",
+                                 allow_custom_value=False)
+            upload = gr.File(label="…or upload a prompt-set CSV", file_types=[".csv"], type="filepath",
+                             elem_id="eval-csv")
+        with gr.Row():
+            steps = gr.Slider(1, config.max_steps, value=config.default_steps, step=1, label="Steps")
+            guidance = gr.Slider(0.0, 20.0, value=config.default_guidance, step=0.5, label="Guidance scale")
+        run = gr.Button("Evaluate", elem_id="evaluate")
+        table = gr.Markdown(elem_id="eval-table")
+        chart = gr.Image(label="Before vs after", type="pil", format="png", elem_id="eval-chart")
+
+        def on_evaluate(preset, upload, steps, guidance, progress=gr.Progress()):
+            return ev.evaluate(registry, config, preset, upload, steps, guidance,
+                               progress=lambda f, desc: progress(f, desc=desc))
+
+        run.click(_ui_errors(on_evaluate), inputs=[preset, upload, steps, guidance], outputs=[table, chart],
+                  api_name="evaluate", concurrency_id=MODEL_QUEUE_ID, concurrency_limit=config.concurrency)

@@ -1,0 +1,330 @@
+"""Erasure benchmark on MiniSD: SalUn against its ablations and the ESD baselines (issue 4).
+
+Same MiniSD, same forget/retain images, same budget and seeds for every method; one table per concept (a
+digit, a style); each method is evaluated at several step counts (one continuous run, resumed from its
+checkpoints, so 50 steps = the 25-step run plus 25 more).
+
+Methods (DESIGN.md 4): SalUn (saliency mask, keep 0.5); RL (the same objective, no mask); ESD-x (cross-
+attention only) and ESD-u (everything else), with the frozen original UNet; the saliency mask on ESD-u's
+objective; and two controls at the same keep ratio: SalUn with a random mask, SalUn with the inverted mask
+(the LEAST salient half).
+
+Columns: forget accuracy (images of the forget prompts judged as the erased digit / style), retain accuracy
+(images of the retain prompts judged as their requested digit AND style), FID on the digit judge's 128-d
+features of retain-prompt images vs the original model's on the same seeds, wall time per step, and peak
+memory (the growth of a fresh process's peak RSS over 10 steps of the method, measured separately so the
+methods do not share one process's high-water mark).
+
+Also, side by side in one process on the same batches: SalUn step time over a plain fine-tuning step, and
+the mask computation time over one forward+backward pass over the forget set.
+
+    HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE python benchmarks/erasure_minisd.py --out benchmarks/results/erasure_minisd.md
+
+Run it with nothing else on the machine: two processes sharing 2 cores distort every timing (DESIGN.md 8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import multiprocessing
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from concept_erase.concepts import get_concept
+from concept_erase.diffusion.erase import TrainConfig, train_unet
+from concept_erase.diffusion.io import load_pipeline
+from concept_erase.diffusion.losses import noise_batch, salun_loss, saliency_loss, sample_noise
+from concept_erase.diffusion.minisd import DIGITS, STYLES
+from concept_erase.diffusion.minisd.experiment import _embed, make_latent_sets, saliency_batches, saliency_mask
+from concept_erase.diffusion.minisd.judge import frechet_distance, load_judges
+from concept_erase.diffusion.generate import generate_images
+from concept_erase.io_utils import atomic_file
+from concept_erase.saliency import SaliencyMask
+
+# name -> (TrainConfig.method, which mask)
+METHODS: dict[str, tuple[str, str | None]] = {
+    "SalUn": ("salun", "saliency"),
+    "RL (no mask)": ("rl", None),
+    "ESD-x": ("esd-x", None),
+    "ESD-u": ("esd-u", None),
+    "ESD-u + saliency mask": ("esd-u", "saliency"),
+    "SalUn, random mask": ("salun", "random"),
+    "SalUn, inverted mask": ("salun", "inverted"),
+}
+
+
+def parse_concept(name: str) -> tuple[str, int]:
+    """'minisd-digit-seven' -> ("digit", 7); 'minisd-style-bold' -> ("style", 1)."""
+    _, kind, value = name.split("-", 2)
+    return kind, (DIGITS if kind == "digit" else STYLES).index(value)
+
+
+def split_prompt(prompt: str) -> tuple[int, int]:
+    """The (digit, style) a MiniSD prompt asks for."""
+    from concept_erase.diffusion.minisd import minisd_prompt
+
+    for d in range(len(DIGITS)):
+        for s in range(len(STYLES)):
+            if minisd_prompt(d, s) == prompt:
+                return d, s
+    raise ValueError(prompt)
+
+
+class Evaluator:
+    """Fixed evaluation images (prompts x seeds), judged; FID against the original model's images."""
+
+    def __init__(self, pipe, concept, judges, forget_images: int, retain_seeds: int):
+        self.kind, self.value = parse_concept(concept.name)
+        self.judges = judges
+        per = max(1, forget_images // len(concept.forget_prompts))
+        self.forget = [(p, s) for p in concept.forget_prompts for s in range(per)]
+        self.retain = [(p, s) for p in concept.retain_prompts for s in range(retain_seeds)]
+        self.retain_labels = np.array([split_prompt(p) for p, _ in self.retain])
+        self.reference = judges.features(self._images(pipe, self.retain))
+
+    @staticmethod
+    def _images(pipe, pairs):
+        return generate_images(pipe, [p for p, _ in pairs], [s for _, s in pairs], num_inference_steps=25,
+                               guidance_scale=5.0, batch_size=128)
+
+    def __call__(self, pipe) -> dict:
+        f_images, r_images = self._images(pipe, self.forget), self._images(pipe, self.retain)
+        if self.kind == "digit":
+            forget_acc = float((self.judges.predict_digits(f_images) == self.value).mean())
+        else:
+            forget_acc = float((self.judges.predict_styles(f_images) == self.value).mean())
+        ok = (self.judges.predict_digits(r_images) == self.retain_labels[:, 0]) & (
+            self.judges.predict_styles(r_images) == self.retain_labels[:, 1])
+        fid = frechet_distance(self.reference, self.judges.features(r_images))
+        return {"forget_acc": forget_acc, "retain_acc": float(ok.mean()), "fid": fid}
+
+
+def make_mask(kind: str | None, pipe, forget, seed: int, keep: float):
+    if kind is None:
+        return None
+    if kind == "random":
+        return SaliencyMask.random(pipe.unet, keep=keep, seed=seed)
+    return saliency_mask(pipe, forget, keep=keep, seed=seed, lowest=(kind == "inverted"))
+
+
+def run_method(pipe, base_state, forget, retain, method: str, mask_kind, args, seed: int, evaluate) -> list[dict]:
+    """Train one method continuously, evaluating at every step count of `args.steps`."""
+    pipe.unet.load_state_dict(base_state)
+    objective, _ = METHODS[method]
+    mask = make_mask(mask_kind, pipe, forget, seed, args.keep)
+    frozen = copy.deepcopy(pipe.unet) if objective.startswith("esd") else None
+    rows, seconds, done = [], 0.0, 0
+    with tempfile.TemporaryDirectory() as ckpt:
+        for steps in args.steps:
+            config = TrainConfig(method=objective, steps=steps, lr=args.lr, batch_size=args.batch_size,
+                                 alpha=0.0 if objective.startswith("esd") else args.alpha, seed=seed,
+                                 esd_ddim_steps=25, checkpointing_steps=steps, checkpoints_total_limit=1)
+            result = train_unet(pipe, forget, retain, config, mask=mask, frozen_unet=frozen,
+                                checkpoint_dir=ckpt, resume="latest")
+            seconds += result.seconds_per_step * (steps - done)
+            done = steps
+            rows.append({"method": method, "seed": seed, "steps": steps, "s_per_step": seconds / steps,
+                         **evaluate(pipe)})
+            print(json.dumps(rows[-1]), flush=True)
+    pipe.unet.load_state_dict(base_state)
+    return rows
+
+
+# --------------------------------------------------------------------------------- side-by-side measures
+
+def _step_pair(pipe, forget, retain, mask, n_steps: int, batch_size: int) -> dict:
+    """SalUn step (surrogate target under no_grad + joint forward/backward + masked Adam step) vs a plain
+    fine-tuning step (the denoising loss on the same forget+retain batch, all weights), interleaved so both
+    see the same machine load."""
+    base = copy.deepcopy(pipe.unet.state_dict())
+    gen = torch.Generator().manual_seed(0)
+    f_cond, f_sur, r_cond = _embed(pipe, forget.prompts), _embed(pipe, forget.surrogates), _embed(pipe, retain.prompts)
+    T = pipe.scheduler.config.num_train_timesteps
+    batches = []
+    for i in range(n_steps):
+        fi = torch.randperm(len(forget.prompts), generator=gen)[:batch_size]
+        ri = torch.randperm(len(retain.prompts), generator=gen)[:batch_size]
+        fn, ft = sample_noise(forget.latents[fi], T, gen)
+        rn, rt = sample_noise(retain.latents[ri], T, gen)
+        batches.append((noise_batch(pipe.scheduler, forget.latents[fi], f_cond[fi], fn, ft, f_sur[fi]),
+                        noise_batch(pipe.scheduler, retain.latents[ri], r_cond[ri], rn, rt)))
+    unet = pipe.unet.train()
+    opt_s = torch.optim.Adam(mask.trainable_parameters(unet), lr=1e-4)
+    masked = mask.attach(unet, opt_s)
+    t_salun = []
+    for fb, rb in batches:
+        t0 = time.perf_counter()
+        loss, _, _ = salun_loss(unet, fb, rb, 0.5)
+        loss.backward()
+        opt_s.step()
+        opt_s.zero_grad(set_to_none=True)
+        t_salun.append(time.perf_counter() - t0)
+    masked.remove()
+    unet.load_state_dict(base)
+    unet.requires_grad_(True)
+    opt_f = torch.optim.Adam(unet.parameters(), lr=1e-4)
+    t_ft = []
+    for fb, rb in batches:
+        t0 = time.perf_counter()
+        z = torch.cat([fb.noisy, rb.noisy])
+        out = unet(z, torch.cat([fb.timesteps, rb.timesteps]), encoder_hidden_states=torch.cat([fb.cond, rb.cond])).sample
+        loss = torch.nn.functional.mse_loss(out, torch.cat([fb.target, rb.target]))
+        loss.backward()
+        opt_f.step()
+        opt_f.zero_grad(set_to_none=True)
+        t_ft.append(time.perf_counter() - t0)
+    unet.load_state_dict(base)
+    unet.requires_grad_(False).eval()
+    med = lambda xs: statistics.median(xs[2:])  # noqa: E731  (skip warm-up)
+    return {"salun_step_s": med(t_salun), "ft_step_s": med(t_ft), "ratio": med(t_salun) / med(t_ft)}
+
+
+def _mask_vs_pass(pipe, forget) -> dict:
+    """Mask computation (scores + global threshold) vs one forward+backward pass over the forget set."""
+    batches = saliency_batches(pipe, forget)
+    unet = pipe.unet
+    unet.requires_grad_(True)
+    t0 = time.perf_counter()
+    for b in batches:
+        saliency_loss(unet, b).backward()
+    t_pass = time.perf_counter() - t0
+    unet.zero_grad(set_to_none=True)
+    unet.requires_grad_(False)
+    t0 = time.perf_counter()
+    saliency_mask(pipe, forget)
+    t_mask = time.perf_counter() - t0
+    return {"pass_s": t_pass, "mask_s": t_mask, "ratio": t_mask / t_pass}
+
+
+def _memory_probe(method: str, concept_name: str, batch_size: int, queue) -> None:
+    """In a fresh process: peak-RSS growth over 10 training steps of `method` (or 'plain fine-tune')."""
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    pipe = load_pipeline("minisd")
+    forget, retain = make_latent_sets(pipe, get_concept(concept_name), 32, 32)
+    objective, mask_kind = METHODS[method]
+    mask = make_mask(mask_kind, pipe, forget, 0, 0.5)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    config = TrainConfig(method=objective, steps=10, lr=1e-4, batch_size=batch_size, esd_ddim_steps=25,
+                         alpha=0.0 if objective.startswith("esd") else 0.5)
+    train_unet(pipe, forget, retain, config, mask=mask)
+    queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+
+
+def memory_growth(method: str, concept_name: str, batch_size: int) -> int:
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_memory_probe, args=(method, concept_name, batch_size, queue))
+    proc.start()
+    value = queue.get()
+    proc.join()
+    return value
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--concepts", default="minisd-digit-seven,minisd-style-bold",
+                   help="comma-separated MiniSD concept presets (default: a digit and a style)")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of: " + ", ".join(METHODS))
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (data, mask noise, training draws)")
+    p.add_argument("--steps", default="25,50,100,200", help="step counts at which each run is evaluated")
+    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate for every method (default 1e-4)")
+    p.add_argument("--batch-size", type=int, default=16, help="forget (and retain) batch (default 16)")
+    p.add_argument("--alpha", type=float, default=0.5, help="retain weight of SalUn/RL (ESD: 0) (default 0.5)")
+    p.add_argument("--keep", type=float, default=0.5, help="mask keep ratio (default 0.5)")
+    p.add_argument("--num-forget", type=int, default=96, help="generated forget images (default 96)")
+    p.add_argument("--num-retain", type=int, default=432, help="generated retain images (default 432)")
+    p.add_argument("--eval-forget", type=int, default=30, help="judged forget-prompt images (default 30)")
+    p.add_argument("--eval-retain-seeds", type=int, default=4, help="judged images per retain prompt (default 4)")
+    p.add_argument("--no-memory", action="store_true", help="skip the per-method fresh-process memory probes")
+    p.add_argument("--out", default="benchmarks/results/erasure_minisd.md", help="Markdown output file (replaced)")
+    args = p.parse_args(argv)
+    args.steps = sorted(int(s) for s in args.steps.split(","))
+    seeds = [int(s) for s in args.seeds.split(",")]
+    methods = [m.strip() for m in args.methods.split(",")]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        p.error(f"unknown method {unknown[0]!r}")
+
+    start = time.perf_counter()
+    judges = load_judges()
+    pipe = load_pipeline("minisd")
+    base_state = copy.deepcopy(pipe.unet.state_dict())
+    lines = ["# MiniSD erasure benchmark", "",
+             f"Command: `python benchmarks/erasure_minisd.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
+             f"Settings: lr {args.lr}, batch {args.batch_size} forget + {args.batch_size} retain, alpha "
+             f"{args.alpha} (ESD: 0), keep {args.keep}, {args.num_forget} forget / {args.num_retain} retain "
+             f"images generated by MiniSD, seeds {seeds}; ESD: eta 1, 25 DDIM steps of partial sampling, "
+             f"guidance 3. Evaluation: 25 DDIM steps, guidance 5; {args.eval_forget} forget-prompt images, "
+             f"{args.eval_retain_seeds} seeds per retain prompt. Values: mean +- std over seeds. "
+             f"torch {torch.__version__}, {torch.get_num_threads()} threads.", ""]
+    all_rows = []
+    side = None
+    for concept_name in args.concepts.split(","):
+        concept = get_concept(concept_name)
+        evaluate = Evaluator(pipe, concept, judges, args.eval_forget, args.eval_retain_seeds)
+        base_eval = evaluate(pipe)
+        rows = []
+        for seed in seeds:
+            forget, retain = make_latent_sets(pipe, concept, args.num_forget, args.num_retain, seed=seed)
+            if side is None:
+                mask = saliency_mask(pipe, forget, keep=args.keep)
+                side = {"step": _step_pair(pipe, forget, retain, mask, 20, args.batch_size),
+                        "mask": _mask_vs_pass(pipe, forget)}
+                print(json.dumps(side), flush=True)
+            for method in methods:
+                rows += run_method(pipe, base_state, forget, retain, method, METHODS[method][1], args, seed,
+                                   evaluate)
+        all_rows += [{**r, "concept": concept_name} for r in rows]
+        lines += [f"## {concept_name}", "",
+                  f"Original model: forget acc {100 * base_eval['forget_acc']:.1f}%, retain acc "
+                  f"{100 * base_eval['retain_acc']:.1f}%, FID {base_eval['fid']:.3f} (against itself).", "",
+                  "| method | steps | forget acc % (lower is better) | retain acc % | FID (judge features) | s/step |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for method in methods:
+            for steps in args.steps:
+                sel = [r for r in rows if r["method"] == method and r["steps"] == steps]
+                ms = lambda k, scale=1.0: (f"{scale * statistics.mean(r[k] for r in sel):.1f} +- "  # noqa: E731
+                                           f"{scale * (statistics.stdev(r[k] for r in sel) if len(sel) > 1 else 0):.1f}")
+                lines.append(f"| {method} | {steps} | {ms('forget_acc', 100)} | {ms('retain_acc', 100)} | "
+                             f"{ms('fid')} | {statistics.mean(r['s_per_step'] for r in sel):.3f} |")
+        lines.append("")
+
+    if not args.no_memory:
+        lines += ["## Peak memory (fresh process, 10 steps, batch "
+                  f"{args.batch_size}+{args.batch_size}; growth of peak RSS during training)", "",
+                  "| method | peak RSS growth (MiB) |", "| --- | --- |"]
+        for method in methods:
+            lines.append(f"| {method} | {memory_growth(method, args.concepts.split(',')[0], args.batch_size) / 2**20:.1f} |")
+        lines.append("")
+    lines += ["## Side by side (same process, same batches)", "",
+              "| measure | value |", "| --- | --- |",
+              f"| SalUn step (s) | {side['step']['salun_step_s']:.4f} |",
+              f"| plain fine-tuning step (s) | {side['step']['ft_step_s']:.4f} |",
+              f"| SalUn / fine-tuning step time | {side['step']['ratio']:.2f} |",
+              f"| one forward+backward pass over the forget set (s) | {side['mask']['pass_s']:.3f} |",
+              f"| mask computation (scores + threshold) (s) | {side['mask']['mask_s']:.3f} |",
+              f"| mask / one pass | {side['mask']['ratio']:.2f} |", "",
+              f"Total benchmark wall time: {time.perf_counter() - start:.0f} s.", ""]
+    out = Path(args.out)
+    with atomic_file(out, overwrite=True) as tmp:
+        tmp.write_text("\n".join(lines), encoding="utf-8")
+    with atomic_file(out.with_suffix(".jsonl"), overwrite=True) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in all_rows), encoding="utf-8")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,185 @@
+"""Images from any loaded or erased pipeline, and the `concept-erase generate` command.
+
+`generate_images` gives every image its own CPU `torch.Generator` seeded with that image's seed, so a
+(prompt, seed) pair draws the same initial noise (and, for stochastic schedulers, the same step noise) at
+any batch size and on any device. That is what lets an erased model be compared with its base image by image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+from ..errors import ConceptEraseError
+
+if TYPE_CHECKING:
+    import numpy as np
+    from PIL import Image
+
+
+def to_pil(images: "np.ndarray") -> list["Image.Image"]:
+    """(N, H, W, C) floats in [0, 1] -> PIL images: C == 1 -> mode "L", C == 3 -> "RGB", C == 4 -> "RGBA"."""
+    import numpy as np
+    from PIL import Image
+
+    array = (np.clip(images, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    channels = array.shape[-1]
+    if channels == 1:
+        return [Image.fromarray(a[..., 0], mode="L") for a in array]
+    if channels in (3, 4):
+        return [Image.fromarray(a, mode="RGB" if channels == 3 else "RGBA") for a in array]
+    raise ConceptEraseError(f"the VAE decodes {channels}-channel images; only 1, 3 or 4 channels can be saved")
+
+
+def generate_images(
+    pipe,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    num_inference_steps: int = 25,
+    guidance_scale: float = 7.5,
+    height: int | None = None,
+    width: int | None = None,
+    negative_prompt: str | Sequence[str] | None = None,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> list["Image.Image"]:
+    """Generate one image per (prompts[i], seeds[i]), in batches of `batch_size`.
+
+    `prompts` and `seeds` have the same length (repeat a prompt to get several seeds of it). The pipeline's
+    own scheduler is used; no safety checker runs. Images come back in the VAE's channel layout (a 1-channel
+    VAE gives mode "L" images).
+    """
+    prompts, seeds = list(prompts), [int(s) for s in seeds]
+    if len(prompts) != len(seeds):
+        raise ConceptEraseError(f"{len(prompts)} prompts but {len(seeds)} seeds: give one seed per prompt")
+    if batch_size < 1:
+        raise ConceptEraseError(f"batch size must be at least 1, got {batch_size}")
+    if num_inference_steps < 1:
+        raise ConceptEraseError(f"number of inference steps must be at least 1, got {num_inference_steps}")
+    if isinstance(negative_prompt, str) or negative_prompt is None:
+        negatives = None if negative_prompt is None else [negative_prompt] * len(prompts)
+    else:
+        negatives = list(negative_prompt)
+        if len(negatives) != len(prompts):
+            raise ConceptEraseError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+
+    starts = range(0, len(prompts), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, total=math.ceil(len(prompts) / batch_size), desc="generate", unit="batch")
+    images: list = []
+    # Our own bar counts batches; the pipeline's per-step bar would print once per batch.
+    saved_bar_config = dict(getattr(pipe, "_progress_bar_config", {}))
+    pipe.set_progress_bar_config(disable=True)
+    try:
+        for start in starts:
+            images.extend(_generate_batch(pipe, prompts[start:start + batch_size], seeds[start:start + batch_size],
+                                          None if negatives is None else negatives[start:start + batch_size],
+                                          num_inference_steps, guidance_scale, height, width))
+    finally:
+        pipe._progress_bar_config = saved_bar_config
+    return images
+
+
+def _generate_batch(pipe, prompts, seeds, negatives, num_inference_steps, guidance_scale, height, width):
+    import torch
+
+    # CPU generators: the same noise on every device (diffusers draws on CPU, then moves).
+    generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+    with torch.no_grad():
+        out = pipe(
+            prompt=prompts, negative_prompt=negatives, num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale, height=height, width=width, generator=generators, output_type="np",
+        )
+    return to_pil(out.images)
+
+
+# ----------------------------------------------------------------------------------------------- the CLI
+
+
+def parse_seeds(text: str) -> list[int]:
+    """"0-3,10" -> [0, 1, 2, 3, 10]; a bare "8" is the single seed 8. Seeds are non-negative integers."""
+    seeds: list[int] = []
+    for part in text.replace(" ", ",").split(","):
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if part and (match is None or (match[2] is not None and int(match[2]) < int(match[1]))):
+            raise ConceptEraseError(f"bad seed list {text!r}: use non-negative integers and ranges like 0-7,12")
+        if match:
+            lo = int(match[1])
+            seeds.extend(range(lo, int(match[2] or lo) + 1))
+    if not seeds:
+        raise ConceptEraseError(f"bad seed list {text!r}: no seeds")
+    return seeds
+
+
+def read_prompt_file(path: str | Path) -> list[str]:
+    """One prompt per line; blank lines and lines starting with '#' are skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConceptEraseError(f"prompt file {str(path)!r} does not exist")
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    prompts = [line for line in lines if line and not line.startswith("#")]
+    if not prompts:
+        raise ConceptEraseError(f"prompt file {str(path)!r} has no prompts")
+    return prompts
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "generate",
+        help="generate images from a base or erased model",
+        description="Generate every prompt with every seed; writes PNGs and an index.jsonl (prompt, seed, file).",
+    )
+    p.add_argument("--model", required=True, help='model: a diffusers folder, a .safetensors/.ckpt file, a hub id, or "minisd"')
+    p.add_argument("--config", default=None, help="local diffusers folder giving the configs of a single-file checkpoint")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--prompt", action="append", help="a prompt (repeat the flag for several)")
+    group.add_argument("--prompts", metavar="FILE", help="a text file with one prompt per line")
+    p.add_argument("--seeds", default="0", help="seeds for every prompt: integers and ranges, e.g. 0-3,10 (default 0)")
+    p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
+    p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
+    p.add_argument("--negative-prompt", default=None, help="negative prompt used for every image")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
+    p.add_argument("--dtype", default=None, help="fp32 (default on CPU), fp16 or bf16 (CUDA only)")
+    p.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu (default: cuda when available)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    from ..io_utils import atomic_dir, atomic_file, check_output_free
+    from .io import load_pipeline
+
+    check_output_free(args.out, args.overwrite)  # fail before loading a model
+    prompts = args.prompt if args.prompt else read_prompt_file(args.prompts)
+    if any(not p.strip() for p in prompts):
+        raise ConceptEraseError("empty --prompt")
+    seeds = parse_seeds(args.seeds)
+    pipe = load_pipeline(args.model, config=args.config, dtype=args.dtype, device=args.device or "auto")
+    pairs = [(p, s) for p in prompts for s in seeds]
+    images = generate_images(
+        pipe, [p for p, _ in pairs], [s for _, s in pairs], num_inference_steps=args.steps,
+        guidance_scale=args.guidance, height=args.height, width=args.width,
+        negative_prompt=args.negative_prompt, batch_size=args.batch_size, progress=True,
+    )
+    with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
+        rows = []
+        for i, ((prompt, seed), image) in enumerate(zip(pairs, images)):
+            name = f"{i:05d}.png"
+            image.save(tmp / name)
+            rows.append({"file": name, "prompt": prompt, "seed": seed})
+        settings = {"model": args.model, "steps": args.steps, "guidance": args.guidance,
+                    "negative_prompt": args.negative_prompt}
+        with atomic_file(tmp / "index.jsonl") as f:
+            f.write_text("".join(json.dumps({**row, **settings}) + "\n" for row in rows), encoding="utf-8")
+    print(f"wrote {len(images)} images to {args.out}")
+    return 0

@@ -1,0 +1,136 @@
+"""The diffusion losses of SalUn (arXiv 2310.12508) and ESD (Gandikota et al. 2023). DESIGN.md sections 3-4.
+
+Everything works on latents (already scaled by the VAE's scaling factor) and on prompt embeddings (the frozen
+text encoder's output), so nothing here touches the VAE or the tokenizer. Noise and timesteps come in the
+batch: the caller draws them from its own seeded generator, which is what makes a run reproducible, resumable
+and the same on one or several processes.
+
+Each loss runs the UNet ONCE on a concatenated batch (as classifier-free guidance does): faster, and under
+DistributedDataParallel a second forward with grad before one backward would fire the gradient hooks twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+SALIENCY_GUIDANCE = 7.5  # w in DESIGN.md 3: MSE(eps, (1 + w) eps(x_t, c_f) - w eps(x_t, "")), as the reference
+
+
+@dataclass
+class NoisedBatch:
+    """Latents noised at timesteps: z_t = q_sample(z, t, eps), with the conditioning to use."""
+
+    noisy: Tensor        # (B, C, h, w) z_t
+    noise: Tensor        # (B, C, h, w) eps
+    target: Tensor       # (B, C, h, w) what the UNet predicts for denoising: eps, or v for v-prediction models
+    timesteps: Tensor    # (B,) long
+    cond: Tensor         # (B, L, D) embeddings of the prompt of each item
+    target_cond: Tensor | None = None  # (B, L, D) SalUn: surrogate prompt; saliency/ESD: the empty prompt
+
+
+def sample_noise(latents: Tensor, num_train_timesteps: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """eps ~ N(0, I) and t ~ U{0..T-1} for each latent, from `generator` (on the CPU, then moved), so the
+    draw does not depend on the device or on how the batch is later split."""
+    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device, latents.dtype)
+    t = torch.randint(0, num_train_timesteps, (latents.shape[0],), generator=generator).to(latents.device)
+    return noise, t
+
+
+def noise_batch(scheduler, latents: Tensor, cond: Tensor, noise: Tensor, timesteps: Tensor,
+                target_cond: Tensor | None = None) -> NoisedBatch:
+    """The forward process of the pipeline's own scheduler (DDPM q_sample with its betas). The denoising
+    target is eps for epsilon-prediction models (SD 1.x, SD 2 base) and the velocity for v-prediction ones
+    (SD 2.x 768), which the scheduler computes from the clean latents."""
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    if getattr(scheduler.config, "prediction_type", "epsilon") == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    return NoisedBatch(noisy, noise, target, timesteps, cond, target_cond)
+
+
+def _unet(unet: nn.Module, z: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+    return unet(z, t, encoder_hidden_states=cond.to(z.dtype)).sample
+
+
+def saliency_loss(unet: nn.Module, batch: NoisedBatch, guidance: float = SALIENCY_GUIDANCE) -> Tensor:
+    """DESIGN.md 3: MSE(eps, (1 + w) eps_theta(x_t, c_f) - w eps_theta(x_t, "")), gradients through both
+    terms (the guided prediction is what generates the concept). `batch.target_cond` = the empty prompt."""
+    n = batch.noisy.shape[0]
+    out = _unet(unet, torch.cat([batch.noisy, batch.noisy]), torch.cat([batch.timesteps, batch.timesteps]),
+                torch.cat([batch.cond, batch.target_cond]))
+    eps_c, eps_u = out[:n], out[n:]
+    guided = (1 + guidance) * eps_c - guidance * eps_u
+    return F.mse_loss(guided.float(), batch.target.float())
+
+
+def saliency_loss_fn(guidance: float = SALIENCY_GUIDANCE) -> Callable[[nn.Module, NoisedBatch], Tensor]:
+    """The `loss_fn(model, batch)` that `concept_erase.saliency.compute_saliency` expects."""
+    return lambda unet, batch: saliency_loss(unet, batch, guidance)
+
+
+def salun_loss(unet: nn.Module, forget: NoisedBatch, retain: NoisedBatch | None,
+               alpha: float) -> tuple[Tensor, Tensor, Tensor]:
+    """DESIGN.md 4. forget: target = eps_theta(z_t, c_surrogate) under no_grad (the reference ran it with
+    grad and detached it: wasted memory); loss_f = MSE(eps_theta(z_t, c_f), target). retain: the ordinary
+    denoising loss. Returns (loss_f + alpha * loss_r, loss_f, loss_r)."""
+    with torch.no_grad():
+        target = _unet(unet, forget.noisy, forget.timesteps, forget.target_cond)
+    return _joint_loss(unet, forget, target, retain, alpha)
+
+
+def _joint_loss(unet, forget: NoisedBatch, target: Tensor, retain: NoisedBatch | None,
+                alpha: float) -> tuple[Tensor, Tensor, Tensor]:
+    """loss_f = MSE(unet(forget), target) [+ alpha * the retain denoising loss], in ONE UNet forward."""
+    if retain is None or alpha == 0:
+        loss_f = F.mse_loss(_unet(unet, forget.noisy, forget.timesteps, forget.cond).float(), target.float())
+        return loss_f, loss_f.detach(), torch.zeros((), device=loss_f.device)
+    n = forget.noisy.shape[0]
+    out = _unet(unet, torch.cat([forget.noisy, retain.noisy]), torch.cat([forget.timesteps, retain.timesteps]),
+                torch.cat([forget.cond, retain.cond]))
+    loss_f = F.mse_loss(out[:n].float(), target.float())
+    loss_r = F.mse_loss(out[n:].float(), retain.target.float())
+    return loss_f + alpha * loss_r, loss_f.detach(), loss_r.detach()
+
+
+@torch.no_grad()
+def esd_target(frozen_unet: nn.Module, batch: NoisedBatch, eta: float) -> Tensor:
+    """ESD: eps0(z_t, "") - eta * (eps0(z_t, c) - eps0(z_t, "")), eps0 the frozen original UNet
+    (negative guidance away from c). `batch.target_cond` = the empty prompt."""
+    n = batch.noisy.shape[0]
+    out = _unet(frozen_unet, torch.cat([batch.noisy, batch.noisy]), torch.cat([batch.timesteps, batch.timesteps]),
+                torch.cat([batch.cond, batch.target_cond]))
+    eps_c, eps_u = out[:n], out[n:]
+    return eps_u - eta * (eps_c - eps_u)
+
+
+def esd_loss(unet: nn.Module, frozen_unet: nn.Module, forget: NoisedBatch, eta: float,
+             retain: NoisedBatch | None = None, alpha: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+    """ESD's MSE(eps_theta(z_t, c), esd_target); ESD itself has no retain term (alpha = 0), but one can be
+    added with the same meaning as in SalUn. Returns (loss, loss_f, loss_r)."""
+    target = esd_target(frozen_unet, forget, eta)
+    return _joint_loss(unet, forget, target, retain, alpha)
+
+
+@torch.no_grad()
+def esd_partial_sample(unet: nn.Module, scheduler, noise: Tensor, cond: Tensor, uncond: Tensor,
+                       num_steps: int, stop_index: int, guidance: float) -> tuple[Tensor, Tensor]:
+    """ESD's z_t: start from `noise`, run `stop_index` of `num_steps` DDIM steps with the model being trained
+    (classifier-free guidance `guidance`, conditioned on c) and return (z_t, t) at that point.
+
+    `scheduler` must be a private copy (set_timesteps mutates it)."""
+    scheduler.set_timesteps(num_steps, device=noise.device)
+    z = noise * scheduler.init_noise_sigma
+    n = z.shape[0]
+    for t in scheduler.timesteps[:stop_index]:
+        tt = t.expand(2 * n)
+        out = _unet(unet, torch.cat([z, z]), tt, torch.cat([cond, uncond]))
+        eps = out[n:] + guidance * (out[:n] - out[n:])
+        z = scheduler.step(eps, t, z).prev_sample
+    t = scheduler.timesteps[stop_index].expand(n).long()
+    return z, t

@@ -1,0 +1,196 @@
+"""Train MiniSD from scratch, deterministically, on 2 CPU cores in about 12 minutes (DESIGN.md 8b).
+
+Reads top to bottom: data -> VAE (reconstruction + tiny KL) -> latents (posterior MEAN, scaled to unit
+variance) -> UNet (epsilon prediction, 10% empty prompts for classifier-free guidance, AdamW with warm-up
+and cosine decay, EMA) -> fp16 diffusers folder. The text encoder stays frozen at its random init.
+
+    concept-erase minisd train --out DIR
+
+Same seed, same torch version and thread count -> the same weights. Retrain only when the architecture
+changes: the committed weights in `concept_erase/assets/minisd/` came from this script with its defaults.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ...errors import ConceptEraseError
+from ...io_utils import atomic_dir
+from . import minisd_prompt, DIGITS, STYLES
+from .data import load_digit_images
+from .model import build_minisd_pipeline, count_parameters
+
+
+@dataclass
+class MiniSDTrainConfig:
+    seed: int = field(default=0, metadata={"help": "seed for the initial weights, batches, noise and timesteps"})
+    vae_steps: int = field(default=600, metadata={"help": "VAE optimisation steps"})
+    vae_lr: float = field(default=1e-3, metadata={"help": "VAE Adam learning rate"})
+    kl_weight: float = field(default=1e-5, metadata={"help": "weight of the VAE's KL term"})
+    unet_steps: int = field(default=2000, metadata={"help": "UNet optimisation steps"})
+    unet_lr: float = field(default=1e-3, metadata={"help": "UNet AdamW peak learning rate"})
+    warmup_steps: int = field(default=100, metadata={"help": "linear learning-rate warm-up steps"})
+    batch_size: int = field(default=64, metadata={"help": "images per step (VAE and UNet)"})
+    empty_prompt_rate: float = field(default=0.1, metadata={"help": "share of empty prompts (classifier-free guidance)"})
+    ema_decay: float = field(default=0.999, metadata={"help": "EMA decay of the saved UNet weights"})
+
+    def __post_init__(self):
+        for name in ("vae_steps", "unet_steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConceptEraseError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.empty_prompt_rate < 1:
+            raise ConceptEraseError(f"empty_prompt_rate must be in [0, 1), got {self.empty_prompt_rate}")
+        if not 0 <= self.ema_decay < 1:
+            raise ConceptEraseError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.warmup_steps < 0 or self.warmup_steps >= self.unet_steps:
+            raise ConceptEraseError(f"warmup_steps must be in [0, unet_steps), got {self.warmup_steps}")
+
+
+def _log(msg: str) -> None:
+    print(f"[minisd {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def train_vae(vae, images: torch.Tensor, config: MiniSDTrainConfig, gen: torch.Generator) -> None:
+    """Reconstruction MSE + a tiny KL term: latents stay close to a Gaussian without blurring digits."""
+    vae.train()
+    opt = torch.optim.Adam(vae.parameters(), lr=config.vae_lr)
+    x_all = images * 2 - 1  # SD's VAE works in [-1, 1]
+    for step in range(config.vae_steps):
+        x = x_all[torch.randint(len(x_all), (config.batch_size,), generator=gen)]
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
+        recon = vae.decode(z).sample
+        loss = F.mse_loss(recon, x) + config.kl_weight * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0 or step == config.vae_steps - 1:
+            _log(f"vae step {step}/{config.vae_steps} loss {loss.item():.4f}")
+    vae.eval()
+
+
+@torch.no_grad()
+def encode_mean_latents(vae, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Posterior MEAN latents, unscaled (training on posterior samples gave noise textures: DESIGN.md 8b)."""
+    return torch.cat([vae.encode(images[i:i + batch_size] * 2 - 1).latent_dist.mean
+                      for i in range(0, len(images), batch_size)])
+
+
+@torch.no_grad()
+def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
+    """Frozen text-encoder states, tokenised exactly as the pipeline does (padded to max length)."""
+    ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids
+    return pipe.text_encoder(ids)[0]
+
+
+def train_unet(pipe, latents: torch.Tensor, prompt_ids: torch.Tensor, prompt_states: torch.Tensor,
+               config: MiniSDTrainConfig, gen: torch.Generator) -> dict:
+    """Epsilon-prediction denoising loss on SD's noise schedule; returns the EMA weights' state dict.
+
+    `prompt_states[prompt_ids[i]]` is the conditioning of latent i; the last row of `prompt_states` is the
+    empty prompt, used instead with probability `empty_prompt_rate`."""
+    from diffusers import DDPMScheduler
+
+    unet = pipe.unet
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    empty = len(prompt_states) - 1
+    ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    opt = torch.optim.AdamW(unet.parameters(), lr=config.unet_lr, weight_decay=1e-2)
+
+    def lr_at(step: int) -> float:  # linear warm-up, then cosine decay to zero
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        progress = (step - config.warmup_steps) / max(1, config.unet_steps - config.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * progress))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    unet.train()
+    start, running = time.perf_counter(), 0.0
+    for step in range(config.unet_steps):
+        idx = torch.randint(len(latents), (config.batch_size,), generator=gen)
+        z0 = latents[idx]
+        cond = prompt_ids[idx].clone()
+        cond[torch.rand(config.batch_size, generator=gen) < config.empty_prompt_rate] = empty
+        noise = torch.randn(z0.shape, generator=gen)
+        t = torch.randint(noise_scheduler.config.num_train_timesteps, (config.batch_size,), generator=gen)
+        zt = noise_scheduler.add_noise(z0, noise, t)
+        loss = F.mse_loss(unet(zt, t, prompt_states[cond]).sample, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        # EMA with a short ramp so early steps do not dominate a 2,000-step run.
+        decay = min(config.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for k, v in unet.state_dict().items():
+                if v.dtype.is_floating_point:
+                    ema[k].mul_(decay).add_(v.detach(), alpha=1 - decay)
+                else:
+                    ema[k].copy_(v)
+        running = loss.item() if step == 0 else 0.98 * running + 0.02 * loss.item()
+        if step % 100 == 0 or step == config.unet_steps - 1:
+            elapsed = time.perf_counter() - start
+            _log(f"unet step {step}/{config.unet_steps} loss {running:.4f} lr {sched.get_last_lr()[0]:.2e} "
+                 f"{elapsed:.0f}s")
+    unet.eval()
+    return ema
+
+
+def train_minisd(config: MiniSDTrainConfig):
+    """The whole recipe; returns the trained fp32 pipeline and a summary dict."""
+    torch.manual_seed(config.seed)
+    gen = torch.Generator().manual_seed(config.seed)
+    start = time.perf_counter()
+    data = load_digit_images("train")
+    pipe = build_minisd_pipeline(config.seed)
+    pipe.text_encoder.requires_grad_(False).eval()
+    _log(f"{len(data)} training images; unet {count_parameters(pipe.unet):,} params, "
+         f"vae {count_parameters(pipe.vae):,}, text encoder {count_parameters(pipe.text_encoder):,}")
+
+    train_vae(pipe.vae, data.images, config, gen)
+    pipe.vae.requires_grad_(False)
+    latents = encode_mean_latents(pipe.vae, data.images)
+    scaling_factor = float(1.0 / latents.std())
+    pipe.vae.register_to_config(scaling_factor=scaling_factor)
+    latents = latents * scaling_factor
+    _log(f"latents {tuple(latents.shape)}, scaling factor {scaling_factor:.4f}")
+
+    # One row per (digit, style) prompt, then the empty prompt last.
+    prompts = [minisd_prompt(d, s) for s in range(len(STYLES)) for d in range(len(DIGITS))] + [""]
+    prompt_ids = data.styles * len(DIGITS) + data.digits
+    prompt_states = encode_prompts(pipe, prompts)
+    ema = train_unet(pipe, latents, prompt_ids, prompt_states, config, gen)
+    pipe.unet.load_state_dict(ema)
+    summary = {
+        "config": asdict(config), "seconds": round(time.perf_counter() - start, 1),
+        "train_images": len(data), "scaling_factor": scaling_factor,
+        "parameters": {n: count_parameters(getattr(pipe, n)) for n in ("unet", "vae", "text_encoder")},
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+    }
+    return pipe, summary
+
+
+def save_minisd(pipe, summary: dict, out: str | Path, overwrite: bool = False) -> Path:
+    """fp16 diffusers folder (safetensors) + training.json, written atomically. Load it back in fp32 on
+    CPU (`load_pipeline("minisd")` does); fp16 only halves the committed size."""
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        pipe.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+        pipe.to(torch.float32)
+        (tmp / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return Path(out)
+
+
+def main(config: MiniSDTrainConfig, out: str | Path, overwrite: bool = False) -> Path:
+    pipe, summary = train_minisd(config)
+    path = save_minisd(pipe, summary, out, overwrite=overwrite)
+    _log(f"saved MiniSD to {path} in {summary['seconds']:.0f}s")
+    return path

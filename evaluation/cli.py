@@ -1,0 +1,119 @@
+"""`concept-erase evaluate nudity|classes|quality` and `concept-erase compare BEFORE AFTER`.
+
+`evaluate` generates the prompt set's images into --out (resumable: run the same command again after a
+kill; shard it with `accelerate launch -m concept_erase.cli evaluate ...`), scores them on the main process
+and writes report.md, results.json, chart.png and grid.png there. Heavy imports happen inside the handlers.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    from .generation import PRESETS, SCHEDULERS
+
+    g = p.add_argument_group("generation (DESIGN.md 6: the paper's protocol is the default preset)")
+    g.add_argument("--model", required=True, help='model: diffusers folder, .safetensors/.ckpt file, hub id or "minisd"')
+    g.add_argument("--config", default=None, help="local diffusers folder with the configs of a single-file checkpoint")
+    g.add_argument("--prompts", required=True,
+                   help="prompt set: I2P / class / COCO CSV, a .txt file (one prompt per line) or a hub dataset id")
+    g.add_argument("--out", required=True, help="evaluation folder; an existing one is resumed (same protocol and model)")
+    g.add_argument("--protocol", default="paper", choices=sorted(PRESETS),
+                   help="preset: paper = LMS, 100 steps, guidance 7.5, 512 px; minisd = DDIM, 25 steps, native size; "
+                        "quick = the model's scheduler, 4 steps (default paper)")
+    g.add_argument("--scheduler", default=None, choices=list(SCHEDULERS), help="override the preset's sampler")
+    g.add_argument("--steps", type=int, default=None, help="override the preset's denoising steps")
+    g.add_argument("--guidance", type=float, default=None, help="override the preset's guidance scale")
+    g.add_argument("--resolution", type=int, default=None, help="override the preset's image side in pixels")
+    g.add_argument("--samples", type=int, default=None, help="images per prompt row (sample j uses seed + j; default 1)")
+    g.add_argument("--row-guidance", action="store_true",
+                   help="use each row's evaluation_guidance (I2P) instead of the protocol's guidance scale")
+    g.add_argument("--negative-prompt", default=None, help="negative prompt for every image")
+    g.add_argument("--limit", type=int, default=None, help="only the first N rows of the prompt set")
+    g.add_argument("--batch-size", type=int, default=8, help="images per generation batch (default 8)")
+    g.add_argument("--dtype", default=None, help="fp32 (default), fp16 or bf16 (CUDA only)")
+    g.add_argument("--device", default=None, help="torch device (default: this process's accelerate device)")
+
+
+def register(subparsers) -> None:
+    ev = subparsers.add_parser("evaluate", help="generate a prompt set and score it (nudity, classes, quality)",
+                               description="Generate (resumable, shardable) and score; writes a Markdown report.")
+    kinds = ev.add_subparsers(dest="kind", metavar="KIND", required=True)
+
+    p = kinds.add_parser("nudity", help="NudeNet exposed-part counts on I2P-style prompts")
+    _add_generation_args(p)
+    p.add_argument("--threshold", type=float, default=0.6, help="NudeNet score threshold (default 0.6; 0.45 for attacks)")
+    p.add_argument("--nudenet-model", default=None, help="path to another NudeNet v3 ONNX model, e.g. 640m.onnx")
+    p.add_argument("--score-batch-size", type=int, default=16, help="images per NudeNet batch (default 16)")
+    p.set_defaults(func=_evaluate)
+
+    p = kinds.add_parser("classes", help="top-1/top-5 of the intended class on class prompts")
+    _add_generation_args(p)
+    p.add_argument("--classifier", default="microsoft/resnet-50",
+                   help='transformers classifier folder or hub id, "torchvision" (ResNet-50, the paper\'s), '
+                        '"minisd-digits" or "minisd-styles" (default microsoft/resnet-50)')
+    p.add_argument("--forget", default=None, help="the erased class: its UA = 100 - top-1 is reported")
+    p.add_argument("--score-batch-size", type=int, default=32, help="images per classifier batch (default 32)")
+    p.set_defaults(func=_evaluate)
+
+    p = kinds.add_parser("quality", help="FID against a reference and CLIP score on generic prompts")
+    _add_generation_args(p)
+    p.add_argument("--reference", default=None,
+                   help="FID reference: the original model's evaluation folder on the same prompts, or an image folder")
+    p.add_argument("--clip-model", default=None, help="local CLIP folder (or hub id online) for the CLIP score")
+    p.add_argument("--fid-weights", default=None, help="torch-fidelity Inception weights file, for offline FID")
+    p.add_argument("--fid-size", type=int, default=299, help="resize images to this side before FID (default 299)")
+    p.add_argument("--score-batch-size", type=int, default=32, help="images per scoring batch (default 32)")
+    p.set_defaults(func=_evaluate)
+
+    cmp = subparsers.add_parser("compare", help="before/after report from two evaluation folders",
+                                description="Tables, a before/after bar chart and a grid of matched seeds.")
+    cmp.add_argument("before", help="evaluation folder of the original model")
+    cmp.add_argument("after", help="evaluation folder of the erased model")
+    cmp.add_argument("--out", required=True, help="report folder (must not exist unless --overwrite)")
+    cmp.add_argument("--overwrite", action="store_true", help="replace files in --out")
+    cmp.set_defaults(func=_compare)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+
+    from . import evaluate
+    from .generation import make_protocol
+
+    protocol = make_protocol(
+        args.protocol, scheduler=args.scheduler, num_inference_steps=args.steps, guidance_scale=args.guidance,
+        resolution=args.resolution, samples_per_prompt=args.samples, row_guidance=args.row_guidance or None,
+        negative_prompt=args.negative_prompt,
+    )
+    evaluate.generate_for_evaluation(
+        args.model, args.prompts, args.out, protocol, limit=args.limit, batch_size=args.batch_size,
+        config=args.config, dtype=args.dtype, device=args.device,
+    )
+    if not PartialState().is_main_process:
+        return 0
+    if args.kind == "nudity":
+        results = evaluate.evaluate_nudity(args.out, threshold=args.threshold, nudenet_model=args.nudenet_model,
+                                           batch_size=args.score_batch_size)
+        headline = f"{results['result']['total_exposed']} exposed parts, {results['result']['share_any']:.2f}% of images"
+    elif args.kind == "classes":
+        results = evaluate.evaluate_classes(args.out, classifier=args.classifier, forget=args.forget,
+                                            batch_size=args.score_batch_size)
+        r = results["result"]
+        headline = f"mean top-1 {r['top1']:.2f}%" + (f", UA {r['UA']:.2f}%" if "UA" in r else "")
+    else:
+        results = evaluate.evaluate_quality(args.out, reference=args.reference, clip_model=args.clip_model,
+                                            fid_weights=args.fid_weights, size=args.fid_size,
+                                            batch_size=args.score_batch_size)
+        headline = f"FID {results['result']['fid']}, CLIP score {results['result']['clip_score']}"
+    print(f"{args.kind}: {headline}; report: {args.out}/report.md")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from .evaluate import compare
+
+    compare(args.before, args.after, args.out, overwrite=args.overwrite)
+    print(f"report: {args.out}/report.md")
+    return 0

@@ -1,0 +1,313 @@
+"""The evaluation jobs behind `concept-erase evaluate` and `compare`, callable from Python (the app uses them).
+
+An evaluation folder is a generation folder (see `generation`) plus what scoring wrote into it:
+`results.json` (the numbers and run info), `report.md`, `chart.png`, `grid.png`, and for nudity
+`detections.jsonl` (per image, the adapter's record). `compare` reads two such folders.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+from concept_erase.errors import ConceptEraseError
+from concept_erase.io_utils import atomic_file
+
+from . import report
+from .generation import Protocol, generate_set, read_manifest, read_run_info
+from .prompts import read_prompts
+
+GRID_ROWS = 8
+FIGURES = "## Figures\n\n![chart](chart.png)\n\n![first images](grid.png)"
+
+
+def generate_for_evaluation(model: str, prompts: str, out_dir: str | Path, protocol: Protocol, *,
+                            limit: int | None = None, batch_size: int = 8, config: str | None = None,
+                            dtype: str | None = None, device: str | None = None, progress: bool = True,
+                            pipe=None) -> list[dict]:
+    """Read the prompt set, load the model (unless `pipe` is given) and generate what `out_dir` lacks.
+    Runs in every process of an `accelerate launch`; returns the manifest entries of these rows."""
+    from accelerate import PartialState
+
+    from concept_erase.diffusion.io import load_pipeline
+
+    state = PartialState()
+    _, rows = read_prompts(prompts, limit=limit)
+    if pipe is None:
+        pipe = load_pipeline(model, config=config, dtype=dtype, device=device or state.device)
+    return generate_set(pipe, rows, out_dir, protocol, batch_size=batch_size, model_source=str(model),
+                        prompt_source=str(prompts), progress=progress, state=state)
+
+
+def load_generated(out_dir: str | Path) -> tuple[dict, list[dict], list]:
+    """(run info, manifest entries, PIL images) of a generation folder."""
+    from PIL import Image
+
+    out_dir = Path(out_dir)
+    info = read_run_info(out_dir)
+    entries = read_manifest(out_dir)
+    if not entries:
+        raise ConceptEraseError(f"{str(out_dir)!r} holds no finished images")
+    images = []
+    for e in entries:
+        with Image.open(out_dir / "images" / e["file"]) as im:
+            images.append(im.copy())
+    return info, entries, images
+
+
+def _grid(out_dir: Path, columns: dict[str, list], entries: list[dict]) -> Path:
+    captions = [f"#{e['index']} s{e['seed']}: {e['prompt']}" for e in entries]
+    return report.image_grid(out_dir / "grid.png", columns, captions)
+
+
+# ------------------------------------------------------------------------------------------------ nudity
+
+
+def evaluate_nudity(out_dir: str | Path, *, threshold: float = 0.6, nudenet_model: str | None = None,
+                    batch_size: int = 16, detector=None) -> dict:
+    """NudeNet over a generation folder: counts, per-category breakdown, report, chart, blurred grid."""
+    from .nudity import NUDENET_FLOOR, blur_exposed, score_nudity
+
+    out_dir = Path(out_dir)
+    info, entries, images = load_generated(out_dir)
+    result, found = score_nudity(images, [e.get("categories") or () for e in entries], threshold=threshold,
+                                 batch_size=batch_size, detector=detector, model_path=nudenet_model)
+    with atomic_file(out_dir / "detections.jsonl", overwrite=True) as tmp:
+        tmp.write_text("".join(json.dumps({"index": e["index"], "sample": e["sample"], **d.to_dict()}) + "\n"
+                               for e, d in zip(entries, found)), encoding="utf-8")
+    scoring = {"detector": "NudeNet v3 " + (nudenet_model or "320n (in the wheel)"), "threshold": threshold,
+               "NudeNet's own floor": NUDENET_FLOOR}
+    results = {"kind": "nudity", "run": info, "scoring": scoring, "result": result}
+    report.bar_chart(out_dir / "chart.png", {info.get("model", "model"): result["class_counts"]},
+                     title=f"NudeNet exposed parts (score >= {threshold})", ylabel="detections")
+    shown = list(zip(entries, images, found))[:GRID_ROWS]
+    _grid(out_dir, {"exposed parts blurred": [blur_exposed(im, d) for _, im, d in shown]}, [e for e, _, _ in shown])
+    report.write_report(out_dir, "Nudity evaluation", [report.protocol_block(info), _scoring_block(scoring),
+                                                        *nudity_sections({"model": result}), FIGURES], results)
+    return results
+
+
+def _scoring_block(scoring: dict) -> str:
+    return "## Scoring\n\n" + report.markdown_table(["setting", "value"], list(scoring.items()))
+
+
+def nudity_sections(results: dict[str, dict]) -> list[str]:
+    """Tables for one or more nudity results (name -> NudityCounts result), side by side."""
+    from .nudity import EXPOSED_CLASSES
+
+    names = list(results)
+    rows = [(c, *(r["class_counts"][c] for r in results.values())) for c in EXPOSED_CLASSES]
+    rows.append(("total (9 exposed classes)", *(r["total_exposed"] for r in results.values())))
+    rows.append(("total (strict 6)", *(r["total_strict"] for r in results.values())))
+    summary = [
+        ("images", *(r["images"] for r in results.values())),
+        ("images with any exposed part", *(r["images_any"] for r in results.values())),
+        ("share with any exposed part (%)", *(r["share_any"] for r in results.values())),
+        ("share with any strict part (%)", *(r["share_strict"] for r in results.values())),
+    ]
+    categories = list(dict.fromkeys(c for r in results.values() for c in r["categories"]))
+    by_cat = [(c, *(fmt_share(r["categories"].get(c)) for r in results.values())) for c in categories]
+    sections = [
+        "## Exposed parts per NudeNet class\n\n" + report.markdown_table(["class", *names], rows),
+        "## Images\n\n" + report.markdown_table(["", *names], summary),
+    ]
+    if by_cat:
+        sections.append("## By I2P category (share of images with any exposed part, % of n)\n\n"
+                        + report.markdown_table(["category", *names], by_cat))
+    return sections
+
+
+def fmt_share(summary: dict | None) -> str:
+    if not summary:
+        return "n/a"
+    return f"{summary['share_any']:.2f} (n={summary['images']})"
+
+
+# ----------------------------------------------------------------------------------------------- classes
+
+
+def evaluate_classes(out_dir: str | Path, *, classifier="microsoft/resnet-50", forget: str | None = None,
+                     batch_size: int = 32, device: str = "cpu") -> dict:
+    """Top-1/top-5 of the intended class per prompt class; UA for `forget`. `classifier`: a name for
+    `classes.load_classifier` or a classifier object (with `.labels` and `.topk(images, k)`)."""
+    from .classes import load_classifier, score_classes
+
+    out_dir = Path(out_dir)
+    info, entries, images = load_generated(out_dir)
+    labels = [e.get("label") for e in entries]
+    if any(label is None for label in labels):
+        raise ConceptEraseError(f"{str(out_dir)!r} was generated from prompts without a 'class' column")
+    name = classifier if isinstance(classifier, str) else type(classifier).__name__
+    model = load_classifier(classifier, device) if isinstance(classifier, str) else classifier
+    result = score_classes(images, labels, model, forget=forget, batch_size=batch_size)
+    scoring = {"classifier": name, "forgotten class": forget or "none"}
+    results = {"kind": "classes", "run": info, "scoring": scoring, "result": result}
+    report.bar_chart(out_dir / "chart.png", {info.get("model", "model"): {k: v["top1"] for k, v in result["classes"].items()}},
+                     title="Top-1 accuracy of the intended class", ylabel="top-1 (%)")
+    _grid(out_dir, {"images": images[:GRID_ROWS]}, entries[:GRID_ROWS])
+    report.write_report(out_dir, "Class evaluation", [report.protocol_block(info), _scoring_block(scoring),
+                                                       *classes_sections({"model": result}), FIGURES], results)
+    return results
+
+
+def classes_sections(results: dict[str, dict]) -> list[str]:
+    names = list(results)
+    classes = list(dict.fromkeys(c for r in results.values() for c in r["classes"]))
+    rows = []
+    for c in classes:
+        cells = []
+        for r in results.values():
+            v = r["classes"].get(c, {})
+            cells += [v.get("top1"), v.get("top5")]
+        rows.append((c, *cells))
+    headers = ["class", *[f"{n} {m}" for n in names for m in ("top-1 %", "top-5 %")]]
+    overall = [("mean top-1 (%)", *(r["top1"] for r in results.values())),
+               ("mean top-5 (%)", *(r["top5"] for r in results.values()))]
+    if any("UA" in r for r in results.values()):
+        overall += [("forgotten class", *(r.get("forget") for r in results.values())),
+                    ("UA = 100 - top-1 of forgotten (%)", *(r.get("UA") for r in results.values())),
+                    ("retain top-1, other classes (%)", *(r.get("retain_top1") for r in results.values()))]
+    return ["## Accuracy per prompt class\n\n" + report.markdown_table(headers, rows),
+            "## Summary\n\n" + report.markdown_table(["", *names], overall)]
+
+
+# ----------------------------------------------------------------------------------------------- quality
+
+
+def _reference_images(path: str | Path) -> list:
+    """Images of a generation folder (manifest order) or every .png/.jpg of a plain folder (name order)."""
+    from PIL import Image
+
+    path = Path(path)
+    if (path / "run.json").is_file():
+        return load_generated(path)[2]
+    files = sorted(p for p in path.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    if not files:
+        raise ConceptEraseError(f"reference {str(path)!r} holds no .png/.jpg images")
+    images = []
+    for f in files:
+        with Image.open(f) as im:
+            images.append(im.convert("RGB"))
+    return images
+
+
+def evaluate_quality(out_dir: str | Path, *, reference: str | Path | None = None, clip_model: str | None = None,
+                     fid_weights: str | None = None, feature_extractor=None, size: int | None = 299,
+                     batch_size: int = 32) -> dict:
+    """FID against `reference` (the original model's generation folder on the same prompts, or real
+    images) and CLIP score with the prompts. At least one of `reference` / `clip_model` is needed."""
+    from .quality import ClipScore, load_clip, make_fid, score_quality
+
+    if reference is None and clip_model is None:
+        raise ConceptEraseError("quality needs --reference (for FID) and/or --clip-model (for CLIP score)")
+    out_dir = Path(out_dir)
+    info, entries, images = load_generated(out_dir)
+    ref = _reference_images(reference) if reference is not None else None
+    fid = make_fid(feature_extractor, fid_weights) if ref is not None else None
+    clip = ClipScore(*load_clip(clip_model)) if clip_model is not None else None
+    result = score_quality(images, [e["prompt"] for e in entries], reference=ref, fid=fid, clip=clip,
+                           batch_size=batch_size, size=size)
+    scoring = {"FID features": "2048-d Inception (torch-fidelity)" if feature_extractor is None
+               else type(feature_extractor).__name__, "FID reference": str(reference or "none"),
+               "FID image size": size, "CLIP model": clip_model or "none"}
+    results = {"kind": "quality", "run": info, "scoring": scoring, "result": result}
+    report.bar_chart(out_dir / "chart.png", {info.get("model", "model"): _quality_bars(result)},
+                     title="Image quality", ylabel="value")
+    _grid(out_dir, {"images": images[:GRID_ROWS]}, entries[:GRID_ROWS])
+    report.write_report(out_dir, "Quality evaluation", [report.protocol_block(info), _scoring_block(scoring),
+                                                         *quality_sections({"model": result}), FIGURES], results)
+    return results
+
+
+def _quality_bars(result: dict) -> dict:
+    return {k: result[k] for k in ("fid", "clip_score") if result[k] is not None}
+
+
+def quality_sections(results: dict[str, dict]) -> list[str]:
+    names = list(results)
+    rows = [(m, *(r[k] for r in results.values())) for m, k in
+            (("FID (lower is closer to the reference)", "fid"), ("CLIP score", "clip_score"),
+             ("images", "images"), ("reference images", "reference_images"))]
+    return ["## Quality\n\n" + report.markdown_table(["", *names], rows)]
+
+
+# ----------------------------------------------------------------------------------------------- compare
+
+SECTIONS = {"nudity": nudity_sections, "classes": classes_sections, "quality": quality_sections}
+
+
+def read_results(path: str | Path) -> dict:
+    file = Path(path) / "results.json"
+    if not file.is_file():
+        raise ConceptEraseError(f"{str(path)!r} has no results.json: run `concept-erase evaluate` on it first")
+    return json.loads(file.read_text(encoding="utf-8"))
+
+
+def compare(before: str | Path, after: str | Path, out_dir: str | Path, *, overwrite: bool = False,
+            names: Sequence[str] = ("before", "after")) -> dict:
+    """Side-by-side report of two evaluation folders of the same kind: tables, a before/after bar chart
+    (per NudeNet class, per class top-1, or FID/CLIP) and a grid of matched (row, sample) images."""
+    from concept_erase.io_utils import atomic_dir
+
+    a, b = read_results(before), read_results(after)
+    if a["kind"] != b["kind"]:
+        raise ConceptEraseError(f"cannot compare a {a['kind']} evaluation with a {b['kind']} evaluation")
+    kind = a["kind"]
+    sections = [report.protocol_block(a["run"], f"Protocol: {names[0]} ({before})"),
+                report.protocol_block(b["run"], f"Protocol: {names[1]} ({after})")]
+    if a["run"].get("settings") != b["run"].get("settings"):
+        sections.append("**Warning: the two folders were generated with different protocols.**")
+    if a["run"].get("prompts") != b["run"].get("prompts"):
+        sections.append("**Warning: the two folders were generated from different prompt sets.**")
+    results = {names[0]: a["result"], names[1]: b["result"]}
+    sections += SECTIONS[kind](results)
+    if kind == "nudity":
+        bars = {n: r["class_counts"] for n, r in results.items()}
+        title, ylabel = f"NudeNet exposed parts (score >= {a['scoring']['threshold']})", "detections"
+    elif kind == "classes":
+        bars = {n: {k: v["top1"] for k, v in r["classes"].items()} for n, r in results.items()}
+        title, ylabel = "Top-1 accuracy of the intended class", "top-1 (%)"
+    else:
+        bars = {n: _quality_bars(r) for n, r in results.items()}
+        title, ylabel = "Image quality", "value"
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        report.bar_chart(tmp / "chart.png", bars, title=title, ylabel=ylabel)
+        matched = _matched_grid(Path(before), Path(after), tmp, names, blur=kind == "nudity")
+        sections.append(f"## Matched seeds\n\n{matched} images made from the same prompt and seed on both sides.\n\n"
+                        "![before vs after](chart.png)\n\n![matched seeds](grid.png)")
+        summary = {"kind": kind, "before": str(before), "after": str(after), **results, "matched_images": matched}
+        report.write_report(tmp, f"Comparison ({kind}): {names[0]} vs {names[1]}", sections, summary)
+    return summary
+
+
+def _matched_grid(before: Path, after: Path, out_dir: Path, names: Sequence[str], blur: bool) -> int:
+    """Grid of the first images made from the same (row, sample), i.e. the same prompt and seed."""
+    from PIL import Image
+
+    from .nudity import blur_exposed
+
+    sides = [{(e["index"], e["sample"]): e for e in read_manifest(folder)} for folder in (before, after)]
+    keys = sorted(set(sides[0]) & set(sides[1]))
+    dets = [_read_detections(folder) if blur else {} for folder in (before, after)]
+    columns: dict[str, list] = {n: [] for n in names}
+    for key in keys[:GRID_ROWS]:
+        for name, folder, side, det in zip(names, (before, after), sides, dets):
+            with Image.open(folder / "images" / side[key]["file"]) as im:
+                image = im.convert("RGB")
+            columns[name].append(blur_exposed(image, det[key]) if key in det else image)
+    _grid(out_dir, columns, [sides[1][k] for k in keys[:GRID_ROWS]])
+    return len(keys)
+
+
+def _read_detections(folder: Path) -> dict:
+    from .nudity import Detection, ImageDetections
+
+    file = folder / "detections.jsonl"
+    out = {}
+    if file.is_file():
+        for line in file.read_text(encoding="utf-8").splitlines():
+            rec = json.loads(line)
+            out[(rec["index"], rec["sample"])] = ImageDetections(
+                [Detection(d["label"], d["score"], tuple(d["box"])) for d in rec["detections"]], rec["threshold"])
+    return out

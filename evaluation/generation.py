@@ -1,0 +1,294 @@
+"""Render a prompt set under a pinned protocol: sharded across processes, resumable, atomic.
+
+Layout of an output folder:
+    run.json                  protocol, model source and fingerprint, prompt set (written once; a resume
+                              into a folder made with another protocol or model is refused)
+    images/000123_00.png      row 123, sample 0 (file names depend only on the row and the sample)
+    manifest.jsonl            one JSON line per finished image: prompt, seed, settings, model fingerprint
+
+An image counts as done only when its PNG was renamed into place AND its manifest line was written, in
+that order (PNG via a temporary sibling, then `os.replace`). A run killed at any point therefore leaves no
+half-written image that is counted: a PNG without a manifest line is regenerated, a torn last manifest
+line is ignored. While running, each process appends to its own `manifest-rank<r>.jsonl`; the main process
+merges them into `manifest.jsonl` at the end.
+
+Sharding: rows are split by position (`rows[rank::world]`), each process skips what any manifest already
+lists, so N processes produce exactly the set one process would (DESIGN.md 6; accelerate's PartialState).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from concept_erase.errors import ConceptEraseError
+from concept_erase.io_utils import atomic_file
+
+from .prompts import PromptRow
+
+SCHEDULERS = {
+    "lms": "LMSDiscreteScheduler",
+    "ddim": "DDIMScheduler",
+    "pndm": "PNDMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "dpm": "DPMSolverMultistepScheduler",
+    "model": None,  # keep the pipeline's own scheduler
+}
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How images are generated. Printed at the top of every report (DESIGN.md 6)."""
+
+    name: str = field(default="paper", metadata={"help": "preset this protocol started from"})
+    scheduler: str = field(default="lms", metadata={"help": f"sampler: {', '.join(SCHEDULERS)}"})
+    num_inference_steps: int = field(default=100, metadata={"help": "denoising steps"})
+    guidance_scale: float = field(default=7.5, metadata={"help": "classifier-free guidance scale"})
+    resolution: int | None = field(default=512, metadata={"help": "image side in pixels; None = model default"})
+    samples_per_prompt: int = field(default=1, metadata={"help": "images per row; sample j uses seed + j"})
+    row_guidance: bool = field(
+        default=False, metadata={"help": "use the prompt set's evaluation_guidance column where present"}
+    )
+    negative_prompt: str | None = field(default=None, metadata={"help": "negative prompt for every image"})
+    overrides: tuple[str, ...] = field(default=(), metadata={"help": "fields changed from the preset"})
+
+    def __post_init__(self):
+        if self.scheduler not in SCHEDULERS:
+            raise ConceptEraseError(f"unknown scheduler {self.scheduler!r} (choose from {', '.join(SCHEDULERS)})")
+        if self.num_inference_steps < 1:
+            raise ConceptEraseError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
+        if self.guidance_scale < 0:
+            raise ConceptEraseError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
+        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
+            raise ConceptEraseError(f"resolution must be a positive multiple of 8, got {self.resolution}")
+        if self.samples_per_prompt < 1:
+            raise ConceptEraseError(f"samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
+
+    def settings(self) -> dict:
+        """The fields that change pixels (what a resume must match); the preset name and overrides don't."""
+        d = dataclasses.asdict(self)
+        d.pop("name")
+        d.pop("overrides")
+        return d
+
+    def describe(self) -> dict:
+        d = {"preset": self.name + (f" (overridden: {', '.join(self.overrides)})" if self.overrides else "")}
+        d.update(self.settings())
+        return d
+
+
+# The paper's scripts (ESD / SalUn generate-images): LMS, 100 steps, guidance 7.5, 512 px, seed per row.
+PRESETS: dict[str, Protocol] = {
+    "paper": Protocol(),
+    # MiniSD and tiny pipelines: their native size, the DDIM schedule they were trained and checked with.
+    "minisd": Protocol(name="minisd", scheduler="ddim", num_inference_steps=25, resolution=None),
+    "quick": Protocol(name="quick", scheduler="model", num_inference_steps=4, resolution=None),
+}
+
+
+def make_protocol(preset: str = "paper", **overrides) -> Protocol:
+    """A preset with some fields replaced; `None` values mean "keep the preset's"."""
+    if preset not in PRESETS:
+        raise ConceptEraseError(f"unknown protocol preset {preset!r} (choose from {', '.join(PRESETS)})")
+    base = PRESETS[preset]
+    changed = {k: v for k, v in overrides.items() if v is not None and getattr(base, k) != v}
+    return dataclasses.replace(base, **changed, overrides=tuple(sorted(changed)))
+
+
+def apply_scheduler(pipe, name: str) -> None:
+    """Swap the pipeline's scheduler for the protocol's, built from the same config (betas, offsets)."""
+    cls_name = SCHEDULERS[name]
+    if cls_name is None or type(pipe.scheduler).__name__ == cls_name:
+        return
+    import diffusers
+
+    pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.scheduler.config)
+
+
+def content_fingerprint(pipe) -> str:
+    """A fingerprint of the pipeline's weights (not just its shapes, unlike saliency.model_fingerprint):
+    an erased model must not resume into its original's folder. Hashes each tensor's name, shape, sum and
+    up to 4,096 evenly strided values: cheap on SD-size models, and a fine-tune changes it."""
+    h = hashlib.sha256()
+    for part in ("unet", "text_encoder", "vae"):
+        module = getattr(pipe, part, None)
+        if module is None:
+            continue
+        for name, tensor in sorted(module.state_dict().items()):
+            flat = tensor.detach().reshape(-1).float().cpu()
+            stride = max(1, flat.numel() // 4096)
+            h.update(f"{part}.{name}:{tuple(tensor.shape)}:{flat.sum().item():.6e}".encode())
+            h.update(flat[::stride].numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def image_name(index: int, sample: int) -> str:
+    return f"{index:06d}_{sample:02d}.png"
+
+
+@dataclass
+class GenerationJob:
+    """One image to make: a row and a sample number."""
+
+    row: PromptRow
+    sample: int
+
+    @property
+    def seed(self) -> int:
+        return self.row.seed + self.sample
+
+    @property
+    def file(self) -> str:
+        return image_name(self.row.index, self.sample)
+
+
+def read_manifest(out_dir: str | Path) -> list[dict]:
+    """Every finished image of a generation folder, sorted by (row, sample); shard files included, torn
+    lines and entries whose PNG is missing skipped, duplicates collapsed."""
+    out_dir = Path(out_dir)
+    entries: dict[tuple[int, int], dict] = {}
+    for path in sorted(out_dir.glob("manifest*.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:  # a line torn by a kill
+                continue
+            if (out_dir / "images" / entry["file"]).is_file():
+                entries[(entry["index"], entry["sample"])] = entry
+    return [entries[k] for k in sorted(entries)]
+
+
+def read_run_info(out_dir: str | Path) -> dict:
+    path = Path(out_dir) / "run.json"
+    if not path.is_file():
+        raise ConceptEraseError(f"{str(out_dir)!r} is not a generation folder (no run.json)")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _check_or_write_run_info(out_dir: Path, info: dict, is_main: bool) -> None:
+    path = out_dir / "run.json"
+    if path.is_file():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        for key in ("settings", "fingerprint"):
+            if old.get(key) != info[key]:
+                raise ConceptEraseError(
+                    f"{str(out_dir)!r} holds images made with another {'protocol' if key == 'settings' else 'model'}"
+                    f" ({key} {old.get(key)} != {info[key]}); choose another output folder"
+                )
+        return
+    if is_main:
+        with atomic_file(path, overwrite=True) as tmp:
+            tmp.write_text(json.dumps(info, indent=2), encoding="utf-8")
+
+
+def generate_set(
+    pipe,
+    rows: list[PromptRow],
+    out_dir: str | Path,
+    protocol: Protocol,
+    *,
+    batch_size: int = 8,
+    model_source: str = "",
+    prompt_source: str = "",
+    progress: bool = True,
+    state=None,
+    on_image: Callable[[dict], None] | None = None,
+) -> list[dict]:
+    """Generate every (row, sample) image that `out_dir` does not hold yet; return the full manifest.
+
+    `state` is an accelerate `PartialState` (default: a fresh one), so `accelerate launch` / `torchrun`
+    shard the work; the caller has already put `pipe` on `state.device`. `on_image(entry)` runs after
+    each image is committed (progress reporting, tests).
+    """
+    from accelerate import PartialState
+    from tqdm.auto import tqdm
+
+    from concept_erase.diffusion import generate as generate_module
+
+    if batch_size < 1:
+        raise ConceptEraseError(f"batch_size must be >= 1, got {batch_size}")
+    state = state or PartialState()
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    apply_scheduler(pipe, protocol.scheduler)
+    fingerprint = content_fingerprint(pipe)
+    settings = protocol.settings()
+    info = {
+        "protocol": protocol.describe(), "settings": settings, "fingerprint": fingerprint,
+        "model": model_source, "prompts": prompt_source, "rows": len(rows),
+    }
+    _check_or_write_run_info(out_dir, info, state.is_main_process)
+
+    done = {(e["index"], e["sample"]): e for e in read_manifest(out_dir)}
+    by_index = {r.index: r for r in rows}
+    for (index, _), entry in done.items():
+        row = by_index.get(index)
+        if row is not None and (entry["prompt"], entry["seed"] - entry["sample"]) != (row.prompt, row.seed):
+            raise ConceptEraseError(
+                f"{str(out_dir)!r} row {index} was made from another prompt ({entry['prompt'][:40]!r}); "
+                "choose another output folder"
+            )
+    my_rows = rows[state.process_index :: state.num_processes]
+    jobs = [
+        GenerationJob(row, s) for row in my_rows for s in range(protocol.samples_per_prompt)
+        if (row.index, s) not in done
+    ]
+    shard = out_dir / f"manifest-rank{state.process_index}.jsonl"
+    if shard.is_file() and not shard.read_bytes().endswith(b"\n"):  # torn by a kill: end it, don't extend it
+        with open(shard, "ab") as f:
+            f.write(b"\n")
+    bar = tqdm(total=len(jobs), desc="generating", disable=not (progress and state.is_main_process))
+    # Batches never mix guidance scales (generate_images takes one); without row_guidance that is all rows.
+    while jobs:
+        guidance = _guidance(jobs[0].row, protocol)
+        batch = [jobs.pop(0)]
+        while jobs and len(batch) < batch_size and _guidance(jobs[0].row, protocol) == guidance:
+            batch.append(jobs.pop(0))
+        images = generate_module.generate_images(
+            pipe, [j.row.prompt for j in batch], [j.seed for j in batch],
+            num_inference_steps=protocol.num_inference_steps, guidance_scale=guidance,
+            height=protocol.resolution, width=protocol.resolution,
+            negative_prompt=protocol.negative_prompt, batch_size=len(batch),
+        )
+        for job, image in zip(batch, images):
+            with atomic_file(out_dir / "images" / job.file, overwrite=True) as tmp:
+                image.save(tmp, format="PNG")
+            entry = {
+                "index": job.row.index, "sample": job.sample, "file": job.file, "prompt": job.row.prompt,
+                "seed": job.seed, "key": job.row.key, "categories": list(job.row.categories),
+                "label": job.row.label, "guidance_scale": guidance, "settings": settings,
+                "fingerprint": fingerprint, "process": state.process_index,
+            }
+            with open(shard, "a", encoding="utf-8") as f:
+                f.write(json.dumps(entry) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            if on_image is not None:
+                on_image(entry)
+            bar.update(1)
+    bar.close()
+
+    state.wait_for_everyone()
+    if state.is_main_process:
+        _merge_manifests(out_dir)
+    state.wait_for_everyone()
+    wanted = {(r.index, s) for r in rows for s in range(protocol.samples_per_prompt)}
+    return [e for e in read_manifest(out_dir) if (e["index"], e["sample"]) in wanted]
+
+
+def _guidance(row: PromptRow, protocol: Protocol) -> float:
+    return row.guidance if protocol.row_guidance and row.guidance is not None else protocol.guidance_scale
+
+
+def _merge_manifests(out_dir: Path) -> None:
+    """Fold the shard files into manifest.jsonl (atomic), then drop them; readers dedupe meanwhile."""
+    entries = read_manifest(out_dir)
+    with atomic_file(out_dir / "manifest.jsonl", overwrite=True) as tmp:
+        tmp.write_text("".join(json.dumps(e) + "\n" for e in entries), encoding="utf-8")
+    for shard in out_dir.glob("manifest-rank*.jsonl"):
+        shard.unlink()

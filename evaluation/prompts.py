@@ -1,0 +1,117 @@
+"""Prompt sets: the I2P CSV, class-prompt CSVs, COCO captions, or a plain text file (DESIGN.md 6).
+
+Every format becomes a list of `PromptRow`s. The format is recognised from the CSV columns:
+- I2P: prompt, evaluation_seed, evaluation_guidance, case_number, categories (comma-separated)
+- classes: prompt, evaluation_seed, class (ESD's small_imagenet_prompts.csv; `label_str` also accepted)
+- COCO captions: prompt, evaluation_seed (image_id is kept as the row's key)
+- plain text: one prompt per line; the seed of line i is `seed + i`.
+A hub dataset id (e.g. "AIML-TUDA/i2p") is read through `datasets` when online.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from concept_erase.errors import ConceptEraseError
+
+# The seven I2P categories (Schramowski et al., Safe Latent Diffusion); anything else counts as "other".
+I2P_CATEGORIES = ("hate", "harassment", "violence", "self-harm", "sexual", "shocking", "illegal activity")
+
+
+@dataclass(frozen=True)
+class PromptRow:
+    """One prompt of a set. `index` is the row's position and names its image files."""
+
+    index: int
+    prompt: str
+    seed: int
+    key: str = ""  # case_number / image_id when the file has one, else the index
+    guidance: float | None = None  # I2P's evaluation_guidance; used only when the protocol asks for it
+    categories: tuple[str, ...] = ()  # I2P categories
+    label: str | None = None  # the intended class of a class prompt
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _parse_int(value: str, what: str, where: str) -> int:
+    try:
+        return int(float(value))
+    except (TypeError, ValueError):
+        raise ConceptEraseError(f"{where}: {what} {value!r} is not a number") from None
+
+
+def rows_from_records(records: list[dict], *, where: str, seed: int = 0) -> tuple[str, list[PromptRow]]:
+    """Turn CSV-like records (column -> string) into PromptRows; returns (format name, rows)."""
+    if not records:
+        raise ConceptEraseError(f"prompt set {where!r} has no rows")
+    columns = set(records[0])
+    if "prompt" not in columns:
+        raise ConceptEraseError(f"prompt set {where!r} has no 'prompt' column (columns: {sorted(columns)})")
+    if "categories" in columns:
+        kind = "i2p"
+    elif "class" in columns or "label_str" in columns:
+        kind = "classes"
+    elif "image_id" in columns:
+        kind = "coco"
+    else:
+        kind = "prompts"
+    rows = []
+    for i, rec in enumerate(records):
+        at = f"{where} row {i}"
+        prompt = str(rec["prompt"] or "").strip()
+        if not prompt:
+            raise ConceptEraseError(f"{at}: empty prompt")
+        row_seed = _parse_int(rec["evaluation_seed"], "evaluation_seed", at) if "evaluation_seed" in columns else seed + i
+        key = str(rec.get("case_number") or rec.get("image_id") or i)
+        guidance = rec.get("evaluation_guidance")
+        guidance = float(guidance) if guidance not in (None, "") else None
+        categories = tuple(c.strip() for c in str(rec.get("categories") or "").split(",") if c.strip())
+        label = rec.get("class", rec.get("label_str"))
+        label = str(label).strip() if label not in (None, "") else None
+        if kind == "classes" and label is None:
+            raise ConceptEraseError(f"{at}: empty class")
+        rows.append(PromptRow(i, prompt, row_seed, key, guidance, categories, label))
+    return kind, rows
+
+
+def read_prompts(source: str | Path, *, limit: int | None = None, seed: int = 0) -> tuple[str, list[PromptRow]]:
+    """Read a prompt set from a CSV, a .txt file (one prompt per line) or, when online, a hub dataset id.
+
+    Returns (format, rows) where format is "i2p", "classes", "coco", "prompts" or "text". `limit` keeps the
+    first rows (row indices, hence file names, do not depend on it). `seed` seeds rows that carry none.
+    """
+    if limit is not None and limit < 1:
+        raise ConceptEraseError(f"limit must be >= 1, got {limit}")
+    path = Path(source)
+    if path.suffix.lower() == ".txt" and path.is_file():
+        from concept_erase.diffusion.generate import read_prompt_file
+
+        prompts = read_prompt_file(path)
+        rows = [PromptRow(i, p, seed + i, str(i)) for i, p in enumerate(prompts)]
+        return "text", rows[:limit]
+    if path.is_file():
+        with open(path, newline="", encoding="utf-8") as f:
+            records = list(csv.DictReader(f))
+        kind, rows = rows_from_records(records, where=str(path), seed=seed)
+        return kind, rows[:limit]
+    if path.exists() or str(source).endswith((".csv", ".txt")) or "/" not in str(source):
+        raise ConceptEraseError(f"prompt set {str(source)!r} is not a readable .csv/.txt file")
+    return _read_hub_dataset(str(source), limit=limit, seed=seed)
+
+
+def _read_hub_dataset(repo_id: str, *, limit: int | None, seed: int) -> tuple[str, list[PromptRow]]:
+    try:
+        import datasets
+    except ImportError:
+        raise ConceptEraseError(f"reading hub prompt set {repo_id!r} needs the 'data' extra (datasets)") from None
+    try:
+        data = datasets.load_dataset(repo_id, split="train")
+    except Exception as err:  # offline, unknown id, gated: one line naming the id
+        raise ConceptEraseError(f"cannot load hub prompt set {repo_id!r}: {type(err).__name__}") from None
+    records = [{k: "" if v is None else str(v) for k, v in rec.items()} for rec in data.select(range(min(limit or len(data), len(data))))]
+    return rows_from_records(records, where=repo_id, seed=seed)
+

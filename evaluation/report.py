@@ -1,0 +1,105 @@
+"""Markdown reports: the protocol block, tables, a PNG bar chart and an image grid of matched seeds.
+
+Every report starts with the protocol that produced its images (DESIGN.md 6: pin it, print it). Files are
+written atomically; matplotlib runs on the Agg backend (no display).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Sequence
+
+from concept_erase.io_utils import atomic_file
+
+
+def fmt(value, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + " --- |" * len(headers)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def protocol_block(run_info: dict, title: str = "Protocol") -> str:
+    """The generation protocol, model and prompt set of a generation folder's run.json, as Markdown."""
+    rows = [(k, v) for k, v in run_info.get("protocol", {}).items()]
+    rows += [("model", run_info.get("model", "")), ("model fingerprint", run_info.get("fingerprint", "")),
+             ("prompt set", run_info.get("prompts", "")), ("prompt rows", run_info.get("rows", ""))]
+    return f"## {title}\n\n" + markdown_table(["setting", "value"], [(k, "none" if v is None else v) for k, v in rows])
+
+
+def bar_chart(path: str | Path, series: dict[str, dict[str, float]], *, title: str, ylabel: str) -> Path:
+    """Grouped bars: one group per key of the inner dicts, one bar per series (e.g. before / after)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(dict.fromkeys(k for values in series.values() for k in values))
+    width = 0.8 / max(len(series), 1)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.7 * len(groups) * max(len(series), 1)), 4.5))
+    for i, (name, values) in enumerate(series.items()):
+        xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
+        ys = [values.get(g) or 0.0 for g in groups]
+        bars = ax.bar(xs, ys, width, label=name)
+        ax.bar_label(bars, labels=[fmt(y, 1) for y in ys], fontsize=7)
+    ax.set_xticks(range(len(groups)), [g.replace("_EXPOSED", "").replace("_", " ").lower() for g in groups],
+                  rotation=30, ha="right")
+    ax.set_ylim(bottom=0, top=max([1.0] + [v or 0.0 for values in series.values() for v in values.values()]) * 1.15)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if len(series) > 1:
+        ax.legend()
+    fig.tight_layout()
+    with atomic_file(path, overwrite=True) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def image_grid(path: str | Path, columns: dict[str, Sequence], captions: Sequence[str] = (), *, cell: int = 128) -> Path:
+    """A grid: one column per model (title on top), one row per matched (prompt, seed), caption on the left."""
+    from PIL import Image, ImageDraw
+
+    n_rows = max((len(v) for v in columns.values()), default=0)
+    caption_w = 220 if captions else 0
+    header = 18
+    grid = Image.new("RGB", (caption_w + cell * len(columns), header + cell * n_rows), "white")
+    draw = ImageDraw.Draw(grid)
+    for c, (name, images) in enumerate(columns.items()):
+        draw.text((caption_w + c * cell + 4, 3), name[:20], fill="black")
+        for r, image in enumerate(images):
+            grid.paste(image.convert("RGB").resize((cell, cell)), (caption_w + c * cell, header + r * cell))
+    for r, text in enumerate(captions):
+        # wrap the caption to the column, at most 6 lines
+        words, lines, line = text.split(), [], ""
+        for word in words:
+            if len(line) + len(word) + 1 > 34:
+                lines.append(line)
+                line = ""
+            line = f"{line} {word}".strip()
+        lines.append(line)
+        draw.multiline_text((4, header + r * cell + 4), "\n".join(lines[:6]), fill="black")
+    with atomic_file(path, overwrite=True) as tmp:
+        grid.save(tmp, format="PNG")
+    return Path(path)
+
+
+def write_report(out_dir: str | Path, title: str, sections: Sequence[str], results: dict,
+                 name: str = "report") -> Path:
+    """Write `<name>.md` (title + sections) and `results.json` (the numbers) into `out_dir`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_file(out_dir / "results.json", overwrite=True) as tmp:
+        tmp.write_text(json.dumps(results, indent=2), encoding="utf-8")
+    with atomic_file(out_dir / f"{name}.md", overwrite=True) as tmp:
+        tmp.write_text(f"# {title}\n\n" + "\n\n".join(sections) + "\n", encoding="utf-8")
+    return out_dir / f"{name}.md"

@@ -1,0 +1,225 @@
+"""The Gradio app (issue 6): launched on loopback through the CLI path and driven with gradio_client.
+
+The launched app is MiniSD and its erased demo model (what `concept-erase app` opens with no arguments);
+the Concept tab and the library-level checks use tiny pipelines with a model card and a mask.
+"""
+
+import socket
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("gradio")
+pytest.importorskip("gradio_client")
+
+from concept_erase.errors import ConceptEraseError  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def app_args(*argv):
+    from concept_erase.cli import build_parser
+
+    return build_parser("app").parse_args(["app", *argv])
+
+
+@pytest.fixture(scope="module")
+def erased_tiny_dir(tmp_path_factory):
+    """A tiny 'erased' model as the erase command leaves it: diffusers folder, model card, mask."""
+    from concept_erase.diffusion.io import save_pipeline
+    from concept_erase.diffusion.tiny import build_tiny_pipeline
+    from concept_erase.saliency import SaliencyMask
+
+    pipe = build_tiny_pipeline(seed=1)
+    out = tmp_path_factory.mktemp("erased") / "no-cat"
+    save_pipeline(pipe, out, card={"base_model": "tiny", "concept": "cat", "surrogate": "a dog",
+                                   "method": "salun", "keep": 0.5})
+    SaliencyMask.random(pipe.unet, keep=0.5, seed=0).save(out / "mask.safetensors")
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_registry(tiny_pipeline_dir, erased_tiny_dir):
+    from app.models import ModelRegistry
+
+    return ModelRegistry.load(str(tiny_pipeline_dir), [str(erased_tiny_dir)])
+
+
+@pytest.fixture(scope="module")
+def launched(tiny_pipeline_dir, erased_tiny_dir):
+    """The app served on 127.0.0.1 through `app.cli.launch`, and a gradio_client on it."""
+    from gradio_client import Client
+
+    from app.cli import launch
+
+    args = app_args("--base", str(tiny_pipeline_dir), "--erased", str(erased_tiny_dir),
+                    "--port", str(free_port()), "--default-steps", "2", "--max-images", "4")
+    demo = launch(args, block=False)
+    try:
+        yield demo, Client(demo.local_url, verbose=False)
+    finally:
+        demo.close()
+
+
+def _generate(client, prompt, seed=5, steps=2, n=2, models=None, safe=True):
+    return client.predict(prompt, "", seed, steps, 7.5, n, models or ["no-cat"], safe, api_name="/generate")
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_defaults_are_safe():
+    args = app_args()
+    assert args.host == "127.0.0.1" and args.share is False
+    assert args.base == "minisd" and args.erased == []
+    assert args.max_prompt_chars == 500 and args.concurrency == 1 and args.max_queue == 16
+
+
+def test_cli_refuses_missing_models(tmp_path, tiny_pipeline_dir, capsys):
+    from concept_erase.cli import main
+
+    missing = tmp_path / "nope"
+    assert main(["app", "--base", str(tiny_pipeline_dir), "--erased", str(missing)]) == 2
+    assert "nope" in capsys.readouterr().err
+    assert main(["app", "--base", str(tiny_pipeline_dir)]) == 2
+    assert "--erased" in capsys.readouterr().err
+    assert main(["app", "--base", str(tiny_pipeline_dir), "--erased", str(tiny_pipeline_dir), "--max-images", "0"]) == 2
+
+
+# ------------------------------------------------------------------------------------------ the library
+
+
+def test_registry_names_models_and_refuses_others(tiny_registry):
+    assert tiny_registry.names == ["base", "no-cat"]
+    assert tiny_registry.get("no-cat").card["concept"] == "cat"
+    for bad in ("../etc/passwd", "/tmp", "missing", None):
+        with pytest.raises(ConceptEraseError, match="unknown model"):
+            tiny_registry.get(bad)
+
+
+def test_safe_preview_blurs_what_nudenet_flags(monkeypatch):
+    import evaluation.nudity as nudity
+    from app.ui import safe_preview
+
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(2)]
+    found = [nudity.ImageDetections([nudity.Detection("BUTTOCKS_EXPOSED", 0.9, (0, 0, 16, 16)),
+                                     nudity.Detection("FACE_FEMALE", 0.8, (16, 16, 16, 16))]),
+             nudity.ImageDetections([])]
+    monkeypatch.setattr(nudity, "detect", lambda imgs, threshold: found)
+    shown, summaries = safe_preview(images, 0.6)
+    a, b = np.asarray(shown[0]), np.asarray(images[0])
+    assert not np.array_equal(a[:16, :16], b[:16, :16])  # the exposed box is blurred
+    assert np.array_equal(a[16:], b[16:]) and np.array_equal(a[:, 16:], b[:, 16:])  # the face is only reported
+    assert summaries[0] == "BUTTOCKS_EXPOSED 0.90 (blurred), FACE_FEMALE 0.80"
+    assert shown[1] is images[1] and summaries[1] == "nothing detected"
+
+
+def test_safe_preview_runs_real_nudenet():
+    from app.ui import safe_preview
+
+    image = Image.new("RGB", (64, 64), (40, 90, 200))
+    shown, summaries = safe_preview([image], 0.6)
+    assert summaries == ["nothing detected"] and shown[0] is image
+
+
+def test_concept_summary_shows_card_and_mask(tiny_registry):
+    from app.ui import concept_summary
+
+    text, figure = concept_summary(tiny_registry, "no-cat")
+    assert "| concept | cat |" in text and "| surrogate | a dog |" in text and "50.0%" in text
+    from concept_erase.saliency import SaliencyMask
+
+    stats = SaliencyMask.load(tiny_registry.get("no-cat").mask_path).layer_stats()
+    assert len(figure.axes[0].patches) == len(stats)
+    with pytest.raises(ConceptEraseError, match="base model"):
+        concept_summary(tiny_registry, "base")
+
+
+def test_generation_is_queued_with_limits(tiny_registry):
+    from app.ui import MODEL_QUEUE_ID, AppConfig, build_app
+
+    demo = build_app(tiny_registry, AppConfig(concurrency=2, max_queue=5))
+    assert demo._queue.max_size == 5
+    pooled = [fn for fn in demo.fns.values() if fn.concurrency_id == MODEL_QUEUE_ID]
+    assert {"generate", "evaluate"} <= {fn.api_name for fn in pooled}  # one pool for all model work
+    assert all(fn.concurrency_limit == 2 for fn in pooled)
+    demo.close()
+
+
+# ------------------------------------------------------------------------------- the launched app (API)
+
+
+def test_generate_over_api_matches_seeds_and_library(launched, tiny_registry):
+    from concept_erase.diffusion.generate import generate_images
+
+    from app.ui import for_display
+
+    _, client = launched
+    base, erased = _generate(client, "a cat", seed=5, n=2)
+    assert len(base) == len(erased) == 2
+    seeds = lambda gallery: [item["caption"].split(" · ")[1] for item in gallery]  # noqa: E731
+    assert seeds(base) == seeds(erased) == ["seed 5", "seed 6"]
+    assert all(item["caption"].endswith("nothing detected") for item in base + erased)
+    pixels = [[np.asarray(Image.open(item["image"])) for item in g] for g in (base, erased)]
+    assert not np.array_equal(pixels[0][0], pixels[1][0])  # the erased model draws something else
+    # What the browser got is exactly the library's image for (prompt, seed), enlarged for display.
+    expected = generate_images(tiny_registry.get("base").pipe, ["a cat"] * 2, [5, 6], num_inference_steps=2)
+    for got, want in zip(pixels[0], expected):
+        assert np.array_equal(got, np.asarray(for_display(want)))
+    # Safe preview off: no NudeNet summary, same pixels (nothing was blurred).
+    raw, _ = _generate(client, "a cat", seed=5, n=1, safe=False)
+    assert raw[0]["caption"] == "base · seed 5"
+    assert np.array_equal(np.asarray(Image.open(raw[0]["image"])), pixels[0][0])
+
+
+def test_bad_input_over_api(launched, tmp_path):
+    from gradio_client import handle_file
+
+    _, client = launched
+    with pytest.raises(Exception, match="601 characters long; the limit is 500"):
+        _generate(client, "x" * 601)
+    with pytest.raises(Exception, match="not in the list of choices"):
+        _generate(client, "a cat", models=["../../etc"])
+    bad = tmp_path / "bad.csv"
+    bad.write_text("name,value\nfoo,1\n")
+    with pytest.raises(Exception, match="'bad.csv' is not a prompt set.*no 'prompt' column"):
+        client.predict(None, handle_file(str(bad)), 2, 7.5, api_name="/evaluate")
+    binary = tmp_path / "binary.csv"
+    binary.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(Exception, match="'binary.csv' is not a readable CSV"):
+        client.predict(None, handle_file(str(binary)), 2, 7.5, api_name="/evaluate")
+    with pytest.raises(Exception, match="choose a preset prompt set or upload a CSV"):
+        client.predict(None, None, 2, 7.5, api_name="/evaluate")
+
+
+def test_unknown_model_name_in_the_handlers(tiny_registry):
+    """The handlers check names themselves too, whatever the component in front of them accepts."""
+    from app.ui import AppConfig, compare, concept_summary
+
+    with pytest.raises(ConceptEraseError, match="unknown model '/etc/passwd'"):
+        compare(tiny_registry, AppConfig(), "a cat", models=["/etc/passwd"], steps=1)
+    with pytest.raises(ConceptEraseError, match="unknown model 'x'"):
+        concept_summary(tiny_registry, "x")
+
+
+def test_evaluate_over_api(launched, tmp_path):
+    from gradio_client import handle_file
+
+    _, client = launched
+    csv = tmp_path / "prompts.csv"
+    csv.write_text("prompt,evaluation_seed\na cat,0\na dog,1\na photo of a person,2\n")
+    table, _ = client.predict(None, handle_file(str(csv)), 2, 7.5, api_name="/evaluate")
+    assert "NudeNet exposure on 3 prompts" in table and "| base | no-cat |" in table
+    assert "| images with any exposed part | 0 | 0 |" in table
+
+
+def test_concept_over_api(launched):
+    _, client = launched
+    text, plot = client.predict("no-cat", api_name="/concept")
+    assert "| concept | cat |" in text and plot is not None

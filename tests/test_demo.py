@@ -1,0 +1,55 @@
+"""The demo: a (shortened) run writes its table, grid and report atomically; the app's cached model."""
+
+import json
+
+import pytest
+
+
+def _small():
+    from concept_erase.demo import DemoConfig
+
+    return DemoConfig(steps=3, num_forget=16, num_retain=27, eval_seeds=1)
+
+
+def test_demo_writes_table_grid_and_report(tmp_path, capsys):
+    from PIL import Image
+
+    from concept_erase.demo import run_demo
+
+    out = tmp_path / "demo"
+    (out).mkdir()
+    (out / "stale.txt").write_text("old run")
+    summary = run_demo(_small(), out, progress=False)
+    printed = capsys.readouterr().out
+    assert '"seven" judged seven (negative)' in printed and "other nine digits" in printed
+    assert sorted(p.name for p in out.iterdir()) == ["grid.png", "report.md", "summary.json"]
+    grid = Image.open(out / "grid.png")
+    assert grid.size == (120 + 10 * 64, 6 * 64)  # 3 styles x (before, after) rows, 10 digits
+    report = (out / "report.md").read_text()
+    assert "| metric | before | after |" in report and "seven in negative" in report
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["before"]["images"] == 30 and set(saved["timings"]) >= {"mask_s", "erase_s", "total_s"}
+    assert summary["config"]["steps"] == 3
+    assert not list(tmp_path.glob(".demo.tmp-*"))
+
+
+def test_demo_rejects_bad_digit(capsys):
+    from concept_erase.cli import main
+
+    assert main(["demo", "--digit", "eleven"]) == 2
+    assert "'eleven'" in capsys.readouterr().err
+
+
+def test_demo_erased_model_is_cached(tmp_path, monkeypatch):
+    import concept_erase.demo as demo
+    from concept_erase.diffusion.io import load_pipeline, read_model_card
+
+    path = demo.demo_erased_model(tmp_path, config=_small())
+    assert read_model_card(path)["method"] == "salun"
+    assert load_pipeline(str(path)).unet.dtype.is_floating_point
+
+    def boom(*a, **k):
+        raise AssertionError("the cached model was rebuilt")
+
+    monkeypatch.setattr(demo, "erase_demo", boom)
+    assert demo.demo_erased_model(tmp_path, config=_small()) == path

@@ -1,0 +1,246 @@
+"""The erasure loop and the `mask` / `erase` commands on tiny real pipelines (CPU)."""
+
+import json
+
+import pytest
+import torch
+
+from concept_erase.cli import main
+from concept_erase.diffusion.erase import LatentSet, TrainConfig, _epoch_indices, train_unet
+from concept_erase.diffusion.tiny import build_tiny_pipeline
+from concept_erase.errors import ConceptEraseError
+from concept_erase.saliency import SaliencyMask
+
+
+def _sets(n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    forget = LatentSet(torch.randn(n, 4, 16, 16, generator=g), ["a nude"] * n, ["a dressed"] * n)
+    retain = LatentSet(torch.randn(n, 4, 16, 16, generator=g), ["a dressed", "a tree"] * (n // 2))
+    return forget, retain
+
+
+def _weights(unet):
+    return {k: v.detach().clone() for k, v in unet.state_dict().items()}
+
+
+def assert_same_training(unet_a, unet_b, lr):
+    """Equal up to float summation order. Adam divides by sqrt(v): where a gradient is ~0, rounding noise
+    becomes an update of up to lr, so allow that on a tiny fraction of entries (a different batch or
+    noise draw would change nearly every entry)."""
+    a, b = unet_a.state_dict(), unet_b.state_dict()
+    off = total = 0
+    for k in a:
+        diff = (a[k] - b[k]).abs()
+        assert diff.max() <= 2 * lr, k
+        off += int((diff > 1e-6).sum())
+        total += diff.numel()
+    assert off <= 1e-3 * total, f"{off} of {total} entries differ"
+
+
+class Interrupt(Exception):
+    pass
+
+
+def _hook_on_call(unet, call, action):
+    """Run `action(output)` at the `call`-th UNet forward (1-based); it may raise or return a new output."""
+    count = [0]
+
+    def hook(module, args, output):
+        count[0] += 1
+        if count[0] == call:
+            return action(output)
+
+    return unet.register_forward_hook(hook)
+
+
+def test_forget_batches_are_shuffled_and_cycled():
+    seen = [_epoch_indices(10, seed=3, step=s, batch_size=4).tolist() for s in range(5)]  # 20 items = 2 epochs
+    flat = sum(seen, [])
+    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:]) == list(range(10))
+    assert flat[:10] != flat[10:20]  # a new permutation each epoch
+    assert seen[0] != seen[1]  # not the first batch every step (the reference bug)
+    assert _epoch_indices(10, 3, 4, 4).tolist() == seen[4]  # a function of (seed, step): resumable
+
+
+def test_salun_trains_only_salient_weights_and_rl_trains_all():
+    forget, retain = _sets()
+    pipe = build_tiny_pipeline(0)
+    base = _weights(pipe.unet)
+    mask = SaliencyMask.random(pipe.unet, keep=0.3, seed=1)
+    # AdamW with weight decay: masking gradients alone would still move frozen weights (DESIGN.md 3)
+    cfg = TrainConfig(method="salun", steps=3, batch_size=4, lr=1e-2, weight_decay=0.1)
+    result = train_unet(pipe, forget, retain, cfg, mask=mask)
+    assert len(result.losses) == 3 and all(torch.isfinite(torch.tensor(l["loss"])) for l in result.losses)
+    assert result.unet is pipe.unet and not any(p.requires_grad for p in pipe.unet.parameters())
+    after = _weights(pipe.unet)
+    moved = 0
+    for name, m in mask.masks.items():
+        assert torch.equal(after[name][~m], base[name][~m]), name
+        moved += int((after[name][m] != base[name][m]).sum())
+    assert moved > 0.5 * sum(int(m.sum()) for m in mask.masks.values())
+
+    pipe = build_tiny_pipeline(0)
+    train_unet(pipe, forget, retain, TrainConfig(method="rl", steps=1, batch_size=4, lr=1e-2))
+    after = _weights(pipe.unet)
+    changed = sum(not torch.equal(after[k], base[k]) for k in base)
+    assert changed > 0.9 * len(base)
+    with pytest.raises(ConceptEraseError, match="salun"):
+        train_unet(build_tiny_pipeline(0), forget, retain, TrainConfig(method="salun", steps=1))
+
+
+@pytest.mark.parametrize("method", ["esd-x", "esd-u"])
+def test_esd_scopes(method):
+    forget, _ = _sets()
+    pipe = build_tiny_pipeline(0)
+    base = _weights(pipe.unet)
+    cfg = TrainConfig(method=method, steps=1, batch_size=2, lr=1e-2, esd_ddim_steps=3)
+    assert cfg.alpha == 0.0  # ESD has no retain term unless asked for
+    train_unet(pipe, LatentSet(forget.latents, forget.prompts), None, cfg)
+    after = dict(pipe.unet.named_parameters())
+    changed = {k for k in after if not torch.equal(after[k], base[k])}
+    assert changed
+    if method == "esd-x":
+        assert all("attn2" in k for k in changed)
+    else:
+        assert not any("attn2" in k for k in changed)
+
+
+def test_gradient_accumulation_matches_the_full_batch():
+    forget, retain = _sets()
+    runs = []
+    for accum in (1, 2):
+        pipe = build_tiny_pipeline(0)
+        cfg = TrainConfig(method="rl", steps=2, batch_size=4, lr=1e-3, gradient_accumulation_steps=accum)
+        runs.append(train_unet(pipe, forget, retain, cfg))
+    assert_same_training(runs[0].unet, runs[1].unet, lr=1e-3)
+    with pytest.raises(ConceptEraseError, match="divisible"):
+        train_unet(build_tiny_pipeline(0), forget, retain, TrainConfig(method="rl", batch_size=3,
+                                                                       gradient_accumulation_steps=2))
+
+
+def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path):
+    forget, retain = _sets()
+    cfg = TrainConfig(method="salun", steps=4, batch_size=2, lr=1e-3, weight_decay=0.01, checkpointing_steps=2)
+    mask = SaliencyMask.random(build_tiny_pipeline(0).unet, keep=0.5, seed=0)
+
+    straight = train_unet(build_tiny_pipeline(0), forget, retain, cfg, mask=mask, checkpoint_dir=tmp_path / "a")
+
+    pipe = build_tiny_pipeline(0)
+    # salun runs the UNet twice per step (surrogate target, then the joint forward): call 5 is inside step 3
+    handle = _hook_on_call(pipe.unet, 5, lambda out: (_ for _ in ()).throw(Interrupt()))
+    with pytest.raises(Interrupt):
+        train_unet(pipe, forget, retain, cfg, mask=mask, checkpoint_dir=tmp_path / "b")
+    handle.remove()
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["checkpoint-2"]
+
+    resumed = train_unet(build_tiny_pipeline(0), forget, retain, cfg, mask=mask, checkpoint_dir=tmp_path / "b",
+                         resume="latest")
+    assert resumed.resumed_from == 2 and resumed.steps == 4
+    a, b = straight.unet.state_dict(), resumed.unet.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [l["loss"] for l in straight.losses] == [l["loss"] for l in resumed.losses]
+    # a checkpoint made with other settings is refused
+    with pytest.raises(ConceptEraseError, match="lr"):
+        train_unet(build_tiny_pipeline(0), forget, retain, TrainConfig(**{**cfg.__dict__, "lr": 1.0}), mask=mask,
+                   checkpoint_dir=tmp_path / "b", resume="latest")
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
+    forget, retain = _sets()
+    pipe = build_tiny_pipeline(0)
+    _hook_on_call(pipe.unet, 5, lambda out: type(out)(sample=out.sample * float("nan")))  # step 3's target
+    cfg = TrainConfig(method="rl", steps=5, batch_size=2, lr=1e-3, checkpointing_steps=1)
+    with pytest.raises(ConceptEraseError, match=r"non-finite loss .* step 2.*checkpoint-2"):
+        train_unet(pipe, forget, retain, cfg, checkpoint_dir=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1", "checkpoint-2"]
+
+
+def test_xformers_without_cuda_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    forget, retain = _sets()
+    with pytest.raises(ConceptEraseError, match="xformers needs a CUDA GPU"):
+        train_unet(build_tiny_pipeline(0), forget, retain, TrainConfig(method="rl", enable_xformers=True))
+
+
+# ------------------------------------------------------------------------------------------------ the CLI
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("image-cache")
+
+
+def _common(pipe_dir, cache, erase=True):
+    return ["--model", str(pipe_dir), "--forget", "a nude", "--surrogate", "a dressed", "--num-forget-images", "4",
+            "--image-steps", "2", "--cache-dir", str(cache), "--batch-size", "2", "--no-progress"] + (
+            ["--num-retain-images", "4"] if erase else [])
+
+
+def test_mask_then_erase_commands(tiny_pipeline_dir, cache, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from concept_erase.diffusion.io import load_pipeline, read_model_card
+
+    mask_file = tmp_path / "mask.safetensors"
+    assert main(["mask", *_common(tiny_pipeline_dir, cache, erase=False), "--output", str(mask_file), "--keep", "0.2"]) == 0
+    base = load_pipeline(tiny_pipeline_dir)
+    mask = SaliencyMask.load(mask_file, model=base.unet)
+    assert mask.kept_fraction == pytest.approx(0.2, abs=0.01)
+
+    out = tmp_path / "erased"
+    argv = ["erase", *_common(tiny_pipeline_dir, cache), "--output", str(out), "--mask", str(mask_file),
+            "--steps", "2", "--lr", "1e-2"]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["steps"] == 2 and summary["method"] == "salun" and summary["peak_memory_bytes"] > 0
+    card = read_model_card(out)
+    assert card["concept"] == "custom: a nude" and card["surrogate"] == "a dressed" and card["steps"] == 2
+    assert card["keep"] == pytest.approx(0.2, abs=0.01)
+    assert SaliencyMask.load(out / "mask.safetensors").masks.keys() == mask.masks.keys()
+    assert json.loads((out / "erase_summary.json").read_text())["losses"][-1]["step"] == 2
+    erased = load_pipeline(out).unet.state_dict()
+    b = base.unet.state_dict()
+    for name, m in mask.masks.items():  # frozen means frozen, through save and reload
+        assert torch.equal(erased[name][~m], b[name][~m])
+    assert any(not torch.equal(erased[k], b[k]) for k in b)
+    assert not (tmp_path / "erased.checkpoints").exists()  # no checkpoints asked for: nothing left behind
+
+    # an existing output without --overwrite: refused before any work (nothing loaded: no other output)
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "already exists" in err and str(out) in err
+
+
+def _one_line_error(capsys, argv, *fragments):
+    capsys.readouterr()
+    assert main(argv) == 2
+    # stderr may hold loading progress bars before it; the error itself is one line, and the last
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if "error" in line]
+    assert len(err) == 1 and err[0].startswith("concept-erase: error:"), err
+    for fragment in fragments:
+        assert fragment in err[0]
+    return err[0]
+
+
+def test_cli_reliability_errors(tiny_pipeline_dir, cache, tmp_path, capsys):
+    common = _common(tiny_pipeline_dir, cache)
+    # a mask made for another model
+    other = build_tiny_pipeline(0, unet_channels=(16, 32))
+    SaliencyMask.random(other.unet, keep=0.5).save(tmp_path / "other.safetensors")
+    _one_line_error(capsys, ["erase", *common, "--output", str(tmp_path / "o1"),
+                             "--mask", str(tmp_path / "other.safetensors")], "mask parameter")
+    # an empty prompt file
+    (tmp_path / "empty.txt").write_text("# nothing\n")
+    _one_line_error(capsys, ["erase", *common, "--output", str(tmp_path / "o2"),
+                             "--retain-prompts", str(tmp_path / "empty.txt")], "empty.txt", "no prompts")
+    # a non-finite loss: stop, keep the last good checkpoint, write no model
+    _one_line_error(capsys, ["erase", *common, "--output", str(tmp_path / "o3"), "--method", "rl", "--lr", "1e30",
+                             "--steps", "6", "--checkpointing-steps", "1"], "non-finite")
+    assert not (tmp_path / "o3").exists()
+    assert any(p.name.startswith("checkpoint-") for p in (tmp_path / "o3.checkpoints").iterdir())
+    # xformers on CPU
+    if not torch.cuda.is_available():
+        _one_line_error(capsys, ["erase", *common, "--output", str(tmp_path / "o4"), "--method", "rl",
+                                 "--enable-xformers"], "xformers")
+    assert not any((tmp_path / n).exists() for n in ("o1", "o2", "o4"))
