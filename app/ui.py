@@ -293,8 +293,8 @@ def build_app(registry: ModelRegistry, config: AppConfig | None = None):
             generate = gr.Button("Generate", variant="primary", elem_id="generate")
             galleries = {}
             with gr.Row():
-                for name in names:
-                    galleries[name] = gr.Gallery(label=name, columns=2, format="png", elem_id=f"gallery-{name}",
+                for i, name in enumerate(names):  # ids by position: folder names need not be valid CSS ids
+                    galleries[name] = gr.Gallery(label=name, columns=2, format="png", elem_id=f"gallery-{i}",
                                                  buttons=["download", "download_all", "fullscreen"])
 
             def on_generate(prompt, negative, seed, steps, guidance, num_images, chosen, safe,

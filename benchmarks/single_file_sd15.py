@@ -62,7 +62,8 @@ def main() -> None:
             model_type = infer_diffusers_model_type({k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in keys})
         t0 = time.perf_counter()
         loaded = StableDiffusionPipeline.from_single_file(str(path), config=str(args.config), torch_dtype=dtype,
-                                                          local_files_only=True, safety_checker=None)
+                                                          local_files_only=True, safety_checker=None,
+                                                          feature_extractor=None, requires_safety_checker=False)
         t_load = time.perf_counter() - t0
         size = path.stat().st_size
     mismatched = []

@@ -79,9 +79,13 @@ def register(subparsers) -> None:
 def _evaluate(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
+    from concept_erase.errors import ConceptEraseError
+
     from . import evaluate
     from .generation import make_protocol
 
+    if args.kind == "quality" and args.reference is None and args.clip_model is None:  # fail before generating
+        raise ConceptEraseError("quality needs --reference (for FID) and/or --clip-model (for CLIP score)")
     protocol = make_protocol(
         args.protocol, scheduler=args.scheduler, num_inference_steps=args.steps, guidance_scale=args.guidance,
         resolution=args.resolution, samples_per_prompt=args.samples, row_guidance=args.row_guidance or None,

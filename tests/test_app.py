@@ -15,6 +15,8 @@ pytest.importorskip("gradio_client")
 
 from concept_erase.errors import ConceptEraseError  # noqa: E402
 
+STEPS, GUIDANCE = 10, 5.0  # MiniSD draws clean digits at 10 DDIM steps; fewer steps keep the test short
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -50,24 +52,32 @@ def tiny_registry(tiny_pipeline_dir, erased_tiny_dir):
     return ModelRegistry.load(str(tiny_pipeline_dir), [str(erased_tiny_dir)])
 
 
+def demo_cache(tmp_path_factory):
+    """One cache for the session (both app test files), so MiniSD's demo erasure runs once."""
+    return tmp_path_factory.getbasetemp() / "concept-erase-cache"
+
+
 @pytest.fixture(scope="module")
-def launched(tiny_pipeline_dir, erased_tiny_dir):
-    """The app served on 127.0.0.1 through `app.cli.launch`, and a gradio_client on it."""
+def launched(tmp_path_factory):
+    """`concept-erase app` with no model arguments (MiniSD and its erased demo model), served on
+    127.0.0.1 through `app.cli.launch`; yields (erased model name, gradio_client)."""
     from gradio_client import Client
 
     from app.cli import launch
+    from concept_erase.demo import demo_erased_model
 
-    args = app_args("--base", str(tiny_pipeline_dir), "--erased", str(erased_tiny_dir),
-                    "--port", str(free_port()), "--default-steps", "2", "--max-images", "4")
-    demo = launch(args, block=False)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CONCEPT_ERASE_CACHE", str(demo_cache(tmp_path_factory)))
+        demo = launch(app_args("--port", str(free_port()), "--max-images", "4"), block=False)
+        name = demo_erased_model().name  # cached by now: what the app calls the erased model
     try:
-        yield demo, Client(demo.local_url, verbose=False)
+        yield name, Client(demo.local_url, verbose=False)
     finally:
         demo.close()
 
 
-def _generate(client, prompt, seed=5, steps=2, n=2, models=None, safe=True):
-    return client.predict(prompt, "", seed, steps, 7.5, n, models or ["no-cat"], safe, api_name="/generate")
+def _generate(client, prompt, models, seed=5, steps=STEPS, n=2, safe=True):
+    return client.predict(prompt, "", seed, steps, GUIDANCE, n, models, safe, api_name="/generate")
 
 
 # ------------------------------------------------------------------------------------------------- CLI
@@ -155,25 +165,31 @@ def test_generation_is_queued_with_limits(tiny_registry):
 # ------------------------------------------------------------------------------- the launched app (API)
 
 
-def test_generate_over_api_matches_seeds_and_library(launched, tiny_registry):
+def test_generate_over_api_on_minisd(launched):
+    """The erased concept's prompt on MiniSD: same seeds on both models, different images; and the image
+    the client gets is exactly the library's for (prompt, seed)."""
     from concept_erase.diffusion.generate import generate_images
+    from concept_erase.diffusion.io import load_pipeline
+    from concept_erase.diffusion.minisd import minisd_prompt
 
     from app.ui import for_display
 
-    _, client = launched
-    base, erased = _generate(client, "a cat", seed=5, n=2)
+    name, client = launched
+    prompt = minisd_prompt("seven")
+    base, erased = _generate(client, prompt, [name], seed=5, n=2)
     assert len(base) == len(erased) == 2
     seeds = lambda gallery: [item["caption"].split(" · ")[1] for item in gallery]  # noqa: E731
     assert seeds(base) == seeds(erased) == ["seed 5", "seed 6"]
     assert all(item["caption"].endswith("nothing detected") for item in base + erased)
     pixels = [[np.asarray(Image.open(item["image"])) for item in g] for g in (base, erased)]
-    assert not np.array_equal(pixels[0][0], pixels[1][0])  # the erased model draws something else
-    # What the browser got is exactly the library's image for (prompt, seed), enlarged for display.
-    expected = generate_images(tiny_registry.get("base").pipe, ["a cat"] * 2, [5, 6], num_inference_steps=2)
+    for before, after in zip(*pixels):
+        assert np.abs(before.astype(int) - after.astype(int)).mean() > 5  # the erased model draws something else
+    expected = generate_images(load_pipeline("minisd"), [prompt] * 2, [5, 6], num_inference_steps=STEPS,
+                               guidance_scale=GUIDANCE)
     for got, want in zip(pixels[0], expected):
         assert np.array_equal(got, np.asarray(for_display(want)))
-    # Safe preview off: no NudeNet summary, same pixels (nothing was blurred).
-    raw, _ = _generate(client, "a cat", seed=5, n=1, safe=False)
+    # Safe preview off: no NudeNet summary, and the same pixels (nothing was blurred).
+    raw, _ = _generate(client, prompt, [name], seed=5, n=1, safe=False)
     assert raw[0]["caption"] == "base · seed 5"
     assert np.array_equal(np.asarray(Image.open(raw[0]["image"])), pixels[0][0])
 
@@ -181,21 +197,21 @@ def test_generate_over_api_matches_seeds_and_library(launched, tiny_registry):
 def test_bad_input_over_api(launched, tmp_path):
     from gradio_client import handle_file
 
-    _, client = launched
+    name, client = launched
     with pytest.raises(Exception, match="601 characters long; the limit is 500"):
-        _generate(client, "x" * 601)
+        _generate(client, "x" * 601, [name])
     with pytest.raises(Exception, match="not in the list of choices"):
-        _generate(client, "a cat", models=["../../etc"])
+        _generate(client, "a handwritten digit one", ["../../etc"])
     bad = tmp_path / "bad.csv"
     bad.write_text("name,value\nfoo,1\n")
     with pytest.raises(Exception, match="'bad.csv' is not a prompt set.*no 'prompt' column"):
-        client.predict(None, handle_file(str(bad)), 2, 7.5, api_name="/evaluate")
+        client.predict(None, handle_file(str(bad)), STEPS, GUIDANCE, api_name="/evaluate")
     binary = tmp_path / "binary.csv"
     binary.write_bytes(bytes(range(256)) * 4)
     with pytest.raises(Exception, match="'binary.csv' is not a readable CSV"):
-        client.predict(None, handle_file(str(binary)), 2, 7.5, api_name="/evaluate")
+        client.predict(None, handle_file(str(binary)), STEPS, GUIDANCE, api_name="/evaluate")
     with pytest.raises(Exception, match="choose a preset prompt set or upload a CSV"):
-        client.predict(None, None, 2, 7.5, api_name="/evaluate")
+        client.predict(None, None, STEPS, GUIDANCE, api_name="/evaluate")
 
 
 def test_unknown_model_name_in_the_handlers(tiny_registry):
@@ -208,18 +224,23 @@ def test_unknown_model_name_in_the_handlers(tiny_registry):
         concept_summary(tiny_registry, "x")
 
 
-def test_evaluate_over_api(launched, tmp_path):
+def test_evaluate_over_api_on_minisd(launched, tmp_path):
+    """A class-prompt CSV on MiniSD: judged digit accuracy per class, base vs erased, with the chart."""
     from gradio_client import handle_file
 
-    _, client = launched
-    csv = tmp_path / "prompts.csv"
-    csv.write_text("prompt,evaluation_seed\na cat,0\na dog,1\na photo of a person,2\n")
-    table, _ = client.predict(None, handle_file(str(csv)), 2, 7.5, api_name="/evaluate")
-    assert "NudeNet exposure on 3 prompts" in table and "| base | no-cat |" in table
-    assert "| images with any exposed part | 0 | 0 |" in table
+    from concept_erase.diffusion.minisd import minisd_prompt
+
+    name, client = launched
+    csv = tmp_path / "digits.csv"
+    rows = [(minisd_prompt(d), s, d) for d in ("seven", "one") for s in range(3)]
+    csv.write_text("prompt,evaluation_seed,class\n" + "".join(f"{p},{s},{d}\n" for p, s, d in rows))
+    table, chart = client.predict(None, handle_file(str(csv)), STEPS, GUIDANCE, api_name="/evaluate")
+    assert "Top-1 accuracy (%) of the intended class, 6 prompts" in table
+    assert f"| class | base | {name} |" in table and "| seven |" in table and "| one |" in table
+    assert Image.open(chart).size[0] > 300
 
 
 def test_concept_over_api(launched):
-    _, client = launched
-    text, plot = client.predict("no-cat", api_name="/concept")
-    assert "| concept | cat |" in text and plot is not None
+    name, client = launched
+    text, _ = client.predict(name, api_name="/concept")
+    assert f"### {name}" in text and "| method | salun |" in text

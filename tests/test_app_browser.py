@@ -45,45 +45,49 @@ def page():
 
 
 @pytest.fixture(scope="module")
-def app_url(tiny_pipeline_dir, tmp_path_factory):
+def app(tmp_path_factory):
+    """`concept-erase app` with no model arguments: MiniSD and its erased demo model (cached for the
+    session under the same folder as test_app.py's, so the demo erasure runs once)."""
     from app.cli import launch
     from concept_erase.cli import build_parser
-    from concept_erase.diffusion.tiny import build_tiny_pipeline
+    from concept_erase.demo import demo_erased_model
 
-    erased = tmp_path_factory.mktemp("erased") / "no-cat"
-    build_tiny_pipeline(seed=1).save_pretrained(erased)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    args = build_parser("app").parse_args(["app", "--base", str(tiny_pipeline_dir), "--erased", str(erased),
-                                           "--port", str(port), "--default-steps", "2"])
-    demo = launch(args, block=False)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CONCEPT_ERASE_CACHE", str(tmp_path_factory.getbasetemp() / "concept-erase-cache"))
+        args = build_parser("app").parse_args(["app", "--port", str(port), "--default-steps", "10"])
+        demo = launch(args, block=False)
+        name = demo_erased_model().name
     try:
-        yield demo.local_url
+        yield demo.local_url, name
     finally:
         demo.close()
 
 
-def test_generate_in_browser(page, app_url, tmp_path):
-    page.goto(app_url)
-    page.locator("#prompt textarea").fill("a cat on a sofa")
+def test_generate_in_browser(page, app, tmp_path):
+    url, erased = app
+    page.goto(url)
+    page.locator("#prompt textarea").fill("a handwritten digit seven in bold strokes")
     page.locator("#generate").click()
-    for gallery in ("#gallery-base", "#gallery-no-cat"):
+    for gallery in ("#gallery-0", "#gallery-1"):  # base, erased
         page.locator(f"{gallery} img").first.wait_for(timeout=TIMEOUT_MS)
     shot = tmp_path / "compare.png"
     page.screenshot(path=str(shot), full_page=True)
     print(f"screenshot: {shot}")
     assert shot.stat().st_size > 10_000
-    base_text, erased_text = page.locator("#gallery-base").inner_text(), page.locator("#gallery-no-cat").inner_text()
+    base_text, erased_text = page.locator("#gallery-0").inner_text(), page.locator("#gallery-1").inner_text()
     for seed in ("seed 0", "seed 1", "seed 2", "seed 3"):  # 4 images by default, identical seeds
         assert f"base · {seed} · nothing detected" in base_text
-        assert f"no-cat · {seed} · nothing detected" in erased_text
-    assert page.locator("#gallery-base img").count() >= 4
-    assert "Safe preview" in page.content()
+        assert f"{erased} · {seed} · nothing detected" in erased_text
+    assert page.locator("#gallery-0 img").count() >= 4 and page.locator("#gallery-1 img").count() >= 4
+    assert "Safe preview" in page.content() and page.locator("#safe-preview input").is_checked()
 
 
-def test_bad_input_in_browser(page, app_url, tmp_path):
-    page.goto(app_url)
+def test_bad_input_in_browser(page, app, tmp_path):
+    url, _ = app
+    page.goto(url)
     page.locator("#prompt textarea").fill("x" * 700)
     page.locator("#generate").click()
     page.get_by_text("700 characters long; the limit is 500").first.wait_for(timeout=TIMEOUT_MS)

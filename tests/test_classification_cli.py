@@ -109,6 +109,8 @@ def test_classify_hf_folder_with_resnet18(tmp_path, capsys):
         (["--dataset", "no/such/folder"], "no/such/folder"),
         (["--mask", "MISSING"], "mask file"),
         (["--mask", "GARBAGE"], "mask file"),
+        (["--mask", "GARBAGE", "--methods", "rl"], "salun"),
+        (["--mask", "GARBAGE", "--keep", "0.3"], "--keep"),
     ],
 )
 def test_bad_input_one_line_exit_2(tmp_path, capsys, args, message):

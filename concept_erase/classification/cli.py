@@ -27,7 +27,7 @@ def register(subparsers) -> None:
     )
     for f in dataclasses.fields(ClassifyConfig):
         flag = "--" + f.name.replace("_", "-")
-        kind = {"int": int, "float": float}.get(str(f.type), str)
+        kind = int if f.type == "int" else float if f.type.startswith("float") else str
         parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
     parser.add_argument("--out", default=None,
                         help="Output folder for results.json and results.md "

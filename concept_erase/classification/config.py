@@ -118,7 +118,9 @@ class ClassifyConfig:
     lr_grid: str = field(default="0.01,0.03,0.1", metadata={
         "help": "Comma list of learning rates tried for every unlearning method; the best on validation is kept."})
     batch_size: int = field(default=64, metadata={"help": "Images per SGD step, for every run."})
-    keep: float = field(default=0.5, metadata={"help": "SalUn: fraction of weights the saliency mask keeps trainable, in (0, 1]."})
+    keep: float | None = field(default=None, metadata={
+        "help": "SalUn: fraction of weights the saliency mask keeps trainable, in (0, 1]; unset means 0.5 "
+                "(leave it unset with --mask, whose file has its own ratio)."})
     mask: str | None = field(default=None, metadata={
         "help": "SalUn: a mask file (concept-erase mask format) to use instead of computing one per seed, "
                 "e.g. a random-mask control; it must match the model's parameters."})
@@ -132,6 +134,12 @@ class ClassifyConfig:
         self.forget_spec = ForgetSpec.parse(self.forget)
         self.method_keys = parse_methods(self.methods)
         self.lrs = parse_floats(self.lr_grid, "--lr-grid")
+        if self.mask is not None and "salun" not in self.method_keys:
+            raise ConceptEraseError(f"--mask {self.mask!r} is only used by salun, which is not in --methods")
+        if self.mask is not None and self.keep is not None:
+            raise ConceptEraseError("--keep and --mask exclude each other: a mask file has its own keep ratio")
+        if self.keep is None:
+            self.keep = 0.5
         if not (isinstance(self.keep, (int, float)) and 0 < self.keep <= 1):
             raise ConceptEraseError(f"--keep must be in (0, 1], got {self.keep!r}")
         if self.seeds < 1:

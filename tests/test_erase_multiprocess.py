@@ -1,0 +1,46 @@
+"""`concept-erase erase` under torchrun with 2 CPU processes (gloo) gives the weights of one process with the
+same global batch: every process draws the same global batch and trains on its half (erase.py docstring)."""
+
+import os
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import load_file
+
+from concept_erase.cli import main
+from test_erase import assert_same_training
+
+
+def test_two_processes_match_one(tiny_pipeline_dir, tmp_path):
+    args = ["erase", "--model", str(tiny_pipeline_dir), "--forget", "a nude", "--surrogate", "a dressed",
+            "--num-forget-images", "4", "--num-retain-images", "4", "--image-steps", "2",
+            "--cache-dir", str(tmp_path / "cache"), "--batch-size", "4", "--steps", "2", "--lr", "1e-3",
+            "--no-progress"]
+    assert main([*args, "--output", str(tmp_path / "one")]) == 0  # also fills the image cache
+
+    # OpenMP spin-waiting makes 2 processes on 2 cores 10-30x slower (DESIGN.md 8b); gloo is the CPU backend.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "concept_erase", *args, "--output", str(tmp_path / "two")],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert '"processes": 2' in run.stdout
+
+    one = load_file(str(tmp_path / "one" / "unet" / "diffusion_pytorch_model.safetensors"))
+    two = load_file(str(tmp_path / "two" / "unet" / "diffusion_pytorch_model.safetensors"))
+    base = load_file(str(tiny_pipeline_dir / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert one.keys() == two.keys()
+    assert any(not torch.equal(one[k], base[k]) for k in base)  # it trained
+    assert_same_training(_Module(one), _Module(two), lr=1e-3)
+    # the mask computed by the main process is the one both processes trained with
+    assert (tmp_path / "two" / "mask.safetensors").read_bytes() == (tmp_path / "one" / "mask.safetensors").read_bytes()
+
+
+class _Module:
+    def __init__(self, state):
+        self._state = state
+
+    def state_dict(self):
+        return self._state

@@ -1,0 +1,99 @@
+"""Class accuracy: label matching, top-1/top-5/UA on a stub with known guesses, a real (tiny, random)
+transformers ResNet loaded from a folder, MiniSD's digit judge, and merging shards."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from concept_erase.errors import ConceptEraseError
+from evaluation.classes import ClassAccuracy, JudgeClassifier, load_classifier, match_label, score_classes
+
+LABELS = ["tench, Tinca tinca", "goldfish, Carassius auratus", "cassette player", "golf ball", "parachute, chute", "church"]
+
+
+class StubClassifier:
+    labels = LABELS
+
+    def __init__(self, guesses):
+        self.guesses = guesses  # one top-5 row per image, in call order
+
+    def topk(self, images, k=5):
+        out, self.guesses = self.guesses[: len(images)], self.guesses[len(images):]
+        return torch.tensor(out)[:, :k]
+
+
+def test_match_label_synonyms_and_errors():
+    assert match_label("Tinca tinca", LABELS) == 0 and match_label("golf ball", LABELS) == 3
+    assert match_label("chute", LABELS) == 4 and match_label("5", LABELS) == 5
+    with pytest.raises(ConceptEraseError, match="'airliner'"):
+        match_label("airliner", LABELS)
+
+
+def test_top1_top5_and_unlearning_accuracy():
+    images = [Image.new("RGB", (8, 8))] * 5
+    labels = ["golf ball", "golf ball", "church", "church", "church"]
+    guesses = [[3, 0, 1, 2, 4], [0, 3, 1, 2, 4], [5, 0, 1, 2, 3], [0, 1, 2, 3, 4], [0, 1, 2, 3, 5]]
+    r = score_classes(images, labels, StubClassifier(guesses), forget="golf ball", batch_size=2)
+    assert r["classes"]["golf ball"] == {"images": 2, "top1": 50.0, "top5": 100.0}
+    assert r["classes"]["church"]["top1"] == pytest.approx(100 / 3) and r["classes"]["church"]["top5"] == pytest.approx(200 / 3)
+    assert r["UA"] == 50.0 and r["retain_top1"] == pytest.approx(100 / 3) and r["forget"] == "golf ball"
+    with pytest.raises(ConceptEraseError, match="'tench'"):
+        score_classes(images[:1], ["golf ball"], StubClassifier(guesses), forget="tench")
+
+
+def test_accuracy_merges_across_shards():
+    topk = torch.tensor([[1, 2, 3, 4, 5], [2, 1, 3, 4, 5], [3, 1, 2, 4, 5], [9, 8, 7, 6, 5]])
+    targets, groups = torch.tensor([1, 1, 3, 5]), torch.tensor([0, 0, 1, 2])
+    whole, a, b = (ClassAccuracy(["x", "y", "z"], forget="x") for _ in range(3))
+    whole.update(topk, targets, groups)
+    a.update(topk[:3], targets[:3], groups[:3])
+    b.update(topk[3:], targets[3:], groups[3:])
+    a.merge_state(b)
+    assert a.compute() == whole.compute() and whole.compute()["classes"]["z"] == {"images": 1, "top1": 0.0, "top5": 100.0}
+
+
+def test_transformers_classifier_from_folder(tmp_path):
+    from transformers import ConvNextImageProcessorPil, ResNetConfig, ResNetForImageClassification
+
+    torch.manual_seed(0)
+    config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=len(LABELS),
+                          id2label=dict(enumerate(LABELS)), label2id={n: i for i, n in enumerate(LABELS)})
+    ResNetForImageClassification(config).save_pretrained(tmp_path)
+    ConvNextImageProcessorPil(size={"shortest_edge": 32}, crop_pct=0.875).save_pretrained(tmp_path)
+    clf = load_classifier(str(tmp_path))
+    assert clf.labels == LABELS
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)) for _ in range(6)]
+    labels = ["golf ball", "church"] * 3
+    top = clf.topk(images, k=5)
+    assert top.shape == (6, 5)
+    # the same numbers by hand from the model's own guesses
+    hand = {name: [0, 0, 0] for name in set(labels)}
+    for row, name in zip(top.tolist(), labels):
+        target = LABELS.index(name)
+        hand[name] = [hand[name][0] + 1, hand[name][1] + (row[0] == target), hand[name][2] + (target in row)]
+    r = score_classes(images, labels, clf, batch_size=4)
+    for name, (n, t1, t5) in hand.items():
+        assert r["classes"][name] == {"images": n, "top1": 100 * t1 / n, "top5": 100 * t5 / n}
+
+
+def test_minisd_digit_judge_on_real_digits():
+    from concept_erase.diffusion.minisd import DIGITS
+    from concept_erase.diffusion.minisd.data import load_digit_images
+
+    digits = load_digit_images("test")
+    images = [Image.fromarray((x[0].numpy() * 255).astype(np.uint8), mode="L") for x in digits.images[:300]]
+    labels = [DIGITS[int(y)] for y in digits.digits[:300]]
+    r = score_classes(images, labels, JudgeClassifier("digits"), forget="seven")
+    assert r["top1"] > 90 and r["top5"] is None and r["UA"] == pytest.approx(100 - r["classes"]["seven"]["top1"])
+
+
+def test_torchvision_classifier_fails_clearly_when_unusable():
+    try:
+        import torchvision.models  # noqa: F401
+        pytest.skip("torchvision works here")
+    except Exception:
+        pass
+    with pytest.raises(ConceptEraseError, match="torchvision"):
+        load_classifier("torchvision")
