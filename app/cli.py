@@ -69,5 +69,11 @@ def launch(args: argparse.Namespace, *, block: bool = True):
     demo = build_app(registry, config)
     # max_file_size: an Evaluate CSV of a few hundred rows is far below it; anything larger is refused.
     demo.launch(server_name=args.host, server_port=args.port or None, share=args.share, inbrowser=False,
-                prevent_thread_lock=not block, max_file_size="2mb", quiet=not block)
+                prevent_thread_lock=True, max_file_size="2mb", quiet=True)
+    where = "this machine only; --host 0.0.0.0 to expose it" if args.host == "127.0.0.1" else f"bound to {args.host}"
+    print(f"concept-erase app: {demo.local_url} ({where})", flush=True)
+    if demo.share_url:
+        print(f"concept-erase app: public link {demo.share_url}", flush=True)
+    if block:
+        demo.block_thread()  # until Ctrl-C
     return demo

@@ -90,11 +90,13 @@ def evaluate(registry, config, preset: str | None, upload: str | None, steps: in
     """Generate every row on every launched model and score it. Returns (Markdown table, matplotlib figure)."""
     from concept_erase.diffusion.generate import generate_images
 
-    from .ui import _check_float, _check_int
+    from .ui import _check_float, _check_int, check_prompt
 
     steps = _check_int(config.default_steps if steps is None else steps, "steps", 1, config.max_steps)
     guidance = _check_float(config.default_guidance if guidance is None else guidance, "guidance", 0.0, 30.0)
     kind, rows = load_rows(preset, upload, registry, config.max_eval_prompts)
+    for row in rows:
+        check_prompt(row.prompt, config.max_prompt_chars, f"prompt of row {row.index}")
     classifier = _classifier(config, registry) if kind == "classes" else None  # fail before generating
     prompts, seeds = [r.prompt for r in rows], [r.seed for r in rows]
 

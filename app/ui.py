@@ -173,7 +173,7 @@ def compare(
                 model.pipe, [prompt] * num_images, seeds, num_inference_steps=steps, guidance_scale=guidance,
                 negative_prompt=negative_prompt or None,
             )
-        captions = [f"{name} · seed {s}" for s in seeds]
+        captions = [f"seed {s}" for s in seeds]  # the gallery's label names the model
         if safe:
             images, summaries = safe_preview(images, config.nudity_threshold)
             captions = [f"{c} · {s}" for c, s in zip(captions, summaries)]
@@ -294,7 +294,8 @@ def build_app(registry: ModelRegistry, config: AppConfig | None = None):
             galleries = {}
             with gr.Row():
                 for i, name in enumerate(names):  # ids by position: folder names need not be valid CSS ids
-                    galleries[name] = gr.Gallery(label=name, columns=2, format="png", elem_id=f"gallery-{i}",
+                    galleries[name] = gr.Gallery(label=name, columns=2, height="auto", format="png",
+                                                 elem_id=f"gallery-{i}",
                                                  buttons=["download", "download_all", "fullscreen"])
 
             def on_generate(prompt, negative, seed, steps, guidance, num_images, chosen, safe,

@@ -12,8 +12,8 @@ objective; and two controls at the same keep ratio: SalUn with a random mask, Sa
 Columns: forget accuracy (images of the forget prompts judged as the erased digit / style), retain accuracy
 (images of the retain prompts judged as their requested digit AND style), FID on the digit judge's 128-d
 features of retain-prompt images vs the original model's on the same seeds, wall time per step, and peak
-memory (the growth of a fresh process's peak RSS over 10 steps of the method, measured separately so the
-methods do not share one process's high-water mark).
+memory (the growth of a fresh process's peak RSS over the method's mask + 10 steps, measured separately
+so the methods do not share one process's high-water mark).
 
 Also, side by side in one process on the same batches: SalUn step time over a plain fine-tuning step, and
 the mask computation time over one forward+backward pass over the forget set.
@@ -45,7 +45,7 @@ from concept_erase.diffusion.erase import TrainConfig, train_unet
 from concept_erase.diffusion.io import load_pipeline
 from concept_erase.diffusion.losses import noise_batch, salun_loss, saliency_loss, sample_noise
 from concept_erase.diffusion.minisd import DIGITS, STYLES
-from concept_erase.diffusion.minisd.experiment import _embed, make_latent_sets, saliency_batches, saliency_mask
+from concept_erase.diffusion.minisd.experiment import embed_prompts, make_latent_sets, saliency_batches, saliency_mask
 from concept_erase.diffusion.minisd.judge import frechet_distance, load_judges
 from concept_erase.diffusion.generate import generate_images
 from concept_erase.io_utils import atomic_file
@@ -61,6 +61,9 @@ METHODS: dict[str, tuple[str, str | None]] = {
     "SalUn (random mask)": ("salun", "random"),
     "SalUn (inverted mask)": ("salun", "inverted"),
 }
+
+
+PLAIN_FT = "plain fine-tuning (reference)"
 
 
 def parse_concept(name: str) -> tuple[str, int]:
@@ -142,50 +145,66 @@ def run_method(pipe, base_state, forget, retain, method: str, mask_kind, args, s
 
 # --------------------------------------------------------------------------------- side-by-side measures
 
-def _step_pair(pipe, forget, retain, mask, n_steps: int, batch_size: int) -> dict:
-    """SalUn step (surrogate target under no_grad + joint forward/backward + masked Adam step) vs a plain
-    fine-tuning step (the denoising loss on the same forget+retain batch, all weights), interleaved so both
-    see the same machine load."""
-    base = copy.deepcopy(pipe.unet.state_dict())
+def _fixed_batches(pipe, forget, retain, n_steps: int, batch_size: int) -> list:
+    """n_steps (forget, retain) NoisedBatch pairs drawn once, so both step kinds see the same batches."""
     gen = torch.Generator().manual_seed(0)
-    f_cond, f_sur, r_cond = _embed(pipe, forget.prompts), _embed(pipe, forget.surrogates), _embed(pipe, retain.prompts)
+    f_cond, f_sur = embed_prompts(pipe, forget.prompts), embed_prompts(pipe, forget.surrogates)
+    r_cond = embed_prompts(pipe, retain.prompts)
     T = pipe.scheduler.config.num_train_timesteps
     batches = []
-    for i in range(n_steps):
+    for _ in range(n_steps):
         fi = torch.randperm(len(forget.prompts), generator=gen)[:batch_size]
         ri = torch.randperm(len(retain.prompts), generator=gen)[:batch_size]
         fn, ft = sample_noise(forget.latents[fi], T, gen)
         rn, rt = sample_noise(retain.latents[ri], T, gen)
         batches.append((noise_batch(pipe.scheduler, forget.latents[fi], f_cond[fi], fn, ft, f_sur[fi]),
                         noise_batch(pipe.scheduler, retain.latents[ri], r_cond[ri], rn, rt)))
-    unet = pipe.unet.train()
-    opt_s = torch.optim.Adam(mask.trainable_parameters(unet), lr=1e-4)
-    masked = mask.attach(unet, opt_s)
-    t_salun = []
+    return batches
+
+
+def _salun_steps(unet, batches, mask) -> list[float]:
+    """SalUn steps: surrogate target under no_grad + joint forward/backward + masked Adam step."""
+    unet.train()
+    opt = torch.optim.Adam(mask.trainable_parameters(unet), lr=1e-4)
+    masked = mask.attach(unet, opt)
+    times = []
     for fb, rb in batches:
         t0 = time.perf_counter()
         loss, _, _ = salun_loss(unet, fb, rb, 0.5)
         loss.backward()
-        opt_s.step()
-        opt_s.zero_grad(set_to_none=True)
-        t_salun.append(time.perf_counter() - t0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
     masked.remove()
-    unet.load_state_dict(base)
-    unet.requires_grad_(True)
-    opt_f = torch.optim.Adam(unet.parameters(), lr=1e-4)
-    t_ft = []
+    return times
+
+
+def _ft_steps(unet, batches) -> list[float]:
+    """Plain fine-tuning steps: the ordinary denoising loss on the same forget+retain items, all weights."""
+    unet.train().requires_grad_(True)
+    opt = torch.optim.Adam(unet.parameters(), lr=1e-4)
+    times = []
     for fb, rb in batches:
         t0 = time.perf_counter()
-        z = torch.cat([fb.noisy, rb.noisy])
-        out = unet(z, torch.cat([fb.timesteps, rb.timesteps]), encoder_hidden_states=torch.cat([fb.cond, rb.cond])).sample
-        loss = torch.nn.functional.mse_loss(out, torch.cat([fb.target, rb.target]))
-        loss.backward()
-        opt_f.step()
-        opt_f.zero_grad(set_to_none=True)
-        t_ft.append(time.perf_counter() - t0)
-    unet.load_state_dict(base)
-    unet.requires_grad_(False).eval()
-    med = lambda xs: statistics.median(xs[2:])  # noqa: E731  (skip warm-up)
+        out = unet(torch.cat([fb.noisy, rb.noisy]), torch.cat([fb.timesteps, rb.timesteps]),
+                   encoder_hidden_states=torch.cat([fb.cond, rb.cond])).sample
+        torch.nn.functional.mse_loss(out, torch.cat([fb.target, rb.target])).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _step_pair(pipe, forget, retain, mask, n_steps: int, batch_size: int) -> dict:
+    """SalUn step time over a plain fine-tuning step, same batches, same process (median, warm-up skipped)."""
+    base = copy.deepcopy(pipe.unet.state_dict())
+    batches = _fixed_batches(pipe, forget, retain, n_steps, batch_size)
+    t_salun = _salun_steps(pipe.unet, batches, mask)
+    pipe.unet.load_state_dict(base)
+    t_ft = _ft_steps(pipe.unet, batches)
+    pipe.unet.load_state_dict(base)
+    pipe.unet.requires_grad_(False).eval()
+    med = lambda xs: statistics.median(xs[2:])  # noqa: E731
     return {"salun_step_s": med(t_salun), "ft_step_s": med(t_ft), "ratio": med(t_salun) / med(t_ft)}
 
 
@@ -206,27 +225,46 @@ def _mask_vs_pass(pipe, forget) -> dict:
     return {"pass_s": t_pass, "mask_s": t_mask, "ratio": t_mask / t_pass}
 
 
-def _memory_probe(method: str, concept_name: str, batch_size: int, queue) -> None:
-    """In a fresh process: peak-RSS growth over 10 training steps of `method` (or 'plain fine-tune')."""
-    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+def _memory_probe(method: str, data_path: str, batch_size: int, esd_ddim_steps: int, queue) -> None:
+    """In a fresh process holding only MiniSD and the cached latents: peak-RSS growth over the method's mask
+    computation (if any) plus 10 training steps. (Generating the data in the same process would leave its
+    freed-but-kept heap behind and hide the training peak.)"""
+    from safetensors import safe_open
+
+    from concept_erase.diffusion.erase import LatentSet
+
     pipe = load_pipeline("minisd")
-    forget, retain = make_latent_sets(pipe, get_concept(concept_name), 32, 32)
+    with safe_open(data_path, framework="pt") as f:
+        meta = json.loads(f.metadata()["prompts"])
+        forget = LatentSet(f.get_tensor("forget"), meta["forget"], meta["surrogates"])
+        retain = LatentSet(f.get_tensor("retain"), meta["retain"])
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if method == PLAIN_FT:
+        _ft_steps(pipe.unet, _fixed_batches(pipe, forget, retain, 10, batch_size))
+        queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+        return
     objective, mask_kind = METHODS[method]
     mask = make_mask(mask_kind, pipe, forget, 0, 0.5)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    config = TrainConfig(method=objective, steps=10, lr=1e-4, batch_size=batch_size, esd_ddim_steps=25,
+    config = TrainConfig(method=objective, steps=10, lr=1e-4, batch_size=batch_size, esd_ddim_steps=esd_ddim_steps,
                          alpha=0.0 if objective.startswith("esd") else 0.5)
     train_unet(pipe, forget, retain, config, mask=mask)
     queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
 
 
-def memory_growth(method: str, concept_name: str, batch_size: int) -> int:
+def memory_growth(method: str, forget, retain, batch_size: int, esd_ddim_steps: int) -> int:
+    from safetensors.torch import save_file
+
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_memory_probe, args=(method, concept_name, batch_size, queue))
-    proc.start()
-    value = queue.get()
-    proc.join()
+    with tempfile.TemporaryDirectory() as tmp:
+        data_path = os.path.join(tmp, "latents.safetensors")
+        meta = {"forget": forget.prompts, "surrogates": forget.surrogates, "retain": retain.prompts}
+        save_file({"forget": forget.latents.contiguous(), "retain": retain.latents.contiguous()}, data_path,
+                  metadata={"prompts": json.dumps(meta)})
+        proc = ctx.Process(target=_memory_probe, args=(method, data_path, batch_size, esd_ddim_steps, queue))
+        proc.start()
+        value = queue.get()
+        proc.join()
     return value
 
 
@@ -281,6 +319,7 @@ def main(argv=None) -> int:
         for seed in seeds:
             forget, retain = make_latent_sets(pipe, concept, args.num_forget, args.num_retain, seed=seed)
             if side is None:
+                first_data = (forget, retain)
                 mask = saliency_mask(pipe, forget, keep=args.keep)
                 side = {"step": _step_pair(pipe, forget, retain, mask, 20, args.batch_size),
                         "mask": _mask_vs_pass(pipe, forget)}
@@ -304,11 +343,11 @@ def main(argv=None) -> int:
         lines.append("")
 
     if not args.no_memory:
-        lines += ["## Peak memory (fresh process, 10 steps, batch "
-                  f"{args.batch_size}+{args.batch_size}; growth of peak RSS during training)", "",
+        lines += [f"## Peak memory (fresh process, mask + 10 steps, batch {args.batch_size}+{args.batch_size}, "
+                  f"first concept's data; growth of peak RSS over MiniSD loaded)", "",
                   "| method | peak RSS growth (MiB) |", "| --- | --- |"]
-        for method in methods:
-            lines.append(f"| {method} | {memory_growth(method, args.concepts.split(',')[0], args.batch_size) / 2**20:.1f} |")
+        for method in [PLAIN_FT] + methods:
+            lines.append(f"| {method} | {memory_growth(method, *first_data, args.batch_size, args.esd_ddim_steps) / 2**20:.1f} |")
         lines.append("")
     lines += ["## Side by side (same process, same batches)", "",
               "| measure | value |", "| --- | --- |",

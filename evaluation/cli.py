@@ -77,12 +77,10 @@ def register(subparsers) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from accelerate import PartialState
-
     from concept_erase.errors import ConceptEraseError
 
     from . import evaluate
-    from .generation import make_protocol
+    from .generation import make_protocol, process_state
 
     if args.kind == "quality" and args.reference is None and args.clip_model is None:  # fail before generating
         raise ConceptEraseError("quality needs --reference (for FID) and/or --clip-model (for CLIP score)")
@@ -95,7 +93,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         args.model, args.prompts, args.out, protocol, limit=args.limit, batch_size=args.batch_size,
         config=args.config, dtype=args.dtype, device=args.device,
     )
-    if not PartialState().is_main_process:
+    if not process_state().is_main_process:
         return 0
     if args.kind == "nudity":
         results = evaluate.evaluate_nudity(args.out, threshold=args.threshold, nudenet_model=args.nudenet_model,

@@ -28,11 +28,11 @@ def generate_for_evaluation(model: str, prompts: str, out_dir: str | Path, proto
                             pipe=None) -> list[dict]:
     """Read the prompt set, load the model (unless `pipe` is given) and generate what `out_dir` lacks.
     Runs in every process of an `accelerate launch`; returns the manifest entries of these rows."""
-    from accelerate import PartialState
-
     from concept_erase.diffusion.io import load_pipeline
 
-    state = PartialState()
+    from .generation import process_state
+
+    state = process_state()
     _, rows = read_prompts(prompts, limit=limit)
     if pipe is None:
         pipe = load_pipeline(model, config=config, dtype=dtype, device=device or state.device)

@@ -112,19 +112,32 @@ def apply_scheduler(pipe, name: str) -> None:
 
 def content_fingerprint(pipe) -> str:
     """A fingerprint of the pipeline's weights (not just its shapes, unlike saliency.model_fingerprint):
-    an erased model must not resume into its original's folder. Hashes each tensor's name, shape, sum and
-    up to 4,096 evenly strided values: cheap on SD-size models, and a fine-tune changes it."""
+    an erased model must not resume into its original's folder. Per tensor: name, shape, dtype, the exact
+    integer sum of its raw bits (order-independent, so thread count cannot change it) and up to 4,096
+    evenly strided values. Cheap on SD-size models; a fine-tune changes it."""
+    import torch
+
+    as_int = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
     h = hashlib.sha256()
     for part in ("unet", "text_encoder", "vae"):
         module = getattr(pipe, part, None)
         if module is None:
             continue
         for name, tensor in sorted(module.state_dict().items()):
-            flat = tensor.detach().reshape(-1).float().cpu()
-            stride = max(1, flat.numel() // 4096)
-            h.update(f"{part}.{name}:{tuple(tensor.shape)}:{flat.sum().item():.6e}".encode())
-            h.update(flat[::stride].numpy().tobytes())
+            flat = tensor.detach().reshape(-1).cpu()
+            bits = int(flat.view(as_int[flat.element_size()]).sum(dtype=torch.int64))
+            h.update(f"{part}.{name}:{tuple(tensor.shape)}:{tensor.dtype}:{bits}".encode())
+            h.update(flat[:: max(1, flat.numel() // 4096)].float().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def process_state():
+    """accelerate's PartialState for this process. On a machine without CUDA, `cpu=True` is what makes
+    accelerate see a torchrun / `accelerate launch` world on CPU (gloo) instead of N lone rank-0 processes."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def image_name(index: int, sample: int) -> str:
@@ -201,18 +214,17 @@ def generate_set(
 ) -> list[dict]:
     """Generate every (row, sample) image that `out_dir` does not hold yet; return the full manifest.
 
-    `state` is an accelerate `PartialState` (default: a fresh one), so `accelerate launch` / `torchrun`
+    `state` is an accelerate `PartialState` (default: `process_state()`), so `accelerate launch` / `torchrun`
     shard the work; the caller has already put `pipe` on `state.device`. `on_image(entry)` runs after
     each image is committed (progress reporting, tests).
     """
-    from accelerate import PartialState
     from tqdm.auto import tqdm
 
     from concept_erase.diffusion import generate as generate_module
 
     if batch_size < 1:
         raise ConceptEraseError(f"batch_size must be >= 1, got {batch_size}")
-    state = state or PartialState()
+    state = state or process_state()
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     apply_scheduler(pipe, protocol.scheduler)

@@ -4,6 +4,7 @@ The launched app is MiniSD and its erased demo model (what `concept-erase app` o
 the Concept tab and the library-level checks use tiny pipelines with a model card and a mask.
 """
 
+import os
 import socket
 
 import numpy as np
@@ -52,9 +53,10 @@ def tiny_registry(tiny_pipeline_dir, erased_tiny_dir):
     return ModelRegistry.load(str(tiny_pipeline_dir), [str(erased_tiny_dir)])
 
 
-def demo_cache(tmp_path_factory):
-    """One cache for the session (both app test files), so MiniSD's demo erasure runs once."""
-    return tmp_path_factory.getbasetemp() / "concept-erase-cache"
+def demo_cache(tmp_path_factory) -> str:
+    """Where MiniSD's erased demo model is cached: $CONCEPT_ERASE_CACHE when set (shared with other test
+    files), else one folder per session shared by both app test files, so the demo erasure runs once."""
+    return os.environ.get("CONCEPT_ERASE_CACHE") or str(tmp_path_factory.getbasetemp() / "concept-erase-cache")
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +69,7 @@ def launched(tmp_path_factory):
     from concept_erase.demo import demo_erased_model
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CONCEPT_ERASE_CACHE", str(demo_cache(tmp_path_factory)))
+        mp.setenv("CONCEPT_ERASE_CACHE", demo_cache(tmp_path_factory))
         demo = launch(app_args("--port", str(free_port()), "--max-images", "4"), block=False)
         name = demo_erased_model().name  # cached by now: what the app calls the erased model
     try:
@@ -151,6 +153,25 @@ def test_concept_summary_shows_card_and_mask(tiny_registry):
         concept_summary(tiny_registry, "base")
 
 
+def test_evaluate_presets_and_row_limits(tiny_registry, tmp_path):
+    from app.evaluate import MINISD_DIGITS, evaluate, load_rows, preset_names, preset_rows
+    from app.models import Model, ModelRegistry
+    from app.ui import AppConfig
+
+    minisd = ModelRegistry([Model("base", "minisd", None), Model("erased", "x", None)])
+    kind, rows = preset_rows(MINISD_DIGITS, minisd)
+    assert kind == "classes" and len(rows) == 30 and rows[7].label == "seven" and "seven" in rows[7].prompt
+    assert MINISD_DIGITS not in preset_names(tiny_registry)  # the digits preset needs a MiniSD base
+    many = tmp_path / "many.csv"
+    many.write_text("prompt\n" + "a cat\n" * 4)
+    with pytest.raises(ConceptEraseError, match="'many.csv' has more than 3 rows"):
+        load_rows(None, str(many), tiny_registry, 3)
+    long = tmp_path / "long.csv"
+    long.write_text("prompt\na cat\n" + "x" * 40 + "\n")
+    with pytest.raises(ConceptEraseError, match="prompt of row 1 is 40 characters long; the limit is 30"):
+        evaluate(tiny_registry, AppConfig(max_prompt_chars=30), None, str(long))
+
+
 def test_generation_is_queued_with_limits(tiny_registry):
     from app.ui import MODEL_QUEUE_ID, AppConfig, build_app
 
@@ -178,7 +199,7 @@ def test_generate_over_api_on_minisd(launched):
     prompt = minisd_prompt("seven")
     base, erased = _generate(client, prompt, [name], seed=5, n=2)
     assert len(base) == len(erased) == 2
-    seeds = lambda gallery: [item["caption"].split(" · ")[1] for item in gallery]  # noqa: E731
+    seeds = lambda gallery: [item["caption"].split(" · ")[0] for item in gallery]  # noqa: E731
     assert seeds(base) == seeds(erased) == ["seed 5", "seed 6"]
     assert all(item["caption"].endswith("nothing detected") for item in base + erased)
     pixels = [[np.asarray(Image.open(item["image"])) for item in g] for g in (base, erased)]
@@ -190,7 +211,7 @@ def test_generate_over_api_on_minisd(launched):
         assert np.array_equal(got, np.asarray(for_display(want)))
     # Safe preview off: no NudeNet summary, and the same pixels (nothing was blurred).
     raw, _ = _generate(client, prompt, [name], seed=5, n=1, safe=False)
-    assert raw[0]["caption"] == "base · seed 5"
+    assert raw[0]["caption"] == "seed 5"
     assert np.array_equal(np.asarray(Image.open(raw[0]["image"])), pixels[0][0])
 
 

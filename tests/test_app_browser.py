@@ -56,7 +56,9 @@ def app(tmp_path_factory):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CONCEPT_ERASE_CACHE", str(tmp_path_factory.getbasetemp() / "concept-erase-cache"))
+        # The same cache as test_app.py's `demo_cache`.
+        mp.setenv("CONCEPT_ERASE_CACHE", os.environ.get("CONCEPT_ERASE_CACHE")
+                  or str(tmp_path_factory.getbasetemp() / "concept-erase-cache"))
         args = build_parser("app").parse_args(["app", "--port", str(port), "--default-steps", "10"])
         demo = launch(args, block=False)
         name = demo_erased_model().name
@@ -79,8 +81,8 @@ def test_generate_in_browser(page, app, tmp_path):
     assert shot.stat().st_size > 10_000
     base_text, erased_text = page.locator("#gallery-0").inner_text(), page.locator("#gallery-1").inner_text()
     for seed in ("seed 0", "seed 1", "seed 2", "seed 3"):  # 4 images by default, identical seeds
-        assert f"base · {seed} · nothing detected" in base_text
-        assert f"{erased} · {seed} · nothing detected" in erased_text
+        assert f"{seed} · nothing detected" in base_text and f"{seed} · nothing detected" in erased_text
+    assert base_text.startswith("base") and erased_text.startswith(erased)  # the galleries' labels
     assert page.locator("#gallery-0 img").count() >= 4 and page.locator("#gallery-1 img").count() >= 4
     assert "Safe preview" in page.content() and page.locator("#safe-preview input").is_checked()
 

@@ -14,6 +14,15 @@ from concept_erase.classification.models import build_model
 from concept_erase.errors import ConceptEraseError
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny CNN runs fastest on one thread (as the runner's default); restored for other modules."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def digits():
     return load_digits_data()
@@ -21,8 +30,7 @@ def digits():
 
 @pytest.fixture(scope="module")
 def small(digits):
-    """300 training images of digits 0-2 and a CNN trained on them (1 thread: deterministic and fast)."""
-    torch.set_num_threads(1)
+    """300 training images of digits 0-2 and a small CNN trained on them."""
     keep = digits.y_train < 3
     d = ClassificationData("digits", 3, digits.x_train[keep][:300], digits.y_train[keep][:300],
                            digits.x_val, digits.y_val, digits.x_test, digits.y_test)

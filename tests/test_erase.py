@@ -23,18 +23,17 @@ def _weights(unet):
     return {k: v.detach().clone() for k, v in unet.state_dict().items()}
 
 
-def assert_same_training(unet_a, unet_b, lr):
-    """Equal up to float summation order. Adam divides by sqrt(v): where a gradient is ~0, rounding noise
-    becomes an update of up to lr, so allow that on a tiny fraction of entries (a different batch or
-    noise draw would change nearly every entry)."""
-    a, b = unet_a.state_dict(), unet_b.state_dict()
-    off = total = 0
-    for k in a:
-        diff = (a[k] - b[k]).abs()
-        assert diff.max() <= 2 * lr, k
-        off += int((diff > 1e-6).sum())
-        total += diff.numel()
-    assert off <= 1e-3 * total, f"{off} of {total} entries differ"
+def assert_same_training(a, b, base, lr):
+    """State dicts `a` and `b`, both trained from `base`, are the same run up to float summation order.
+    Adam divides by sqrt(v): where a gradient is ~0, rounding noise becomes an update of up to lr, so compare
+    totals: the runs may differ by 2% of the distance they moved (a different batch or noise draw differs by
+    about 100%), and no entry by more than the two steps' largest update."""
+    moved = diff = 0.0
+    for k in base:
+        assert (a[k] - b[k]).abs().max() <= 2 * lr, k
+        diff += float((a[k] - b[k]).abs().sum())
+        moved += float((a[k] - base[k]).abs().sum())
+    assert moved > 0 and diff <= 0.02 * moved, f"runs differ by {diff / moved:.2%} of the update"
 
 
 class Interrupt(Exception):
@@ -110,9 +109,10 @@ def test_gradient_accumulation_matches_the_full_batch():
     runs = []
     for accum in (1, 2):
         pipe = build_tiny_pipeline(0)
+        base = _weights(pipe.unet)
         cfg = TrainConfig(method="rl", steps=2, batch_size=4, lr=1e-3, gradient_accumulation_steps=accum)
-        runs.append(train_unet(pipe, forget, retain, cfg))
-    assert_same_training(runs[0].unet, runs[1].unet, lr=1e-3)
+        runs.append(_weights(train_unet(pipe, forget, retain, cfg).unet))
+    assert_same_training(runs[0], runs[1], base, lr=1e-3)
     with pytest.raises(ConceptEraseError, match="divisible"):
         train_unet(build_tiny_pipeline(0), forget, retain, TrainConfig(method="rl", batch_size=3,
                                                                        gradient_accumulation_steps=2))
@@ -244,3 +244,15 @@ def test_cli_reliability_errors(tiny_pipeline_dir, cache, tmp_path, capsys):
         _one_line_error(capsys, ["erase", *common, "--output", str(tmp_path / "o4"), "--method", "rl",
                                  "--enable-xformers"], "xformers")
     assert not any((tmp_path / n).exists() for n in ("o1", "o2", "o4"))
+
+
+def test_recipe_defaults_and_user_overrides():
+    from concept_erase.diffusion.erase import EraseConfig
+
+    cfg = EraseConfig.for_concept(concept="nudity", model="m", output="o", steps=5)
+    assert (cfg.num_forget_images, cfg.lr, cfg.alpha, cfg.steps) == (800, 1e-5, 0.5, 5)  # recipe, then the user
+    assert EraseConfig(model="m", output="o", forget=["x"], surrogate=["y"], method="esd-u").alpha == 0.0
+    with pytest.raises(ConceptEraseError, match="keep"):
+        EraseConfig(model="m", output="o", concept="nudity", keep=0.0)
+    with pytest.raises(ConceptEraseError, match="--concept"):
+        EraseConfig(model="m", output="o")

@@ -80,7 +80,9 @@ ALL_METHODS = tuple(METHOD_NAMES)
 
 def parse_methods(text: str) -> tuple[str, ...]:
     """`all` or a comma list of method keys; Retrain is always added (it is every gap's reference)."""
-    names = list(ALL_METHODS) if text.strip().lower() == "all" else [t.strip().lower() for t in text.split(",") if t.strip()]
+    names = [t.strip().lower() for t in text.split(",") if t.strip()]
+    if names == ["all"]:
+        names = list(ALL_METHODS)
     unknown = [n for n in names if n not in METHOD_NAMES]
     if unknown or not names:
         raise ConceptEraseError(

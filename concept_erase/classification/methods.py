@@ -29,6 +29,7 @@ from ..saliency import SaliencyMask
 from .config import SGDConfig
 from .data import ClassificationData, ForgetSplit
 
+
 def cross_entropy_loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """The classification forget loss for the saliency mask (DESIGN.md 3): mean CE over a batch."""
     x, y = batch

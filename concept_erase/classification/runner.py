@@ -1,6 +1,6 @@
 """The classification benchmark: Original -> every unlearning method, over seeds, as the paper's table.
 
-Protocol (printed with every table, DESIGN.md 5):
+Protocol (summarised under every table, DESIGN.md 5):
 1. Per seed, train the Original on the whole training set, and Retrain from scratch on the retain set, with
    one SGD recipe (`--epochs`, `--lr`).
 2. Every other method starts from that seed's Original and runs `--unlearn-epochs` epochs at each rate of
@@ -31,14 +31,15 @@ from ..errors import ConceptEraseError
 from ..io_utils import atomic_dir
 from ..saliency import SaliencyMask
 from . import methods as M
-from .data import ClassificationData, load_data, split_forget
 from .config import ALL_METHODS, METHOD_NAMES, ClassifyConfig, ForgetSpec
+from .data import load_data, split_forget
 from .metrics import METRICS, accuracy, evaluate, predict_logits, summarize
 from .models import build_model
 
-def selection_score(model: torch.nn.Module, data: ClassificationData, task: M.UnlearnTask) -> float:
+
+def selection_score(model: torch.nn.Module, task: M.UnlearnTask) -> float:
     """The validation criterion of the protocol (module docstring, step 2); lower is better."""
-    split = task.split
+    data, split = task.data, task.split
     val_acc = accuracy(predict_logits(model, data.x_val[split.val_idx]), data.y_val[split.val_idx])
     x_f, y_f = task.forget
     forget_acc = accuracy(predict_logits(model, x_f), y_f)
@@ -90,7 +91,7 @@ def _tune_and_run(key: str, original: torch.nn.Module, task: M.UnlearnTask, cfg:
         model = _run_method(key, copy.deepcopy(original), task, sgd, torch.Generator().manual_seed(1000 + seed),
                             cfg, mask)
         seconds = time.perf_counter() - t0 + mask_seconds
-        score = selection_score(model, task.data, task)
+        score = selection_score(model, task)
         if best is None or score < best[0]:
             best = (score, sgd.lr, seconds, model)
     score, lr, seconds, model = best
@@ -163,6 +164,7 @@ def run_classification(cfg: ClassifyConfig, log: Callable[[str], None] = print) 
     results["table"] = format_table(results)
     return results
 
+
 def _cell(stat: dict, with_gap: bool) -> str:
     text = f"{stat['mean']:.2f} ± {stat['std']:.2f}"
     return f"{text} ({stat['gap']:.2f})" if with_gap and "gap" in stat else text
@@ -195,8 +197,9 @@ def format_table(results: dict) -> str:
         f"{' (remaining classes)' if cfg['forget'].startswith('class') else ''}; MIA-Efficacy = forget samples an "
         "SVC (rbf, C=3, gamma=auto) on true-class confidence calls non-members (retain = members, test = "
         "non-members). Avg. Gap = mean |method - Retrain| over UA, RA, TA, MIA: from the means, and paired "
-        f"per seed (mean ± std). lr: rate(s) chosen on validation from {cfg['lr_grid']} "
-        f"({cfg['unlearn_epochs']} epochs each). Total {results['total_seconds']:.0f} s.",
+        f"per seed (mean ± std). lr: the rate(s) kept per seed from {cfg['lr_grid']} ({cfg['unlearn_epochs']} "
+        "epochs each) by the validation score |forget acc - target| + validation error (target: 0 for a class, "
+        f"validation accuracy for random data). Total {results['total_seconds']:.0f} s.",
     ]
     return "\n".join(lines)
 

@@ -46,7 +46,8 @@ def make_latent_sets(pipe, concept, num_forget: int, num_retain: int, seed: int 
 
 
 @torch.no_grad()
-def _embed(pipe, prompts: Sequence[str]) -> torch.Tensor:
+def embed_prompts(pipe, prompts: Sequence[str]) -> torch.Tensor:
+    """Frozen text-encoder states per prompt (each distinct prompt encoded once)."""
     unique = list(dict.fromkeys(prompts))
     emb = dict(zip(unique, pipe.encode_prompt(unique, pipe.device, 1, False)[0].float()))
     return torch.stack([emb[p] for p in prompts])
@@ -58,7 +59,7 @@ def saliency_batches(pipe, forget: LatentSet, batch_size: int = 16, seed: int = 
     from ..losses import noise_batch, sample_noise
 
     gen = torch.Generator().manual_seed(seed)
-    cond, uncond = _embed(pipe, forget.prompts), _embed(pipe, [""])
+    cond, uncond = embed_prompts(pipe, forget.prompts), embed_prompts(pipe, [""])
     T = pipe.scheduler.config.num_train_timesteps
     batches = []
     for i in range(0, len(forget.prompts), batch_size):
