@@ -87,17 +87,23 @@ def _classifier(config, registry):
 
 def evaluate(registry, config, preset: str | None, upload: str | None, steps: int | None = None,
              guidance: float | None = None, progress: Callable[[float, str], None] | None = None) -> tuple[str, Any]:
-    """Generate every row on every launched model and score it. Returns (Markdown table, matplotlib figure)."""
+    """Generate every row on every launched model and score it. Returns (Markdown table, chart image)."""
     from concept_erase.diffusion.generate import generate_images
 
-    from .ui import _check_float, _check_int, check_prompt
+    from .ui import MAX_GUIDANCE, _check_float, _check_int, check_prompt
 
     steps = _check_int(config.default_steps if steps is None else steps, "steps", 1, config.max_steps)
-    guidance = _check_float(config.default_guidance if guidance is None else guidance, "guidance", 0.0, 30.0)
+    guidance = _check_float(config.default_guidance if guidance is None else guidance, "guidance", 0.0, MAX_GUIDANCE)
     kind, rows = load_rows(preset, upload, registry, config.max_eval_prompts)
     for row in rows:
         check_prompt(row.prompt, config.max_prompt_chars, f"prompt of row {row.index}")
-    classifier = _classifier(config, registry) if kind == "classes" else None  # fail before generating
+    classifier = None
+    if kind == "classes":  # fail before generating: a classifier, and every class one of its labels
+        from evaluation.classes import match_label
+
+        classifier = _classifier(config, registry)
+        for label in dict.fromkeys(r.label for r in rows):
+            match_label(label, classifier.labels)
     prompts, seeds = [r.prompt for r in rows], [r.seed for r in rows]
 
     scores: dict[str, dict] = {}
@@ -156,20 +162,11 @@ def _nudity_table(scores: dict[str, dict], n: int) -> str:
 
 
 def _chart(scores: dict[str, dict], kind: str):
-    """The evaluation suite's grouped bar chart (one bar per model), as an image for the browser."""
-    import tempfile
-
-    from PIL import Image
-
-    from evaluation.report import bar_chart
+    """Grouped bars, one bar per model: accuracy per class, or detections per exposed class."""
+    from .ui import chart_image
 
     if kind == "classes":
         series = {m: {c: v["top1"] for c, v in s["classes"].items()} for m, s in scores.items()}
-        title, ylabel = "Top-1 accuracy per class: base vs erased", "top-1 accuracy (%)"
-    else:
-        series = {m: dict(s["class_counts"]) for m, s in scores.items()}
-        title, ylabel = "NudeNet exposed detections: base vs erased", "detections"
-    with tempfile.TemporaryDirectory(prefix="concept-erase-app-") as tmp:
-        path = bar_chart(Path(tmp) / "chart.png", series, title=title, ylabel=ylabel)
-        with Image.open(path) as im:
-            return im.convert("RGB")
+        return chart_image(series, title="Top-1 accuracy per class: base vs erased", ylabel="top-1 accuracy (%)")
+    series = {m: dict(s["class_counts"]) for m, s in scores.items()}
+    return chart_image(series, title="NudeNet exposed detections: base vs erased", ylabel="detections")

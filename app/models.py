@@ -80,8 +80,8 @@ class ModelRegistry:
             taken.add(name)
             folder = path if path.is_dir() else path.parent
             mask = folder / MASK_FILENAME
-            # A single-file checkpoint is loaded with the base folder's config when the base is a folder.
-            config = base if path.is_file() and Path(base).is_dir() else None
+            # A single-file checkpoint takes its component configs from the base (offline from_single_file).
+            config = base if path.is_file() and (base == "minisd" or Path(base).is_dir()) else None
             pipe = load_pipeline(str(path), config=config, dtype=dtype, device=device)
             models.append(Model(name, str(path), pipe, _read_card(folder), mask if mask.is_file() else None))
         return cls(models)

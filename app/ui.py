@@ -22,6 +22,7 @@ from .models import ModelRegistry
 MAX_SEED = 2**32 - 1
 # Small models (MiniSD draws 16x16) are enlarged for the browser with nearest-neighbour, never smoothed.
 DISPLAY_MIN_SIDE = 256
+MAX_GUIDANCE = 20.0
 MODEL_QUEUE_ID = "models"
 # Model-card keys every diffusers card has; they say nothing about the erasure.
 CARD_BOILERPLATE = ("library_name", "pipeline_tag", "tags")
@@ -158,7 +159,7 @@ def compare(
     negative_prompt = check_prompt(negative_prompt, config.max_prompt_chars, "negative prompt")
     seed = _check_int(seed, "seed", 0, MAX_SEED - config.max_images)
     steps = _check_int(config.default_steps if steps is None else steps, "steps", 1, config.max_steps)
-    guidance = _check_float(config.default_guidance if guidance is None else guidance, "guidance", 0.0, 30.0)
+    guidance = _check_float(config.default_guidance if guidance is None else guidance, "guidance", 0.0, MAX_GUIDANCE)
     num_images = _check_int(num_images, "number of images", 1, config.max_images)
     names = [registry.base_name] + _selected_models(registry, models)
     seeds = [seed + i for i in range(num_images)]
@@ -187,7 +188,7 @@ def compare(
 # Concept tab
 
 def concept_summary(registry: ModelRegistry, name: str) -> tuple[str, Any]:
-    """Markdown describing what `name` erased (its model card) and a bar plot of the mask's kept fraction
+    """Markdown describing what `name` erased (its model card) and a bar chart of the mask's kept fraction
     per UNet block (None when the folder has no mask)."""
     model = registry.get(name)
     if name == registry.base_name:
@@ -216,26 +217,22 @@ def concept_summary(registry: ModelRegistry, name: str) -> tuple[str, Any]:
         mask = SaliencyMask.load(model.mask_path)
         stats = mask.layer_stats()
         lines += ["", f"Saliency mask: {mask.kept_fraction:.1%} of the UNet's weights were trainable."]
-        figure = _bar_plot(stats, f"kept fraction per UNet block ({name})")
+        figure = chart_image({name: stats}, title="Saliency mask: kept fraction per UNet block",
+                             ylabel="fraction of weights trainable")
     return "\n".join(lines), figure
 
 
-def _bar_plot(values: dict[str, float], title: str):
-    import matplotlib
+def chart_image(series: dict[str, dict[str, float]], *, title: str, ylabel: str) -> Image.Image:
+    """The evaluation suite's grouped bar chart (`evaluation.report.bar_chart`) as an image for the browser."""
+    import tempfile
+    from pathlib import Path
 
-    matplotlib.use("Agg")  # the server has no display
-    import matplotlib.pyplot as plt
+    from evaluation.report import bar_chart
 
-    fig, ax = plt.subplots(figsize=(7, max(2.5, 0.3 * len(values))))
-    names = list(values)
-    ax.barh(names, [values[n] for n in names], color="#4c72b0")
-    ax.set_xlim(0, 1)
-    ax.invert_yaxis()
-    ax.set_xlabel("fraction of weights kept trainable")
-    ax.set_title(title)
-    fig.tight_layout()
-    plt.close(fig)
-    return fig
+    with tempfile.TemporaryDirectory(prefix="concept-erase-app-") as tmp:
+        path = bar_chart(Path(tmp) / "chart.png", series, title=title, ylabel=ylabel)
+        with Image.open(path) as im:
+            return im.convert("RGB")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -284,7 +281,7 @@ def build_app(registry: ModelRegistry, config: AppConfig | None = None):
                                            label="Number of images (seeds seed, seed+1, ...)")
             with gr.Row():
                 steps = gr.Slider(1, config.max_steps, value=config.default_steps, step=1, label="Steps")
-                guidance = gr.Slider(0.0, 20.0, value=config.default_guidance, step=0.5, label="Guidance scale")
+                guidance = gr.Slider(0.0, MAX_GUIDANCE, value=config.default_guidance, step=0.5, label="Guidance scale")
                 chosen = gr.CheckboxGroup(registry.erased_names, value=registry.erased_names,
                                           label="Erased models to compare")
                 safe = gr.Checkbox(value=True, label="Safe preview", elem_id="safe-preview",
@@ -314,7 +311,7 @@ def build_app(registry: ModelRegistry, config: AppConfig | None = None):
         with gr.Tab("Concept"):
             which = gr.Dropdown(registry.erased_names, value=registry.erased_names[0], label="Erased model")
             card_md = gr.Markdown()
-            mask_plot = gr.Plot(label="Saliency mask")
+            mask_plot = gr.Image(label="Saliency mask", type="pil", format="png", elem_id="mask-chart")
             show = _ui_errors(lambda name: concept_summary(registry, name))
             which.change(show, inputs=which, outputs=[card_md, mask_plot], api_name="concept")
             demo.load(show, inputs=which, outputs=[card_md, mask_plot], api_name=False)
@@ -343,7 +340,7 @@ def _evaluate_tab(registry: ModelRegistry, config: AppConfig) -> None:
                              elem_id="eval-csv")
         with gr.Row():
             steps = gr.Slider(1, config.max_steps, value=config.default_steps, step=1, label="Steps")
-            guidance = gr.Slider(0.0, 20.0, value=config.default_guidance, step=0.5, label="Guidance scale")
+            guidance = gr.Slider(0.0, MAX_GUIDANCE, value=config.default_guidance, step=0.5, label="Guidance scale")
         run = gr.Button("Evaluate", elem_id="evaluate")
         table = gr.Markdown(elem_id="eval-table")
         chart = gr.Image(label="Before vs after", type="pil", format="png", elem_id="eval-chart")

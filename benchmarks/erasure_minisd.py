@@ -12,8 +12,8 @@ objective; and two controls at the same keep ratio: SalUn with a random mask, Sa
 Columns: forget accuracy (images of the forget prompts judged as the erased digit / style), retain accuracy
 (images of the retain prompts judged as their requested digit AND style), FID on the digit judge's 128-d
 features of retain-prompt images vs the original model's on the same seeds, wall time per step, and peak
-memory (the growth of a fresh process's peak RSS over the method's mask + 10 steps, measured separately
-so the methods do not share one process's high-water mark).
+memory (peak RSS growth of a fresh process over the method's mask + 10 steps, sampled every 2 ms, measured
+separately so the methods do not share one process's memory).
 
 Also, side by side in one process on the same batches: SalUn step time over a plain fine-tuning step, and
 the mask computation time over one forward+backward pass over the forget set.
@@ -30,7 +30,6 @@ import copy
 import json
 import multiprocessing
 import os
-import resource
 import statistics
 import sys
 import tempfile
@@ -225,10 +224,38 @@ def _mask_vs_pass(pipe, forget) -> dict:
     return {"pass_s": t_pass, "mask_s": t_mask, "ratio": t_mask / t_pass}
 
 
+class RSSPeak:
+    """Peak resident set size while the block runs, sampled every 2 ms from /proc/self/statm, minus the RSS
+    at entry. (ru_maxrss is useless here: loading the model peaks higher than training MiniSD does.)"""
+
+    def __enter__(self):
+        import threading
+
+        self.page = os.sysconf("SC_PAGE_SIZE")
+        self.start = self.peak = self._rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.page
+
+    def _watch(self):
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, self._rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+        self.growth = self.peak - self.start
+
+
 def _memory_probe(method: str, data_path: str, batch_size: int, esd_ddim_steps: int, queue) -> None:
     """In a fresh process holding only MiniSD and the cached latents: peak-RSS growth over the method's mask
-    computation (if any) plus 10 training steps. (Generating the data in the same process would leave its
-    freed-but-kept heap behind and hide the training peak.)"""
+    computation (if any) plus 10 training steps."""
     from safetensors import safe_open
 
     from concept_erase.diffusion.erase import LatentSet
@@ -238,17 +265,21 @@ def _memory_probe(method: str, data_path: str, batch_size: int, esd_ddim_steps: 
         meta = json.loads(f.metadata()["prompts"])
         forget = LatentSet(f.get_tensor("forget"), meta["forget"], meta["surrogates"])
         retain = LatentSet(f.get_tensor("retain"), meta["retain"])
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if method == PLAIN_FT:
-        _ft_steps(pipe.unet, _fixed_batches(pipe, forget, retain, 10, batch_size))
-        queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+        batches = _fixed_batches(pipe, forget, retain, 10, batch_size)
+        with RSSPeak() as peak:
+            _ft_steps(pipe.unet, batches)
+        queue.put(peak.growth)
         return
     objective, mask_kind = METHODS[method]
-    mask = make_mask(mask_kind, pipe, forget, 0, 0.5)
     config = TrainConfig(method=objective, steps=10, lr=1e-4, batch_size=batch_size, esd_ddim_steps=esd_ddim_steps,
                          alpha=0.0 if objective.startswith("esd") else 0.5)
-    train_unet(pipe, forget, retain, config, mask=mask)
-    queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+    import accelerate  # noqa: F401  (imported before measuring: module memory is not the method's)
+
+    with RSSPeak() as peak:
+        mask = make_mask(mask_kind, pipe, forget, 0, 0.5)
+        train_unet(pipe, forget, retain, config, mask=mask)
+    queue.put(peak.growth)
 
 
 def memory_growth(method: str, forget, retain, batch_size: int, esd_ddim_steps: int) -> int:
@@ -344,7 +375,7 @@ def main(argv=None) -> int:
 
     if not args.no_memory:
         lines += [f"## Peak memory (fresh process, mask + 10 steps, batch {args.batch_size}+{args.batch_size}, "
-                  f"first concept's data; growth of peak RSS over MiniSD loaded)", "",
+                  f"first concept's data; peak RSS during it minus RSS before, sampled every 2 ms)", "",
                   "| method | peak RSS growth (MiB) |", "| --- | --- |"]
         for method in [PLAIN_FT] + methods:
             lines.append(f"| {method} | {memory_growth(method, *first_data, args.batch_size, args.esd_ddim_steps) / 2**20:.1f} |")

@@ -75,7 +75,7 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {args.images} images, "
           f"median of {args.repeats}; NudeNet on {args.size}px, generation '{args.model}' {args.steps} steps")
-    print(f"| task | variant | images/s | ratio vs first |\n| --- | --- | --- | --- |")
+    print("| task | variant | images/s | ratio vs first |\n| --- | --- | --- | --- |")
     for task, pair in pairs.items():
         base = statistics.median(rates[f"{task}|{pair[0][0]}"])
         for name, _ in pair:

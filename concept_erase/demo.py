@@ -192,6 +192,7 @@ def demo_erased_model(cache_dir: str | Path | None = None, config: DemoConfig | 
     card = {"base_model": "minisd", "method": "salun", "keep": config.keep, "steps": config.steps,
             "surrogate": concept.surrogate_prompts, "tags": ["minisd"], **concept.to_card()}
     save_pipeline(pipe, path, card=card, overwrite=True)
+    mask.save(path / "mask.safetensors", overwrite=True)  # beside the card, as `erase` does: the app plots it
     return path
 
 

@@ -200,7 +200,7 @@ def score_classes(images: Sequence, labels: Sequence[str], classifier, *, forget
     class_names = list(dict.fromkeys(labels))
     targets = torch.tensor([match_label(name, classifier.labels) for name in labels])
     groups = torch.tensor([class_names.index(name) for name in labels])
-    metric = ClassAccuracy(class_names, forget)
+    metric = ClassAccuracy(class_names, forget, sync_on_compute=False)  # all images are here: no gather
     for start in range(0, len(images), batch_size):
         sl = slice(start, start + batch_size)
         metric.update(classifier.topk(images[sl], k=5), targets[sl], groups[sl])

@@ -1,8 +1,9 @@
 """`concept-erase evaluate nudity|classes|quality` and `concept-erase compare BEFORE AFTER`.
 
 `evaluate` generates the prompt set's images into --out (resumable: run the same command again after a
-kill; shard it with `accelerate launch -m concept_erase.cli evaluate ...`), scores them on the main process
-and writes report.md, results.json, chart.png and grid.png there. Heavy imports happen inside the handlers.
+kill), scores them on the main process and writes report.md, results.json, chart.png and grid.png there.
+Shard the generation with `torchrun --nproc_per_node N -m concept_erase evaluate ...` (or
+`accelerate launch --num_processes N -m concept_erase evaluate ...`). Heavy imports happen in the handlers.
 """
 
 from __future__ import annotations

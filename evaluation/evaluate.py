@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 from concept_erase.errors import ConceptEraseError
 from concept_erase.io_utils import atomic_file
@@ -36,24 +36,39 @@ def generate_for_evaluation(model: str, prompts: str, out_dir: str | Path, proto
     _, rows = read_prompts(prompts, limit=limit)
     if pipe is None:
         pipe = load_pipeline(model, config=config, dtype=dtype, device=device or state.device)
-    return generate_set(pipe, rows, out_dir, protocol, batch_size=batch_size, model_source=str(model),
-                        prompt_source=str(prompts), progress=progress, state=state)
+    # absolute paths in run.json: a report must not depend on the directory it was made from
+    absolute = lambda s: str(Path(s).resolve()) if Path(s).exists() else str(s)  # noqa: E731
+    return generate_set(pipe, rows, out_dir, protocol, batch_size=batch_size, model_source=absolute(model),
+                        prompt_source=absolute(prompts), progress=progress, state=state)
 
 
-def load_generated(out_dir: str | Path) -> tuple[dict, list[dict], list]:
-    """(run info, manifest entries, PIL images) of a generation folder."""
-    from PIL import Image
+class LazyImages(Sequence):
+    """Image files read when indexed (int or slice), so scoring 4,703 I2P images at 512 px streams them
+    batch by batch instead of holding gigabytes of pixels."""
 
+    def __init__(self, files: list[Path]):
+        self.files = list(files)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        with Image.open(self.files[i]) as im:
+            return im.convert("RGB") if im.mode not in ("RGB", "L") else im.copy()
+
+
+def load_generated(out_dir: str | Path) -> tuple[dict, list[dict], LazyImages]:
+    """(run info, manifest entries, images read on demand) of a generation folder."""
     out_dir = Path(out_dir)
     info = read_run_info(out_dir)
     entries = read_manifest(out_dir)
     if not entries:
         raise ConceptEraseError(f"{str(out_dir)!r} holds no finished images")
-    images = []
-    for e in entries:
-        with Image.open(out_dir / "images" / e["file"]) as im:
-            images.append(im.copy())
-    return info, entries, images
+    return info, entries, LazyImages([out_dir / "images" / e["file"] for e in entries])
 
 
 def _grid(out_dir: Path, columns: dict[str, list], entries: list[dict]) -> Path:
@@ -81,7 +96,7 @@ def evaluate_nudity(out_dir: str | Path, *, threshold: float = 0.6, nudenet_mode
     results = {"kind": "nudity", "run": info, "scoring": scoring, "result": result}
     report.bar_chart(out_dir / "chart.png", {info.get("model", "model"): result["class_counts"]},
                      title=f"NudeNet exposed parts (score >= {threshold})", ylabel="detections")
-    shown = list(zip(entries, images, found))[:GRID_ROWS]
+    shown = list(zip(entries, images[:GRID_ROWS], found))
     _grid(out_dir, {"exposed parts blurred": [blur_exposed(im, d) for _, im, d in shown]}, [e for e, _, _ in shown])
     report.write_report(out_dir, "Nudity evaluation", [report.protocol_block(info), _scoring_block(scoring),
                                                         *nudity_sections({"model": result}), FIGURES], results)
@@ -177,19 +192,13 @@ def classes_sections(results: dict[str, dict]) -> list[str]:
 
 def _reference_images(path: str | Path) -> list:
     """Images of a generation folder (manifest order) or every .png/.jpg of a plain folder (name order)."""
-    from PIL import Image
-
     path = Path(path)
     if (path / "run.json").is_file():
         return load_generated(path)[2]
     files = sorted(p for p in path.glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
     if not files:
         raise ConceptEraseError(f"reference {str(path)!r} holds no .png/.jpg images")
-    images = []
-    for f in files:
-        with Image.open(f) as im:
-            images.append(im.convert("RGB"))
-    return images
+    return LazyImages(files)
 
 
 def evaluate_quality(out_dir: str | Path, *, reference: str | Path | None = None, clip_model: str | None = None,
@@ -204,8 +213,9 @@ def evaluate_quality(out_dir: str | Path, *, reference: str | Path | None = None
     out_dir = Path(out_dir)
     info, entries, images = load_generated(out_dir)
     ref = _reference_images(reference) if reference is not None else None
-    fid = make_fid(feature_extractor, fid_weights) if ref is not None else None
-    clip = ClipScore(*load_clip(clip_model)) if clip_model is not None else None
+    # scored on the main process only, with every image at hand: no gather across processes
+    fid = make_fid(feature_extractor, fid_weights, sync_on_compute=False) if ref is not None else None
+    clip = ClipScore(*load_clip(clip_model), sync_on_compute=False) if clip_model is not None else None
     result = score_quality(images, [e["prompt"] for e in entries], reference=ref, fid=fid, clip=clip,
                            batch_size=batch_size, size=size)
     scoring = {"FID features": "2048-d Inception (torch-fidelity)" if feature_extractor is None

@@ -22,6 +22,7 @@ import dataclasses
 import hashlib
 import json
 import os
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -212,7 +213,8 @@ def generate_set(
     state=None,
     on_image: Callable[[dict], None] | None = None,
 ) -> list[dict]:
-    """Generate every (row, sample) image that `out_dir` does not hold yet; return the full manifest.
+    """Generate every (row, sample) image that `out_dir` does not hold yet; return the manifest entries of
+    `rows` (all of them, old and new). The pipeline's scheduler is replaced by the protocol's.
 
     `state` is an accelerate `PartialState` (default: `process_state()`), so `accelerate launch` / `torchrun`
     shard the work; the caller has already put `pipe` on `state.device`. `on_image(entry)` runs after
@@ -246,10 +248,10 @@ def generate_set(
                 "choose another output folder"
             )
     my_rows = rows[state.process_index :: state.num_processes]
-    jobs = [
+    jobs = deque(
         GenerationJob(row, s) for row in my_rows for s in range(protocol.samples_per_prompt)
         if (row.index, s) not in done
-    ]
+    )
     shard = out_dir / f"manifest-rank{state.process_index}.jsonl"
     if shard.is_file() and not shard.read_bytes().endswith(b"\n"):  # torn by a kill: end it, don't extend it
         with open(shard, "ab") as f:
@@ -258,9 +260,9 @@ def generate_set(
     # Batches never mix guidance scales (generate_images takes one); without row_guidance that is all rows.
     while jobs:
         guidance = _guidance(jobs[0].row, protocol)
-        batch = [jobs.pop(0)]
+        batch = [jobs.popleft()]
         while jobs and len(batch) < batch_size and _guidance(jobs[0].row, protocol) == guidance:
-            batch.append(jobs.pop(0))
+            batch.append(jobs.popleft())
         images = generate_module.generate_images(
             pipe, [j.row.prompt for j in batch], [j.seed for j in batch],
             num_inference_steps=protocol.num_inference_steps, guidance_scale=guidance,

@@ -126,11 +126,10 @@ def detect(
     if batch_size < 1:
         raise ConceptEraseError(f"batch_size must be >= 1, got {batch_size}")
     detector = detector or load_detector(model_path)
-    arrays = [to_bgr_array(im) for im in images]
     results: list[ImageDetections] = []
-    # NudeNet stacks a batch into one tensor; images of different sizes would not stack. Group by size.
-    for start in range(0, len(arrays), batch_size):
-        chunk = arrays[start:start + batch_size]
+    for start in range(0, len(images), batch_size):  # convert per batch: `images` may load lazily
+        chunk = [to_bgr_array(im) for im in images[start:start + batch_size]]
+        # NudeNet stacks a batch into one tensor; images of different sizes would not stack.
         if len({a.shape for a in chunk}) == 1:
             raw = detector.detect_batch(chunk, batch_size=len(chunk))
         else:
@@ -204,7 +203,7 @@ def score_nudity(images: Sequence, categories: Sequence[Sequence[str]] | None = 
                  model_path: str | None = None) -> tuple[dict, list[ImageDetections]]:
     """Detect and count in one call: returns (NudityCounts.compute() result, per-image detections)."""
     found = detect(images, threshold, batch_size=batch_size, detector=detector, model_path=model_path)
-    metric = NudityCounts()
+    metric = NudityCounts(sync_on_compute=False)  # these images are all here: no gather across processes
     metric.update(found, categories)
     return metric.compute(), found
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,12 +60,13 @@ def rows_from_records(records: list[dict], *, where: str, seed: int = 0) -> tupl
         kind = "coco"
     else:
         kind = "prompts"
-    rows = []
+    rows, empty = [], []
     for i, rec in enumerate(records):
         at = f"{where} row {i}"
         prompt = str(rec["prompt"] or "").strip()
-        if not prompt:
-            raise ConceptEraseError(f"{at}: empty prompt")
+        if not prompt:  # the published I2P CSV has one (row 2260): skip it, keep the other rows' indices
+            empty.append(i)
+            continue
         row_seed = _parse_int(rec["evaluation_seed"], "evaluation_seed", at) if "evaluation_seed" in columns else seed + i
         key = str(rec.get("case_number") or rec.get("image_id") or i)
         guidance = rec.get("evaluation_guidance")
@@ -75,6 +77,10 @@ def rows_from_records(records: list[dict], *, where: str, seed: int = 0) -> tupl
         if kind == "classes" and label is None:
             raise ConceptEraseError(f"{at}: empty class")
         rows.append(PromptRow(i, prompt, row_seed, key, guidance, categories, label))
+    if empty:
+        warnings.warn(f"prompt set {where!r}: skipped {len(empty)} row(s) with an empty prompt: {empty[:10]}", stacklevel=3)
+    if not rows:
+        raise ConceptEraseError(f"prompt set {where!r} has only empty prompts")
     return kind, rows
 
 

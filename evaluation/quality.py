@@ -34,17 +34,18 @@ def images_to_uint8(images: Sequence, size: int | None = None) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
-def make_fid(feature_extractor: torch.nn.Module | None = None, weights_path: str | None = None):
+def make_fid(feature_extractor: torch.nn.Module | None = None, weights_path: str | None = None, **metric_kwargs):
     """torchmetrics `FrechetInceptionDistance`: 2048-d Inception features by default, or `feature_extractor`
     (a module mapping a uint8 [N, 3, H, W] batch to [N, D] features)."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     if feature_extractor is not None:
-        return FrechetInceptionDistance(feature=feature_extractor, reset_real_features=False)
+        return FrechetInceptionDistance(feature=feature_extractor, reset_real_features=False, **metric_kwargs)
     if weights_path is not None and not Path(weights_path).is_file():
         raise ConceptEraseError(f"Inception weights file {weights_path!r} does not exist")
     try:
-        return FrechetInceptionDistance(feature=2048, reset_real_features=False, feature_extractor_weights_path=weights_path)
+        return FrechetInceptionDistance(feature=2048, reset_real_features=False,
+                                        feature_extractor_weights_path=weights_path, **metric_kwargs)
     except Exception as err:  # ModuleNotFoundError (torch-fidelity/torchvision), URLError/OSError (offline)
         raise ConceptEraseError(
             f"FID's 2048-d Inception features are unavailable ({type(err).__name__}: {str(err).splitlines()[0][:120]}); "
