@@ -30,12 +30,12 @@ def register(subparsers) -> None:
                         "(default with --base minisd: the MiniSD erased demo model)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it)")
-    p.add_argument("--port", type=int, default=7860, help="port to serve on (default 7860)")
+    p.add_argument("--port", type=int, default=7860,
+                   help="port to serve on (default 7860; 0: the first free port from 7860)")
     p.add_argument("--share", action="store_true",
                    help="also create a public gradio.live link (off by default; needs the internet)")
-    p.add_argument("--device", default=None, help="torch device for the models, e.g. cuda (default: cpu)")
-    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                   help="weight dtype (default: float32)")
+    p.add_argument("--device", default=None, help="torch device for the models: cpu, cuda or auto (default: cpu)")
+    p.add_argument("--dtype", default=None, help="weights: fp32 (default), fp16 or bf16 (CUDA only)")
     # The app's limits, one flag per AppConfig field, with the dataclass's help text.
     for f in fields(AppConfig):
         default = f.default if f.default is not MISSING else None
@@ -68,8 +68,13 @@ def launch(args: argparse.Namespace, *, block: bool = True):
     registry = ModelRegistry.load(args.base, erased, device=args.device, dtype=args.dtype)
     demo = build_app(registry, config)
     # max_file_size: an Evaluate CSV of a few hundred rows is far below it; anything larger is refused.
-    demo.launch(server_name=args.host, server_port=args.port or None, share=args.share, inbrowser=False,
-                prevent_thread_lock=True, max_file_size="2mb", quiet=True)
+    try:
+        demo.launch(server_name=args.host, server_port=args.port or None, share=args.share, inbrowser=False,
+                    prevent_thread_lock=True, max_file_size="2mb", quiet=True)
+    except OSError as err:  # gradio: "Cannot find empty port in range ..." or a bad --host
+        if "empty port" in str(err):
+            raise ConceptEraseError(f"port {args.port} on {args.host} is in use; choose another with --port") from None
+        raise ConceptEraseError(f"cannot serve on {args.host}:{args.port}: {str(err).splitlines()[0]}") from None
     where = "this machine only; --host 0.0.0.0 to expose it" if args.host == "127.0.0.1" else f"bound to {args.host}"
     print(f"concept-erase app: {demo.local_url} ({where})", flush=True)
     if demo.share_url:

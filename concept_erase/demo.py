@@ -1,7 +1,7 @@
 """`make demo` / `concept-erase demo`: erase the digit "seven" from MiniSD with SalUn, on a CPU, in minutes.
 
 1. Load MiniSD (packaged, offline) and the digit/style judges.
-2. Generate 96 images of "seven" (plain, bold, negative) and 432 of the other nine digits with MiniSD itself.
+2. Generate 48 images of "seven" (plain, bold, negative) and 216 of the other nine digits with MiniSD itself.
 3. Saliency mask (top 50% of UNet weights by |grad| of the forget loss, DESIGN.md 3).
 4. SalUn: each "seven" prompt is steered to "eight" in the same style; the retain loss keeps the others.
 5. Judge 10 images per (digit, style) before and after on the SAME seeds; print the table; write
@@ -31,8 +31,8 @@ class DemoConfig:
     batch_size: int = field(default=16, metadata={"help": "forget (and retain) images per step"})
     alpha: float = field(default=0.5, metadata={"help": "retain-loss weight"})
     keep: float = field(default=0.5, metadata={"help": "fraction of UNet weights the mask leaves trainable"})
-    num_forget: int = field(default=96, metadata={"help": "generated forget images (spread over the 3 styles)"})
-    num_retain: int = field(default=432, metadata={"help": "generated retain images (the other 9 digits x 3 styles)"})
+    num_forget: int = field(default=48, metadata={"help": "generated forget images (spread over the 3 styles)"})
+    num_retain: int = field(default=216, metadata={"help": "generated retain images (the other 9 digits x 3 styles)"})
     eval_seeds: int = field(default=10, metadata={"help": "judged images per (digit, style), same seeds before/after"})
     seed: int = field(default=0, metadata={"help": "seed of the training images, mask noise and training draws"})
 

@@ -104,13 +104,14 @@ def test_esd_scopes(method):
         assert not any("attn2" in k for k in changed)
 
 
-def test_gradient_accumulation_matches_the_full_batch():
+def test_gradient_accumulation_and_checkpointing_match_the_full_batch():
     forget, retain = _sets()
     runs = []
     for accum in (1, 2):
         pipe = build_tiny_pipeline(0)
         base = _weights(pipe.unet)
-        cfg = TrainConfig(method="rl", steps=2, batch_size=4, lr=1e-3, gradient_accumulation_steps=accum)
+        cfg = TrainConfig(method="rl", steps=2, batch_size=4, lr=1e-3, gradient_accumulation_steps=accum,
+                          gradient_checkpointing=accum == 2)
         runs.append(_weights(train_unet(pipe, forget, retain, cfg).unet))
     assert_same_training(runs[0], runs[1], base, lr=1e-3)
     with pytest.raises(ConceptEraseError, match="divisible"):

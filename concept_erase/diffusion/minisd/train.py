@@ -1,4 +1,4 @@
-"""Train MiniSD from scratch, deterministically, on 2 CPU cores in about 12 minutes (DESIGN.md 8b).
+"""Train MiniSD from scratch, deterministically, on 2 CPU cores (DESIGN.md 8b).
 
 Reads top to bottom: data -> VAE (reconstruction + tiny KL) -> latents (posterior MEAN, scaled to unit
 variance) -> UNet (epsilon prediction, 10% empty prompts for classifier-free guidance, AdamW with warm-up
@@ -6,6 +6,8 @@ and cosine decay, EMA) -> fp16 diffusers folder. The text encoder stays frozen a
 
     concept-erase minisd train --out DIR
 
+Time: about 0.33 s per UNet step and 0.2 s per VAE step on 2 idle cores, so about 13 minutes; the committed
+weights took 33 minutes because the machine was shared with other jobs (training.json records it).
 Same seed, same torch version and thread count -> the same weights. Retrain only when the architecture
 changes: the committed weights in `concept_erase/assets/minisd/` came from this script with its defaults.
 """
