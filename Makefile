@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
-EXTRAS ?= eval,app,dev
+EXTRAS ?= eval,app,data,dev
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.concept-erase-installed
 

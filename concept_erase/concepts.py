@@ -25,9 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import prompts as _prompt_sets
+
 from .errors import ConceptEraseError
 
-PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
+# The project's own prompt sets (DESIGN.md 2: `prompts/` at the top level), installed as package data.
+PROMPTS_DIR = Path(_prompt_sets.__file__).resolve().parent
 
 # Modules that register presets of their own when imported (looked up only when a name is unknown, so
 # `concept_erase.concepts` never imports diffusers eagerly).

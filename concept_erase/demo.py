@@ -83,7 +83,7 @@ def erase_demo(config: DemoConfig, pipe=None, progress: bool = False):
 
 def _table(before: dict, after: dict, digit: str, timings: dict) -> list[tuple[str, str, str]]:
     """(metric, before, after) rows: the forgotten digit per style, the other nine, styles, time."""
-    from .diffusion.minisd import DIGITS, STYLES
+    from .diffusion.minisd import STYLES
 
     pct = lambda v: f"{100 * v:.0f}%"  # noqa: E731
     rows = [(f'"{digit}" judged {digit} ({s})', pct(before["per_cell"][f"{digit}/{s}"]),

@@ -94,7 +94,7 @@ def read_prompts(source: str | Path, *, limit: int | None = None, seed: int = 0)
         raise ConceptEraseError(f"limit must be >= 1, got {limit}")
     path = Path(source)
     if path.suffix.lower() == ".txt" and path.is_file():
-        from concept_erase.diffusion.generate import read_prompt_file
+        from concept_erase.concepts import read_prompt_file
 
         prompts = read_prompt_file(path)
         rows = [PromptRow(i, p, seed + i, str(i)) for i, p in enumerate(prompts)]

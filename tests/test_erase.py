@@ -178,7 +178,6 @@ def _common(pipe_dir, cache, erase=True):
 
 
 def test_mask_then_erase_commands(tiny_pipeline_dir, cache, tmp_path, capsys):
-    from safetensors.torch import load_file
 
     from concept_erase.diffusion.io import load_pipeline, read_model_card
 

@@ -1,14 +1,14 @@
-"""`concept-erase erase` under torchrun with 2 CPU processes (gloo) gives the weights of one process with the
+"""`concept-erase erase` under `accelerate launch` with 2 CPU processes (gloo) gives the weights of one process with the
 same global batch: every process draws the same global batch and trains on its half (erase.py docstring)."""
 
 import os
 import subprocess
-import sys
 
 from safetensors.torch import load_file
 
 from concept_erase.cli import main
 from concept_erase.saliency import SaliencyMask
+from conftest import accelerate_launch
 from test_erase import assert_same_training
 
 
@@ -22,8 +22,7 @@ def test_two_processes_match_one(tiny_pipeline_dir, tmp_path):
     # OpenMP spin-waiting makes 2 processes on 2 cores 10-30x slower (DESIGN.md 8b); gloo is the CPU backend.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1"}
     run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "concept_erase", *args, "--output", str(tmp_path / "two")],
+        [*accelerate_launch(2), "-m", "concept_erase", *args, "--output", str(tmp_path / "two")],
         env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert '"processes": 2' in run.stdout

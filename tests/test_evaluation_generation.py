@@ -4,7 +4,6 @@
 import json
 import os
 import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -12,6 +11,7 @@ import pytest
 from PIL import Image
 
 from concept_erase.errors import ConceptEraseError
+from conftest import accelerate_launch
 from evaluation.generation import make_protocol, generate_set, read_manifest
 from evaluation.prompts import PromptRow
 
@@ -113,9 +113,9 @@ def test_two_processes_produce_the_single_process_set(tiny_pipeline, tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                    "--master_port", str(29500 + os.getpid() % 1000), str(script), str(tmp_path / "two")],
-                   env=env, check=True, timeout=300, capture_output=True)
+    run = subprocess.run([*accelerate_launch(2), str(script), str(tmp_path / "two")],
+                         env=env, timeout=300, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
     one = generate_set(tiny_pipeline, shard_rows(), tmp_path / "one", PROTOCOL, batch_size=2, progress=False)
     two = read_manifest(tmp_path / "two")
     keys = [(e["index"], e["sample"]) for e in two]

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from concept_erase.cli import main
-from concept_erase.diffusion.generate import generate_images, parse_seeds, read_prompt_file
+from concept_erase.concepts import read_prompt_file
+from concept_erase.diffusion.generate import generate_images, parse_seeds
 from concept_erase.errors import ConceptEraseError
 
 

@@ -150,10 +150,16 @@ def _to_tensors(split, image_col: str, label_col: str) -> tuple[torch.Tensor, to
 
 def load_hf_data(name_or_path: str, val_fraction: float = 0.1) -> ClassificationData:
     """CIFAR-10/100 or SVHN by name (online), or a local `save_to_disk` folder with train and test splits."""
+    if name_or_path not in HUB_DATASETS and not Path(name_or_path).is_dir():
+        raise ConceptEraseError(
+            f"--dataset {name_or_path!r} is neither one of {', '.join(DATASET_CHOICES)} nor a dataset folder"
+        )
     try:
         import datasets
     except ModuleNotFoundError as err:
-        raise ConceptEraseError("real datasets need the 'datasets' package: pip install 'concept-erase[data]'") from err
+        raise ConceptEraseError(
+            f"--dataset {name_or_path!r} needs the 'datasets' package: pip install 'concept-erase[data]'"
+        ) from err
 
     image_col = label_col = None
     if name_or_path in HUB_DATASETS:
@@ -165,10 +171,6 @@ def load_hf_data(name_or_path: str, val_fraction: float = 0.1) -> Classification
         name = name_or_path
     else:
         path = Path(name_or_path)
-        if not path.is_dir():
-            raise ConceptEraseError(
-                f"--dataset {name_or_path!r} is neither one of {', '.join(DATASET_CHOICES)} nor a dataset folder"
-            )
         try:
             splits = datasets.load_from_disk(os.fspath(path))
         except Exception as err:

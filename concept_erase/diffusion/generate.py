@@ -11,9 +11,9 @@ import argparse
 import json
 import math
 import re
-from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
+from ..concepts import read_prompt_file
 from ..errors import ConceptEraseError
 
 if TYPE_CHECKING:
@@ -116,18 +116,6 @@ def parse_seeds(text: str) -> list[int]:
     if not seeds:
         raise ConceptEraseError(f"bad seed list {text!r}: no seeds")
     return seeds
-
-
-def read_prompt_file(path: str | Path) -> list[str]:
-    """One prompt per line; blank lines and lines starting with '#' are skipped."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConceptEraseError(f"prompt file {str(path)!r} does not exist")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    prompts = [line for line in lines if line and not line.startswith("#")]
-    if not prompts:
-        raise ConceptEraseError(f"prompt file {str(path)!r} has no prompts")
-    return prompts
 
 
 def register(subparsers) -> None:
