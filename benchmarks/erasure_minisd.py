@@ -40,11 +40,11 @@ import numpy as np
 import torch
 
 from concept_erase.concepts import get_concept
-from concept_erase.diffusion.erase import TrainConfig, train_unet
+from concept_erase.diffusion.erase import PromptEmbeddings, TrainConfig, compute_mask, saliency_batches, train_unet
 from concept_erase.diffusion.io import load_pipeline
 from concept_erase.diffusion.losses import noise_batch, salun_loss, saliency_loss, sample_noise
 from concept_erase.diffusion.minisd import DIGITS, STYLES
-from concept_erase.diffusion.minisd.experiment import embed_prompts, make_latent_sets, saliency_batches, saliency_mask
+from concept_erase.diffusion.minisd.experiment import MASK_BATCH_SIZE, make_latent_sets
 from concept_erase.diffusion.minisd.judge import frechet_distance, load_judges
 from concept_erase.diffusion.generate import generate_images
 from concept_erase.io_utils import atomic_file
@@ -116,7 +116,7 @@ def make_mask(kind: str | None, pipe, forget, seed: int, keep: float):
         return None
     if kind == "random":
         return SaliencyMask.random(pipe.unet, keep=keep, seed=seed)
-    return saliency_mask(pipe, forget, keep=keep, seed=seed, lowest=(kind == "inverted"))
+    return compute_mask(pipe, forget, keep, batch_size=MASK_BATCH_SIZE, seed=seed, lowest=(kind == "inverted"))
 
 
 def run_method(pipe, base_state, forget, retain, method: str, mask_kind, args, seed: int, evaluate) -> list[dict]:
@@ -147,8 +147,8 @@ def run_method(pipe, base_state, forget, retain, method: str, mask_kind, args, s
 def _fixed_batches(pipe, forget, retain, n_steps: int, batch_size: int) -> list:
     """n_steps (forget, retain) NoisedBatch pairs drawn once, so both step kinds see the same batches."""
     gen = torch.Generator().manual_seed(0)
-    f_cond, f_sur = embed_prompts(pipe, forget.prompts), embed_prompts(pipe, forget.surrogates)
-    r_cond = embed_prompts(pipe, retain.prompts)
+    embed = PromptEmbeddings(pipe, pipe.device)
+    f_cond, f_sur, r_cond = embed(forget.prompts), embed(forget.surrogates), embed(retain.prompts)
     T = pipe.scheduler.config.num_train_timesteps
     batches = []
     for _ in range(n_steps):
@@ -209,7 +209,7 @@ def _step_pair(pipe, forget, retain, mask, n_steps: int, batch_size: int) -> dic
 
 def _mask_vs_pass(pipe, forget) -> dict:
     """Mask computation (scores + global threshold) vs one forward+backward pass over the forget set."""
-    batches = saliency_batches(pipe, forget)
+    batches = list(saliency_batches(pipe, forget, batch_size=MASK_BATCH_SIZE))
     unet = pipe.unet
     unet.requires_grad_(True)
     t0 = time.perf_counter()
@@ -219,7 +219,7 @@ def _mask_vs_pass(pipe, forget) -> dict:
     unet.zero_grad(set_to_none=True)
     unet.requires_grad_(False)
     t0 = time.perf_counter()
-    saliency_mask(pipe, forget)
+    compute_mask(pipe, forget, batch_size=MASK_BATCH_SIZE)
     t_mask = time.perf_counter() - t0
     return {"pass_s": t_pass, "mask_s": t_mask, "ratio": t_mask / t_pass}
 
@@ -351,7 +351,7 @@ def main(argv=None) -> int:
             forget, retain = make_latent_sets(pipe, concept, args.num_forget, args.num_retain, seed=seed)
             if side is None:
                 first_data = (forget, retain)
-                mask = saliency_mask(pipe, forget, keep=args.keep)
+                mask = compute_mask(pipe, forget, args.keep, batch_size=MASK_BATCH_SIZE)
                 side = {"step": _step_pair(pipe, forget, retain, mask, 20, args.batch_size),
                         "mask": _mask_vs_pass(pipe, forget)}
                 print(json.dumps(side), flush=True)

@@ -56,10 +56,10 @@ def erase_demo(config: DemoConfig, pipe=None, progress: bool = False):
 
     import torch
 
-    from .diffusion.erase import TrainConfig, train_unet
+    from .diffusion.erase import TrainConfig, compute_mask, train_unet
     from .diffusion.io import load_pipeline
     from .diffusion.minisd import digit_concept
-    from .diffusion.minisd.experiment import make_latent_sets, saliency_mask
+    from .diffusion.minisd.experiment import MASK_BATCH_SIZE, make_latent_sets
 
     torch.manual_seed(config.seed)
     pipe = pipe if pipe is not None else load_pipeline("minisd")
@@ -70,7 +70,7 @@ def erase_demo(config: DemoConfig, pipe=None, progress: bool = False):
     forget, retain = make_latent_sets(pipe, concept, config.num_forget, config.num_retain, seed=config.seed)
     timings["data_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    mask = saliency_mask(pipe, forget, keep=config.keep, seed=config.seed, concept=concept.name)
+    mask = compute_mask(pipe, forget, config.keep, batch_size=MASK_BATCH_SIZE, seed=config.seed, concept=concept.name)
     timings["mask_s"] = time.perf_counter() - t0
     train = TrainConfig(method="salun", steps=config.steps, lr=config.lr, batch_size=config.batch_size,
                         alpha=config.alpha, seed=config.seed)

@@ -113,10 +113,10 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def short_erasure():
     """A short real SalUn run on MiniSD: forget "seven" (all styles) -> "eight"."""
-    from concept_erase.diffusion.erase import TrainConfig, train_unet
+    from concept_erase.diffusion.erase import TrainConfig, compute_mask, train_unet
     from concept_erase.diffusion.io import load_pipeline
     from concept_erase.diffusion.minisd import digit_concept
-    from concept_erase.diffusion.minisd.experiment import make_latent_sets, saliency_mask
+    from concept_erase.diffusion.minisd.experiment import MASK_BATCH_SIZE, make_latent_sets
     from concept_erase.diffusion.minisd.judge import generate_set, load_judges, score_set
 
     judges = load_judges()
@@ -125,7 +125,7 @@ def short_erasure():
     before = score_set(judges, generate_set(pipe, seeds=range(4)))
     base = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
     forget, retain = make_latent_sets(pipe, concept, 48, 162)
-    mask = saliency_mask(pipe, forget, keep=0.5)
+    mask = compute_mask(pipe, forget, keep=0.5, batch_size=MASK_BATCH_SIZE)
     train_unet(pipe, forget, retain, TrainConfig(method="salun", steps=30, lr=1e-4, batch_size=16), mask=mask)
     after = score_set(judges, generate_set(pipe, seeds=range(4)))
     return before, after, base, pipe.unet, mask

@@ -28,7 +28,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -239,7 +239,7 @@ def train_unet(
     unet, optimizer = accelerator.prepare(unet, optimizer)  # after attach: DDP sees only trainable params
 
     # -- prompts -> embeddings, once (the text encoder is frozen)
-    embed = _PromptEmbeddings(pipe, device)
+    embed = PromptEmbeddings(pipe, device)
     f_cond = embed(forget.prompts)
     f_target = embed(forget.surrogates) if forget.surrogates is not None else None
     r_cond = embed(retain.prompts) if retain is not None else None
@@ -347,7 +347,7 @@ def _epoch_indices(n: int, seed: int, step: int, batch_size: int) -> Tensor:
     return torch.tensor(out, dtype=torch.long)
 
 
-class _PromptEmbeddings:
+class PromptEmbeddings:
     """Encode each distinct prompt once with the frozen text encoder; index by item."""
 
     def __init__(self, pipe, device):
@@ -463,29 +463,33 @@ def _load_checkpoint(path: Path, unet, optimizer, config: TrainConfig) -> tuple[
 
 # ------------------------------------------------------------------------------------------------ the mask
 
-def compute_mask(pipe, forget: LatentSet, keep: float = 0.5, *, include=None, batch_size: int = 8,
-                 seed: int = 0, guidance: float = SALIENCY_GUIDANCE, concept: str = "", progress: bool = False):
-    """The SalUn mask of `pipe.unet` for a forget set: one pass over it with the diffusion saliency loss
-    (DESIGN.md 3-4: MSE(eps, (1 + w) eps(x_t, c_f) - w eps(x_t, "")), w = 7.5, t ~ U{0..999}), noise and
-    timesteps from `seed`; `include`: None (every UNet weight) or a regex on parameter names."""
-    from ..saliency import SaliencyMask
-
-    unet = pipe.unet
-    device = next(unet.parameters()).device
-    embed = _PromptEmbeddings(pipe, device)
+def saliency_batches(pipe, forget: LatentSet, *, batch_size: int = 8, seed: int = 0) -> Iterator:
+    """One pass over the forget set as `NoisedBatch`es for the saliency loss: noise and t ~ U{0..T-1} drawn
+    from `seed`, `target_cond` the empty prompt (DESIGN.md 3)."""
+    device = next(pipe.unet.parameters()).device
+    embed = PromptEmbeddings(pipe, device)
     cond, uncond = embed(forget.prompts), embed([""])[0]
     T = pipe.scheduler.config.num_train_timesteps
     gen = torch.Generator().manual_seed(seed)
+    for lo in range(0, forget.latents.shape[0], batch_size):
+        z = forget.latents[lo: lo + batch_size]
+        noise, t = sample_noise(z, T, gen)
+        c = cond[lo: lo + batch_size]
+        yield noise_batch(pipe.scheduler, z.to(device), c, noise.to(device), t.to(device), uncond.expand_as(c))
 
-    def batches():
-        for lo in range(0, forget.latents.shape[0], batch_size):
-            z = forget.latents[lo: lo + batch_size]
-            noise, t = sample_noise(z, T, gen)
-            c = cond[lo: lo + batch_size]
-            yield noise_batch(pipe.scheduler, z.to(device), c, noise.to(device), t.to(device), uncond.expand_as(c))
 
-    return SaliencyMask.compute(unet, batches(), saliency_loss_fn(guidance), keep=keep, include=include,
-                                concept=concept, progress=progress)
+def compute_mask(pipe, forget: LatentSet, keep: float = 0.5, *, include=None, batch_size: int = 8,
+                 seed: int = 0, guidance: float = SALIENCY_GUIDANCE, concept: str = "", lowest: bool = False,
+                 progress: bool = False):
+    """The SalUn mask of `pipe.unet` for a forget set: one pass over it with the diffusion saliency loss
+    (DESIGN.md 3-4: MSE(eps, (1 + w) eps(x_t, c_f) - w eps(x_t, "")), w = 7.5, t ~ U{0..999}), noise and
+    timesteps from `seed`; `include`: None (every UNet weight) or a regex on parameter names.
+    `lowest=True` keeps the LEAST salient weights instead (the inverted-mask control of the benchmark)."""
+    from ..saliency import SaliencyMask
+
+    batches = saliency_batches(pipe, forget, batch_size=batch_size, seed=seed)
+    return SaliencyMask.compute(pipe.unet, batches, saliency_loss_fn(guidance), keep=keep, include=include,
+                                concept=concept, lowest=lowest, progress=progress)
 
 
 # ------------------------------------------------------------------------------------------------ the job
