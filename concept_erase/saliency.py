@@ -360,7 +360,7 @@ class MaskedUpdate:
 
     def __init__(self, model: nn.Module, mask: SaliencyMask, optimizer: torch.optim.Optimizer):
         mask.check_compatible(model)
-        self._partial: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]] = []  # (param, mask, frozen values)
+        self._partial: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]] = []  # (param, frozen entries, their values)
         self._handles = []
         for name, p in model.named_parameters():
             m = mask.masks.get(name)
@@ -371,17 +371,17 @@ class MaskedUpdate:
             p.requires_grad_(True)
             if bool(m.all()):
                 continue
-            m = m.to(p.device)
-            self._partial.append((p, m, p.detach()[~m].clone()))
-            self._handles.append(p.register_hook(lambda g, m=m: g * m))
+            frozen = ~m.to(p.device)  # inverted once here, not on every step
+            self._partial.append((p, frozen, p.detach()[frozen].clone()))
+            self._handles.append(p.register_hook(lambda g, f=frozen: g.masked_fill(f, 0)))
         # accelerate wraps optimizers; the hook belongs on the torch optimizer that actually steps.
         inner = getattr(optimizer, "optimizer", optimizer)
         self._handles.append(inner.register_step_post_hook(lambda *_: self.restore_frozen()))
 
     @torch.no_grad()
     def restore_frozen(self) -> None:
-        for p, m, frozen in self._partial:
-            p.masked_scatter_(~m, frozen)
+        for p, frozen, values in self._partial:
+            p.masked_scatter_(frozen, values)
 
     def remove(self) -> None:
         for h in self._handles:
