@@ -138,7 +138,7 @@ def _load_folder(path: Path, torch_dtype: torch.dtype):
         raise ConceptEraseError(f"{str(path)!r} is not a diffusers pipeline folder (no model_index.json)")
     try:
         return StableDiffusionPipeline.from_pretrained(
-            path, torch_dtype=torch_dtype, safety_checker=None, feature_extractor=None,
+            path, dtype=torch_dtype, safety_checker=None, feature_extractor=None,
             requires_safety_checker=False, local_files_only=True)
     except Exception as err:
         raise ConceptEraseError(f"cannot load pipeline folder {str(path)!r}: {_first_line(err)}") from None
@@ -152,7 +152,7 @@ def _load_hub(repo_id: str, torch_dtype: torch.dtype):
         raise ConceptEraseError(f"model {repo_id!r} is not a local path, and the hub is offline (HF_HUB_OFFLINE=1)")
     try:
         return StableDiffusionPipeline.from_pretrained(
-            repo_id, torch_dtype=torch_dtype, safety_checker=None, feature_extractor=None,
+            repo_id, dtype=torch_dtype, safety_checker=None, feature_extractor=None,
             requires_safety_checker=False)
     except Exception as err:
         raise ConceptEraseError(f"cannot load hub model {repo_id!r}: {_first_line(err)}") from None
@@ -230,7 +230,7 @@ def _load_single_file(path: Path, config: str | os.PathLike | None, torch_dtype:
     kwargs = {"config": config_dir, "local_files_only": True} if config_dir else {}
     try:
         return StableDiffusionPipeline.from_single_file(
-            str(path), torch_dtype=torch_dtype, safety_checker=None, feature_extractor=None,
+            str(path), dtype=torch_dtype, safety_checker=None, feature_extractor=None,
             requires_safety_checker=False, **kwargs)
     except Exception as err:
         raise ConceptEraseError(f"cannot load checkpoint {str(path)!r}: {_first_line(err)}") from None
