@@ -2,8 +2,8 @@
 
 `evaluate` generates the prompt set's images into --out (resumable: run the same command again after a
 kill), scores them on the main process and writes report.md, results.json, chart.png and grid.png there.
-Shard the generation with `torchrun --nproc_per_node N -m concept_erase evaluate ...` (or
-`accelerate launch --num_processes N -m concept_erase evaluate ...`). Heavy imports happen in the handlers.
+Shard the generation with `accelerate launch --multi_gpu --num_processes N -m concept_erase evaluate ...`
+(on a machine without CUDA this starts N gloo CPU processes). Heavy imports happen in the handlers.
 """
 
 from __future__ import annotations
