@@ -128,6 +128,10 @@ def run_demo(config: DemoConfig, out: str | Path = "outputs/demo", progress: boo
     from .diffusion.io import load_pipeline
     from .diffusion.minisd.judge import generate_set, load_judges, score_set
 
+    out = Path(out)
+    if out.exists() and not (out / "summary.json").is_file() and (not out.is_dir() or any(out.iterdir())):
+        # Replacing a previous demo report is expected; replacing anything else would lose a user's files.
+        raise ConceptEraseError(f"--out {str(out)!r} exists and is not a demo report folder; choose another")
     start = time.perf_counter()
     judges = load_judges()
     pipe = load_pipeline("minisd")
@@ -186,8 +190,8 @@ def demo_erased_model(cache_dir: str | Path | None = None, config: DemoConfig | 
     key = hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode()
                          + (base / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()[:12]
     path = root / "demo-models" / f"minisd-without-{config.digit}-{key}"
-    if (path / "model_index.json").is_file():
-        return path
+    if (path / "model_index.json").is_file() and (path / "mask.safetensors").is_file():
+        return path  # complete: the mask is written last
     pipe, _, mask, concept, timings = erase_demo(config)
     card = {"base_model": "minisd", "method": "salun", "keep": config.keep, "steps": config.steps,
             "surrogate": concept.surrogate_prompts, "tags": ["minisd"], **concept.to_card()}
@@ -199,7 +203,7 @@ def demo_erased_model(cache_dir: str | Path | None = None, config: DemoConfig | 
 def register(subparsers) -> None:
     p = subparsers.add_parser("demo", help='erase the digit "seven" from MiniSD and show before/after',
                               description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="outputs/demo", help="report folder, replaced on each run (default outputs/demo)")
+    p.add_argument("--out", default="outputs/demo", help="report folder; a previous demo report there is replaced (default outputs/demo)")
     for f in DemoConfig.__dataclass_fields__.values():
         default = f.default
         p.add_argument(f"--{f.name.replace('_', '-')}", type=str if default is None else type(default),

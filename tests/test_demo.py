@@ -3,7 +3,6 @@
 import json
 
 
-
 def _small():
     from concept_erase.demo import DemoConfig
 
@@ -17,6 +16,7 @@ def test_demo_writes_table_grid_and_report(tmp_path, capsys):
 
     out = tmp_path / "demo"
     (out).mkdir()
+    (out / "summary.json").write_text("{}")  # a previous demo report: replaced, stale files and all
     (out / "stale.txt").write_text("old run")
     summary = run_demo(_small(), out, progress=False)
     printed = capsys.readouterr().out
@@ -37,6 +37,18 @@ def test_demo_rejects_bad_digit(capsys):
 
     assert main(["demo", "--digit", "eleven"]) == 2
     assert "'eleven'" in capsys.readouterr().err
+
+
+def test_demo_never_replaces_a_folder_it_did_not_write(tmp_path, capsys):
+    from concept_erase.cli import main
+
+    mine = tmp_path / "my-work"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    assert main(["demo", "--out", str(mine)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(mine) in err and "not a demo report" in err
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep me"
 
 
 def test_demo_erased_model_is_cached(tmp_path, monkeypatch):
