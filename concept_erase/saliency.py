@@ -126,18 +126,22 @@ def compute_saliency(
     return scores
 
 
-def _kth_largest_bits(scores: list[torch.Tensor], k: int) -> int:
-    """Bit pattern of the k-th largest value (1-based) over several non-negative fp32 tensors.
+# Non-negative finite fp32 values order like their bit patterns read as int32; subtracting those patterns
+# from the largest finite one reverses the order exactly (no rounding, unlike ranking `max - s` in fp32).
+_MAX_FINITE_BITS = 0x7F7FFFFF
 
-    Non-negative IEEE floats order like their bit patterns read as integers, so a radix select over the
-    high then the low 16 bits (two passes of 65,536-bin histograms) finds the exact value with per-tensor
-    temporaries only.
+
+def _kth_largest_key(keys: list[torch.Tensor], k: int) -> int:
+    """The k-th largest value (1-based) over several non-negative int32 tensors.
+
+    A radix select over the high then the low 16 bits (two passes of 65,536-bin histograms) finds the exact
+    value with per-tensor temporaries only.
     """
     prefix, remaining = 0, k
     for shift in (16, 0):
         hist = torch.zeros(1 << 16, dtype=torch.int64)
-        for s in scores:
-            bits = s.reshape(-1).view(torch.int32)
+        for key in keys:
+            bits = key.reshape(-1)
             if shift == 0:  # only the elements whose high half equals the one found in the first pass
                 bits = bits[(bits >> 16) == prefix]
             hist += torch.bincount((bits >> shift) & 0xFFFF, minlength=1 << 16)
@@ -155,21 +159,20 @@ def threshold_scores(scores: dict[str, torch.Tensor], keep: float, lowest: bool 
     _check_keep(keep)
     total = sum(s.numel() for s in scores.values())
     k = max(1, min(total, int(round(keep * total))))
-    if lowest:  # the k smallest of s are the k largest of (max - s)
-        top = max(float(s.max()) for s in scores.values())
-        scores = {n: (top - s).clamp_min_(0) for n, s in scores.items()}
-    values = [s.float().contiguous() for s in scores.values()]
-    t = torch.tensor(_kth_largest_bits(values, k), dtype=torch.int32).view(torch.float32)
-    strictly_above = sum(int((s > t).sum()) for s in values)
+    keys = [s.float().contiguous().view(torch.int32) for s in scores.values()]  # scores are finite and >= 0
+    if lowest:  # the k smallest scores are the k largest reversed keys
+        keys = [_MAX_FINITE_BITS - key for key in keys]
+    t = _kth_largest_key(keys, k)
+    strictly_above = sum(int((key > t).sum()) for key in keys)
     ties_left = k - strictly_above
     masks = {}
-    for name, s in zip(scores, values):
-        m = s > t
+    for name, key in zip(scores, keys):
+        m = key > t
         if ties_left > 0:
-            ties = (s == t).reshape(-1)
+            ties = (key == t).reshape(-1)
             n_ties = int(ties.sum())
             if n_ties <= ties_left:
-                m |= ties.view(s.shape)
+                m |= ties.view(key.shape)
                 ties_left -= n_ties
             else:
                 idx = ties.nonzero().squeeze(1)[:ties_left]

@@ -40,11 +40,11 @@ def make_fid(feature_extractor: torch.nn.Module | None = None, weights_path: str
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     if feature_extractor is not None:
-        return FrechetInceptionDistance(feature=feature_extractor, reset_real_features=False, **metric_kwargs)
+        return FrechetInceptionDistance(feature=feature_extractor, **metric_kwargs)
     if weights_path is not None and not Path(weights_path).is_file():
         raise ConceptEraseError(f"Inception weights file {weights_path!r} does not exist")
     try:
-        return FrechetInceptionDistance(feature=2048, reset_real_features=False,
+        return FrechetInceptionDistance(feature=2048,
                                         feature_extractor_weights_path=weights_path, **metric_kwargs)
     except Exception as err:  # ModuleNotFoundError (torch-fidelity/torchvision), URLError/OSError (offline)
         raise ConceptEraseError(
@@ -122,6 +122,9 @@ def score_quality(
         raise ConceptEraseError(f"{len(prompts)} prompts for {len(images)} images")
     result = {"images": len(images), "reference_images": len(reference) if reference is not None else 0,
               "fid": None, "clip_score": None}
+    for metric in (fid, clip):  # a metric reused for a second model must not mix in the first one's images
+        if metric is not None:
+            metric.reset()
     if fid is not None and reference is not None:
         if len(reference) < 2 or len(images) < 2:
             raise ConceptEraseError("FID needs at least 2 images on each side")

@@ -104,6 +104,33 @@ def test_esd_scopes(method):
         assert not any("attn2" in k for k in changed)
 
 
+@pytest.mark.parametrize("method", ["salun", "esd-x"])
+def test_training_does_not_depend_on_the_pipelines_sampler(method):
+    """Community checkpoints ship with LMS/Euler, whose add_noise scales by sigma: training must still noise
+    with q_sample and ESD still sample with DDIM, so the weights match a DDIM pipeline's exactly."""
+    from diffusers import EulerDiscreteScheduler, LMSDiscreteScheduler
+
+    forget, retain = _sets()
+    cfg = TrainConfig(method=method, steps=2, batch_size=2, lr=1e-3, esd_ddim_steps=3)
+    mask = SaliencyMask.random(build_tiny_pipeline(0).unet, keep=0.5, seed=0) if method == "salun" else None
+    runs = []
+    for sampler in (None, LMSDiscreteScheduler, EulerDiscreteScheduler):
+        pipe = build_tiny_pipeline(0)
+        if sampler is not None:
+            pipe.scheduler = sampler.from_config(pipe.scheduler.config)
+        runs.append(_weights(train_unet(pipe, forget, retain if method == "salun" else None, cfg, mask=mask).unet))
+    for other in runs[1:]:
+        assert all(torch.equal(runs[0][k], other[k]) for k in runs[0])
+
+
+def test_frozen_reference_model_is_only_for_esd():
+    forget, retain = _sets()
+    pipe = build_tiny_pipeline(0)
+    with pytest.raises(ValueError, match="salun"):
+        train_unet(pipe, forget, retain, TrainConfig(method="salun", steps=1, batch_size=2),
+                   mask=SaliencyMask.random(pipe.unet, keep=0.5), frozen_unet=pipe.unet)
+
+
 def test_gradient_accumulation_and_checkpointing_match_the_full_batch():
     forget, retain = _sets()
     runs = []
@@ -204,6 +231,15 @@ def test_mask_then_erase_commands(tiny_pipeline_dir, cache, tmp_path, capsys):
         assert torch.equal(erased[name][~m], b[name][~m])
     assert any(not torch.equal(erased[k], b[k]) for k in b)
     assert not (tmp_path / "erased.checkpoints").exists()  # no checkpoints asked for: nothing left behind
+
+    # a resumed run must be the same job: another concept's checkpoints (and mask) are refused
+    ckpt_args = ["erase", *_common(tiny_pipeline_dir, cache), "--steps", "2", "--lr", "1e-2",
+                 "--checkpointing-steps", "1", "--checkpoint-dir", str(tmp_path / "ckpts")]
+    assert main([*ckpt_args, "--output", str(tmp_path / "first")]) == 0
+    assert (tmp_path / "ckpts" / "resume-mask.safetensors").is_file()
+    other = [a if a != "a nude" else "a cat" for a in ckpt_args]
+    _one_line_error(capsys, [*other, "--output", str(tmp_path / "second"), "--resume", "latest"], "cannot resume", "custom: a cat")
+    assert not (tmp_path / "second").exists()
 
     # an existing output without --overwrite: refused before any work (nothing loaded: no other output)
     capsys.readouterr()

@@ -29,7 +29,12 @@ def test_fid_of_a_set_with_itself_is_zero_and_grows_with_a_shift():
     same = score_quality(images, ["p"] * 40, reference=images, fid=make_fid(MeanColourFeatures()))
     assert same["fid"] == pytest.approx(0, abs=1e-6) and same["clip_score"] is None
     darker = random_images(40, 1, scale=128)
-    assert score_quality(darker, ["p"] * 40, reference=images, fid=make_fid(MeanColourFeatures()))["fid"] > 0.01
+    shifted = score_quality(darker, ["p"] * 40, reference=images, fid=make_fid(MeanColourFeatures()))["fid"]
+    assert shifted > 0.01
+    # one metric scoring two models in turn: the second score is what a fresh metric gives
+    reused = make_fid(MeanColourFeatures())
+    score_quality(images, ["p"] * 40, reference=images, fid=reused)
+    assert score_quality(darker, ["p"] * 40, reference=images, fid=reused)["fid"] == pytest.approx(shifted, rel=1e-5)
 
 
 def test_fid_state_merges_across_shards():

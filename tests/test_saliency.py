@@ -87,6 +87,15 @@ def test_global_threshold_matches_a_full_sort(lowest):
 def test_threshold_handles_tiny_and_huge_float_ranges():
     scores = {"x": torch.tensor([0.0, 1e-30, 3.4e38, 1e-7, 2.5])}
     assert threshold_scores(scores, keep=0.4)["x"].tolist() == [False, False, True, False, True]
+    assert threshold_scores(scores, keep=0.4, lowest=True)["x"].tolist() == [True, True, False, False, False]
+
+
+def test_inverted_mask_ranks_scores_far_below_the_largest():
+    # 1e-12 and 1e-9 are both below 2^-24 of the largest score: ranking (max - s) in fp32 would tie them all
+    # and fall back on parameter order, keeping a's 1e-9 entries instead of b's smaller ones.
+    scores = {"a": torch.tensor([1.0] + [1e-9] * 10), "b": torch.full((10,), 1e-12)}
+    masks = threshold_scores(scores, keep=10 / 21, lowest=True)
+    assert not masks["a"].any() and masks["b"].all()
 
 
 @pytest.mark.parametrize("keep", [0, -0.1, 1.5, float("nan")])

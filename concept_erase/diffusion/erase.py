@@ -40,16 +40,24 @@ from .losses import (
     NoisedBatch,
     esd_loss,
     esd_partial_sample,
+    esd_scheduler,
     noise_batch,
     salun_loss,
     sample_noise,
     saliency_loss_fn,
+    training_scheduler,
 )
 
 METHODS = ("salun", "rl", "esd-x", "esd-u")
 # ESD-x fine-tunes the cross-attention layers only (attn2 in diffusers' UNet), ESD-u everything else.
 ESD_SCOPES = {"esd-x": lambda name: "attn2" in name, "esd-u": lambda name: "attn2" not in name}
 MIXED_PRECISION = ("no", "fp16", "bf16")
+# Settings a resumed run may change: how long it runs, where things are written, how it is shown.
+RESUME_FREE = {"steps", "checkpointing_steps", "checkpoints_total_limit", "output", "cache_dir", "checkpoint_dir",
+               "resume", "export_single_file", "save_delta", "overwrite", "progress"}
+# The computed mask, kept beside the checkpoints so a resumed run trains the same weights (a name of our own,
+# so a --checkpoint-dir that holds a user's mask.safetensors is never touched).
+RESUME_MASK = "resume-mask.safetensors"
 
 
 # ------------------------------------------------------------------------------------------------ configs
@@ -108,9 +116,9 @@ class TrainConfig:
             raise ConceptEraseError(f"alpha and weight_decay must be >= 0, got {self.alpha!r}, {self.weight_decay!r}")
 
     def resume_key(self) -> dict[str, Any]:
-        """Settings a resumed run must share with the run that wrote the checkpoint (steps may grow)."""
-        skip = {"steps", "checkpointing_steps", "checkpoints_total_limit"}
-        return {f.name: getattr(self, f.name) for f in fields(TrainConfig) if f.name not in skip}
+        """Settings a resumed run must share with the run that wrote the checkpoint: every field of this
+        config (a subclass's too: the model, the concept, the mask settings) except `RESUME_FREE`."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in RESUME_FREE}
 
 
 @dataclass
@@ -199,7 +207,9 @@ def train_unet(
         unet.to(dtype=torch.float32)  # fp32 master weights; mixed precision autocasts the forward
 
     # ESD's frozen eps0 is the model BEFORE any update (also before a resumed checkpoint is loaded).
-    if config.method.startswith("esd") and frozen_unet is None:
+    if frozen_unet is not None and config.method not in ESD_SCOPES:
+        raise ValueError(f"frozen_unet is ESD's reference model; method {config.method!r} does not use one")
+    if config.method in ESD_SCOPES and frozen_unet is None:
         frozen_unet = copy.deepcopy(unet)
     if frozen_unet is not None:
         frozen_unet.requires_grad_(False).eval().to(device)
@@ -246,8 +256,9 @@ def train_unet(
     uncond = embed([""])[0]
     use_retain = retain is not None and config.alpha > 0
     T = pipe.scheduler.config.num_train_timesteps
-    scheduler = pipe.scheduler
-    esd_scheduler = copy.deepcopy(pipe.scheduler)  # ESD's partial sampling mutates a scheduler's timesteps
+    scheduler = training_scheduler(pipe.scheduler)  # q_sample, whatever sampler the pipeline ships with
+    is_esd = config.method in ESD_SCOPES
+    esd_sampler = esd_scheduler(pipe.scheduler) if is_esd else None  # private: set_timesteps mutates it
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -263,7 +274,7 @@ def train_unet(
         if use_retain:
             r_idx = _epoch_indices(retain.latents.shape[0], config.seed + 1, step, config.batch_size)
             r_noise, r_t = sample_noise(retain.latents[r_idx], T, gen)
-        esd_stop = int(torch.randint(0, config.esd_ddim_steps, (1,), generator=gen)) if frozen_unet is not None else 0
+        esd_stop = int(torch.randint(0, config.esd_ddim_steps, (1,), generator=gen)) if is_esd else 0
         # ... of which this process takes micro-batches rank*G .. rank*G + G-1.
         per = config.batch_size // micro_batches
         step_loss = torch.zeros(3, device=device)
@@ -282,8 +293,8 @@ def train_unet(
             # Gradients are all-reduced only on the last micro-batch (DDP no_sync covers forward + backward).
             with nullcontext() if last else accelerator.no_sync(unet):
                 with accelerator.autocast():
-                    if frozen_unet is not None:
-                        z_t, t_esd = esd_partial_sample(accelerator.unwrap_model(unet), esd_scheduler, fb.noise,
+                    if is_esd:
+                        z_t, t_esd = esd_partial_sample(accelerator.unwrap_model(unet), esd_sampler, fb.noise,
                                                         fb.cond, uncond.expand_as(fb.cond), config.esd_ddim_steps,
                                                         esd_stop, config.esd_start_guidance)
                         fb = NoisedBatch(z_t, fb.noise, fb.noise, t_esd, fb.cond, uncond.expand_as(fb.cond))
@@ -470,12 +481,13 @@ def saliency_batches(pipe, forget: LatentSet, *, batch_size: int = 8, seed: int 
     embed = PromptEmbeddings(pipe, device)
     cond, uncond = embed(forget.prompts), embed([""])[0]
     T = pipe.scheduler.config.num_train_timesteps
+    scheduler = training_scheduler(pipe.scheduler)
     gen = torch.Generator().manual_seed(seed)
     for lo in range(0, forget.latents.shape[0], batch_size):
         z = forget.latents[lo: lo + batch_size]
         noise, t = sample_noise(z, T, gen)
         c = cond[lo: lo + batch_size]
-        yield noise_batch(pipe.scheduler, z.to(device), c, noise.to(device), t.to(device), uncond.expand_as(c))
+        yield noise_batch(scheduler, z.to(device), c, noise.to(device), t.to(device), uncond.expand_as(c))
 
 
 def compute_mask(pipe, forget: LatentSet, keep: float = 0.5, *, include=None, batch_size: int = 8,
@@ -665,11 +677,15 @@ def run_erase(config: EraseConfig) -> dict[str, Any]:
 
     mask = None
     ckpt_dir = config.checkpoints()
-    resumed_mask = ckpt_dir / "mask.safetensors"
+    resumed_mask = ckpt_dir / RESUME_MASK
     if config.mask:
         mask = SaliencyMask.load(config.mask, model=pipe.unet)  # a mask for another model fails here, early
-    elif config.method == "salun" and config.resume and resumed_mask.is_file():
+    elif config.method == "salun" and _find_checkpoint(ckpt_dir, config.resume) and resumed_mask.is_file():
         mask = SaliencyMask.load(resumed_mask, model=pipe.unet)  # the mask the interrupted run computed
+        made_for, now = (mask.keep, mask.scope, mask.concept), (config.keep, config.mask_scope or "all", concept.name)
+        if made_for != now:
+            raise ConceptEraseError(f"cannot resume: {str(resumed_mask)!r} was computed for another job "
+                                    f"(keep, scope, concept: {made_for}; now {now})")
     forget, retain = build_latent_sets(pipe, concept, config, state)
     mask_seconds = 0.0
     if config.method == "salun" and mask is None:

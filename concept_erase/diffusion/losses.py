@@ -41,11 +41,23 @@ def sample_noise(latents: Tensor, num_train_timesteps: int, generator: torch.Gen
     return noise, t
 
 
+def training_scheduler(scheduler):
+    """`scheduler` itself when its `add_noise` is DDPM's q_sample (DDPM, DDIM), else a DDPM scheduler with
+    its betas and prediction type: LMS and Euler scale the noise by sigma in `add_noise` (a sampler's
+    convention), which would train the UNet on wrongly scaled inputs."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    if isinstance(scheduler, (DDPMScheduler, DDIMScheduler)):
+        return scheduler
+    return DDPMScheduler.from_config(scheduler.config)
+
+
 def noise_batch(scheduler, latents: Tensor, cond: Tensor, noise: Tensor, timesteps: Tensor,
                 target_cond: Tensor | None = None) -> NoisedBatch:
-    """The forward process of the pipeline's own scheduler (DDPM q_sample with its betas). The denoising
-    target is eps for epsilon-prediction models (SD 1.x, SD 2 base) and the velocity for v-prediction ones
-    (SD 2.x 768), which the scheduler computes from the clean latents."""
+    """The forward process z_t = q_sample(z, t, eps) with the pipeline's betas, whatever its sampler (see
+    `training_scheduler`). The denoising target is eps for epsilon-prediction models (SD 1.x, SD 2 base) and
+    the velocity for v-prediction ones (SD 2.x 768), computed from the clean latents."""
+    scheduler = training_scheduler(scheduler)
     noisy = scheduler.add_noise(latents, noise, timesteps)
     if getattr(scheduler.config, "prediction_type", "epsilon") == "v_prediction":
         target = scheduler.get_velocity(latents, noise, timesteps)
@@ -118,12 +130,20 @@ def esd_loss(unet: nn.Module, frozen_unet: nn.Module, forget: NoisedBatch, eta: 
 
 
 @torch.no_grad()
+def esd_scheduler(scheduler):
+    """A private DDIM scheduler with the pipeline's betas, for ESD's partial sampling (DESIGN.md 4), whatever
+    sampler the pipeline ships with."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config(scheduler.config)
+
+
 def esd_partial_sample(unet: nn.Module, scheduler, noise: Tensor, cond: Tensor, uncond: Tensor,
                        num_steps: int, stop_index: int, guidance: float) -> tuple[Tensor, Tensor]:
     """ESD's z_t: start from `noise`, run `stop_index` of `num_steps` DDIM steps with the model being trained
     (classifier-free guidance `guidance`, conditioned on c) and return (z_t, t) at that point.
 
-    `scheduler` must be a private copy (set_timesteps mutates it)."""
+    `scheduler` must be a private DDIMScheduler (set_timesteps mutates it): see `esd_scheduler`."""
     scheduler.set_timesteps(num_steps, device=noise.device)
     z = noise * scheduler.init_noise_sigma
     n = z.shape[0]
