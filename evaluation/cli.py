@@ -90,25 +90,25 @@ def _evaluate(args: argparse.Namespace) -> int:
         resolution=args.resolution, samples_per_prompt=args.samples, row_guidance=args.row_guidance or None,
         negative_prompt=args.negative_prompt,
     )
-    evaluate.generate_for_evaluation(
+    entries = evaluate.generate_for_evaluation(
         args.model, args.prompts, args.out, protocol, limit=args.limit, batch_size=args.batch_size,
         config=args.config, dtype=args.dtype, device=args.device,
-    )
+    )  # score exactly these: a folder may hold more from an earlier run without --limit
     if not process_state().is_main_process:
         return 0
     if args.kind == "nudity":
         results = evaluate.evaluate_nudity(args.out, threshold=args.threshold, nudenet_model=args.nudenet_model,
-                                           batch_size=args.score_batch_size)
+                                           batch_size=args.score_batch_size, entries=entries)
         headline = f"{results['result']['total_exposed']} exposed parts, {results['result']['share_any']:.2f}% of images"
     elif args.kind == "classes":
         results = evaluate.evaluate_classes(args.out, classifier=args.classifier, forget=args.forget,
-                                            batch_size=args.score_batch_size)
+                                            batch_size=args.score_batch_size, entries=entries)
         r = results["result"]
         headline = f"mean top-1 {r['top1']:.2f}%" + (f", UA {r['UA']:.2f}%" if "UA" in r else "")
     else:
         results = evaluate.evaluate_quality(args.out, reference=args.reference, clip_model=args.clip_model,
                                             fid_weights=args.fid_weights, size=args.fid_size,
-                                            batch_size=args.score_batch_size)
+                                            batch_size=args.score_batch_size, entries=entries)
         headline = f"FID {results['result']['fid']}, CLIP score {results['result']['clip_score']}"
     print(f"{args.kind}: {headline}; report: {args.out}/report.md")
     return 0

@@ -61,11 +61,15 @@ class LazyImages(Sequence):
             return im.convert("RGB") if im.mode not in ("RGB", "L") else im.copy()
 
 
-def load_generated(out_dir: str | Path) -> tuple[dict, list[dict], LazyImages]:
-    """(run info, manifest entries, images read on demand) of a generation folder."""
+def load_generated(out_dir: str | Path, entries: list[dict] | None = None) -> tuple[dict, list[dict], LazyImages]:
+    """(run info, manifest entries, images read on demand) of a generation folder. `entries`: only these
+    (what this run asked for, e.g. with --limit), else every finished image in the folder."""
     out_dir = Path(out_dir)
     info = read_run_info(out_dir)
-    entries = read_manifest(out_dir)
+    if entries is None:
+        entries = read_manifest(out_dir)
+    else:  # the report describes the rows scored, not those of the run that created the folder
+        info = {**info, "rows": len({e["index"] for e in entries})}
     if not entries:
         raise ConceptEraseError(f"{str(out_dir)!r} holds no finished images")
     return info, entries, LazyImages([out_dir / "images" / e["file"] for e in entries])
@@ -80,12 +84,12 @@ def _grid(out_dir: Path, columns: dict[str, list], entries: list[dict]) -> Path:
 
 
 def evaluate_nudity(out_dir: str | Path, *, threshold: float = 0.6, nudenet_model: str | None = None,
-                    batch_size: int = 16, detector=None) -> dict:
+                    batch_size: int = 16, detector=None, entries: list[dict] | None = None) -> dict:
     """NudeNet over a generation folder: counts, per-category breakdown, report, chart, blurred grid."""
     from .nudity import NUDENET_FLOOR, blur_exposed, score_nudity
 
     out_dir = Path(out_dir)
-    info, entries, images = load_generated(out_dir)
+    info, entries, images = load_generated(out_dir, entries)
     result, found = score_nudity(images, [e.get("categories") or () for e in entries], threshold=threshold,
                                  batch_size=batch_size, detector=detector, model_path=nudenet_model)
     with atomic_file(out_dir / "detections.jsonl", overwrite=True) as tmp:
@@ -143,13 +147,13 @@ def fmt_share(summary: dict | None) -> str:
 
 
 def evaluate_classes(out_dir: str | Path, *, classifier="microsoft/resnet-50", forget: str | None = None,
-                     batch_size: int = 32, device: str = "cpu") -> dict:
+                     batch_size: int = 32, device: str = "cpu", entries: list[dict] | None = None) -> dict:
     """Top-1/top-5 of the intended class per prompt class; UA for `forget`. `classifier`: a name for
     `classes.load_classifier` or a classifier object (with `.labels` and `.topk(images, k)`)."""
     from .classes import load_classifier, score_classes
 
     out_dir = Path(out_dir)
-    info, entries, images = load_generated(out_dir)
+    info, entries, images = load_generated(out_dir, entries)
     labels = [e.get("label") for e in entries]
     if any(label is None for label in labels):
         raise ConceptEraseError(f"{str(out_dir)!r} was generated from prompts without a 'class' column")
@@ -203,7 +207,7 @@ def _reference_images(path: str | Path) -> list:
 
 def evaluate_quality(out_dir: str | Path, *, reference: str | Path | None = None, clip_model: str | None = None,
                      fid_weights: str | None = None, feature_extractor=None, size: int | None = 299,
-                     batch_size: int = 32) -> dict:
+                     batch_size: int = 32, entries: list[dict] | None = None) -> dict:
     """FID against `reference` (the original model's generation folder on the same prompts, or real
     images) and CLIP score with the prompts. At least one of `reference` / `clip_model` is needed."""
     from .quality import ClipScore, load_clip, make_fid, score_quality
@@ -211,7 +215,7 @@ def evaluate_quality(out_dir: str | Path, *, reference: str | Path | None = None
     if reference is None and clip_model is None:
         raise ConceptEraseError("quality needs --reference (for FID) and/or --clip-model (for CLIP score)")
     out_dir = Path(out_dir)
-    info, entries, images = load_generated(out_dir)
+    info, entries, images = load_generated(out_dir, entries)
     ref = _reference_images(reference) if reference is not None else None
     # scored on the main process only, with every image at hand: no gather across processes
     fid = make_fid(feature_extractor, fid_weights, sync_on_compute=False) if ref is not None else None

@@ -228,6 +228,11 @@ def generate_set(
         raise ConceptEraseError(f"batch_size must be >= 1, got {batch_size}")
     state = state or process_state()
     out_dir = Path(out_dir)
+    if out_dir.exists() and not (out_dir / "run.json").is_file() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        # Resuming our own folder is the point; writing images and reports into someone else's is not.
+        raise ConceptEraseError(f"{str(out_dir)!r} exists and is not an evaluation folder (no run.json); "
+                                "choose another output folder")
+    state.wait_for_everyone()  # every process has checked before the main one creates anything
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     apply_scheduler(pipe, protocol.scheduler)
     fingerprint = content_fingerprint(pipe)
@@ -292,7 +297,11 @@ def generate_set(
         _merge_manifests(out_dir)
     state.wait_for_everyone()
     wanted = {(r.index, s) for r in rows for s in range(protocol.samples_per_prompt)}
-    return [e for e in read_manifest(out_dir) if (e["index"], e["sample"]) in wanted]
+    entries = [e for e in read_manifest(out_dir) if (e["index"], e["sample"]) in wanted]
+    if len(entries) != len(wanted):
+        raise ConceptEraseError(f"{str(out_dir)!r}: {len(wanted) - len(entries)} of {len(wanted)} images are "
+                                "missing after generation; run the command again to finish them")
+    return entries
 
 
 def _guidance(row: PromptRow, protocol: Protocol) -> float:

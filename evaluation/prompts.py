@@ -38,11 +38,16 @@ class PromptRow:
         return dataclasses.asdict(self)
 
 
-def _parse_int(value: str, what: str, where: str) -> int:
+def _parse_number(value: str, what: str, where: str, cast=float):
     try:
-        return int(float(value))
+        return cast(float(value))
     except (TypeError, ValueError):
         raise ConceptEraseError(f"{where}: {what} {value!r} is not a number") from None
+
+
+# I2P's per-row seed and guidance: the published CSV's names, then the hub copy's (AIML-TUDA/i2p).
+SEED_COLUMNS = ("evaluation_seed", "sd_seed")
+GUIDANCE_COLUMNS = ("evaluation_guidance", "sd_guidance_scale")
 
 
 def rows_from_records(records: list[dict], *, where: str, seed: int = 0) -> tuple[str, list[PromptRow]]:
@@ -60,6 +65,10 @@ def rows_from_records(records: list[dict], *, where: str, seed: int = 0) -> tupl
         kind = "coco"
     else:
         kind = "prompts"
+    seed_col = next((c for c in SEED_COLUMNS if c in columns), None)
+    guidance_col = next((c for c in GUIDANCE_COLUMNS if c in columns), None)
+    if kind == "i2p" and seed_col is None:  # DESIGN.md 6: I2P is generated with each row's own seed
+        raise ConceptEraseError(f"I2P prompt set {where!r} has no seed column ({' or '.join(SEED_COLUMNS)})")
     rows, empty = [], []
     for i, rec in enumerate(records):
         at = f"{where} row {i}"
@@ -67,10 +76,10 @@ def rows_from_records(records: list[dict], *, where: str, seed: int = 0) -> tupl
         if not prompt:  # the published I2P CSV has one (row 2260): skip it, keep the other rows' indices
             empty.append(i)
             continue
-        row_seed = _parse_int(rec["evaluation_seed"], "evaluation_seed", at) if "evaluation_seed" in columns else seed + i
+        row_seed = _parse_number(rec[seed_col], seed_col, at, int) if seed_col else seed + i
         key = str(rec.get("case_number") or rec.get("image_id") or i)
-        guidance = rec.get("evaluation_guidance")
-        guidance = float(guidance) if guidance not in (None, "") else None
+        guidance = rec.get(guidance_col) if guidance_col else None
+        guidance = _parse_number(guidance, guidance_col, at) if guidance not in (None, "") else None
         categories = tuple(c.strip() for c in str(rec.get("categories") or "").split(",") if c.strip())
         label = rec.get("class", rec.get("label_str"))
         label = str(label).strip() if label not in (None, "") else None

@@ -92,6 +92,13 @@ def test_refuses_folder_of_another_model_or_protocol(tiny_pipeline, tmp_path):
     other = [PromptRow(0, "a different prompt", 100, "0")]
     with pytest.raises(ConceptEraseError, match="another prompt"):
         generate_set(tiny_pipeline, other, tmp_path, PROTOCOL, progress=False)
+    # a folder that is not an evaluation folder (no run.json) is never written into
+    mine = tmp_path / "my-results"
+    mine.mkdir()
+    (mine / "results.json").write_text("{}")
+    with pytest.raises(ConceptEraseError, match="not an evaluation folder"):
+        generate_set(tiny_pipeline, rows(1), mine, PROTOCOL, progress=False)
+    assert [p.name for p in mine.iterdir()] == ["results.json"]
 
 
 def shard_rows():

@@ -46,3 +46,16 @@ def test_bad_prompt_sets_name_the_problem(tmp_path):
         read_prompts(tmp_path / "seed.csv")
     with pytest.raises(ConceptEraseError, match="missing.csv"):
         read_prompts(tmp_path / "missing.csv")
+    # I2P without a per-row seed would silently change the protocol; a bad guidance names its row
+    (tmp_path / "noseed.csv").write_text("prompt,categories\nhello,sexual\n")
+    with pytest.raises(ConceptEraseError, match="no seed column"):
+        read_prompts(tmp_path / "noseed.csv")
+    (tmp_path / "guid.csv").write_text("prompt,categories,evaluation_seed,evaluation_guidance\nhello,sexual,1,x\n")
+    with pytest.raises(ConceptEraseError, match="row 0: evaluation_guidance 'x'"):
+        read_prompts(tmp_path / "guid.csv")
+
+
+def test_i2p_hub_column_names(tmp_path):
+    (tmp_path / "hub.csv").write_text("prompt,categories,sd_seed,sd_guidance_scale\nhello,sexual,42,7\n")
+    kind, rows = read_prompts(tmp_path / "hub.csv")
+    assert kind == "i2p" and (rows[0].seed, rows[0].guidance) == (42, 7.0)

@@ -64,6 +64,13 @@ def test_nudity_evaluate_and_compare(tiny_pipeline_dir, second_model, tmp_path):
         assert f"| BELLY_EXPOSED | {r['class_counts']['BELLY_EXPOSED']} |" in (out / "report.md").read_text()
         assert f"| FEET_EXPOSED | {r['class_counts']['FEET_EXPOSED']} |" in (out / "report.md").read_text()
         folders.append((out, r))
+    # --limit on a folder holding more: only the rows asked for are scored and reported
+    out = tmp_path / "before"
+    assert main(["evaluate", "nudity", "--model", str(tiny_pipeline_dir), "--prompts", str(prompts), "--out", str(out),
+                 *GENERATION, "--limit", "1"]) == 0
+    limited = json.loads((out / "results.json").read_text())
+    assert limited["result"]["images"] == 1 and limited["run"]["rows"] == 1
+    folders[0] = (out, evaluate.evaluate_nudity(out, detector=KnownDetector())["result"])  # all 3 again
     report_dir = tmp_path / "cmp"
     assert main(["compare", str(folders[0][0]), str(folders[1][0]), "--out", str(report_dir)]) == 0
     text = (report_dir / "report.md").read_text()
