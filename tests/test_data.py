@@ -1,6 +1,7 @@
 """Forget/retain image sets: generated once, cached with a manifest, resumable; user folders; latents."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -127,6 +128,11 @@ def test_user_folder(tmp_path):
     assert len(list((tmp_path / "cache").rglob("latents-*.safetensors"))) == 1
     assert not list(folder.glob("latents*"))  # nothing written into the user's folder
     torch.testing.assert_close(encode_latents(grey, images.images(), batch_size=1), latents)
+    # the user replaces an image by another of the same size: its latents are re-encoded, not read stale
+    Image.fromarray(np.full((20, 24, 3), 250, np.uint8)).save(folder / "0.png")
+    os.utime(folder / "0.png", ns=(1, 1))  # a different modification time, whatever the clock's resolution
+    again = ImageSet.from_folder(folder, cache_dir=tmp_path / "cache").latents(grey)
+    assert not torch.equal(again[0], latents[0]) and torch.equal(again[1:], latents[1:])
 
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConceptEraseError, match="no images"):

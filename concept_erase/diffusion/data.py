@@ -227,7 +227,8 @@ class ImageSet:
 
     def latents(self, pipe, *, batch_size: int = 8, progress: bool = False) -> "torch.Tensor":
         """VAE latents of every image (see `encode_latents`), computed once and cached as safetensors beside
-        the manifest; the cache is keyed by the VAE's weights and the images' names, sizes and prompts."""
+        the manifest; the cache is keyed by the VAE's weights and the images' names, sizes, modification
+        times and prompts (a user's image replaced by another of the same size is re-encoded)."""
         from safetensors import safe_open
         from safetensors.torch import save_file
 
@@ -237,7 +238,7 @@ class ImageSet:
             return encode_latents(pipe, self.images(), batch_size=batch_size, progress=progress)
         key = hashlib.sha256(json.dumps({
             "vae": weights_digest(pipe.vae), "size": list(default_image_size(pipe)),
-            "files": [[r.file, r.prompt, (self.root / r.file).stat().st_size] for r in self.records],
+            "files": [[r.file, r.prompt, *_size_and_mtime(self.root / r.file)] for r in self.records],
         }).encode()).hexdigest()
         path = self.cache_dir / f"latents-{key[:20]}.safetensors"
         if path.is_file():
@@ -335,3 +336,8 @@ def encode_latents(pipe, images: Sequence["Image.Image"], batch_size: int = 8, *
             mean = vae.encode(x).latent_dist.mean
         out.append(((mean - shift) * scale).float().cpu())
     return torch.cat(out)
+
+
+def _size_and_mtime(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
