@@ -20,6 +20,17 @@ def check_output_free(path: str | os.PathLike, overwrite: bool) -> Path:
     return path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish_mode(tmp: Path, mode: int) -> None:
+    """mkdtemp/mkstemp create private (0700/0600) entries; give the output the mode a plain mkdir/open would."""
+    os.chmod(tmp, mode & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder next to `path`; on success it replaces `path`, on error it is removed."""
@@ -31,6 +42,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _publish_mode(tmp, 0o777)
     if path.exists():
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
         os.replace(path, old)
@@ -53,4 +65,5 @@ def atomic_file(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pa
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _publish_mode(tmp, 0o666)
     os.replace(tmp, path)
