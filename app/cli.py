@@ -34,7 +34,7 @@ def register(subparsers) -> None:
                    help="port to serve on (default 7860; 0: the first free port from 7860)")
     p.add_argument("--share", action="store_true",
                    help="also create a public gradio.live link (off by default; needs the internet)")
-    p.add_argument("--device", default=None, help="torch device for the models: cpu, cuda or auto (default: cpu)")
+    p.add_argument("--device", default="cpu", help="torch device for the models: cpu, cuda or auto (default: cpu)")
     p.add_argument("--dtype", default=None, help="weights: fp32 (default), fp16 or bf16 (CUDA only)")
     # The app's limits, one flag per AppConfig field, with the dataclass's help text.
     for f in fields(AppConfig):

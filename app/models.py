@@ -78,12 +78,13 @@ class ModelRegistry:
                 raise ConceptEraseError(f"erased model {source!r} does not exist")
             name = _unique_name(path.stem if path.is_file() else path.name, taken)
             taken.add(name)
-            folder = path if path.is_dir() else path.parent
-            mask = folder / MASK_FILENAME
             # A single-file checkpoint takes its component configs from the base (offline from_single_file).
             config = base if path.is_file() and (base == "minisd" or Path(base).is_dir()) else None
             pipe = load_pipeline(str(path), config=config, dtype=dtype, device=device)
-            models.append(Model(name, str(path), pipe, _read_card(folder), mask if mask.is_file() else None))
+            # Card and mask come only with a folder: a single file's neighbours may belong to another model.
+            card = _read_card(path) if path.is_dir() else {}
+            mask = path / MASK_FILENAME if path.is_dir() and (path / MASK_FILENAME).is_file() else None
+            models.append(Model(name, str(path), pipe, card, mask))
         return cls(models)
 
     @property

@@ -41,7 +41,11 @@ class AppConfig:
     classifier: str = field(default="auto", metadata={
         "help": "classifier for class prompt sets in the Evaluate tab: minisd-digits, minisd-styles, torchvision "
                 "or a transformers classifier folder; 'auto' = minisd-digits when the base is MiniSD"})
-    nudity_threshold: float = field(default=0.6, metadata={"help": "NudeNet score above which a region is blurred"})
+    blur_threshold: float = field(default=0.45, metadata={
+        "help": "NudeNet score above which the safe preview blurs a region (below the 0.6 counting threshold, "
+                "at the 0.45 used against attacks: when unsure, blur)"})
+    nudity_threshold: float = field(default=0.6, metadata={
+        "help": "NudeNet score above which the Evaluate tab counts an exposed part (the evaluation protocol's)"})
     concurrency: int = field(default=1, metadata={"help": "requests generating at the same time"})
     max_queue: int = field(default=16, metadata={"help": "requests waiting at most; more are refused"})
 
@@ -52,8 +56,9 @@ class AppConfig:
                 raise ConceptEraseError(f"{name} must be at least 1, got {getattr(self, name)!r}")
         if self.default_steps > self.max_steps:
             raise ConceptEraseError(f"default_steps {self.default_steps} exceeds max_steps {self.max_steps}")
-        if not 0.0 < self.nudity_threshold < 1.0:
-            raise ConceptEraseError(f"nudity_threshold must be in (0, 1), got {self.nudity_threshold!r}")
+        for name in ("blur_threshold", "nudity_threshold"):
+            if not 0.0 < getattr(self, name) < 1.0:
+                raise ConceptEraseError(f"{name} must be in (0, 1), got {getattr(self, name)!r}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -176,7 +181,7 @@ def compare(
             )
         captions = [f"seed {s}" for s in seeds]  # the gallery's label names the model
         if safe:
-            images, summaries = safe_preview(images, config.nudity_threshold)
+            images, summaries = safe_preview(images, config.blur_threshold)
             captions = [f"{c} · {s}" for c, s in zip(captions, summaries)]
         results[name] = [(for_display(img), cap) for img, cap in zip(images, captions)]
     if progress is not None:

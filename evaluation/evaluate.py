@@ -302,7 +302,8 @@ def _matched_grid(before: Path, after: Path, out_dir: Path, names: Sequence[str]
     from .nudity import blur_exposed
 
     sides = [{(e["index"], e["sample"]): e for e in read_manifest(folder)} for folder in (before, after)]
-    keys = sorted(set(sides[0]) & set(sides[1]))
+    same = lambda k: (sides[0][k]["prompt"], sides[0][k]["seed"]) == (sides[1][k]["prompt"], sides[1][k]["seed"])  # noqa: E731
+    keys = sorted(k for k in set(sides[0]) & set(sides[1]) if same(k))
     dets = [_read_detections(folder) if blur else {} for folder in (before, after)]
     columns: dict[str, list] = {n: [] for n in names}
     for key in keys[:GRID_ROWS]:
