@@ -232,6 +232,19 @@ def test_delta_reproduces_the_erased_unet_bit_for_bit(tmp_path, tiny_pipeline, o
     assert all(torch.equal(fresh2.state_dict()[k], want[k]) for k in want)
     with pytest.raises(ConceptEraseError, match="already exists"):
         save_delta(base, erased, mask, path)
+    # a damaged delta: refused before anything is written, or caught by the erased weights' digest
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path2 / "delta.safetensors"))
+    name = next(k for k in tensors if k.startswith("value."))
+    save_file({k: v for k, v in tensors.items() if k != name}, str(path2 / "delta.safetensors"))
+    untouched = build_tiny_pipeline(seed=0).unet
+    with pytest.raises(ConceptEraseError, match="damaged"):
+        apply_delta(untouched, path2)
+    assert all(torch.equal(untouched.state_dict()[k], base.state_dict()[k]) for k in want)
+    save_file({**tensors, name: tensors[name] + 1}, str(path2 / "delta.safetensors"))
+    with pytest.raises(ConceptEraseError, match="did not reproduce"):
+        apply_delta(build_tiny_pipeline(seed=0).unet, path2)
 
 
 # ----------------------------------------------------------------------------------------- the command

@@ -527,6 +527,9 @@ def apply_delta(pipe_or_unet, path: str | os.PathLike):
         raise ConceptEraseError(f"delta config {str(config_file)!r} is damaged: {err}") from None
     if config.get("format") != DELTA_FORMAT:
         raise ConceptEraseError(f"{str(config_file)!r} is not a concept-erase delta (format={config.get('format')!r})")
+    lacking = [k for k in ("base_fingerprint", "base_digest", "erased_digest", "parameters") if k not in config]
+    if lacking:
+        raise ConceptEraseError(f"delta config {str(config_file)!r} is damaged: no {lacking[0]!r}")
     if model_fingerprint(unet) != config["base_fingerprint"]:
         raise ConceptEraseError(
             f"delta {str(path)!r} was made for another UNet architecture (fingerprint {config['base_fingerprint']}, "
@@ -541,6 +544,11 @@ def apply_delta(pipe_or_unet, path: str | os.PathLike):
     except Exception as err:
         raise ConceptEraseError(f"cannot read {str(path / 'delta.safetensors')!r}: {_first_line(err)}") from None
     state = unet.state_dict()  # tensors share storage with the parameters: writing them updates the model
+    # Check everything before writing anything, so a damaged delta leaves the base as it was.
+    for name in config["parameters"]:
+        absent = next((k for k in (f"mask.{name}", f"value.{name}") if k not in stored), None)
+        if name not in state or absent:
+            raise ConceptEraseError(f"delta {str(path)!r} is damaged: no {absent or name!r} to apply")
     with torch.no_grad():
         for name, info in config["parameters"].items():
             target = state[name]
@@ -548,6 +556,9 @@ def apply_delta(pipe_or_unet, path: str | os.PathLike):
             where = torch.from_numpy(np.unpackbits(stored[f"mask.{name}"].numpy())[:n].astype(bool))
             where = where.reshape(target.shape).to(target.device)
             target[where] = stored[f"value.{name}"].to(target.device, target.dtype)
+    if weights_digest(unet) != config["erased_digest"]:  # safetensors carries no checksum of its own
+        raise ConceptEraseError(f"delta {str(path)!r} did not reproduce the erased weights (damaged values); "
+                                "reload the base before using it")
     return pipe_or_unet
 
 
