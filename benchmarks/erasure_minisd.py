@@ -361,7 +361,7 @@ def main(argv=None) -> int:
         all_rows += [{**r, "concept": concept_name} for r in rows]
         lines += [f"## {concept_name}", "",
                   f"Original model: forget acc {100 * base_eval['forget_acc']:.1f}%, retain acc "
-                  f"{100 * base_eval['retain_acc']:.1f}%, FID {base_eval['fid']:.3f} (against itself).", "",
+                  f"{100 * base_eval['retain_acc']:.1f}%, FID {base_eval['fid']:.1e} (against itself: numerically about 0).", "",
                   "| method | steps | forget acc % (lower is better) | retain acc % | FID (judge features) | s/step |",
                   "| --- | --- | --- | --- | --- | --- |"]
         for method in methods:

@@ -248,6 +248,20 @@ def test_mask_then_erase_commands(tiny_pipeline_dir, cache, tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "already exists" in err and str(out) in err
 
 
+@pytest.mark.parametrize("flag", ["--model-config", "--config"])
+def test_mask_from_a_single_file_checkpoint(flag, tiny_pipeline_dir, tiny_pipeline, cache, tmp_path):
+    """A community single-file checkpoint goes through the same command, with the local config folder
+    under either spelling (generate, export and evaluate call it --config)."""
+    from concept_erase.diffusion.io import export_single_file
+
+    ckpt = export_single_file(tiny_pipeline, tmp_path / "model.safetensors")
+    argv = _common(tiny_pipeline_dir, cache, erase=False)
+    argv[argv.index("--model") + 1] = str(ckpt)
+    out = tmp_path / "mask.safetensors"
+    assert main(["mask", *argv, flag, str(tiny_pipeline_dir), "--output", str(out)]) == 0
+    assert SaliencyMask.load(out, model=tiny_pipeline.unet).kept_fraction == pytest.approx(0.5, abs=0.01)
+
+
 def _one_line_error(capsys, argv, *fragments):
     capsys.readouterr()
     assert main(argv) == 2

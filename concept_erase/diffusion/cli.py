@@ -26,6 +26,8 @@ ERASE_FIELDS = (
 )
 REQUIRED = ("model", "output")
 MASK_HELP = {"output": "the mask file to write (.safetensors)"}
+# Extra spellings: `--config` is what generate, export and evaluate call the single-file config folder.
+ALIASES = {"model_config": ("--config",)}
 
 
 def _add_fields(parser: argparse.ArgumentParser, names, help_override=None) -> None:
@@ -55,7 +57,7 @@ def _add_fields(parser: argparse.ArgumentParser, names, help_override=None) -> N
                 kwargs["required"] = True
             elif f.default is not None and not callable(f.default):
                 kwargs["help"] = f"{help_text} (default: {f.default})"
-        parser.add_argument(flag, **kwargs)
+        parser.add_argument(flag, *ALIASES.get(name, ()), **kwargs)
 
 
 def register(subparsers) -> None:
