@@ -62,7 +62,7 @@ def load_rows(preset: str | None, upload: str | None, registry, max_rows: int) -
             kind, rows = read_prompts(upload, limit=max_rows + 1)
         except ConceptEraseError as err:
             # Name the file as the user knows it, not by the server's temporary upload path.
-            detail = str(err).replace(repr(str(upload)), repr(name))
+            detail = str(err).replace(repr(str(upload)), repr(name)).replace(str(upload), name)
             raise ConceptEraseError(f"uploaded file {name!r} is not a prompt set: {detail}") from None
         except (UnicodeDecodeError, csv.Error, ValueError, KeyError, TypeError) as err:
             raise ConceptEraseError(f"uploaded file {name!r} is not a readable CSV ({type(err).__name__})") from None
@@ -90,13 +90,14 @@ def evaluate(registry, config, preset: str | None, upload: str | None, steps: in
     """Generate every row on every launched model and score it. Returns (Markdown table, chart image)."""
     from concept_erase.diffusion.generate import generate_images
 
-    from .ui import MAX_GUIDANCE, _check_float, _check_int, check_prompt
+    from .ui import MAX_GUIDANCE, MAX_SEED, _check_float, _check_int, check_prompt
 
     steps = _check_int(config.default_steps if steps is None else steps, "steps", 1, config.max_steps)
     guidance = _check_float(config.default_guidance if guidance is None else guidance, "guidance", 0.0, MAX_GUIDANCE)
     kind, rows = load_rows(preset, upload, registry, config.max_eval_prompts)
     for row in rows:
         check_prompt(row.prompt, config.max_prompt_chars, f"prompt of row {row.index}")
+        _check_int(row.seed, f"seed of row {row.index}", 0, MAX_SEED)
     classifier = None
     if kind == "classes":  # fail before generating: a classifier, and every class one of its labels
         from evaluation.classes import match_label

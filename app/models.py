@@ -31,6 +31,12 @@ class Model:
     # Pipelines are not safe to call from two threads at once (schedulers keep state); one lock each.
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
+    @property
+    def public_source(self) -> str:
+        """`source` as the browser may see it: a hub id or "minisd" as is, a local path by its last part only
+        (visitors, e.g. under --host 0.0.0.0 or --share, learn nothing of the server's file system)."""
+        return Path(self.source).name if Path(self.source).exists() else self.source
+
 
 def _unique_name(wanted: str, taken: set[str]) -> str:
     name, i = wanted, 2

@@ -199,7 +199,7 @@ def concept_summary(registry: ModelRegistry, name: str) -> tuple[str, Any]:
     if name == registry.base_name:
         raise ConceptEraseError(f"{name!r} is the base model; choose an erased model")
     card = model.card
-    lines = [f"### {name}", f"Loaded from `{model.source}`.", ""]
+    lines = [f"### {name}", f"Loaded from `{model.public_source}`.", ""]
     if not card:
         lines.append("This model folder has no model card, so what it erased is unknown.")
     else:
@@ -270,7 +270,7 @@ def build_app(registry: ModelRegistry, config: AppConfig | None = None):
     with gr.Blocks(title="concept-erase: before and after", analytics_enabled=False) as demo:
         gr.Markdown(
             "# concept-erase: the same seed before and after\n"
-            f"Base model: **{registry.base_name}** (`{registry.get(registry.base_name).source}`). "
+            f"Base model: **{registry.base_name}** (`{registry.get(registry.base_name).public_source}`). "
             f"Erased: {', '.join(f'**{n}**' for n in registry.erased_names)}."
         )
         with gr.Tab("Compare"):

@@ -145,6 +145,8 @@ def test_concept_summary_shows_card_and_mask(tiny_registry):
 
     text, figure = concept_summary(tiny_registry, "no-cat")
     assert "| concept | cat |" in text and "| surrogate | a dog |" in text and "50.0%" in text
+    source = tiny_registry.get("no-cat").source
+    assert "Loaded from `no-cat`" in text and source not in text  # the server's paths stay on the server
     assert figure.size[0] > 300  # the evaluation suite's bar chart, rendered
     with pytest.raises(ConceptEraseError, match="base model"):
         concept_summary(tiny_registry, "base")
@@ -229,6 +231,12 @@ def test_bad_input_over_api(launched, tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("name,value\nfoo,1\n")
     with pytest.raises(Exception, match="'bad.csv' is not a prompt set.*no 'prompt' column"):
+        client.predict(None, handle_file(str(bad)), STEPS, GUIDANCE, api_name="/evaluate")
+    bad.write_text("prompt,evaluation_seed\na cat,abc\n")  # row-level: named by its file name, not the upload path
+    with pytest.raises(Exception, match="'bad.csv' is not a prompt set: bad.csv row 0: evaluation_seed 'abc'"):
+        client.predict(None, handle_file(str(bad)), STEPS, GUIDANCE, api_name="/evaluate")
+    bad.write_text("prompt,evaluation_seed\na cat,99999999999999999999\n")
+    with pytest.raises(Exception, match="seed of row 0 must be a whole number from 0 to"):
         client.predict(None, handle_file(str(bad)), STEPS, GUIDANCE, api_name="/evaluate")
     binary = tmp_path / "binary.csv"
     binary.write_bytes(bytes(range(256)) * 4)
