@@ -10,6 +10,8 @@ from torch import nn
 from concept_erase.diffusion.losses import (
     NoisedBatch,
     esd_loss,
+    esd_partial_sample,
+    esd_scheduler,
     esd_target,
     noise_batch,
     saliency_loss,
@@ -83,6 +85,18 @@ def test_esd_target_is_negative_guidance_of_the_frozen_model():
     loss, loss_f, _ = esd_loss(unet, frozen, b, eta=2.0)
     assert torch.allclose(loss, F.mse_loss(unet(b.noisy, b.timesteps, b.cond).sample, target))
     assert frozen.a.grad is None
+
+
+def test_esd_partial_sample_is_data_not_a_graph():
+    """ESD's z_t comes from sampling with the model being trained, but the loss's gradient must start at z_t:
+    backpropagating through the sampling chain would change the objective and multiply memory."""
+    from diffusers import DDPMScheduler
+
+    unet, b = ToyUNet(), _batch()
+    sampler = esd_scheduler(DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012))
+    z_t, t = esd_partial_sample(unet, sampler, b.noise, b.cond, b.target_cond, num_steps=5, stop_index=3, guidance=3.0)
+    assert unet.grad_enabled == [False] * 3 and z_t.grad_fn is None and not z_t.requires_grad
+    assert t.shape == (3,) and int(t[0]) == int(sampler.timesteps[3])
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])

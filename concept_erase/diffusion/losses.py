@@ -129,7 +129,6 @@ def esd_loss(unet: nn.Module, frozen_unet: nn.Module, forget: NoisedBatch, eta: 
     return _joint_loss(unet, forget, target, retain, alpha)
 
 
-@torch.no_grad()
 def esd_scheduler(scheduler):
     """A private DDIM scheduler with the pipeline's betas, for ESD's partial sampling (DESIGN.md 4), whatever
     sampler the pipeline ships with."""
@@ -138,6 +137,7 @@ def esd_scheduler(scheduler):
     return DDIMScheduler.from_config(scheduler.config)
 
 
+@torch.no_grad()  # ESD samples z_t as data; the loss's gradient starts at z_t, not inside the chain
 def esd_partial_sample(unet: nn.Module, scheduler, noise: Tensor, cond: Tensor, uncond: Tensor,
                        num_steps: int, stop_index: int, guidance: float) -> tuple[Tensor, Tensor]:
     """ESD's z_t: start from `noise`, run `stop_index` of `num_steps` DDIM steps with the model being trained
