@@ -289,11 +289,18 @@ def test_cli_reliability_errors(tiny_pipeline_dir, cache, tmp_path, capsys):
                              "--steps", "6", "--checkpointing-steps", "1"], "non-finite")
     assert not (tmp_path / "o3").exists()
     assert any(p.name.startswith("checkpoint-") for p in (tmp_path / "o3.checkpoints").iterdir())
-    # xformers on CPU
+    # ... and with no checkpoints to resume from, the mask kept for --resume is not left behind either
+    _one_line_error(capsys, ["erase", *common, "--output", str(tmp_path / "o5"), "--lr", "1e30", "--steps", "6"],
+                    "non-finite")
+    # settings this launch cannot run: refused before any images or mask are made
+    _one_line_error(capsys, ["erase", *common, "--output", str(tmp_path / "o6"), "--batch-size", "3",
+                             "--gradient-accumulation-steps", "2"], "batch_size 3 must be divisible", "1 x 2")
+    _one_line_error(capsys, ["erase", *common, "--output", str(tmp_path / "o7"), "--mask-scope", "["],
+                    "--mask-scope '['", "not a valid regex")
     if not torch.cuda.is_available():
-        _one_line_error(capsys, ["erase", *common, "--output", str(tmp_path / "o4"), "--method", "rl",
-                                 "--enable-xformers"], "xformers")
-    assert not any((tmp_path / n).exists() for n in ("o1", "o2", "o4"))
+        _one_line_error(capsys, ["erase", *common, "--output", str(tmp_path / "o4"), "--enable-xformers"], "xformers")
+    assert not any((tmp_path / n).exists() for n in ("o1", "o2", "o4", "o5", "o6", "o7"))
+    assert not any((tmp_path / f"{n}.checkpoints").exists() for n in ("o1", "o2", "o4", "o5", "o6", "o7"))
 
 
 def test_recipe_defaults_and_user_overrides():

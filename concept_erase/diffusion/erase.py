@@ -115,6 +115,19 @@ class TrainConfig:
         if self.alpha < 0 or self.weight_decay < 0:
             raise ConceptEraseError(f"alpha and weight_decay must be >= 0, got {self.alpha!r}, {self.weight_decay!r}")
 
+    def check_launch(self, num_processes: int) -> None:
+        """What depends on this machine and launch, checked before any expensive work (and again by
+        `train_unet` for direct callers)."""
+        if self.enable_xformers and not torch.cuda.is_available():
+            raise ConceptEraseError("--enable-xformers needs a CUDA GPU (xformers has no CPU kernels); "
+                                    "PyTorch SDPA attention is used by default")
+        if self.mixed_precision == "fp16" and not torch.cuda.is_available():
+            raise ConceptEraseError("--mixed-precision fp16 needs a CUDA GPU; use bf16 or no on CPU")
+        if self.batch_size % (num_processes * self.gradient_accumulation_steps):
+            raise ConceptEraseError(
+                f"batch_size {self.batch_size} must be divisible by processes x gradient_accumulation_steps "
+                f"= {num_processes} x {self.gradient_accumulation_steps}")
+
     def resume_key(self) -> dict[str, Any]:
         """Settings a resumed run must share with the run that wrote the checkpoint: every field of this
         config (a subclass's too: the model, the concept, the mask settings) except `RESUME_FREE`."""
@@ -186,20 +199,13 @@ def train_unet(
         raise ConceptEraseError("method 'rl' trains every weight; drop --mask or use --method salun")
     if config.method in ("salun", "rl") and forget.surrogates is None:
         raise ConceptEraseError(f"method {config.method!r} needs a surrogate prompt for every forget item")
-    if config.enable_xformers and not torch.cuda.is_available():
-        raise ConceptEraseError("--enable-xformers needs a CUDA GPU (xformers has no CPU kernels); "
-                                "PyTorch SDPA attention is used by default")
-    if config.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise ConceptEraseError("--mixed-precision fp16 needs a CUDA GPU; use bf16 or no on CPU")
+    config.check_launch(1)  # xformers / fp16 before Accelerator fails on them less clearly
 
     _reset_accelerate_state()
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.mixed_precision)
     world, rank = accelerator.num_processes, accelerator.process_index
+    config.check_launch(world)  # and the batch split, now that the process count is known
     micro_batches = world * config.gradient_accumulation_steps
-    if config.batch_size % micro_batches:
-        raise ConceptEraseError(
-            f"batch_size {config.batch_size} must be divisible by processes x gradient_accumulation_steps "
-            f"= {world} x {config.gradient_accumulation_steps}")
     device = accelerator.device
     unet = pipe.unet
     unet.to(device)
@@ -561,6 +567,11 @@ class EraseConfig(TrainConfig):
             raise ConceptEraseError(f"--method rl trains every weight; it takes no --mask ({self.mask!r})")
         if self.concept is None and not self.forget:
             raise ConceptEraseError("name a --concept preset or give --forget and --surrogate")
+        if self.mask_scope is not None:
+            try:
+                re.compile(self.mask_scope)
+            except re.error as err:
+                raise ConceptEraseError(f"--mask-scope {self.mask_scope!r} is not a valid regex ({err})") from None
 
     @classmethod
     def for_concept(cls, **values) -> "EraseConfig":
@@ -674,6 +685,7 @@ def run_erase(config: EraseConfig) -> dict[str, Any]:
             check_output_free(path, config.overwrite)
     t_start = time.perf_counter()
     state, concept, pipe = _prepare(config)
+    config.check_launch(state.num_processes)
 
     mask = None
     ckpt_dir = config.checkpoints()
@@ -703,8 +715,13 @@ def run_erase(config: EraseConfig) -> dict[str, Any]:
         mask_seconds = time.perf_counter() - t0
     base_unet = copy.deepcopy(pipe.unet).cpu() if config.save_delta else None
 
-    result = train_unet(pipe, forget, retain, config, mask=mask, checkpoint_dir=ckpt_dir, resume=config.resume,
-                        progress=config.progress)
+    try:
+        result = train_unet(pipe, forget, retain, config, mask=mask, checkpoint_dir=ckpt_dir,
+                            resume=config.resume, progress=config.progress)
+    except BaseException:
+        if state.is_main_process and _latest_checkpoint(ckpt_dir) is None:
+            _remove_resume_mask(ckpt_dir)  # nothing to resume: leave nothing behind
+        raise
     summary = {
         "output": str(config.output), "model": config.model, "concept": concept.name, "method": config.method,
         "steps": result.steps, "resumed_from": result.resumed_from, "batch_size": config.batch_size,
@@ -719,11 +736,16 @@ def run_erase(config: EraseConfig) -> dict[str, Any]:
     if state.is_main_process:
         _save_outputs(pipe, config, concept, mask, base_unet, summary)
         if not config.checkpointing_steps:  # nothing to resume from: do not leave the shared mask behind
-            resumed_mask.unlink(missing_ok=True)
-            if ckpt_dir.is_dir() and not any(ckpt_dir.iterdir()):
-                ckpt_dir.rmdir()
+            _remove_resume_mask(ckpt_dir)
     state.wait_for_everyone()
     return summary
+
+
+def _remove_resume_mask(ckpt_dir: Path) -> None:
+    """Drop the mask kept for --resume, and the checkpoint folder if that leaves it empty."""
+    (ckpt_dir / RESUME_MASK).unlink(missing_ok=True)
+    if ckpt_dir.is_dir() and not any(ckpt_dir.iterdir()):
+        ckpt_dir.rmdir()
 
 
 def _save_outputs(pipe, config: EraseConfig, concept, mask, base_unet, summary: dict) -> None:
