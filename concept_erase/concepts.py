@@ -64,6 +64,10 @@ class Concept:
         """The surrogate prompt paired with `forget_prompt`."""
         if len(self.surrogate_prompts) == 1:
             return self.surrogate_prompts[0]
+        if forget_prompt not in self.forget_prompts:  # e.g. a user's image folder with its own prompts
+            raise ConceptEraseError(
+                f"forget prompt {forget_prompt!r} is not one of concept {self.name!r}'s, so it has no surrogate "
+                "(this concept pairs one surrogate with each of its own forget prompts)")
         return self.surrogate_prompts[self.forget_prompts.index(forget_prompt)]
 
     def to_card(self) -> dict[str, Any]:

@@ -31,6 +31,8 @@ def test_style_surrogate_drops_the_style():
         assert surrogate == forget.removesuffix(" in the style of Van Gogh")
         assert c.surrogate_for(forget) == surrogate
     assert not any("Van Gogh" in p for p in c.retain_prompts)
+    with pytest.raises(ConceptEraseError, match="forget prompt 'a cat' is not one of concept 'style-van-gogh'"):
+        c.surrogate_for("a cat")  # e.g. from a user's image folder: no pairing to guess
 
 
 def test_custom_concept_with_retain_file(tmp_path):

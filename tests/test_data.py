@@ -100,6 +100,9 @@ def test_latents_are_the_posterior_mean_and_cached(tmp_path, pipe, monkeypatch):
         want = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor
     torch.testing.assert_close(latents, want, rtol=1e-4, atol=1e-5)
     assert len(list(images.root.glob("latents-*.safetensors"))) == 1
+    # another training resolution: other latents, cached apart
+    assert images.latents(pipe, size=(64, 64)).shape == (3, 4, 32, 32)
+    assert len(list(images.root.glob("latents-*.safetensors"))) == 2
 
     def refuse(*a, **k):
         raise AssertionError("latents were re-encoded instead of read from the cache")

@@ -225,19 +225,22 @@ class ImageSet:
 
     # -- latents ---------------------------------------------------------------------------------------
 
-    def latents(self, pipe, *, batch_size: int = 8, progress: bool = False) -> "torch.Tensor":
-        """VAE latents of every image (see `encode_latents`), computed once and cached as safetensors beside
-        the manifest; the cache is keyed by the VAE's weights and the images' names, sizes, modification
-        times and prompts (a user's image replaced by another of the same size is re-encoded)."""
+    def latents(self, pipe, *, batch_size: int = 8, size: tuple[int, int] | None = None,
+                progress: bool = False) -> "torch.Tensor":
+        """VAE latents of every image at `size` (height, width; default: the pipeline's, see
+        `encode_latents`), computed once and cached as safetensors beside the manifest; the cache is keyed
+        by the VAE's weights, the size and the images' names, sizes, modification times and prompts (a
+        user's image replaced by another of the same size is re-encoded)."""
         from safetensors import safe_open
         from safetensors.torch import save_file
 
         from .io import weights_digest
 
         if self.cache_dir is None:
-            return encode_latents(pipe, self.images(), batch_size=batch_size, progress=progress)
+            return encode_latents(pipe, self.images(), batch_size=batch_size, size=size, progress=progress)
+        size = tuple(size or default_image_size(pipe))
         key = hashlib.sha256(json.dumps({
-            "vae": weights_digest(pipe.vae), "size": list(default_image_size(pipe)),
+            "vae": weights_digest(pipe.vae), "size": list(size),
             "files": [[r.file, r.prompt, *_size_and_mtime(self.root / r.file)] for r in self.records],
         }).encode()).hexdigest()
         path = self.cache_dir / f"latents-{key[:20]}.safetensors"
@@ -248,7 +251,7 @@ class ImageSet:
                         return f.get_tensor("latents")
             except Exception:  # a damaged cache file is recomputed, not trusted
                 pass
-        latents = encode_latents(pipe, self.images(), batch_size=batch_size, progress=progress)
+        latents = encode_latents(pipe, self.images(), batch_size=batch_size, size=size, progress=progress)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         with atomic_file(path, overwrite=True) as tmp:
             save_file({"latents": latents.contiguous()}, str(tmp), metadata={"key": key, "count": str(len(self))})

@@ -608,8 +608,9 @@ def build_latent_sets(pipe, concept, config: EraseConfig, state) -> tuple[Latent
             return ImageSet.generate(pipe, prompts, per_prompt, cache, seed=config.seed, settings=settings,
                                      progress=config.progress and state.is_main_process)
 
+    size = (config.resolution,) * 2 if config.resolution else default_image_size(pipe)  # train at --resolution
     if config.method in ESD_SCOPES:
-        h, w = (config.resolution,) * 2 if config.resolution else default_image_size(pipe)
+        h, w = size
         f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
         latents = torch.zeros(len(concept.forget_prompts), pipe.unet.config.in_channels, h // f, w // f)
         forget = LatentSet(latents, list(concept.forget_prompts))
@@ -622,15 +623,14 @@ def build_latent_sets(pipe, concept, config: EraseConfig, state) -> tuple[Latent
         else:
             images = generated(concept.forget_prompts, config.num_forget_images)
         with state.main_process_first():
-            latents = images.latents(pipe, batch_size=config.batch_size)
-        surrogates = [concept.surrogate_prompts[0] if len(concept.surrogate_prompts) == 1
-                      else concept.surrogate_for(p) for p in images.prompts]
+            latents = images.latents(pipe, batch_size=config.batch_size, size=size)
+        surrogates = [concept.surrogate_for(p) for p in images.prompts]
         forget = LatentSet(latents, images.prompts, surrogates)
     retain = None
     if config.alpha > 0:
         images = generated(concept.retain_prompts, config.num_retain_images)
         with state.main_process_first():
-            latents = images.latents(pipe, batch_size=config.batch_size)
+            latents = images.latents(pipe, batch_size=config.batch_size, size=size)
         retain = LatentSet(latents, images.prompts)
     return forget, retain
 
