@@ -3,7 +3,8 @@
 In: a diffusers folder, a hub id (online only), "minisd", or one `.safetensors` / `.ckpt` file in the original
 Stable Diffusion layout (read with diffusers' `from_single_file`; `config` names a local diffusers folder so
 it works offline). A `.ckpt` is a pickle: it is only ever opened with `torch.load(weights_only=True)`, which
-refuses any object that would run code, and diffusers' own loader does the same.
+refuses any object that would run code, and diffusers' own loader does the same. The training metadata that
+PyTorch Lightning stored beside the weights of SD 1.x checkpoints (sd-v1-4.ckpt) is read as inert stand-ins.
 
 Out, three ways (issue 3):
   (a) `save_pipeline`: a diffusers folder whose README.md is a model card (YAML front matter);
@@ -185,14 +186,50 @@ def read_checkpoint_keys(path: str | os.PathLike) -> list[str]:
     return [k for k, v in state.items() if isinstance(v, torch.Tensor)]
 
 
+class _Inert:
+    """What each `LIGHTNING_STAND_INS` global unpickles to: accepts any arguments and state, keeps none, runs
+    nothing (Lightning itself is never imported, nor needed)."""
+
+    def __new__(cls, *args, **kwargs):
+        return super().__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+# The globals that PyTorch Lightning checkpoints, such as the official SD 1.x .ckpt files (sd-v1-4.ckpt,
+# v1-5-pruned.ckpt), pickle beside "state_dict": the ModelCheckpoint callback (under "callbacks"), numpy
+# scalars/arrays in its state (numpy < 2 and >= 2 module names), torch's version string. torch's weights_only
+# unpickler maps each name to `_Inert` (`safe_globals` with (object, "module.Name") pairs); every other global
+# is still refused.
+LIGHTNING_STAND_INS = (
+    "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
+    "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar",
+    "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct", "numpy.ndarray", "numpy.dtype",
+    "torch.torch_version.TorchVersion",
+)
+
+
+def _lightning_stand_ins():
+    """A context in which `torch.load(weights_only=True)`, ours and diffusers', reads `LIGHTNING_STAND_INS`."""
+    import torch
+
+    return torch.serialization.safe_globals([(_Inert, name) for name in LIGHTNING_STAND_INS])
+
+
 def safe_torch_load(path: str | os.PathLike) -> Any:
     """`torch.load` that never executes pickled code: anything outside plain tensors and containers is refused
-    (a `__reduce__` payload raises here without running). Zip-format files are memory-mapped, not read."""
+    (a `__reduce__` payload raises here without running), except Lightning's training metadata, which becomes
+    inert `_Inert` objects (`LIGHTNING_STAND_INS`). Zip-format files are memory-mapped, not read."""
     import torch
 
     path = Path(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        with _lightning_stand_ins():
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as err:
         # torch names the global it refused to import, e.g. "GLOBAL posix.system" or "GLOBAL getattr"
         found = re.search(r"GLOBAL [\w.]+", str(err))
@@ -229,9 +266,10 @@ def _load_single_file(path: Path, config: str | os.PathLike | None, torch_dtype:
     config_dir = _resolve_config(config, path)
     kwargs = {"config": config_dir, "local_files_only": True} if config_dir else {}
     try:
-        return StableDiffusionPipeline.from_single_file(
-            str(path), dtype=torch_dtype, safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False, **kwargs)
+        with _lightning_stand_ins():  # diffusers reads the file again with weights_only=True
+            return StableDiffusionPipeline.from_single_file(
+                str(path), dtype=torch_dtype, safety_checker=None, feature_extractor=None,
+                requires_safety_checker=False, **kwargs)
     except Exception as err:
         raise ConceptEraseError(f"cannot load checkpoint {str(path)!r}: {_first_line(err)}") from None
 
