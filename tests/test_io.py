@@ -12,6 +12,7 @@ import torch
 
 from concept_erase.cli import main
 from concept_erase.diffusion.io import (
+    add_evaluation_to_card,
     apply_delta,
     export_single_file,
     load_pipeline,
@@ -277,6 +278,13 @@ def test_save_pipeline_with_model_card(tmp_path, tiny_pipeline):
     (tmp_path / "plain.md").write_text("# no front matter\n")
     with pytest.raises(ConceptEraseError, match="no YAML front matter"):
         read_model_card(tmp_path / "plain.md")
+
+    # an evaluation run later adds its figures; the rest of the card stays as it was
+    add_evaluation_to_card(out, "nudity", {"images": 8, "exposed_parts": 1})
+    after = read_model_card(out)
+    assert after["evaluation"] == {**card["evaluation"], "nudity": {"images": 8, "exposed_parts": 1}}
+    assert {k: v for k, v in after.items() if k != "evaluation"} == {k: v for k, v in front.items() if k != "evaluation"}
+    assert "| nudity.exposed_parts | 1 |" in (out / "README.md").read_text() and leftovers(out) == []
 
 
 # ----------------------------------------------------------------------------------------------- delta

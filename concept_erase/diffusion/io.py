@@ -355,6 +355,17 @@ def read_model_card(path: str | os.PathLike) -> dict:
     return data
 
 
+def add_evaluation_to_card(folder: str | os.PathLike, name: str, summary: dict) -> dict:
+    """Record an evaluation's headline figures in an erased model's card: `evaluation.<name>` in the front
+    matter (and its table in the body), README.md rewritten atomically. Returns the new front matter."""
+    front = read_model_card(folder)
+    evaluation = front.get("evaluation") if isinstance(front.get("evaluation"), dict) else {}
+    front["evaluation"] = {**evaluation, name: _plain(summary)}
+    with atomic_file(Path(folder) / "README.md", overwrite=True) as tmp:
+        tmp.write_text(model_card(front), encoding="utf-8")
+    return front
+
+
 # ------------------------------------------------------------------------- (b) original SD single file
 #
 # The inverse of diffusers' `convert_ldm_unet_checkpoint` / `convert_ldm_vae_checkpoint` /
