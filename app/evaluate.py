@@ -100,11 +100,10 @@ def evaluate(registry, config, preset: str | None, upload: str | None, steps: in
         _check_int(row.seed, f"seed of row {row.index}", 0, MAX_SEED)
     classifier = None
     if kind == "classes":  # fail before generating: a classifier, and every class one of its labels
-        from evaluation.classes import match_label
+        from evaluation.classes import prompt_classes
 
         classifier = _classifier(config, registry)
-        for label in dict.fromkeys(r.label for r in rows):
-            match_label(label, classifier.labels)
+        prompt_classes([r.label for r in rows], classifier.labels, targets=[r.target for r in rows])
     prompts, seeds = [r.prompt for r in rows], [r.seed for r in rows]
 
     scores: dict[str, dict] = {}
@@ -130,7 +129,7 @@ def _score(kind: str, rows: list, images: list, classifier, config) -> dict:
     if kind == "classes":
         from evaluation.classes import score_classes
 
-        return score_classes(images, [r.label for r in rows], classifier)
+        return score_classes(images, [r.label for r in rows], classifier, targets=[r.target for r in rows])
     from evaluation.nudity import NudityCounts, detect
 
     metric = NudityCounts()

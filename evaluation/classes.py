@@ -14,6 +14,8 @@ class's unlearning accuracy is UA = 100 - top-1; the other classes' top-1 is the
 from __future__ import annotations
 
 import json
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -40,14 +42,67 @@ def load_image_processor(path: str | Path):
 
 def match_label(name: str, labels: Sequence[str]) -> int:
     """The index of class `name` among a classifier's labels: a label or one of its comma-separated
-    synonyms ("tench, Tinca tinca"), case-insensitive, or a bare integer index."""
+    synonyms ("tench, Tinca tinca"), case-insensitive, or a bare integer index. A name several labels share
+    (ImageNet's "crane" is 134 and 517) is an error naming them: first-match would pick one silently."""
     wanted = name.strip().lower()
     if wanted.isdigit() and int(wanted) < len(labels):
         return int(wanted)
-    for i, label in enumerate(labels):
-        if wanted == label.lower() or wanted in (s.strip().lower() for s in label.split(",")):
-            return i
-    raise ConceptEraseError(f"class {name!r} is not one of the classifier's {len(labels)} labels")
+    hits = [i for i, label in enumerate(labels)
+            if wanted == label.lower() or wanted in (s.strip().lower() for s in label.split(","))]
+    if len(hits) > 1:
+        candidates = ", ".join(f"{i} ({labels[i]!r})" for i in hits)
+        raise ConceptEraseError(f"class {name!r} matches several classifier labels: {candidates}; "
+                                "give the class index (a label_idx column)")
+    if not hits:
+        raise ConceptEraseError(f"class {name!r} is not one of the classifier's {len(labels)} labels")
+    return hits[0]
+
+
+@dataclass
+class PromptClasses:
+    """A prompt set's classes resolved against a classifier's labels (see `prompt_classes`)."""
+
+    names: list[str]  # per class: its first prompt label, plus " (index)" where two classes share it
+    targets: list[int]  # per image: the classifier index it should get
+    groups: list[int]  # per image: its class's position in `names`
+    forget: str | None  # the name of the forgotten class
+
+
+def prompt_classes(labels: Sequence[str], classifier_labels: Sequence[str], *,
+                   targets: Sequence[int | None] | None = None, forget: str | None = None) -> PromptClasses:
+    """Resolve each image's intended class: the prompt set's class index (`targets[i]`, from label_idx)
+    where given, else its name matched by `match_label`. Classes are grouped by that index, so "tench" and
+    "Tinca tinca" rows are one class and ImageNet's two "crane"s are two. `forget` is a class name, one of
+    its prompt labels or its index. Needs no images: the CLI runs it before generating."""
+    targets = [None] * len(labels) if targets is None else list(targets)
+    if len(targets) != len(labels):
+        raise ConceptEraseError(f"{len(targets)} class indices for {len(labels)} labels")
+    n = len(classifier_labels)
+    index = {}
+    for name, target in dict.fromkeys(zip(labels, targets)):  # each distinct pair once: 4,703 rows, 1,000 labels
+        if target is not None and not 0 <= target < n:
+            raise ConceptEraseError(f"class index {target} of {name!r} is out of range for the classifier's {n} labels")
+        index[name, target] = match_label(name, classifier_labels) if target is None else target
+    resolved = [index[pair] for pair in zip(labels, targets)]
+    first: dict[int, str] = {}  # class index -> its first prompt label, in order of appearance
+    aliases: dict[int, set[str]] = {}
+    for name, target in zip(labels, resolved):
+        first.setdefault(target, name)
+        aliases.setdefault(target, {str(target)}).add(name.strip().lower())
+    shared = Counter(first.values())
+    names = [name if shared[name] == 1 else f"{name} ({target})" for target, name in first.items()]
+    position = {target: g for g, target in enumerate(first)}
+    forget_name = None
+    if forget is not None:
+        wanted = forget.strip().lower()
+        hits = [g for g, target in enumerate(first) if wanted == names[g].lower() or wanted in aliases[target]]
+        if not hits:
+            raise ConceptEraseError(f"forgotten class {forget!r} is not among the prompt classes ({', '.join(names)})")
+        if len(hits) > 1:
+            raise ConceptEraseError(f"forgotten class {forget!r} matches several prompt classes "
+                                    f"({', '.join(names[g] for g in hits)}); give its class index")
+        forget_name = names[hits[0]]
+    return PromptClasses(names, resolved, [position[t] for t in resolved], forget_name)
 
 
 class TransformersClassifier:
@@ -192,16 +247,16 @@ class ClassAccuracy(Metric):
         return result
 
 
-def score_classes(images: Sequence, labels: Sequence[str], classifier, *, forget: str | None = None,
-                  batch_size: int = 32) -> dict:
-    """Top-1/top-5 of the intended class `labels[i]` for every image; see `ClassAccuracy.compute`."""
+def score_classes(images: Sequence, labels: Sequence[str], classifier, *, targets: Sequence[int | None] | None = None,
+                  forget: str | None = None, batch_size: int = 32) -> dict:
+    """Top-1/top-5 of the intended class of every image (`labels[i]`, or the class index `targets[i]`
+    where the prompt set has one); see `prompt_classes` and `ClassAccuracy.compute`."""
     if len(images) != len(labels):
         raise ConceptEraseError(f"{len(labels)} labels for {len(images)} images")
-    class_names = list(dict.fromkeys(labels))
-    targets = torch.tensor([match_label(name, classifier.labels) for name in labels])
-    groups = torch.tensor([class_names.index(name) for name in labels])
-    metric = ClassAccuracy(class_names, forget, sync_on_compute=False)  # all images are here: no gather
+    classes = prompt_classes(labels, classifier.labels, targets=targets, forget=forget)
+    targets_t, groups = torch.tensor(classes.targets), torch.tensor(classes.groups)
+    metric = ClassAccuracy(classes.names, classes.forget, sync_on_compute=False)  # all images are here: no gather
     for start in range(0, len(images), batch_size):
         sl = slice(start, start + batch_size)
-        metric.update(classifier.topk(images[sl], k=5), targets[sl], groups[sl])
+        metric.update(classifier.topk(images[sl], k=5), targets_t[sl], groups[sl])
     return metric.compute()

@@ -1,7 +1,8 @@
 """`concept-erase evaluate nudity|classes|quality` and `concept-erase compare BEFORE AFTER`.
 
-`evaluate` generates the prompt set's images into --out (resumable: run the same command again after a
-kill), scores them on the main process and writes report.md, results.json, chart.png and grid.png there.
+`evaluate` checks the scoring options, generates the prompt set's images into --out (resumable: run the
+same command again after a kill), scores them on the main process and writes report.md, results.json,
+chart.png and grid.png there.
 Shard the generation with `accelerate launch --multi_gpu --num_processes N -m concept_erase evaluate ...`
 (on a machine without CUDA this starts N gloo CPU processes). Heavy imports happen in the handlers.
 """
@@ -9,20 +10,23 @@ Shard the generation with `accelerate launch --multi_gpu --num_processes N -m co
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
     from .generation import PRESETS, SCHEDULERS
 
     g = p.add_argument_group("generation (DESIGN.md 6: the paper's protocol is the default preset)")
-    g.add_argument("--model", required=True, help='model: diffusers folder, .safetensors/.ckpt file, hub id or "minisd"')
+    g.add_argument("--model", required=True,
+                   help='model: diffusers folder, .safetensors/.ckpt file, hub id or "minisd" (which defaults to '
+                        '--protocol minisd and, for classes, --classifier minisd-digits)')
     g.add_argument("--config", default=None, help="local diffusers folder with the configs of a single-file checkpoint")
     g.add_argument("--prompts", required=True,
                    help="prompt set: I2P / class / COCO CSV, a .txt file (one prompt per line) or a hub dataset id")
     g.add_argument("--out", required=True, help="evaluation folder; an existing one is resumed (same protocol and model)")
-    g.add_argument("--protocol", default="paper", choices=sorted(PRESETS),
+    g.add_argument("--protocol", default=None, choices=sorted(PRESETS),
                    help="preset: paper = LMS, 100 steps, guidance 7.5, 512 px; minisd = DDIM, 25 steps, native size; "
-                        "quick = the model's scheduler, 4 steps (default paper)")
+                        "quick = the model's scheduler, 4 steps (default paper; minisd with --model minisd)")
     g.add_argument("--scheduler", default=None, choices=list(SCHEDULERS), help="override the preset's sampler")
     g.add_argument("--steps", type=int, default=None, help="override the preset's denoising steps")
     g.add_argument("--guidance", type=float, default=None, help="override the preset's guidance scale")
@@ -51,10 +55,12 @@ def register(subparsers) -> None:
 
     p = kinds.add_parser("classes", help="top-1/top-5 of the intended class on class prompts")
     _add_generation_args(p)
-    p.add_argument("--classifier", default="microsoft/resnet-50",
+    p.add_argument("--classifier", default=None,
                    help='transformers classifier folder or hub id, "torchvision" (ResNet-50, the paper\'s), '
-                        '"minisd-digits" or "minisd-styles" (default microsoft/resnet-50)')
-    p.add_argument("--forget", default=None, help="the erased class: its UA = 100 - top-1 is reported")
+                        '"minisd-digits" or "minisd-styles" '
+                        '(default microsoft/resnet-50; minisd-digits with --model minisd)')
+    p.add_argument("--forget", default=None,
+                   help="the erased class (a prompt class name or its class index): its UA = 100 - top-1 is reported")
     p.add_argument("--score-batch-size", type=int, default=32, help="images per classifier batch (default 32)")
     p.set_defaults(func=_evaluate)
 
@@ -77,21 +83,67 @@ def register(subparsers) -> None:
     cmp.set_defaults(func=_compare)
 
 
-def _evaluate(args: argparse.Namespace) -> int:
+def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill --protocol and --classifier when not given: the paper's, or MiniSD's own for `--model minisd`
+    (the paper's 512 px LMS protocol and an ImageNet classifier make no sense for 8x8 digits)."""
+    minisd = args.model == "minisd"
+    if args.protocol is None:
+        args.protocol = "minisd" if minisd else "paper"
+    if getattr(args, "classifier", "") is None:
+        args.classifier = "minisd-digits" if minisd else "microsoft/resnet-50"
+    return args
+
+
+def check_scoring(args: argparse.Namespace, prompt_kind: str, rows: list, samples: int) -> None:
+    """Every scoring option, checked before generating (with the paper's protocol, hours of it) by the same
+    functions that score: a bad one stops the command before --out is created."""
     from concept_erase.errors import ConceptEraseError
 
+    if args.score_batch_size < 1:
+        raise ConceptEraseError(f"--score-batch-size must be >= 1, got {args.score_batch_size}")
+    if args.kind == "nudity":
+        from .nudity import check_threshold, load_detector
+
+        check_threshold(args.threshold)
+        load_detector(args.nudenet_model)  # cached: scoring reuses it
+    elif args.kind == "classes":
+        from .classes import load_classifier, prompt_classes
+
+        if prompt_kind != "classes":
+            raise ConceptEraseError(f"prompt set {args.prompts!r} has no class column (class or label_str): "
+                                    "a class evaluation needs one")
+        labels = load_classifier(args.classifier).labels
+        prompt_classes([r.label for r in rows], labels, targets=[r.target for r in rows], forget=args.forget)
+    else:
+        from .evaluate import reference_images
+        from .quality import clip_folder, make_fid
+
+        if args.reference is None and args.clip_model is None:
+            raise ConceptEraseError("quality needs --reference (for FID) and/or --clip-model (for CLIP score)")
+        if args.fid_weights is not None and args.reference is None:
+            raise ConceptEraseError(f"--fid-weights {args.fid_weights!r} is used only with --reference (FID)")
+        if args.reference is not None:
+            reference_images(args.reference, {(r.index, s) for r in rows for s in range(samples)})
+            make_fid(weights_path=args.fid_weights)  # Inception (and its weights) usable here, not hours later
+        if args.clip_model is not None:
+            clip_folder(args.clip_model)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
     from . import evaluate
     from .generation import make_protocol, process_state
+    from .prompts import read_prompts
 
-    if args.kind == "quality" and args.reference is None and args.clip_model is None:  # fail before generating
-        raise ConceptEraseError("quality needs --reference (for FID) and/or --clip-model (for CLIP score)")
+    resolve_defaults(args)
     protocol = make_protocol(
         args.protocol, scheduler=args.scheduler, num_inference_steps=args.steps, guidance_scale=args.guidance,
         resolution=args.resolution, samples_per_prompt=args.samples, row_guidance=args.row_guidance or None,
         negative_prompt=args.negative_prompt,
     )
+    prompt_kind, rows = read_prompts(args.prompts, limit=args.limit)
+    check_scoring(args, prompt_kind, rows, protocol.samples_per_prompt)  # in every process: none is left waiting
     entries = evaluate.generate_for_evaluation(
-        args.model, args.prompts, args.out, protocol, limit=args.limit, batch_size=args.batch_size,
+        args.model, args.prompts, args.out, protocol, rows=rows, batch_size=args.batch_size,
         config=args.config, dtype=args.dtype, device=args.device,
     )  # score exactly these: a folder may hold more from an earlier run without --limit
     if not process_state().is_main_process:
@@ -117,6 +169,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from .evaluate import compare
 
-    compare(args.before, args.after, args.out, overwrite=args.overwrite)
+    summary = compare(args.before, args.after, args.out, overwrite=args.overwrite)
+    for warning in summary["warnings"]:  # also in the report, but a before/after table must not mislead quietly
+        print(f"concept-erase: warning: {warning}", file=sys.stderr)
     print(f"report: {args.out}/report.md")
     return 0

@@ -80,6 +80,9 @@ class Protocol:
     def describe(self) -> dict:
         d = {"preset": self.name + (f" (overridden: {', '.join(self.overrides)})" if self.overrides else "")}
         d.update(self.settings())
+        # Fixed by the code, not configurable, but pinned by DESIGN.md 6: GenerationJob.seed, generate_set.
+        d["seed"] = "each row's evaluation_seed (rows without one, e.g. a .txt file: seed + row index); sample j: + j"
+        d["safety checker"] = "none"
         return d
 
 
@@ -195,7 +198,7 @@ def _check_or_write_run_info(out_dir: Path, info: dict, is_main: bool) -> None:
                     f" ({key} {old.get(key)} != {info[key]}); choose another output folder"
                 )
         return
-    if is_main:
+    if is_main:  # atomic_file creates out_dir: run.json is the first thing in it
         with atomic_file(path, overwrite=True) as tmp:
             tmp.write_text(json.dumps(info, indent=2), encoding="utf-8")
 
@@ -232,16 +235,21 @@ def generate_set(
         # Resuming our own folder is the point; writing images and reports into someone else's is not.
         raise ConceptEraseError(f"{str(out_dir)!r} exists and is not an evaluation folder (no run.json); "
                                 "choose another output folder")
+    if getattr(pipe, "safety_checker", None) is not None:  # it blacks out what a nudity evaluation counts
+        raise ConceptEraseError(f"the pipeline has a safety checker ({type(pipe.safety_checker).__name__}); "
+                                "the protocol generates without one (load it with safety_checker=None)")
     state.wait_for_everyone()  # every process has checked before the main one creates anything
-    (out_dir / "images").mkdir(parents=True, exist_ok=True)
     apply_scheduler(pipe, protocol.scheduler)
-    fingerprint = content_fingerprint(pipe)
+    fingerprint = content_fingerprint(pipe)  # seconds on SD: a kill here must leave nothing behind
     settings = protocol.settings()
     info = {
         "protocol": protocol.describe(), "settings": settings, "fingerprint": fingerprint,
         "model": model_source, "prompts": prompt_source, "rows": len(rows),
     }
+    # run.json first, then images/: a folder killed at any point is empty or holds run.json, so it resumes
     _check_or_write_run_info(out_dir, info, state.is_main_process)
+    state.wait_for_everyone()  # run.json is on disk before any process writes an image
+    (out_dir / "images").mkdir(exist_ok=True)
 
     done = {(e["index"], e["sample"]): e for e in read_manifest(out_dir)}
     by_index = {r.index: r for r in rows}
@@ -280,7 +288,7 @@ def generate_set(
             entry = {
                 "index": job.row.index, "sample": job.sample, "file": job.file, "prompt": job.row.prompt,
                 "seed": job.seed, "key": job.row.key, "categories": list(job.row.categories),
-                "label": job.row.label, "guidance_scale": guidance, "settings": settings,
+                "label": job.row.label, "target": job.row.target, "guidance_scale": guidance, "settings": settings,
                 "fingerprint": fingerprint, "process": state.process_index,
             }
             with open(shard, "a", encoding="utf-8") as f:

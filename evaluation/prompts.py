@@ -2,7 +2,9 @@
 
 Every format becomes a list of `PromptRow`s. The format is recognised from the CSV columns:
 - I2P: prompt, evaluation_seed, evaluation_guidance, case_number, categories (comma-separated)
-- classes: prompt, evaluation_seed, class (ESD's small_imagenet_prompts.csv; `label_str` also accepted)
+- classes: prompt, evaluation_seed, class (ESD's small_imagenet_prompts.csv), or label_str with a label_idx
+  column (imagenet_prompts.csv): the class index then names the target, since some ImageNet names are
+  ambiguous ("crane" is 134 and 517)
 - COCO captions: prompt, evaluation_seed (image_id is kept as the row's key)
 - plain text: one prompt per line; the seed of line i is `seed + i`.
 A hub dataset id (e.g. "AIML-TUDA/i2p") is read through `datasets` when online.
@@ -33,6 +35,7 @@ class PromptRow:
     guidance: float | None = None  # I2P's evaluation_guidance; used only when the protocol asks for it
     categories: tuple[str, ...] = ()  # I2P categories
     label: str | None = None  # the intended class of a class prompt
+    target: int | None = None  # its classifier index, when the file has a label_idx column
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -48,6 +51,7 @@ def _parse_number(value: str, what: str, where: str, cast=float):
 # I2P's per-row seed and guidance: the published CSV's names, then the hub copy's (AIML-TUDA/i2p).
 SEED_COLUMNS = ("evaluation_seed", "sd_seed")
 GUIDANCE_COLUMNS = ("evaluation_guidance", "sd_guidance_scale")
+INDEX_COLUMN = "label_idx"  # the ImageNet class index beside label_str (ESD's imagenet_prompts.csv)
 
 
 def rows_from_records(records: list[dict], *, where: str, seed: int = 0) -> tuple[str, list[PromptRow]]:
@@ -85,7 +89,9 @@ def rows_from_records(records: list[dict], *, where: str, seed: int = 0) -> tupl
         label = str(label).strip() if label not in (None, "") else None
         if kind == "classes" and label is None:
             raise ConceptEraseError(f"{at}: empty class")
-        rows.append(PromptRow(i, prompt, row_seed, key, guidance, categories, label))
+        target = rec.get(INDEX_COLUMN) if kind == "classes" else None
+        target = _parse_number(target, INDEX_COLUMN, at, int) if target is not None else None
+        rows.append(PromptRow(i, prompt, row_seed, key, guidance, categories, label, target))
     if empty:
         warnings.warn(f"prompt set {where!r}: skipped {len(empty)} row(s) with an empty prompt: {empty[:10]}", stacklevel=3)
     if not rows:

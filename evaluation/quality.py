@@ -54,15 +54,23 @@ def make_fid(feature_extractor: torch.nn.Module | None = None, weights_path: str
         ) from None
 
 
+def clip_folder(path: str | Path) -> Path:
+    """The local folder of a CLIP model (a folder, or a hub id through the cache / the hub when online)."""
+    from .classes import local_folder
+
+    folder = local_folder(path)
+    if not folder.is_dir():
+        raise ConceptEraseError(f"CLIP model folder {str(path)!r} does not exist (offline: give a local folder)")
+    return folder
+
+
 def load_clip(path: str | Path):
     """A local CLIP folder -> (CLIPModel, CLIPProcessor), read offline; see `ClipScore`."""
     from transformers import CLIPModel, CLIPProcessor, CLIPTokenizer
 
-    from .classes import load_image_processor, local_folder
+    from .classes import load_image_processor
 
-    path = local_folder(path)
-    if not Path(path).is_dir():
-        raise ConceptEraseError(f"CLIP model folder {str(path)!r} does not exist (offline: give a local folder)")
+    path = clip_folder(path)
     model = CLIPModel.from_pretrained(str(path)).eval()
     processor = CLIPProcessor(image_processor=load_image_processor(path), tokenizer=CLIPTokenizer.from_pretrained(str(path)))
     return model, processor

@@ -1,13 +1,17 @@
 """Class accuracy: label matching, top-1/top-5/UA on a stub with known guesses, a real (tiny, random)
 transformers ResNet loaded from a folder, MiniSD's digit judge, and merging shards."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from concept_erase.errors import ConceptEraseError
-from evaluation.classes import ClassAccuracy, JudgeClassifier, load_classifier, match_label, score_classes
+from evaluation.classes import (
+    ClassAccuracy, JudgeClassifier, load_classifier, match_label, prompt_classes, score_classes,
+)
 
 LABELS = ["tench, Tinca tinca", "goldfish, Carassius auratus", "cassette player", "golf ball", "parachute, chute", "church"]
 
@@ -28,6 +32,32 @@ def test_match_label_synonyms_and_errors():
     assert match_label("chute", LABELS) == 4 and match_label("5", LABELS) == 5
     with pytest.raises(ConceptEraseError, match="'airliner'"):
         match_label("airliner", LABELS)
+
+
+def test_a_name_several_labels_share_needs_the_class_index():
+    # ImageNet's "crane" is 134 (the bird) and 517 (the machine); "panda" a synonym of 387 and 388
+    labels = ["tench, Tinca tinca", "crane", "giant panda, panda", "crane", "lesser panda, panda"]
+    for name, candidates in (("crane", "1 ('crane'), 3 ('crane')"), ("Panda", "2 ('giant panda, panda'), 4")):
+        message = f"class '{name}' matches several classifier labels: {candidates}"
+        with pytest.raises(ConceptEraseError, match=re.escape(message)):
+            match_label(name, labels)
+    with pytest.raises(ConceptEraseError, match="'crane'"):
+        prompt_classes(["tench", "crane"], labels)  # no index column: refused, not the first match
+    # with the index column: grouped by index, so the cranes stay apart and "Tinca tinca" joins "tench"
+    c = prompt_classes(["crane", "crane", "tench", "Tinca tinca", "giant panda"], labels, targets=[1, 3, 0, 0, None])
+    assert c.names == ["crane (1)", "crane (3)", "tench", "giant panda"]
+    assert (c.targets, c.groups) == ([1, 3, 0, 0, 2], [0, 1, 2, 2, 3])
+    assert prompt_classes(["crane", "crane"], labels, targets=[1, 3], forget="3").forget == "crane (3)"
+    assert prompt_classes(["tench", "Tinca tinca"], labels, targets=[0, 0], forget="tinca tinca").forget == "tench"
+    message = "forgotten class 'crane' matches several prompt classes (crane (1), crane (3))"
+    with pytest.raises(ConceptEraseError, match=re.escape(message)):
+        prompt_classes(["crane", "crane"], labels, targets=[1, 3], forget="crane")
+    with pytest.raises(ConceptEraseError, match="class index 7 of 'crane' is out of range for the classifier's 5 labels"):
+        prompt_classes(["crane"], labels, targets=[7])
+    guesses = [[3, 0, 1, 2, 4], [3, 0, 1, 2, 4]]  # the machine both times
+    r = score_classes([Image.new("RGB", (8, 8))] * 2, ["crane", "crane"], StubClassifier(guesses), targets=[1, 3])
+    assert r["classes"] == {"crane (1)": {"images": 1, "top1": 0.0, "top5": 100.0},
+                            "crane (3)": {"images": 1, "top1": 100.0, "top5": 100.0}}
 
 
 def test_top1_top5_and_unlearning_accuracy():

@@ -8,6 +8,7 @@ import textwrap
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from concept_erase.errors import ConceptEraseError
@@ -99,6 +100,49 @@ def test_refuses_folder_of_another_model_or_protocol(tiny_pipeline, tmp_path):
     with pytest.raises(ConceptEraseError, match="not an evaluation folder"):
         generate_set(tiny_pipeline, rows(1), mine, PROTOCOL, progress=False)
     assert [p.name for p in mine.iterdir()] == ["results.json"]
+    # the protocol (and every report) says "safety checker: none"; a pipeline with one is refused
+    tiny_pipeline.safety_checker = torch.nn.Identity()
+    with pytest.raises(ConceptEraseError, match=r"safety checker \(Identity\)"):
+        generate_set(tiny_pipeline, rows(1), tmp_path / "checked", PROTOCOL, progress=False)
+    assert not (tmp_path / "checked").exists()
+
+
+def test_a_kill_before_or_after_run_json_leaves_a_resumable_folder(tiny_pipeline, tmp_path, monkeypatch):
+    import evaluation.generation as generation
+
+    class Killed(Exception):
+        pass
+
+    def killed(pipe):  # a kill while the weights are fingerprinted (seconds on SD)
+        raise Killed
+
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        m.setattr(generation, "content_fingerprint", killed)
+        with pytest.raises(Killed):
+            generate_set(tiny_pipeline, rows(1), out, PROTOCOL, progress=False)
+    assert not out.exists() or not any(out.iterdir())  # no images/ without a run.json
+    entries = generate_set(tiny_pipeline, rows(1), out, PROTOCOL, progress=False)
+    # killed right after run.json was written: the folder holds only run.json
+    only_run_json = tmp_path / "only-run-json"
+    only_run_json.mkdir()
+    (only_run_json / "run.json").write_bytes((out / "run.json").read_bytes())
+    assert [e["file"] for e in generate_set(tiny_pipeline, rows(1), only_run_json, PROTOCOL, progress=False)] == \
+        [e["file"] for e in entries]
+
+    class RecordingState:
+        """One process; each barrier records what the folder holds at that moment."""
+        is_main_process, process_index, num_processes, device = True, 0, 1, "cpu"
+
+        def __init__(self):
+            self.barriers = []
+
+        def wait_for_everyone(self):
+            self.barriers.append(((tmp_path / "new" / "run.json").is_file(), (tmp_path / "new" / "images").is_dir()))
+
+    state = RecordingState()
+    generate_set(tiny_pipeline, rows(1), tmp_path / "new", PROTOCOL, progress=False, state=state)
+    assert (True, False) in state.barriers  # run.json written, and waited for, before any process makes images/
 
 
 def shard_rows():

@@ -37,6 +37,19 @@ def test_class_coco_and_text_formats(tmp_path):
     assert kind == "text" and [(r.prompt, r.seed) for r in rows] == [("a cat", 5), ("a dog", 6)]
 
 
+def test_class_index_column(tmp_path):
+    # ESD's imagenet_prompts.csv: label_idx beside label_str; names alone are ambiguous ("crane": 134, 517)
+    (tmp_path / "in.csv").write_text(",case_number,evaluation_seed,prompt,label_idx,label_str\n"
+                                     "0,0,41955,image of crane,134,crane\n1,1,22258,image of  crane,517, crane\n")
+    kind, rows = read_prompts(tmp_path / "in.csv")
+    assert kind == "classes" and [(r.label, r.target, r.seed) for r in rows] == [("crane", 134, 41955), ("crane", 517, 22258)]
+    (tmp_path / "names.csv").write_text("prompt,evaluation_seed,class\nImage of church,1,church\n")
+    assert read_prompts(tmp_path / "names.csv")[1][0].target is None
+    (tmp_path / "bad.csv").write_text("prompt,evaluation_seed,label_idx,label_str\nimage of crane,1,,crane\n")
+    with pytest.raises(ConceptEraseError, match="row 0: label_idx '' is not a number"):
+        read_prompts(tmp_path / "bad.csv")
+
+
 def test_bad_prompt_sets_name_the_problem(tmp_path):
     (tmp_path / "bad.csv").write_text("text,evaluation_seed\nhello,1\n")
     with pytest.raises(ConceptEraseError, match="no 'prompt' column"):

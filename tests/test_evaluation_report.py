@@ -2,12 +2,14 @@
 protocol block and the computed numbers, a bar chart and a grid of matched seeds."""
 
 import json
+import shutil
 
 import pytest
 import torch
 from PIL import Image
 
 from concept_erase.cli import main
+from concept_erase.errors import ConceptEraseError
 from evaluation import evaluate
 from evaluation.report import fmt
 
@@ -46,7 +48,7 @@ def second_model(tmp_path_factory):
     return path
 
 
-def test_nudity_evaluate_and_compare(tiny_pipeline_dir, second_model, tmp_path):
+def test_nudity_evaluate_and_compare(tiny_pipeline_dir, second_model, tmp_path, capsys, monkeypatch):
     prompts = tmp_path / "i2p.csv"
     prompts.write_text(I2P)
     folders = []
@@ -57,6 +59,8 @@ def test_nudity_evaluate_and_compare(tiny_pipeline_dir, second_model, tmp_path):
             assert (out / f).is_file(), f
         text = (out / "report.md").read_text()
         assert "## Protocol" in text and "| num_inference_steps | 2 |" in text and "quick (overridden: num_inference_steps)" in text
+        # DESIGN.md 6 pins these too, though no option changes them
+        assert "| seed | each row's evaluation_seed (rows without one" in text and "| safety checker | none |" in text
         # re-score with a detector whose findings are known, through the same adapter and report code
         results = evaluate.evaluate_nudity(out, detector=KnownDetector())
         r = results["result"]
@@ -79,8 +83,52 @@ def test_nudity_evaluate_and_compare(tiny_pipeline_dir, second_model, tmp_path):
     assert f"| total (9 exposed classes) | {a['total_exposed']} | {b['total_exposed']} |" in text
     assert "| sexual | 100.00 (n=2) | 100.00 (n=2) |" in text and "3 images made from the same prompt and seed" in text
     assert text.count("| scheduler | model |") == 2  # both protocol blocks
+    assert text.count("| threshold | 0.60 |") == 2 and "## Scoring: after" in text and "Warning" not in text
     assert Image.open(report_dir / "chart.png").size[0] > 100 and Image.open(report_dir / "grid.png").size[1] >= 3 * 128
     assert main(["compare", str(folders[0][0]), str(folders[1][0]), "--out", str(report_dir)]) == 2  # no overwrite
+    # scored at another threshold: both scoring blocks, a warning in the report and on stderr, both in the title
+    evaluate.evaluate_nudity(folders[1][0], threshold=0.45, detector=KnownDetector())
+    titles = []
+    real_chart = evaluate.report.bar_chart
+    monkeypatch.setattr(evaluate.report, "bar_chart", lambda path, series, title, ylabel: titles.append(title)
+                        or real_chart(path, series, title=title, ylabel=ylabel))
+    capsys.readouterr()
+    assert main(["compare", str(folders[0][0]), str(folders[1][0]), "--out", str(report_dir), "--overwrite"]) == 0
+    text = (report_dir / "report.md").read_text()
+    assert "| threshold | 0.60 |" in text and "| threshold | 0.45 |" in text
+    assert "**Warning: the two folders were scored differently (see the scoring blocks).**" in text
+    assert "warning: the two folders were scored differently" in capsys.readouterr().err
+    assert titles == ["NudeNet exposed parts (score >= before 0.6, after 0.45)"]
+
+
+class HalfSureDetector:
+    """An exposed part on every image at 0.5: not counted at 0.6, but a report must still blur it."""
+
+    def detect_batch(self, arrays, batch_size=4):
+        return [[{"class": "BELLY_EXPOSED", "score": 0.5, "box": [0, 0, 8, 8]}] for _ in arrays]
+
+
+def test_grids_blur_from_045_and_show_only_scored_images(tiny_pipeline_dir, second_model, tmp_path, monkeypatch):
+    import evaluation.nudity as nudity
+    from evaluation.generation import make_protocol
+
+    prompts = tmp_path / "i2p.csv"
+    prompts.write_text(I2P)
+    protocol = make_protocol("quick", num_inference_steps=2)
+    sides = [tmp_path / "before", tmp_path / "after"]
+    for out, model in zip(sides, (tiny_pipeline_dir, second_model)):
+        entries = evaluate.generate_for_evaluation(str(model), str(prompts), out, protocol, progress=False)
+    blurred = []
+    real_blur = nudity.blur_exposed
+    monkeypatch.setattr(nudity, "blur_exposed", lambda image, found: blurred.append(found) or real_blur(image, found))
+    r = evaluate.evaluate_nudity(sides[0], detector=HalfSureDetector())["result"]  # all 3 rows
+    assert r["total_exposed"] == 0 and len(blurred) == 3
+    assert all([(d.label, d.score) for d in found.detections] == [("BELLY_EXPOSED", 0.5)] for found in blurred)
+    evaluate.evaluate_nudity(sides[1], detector=HalfSureDetector(), entries=entries[:1])  # as with --limit 1
+    blurred.clear()
+    summary = evaluate.compare(*sides, tmp_path / "cmp")
+    # rows 1 and 2 were never scored on the after side: left out of the grid rather than shown unblurred
+    assert summary["matched_images"] == 1 and len(blurred) == 2 and all(found.detections for found in blurred)
 
 
 def test_classes_and_quality_reports(tiny_pipeline_dir, tmp_path):
@@ -111,5 +159,14 @@ def test_classes_and_quality_reports(tiny_pipeline_dir, tmp_path):
     q = evaluate.evaluate_quality(out, reference=out, feature_extractor=Features(), size=32)["result"]
     assert q["fid"] == pytest.approx(0, abs=1e-6)
     assert f"| FID (lower is closer to the reference) | {fmt(q['fid'])} |" in (out / "report.md").read_text()
+    # the reference is cut to the scored (row, sample) images, as --limit 2 scores only 2 rows
+    entries = evaluate.read_manifest(out)
+    q = evaluate.evaluate_quality(out, reference=out, feature_extractor=Features(), size=32, entries=entries[:2])["result"]
+    assert (q["images"], q["reference_images"]) == (2, 2) and q["fid"] == pytest.approx(0, abs=1e-6)
+    short = tmp_path / "short-reference"
+    shutil.copytree(out, short)
+    (short / "manifest.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries[:2]))
+    with pytest.raises(ConceptEraseError, match=r"lacks 1 of the 3 scored \(row, sample\) images, e.g. \(2, 0\)"):
+        evaluate.evaluate_quality(out, reference=short, feature_extractor=Features(), size=32)
     assert main(["evaluate", "quality", "--model", str(tiny_pipeline_dir), "--prompts", str(prompts),
                  "--out", str(out), *GENERATION]) == 2  # neither --reference nor --clip-model
