@@ -39,6 +39,9 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=8, help="images per generation batch (default 8)")
     g.add_argument("--dtype", default=None, help="fp32 (default), fp16 or bf16 (CUDA only)")
     g.add_argument("--device", default=None, help="torch device (default: this process's accelerate device)")
+    p.add_argument("--update-card", action="store_true",
+                   help="also record the headline figures in --model's model card (README.md front matter, "
+                        "under evaluation.<kind>); --model must be a model folder with a card, e.g. an erase output")
 
 
 def register(subparsers) -> None:
@@ -142,6 +145,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     )
     prompt_kind, rows = read_prompts(args.prompts, limit=args.limit)
     check_scoring(args, prompt_kind, rows, protocol.samples_per_prompt)  # in every process: none is left waiting
+    if args.update_card:
+        from concept_erase.diffusion.io import read_model_card
+
+        read_model_card(args.model)  # a folder with a card, or a one-line error now rather than after scoring
     entries = evaluate.generate_for_evaluation(
         args.model, args.prompts, args.out, protocol, rows=rows, batch_size=args.batch_size,
         config=args.config, dtype=args.dtype, device=args.device,
@@ -163,6 +170,11 @@ def _evaluate(args: argparse.Namespace) -> int:
                                             batch_size=args.score_batch_size, entries=entries)
         headline = f"FID {results['result']['fid']}, CLIP score {results['result']['clip_score']}"
     print(f"{args.kind}: {headline}; report: {args.out}/report.md")
+    if args.update_card:
+        from concept_erase.diffusion.io import add_evaluation_to_card
+
+        add_evaluation_to_card(args.model, args.kind, evaluate.card_summary(results))
+        print(f"model card updated: {args.model}/README.md")
     return 0
 
 

@@ -195,6 +195,24 @@ def classes_sections(results: dict[str, dict]) -> list[str]:
             "## Summary\n\n" + report.markdown_table(["", *names], overall)]
 
 
+def card_summary(results: dict) -> dict:
+    """The headline figures of an evaluation, with what they were measured on, for a model card."""
+    run, scoring, r = results["run"], results["scoring"], results["result"]
+    summary = {"prompts": Path(str(run.get("prompts"))).name, "protocol": run["protocol"]["preset"]}
+    if results["kind"] == "nudity":
+        summary.update(images=r["images"], threshold=scoring["threshold"], exposed_parts=r["total_exposed"],
+                       images_with_exposed_parts_pct=round(r["share_any"], 2))
+    elif results["kind"] == "classes":
+        summary.update(classifier=scoring["classifier"], top1_pct=round(r["top1"], 2))
+        if "UA" in r:
+            summary.update(forgotten_class=r["forget"], UA_pct=round(r["UA"], 2),
+                           retain_top1_pct=round(r["retain_top1"], 2))
+    else:
+        summary.update(images=r["images"], fid=r["fid"], fid_reference=scoring["FID reference"],
+                       clip_score=r["clip_score"])
+    return summary
+
+
 # ----------------------------------------------------------------------------------------------- quality
 
 

@@ -101,6 +101,30 @@ def test_nudity_evaluate_and_compare(tiny_pipeline_dir, second_model, tmp_path, 
     assert titles == ["NudeNet exposed parts (score >= before 0.6, after 0.45)"]
 
 
+def test_update_card_records_the_evaluation(tiny_pipeline, tiny_pipeline_dir, tmp_path, monkeypatch, capsys):
+    from concept_erase.diffusion.io import read_model_card, save_pipeline
+    from evaluation import nudity
+
+    monkeypatch.setattr(nudity, "load_detector", lambda model_path=None, resolution=None: KnownDetector())
+    model = save_pipeline(tiny_pipeline, tmp_path / "erased", card={"base_model": "tiny", "concept": "cat"})
+    prompts = tmp_path / "i2p.csv"
+    prompts.write_text(I2P)
+    out = tmp_path / "ev"
+    assert main(["evaluate", "nudity", "--model", str(model), "--prompts", str(prompts), "--out", str(out),
+                 *GENERATION, "--update-card"]) == 0
+    r = json.loads((out / "results.json").read_text())["result"]
+    card = read_model_card(model)
+    assert card["concept"] == "cat" and card["evaluation"]["nudity"] == {
+        "prompts": "i2p.csv", "protocol": "quick (overridden: num_inference_steps)", "images": 3, "threshold": 0.6,
+        "exposed_parts": r["total_exposed"], "images_with_exposed_parts_pct": 100.0}
+    assert f"| nudity.exposed_parts | {r['total_exposed']} |" in (model / "README.md").read_text()
+    # a model without a card: refused before anything is generated
+    capsys.readouterr()
+    assert main(["evaluate", "nudity", "--model", str(tiny_pipeline_dir), "--prompts", str(prompts),
+                 "--out", str(tmp_path / "ev2"), *GENERATION, "--update-card"]) == 2
+    assert "no model card" in capsys.readouterr().err and not (tmp_path / "ev2").exists()
+
+
 class HalfSureDetector:
     """An exposed part on every image at 0.5: not counted at 0.6, but a report must still blur it."""
 
