@@ -361,7 +361,10 @@ def main(argv=None) -> int:
         all_rows += [{**r, "concept": concept_name} for r in rows]
         lines += [f"## {concept_name}", "",
                   f"Original model: forget acc {100 * base_eval['forget_acc']:.1f}%, retain acc "
-                  f"{100 * base_eval['retain_acc']:.1f}%, FID {base_eval['fid']:.1e} (against itself: numerically about 0).", "",
+                  f"{100 * base_eval['retain_acc']:.1f}%, FID {base_eval['fid']:.1e} (against itself: numerically about 0). "
+                  f"FID compares {len(evaluate.retain)} retain-prompt images per model on the judge's 128-d features; "
+                  f"with fewer images than dimensions the covariances are rank-deficient, so compare FID only "
+                  f"within this table, not with image FIDs elsewhere.", "",
                   "| method | steps | forget acc % (lower is better) | retain acc % | FID (judge features) | s/step |",
                   "| --- | --- | --- | --- | --- | --- |"]
         for method in methods:
