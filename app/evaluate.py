@@ -88,7 +88,7 @@ def _classifier(config, registry):
 def evaluate(registry, config, preset: str | None, upload: str | None, steps: int | None = None,
              guidance: float | None = None, progress: Callable[[float, str], None] | None = None) -> tuple[str, Any]:
     """Generate every row on every launched model and score it. Returns (Markdown table, chart image)."""
-    from concept_erase.diffusion.generate import generate_images
+    from concept_erase.diffusion.generate import generate_images, warn_if_prompts_are_cut
 
     from .ui import MAX_GUIDANCE, MAX_SEED, _check_float, _check_int, check_prompt
 
@@ -111,12 +111,13 @@ def evaluate(registry, config, preset: str | None, upload: str | None, steps: in
     for m, name in enumerate(registry.names):
         model = registry.get(name)
         images = []
+        warn_if_prompts_are_cut(model.pipe, prompts)
         for start in range(0, len(rows), CHUNK):
             if progress is not None:
                 progress((m * len(rows) + start) / total, f"{name}: image {start + 1} of {len(rows)}")
             with model.lock:
                 images += generate_images(model.pipe, prompts[start:start + CHUNK], seeds[start:start + CHUNK],
-                                          num_inference_steps=steps, guidance_scale=guidance)
+                                          num_inference_steps=steps, guidance_scale=guidance, warn_long_prompts=False)
         scores[name] = _score(kind, rows, images, classifier, config)
     if progress is not None:
         progress(1.0, "scoring done")

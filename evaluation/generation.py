@@ -269,6 +269,7 @@ def generate_set(
     if shard.is_file() and not shard.read_bytes().endswith(b"\n"):  # torn by a kill: end it, don't extend it
         with open(shard, "ab") as f:
             f.write(b"\n")
+    generate_module.warn_if_prompts_are_cut(pipe, [j.row.prompt for j in jobs])  # once per run, not per batch
     bar = tqdm(total=len(jobs), desc="generating", disable=not (progress and state.is_main_process))
     # Batches never mix guidance scales (generate_images takes one); without row_guidance that is all rows.
     while jobs:
@@ -280,7 +281,7 @@ def generate_set(
             pipe, [j.row.prompt for j in batch], [j.seed for j in batch],
             num_inference_steps=protocol.num_inference_steps, guidance_scale=guidance,
             height=protocol.resolution, width=protocol.resolution,
-            negative_prompt=protocol.negative_prompt, batch_size=len(batch),
+            negative_prompt=protocol.negative_prompt, batch_size=len(batch), warn_long_prompts=False,
         )
         for job, image in zip(batch, images):
             with atomic_file(out_dir / "images" / job.file, overwrite=True) as tmp:

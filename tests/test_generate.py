@@ -35,6 +35,14 @@ def test_one_channel_vae_gives_grey_images():
     assert [(im.mode, im.size) for im in images] == [("L", (16, 16))] * 2
 
 
+def test_long_prompts_are_counted_in_one_warning(tiny_pipeline):
+    limit = tiny_pipeline.tokenizer.model_max_length
+    long = " ".join(["cat"] * (2 * limit))
+    with pytest.warns(UserWarning, match=rf"^2 of 3 prompts are longer than the text encoder's {limit} tokens \(first: prompt 1,") as record:
+        generate_images(tiny_pipeline, ["a dog", long, long], [0, 1, 2], num_inference_steps=1, batch_size=1)
+    assert len([w for w in record if "longer than the text encoder" in str(w.message)]) == 1
+
+
 def test_bad_arguments(tiny_pipeline):
     with pytest.raises(ConceptEraseError, match="2 prompts but 1 seeds"):
         generate_images(tiny_pipeline, ["a", "b"], [0])

@@ -145,7 +145,7 @@ class ImageSet:
         Prompt i's j-th image uses seed `seed + i * n_per_prompt + j`, so every image of the set has its own
         seed and the set is reproducible; the seeds are recorded in the manifest.
         """
-        from .generate import generate_images
+        from .generate import generate_images, warn_if_prompts_are_cut
 
         prompts = list(prompts)
         if not prompts or any(not p.strip() for p in prompts):
@@ -174,13 +174,15 @@ class ImageSet:
             bar = tqdm(total=len(todo), desc="images", unit="img")
         # Generate in chunks and commit each image as soon as its chunk is done: an interruption loses at most
         # one chunk of work.
+        if todo:
+            warn_if_prompts_are_cut(pipe, prompts)
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
             images = generate_images(
                 pipe, [r.prompt for r in chunk], [r.seed for r in chunk],
                 num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale,
                 height=settings.height, width=settings.width, negative_prompt=settings.negative_prompt,
-                batch_size=batch_size)
+                batch_size=batch_size, warn_long_prompts=False)
             for record, image in zip(chunk, images):
                 with atomic_file(root / record.file, overwrite=True) as tmp:
                     image.save(tmp, format="PNG")

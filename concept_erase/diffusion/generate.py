@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import re
+import warnings
 from typing import TYPE_CHECKING, Sequence
 
 from ..concepts import read_prompt_file
@@ -47,12 +49,14 @@ def generate_images(
     negative_prompt: str | Sequence[str] | None = None,
     batch_size: int = 8,
     progress: bool = False,
+    warn_long_prompts: bool = True,
 ) -> list["Image.Image"]:
     """Generate one image per (prompts[i], seeds[i]), in batches of `batch_size`.
 
     `prompts` and `seeds` have the same length (repeat a prompt to get several seeds of it). The pipeline's
     own scheduler is used; no safety checker runs. Images come back in the VAE's channel layout (a 1-channel
-    VAE gives mode "L" images).
+    VAE gives mode "L" images). Prompts longer than the text encoder reads get one warning per call
+    (`warn_long_prompts=False` for callers that warned once for a whole run).
     """
     prompts, seeds = list(prompts), [int(s) for s in seeds]
     if len(prompts) != len(seeds):
@@ -68,6 +72,9 @@ def generate_images(
         if len(negatives) != len(prompts):
             raise ConceptEraseError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
 
+    if warn_long_prompts:
+        warn_if_prompts_are_cut(pipe, prompts)
+
     starts = range(0, len(prompts), batch_size)
     if progress:
         from tqdm.auto import tqdm
@@ -77,6 +84,8 @@ def generate_images(
     # Our own bar counts batches; the pipeline's per-step bar would print once per batch.
     saved_bar_config = dict(getattr(pipe, "_progress_bar_config", {}))
     pipe.set_progress_bar_config(disable=True)
+    pipeline_logger = logging.getLogger(type(pipe).__module__)
+    pipeline_logger.addFilter(_drop_truncation_warning)
     try:
         for start in starts:
             images.extend(_generate_batch(pipe, prompts[start:start + batch_size], seeds[start:start + batch_size],
@@ -84,7 +93,29 @@ def generate_images(
                                           num_inference_steps, guidance_scale, height, width))
     finally:
         pipe._progress_bar_config = saved_bar_config
+        pipeline_logger.removeFilter(_drop_truncation_warning)
     return images
+
+
+def _drop_truncation_warning(record: logging.LogRecord) -> bool:
+    """diffusers logs every truncated batch with the cut-off text padded by up to 77 `<|endoftext|>` tokens;
+    `warn_if_prompts_are_cut` says it once, with a count, instead."""
+    return not record.getMessage().startswith("The following part of your input was truncated")
+
+
+def warn_if_prompts_are_cut(pipe, prompts: Sequence[str]) -> None:
+    """One warning for all prompts longer than the text encoder reads (77 tokens on SD 1.x, 16 on MiniSD):
+    the pipeline keeps their first tokens, as every SD tool does."""
+    tokenizer = getattr(pipe, "tokenizer", None)
+    if tokenizer is None or not prompts:
+        return
+    limit = tokenizer.model_max_length
+    lengths = [len(ids) for ids in tokenizer(list(prompts), truncation=False, verbose=False).input_ids]
+    long = [i for i, n in enumerate(lengths) if n > limit]
+    if long:
+        warnings.warn(f"{len(long)} of {len(prompts)} prompts are longer than the text encoder's {limit} tokens "
+                      f"(first: prompt {long[0]}, {lengths[long[0]]} tokens); each is cut to its first {limit}, "
+                      f"as the pipeline does", stacklevel=2)
 
 
 def _generate_batch(pipe, prompts, seeds, negatives, num_inference_steps, guidance_scale, height, width):
