@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 from .errors import ConceptEraseError
@@ -49,8 +50,16 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _drop_torchvision_fallback_notice(record: logging.LogRecord) -> bool:
+    """transformers >= 5 says, on every run without torchvision, that `CLIPImageProcessor` falls back to its
+    PIL twin. That fallback is what we want (the CPU torch has no working torchvision, DESIGN.md 8, and the
+    image processor only feeds the safety checker, which never runs here), so the notice is noise."""
+    return "requires torchvision (not installed); falling back to" not in record.getMessage()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    logging.getLogger("transformers.utils.import_utils").addFilter(_drop_torchvision_fallback_notice)
     # Import only the requested subcommand's module, so `concept-erase classify` never imports diffusers.
     first = next((a for a in argv if not a.startswith("-")), None)
     try:
