@@ -161,50 +161,56 @@ def _fixed_batches(pipe, forget, retain, n_steps: int, batch_size: int) -> list:
     return batches
 
 
-def _salun_steps(unet, batches, mask) -> list[float]:
-    """SalUn steps: surrogate target under no_grad + joint forward/backward + masked Adam step."""
+def _salun_step(unet, mask):
+    """One SalUn step function: surrogate target under no_grad + joint forward/backward + Adam step, on the
+    mask's weights (`mask=None`: all weights, i.e. RL)."""
     unet.train()
-    opt = torch.optim.Adam(mask.trainable_parameters(unet), lr=1e-4)
-    masked = mask.attach(unet, opt)
-    times = []
-    for fb, rb in batches:
-        t0 = time.perf_counter()
+    if mask is None:
+        unet.requires_grad_(True)
+        opt = torch.optim.Adam(unet.parameters(), lr=1e-4)
+    else:
+        opt = torch.optim.Adam(mask.trainable_parameters(unet), lr=1e-4)
+        mask.attach(unet, opt)
+
+    def step(fb, rb):
         loss, _, _ = salun_loss(unet, fb, rb, 0.5)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t0)
-    masked.remove()
-    return times
+    return step
 
 
-def _ft_steps(unet, batches) -> list[float]:
-    """Plain fine-tuning steps: the ordinary denoising loss on the same forget+retain items, all weights."""
+def _ft_step(unet):
+    """One plain fine-tuning step function: the ordinary denoising loss on the same forget+retain items."""
     unet.train().requires_grad_(True)
     opt = torch.optim.Adam(unet.parameters(), lr=1e-4)
-    times = []
-    for fb, rb in batches:
-        t0 = time.perf_counter()
+
+    def step(fb, rb):
         out = unet(torch.cat([fb.noisy, rb.noisy]), torch.cat([fb.timesteps, rb.timesteps]),
                    encoder_hidden_states=torch.cat([fb.cond, rb.cond])).sample
         torch.nn.functional.mse_loss(out, torch.cat([fb.target, rb.target])).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t0)
-    return times
+    return step
 
 
-def _step_pair(pipe, forget, retain, mask, n_steps: int, batch_size: int) -> dict:
-    """SalUn step time over a plain fine-tuning step, same batches, same process (median, warm-up skipped)."""
-    base = copy.deepcopy(pipe.unet.state_dict())
+def _step_times(pipe, forget, retain, mask, n_steps: int, batch_size: int) -> dict:
+    """Step time of SalUn, of RL (SalUn's objective without the mask) and of plain fine-tuning, each on its own
+    copy of the UNet and the same batches, interleaved step by step in rotating order so that the machine's
+    drift hits all three alike. Median over steps, the first two (warm-up) skipped."""
     batches = _fixed_batches(pipe, forget, retain, n_steps, batch_size)
-    t_salun = _salun_steps(pipe.unet, batches, mask)
-    pipe.unet.load_state_dict(base)
-    t_ft = _ft_steps(pipe.unet, batches)
-    pipe.unet.load_state_dict(base)
-    pipe.unet.requires_grad_(False).eval()
-    med = lambda xs: statistics.median(xs[2:])  # noqa: E731
-    return {"salun_step_s": med(t_salun), "ft_step_s": med(t_ft), "ratio": med(t_salun) / med(t_ft)}
+    steps = {"salun": _salun_step(copy.deepcopy(pipe.unet), mask),
+             "rl": _salun_step(copy.deepcopy(pipe.unet), None),
+             "ft": _ft_step(copy.deepcopy(pipe.unet))}
+    names, times = list(steps), {name: [] for name in steps}
+    for i, (fb, rb) in enumerate(batches):
+        for name in names[i % 3:] + names[:i % 3]:
+            t0 = time.perf_counter()
+            steps[name](fb, rb)
+            times[name].append(time.perf_counter() - t0)
+    med = {name: statistics.median(ts[2:]) for name, ts in times.items()}
+    return {"salun_step_s": med["salun"], "rl_step_s": med["rl"], "ft_step_s": med["ft"],
+            "ratio": med["salun"] / med["ft"], "ratio_rl": med["salun"] / med["rl"]}
 
 
 def _mask_vs_pass(pipe, forget) -> dict:
@@ -268,7 +274,9 @@ def _memory_probe(method: str, data_path: str, batch_size: int, esd_ddim_steps: 
     if method == PLAIN_FT:
         batches = _fixed_batches(pipe, forget, retain, 10, batch_size)
         with RSSPeak() as peak:
-            _ft_steps(pipe.unet, batches)
+            step = _ft_step(pipe.unet)
+            for fb, rb in batches:
+                step(fb, rb)
         queue.put(peak.growth)
         return
     objective, mask_kind = METHODS[method]
@@ -352,7 +360,7 @@ def main(argv=None) -> int:
             if side is None:
                 first_data = (forget, retain)
                 mask = compute_mask(pipe, forget, args.keep, batch_size=MASK_BATCH_SIZE)
-                side = {"step": _step_pair(pipe, forget, retain, mask, 20, args.batch_size),
+                side = {"step": _step_times(pipe, forget, retain, mask, 30, args.batch_size),
                         "mask": _mask_vs_pass(pipe, forget)}
                 print(json.dumps(side), flush=True)
             for method in methods:
@@ -383,11 +391,13 @@ def main(argv=None) -> int:
         for method in [PLAIN_FT] + methods:
             lines.append(f"| {method} | {memory_growth(method, *first_data, args.batch_size, args.esd_ddim_steps) / 2**20:.1f} |")
         lines.append("")
-    lines += ["## Side by side (same process, same batches)", "",
+    lines += ["## Side by side (same process, same batches; the three step kinds interleaved, 30 steps each, median)", "",
               "| measure | value |", "| --- | --- |",
               f"| SalUn step (s) | {side['step']['salun_step_s']:.4f} |",
+              f"| RL step: SalUn's objective without the mask (s) | {side['step']['rl_step_s']:.4f} |",
               f"| plain fine-tuning step (s) | {side['step']['ft_step_s']:.4f} |",
               f"| SalUn / fine-tuning step time | {side['step']['ratio']:.2f} |",
+              f"| SalUn / RL step time (the mask's own cost) | {side['step']['ratio_rl']:.2f} |",
               f"| one forward+backward pass over the forget set (s) | {side['mask']['pass_s']:.3f} |",
               f"| mask computation (scores + threshold) (s) | {side['mask']['mask_s']:.3f} |",
               f"| mask / one pass | {side['mask']['ratio']:.2f} |", "",
