@@ -9,8 +9,8 @@ and cosine decay, EMA) -> fp16 diffusers folder. The text encoder stays frozen a
 Time: 657 s (11 minutes) on 2 idle cores, measured 2026-11-29 with torch 2.13.0+cpu; the committed weights
 took 33 minutes because that machine was shared with other jobs (training.json records it). That retrain
 reproduced every committed weight file byte for byte: same seed, torch version and thread count -> the same
-weights. Retrain only when the architecture
-changes: the committed weights in `concept_erase/assets/minisd/` came from this script with its defaults.
+weights. Retrain only when the architecture changes: the committed weights in `concept_erase/assets/minisd/`
+came from this script with its defaults.
 """
 
 from __future__ import annotations
