@@ -269,7 +269,8 @@ def generate_set(
     if shard.is_file() and not shard.read_bytes().endswith(b"\n"):  # torn by a kill: end it, don't extend it
         with open(shard, "ab") as f:
             f.write(b"\n")
-    generate_module.warn_if_prompts_are_cut(pipe, [j.row.prompt for j in jobs])  # once per run, not per batch
+    if state.is_main_process:  # once per run for the whole prompt set, not per batch or per process
+        generate_module.warn_if_prompts_are_cut(pipe, [r.prompt for r in rows])
     bar = tqdm(total=len(jobs), desc="generating", disable=not (progress and state.is_main_process))
     # Batches never mix guidance scales (generate_images takes one); without row_guidance that is all rows.
     while jobs:
