@@ -41,6 +41,7 @@ import torch
 
 from concept_erase.concepts import get_concept
 from concept_erase.diffusion.erase import PromptEmbeddings, TrainConfig, compute_mask, saliency_batches, train_unet
+from concept_erase.diffusion.families import Conditioning
 from concept_erase.diffusion.io import load_pipeline
 from concept_erase.diffusion.losses import noise_batch, salun_loss, saliency_loss, sample_noise
 from concept_erase.diffusion.minisd import DIGITS, STYLES
@@ -187,7 +188,7 @@ def _ft_step(unet):
 
     def step(fb, rb):
         out = unet(torch.cat([fb.noisy, rb.noisy]), torch.cat([fb.timesteps, rb.timesteps]),
-                   encoder_hidden_states=torch.cat([fb.cond, rb.cond])).sample
+                   **Conditioning.cat([fb.cond, rb.cond]).unet_kwargs()).sample
         torch.nn.functional.mse_loss(out, torch.cat([fb.target, rb.target])).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from ..errors import ConceptEraseError
 from ..io_utils import atomic_dir
+from .families import Conditioning
 from .losses import (
     SALIENCY_GUIDANCE,
     NoisedBatch,
@@ -259,7 +260,7 @@ def train_unet(
     f_cond = embed(forget.prompts)
     f_target = embed(forget.surrogates) if forget.surrogates is not None else None
     r_cond = embed(retain.prompts) if retain is not None else None
-    uncond = embed([""])[0]
+    uncond = embed([""])
     use_retain = retain is not None and config.alpha > 0
     T = pipe.scheduler.config.num_train_timesteps
     scheduler = training_scheduler(pipe.scheduler)  # q_sample, whatever sampler the pipeline ships with
@@ -301,9 +302,9 @@ def train_unet(
                 with accelerator.autocast():
                     if is_esd:
                         z_t, t_esd = esd_partial_sample(accelerator.unwrap_model(unet), esd_sampler, fb.noise,
-                                                        fb.cond, uncond.expand_as(fb.cond), config.esd_ddim_steps,
+                                                        fb.cond, uncond.expand(len(fb.cond)), config.esd_ddim_steps,
                                                         esd_stop, config.esd_start_guidance)
-                        fb = NoisedBatch(z_t, fb.noise, fb.noise, t_esd, fb.cond, uncond.expand_as(fb.cond))
+                        fb = NoisedBatch(z_t, fb.noise, fb.noise, t_esd, fb.cond, uncond.expand(len(fb.cond)))
                         loss, loss_f, loss_r = esd_loss(unet, frozen_unet, fb, config.esd_eta, rb, config.alpha)
                     else:
                         loss, loss_f, loss_r = salun_loss(unet, fb, rb, config.alpha)
@@ -365,19 +366,25 @@ def _epoch_indices(n: int, seed: int, step: int, batch_size: int) -> Tensor:
 
 
 class PromptEmbeddings:
-    """Encode each distinct prompt once with the frozen text encoder; index by item."""
+    """Encode each distinct prompt once with the frozen text encoder(s), the way the pipeline's family
+    conditions its UNet (`families.py`); index by item."""
 
-    def __init__(self, pipe, device):
-        self.pipe, self.device, self.cache = pipe, device, {}
-        pipe.text_encoder.to(device)
+    def __init__(self, pipe, device, size: tuple[int, int] | None = None):
+        from .families import family_of
+
+        self.pipe, self.device, self.size, self.cache = pipe, device, size, {}
+        self.family = family_of(pipe)
+        for name in ("text_encoder", "text_encoder_2"):
+            if getattr(pipe, name, None) is not None:
+                getattr(pipe, name).to(device)
 
     @torch.no_grad()
-    def __call__(self, prompts: Sequence[str]) -> Tensor:
+    def __call__(self, prompts: Sequence[str]) -> Conditioning:
         new = [p for p in dict.fromkeys(prompts) if p not in self.cache]
         if new:
-            emb = self.pipe.encode_prompt(new, self.device, 1, False)[0].float()
-            self.cache.update(zip(new, emb))
-        return torch.stack([self.cache[p] for p in prompts])
+            cond = self.family.encode(self.pipe, new, self.device, self.size)
+            self.cache.update((p, cond[i]) for i, p in enumerate(new))
+        return Conditioning.cat([self.cache[p] for p in prompts])
 
 
 def _progress(iterable, enabled: bool, initial: int, total: int):
@@ -485,7 +492,7 @@ def saliency_batches(pipe, forget: LatentSet, *, batch_size: int = 8, seed: int 
     from `seed`, `target_cond` the empty prompt (DESIGN.md 3)."""
     device = next(pipe.unet.parameters()).device
     embed = PromptEmbeddings(pipe, device)
-    cond, uncond = embed(forget.prompts), embed([""])[0]
+    cond, uncond = embed(forget.prompts), embed([""])
     T = pipe.scheduler.config.num_train_timesteps
     scheduler = training_scheduler(pipe.scheduler)
     gen = torch.Generator().manual_seed(seed)
@@ -493,7 +500,7 @@ def saliency_batches(pipe, forget: LatentSet, *, batch_size: int = 8, seed: int 
         z = forget.latents[lo: lo + batch_size]
         noise, t = sample_noise(z, T, gen)
         c = cond[lo: lo + batch_size]
-        yield noise_batch(scheduler, z.to(device), c, noise.to(device), t.to(device), uncond.expand_as(c))
+        yield noise_batch(scheduler, z.to(device), c, noise.to(device), t.to(device), uncond.expand(len(c)))
 
 
 def compute_mask(pipe, forget: LatentSet, keep: float = 0.5, *, include=None, batch_size: int = 8,

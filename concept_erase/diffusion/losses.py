@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .families import Conditioning, as_conditioning
+
 SALIENCY_GUIDANCE = 7.5  # w in DESIGN.md 3: MSE(eps, (1 + w) eps(x_t, c_f) - w eps(x_t, "")), as the reference
 
 
@@ -29,8 +31,8 @@ class NoisedBatch:
     noise: Tensor        # (B, C, h, w) eps
     target: Tensor       # (B, C, h, w) what the UNet predicts for denoising: eps, or v for v-prediction models
     timesteps: Tensor    # (B,) long
-    cond: Tensor         # (B, L, D) embeddings of the prompt of each item
-    target_cond: Tensor | None = None  # (B, L, D) SalUn: surrogate prompt; saliency/ESD: the empty prompt
+    cond: Conditioning | Tensor  # the conditioning of each item's prompt (a bare tensor: hidden states only)
+    target_cond: Conditioning | Tensor | None = None  # SalUn: the surrogate prompt; saliency/ESD: the empty one
 
 
 def sample_noise(latents: Tensor, num_train_timesteps: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -66,8 +68,12 @@ def noise_batch(scheduler, latents: Tensor, cond: Tensor, noise: Tensor, timeste
     return NoisedBatch(noisy, noise, target, timesteps, cond, target_cond)
 
 
-def _unet(unet: nn.Module, z: Tensor, t: Tensor, cond: Tensor) -> Tensor:
-    return unet(z, t, encoder_hidden_states=cond.to(z.dtype)).sample
+def _unet(unet: nn.Module, z: Tensor, t: Tensor, cond: Conditioning | Tensor) -> Tensor:
+    return unet(z, t, **as_conditioning(cond).unet_kwargs(z.dtype)).sample
+
+
+def _cat(*conds: Conditioning | Tensor) -> Conditioning:
+    return Conditioning.cat(conds)
 
 
 def saliency_loss(unet: nn.Module, batch: NoisedBatch, guidance: float = SALIENCY_GUIDANCE) -> Tensor:
@@ -75,7 +81,7 @@ def saliency_loss(unet: nn.Module, batch: NoisedBatch, guidance: float = SALIENC
     terms (the guided prediction is what generates the concept). `batch.target_cond` = the empty prompt."""
     n = batch.noisy.shape[0]
     out = _unet(unet, torch.cat([batch.noisy, batch.noisy]), torch.cat([batch.timesteps, batch.timesteps]),
-                torch.cat([batch.cond, batch.target_cond]))
+                _cat(batch.cond, batch.target_cond))
     eps_c, eps_u = out[:n], out[n:]
     guided = (1 + guidance) * eps_c - guidance * eps_u
     return F.mse_loss(guided.float(), batch.target.float())
@@ -104,7 +110,7 @@ def _joint_loss(unet, forget: NoisedBatch, target: Tensor, retain: NoisedBatch |
         return loss_f, loss_f.detach(), torch.zeros((), device=loss_f.device)
     n = forget.noisy.shape[0]
     out = _unet(unet, torch.cat([forget.noisy, retain.noisy]), torch.cat([forget.timesteps, retain.timesteps]),
-                torch.cat([forget.cond, retain.cond]))
+                _cat(forget.cond, retain.cond))
     loss_f = F.mse_loss(out[:n].float(), target.float())
     loss_r = F.mse_loss(out[n:].float(), retain.target.float())
     return loss_f + alpha * loss_r, loss_f.detach(), loss_r.detach()
@@ -116,7 +122,7 @@ def esd_target(frozen_unet: nn.Module, batch: NoisedBatch, eta: float) -> Tensor
     (negative guidance away from c). `batch.target_cond` = the empty prompt."""
     n = batch.noisy.shape[0]
     out = _unet(frozen_unet, torch.cat([batch.noisy, batch.noisy]), torch.cat([batch.timesteps, batch.timesteps]),
-                torch.cat([batch.cond, batch.target_cond]))
+                _cat(batch.cond, batch.target_cond))
     eps_c, eps_u = out[:n], out[n:]
     return eps_u - eta * (eps_c - eps_u)
 
@@ -138,7 +144,8 @@ def esd_scheduler(scheduler):
 
 
 @torch.no_grad()  # ESD samples z_t as data; the loss's gradient starts at z_t, not inside the chain
-def esd_partial_sample(unet: nn.Module, scheduler, noise: Tensor, cond: Tensor, uncond: Tensor,
+def esd_partial_sample(unet: nn.Module, scheduler, noise: Tensor, cond: Conditioning | Tensor,
+                       uncond: Conditioning | Tensor,
                        num_steps: int, stop_index: int, guidance: float) -> tuple[Tensor, Tensor]:
     """ESD's z_t: start from `noise`, run `stop_index` of `num_steps` DDIM steps with the model being trained
     (classifier-free guidance `guidance`, conditioned on c) and return (z_t, t) at that point.
@@ -149,7 +156,7 @@ def esd_partial_sample(unet: nn.Module, scheduler, noise: Tensor, cond: Tensor, 
     n = z.shape[0]
     for t in scheduler.timesteps[:stop_index]:
         tt = t.expand(2 * n)
-        out = _unet(unet, torch.cat([z, z]), tt, torch.cat([cond, uncond]))
+        out = _unet(unet, torch.cat([z, z]), tt, _cat(cond, uncond))
         eps = out[n:] + guidance * (out[:n] - out[n:])
         z = scheduler.step(eps, t, z).prev_sample
     t = scheduler.timesteps[stop_index].expand(n).long()
