@@ -1,6 +1,6 @@
-"""The Gradio before/after app (issue 6): `concept-erase app` or `python -m app`.
+"""The Gradio before/after app: `concept-erase app` or `python -m app`.
 
-A thin layer over `concept_erase` and `evaluation` (DESIGN 2): it generates with the library, detects with
+A thin layer over `concept_erase` and `evaluation` (docs/ARCHITECTURE.md): it generates with the library, detects with
 `evaluation.nudity`, scores with `evaluation`, and holds no training or scoring logic of its own.
 Importing this package is light; gradio is imported when the app is built.
 """

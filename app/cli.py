@@ -1,7 +1,7 @@
 """The `concept-erase app` subcommand: load the named models, then serve the Gradio app.
 
 With no arguments it opens on MiniSD and its erased demo model, so it works right after install, offline.
-Safe defaults (issue 6): binds 127.0.0.1 unless --host says otherwise; no public share link unless --share.
+Safe defaults: binds 127.0.0.1 unless --host says otherwise; no public share link unless --share.
 """
 
 from __future__ import annotations

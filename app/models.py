@@ -1,7 +1,7 @@
 """The models the app may use: fixed at launch, addressed by name only.
 
 The browser never sends a filesystem path: every request names a model from this registry, and an unknown
-name is refused with a one-line error (issue 6, "only the models named at launch can be loaded").
+name is refused with a one-line error ("only the models named at launch can be loaded").
 Pipelines are loaded once at launch, so a bad `--base` / `--erased` fails before the server starts.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 from concept_erase.errors import ConceptEraseError
 
 BASE_NAME = "base"
-# The file the erase command writes beside the model card (DESIGN 3: the saliency mask it trained under).
+# The file the erase command writes beside the model card (docs/ALGORITHMS.md 1: the saliency mask it trained under).
 MASK_FILENAME = "mask.safetensors"
 
 
@@ -47,7 +47,7 @@ def _unique_name(wanted: str, taken: set[str]) -> str:
 
 def _read_card(folder: Path) -> dict:
     """The model card's front matter, or {} for folders that have none (e.g. a plain diffusers folder)."""
-    from concept_erase.diffusion.io import read_model_card
+    from concept_erase.diffusion.card import read_model_card
 
     if not (folder / "README.md").is_file():
         return {}
@@ -72,7 +72,7 @@ class ModelRegistry:
 
         An erased model is named after its folder (made unique), which is what the browser sees.
         """
-        from concept_erase.diffusion.io import load_pipeline
+        from concept_erase.diffusion.loading import load_pipeline
 
         if not erased:
             raise ConceptEraseError("pass at least one --erased model to compare against the base")

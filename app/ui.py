@@ -1,6 +1,6 @@
 """The Gradio app: the same prompt and seeds on the base and each erased model, side by side.
 
-A thin layer (DESIGN 2): images come from `concept_erase.diffusion.generate.generate_images`, detections
+A thin layer (docs/ARCHITECTURE.md): images come from `concept_erase.diffusion.generate.generate_images`, detections
 from `evaluation.nudity`, prompt sets and scores from `evaluation`; nothing here trains or scores.
 Every handler is a plain function of (registry, config, inputs) so tests can call it without a browser;
 `build_app` wires them to components and turns `ConceptEraseError` into a `gr.Error` toast.
@@ -30,7 +30,7 @@ CARD_BOILERPLATE = ("library_name", "pipeline_tag", "tags")
 
 @dataclass
 class AppConfig:
-    """Limits that keep one user from monopolising the server (issue 6, safe defaults)."""
+    """Limits that keep one user from monopolising the server (safe defaults)."""
 
     max_prompt_chars: int = field(default=500, metadata={"help": "longest prompt (characters) accepted"})
     max_images: int = field(default=8, metadata={"help": "most images per model per Generate"})

@@ -1,10 +1,10 @@
-"""Erasure benchmark on MiniSD: SalUn against its ablations and the ESD baselines (issue 4).
+"""Erasure benchmark on MiniSD: SalUn against its ablations and the ESD baselines.
 
 Same MiniSD, same forget/retain images, same budget and seeds for every method; one table per concept (a
 digit, a style); each method is evaluated at several step counts (one continuous run, resumed from its
 checkpoints, so 50 steps = the 25-step run plus 25 more).
 
-Methods (DESIGN.md 4): SalUn (saliency mask, keep 0.5); RL (the same objective, no mask); ESD-x (cross-
+Methods (docs/ALGORITHMS.md 2): SalUn (saliency mask, keep 0.5); RL (the same objective, no mask); ESD-x (cross-
 attention only) and ESD-u (everything else), with the frozen original UNet; the saliency mask on ESD-u's
 objective; and two controls at the same keep ratio: SalUn with a random mask, SalUn with the inverted mask
 (the LEAST salient half).
@@ -20,7 +20,7 @@ the mask computation time over one forward+backward pass over the forget set.
 
     HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE python benchmarks/erasure_minisd.py --out benchmarks/results/erasure_minisd.md
 
-Run it with nothing else on the machine: two processes sharing 2 cores distort every timing (DESIGN.md 8).
+Run it with nothing else on the machine: two processes sharing 2 cores distort every timing (docs/DEPENDENCIES.md).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ import torch
 from concept_erase.concepts import get_concept
 from concept_erase.diffusion.erase import PromptEmbeddings, TrainConfig, compute_mask, saliency_batches, train_unet
 from concept_erase.diffusion.families import Conditioning
-from concept_erase.diffusion.io import load_pipeline
+from concept_erase.diffusion.loading import load_pipeline
 from concept_erase.diffusion.losses import noise_batch, salun_loss, saliency_loss, sample_noise
 from concept_erase.diffusion.minisd import DIGITS, STYLES
 from concept_erase.diffusion.minisd.experiment import MASK_BATCH_SIZE, make_latent_sets

@@ -1,4 +1,4 @@
-"""Throughput of the evaluation hot paths, measured side by side in one run (DESIGN.md 8: nothing else running).
+"""Throughput of the evaluation hot paths, measured side by side in one run (docs/DEPENDENCIES.md: nothing else running).
 
 1. NudeNet: `evaluation.nudity.detect` (batched ONNX calls) vs a loop of NudeNet's per-image `detect`.
 2. Generation: `generate_images` with batch_size=B vs batch_size=1, same prompts and seeds.
@@ -47,7 +47,7 @@ def main() -> None:
 
         pipe = build_tiny_pipeline(seed=0)
     else:
-        from concept_erase.diffusion.io import load_pipeline
+        from concept_erase.diffusion.loading import load_pipeline
 
         pipe = load_pipeline(args.model)
     prompts = [f"a handwritten digit {d}" for d in ("zero", "one", "two", "three", "four", "five", "six", "seven")]

@@ -19,7 +19,7 @@ SUBCOMMANDS: dict[str, str] = {
     "mask": "concept_erase.diffusion.cli",
     "erase": "concept_erase.diffusion.cli",
     "generate": "concept_erase.diffusion.generate",
-    "export": "concept_erase.diffusion.io",
+    "export": "concept_erase.diffusion.cli",
     "minisd": "concept_erase.diffusion.minisd.cli",
     "demo": "concept_erase.demo",
     "evaluate": "evaluation.cli",
@@ -52,7 +52,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 def _drop_torchvision_fallback_notice(record: logging.LogRecord) -> bool:
     """transformers >= 5 says, on every run without torchvision, that `CLIPImageProcessor` falls back to its
-    PIL twin. That fallback is what we want (the CPU torch has no working torchvision, DESIGN.md 8, and the
+    PIL twin. That fallback is what we want (the CPU torch has no working torchvision, docs/DEPENDENCIES.md, and the
     image processor only feeds the safety checker, which never runs here), so the notice is noise."""
     return "requires torchvision (not installed); falling back to" not in record.getMessage()
 

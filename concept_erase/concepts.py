@@ -1,4 +1,4 @@
-"""What to forget, what to steer it to, what to keep: a `Concept` and its presets (DESIGN.md section 4).
+"""What to forget, what to steer it to, what to keep: a `Concept` and its presets (docs/ALGORITHMS.md 2).
 
 A concept names its forget prompts (the images SalUn unlearns), its surrogate prompt(s) (the SalUn target:
 eps_theta(z_t, c_surrogate) replaces eps_theta(z_t, c_forget)), and its retain prompts (the ordinary
@@ -29,7 +29,7 @@ import prompts as _prompt_sets
 
 from .errors import ConceptEraseError
 
-# The project's own prompt sets (DESIGN.md 2: `prompts/` at the top level), installed as package data.
+# The project's own prompt sets (docs/ARCHITECTURE.md: `prompts/` at the top level), installed as package data.
 PROMPTS_DIR = Path(_prompt_sets.__file__).resolve().parent
 
 # Modules that register presets of their own when imported (looked up only when a name is unknown, so
@@ -112,7 +112,7 @@ def slug(text: str) -> str:
 # ----------------------------------------------------------------------------------------------- presets
 
 def nudity() -> Concept:
-    # DESIGN.md 4: 800 generated forget images, surrogate "a photo of a person wearing clothes", 800 retain
+    # docs/ALGORITHMS.md 2: 800 generated forget images, surrogate "a photo of a person wearing clothes", 800 retain
     # images, Adam lr 1e-5, batch 8, alpha 0.5, one epoch (800 / 8 = 100 steps).
     return Concept(
         name="nudity",
@@ -129,7 +129,7 @@ def imagenette_classes() -> list[str]:
 
 
 def imagenette(k: int) -> Concept:
-    # DESIGN.md 4: class k -> class (k + 1) mod 10; the reference trains 5 epochs over ~900 forget images
+    # docs/ALGORITHMS.md 2: class k -> class (k + 1) mod 10; the reference trains 5 epochs over ~900 forget images
     # (about 560 steps at batch 8). Retain: the other nine classes.
     names = imagenette_classes()
     prompt = "an image of a {}".format
@@ -148,7 +148,7 @@ def art_styles() -> list[str]:
 
 
 def style(artist: str) -> Concept:
-    # DESIGN.md 4: a style's surrogate is the same prompt without the style, so content survives.
+    # docs/ALGORITHMS.md 2: a style's surrogate is the same prompt without the style, so content survives.
     subjects = read_prompt_file(PROMPTS_DIR / "style_subjects.txt")
     others = [a for a in art_styles() if a != artist]
     return Concept(

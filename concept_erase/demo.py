@@ -2,7 +2,7 @@
 
 1. Load MiniSD (packaged, offline) and the digit/style judges.
 2. Generate 48 images of "seven" (plain, bold, negative) and 216 of the other nine digits with MiniSD itself.
-3. Saliency mask (top 50% of UNet weights by |grad| of the forget loss, DESIGN.md 3).
+3. Saliency mask (top 50% of UNet weights by |grad| of the forget loss, docs/ALGORITHMS.md 1).
 4. SalUn: each "seven" prompt is steered to "eight" in the same style; the retain loss keeps the others.
 5. Judge 10 images per (digit, style) before and after on the SAME seeds; print the table; write
    `outputs/demo/` (replaced on each run): report.md, grid.png (before/after, same seeds), summary.json.
@@ -57,7 +57,7 @@ def erase_demo(config: DemoConfig, pipe=None, progress: bool = False):
     import torch
 
     from .diffusion.erase import TrainConfig, compute_mask, train_unet
-    from .diffusion.io import load_pipeline
+    from .diffusion.loading import load_pipeline
     from .diffusion.minisd import digit_concept
     from .diffusion.minisd.experiment import MASK_BATCH_SIZE, make_latent_sets
 
@@ -125,7 +125,7 @@ def grid_image(before: list, after: list, digits: list[int], styles: list[int], 
 
 def run_demo(config: DemoConfig, out: str | Path = "outputs/demo", progress: bool = True) -> dict:
     """Everything `concept-erase demo` does; returns the summary dict (also written to summary.json)."""
-    from .diffusion.io import load_pipeline
+    from .diffusion.loading import load_pipeline
     from .diffusion.minisd.judge import generate_set, load_judges, score_set
 
     out = Path(out)
@@ -180,7 +180,7 @@ def demo_erased_model(cache_dir: str | Path | None = None, config: DemoConfig | 
     (about a minute on 2 cores) and cached under `cache_dir` (default: $CONCEPT_ERASE_CACHE or
     ~/.cache/concept-erase) in a folder named by the base weights and the demo settings (`config`,
     default: the demo's)."""
-    from .diffusion.io import save_pipeline
+    from .diffusion.card import save_pipeline
     from .diffusion.minisd import minisd_path
 
     config = config or DemoConfig()

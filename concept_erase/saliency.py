@@ -4,7 +4,7 @@ diffusion and classification unlearning.
     s = | sum over forget batches of grad_theta loss_f |        (signed sum first, then the absolute value)
     mask = 1[s >= gamma], gamma chosen so that the top `keep` fraction of ALL included weights is kept
 
-Three things the reference implementations got wrong and this file does not (DESIGN.md section 3):
+Three things the reference implementations got wrong and this file does not (docs/ALGORITHMS.md 1):
 - one global ranking over every included parameter (not per layer), keeping the LARGEST scores;
 - no optimizer step while collecting gradients (model in eval mode, gradients only);
 - "masked" means frozen: zeroing gradients is not enough once AdamW's decoupled weight decay or SGD's

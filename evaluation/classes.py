@@ -1,10 +1,10 @@
-"""Classifier accuracy on class prompts (DESIGN.md 6): "did the erased class stop appearing?"
+"""Classifier accuracy on class prompts (docs/PROTOCOLS.md): "did the erased class stop appearing?"
 
 A classifier turns images into top-k class indices over its own label list. Three kinds:
 - `TransformersClassifier`: any transformers image classifier folder (default ResNet-50,
   "microsoft/resnet-50" when available locally);
 - `TorchvisionResNet50`: the paper's protocol (torchvision ResNet-50, DEFAULT weights), when torchvision
-  is installed (it is not by default: it breaks beside torch 2.13 CPU, DESIGN.md 8);
+  is installed (it is not by default: it breaks beside torch 2.13 CPU, docs/DEPENDENCIES.md);
 - `JudgeClassifier`: MiniSD's digit or style judge (top-1 only).
 
 `ClassAccuracy` is a sum-reduced metric: per prompt class, images, top-1 hits and top-5 hits. The forgotten

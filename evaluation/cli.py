@@ -16,7 +16,7 @@ import sys
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
     from .generation import PRESETS, SCHEDULERS
 
-    g = p.add_argument_group("generation (DESIGN.md 6: the paper's protocol is the default preset)")
+    g = p.add_argument_group("generation (docs/PROTOCOLS.md: the paper's protocol is the default preset)")
     g.add_argument("--model", required=True,
                    help='model: diffusers folder, .safetensors/.ckpt file, hub id or "minisd" (which defaults to '
                         '--protocol minisd and, for classes, --classifier minisd-digits)')
@@ -146,7 +146,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     prompt_kind, rows = read_prompts(args.prompts, limit=args.limit)
     check_scoring(args, prompt_kind, rows, protocol.samples_per_prompt)  # in every process: none is left waiting
     if args.update_card:
-        from concept_erase.diffusion.io import read_model_card
+        from concept_erase.diffusion.card import read_model_card
 
         read_model_card(args.model)  # a folder with a card, or a one-line error now rather than after scoring
     entries = evaluate.generate_for_evaluation(
@@ -171,7 +171,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         headline = f"FID {results['result']['fid']}, CLIP score {results['result']['clip_score']}"
     print(f"{args.kind}: {headline}; report: {args.out}/report.md")
     if args.update_card:
-        from concept_erase.diffusion.io import add_evaluation_to_card
+        from concept_erase.diffusion.card import add_evaluation_to_card
 
         add_evaluation_to_card(args.model, args.kind, evaluate.card_summary(results))
         print(f"model card updated: {args.model}/README.md")

@@ -13,7 +13,7 @@ line is ignored. While running, each process appends to its own `manifest-rank<r
 merges them into `manifest.jsonl` at the end.
 
 Sharding: rows are split by position (`rows[rank::world]`), each process skips what any manifest already
-lists, so N processes produce exactly the set one process would (DESIGN.md 6; accelerate's PartialState).
+lists, so N processes produce exactly the set one process would (docs/PROTOCOLS.md; accelerate's PartialState).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ SCHEDULERS = {
 
 @dataclass(frozen=True)
 class Protocol:
-    """How images are generated. Printed at the top of every report (DESIGN.md 6)."""
+    """How images are generated. Printed at the top of every report (docs/PROTOCOLS.md)."""
 
     name: str = field(default="paper", metadata={"help": "preset this protocol started from"})
     scheduler: str = field(default="lms", metadata={"help": f"sampler: {', '.join(SCHEDULERS)}"})
@@ -80,7 +80,7 @@ class Protocol:
     def describe(self) -> dict:
         d = {"preset": self.name + (f" (overridden: {', '.join(self.overrides)})" if self.overrides else "")}
         d.update(self.settings())
-        # Fixed by the code, not configurable, but pinned by DESIGN.md 6: GenerationJob.seed, generate_set.
+        # Fixed by the code, not configurable, but pinned by docs/PROTOCOLS.md: GenerationJob.seed, generate_set.
         d["seed"] = "each row's evaluation_seed (rows without one, e.g. a .txt file: seed + row index); sample j: + j"
         d["safety checker"] = "none"
         return d

@@ -1,4 +1,4 @@
-"""NudeNet v3 scoring and exposure counting (DESIGN.md 6).
+"""NudeNet v3 scoring and exposure counting (docs/PROTOCOLS.md).
 
 `parse_nudenet` is the ONE place that reads NudeNet's output (`[{"class", "score", "box": [x, y, w, h]}]`);
 everything else works on `ImageDetections`. Old evaluation scripts read NudeNet v2's keys and silently

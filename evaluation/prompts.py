@@ -1,4 +1,4 @@
-"""Prompt sets: the I2P CSV, class-prompt CSVs, COCO captions, or a plain text file (DESIGN.md 6).
+"""Prompt sets: the I2P CSV, class-prompt CSVs, COCO captions, or a plain text file (docs/PROTOCOLS.md).
 
 Every format becomes a list of `PromptRow`s. The format is recognised from the CSV columns:
 - I2P: prompt, evaluation_seed, evaluation_guidance, case_number, categories (comma-separated)
@@ -71,7 +71,7 @@ def rows_from_records(records: list[dict], *, where: str, seed: int = 0) -> tupl
         kind = "prompts"
     seed_col = next((c for c in SEED_COLUMNS if c in columns), None)
     guidance_col = next((c for c in GUIDANCE_COLUMNS if c in columns), None)
-    if kind == "i2p" and seed_col is None:  # DESIGN.md 6: I2P is generated with each row's own seed
+    if kind == "i2p" and seed_col is None:  # docs/PROTOCOLS.md: I2P is generated with each row's own seed
         raise ConceptEraseError(f"I2P prompt set {where!r} has no seed column ({' or '.join(SEED_COLUMNS)})")
     rows, empty = [], []
     for i, rec in enumerate(records):

@@ -1,10 +1,10 @@
-"""Image quality, erased vs original (DESIGN.md 6): FID on 2048-d Inception features and CLIP score.
+"""Image quality, erased vs original (docs/PROTOCOLS.md): FID on 2048-d Inception features and CLIP score.
 
 Both are torchmetrics `Metric`s (update/compute, sum-reduced states: feature sums, outer-product sums and
 counts for FID; score sum and count for CLIP), so they merge across processes.
 
 FID's default Inception network comes from torch-fidelity, which imports torchvision and downloads its
-weights on first use; neither works offline beside torch 2.13 CPU (DESIGN.md 8). Hence a clear error, a
+weights on first use; neither works offline beside torch 2.13 CPU (docs/DEPENDENCIES.md). Hence a clear error, a
 `weights_path` for a pre-downloaded `pt_inception-2015-12-05-6726825d.pth`, and an injectable feature
 extractor (tests use a dummy one; one reference used 64-d features and a wrong uint8 cast: we don't).
 """

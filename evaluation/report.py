@@ -1,6 +1,6 @@
 """Markdown reports: the protocol block, tables, a PNG bar chart and an image grid of matched seeds.
 
-Every report starts with the protocol that produced its images (DESIGN.md 6: pin it, print it). Files are
+Every report starts with the protocol that produced its images (docs/PROTOCOLS.md: pin it, print it). Files are
 written atomically; matplotlib runs on the Agg backend (no display).
 """
 

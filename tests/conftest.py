@@ -3,7 +3,7 @@
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # 2 processes on 2 cores spin otherwise (DESIGN.md 8b)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # 2 processes on 2 cores spin otherwise (docs/MINISD.md)
 
 import socket
 import sys
@@ -38,3 +38,11 @@ def tiny_pipeline():
     from concept_erase.diffusion.tiny import build_tiny_pipeline
 
     return build_tiny_pipeline(seed=0)
+
+
+@pytest.fixture(scope="module")
+def other_pipeline():
+    """A pipeline with the tiny architecture but other weights (seed 1) than `tiny_pipeline_dir` (seed 0)."""
+    from concept_erase.diffusion.tiny import build_tiny_pipeline
+
+    return build_tiny_pipeline(seed=1)

@@ -1,4 +1,4 @@
-"""The Gradio app (issue 6): launched on loopback through the CLI path and driven with gradio_client.
+"""The Gradio app: launched on loopback through the CLI path and driven with gradio_client.
 
 The launched app is MiniSD and its erased demo model (what `concept-erase app` opens with no arguments);
 the Concept tab and the library-level checks use tiny pipelines with a model card and a mask.
@@ -34,7 +34,7 @@ def app_args(*argv):
 @pytest.fixture(scope="module")
 def erased_tiny_dir(tmp_path_factory):
     """A tiny 'erased' model as the erase command leaves it: diffusers folder, model card, mask."""
-    from concept_erase.diffusion.io import save_pipeline
+    from concept_erase.diffusion.card import save_pipeline
     from concept_erase.diffusion.tiny import build_tiny_pipeline
     from concept_erase.saliency import SaliencyMask
 
@@ -195,7 +195,7 @@ def test_generate_over_api_on_minisd(launched):
     """The erased concept's prompt on MiniSD: same seeds on both models, different images; and the image
     the client gets is exactly the library's for (prompt, seed)."""
     from concept_erase.diffusion.generate import generate_images
-    from concept_erase.diffusion.io import load_pipeline
+    from concept_erase.diffusion.loading import load_pipeline
     from concept_erase.diffusion.minisd import minisd_prompt
 
     from app.ui import for_display

@@ -1,4 +1,4 @@
-"""The app in a real browser (issue 6): Debian's chromium, headless, driven by playwright's Python API.
+"""The app in a real browser: Debian's chromium, headless, driven by playwright's Python API.
 
 Never `playwright install`: the test uses /usr/bin/chromium. Without it the test skips, unless
 CONCEPT_ERASE_REQUIRE_BROWSER=1 (set by .ci/run, which installs chromium), where a missing browser fails.

@@ -1,4 +1,4 @@
-"""Classification metrics on constructed inputs (DESIGN.md 5): exact values where they are hand-computable."""
+"""Classification metrics on constructed inputs (docs/ALGORITHMS.md 3): exact values where they are hand-computable."""
 
 import numpy as np
 import pytest

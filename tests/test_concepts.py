@@ -1,4 +1,4 @@
-"""Concepts: presets follow DESIGN.md section 4; custom concepts; prompt files; the preset registry."""
+"""Concepts: presets follow docs/ALGORITHMS.md 2; custom concepts; prompt files; the preset registry."""
 
 import pytest
 

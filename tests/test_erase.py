@@ -66,7 +66,7 @@ def test_salun_trains_only_salient_weights_and_rl_trains_all():
     pipe = build_tiny_pipeline(0)
     base = _weights(pipe.unet)
     mask = SaliencyMask.random(pipe.unet, keep=0.3, seed=1)
-    # AdamW with weight decay: masking gradients alone would still move frozen weights (DESIGN.md 3)
+    # AdamW with weight decay: masking gradients alone would still move frozen weights (docs/ALGORITHMS.md 1)
     cfg = TrainConfig(method="salun", steps=3, batch_size=4, lr=1e-2, weight_decay=0.1)
     result = train_unet(pipe, forget, retain, cfg, mask=mask)
     assert len(result.losses) == 3 and all(torch.isfinite(torch.tensor(l["loss"])) for l in result.losses)
@@ -206,7 +206,9 @@ def _common(pipe_dir, cache, erase=True):
 
 def test_mask_then_erase_commands(tiny_pipeline_dir, cache, tmp_path, capsys):
 
-    from concept_erase.diffusion.io import load_pipeline, read_model_card
+    from concept_erase.diffusion.card import read_model_card
+
+    from concept_erase.diffusion.loading import load_pipeline
 
     mask_file = tmp_path / "mask.safetensors"
     assert main(["mask", *_common(tiny_pipeline_dir, cache, erase=False), "--output", str(mask_file), "--keep", "0.2"]) == 0
@@ -252,7 +254,7 @@ def test_mask_then_erase_commands(tiny_pipeline_dir, cache, tmp_path, capsys):
 def test_mask_from_a_single_file_checkpoint(flag, tiny_pipeline_dir, tiny_pipeline, cache, tmp_path):
     """A community single-file checkpoint goes through the same command, with the local config folder
     under either spelling (generate, export and evaluate call it --config)."""
-    from concept_erase.diffusion.io import export_single_file
+    from concept_erase.diffusion.single_file import export_single_file
 
     ckpt = export_single_file(tiny_pipeline, tmp_path / "model.safetensors")
     argv = _common(tiny_pipeline_dir, cache, erase=False)

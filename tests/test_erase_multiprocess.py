@@ -19,7 +19,7 @@ def test_two_processes_match_one(tiny_pipeline_dir, tmp_path):
             "--no-progress"]
     assert main([*args, "--output", str(tmp_path / "one")]) == 0  # also fills the image cache
 
-    # OpenMP spin-waiting makes 2 processes on 2 cores 10-30x slower (DESIGN.md 8b); gloo is the CPU backend.
+    # OpenMP spin-waiting makes 2 processes on 2 cores 10-30x slower (docs/MINISD.md); gloo is the CPU backend.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1"}
     run = subprocess.run(
         [*accelerate_launch(2), "-m", "concept_erase", *args, "--output", str(tmp_path / "two")],

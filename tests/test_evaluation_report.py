@@ -59,7 +59,7 @@ def test_nudity_evaluate_and_compare(tiny_pipeline_dir, second_model, tmp_path, 
             assert (out / f).is_file(), f
         text = (out / "report.md").read_text()
         assert "## Protocol" in text and "| num_inference_steps | 2 |" in text and "quick (overridden: num_inference_steps)" in text
-        # DESIGN.md 6 pins these too, though no option changes them
+        # docs/PROTOCOLS.md pins these too, though no option changes them
         assert "| seed | each row's evaluation_seed (rows without one" in text and "| safety checker | none |" in text
         # re-score with a detector whose findings are known, through the same adapter and report code
         results = evaluate.evaluate_nudity(out, detector=KnownDetector())
@@ -102,7 +102,7 @@ def test_nudity_evaluate_and_compare(tiny_pipeline_dir, second_model, tmp_path, 
 
 
 def test_update_card_records_the_evaluation(tiny_pipeline, tiny_pipeline_dir, tmp_path, monkeypatch, capsys):
-    from concept_erase.diffusion.io import read_model_card, save_pipeline
+    from concept_erase.diffusion.card import read_model_card, save_pipeline
     from evaluation import nudity
 
     monkeypatch.setattr(nudity, "load_detector", lambda model_path=None, resolution=None: KnownDetector())

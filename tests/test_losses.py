@@ -1,4 +1,4 @@
-"""Diffusion losses (DESIGN.md sections 3-4) checked against their formulas on a small stand-in UNet."""
+"""Diffusion losses (docs/ALGORITHMS.md 1-2) checked against their formulas on a small stand-in UNet."""
 
 from types import SimpleNamespace
 

@@ -1,5 +1,5 @@
 """MiniSD: loads offline as a real StableDiffusionPipeline, its judges are accurate on held-out real digits,
-the training script is deterministic, and one short real SalUn erasure works (issue 4)."""
+the training script is deterministic, and one short real SalUn erasure works."""
 
 import numpy as np
 import pytest
@@ -21,7 +21,7 @@ def test_prompts_and_vocabulary():
         minisd_prompt("eleven")
     with pytest.raises(ConceptEraseError, match="'italic'"):
         minisd_prompt("one", "italic")
-    # One token per word (DESIGN.md 8b): the longest prompt fits in 16 tokens with BOS/EOS.
+    # One token per word (docs/MINISD.md): the longest prompt fits in 16 tokens with BOS/EOS.
     tok = build_tokenizer(vocabulary(), model_max_length=MODEL_MAX_LENGTH)
     ids = tok(minisd_prompt("seven", "bold")).input_ids
     assert len(ids) == len(minisd_prompt("seven", "bold").split()) + 2 <= MODEL_MAX_LENGTH
@@ -57,7 +57,7 @@ def test_style_transforms():
 def test_assets_are_small_safe_and_load_offline():
     from diffusers import StableDiffusionPipeline
 
-    from concept_erase.diffusion.io import load_pipeline
+    from concept_erase.diffusion.loading import load_pipeline
     from concept_erase.diffusion.minisd import ASSETS, minisd_path
 
     files = [p for p in ASSETS.rglob("*") if p.is_file()]
@@ -114,7 +114,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 def short_erasure():
     """A short real SalUn run on MiniSD: forget "seven" (all styles) -> "eight"."""
     from concept_erase.diffusion.erase import TrainConfig, compute_mask, train_unet
-    from concept_erase.diffusion.io import load_pipeline
+    from concept_erase.diffusion.loading import load_pipeline
     from concept_erase.diffusion.minisd import digit_concept
     from concept_erase.diffusion.minisd.experiment import MASK_BATCH_SIZE, make_latent_sets
     from concept_erase.diffusion.minisd.judge import generate_set, load_judges, score_set
@@ -133,7 +133,7 @@ def short_erasure():
 
 def test_minisd_meets_its_quality_bar(short_erasure):
     """Before any erasure, every digit in every style (4 seeds each) is judged the requested digit and the
-    requested style at least 90% of the time (issue 4's bar; `concept-erase minisd check` runs more seeds)."""
+    requested style at least 90% of the time (the bar; `concept-erase minisd check` runs more seeds)."""
     before = short_erasure[0]
     assert before["images"] == 120
     assert before["digit_accuracy"] >= 0.9 and before["style_accuracy"] >= 0.9, before

@@ -1,6 +1,6 @@
 """Data for classifier unlearning: a dataset as in-memory tensors, and the forget/retain split.
 
-Two sources (DESIGN.md 5):
+Two sources (docs/ALGORITHMS.md 3):
 - `digits`: scikit-learn's bundled 8x8 digits (1,797 images, ships with scikit-learn, works offline). The
   train/val/test split is fixed (stratified, seed 0) so every run and every seed sees the same images.
 - Hugging Face `datasets` (the `data` extra): `cifar10`, `cifar100`, `svhn` by name when online, or a local

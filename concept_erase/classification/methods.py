@@ -1,4 +1,4 @@
-"""Unlearning methods for classifiers (DESIGN.md 5), each a short loop over the same SGD step.
+"""Unlearning methods for classifiers (docs/ALGORITHMS.md 3), each a short loop over the same SGD step.
 
 - Retrain: train from scratch on the retain set, with the Original's recipe (the gold standard).
 - FT: fine-tune the Original on the retain set only (catastrophic forgetting of the forget set).
@@ -8,7 +8,7 @@
 - l1-sparse: FT plus an l1 penalty whose weight decays linearly to 0 over the epochs (Jia et al. 2023,
   "Model sparsity can simplify machine unlearning", as in their reference code).
 - SalUn: RL restricted to the salient weights: the mask is the top `keep` fraction of |sum of forget-set
-  cross-entropy gradients| at the Original (SalUn eq. 5-6, DESIGN.md 3), and `MaskedUpdate` keeps every other
+  cross-entropy gradients| at the Original (SalUn eq. 5-6, docs/ALGORITHMS.md 1), and `MaskedUpdate` keeps every other
   weight bit-identical through SGD's momentum and weight decay.
 
 Every method that starts from the Original gets the same number of epochs and the same learning-rate grid;
@@ -31,7 +31,7 @@ from .data import ClassificationData, ForgetSplit
 
 
 def cross_entropy_loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """The classification forget loss for the saliency mask (DESIGN.md 3): mean CE over a batch."""
+    """The classification forget loss for the saliency mask (docs/ALGORITHMS.md 1): mean CE over a batch."""
     x, y = batch
     return F.cross_entropy(model(x), y)
 

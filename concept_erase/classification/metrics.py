@@ -1,4 +1,4 @@
-"""Unlearning metrics, in percent (DESIGN.md 5; SalUn paper, section 5 and Table 3).
+"""Unlearning metrics, in percent (docs/ALGORITHMS.md 3; SalUn paper, section 5 and Table 3).
 
 - UA  = 100 - accuracy on the forget set (higher = more forgotten; Retrain's value is the target).
 - RA  = accuracy on the retain set.

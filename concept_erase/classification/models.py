@@ -1,5 +1,5 @@
 """Classifiers: a small CNN for the 8x8 digits, and the CIFAR ResNet-18 the paper uses (no torchvision,
-which does not import beside the CPU torch here: DESIGN.md 8)."""
+which does not import beside the CPU torch here: docs/DEPENDENCIES.md)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The classification benchmark: Original -> every unlearning method, over seeds, as the paper's table.
 
-Protocol (summarised under every table, DESIGN.md 5):
+Protocol (summarised under every table, docs/ALGORITHMS.md 3):
 1. Per seed, train the Original on the whole training set, and Retrain from scratch on the retain set, with
    one SGD recipe (`--epochs`, `--lr`).
 2. Every other method starts from that seed's Original and runs `--unlearn-epochs` epochs at each rate of

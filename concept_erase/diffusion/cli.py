@@ -1,13 +1,17 @@
-"""`concept-erase mask` and `concept-erase erase`: flags generated from `EraseConfig`'s fields and help.
+"""`concept-erase mask`, `concept-erase erase` and `concept-erase export`.
 
-Building these parsers imports `erase.py` (and so torch) for the dataclass; diffusers, accelerate and the
-data layer are imported only when a command runs.
+mask/erase flags are generated from `EraseConfig`'s fields and help. Building these parsers imports `erase.py`
+(and so torch) for the dataclass; diffusers, accelerate and the data layer are imported only when a command
+runs. `export` converts a model between the formats of `loading`, `card`, `single_file` and `delta`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
+
+from ..errors import ConceptEraseError
 
 # The EraseConfig fields each command exposes (flag = --field-name). Their help, type and choices come from
 # the dataclass, so the CLI and the Python API cannot drift apart.
@@ -76,6 +80,8 @@ def register(subparsers) -> None:
     _add_fields(p, ERASE_FIELDS)
     p.set_defaults(func=_erase_main)
 
+    _register_export(subparsers)
+
 
 def _config(args: argparse.Namespace, names):
     from .erase import EraseConfig
@@ -101,4 +107,62 @@ def _erase_main(args: argparse.Namespace) -> int:
     if PartialState().is_main_process:
         short = {k: v for k, v in summary.items() if k != "losses"}
         print(json.dumps(short))
+    return 0
+
+
+def _register_export(subparsers) -> None:
+    p = subparsers.add_parser(
+        "export",
+        help="convert a model: diffusers folder, original-SD single file, or a delta against its base",
+        description="Load SRC (any format load_pipeline reads) and write it in another format.",
+    )
+    p.add_argument("source", metavar="SRC", help='the model: a diffusers folder, .safetensors/.ckpt file, hub id or "minisd"')
+    p.add_argument("--to", required=True, choices=("single-file", "diffusers", "delta"),
+                   help="output format: one original-layout .safetensors, a diffusers folder, or a UNet delta")
+    p.add_argument("out", metavar="OUT", help="the output file (single-file) or folder")
+    p.add_argument("--config", default=None, help="local diffusers folder with the configs of a single-file SRC")
+    p.add_argument("--base", default=None, help="delta only: the base model the delta applies to (required)")
+    p.add_argument("--base-config", default=None, help="delta only: config folder for a single-file --base")
+    p.add_argument("--mask", default=None,
+                   help="delta only: the saliency mask used for the erasure (default: SRC/mask.safetensors when "
+                        "present, else exactly the changed entries)")
+    p.add_argument("--dtype", default=None, choices=("fp32", "fp16", "bf16"),
+                   help="single-file only: precision of the stored weights (default: as loaded, fp32)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(func=_export_main)
+
+
+def _export_main(args: argparse.Namespace) -> int:
+    from ..io_utils import check_output_free
+    from .card import read_model_card, save_pipeline
+    from .delta import save_delta
+    from .loading import load_pipeline
+    from .single_file import export_single_file
+
+    check_output_free(args.out, args.overwrite)  # fail before loading anything
+    if args.to != "delta" and (args.base or args.base_config or args.mask):
+        raise ConceptEraseError("--base, --base-config and --mask only apply to --to delta")
+    if args.to != "single-file" and args.dtype:
+        raise ConceptEraseError("--dtype only applies to --to single-file")
+    if args.to == "delta" and not args.base:
+        raise ConceptEraseError("--to delta needs --base (the model the delta applies to)")
+    pipe = load_pipeline(args.source, config=args.config)
+    if args.to == "single-file":
+        export_single_file(pipe, args.out, overwrite=args.overwrite, dtype=args.dtype)
+    elif args.to == "diffusers":
+        source = Path(args.source)
+        try:  # carry the erased model's card over
+            card = read_model_card(source) if source.is_dir() else {}
+        except ConceptEraseError:
+            card = {}
+        card.setdefault("base_model", args.source)
+        save_pipeline(pipe, args.out, card=card, overwrite=args.overwrite)
+    else:
+        from ..saliency import SaliencyMask
+
+        base = load_pipeline(args.base, config=args.base_config)
+        mask_file = args.mask or (Path(args.source) / "mask.safetensors")  # what `erase` saves beside the model
+        mask = SaliencyMask.load(mask_file, model=base.unet) if args.mask or Path(mask_file).is_file() else None
+        save_delta(base.unet, pipe.unet, mask, args.out, overwrite=args.overwrite)
+    print(f"wrote {args.out}")
     return 0

@@ -1,4 +1,4 @@
-"""SalUn concept erasure for Stable Diffusion: the training loop and the `erase` job (DESIGN.md section 4).
+"""SalUn concept erasure for Stable Diffusion: the training loop and the `erase` job (docs/ALGORITHMS.md 2).
 
 Read top to bottom:
 1. `TrainConfig`: the optimisation settings (method, steps, batch, lr, alpha, ...).
@@ -65,7 +65,7 @@ RESUME_MASK = "resume-mask.safetensors"
 
 @dataclass
 class TrainConfig:
-    """Optimisation settings of the erasure loop (defaults: the reference's, DESIGN.md section 4)."""
+    """Optimisation settings of the erasure loop (defaults: the reference's, docs/ALGORITHMS.md 2)."""
 
     method: str = field(default="salun", metadata={
         "help": "salun: SalUn objective on the masked weights; rl: the same objective on all weights (no mask, "
@@ -354,7 +354,7 @@ def _reset_accelerate_state() -> None:
 
 def _epoch_indices(n: int, seed: int, step: int, batch_size: int) -> Tensor:
     """Items step*B .. step*B + B-1 of the endless stream "permutation of epoch 0, of epoch 1, ...":
-    shuffled and cycled (the reference reused its first forget batch every step: DESIGN.md 4)."""
+    shuffled and cycled (the reference reused its first forget batch every step: docs/ALGORITHMS.md 2)."""
     out, pos = [], step * batch_size
     while len(out) < batch_size:
         epoch, offset = divmod(pos, n)
@@ -489,7 +489,7 @@ def _load_checkpoint(path: Path, unet, optimizer, config: TrainConfig) -> tuple[
 
 def saliency_batches(pipe, forget: LatentSet, *, batch_size: int = 8, seed: int = 0) -> Iterator:
     """One pass over the forget set as `NoisedBatch`es for the saliency loss: noise and t ~ U{0..T-1} drawn
-    from `seed`, `target_cond` the empty prompt (DESIGN.md 3)."""
+    from `seed`, `target_cond` the empty prompt (docs/ALGORITHMS.md 1)."""
     device = next(pipe.unet.parameters()).device
     embed = PromptEmbeddings(pipe, device)
     cond, uncond = embed(forget.prompts), embed([""])
@@ -507,7 +507,7 @@ def compute_mask(pipe, forget: LatentSet, keep: float = 0.5, *, include=None, ba
                  seed: int = 0, guidance: float = SALIENCY_GUIDANCE, concept: str = "", lowest: bool = False,
                  progress: bool = False):
     """The SalUn mask of `pipe.unet` for a forget set: one pass over it with the diffusion saliency loss
-    (DESIGN.md 3-4: MSE(eps, (1 + w) eps(x_t, c_f) - w eps(x_t, "")), w = 7.5, t ~ U{0..999}), noise and
+    (docs/ALGORITHMS.md 1-2: MSE(eps, (1 + w) eps(x_t, c_f) - w eps(x_t, "")), w = 7.5, t ~ U{0..999}), noise and
     timesteps from `seed`; `include`: None (every UNet weight) or a regex on parameter names.
     `lowest=True` keeps the LEAST salient weights instead (the inverted-mask control of the benchmark)."""
     from ..saliency import SaliencyMask
@@ -646,7 +646,7 @@ def _prepare(config: EraseConfig):
     """Shared start of `mask` and `erase`: the process state, the concept and the pipeline on its device."""
     from accelerate import PartialState
 
-    from .io import load_pipeline
+    from .loading import load_pipeline
 
     concept = config.get_concept()
     state = PartialState(cpu=not torch.cuda.is_available())
@@ -759,7 +759,9 @@ def _save_outputs(pipe, config: EraseConfig, concept, mask, base_unet, summary: 
     """OUTPUT/: the diffusers pipeline + README.md card (save_pipeline), mask.safetensors, erase_summary.json,
     all in one temporary folder renamed into place; then the optional single file and delta."""
     from ..io_utils import atomic_dir
-    from .io import export_single_file, save_delta, save_pipeline
+    from .card import save_pipeline
+    from .delta import save_delta
+    from .single_file import export_single_file
 
     surrogate = concept.surrogate_prompts[0] if len(concept.surrogate_prompts) == 1 else concept.surrogate_prompts
     card = {"base_model": config.model, "concept": concept.name, "forget_prompts": concept.forget_prompts,

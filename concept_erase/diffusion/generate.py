@@ -176,7 +176,7 @@ def register(subparsers) -> None:
 
 def _main(args: argparse.Namespace) -> int:
     from ..io_utils import atomic_dir, atomic_file, check_output_free
-    from .io import load_pipeline
+    from .loading import load_pipeline
 
     check_output_free(args.out, args.overwrite)  # fail before loading a model
     prompts = args.prompt if args.prompt else read_prompt_file(args.prompts)

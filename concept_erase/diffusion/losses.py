@@ -1,4 +1,4 @@
-"""The diffusion losses of SalUn (arXiv 2310.12508) and ESD (Gandikota et al. 2023). DESIGN.md sections 3-4.
+"""The diffusion losses of SalUn (arXiv 2310.12508) and ESD (Gandikota et al. 2023). docs/ALGORITHMS.md 1-2.
 
 Everything works on latents (already scaled by the VAE's scaling factor) and on prompt embeddings (the frozen
 text encoder's output), so nothing here touches the VAE or the tokenizer. Noise and timesteps come in the
@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .families import Conditioning, as_conditioning
 
-SALIENCY_GUIDANCE = 7.5  # w in DESIGN.md 3: MSE(eps, (1 + w) eps(x_t, c_f) - w eps(x_t, "")), as the reference
+SALIENCY_GUIDANCE = 7.5  # w in docs/ALGORITHMS.md 1: MSE(eps, (1 + w) eps(x_t, c_f) - w eps(x_t, "")), as the reference
 
 
 @dataclass
@@ -77,7 +77,7 @@ def _cat(*conds: Conditioning | Tensor) -> Conditioning:
 
 
 def saliency_loss(unet: nn.Module, batch: NoisedBatch, guidance: float = SALIENCY_GUIDANCE) -> Tensor:
-    """DESIGN.md 3: MSE(eps, (1 + w) eps_theta(x_t, c_f) - w eps_theta(x_t, "")), gradients through both
+    """docs/ALGORITHMS.md 1: MSE(eps, (1 + w) eps_theta(x_t, c_f) - w eps_theta(x_t, "")), gradients through both
     terms (the guided prediction is what generates the concept). `batch.target_cond` = the empty prompt."""
     n = batch.noisy.shape[0]
     out = _unet(unet, torch.cat([batch.noisy, batch.noisy]), torch.cat([batch.timesteps, batch.timesteps]),
@@ -94,7 +94,7 @@ def saliency_loss_fn(guidance: float = SALIENCY_GUIDANCE) -> Callable[[nn.Module
 
 def salun_loss(unet: nn.Module, forget: NoisedBatch, retain: NoisedBatch | None,
                alpha: float) -> tuple[Tensor, Tensor, Tensor]:
-    """DESIGN.md 4. forget: target = eps_theta(z_t, c_surrogate) under no_grad (the reference ran it with
+    """docs/ALGORITHMS.md 2. forget: target = eps_theta(z_t, c_surrogate) under no_grad (the reference ran it with
     grad and detached it: wasted memory); loss_f = MSE(eps_theta(z_t, c_f), target). retain: the ordinary
     denoising loss. Returns (loss_f + alpha * loss_r, loss_f, loss_r)."""
     with torch.no_grad():
@@ -136,7 +136,7 @@ def esd_loss(unet: nn.Module, frozen_unet: nn.Module, forget: NoisedBatch, eta: 
 
 
 def esd_scheduler(scheduler):
-    """A private DDIM scheduler with the pipeline's betas, for ESD's partial sampling (DESIGN.md 4), whatever
+    """A private DDIM scheduler with the pipeline's betas, for ESD's partial sampling (docs/ALGORITHMS.md 2), whatever
     sampler the pipeline ships with."""
     from diffusers import DDIMScheduler
 

@@ -14,7 +14,7 @@ from dataclasses import fields
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("minisd", help="MiniSD: train it, train its judges, check its quality",
-                              description="The embedded MiniSD model (DESIGN.md 8b).")
+                              description="The embedded MiniSD model (docs/MINISD.md).")
     sub = p.add_subparsers(dest="minisd_command", metavar="ACTION", required=True)
 
     from .train import MiniSDTrainConfig
@@ -68,7 +68,7 @@ def _train_judges(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     from ...errors import ConceptEraseError
-    from ..io import load_pipeline
+    from ..loading import load_pipeline
     from .judge import load_judges, score_pipeline
 
     if args.seeds < 1 or args.steps < 1:

@@ -1,6 +1,6 @@
 """The MiniSD training data: scikit-learn's 1,797 handwritten digits, 16x16, in three styles.
 
-Styles are derived from the digit itself (DESIGN.md 8b): plain; bold = 2x2 grey dilation (thicker
+Styles are derived from the digit itself (docs/MINISD.md): plain; bold = 2x2 grey dilation (thicker
 strokes); negative = 1 - x. Images are float32 in [0, 1], ink bright on dark for "plain".
 """
 

@@ -232,5 +232,5 @@ def score_set(judges: Judges, gen: GeneratedSet) -> dict:
 
 
 def score_pipeline(pipe, judges: Judges, seeds: Sequence[int] = range(10), **generate_kwargs) -> dict:
-    """MiniSD's quality bar (issue 4): every digit in every style, judged. Bars: digit and style >= 90%."""
+    """MiniSD's quality bar: every digit in every style, judged. Bars: digit and style >= 90%."""
     return score_set(judges, generate_set(pipe, seeds=seeds, **generate_kwargs))

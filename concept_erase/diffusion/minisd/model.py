@@ -1,4 +1,4 @@
-"""MiniSD's architecture: a genuine StableDiffusionPipeline at laptop size (DESIGN.md 8b).
+"""MiniSD's architecture: a genuine StableDiffusionPipeline at laptop size (docs/MINISD.md).
 
 - tokenizer: CLIP BPE with one token per prompt word, model_max_length 16 (a character-level tokenizer
   padded to 77 drowned the digit word in padding in the prototype);

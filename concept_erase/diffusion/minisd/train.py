@@ -1,4 +1,4 @@
-"""Train MiniSD from scratch, deterministically, on 2 CPU cores (DESIGN.md 8b).
+"""Train MiniSD from scratch, deterministically, on 2 CPU cores (docs/MINISD.md).
 
 Reads top to bottom: data -> VAE (reconstruction + tiny KL) -> latents (posterior MEAN, scaled to unit
 variance) -> UNet (epsilon prediction, 10% empty prompts for classifier-free guidance, AdamW with warm-up
@@ -81,7 +81,7 @@ def train_vae(vae, images: torch.Tensor, config: MiniSDTrainConfig, gen: torch.G
 
 @torch.no_grad()
 def encode_mean_latents(vae, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Posterior MEAN latents, unscaled (training on posterior samples gave noise textures: DESIGN.md 8b)."""
+    """Posterior MEAN latents, unscaled (training on posterior samples gave noise textures: docs/MINISD.md)."""
     return torch.cat([vae.encode(images[i:i + batch_size] * 2 - 1).latent_dist.mean
                       for i in range(0, len(images), batch_size)])
 

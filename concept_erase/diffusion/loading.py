@@ -1,0 +1,257 @@
+"""Loading Stable Diffusion pipelines safely: any checkpoint in.
+
+In: a diffusers folder, a hub id (online only), "minisd", or one `.safetensors` / `.ckpt` file in the original
+Stable Diffusion layout (read with diffusers' `from_single_file`; `config` names a local diffusers folder so
+it works offline). A `.ckpt` is a pickle: it is only ever opened with `torch.load(weights_only=True)`, which
+refuses any object that would run code, and diffusers' own loader does the same. The training metadata that
+PyTorch Lightning stored beside the weights of SD 1.x checkpoints (sd-v1-4.ckpt) is read as inert stand-ins.
+
+The ways out are `card.save_pipeline` (a diffusers folder with a model card), `single_file.export_single_file`
+(the original key layout) and `delta.save_delta` (only what erasure changed).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ConceptEraseError, first_line
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported inside the functions: `concept-erase export --help` must not pay for it (cli.py)
+DTYPES: dict[str, str] = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
+                          "half": "float16", "bf16": "bfloat16", "bfloat16": "bfloat16"}
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """None -> float32; "fp16"/"bf16"/"fp32" (or their long names, or a torch.dtype) -> that dtype."""
+    import torch
+
+    key = "fp32" if dtype is None else str(dtype).lower().removeprefix("torch.")
+    if key not in DTYPES:
+        raise ConceptEraseError(f"unknown dtype {str(dtype)!r}; use fp32, fp16 or bf16")
+    return getattr(torch, DTYPES[key])
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device | None:
+    """None -> leave where loaded (CPU); "auto" -> cuda when available, else cpu."""
+    import torch
+
+    if device is None:
+        return None
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConceptEraseError(f"unknown device {device!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConceptEraseError(f"device {str(device)!r} asked for but CUDA is not available")
+    return device
+
+
+def load_pipeline(
+    source: str | os.PathLike,
+    *,
+    config: str | os.PathLike | None = None,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+):
+    """A `StableDiffusionPipeline` from `source`, with no safety checker, in eval mode.
+
+    source: "minisd", a diffusers folder, a `.safetensors` / `.ckpt` single file (`config`: a local diffusers
+    folder, or "minisd", giving the component configs; required offline), or a hub id (online only).
+    dtype: fp32 by default; fp16 / bf16 only with CUDA (half precision on CPU is slow and lossy).
+    device: None keeps the pipeline on the CPU; "auto" picks cuda when available.
+    """
+    import torch
+
+    torch_dtype = resolve_dtype(dtype)
+    target = resolve_device(device)
+    # Half precision only where it will run on a GPU: an explicit CUDA device, or no device (the caller
+    # moves the pipeline) on a machine that has one.
+    runs_on_cuda = target.type == "cuda" if target is not None else torch.cuda.is_available()
+    if torch_dtype != torch.float32 and not runs_on_cuda:
+        raise ConceptEraseError(f"dtype {dtype!s} needs a CUDA device; use fp32 on CPU")
+
+    source = str(source)
+    path = _minisd_path() if source == "minisd" else Path(source).expanduser()
+    if path.is_dir():
+        pipe = _load_folder(path, torch_dtype)
+    elif path.is_file():
+        pipe = _load_single_file(path, config, torch_dtype)
+    elif _looks_like_hub_id(source):
+        pipe = _load_hub(source, torch_dtype)
+    else:
+        raise ConceptEraseError(
+            f"model {source!r} does not exist (expected a diffusers folder, a .safetensors/.ckpt file, "
+            "a hub id or 'minisd')")
+    if target is not None:
+        pipe.to(target)
+    for name in ("unet", "vae", "text_encoder"):
+        getattr(pipe, name).eval()
+    return pipe
+
+
+def _minisd_path() -> Path:
+    try:
+        from .minisd import minisd_path
+    except ImportError as err:
+        raise ConceptEraseError(f"MiniSD is not available in this installation ({err})") from None
+    return minisd_path()
+
+
+def _looks_like_hub_id(source: str) -> bool:
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", source) is not None and not source.endswith(
+        (".safetensors",) + PICKLE_SUFFIXES)
+
+
+def _load_folder(path: Path, torch_dtype: torch.dtype):
+    from diffusers import StableDiffusionPipeline
+
+    if not (path / "model_index.json").is_file():
+        raise ConceptEraseError(f"{str(path)!r} is not a diffusers pipeline folder (no model_index.json)")
+    try:
+        return StableDiffusionPipeline.from_pretrained(
+            path, dtype=torch_dtype, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False, local_files_only=True)
+    except Exception as err:
+        raise ConceptEraseError(f"cannot load pipeline folder {str(path)!r}: {first_line(err)}") from None
+
+
+def _load_hub(repo_id: str, torch_dtype: torch.dtype):
+    from diffusers import StableDiffusionPipeline
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise ConceptEraseError(f"model {repo_id!r} is not a local path, and the hub is offline (HF_HUB_OFFLINE=1)")
+    try:
+        return StableDiffusionPipeline.from_pretrained(
+            repo_id, dtype=torch_dtype, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False)
+    except Exception as err:
+        raise ConceptEraseError(f"cannot load hub model {repo_id!r}: {first_line(err)}") from None
+
+
+def read_checkpoint_keys(path: str | os.PathLike) -> list[str]:
+    """The tensor names of a single-file checkpoint, read safely; a ConceptEraseError for anything that is not
+    one: a missing file, a truncated or garbage safetensors, a pickle needing code to load (refused unrun)."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConceptEraseError(f"checkpoint {str(path)!r} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:  # reads and validates the header only: a truncated file fails here, before any weight is read
+            with safe_open(str(path), framework="pt") as f:
+                return list(f.keys())
+        except Exception as err:
+            raise ConceptEraseError(
+                f"{str(path)!r} is not a readable safetensors file (truncated or damaged?): {first_line(err)}") from None
+    if path.suffix not in PICKLE_SUFFIXES:
+        raise ConceptEraseError(f"{str(path)!r} is not a checkpoint (expected .safetensors or .ckpt)")
+    state = safe_torch_load(path)
+    while isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ConceptEraseError(f"{str(path)!r} is not a checkpoint: it holds a {type(state).__name__}, not weights")
+    return [k for k, v in state.items() if isinstance(v, torch.Tensor)]
+
+
+class _Inert:
+    """What each `LIGHTNING_STAND_INS` global unpickles to: accepts any arguments and state, keeps none, runs
+    nothing (Lightning itself is never imported, nor needed)."""
+
+    def __new__(cls, *args, **kwargs):
+        return super().__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+# The globals that PyTorch Lightning checkpoints, such as the official SD 1.x .ckpt files (sd-v1-4.ckpt,
+# v1-5-pruned.ckpt), pickle beside "state_dict": the ModelCheckpoint callback (under "callbacks"), numpy
+# scalars/arrays in its state (numpy < 2 and >= 2 module names), torch's version string. torch's weights_only
+# unpickler maps each name to `_Inert` (`safe_globals` with (object, "module.Name") pairs); every other global
+# is still refused.
+LIGHTNING_STAND_INS = (
+    "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint",
+    "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar",
+    "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct", "numpy.ndarray", "numpy.dtype",
+    "torch.torch_version.TorchVersion",
+)
+
+
+def _lightning_stand_ins():
+    """A context in which `torch.load(weights_only=True)`, ours and diffusers', reads `LIGHTNING_STAND_INS`."""
+    import torch
+
+    return torch.serialization.safe_globals([(_Inert, name) for name in LIGHTNING_STAND_INS])
+
+
+def safe_torch_load(path: str | os.PathLike) -> Any:
+    """`torch.load` that never executes pickled code: anything outside plain tensors and containers is refused
+    (a `__reduce__` payload raises here without running), except Lightning's training metadata, which becomes
+    inert `_Inert` objects (`LIGHTNING_STAND_INS`). Zip-format files are memory-mapped, not read."""
+    import torch
+
+    path = Path(path)
+    try:
+        with _lightning_stand_ins():
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as err:
+        # torch names the global it refused to import, e.g. "GLOBAL posix.system" or "GLOBAL getattr"
+        found = re.search(r"GLOBAL [\w.]+", str(err))
+        if found is None:  # not a refused import: the bytes are not a valid pickle at all
+            raise ConceptEraseError(f"{str(path)!r} is not a checkpoint (or is damaged): {first_line(err)}") from None
+        raise ConceptEraseError(
+            f"refusing to load {str(path)!r}: the pickle needs code to run ({found.group(0)}); "
+            "convert it to .safetensors with a tool you trust") from None
+    except Exception as err:
+        raise ConceptEraseError(f"{str(path)!r} is not a checkpoint (or is damaged): {first_line(err)}") from None
+
+
+def _resolve_config(config: str | os.PathLike | None, path: Path) -> str | None:
+    from huggingface_hub import constants
+
+    if config is None:
+        if constants.HF_HUB_OFFLINE:
+            raise ConceptEraseError(
+                f"single-file checkpoint {str(path)!r} needs --config <local diffusers folder> while offline")
+        return None
+    folder = _minisd_path() if str(config) == "minisd" else Path(config).expanduser()
+    if not (folder / "model_index.json").is_file():
+        raise ConceptEraseError(f"config {str(config)!r} is not a diffusers pipeline folder (no model_index.json)")
+    return str(folder)
+
+
+def _load_single_file(path: Path, config: str | os.PathLike | None, torch_dtype: torch.dtype):
+    from diffusers import StableDiffusionPipeline
+
+    from .single_file import LDM_UNET
+
+    keys = read_checkpoint_keys(path)  # fails cleanly (and safely) before diffusers sees the file
+    if not any(k.startswith(LDM_UNET) for k in keys):
+        raise ConceptEraseError(
+            f"{str(path)!r} is not a Stable Diffusion checkpoint (no {LDM_UNET}* weights among {len(keys)} tensors)")
+    config_dir = _resolve_config(config, path)
+    kwargs = {"config": config_dir, "local_files_only": True} if config_dir else {}
+    try:
+        with _lightning_stand_ins():  # diffusers reads the file again with weights_only=True
+            return StableDiffusionPipeline.from_single_file(
+                str(path), dtype=torch_dtype, safety_checker=None, feature_extractor=None,
+                requires_safety_checker=False, **kwargs)
+    except Exception as err:
+        raise ConceptEraseError(f"cannot load checkpoint {str(path)!r}: {first_line(err)}") from None

@@ -1,0 +1,142 @@
+"""The original Stable Diffusion single-file layout: a pipeline's weights under the checkpoint names that
+`from_single_file` and other SD tools read (model.diffusion_model.*, first_stage_model.*,
+cond_stage_model.transformer.*). `export_single_file` writes one `.safetensors` that loads back exactly.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..errors import ConceptEraseError
+from ..io_utils import atomic_file
+from .loading import resolve_dtype
+
+if TYPE_CHECKING:
+    import torch
+
+LDM_UNET, LDM_VAE, LDM_CLIP = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
+
+# The inverse of diffusers' `convert_ldm_unet_checkpoint` / `convert_ldm_vae_checkpoint` /
+# `convert_ldm_clip_checkpoint` (diffusers/loaders/single_file_utils.py), written for any number of blocks
+# and layers per block (diffusers' scripts/convert_diffusers_to_original_stable_diffusion.py hard-codes
+# SD 1.x's 4 blocks x 2 layers). LDM numbers the UNet's sub-modules sequentially: input_blocks.0 is conv_in,
+# then each down level has `layers_per_block` (resnet[, attention]) entries followed by one downsampler.
+
+_RESNET_TO_LDM = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"),
+                  ("conv2", "out_layers.3"), ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection"))
+_UNET_FIXED = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+               "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+_VAE_ATTN_TO_LDM = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def _resnet_rest(rest: str) -> str:
+    for hf, ldm in _RESNET_TO_LDM:
+        if rest.startswith(hf + "."):
+            return ldm + rest[len(hf):]
+    return rest
+
+
+def unet_to_ldm(state: dict[str, torch.Tensor], layers_per_block: int) -> dict[str, torch.Tensor]:
+    """Diffusers UNet2DConditionModel keys -> LDM keys (without the model.diffusion_model. prefix)."""
+    if not isinstance(layers_per_block, int):
+        raise ConceptEraseError(f"cannot export a UNet with per-block layer counts {layers_per_block!r}")
+    n = layers_per_block + 1  # LDM entries per level: the layers, then the down/up sampler
+    up_has_attention = {int(m.group(1)) for k in state if (m := re.match(r"up_blocks\.(\d+)\.attentions\.", k))}
+    out = {}
+    for key, value in state.items():
+        module, _, param = key.rpartition(".")
+        if module in _UNET_FIXED:
+            out[f"{_UNET_FIXED[module]}.{param}"] = value
+            continue
+        m = re.fullmatch(r"(down|up)_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key)
+        if m:
+            side, i, kind, j, rest = m.group(1), int(m.group(2)), m.group(3), int(m.group(4)), m.group(5)
+            index = 1 + i * n + j if side == "down" else i * n + j
+            blocks = "input_blocks" if side == "down" else "output_blocks"
+            rest = _resnet_rest(rest) if kind == "resnets" else rest
+            out[f"{blocks}.{index}.{0 if kind == 'resnets' else 1}.{rest}"] = value
+            continue
+        m = re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key)
+        if m:
+            out[f"input_blocks.{(int(m.group(1)) + 1) * n}.0.op.{m.group(2)}"] = value
+            continue
+        m = re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key)
+        if m:
+            i = int(m.group(1))
+            out[f"output_blocks.{i * n + layers_per_block}.{2 if i in up_has_attention else 1}.conv.{m.group(2)}"] = value
+            continue
+        m = re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)", key)
+        if m:
+            j = int(m.group(2))
+            if m.group(1) == "resnets":
+                out[f"middle_block.{2 * j}.{_resnet_rest(m.group(3))}"] = value
+            else:
+                out[f"middle_block.{2 * j + 1}.{m.group(3)}"] = value
+            continue
+        raise ConceptEraseError(f"cannot export UNet parameter {key!r}: it has no original Stable Diffusion name")
+    return out
+
+
+def vae_to_ldm(state: dict[str, torch.Tensor], num_blocks: int) -> dict[str, torch.Tensor]:
+    """Diffusers AutoencoderKL keys -> LDM keys (without the first_stage_model. prefix)."""
+    out = {}
+    for key, value in state.items():
+        new = key.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut")
+        new = re.sub(r"mid_block\.resnets\.(\d+)\.", lambda m: f"mid.block_{int(m.group(1)) + 1}.", new)
+        new = re.sub(r"encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", new)
+        new = re.sub(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", new)
+        # the decoder's levels are numbered from the bottom in LDM, from the top in diffusers
+        new = re.sub(r"decoder\.up_blocks\.(\d+)\.resnets\.",
+                     lambda m: f"decoder.up.{num_blocks - 1 - int(m.group(1))}.block.", new)
+        new = re.sub(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
+                     lambda m: f"decoder.up.{num_blocks - 1 - int(m.group(1))}.upsample.", new)
+        m = re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)\.(weight|bias)", new)
+        if m:
+            if m.group(2) not in _VAE_ATTN_TO_LDM:
+                raise ConceptEraseError(f"cannot export VAE parameter {key!r}: it has no original Stable Diffusion name")
+            new = f"{m.group(1)}.mid.attn_1.{_VAE_ATTN_TO_LDM[m.group(2)]}.{m.group(3)}"
+            if m.group(3) == "weight" and m.group(2) != "group_norm":
+                value = value.reshape(*value.shape, 1, 1)  # LDM's attention projections are 1x1 convolutions
+        if "_blocks." in new or "mid_block." in new:
+            raise ConceptEraseError(f"cannot export VAE parameter {key!r}: it has no original Stable Diffusion name")
+        out[new] = value
+    return out
+
+
+def to_original_state_dict(pipe) -> dict[str, torch.Tensor]:
+    """The pipeline's UNet, VAE and text encoder under the original Stable Diffusion checkpoint names.
+
+    The text encoder keeps transformers' CLIP names under cond_stage_model.transformer. (the SD 1.x layout);
+    an SD 2.x OpenCLIP encoder is written the same way, which diffusers loads back but tools expecting
+    cond_stage_model.model.* do not.
+    """
+    unet = unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config.layers_per_block)
+    vae = vae_to_ldm(pipe.vae.state_dict(), len(pipe.vae.config.block_out_channels))
+    text = pipe.text_encoder.state_dict()
+    state = {LDM_UNET + k: v for k, v in unet.items()}
+    state.update({LDM_VAE + k: v for k, v in vae.items()})
+    state.update({LDM_CLIP + k: v for k, v in text.items()})
+    # CPU and contiguous for safetensors; no copy when already so (an SD checkpoint is GBs)
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+
+def export_single_file(pipe, path: str | os.PathLike, *, overwrite: bool = False,
+                       dtype: str | torch.dtype | None = None) -> Path:
+    """One `.safetensors` in the original SD layout; load it back with
+    `StableDiffusionPipeline.from_single_file(path, config=<a diffusers folder of the same model>)`.
+    `dtype` ("fp16", "bf16", "fp32"): store the weights in that precision (default: as they are)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ConceptEraseError(f"single-file export {str(path)!r} must end in .safetensors")
+    state = to_original_state_dict(pipe)
+    if dtype is not None:
+        target = resolve_dtype(dtype)
+        state = {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()}
+    with atomic_file(path, overwrite=overwrite) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+    return path

@@ -1,0 +1,20 @@
+"""Helpers shared by several test modules (fixtures live in conftest.py). Tests import these; no test
+imports another test module."""
+
+from pathlib import Path
+
+import torch
+
+COMPONENTS = ("unet", "vae", "text_encoder")
+
+
+def assert_same_weights(a, b):
+    for name in COMPONENTS:
+        sa, sb = getattr(a, name).state_dict(), getattr(b, name).state_dict()
+        assert sa.keys() == sb.keys(), name
+        for key in sa:
+            assert torch.equal(sa[key], sb[key]), f"{name}.{key}"
+
+
+def leftovers(folder: Path):
+    return [p.name for p in folder.iterdir() if p.name.startswith(".")]

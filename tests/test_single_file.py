@@ -1,0 +1,66 @@
+"""The original single-file key layout: export, diffusers' loader and a pickled .ckpt read it back exactly."""
+
+import pytest
+import torch
+from helpers import assert_same_weights, leftovers
+
+from concept_erase.diffusion.loading import load_pipeline
+from concept_erase.diffusion.single_file import export_single_file, to_original_state_dict, unet_to_ldm
+from concept_erase.errors import ConceptEraseError
+
+
+def test_single_file_round_trip_through_diffusers(tmp_path, tiny_pipeline_dir, other_pipeline):
+    path = export_single_file(other_pipeline, tmp_path / "model.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+        q = f.get_tensor("first_stage_model.encoder.mid.attn_1.q.weight")
+    assert {k.split(".")[0] for k in keys} == {"model", "first_stage_model", "cond_stage_model"}
+    assert "model.diffusion_model.input_blocks.0.0.weight" in keys and q.ndim == 4
+    assert "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight" in keys
+    # diffusers' own loader, configs from a folder holding OTHER weights: the file's weights must win
+    from diffusers import StableDiffusionPipeline
+
+    loaded = StableDiffusionPipeline.from_single_file(str(path), config=str(tiny_pipeline_dir), local_files_only=True)
+    assert_same_weights(loaded, other_pipeline)
+    # the same weights as a pickled .ckpt, read through load_pipeline (weights_only)
+    torch.save({"state_dict": to_original_state_dict(other_pipeline)}, tmp_path / "model.ckpt")
+    assert_same_weights(load_pipeline(tmp_path / "model.ckpt", config=tiny_pipeline_dir), other_pipeline)
+    with pytest.raises(ConceptEraseError, match="already exists"):
+        export_single_file(other_pipeline, path)
+    with pytest.raises(ConceptEraseError, match="must end in .safetensors"):
+        export_single_file(other_pipeline, tmp_path / "model.ckpt2")
+    assert leftovers(tmp_path) == []
+
+
+def test_unet_key_layout_matches_stable_diffusion():
+    """SD 1.x's block structure (4 levels x 2 layers, no attention at the bottom) at toy width: the names
+    must be the original checkpoint's, and diffusers' converter must map them back to the same tensors."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 8, 16, 16), layers_per_block=2, norm_num_groups=4, cross_attention_dim=8,
+        attention_head_dim=2, sample_size=8)
+    state = unet.state_dict()
+    ldm = unet_to_ldm(state, 2)
+    expected = {
+        "down_blocks.1.attentions.1.proj_in.weight": "input_blocks.5.1.proj_in.weight",
+        "down_blocks.2.downsamplers.0.conv.weight": "input_blocks.9.0.op.weight",
+        "down_blocks.3.resnets.1.conv1.weight": "input_blocks.11.0.in_layers.2.weight",
+        "down_blocks.2.resnets.0.conv_shortcut.weight": "input_blocks.7.0.skip_connection.weight",
+        "mid_block.resnets.1.time_emb_proj.weight": "middle_block.2.emb_layers.1.weight",
+        "mid_block.attentions.0.norm.weight": "middle_block.1.norm.weight",
+        "up_blocks.0.upsamplers.0.conv.weight": "output_blocks.2.1.conv.weight",
+        "up_blocks.1.upsamplers.0.conv.weight": "output_blocks.5.2.conv.weight",
+        "up_blocks.3.attentions.2.proj_out.bias": "output_blocks.11.1.proj_out.bias",
+        "conv_norm_out.weight": "out.0.weight",
+        "time_embedding.linear_2.bias": "time_embed.2.bias",
+    }
+    for hf, sd in expected.items():
+        assert ldm[sd] is state[hf], hf
+    assert len(ldm) == len(state)
+    back = convert_ldm_unet_checkpoint({"model.diffusion_model." + k: v for k, v in ldm.items()}, unet.config)
+    assert back.keys() == state.keys() and all(back[k] is state[k] for k in state)
+
