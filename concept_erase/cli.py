@@ -12,6 +12,7 @@ import logging
 import sys
 
 from .errors import ConceptEraseError
+from .threads import configure_threads, threads_from_argv
 
 # subcommand name -> module holding its `register`. Several names may share one module.
 SUBCOMMANDS: dict[str, str] = {
@@ -47,7 +48,30 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                 raise ConceptEraseError(f"command {only!r} needs a missing package: {err.name}") from err
             continue
         module.register(sub)
+    for leaf in _leaf_parsers(parser):
+        _add_common_flags(leaf)
     return parser
+
+
+def _leaf_parsers(parser: argparse.ArgumentParser):
+    """The parsers that run a command (`evaluate nudity`, `erase`, ...), below every level of subcommands."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield parser
+    for action in subs:
+        for child in dict.fromkeys(action.choices.values()):  # aliases map to the same parser
+            yield from _leaf_parsers(child)
+
+
+def _add_common_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags every command has (a command may define its own, e.g. classify's `--threads 0` = auto)."""
+    from .threads import positive_threads
+
+    if "--threads" in parser._option_string_actions:
+        return
+    parser.add_argument("--threads", type=positive_threads, default=None,
+                        help="CPU threads for torch (default: $OMP_NUM_THREADS, else the cores this process may "
+                             "use, by CPU affinity and cgroup quota, shared among local accelerate processes)")
 
 
 def _drop_torchvision_fallback_notice(record: logging.LogRecord) -> bool:
@@ -59,12 +83,15 @@ def _drop_torchvision_fallback_notice(record: logging.LogRecord) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # Before any command module imports torch: libgomp reads its environment once, when torch loads it.
+    configure_threads(threads_from_argv(argv))
     logging.getLogger("transformers.utils.import_utils").addFilter(_drop_torchvision_fallback_notice)
     # Import only the requested subcommand's module, so `concept-erase classify` never imports diffusers.
     first = next((a for a in argv if not a.startswith("-")), None)
     try:
         parser = build_parser(first if first in SUBCOMMANDS else None)
         args = parser.parse_args(argv)
+        configure_threads(args.threads or None)
         return int(args.func(args) or 0)
     except ConceptEraseError as err:
         print(f"concept-erase: error: {err}", file=sys.stderr)
