@@ -18,15 +18,17 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("generation (docs/PROTOCOLS.md: the paper's protocol is the default preset)")
     g.add_argument("--model", required=True,
-                   help='model: diffusers folder, .safetensors/.ckpt file, hub id or "minisd" (which defaults to '
-                        '--protocol minisd and, for classes, --classifier minisd-digits)')
+                   help='model: diffusers folder, .safetensors/.ckpt file, hub id or "minisd". MiniSD, and every model '
+                        'whose model card says base_model: minisd, defaults to --protocol minisd and, for '
+                        'classes, --classifier minisd-digits')
     g.add_argument("--config", default=None, help="local diffusers folder with the configs of a single-file checkpoint")
     g.add_argument("--prompts", required=True,
                    help="prompt set: I2P / class / COCO CSV, a .txt file (one prompt per line) or a hub dataset id")
     g.add_argument("--out", required=True, help="evaluation folder; an existing one is resumed (same protocol and model)")
     g.add_argument("--protocol", default=None, choices=sorted(PRESETS),
                    help="preset: paper = LMS, 100 steps, guidance 7.5, 512 px; minisd = DDIM, 25 steps, native size; "
-                        "quick = the model's scheduler, 4 steps (default paper; minisd with --model minisd)")
+                        "quick = the model's scheduler, 4 steps (default: minisd for MiniSD and models erased from it, "
+                        "else paper at the model's native size)")
     g.add_argument("--scheduler", default=None, choices=list(SCHEDULERS), help="override the preset's sampler")
     g.add_argument("--steps", type=int, default=None, help="override the preset's denoising steps")
     g.add_argument("--guidance", type=float, default=None, help="override the preset's guidance scale")
@@ -61,7 +63,7 @@ def register(subparsers) -> None:
     p.add_argument("--classifier", default=None,
                    help='transformers classifier folder or hub id, "torchvision" (ResNet-50, the paper\'s), '
                         '"minisd-digits" or "minisd-styles" '
-                        '(default microsoft/resnet-50; minisd-digits with --model minisd)')
+                        '(default: minisd-digits for MiniSD and models erased from it, else microsoft/resnet-50)')
     p.add_argument("--forget", default=None,
                    help="the erased class (a prompt class name or its class index): its UA = 100 - top-1 is reported")
     p.add_argument("--score-batch-size", type=int, default=32, help="images per classifier batch (default 32)")
@@ -87,13 +89,32 @@ def register(subparsers) -> None:
 
 
 def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill --protocol and --classifier when not given: the paper's, or MiniSD's own for `--model minisd`
-    (the paper's 512 px LMS protocol and an ImageNet classifier make no sense for 8x8 digits)."""
-    minisd = args.model == "minisd"
+    """Fill what the user left out from the model's own defaults (`concept_erase.diffusion.defaults`): an
+    erased MiniSD is evaluated as MiniSD (its protocol and digit judge), any other model with the paper's
+    protocol at its native size and an ImageNet classifier. Prints what it chose; refuses a resolution
+    that cannot suit the model (the paper's 512 px on 16 px MiniSD)."""
+    from concept_erase.diffusion.defaults import announce, check_resolution, model_defaults
+
+    from .generation import PRESETS
+
+    defaults = model_defaults(args.model, args.config)
+    chosen = []
     if args.protocol is None:
-        args.protocol = "minisd" if minisd else "paper"
+        args.protocol = defaults.protocol
+        chosen.append(f"--protocol {args.protocol}")
+        preset = PRESETS[args.protocol].resolution
+        native = defaults.native_resolution
+        if args.resolution is None and preset is not None and native is not None and preset != native:
+            args.resolution = native  # e.g. SDXL's 1024 px rather than the paper's SD 1.x 512 px
+            chosen.append(f"--resolution {native} (the model's size)")
     if getattr(args, "classifier", "") is None:
-        args.classifier = "minisd-digits" if minisd else "microsoft/resnet-50"
+        args.classifier = defaults.classifier
+        chosen.append(f"--classifier {args.classifier}")
+    resolution = args.resolution if args.resolution is not None else PRESETS[args.protocol].resolution
+    check_resolution(resolution, defaults, "--resolution" if args.resolution is not None
+                     else f"--protocol {args.protocol}'s resolution")
+    if chosen:
+        announce(defaults.describe(*chosen))
     return args
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from concept_erase.diffusion.defaults import MINISD_GUIDANCE, MINISD_STEPS
 from concept_erase.errors import ConceptEraseError
 from concept_erase.io_utils import atomic_file
 
@@ -90,7 +91,8 @@ class Protocol:
 PRESETS: dict[str, Protocol] = {
     "paper": Protocol(),
     # MiniSD and tiny pipelines: their native size, the DDIM schedule they were trained and checked with.
-    "minisd": Protocol(name="minisd", scheduler="ddim", num_inference_steps=25, resolution=None),
+    "minisd": Protocol(name="minisd", scheduler="ddim", num_inference_steps=MINISD_STEPS,
+                       guidance_scale=MINISD_GUIDANCE, resolution=None),
     "quick": Protocol(name="quick", scheduler="model", num_inference_steps=4, resolution=None),
 }
 

@@ -246,7 +246,7 @@ def test_mask_then_erase_commands(tiny_pipeline_dir, cache, tmp_path, capsys):
     # an existing output without --overwrite: refused before any work (nothing loaded: no other output)
     capsys.readouterr()
     assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
+    err = "\n".join(line for line in capsys.readouterr().err.splitlines() if "concept-erase: defaults" not in line)
     assert len(err.splitlines()) == 1 and "already exists" in err and str(out) in err
 
 
@@ -315,3 +315,16 @@ def test_recipe_defaults_and_user_overrides():
         EraseConfig(model="m", output="o", concept="nudity", keep=0.0)
     with pytest.raises(ConceptEraseError, match="--concept"):
         EraseConfig(model="m", output="o")
+
+
+def test_forget_and_retain_images_are_sampled_with_the_base_models_settings(capsys):
+    from concept_erase.cli import build_parser
+    from concept_erase.diffusion.cli import ERASE_FIELDS, _config
+
+    parser = build_parser("erase")
+    argv = ["erase", "--model", "minisd", "--concept", "minisd-digit-three", "--output", "o"]
+    assert _config(parser.parse_args(argv), ERASE_FIELDS).image_guidance == 5.0  # MiniSD's, not SD's 7.5
+    assert "--image-guidance 5" in capsys.readouterr().err
+    assert _config(parser.parse_args([*argv, "--image-guidance", "3"]), ERASE_FIELDS).image_guidance == 3.0
+    with pytest.raises(ConceptEraseError, match="512 px does not suit minisd"):
+        _config(parser.parse_args([*argv, "--resolution", "512"]), ERASE_FIELDS)

@@ -2,6 +2,7 @@
 defaults, and ImageNet's class-index column disambiguates names that several labels share."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -71,7 +72,7 @@ def test_bad_scoring_options_fail_before_generating(kind, prompts, options, name
     # The model does not exist: had generation started, the error would name it instead.
     code = main(["evaluate", kind, "--model", str(files / "no-such-model"), "--prompts", str(files / prompts),
                  "--out", str(out), *options])
-    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("concept-erase:")]
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("concept-erase: error")]
     assert code == 2 and len(errors) == 1 and named in errors[0], errors
     assert not out.exists()
 
@@ -100,3 +101,27 @@ def test_class_index_column_scores_ambiguous_names(tiny_pipeline_dir, classifier
     # one class per index: the two cranes apart, tench and its synonym together
     assert {k: v["images"] for k, v in r["classes"].items()} == {"crane (1)": 1, "crane (3)": 1, "tench": 2}
     assert r["forget"] == "crane (3)" and r["UA"] == 100 - r["classes"]["crane (3)"]["top1"]
+
+
+def test_an_erased_minisd_is_evaluated_as_minisd_and_says_so(tmp_path, capsys):
+    from concept_erase.diffusion.io import model_card
+    from concept_erase.diffusion.minisd import minisd_path
+
+    erased = tmp_path / "erased"
+    shutil.copytree(minisd_path(), erased, ignore=shutil.ignore_patterns("*.safetensors"))
+    (erased / "README.md").write_text(model_card({"base_model": "minisd", "concept": "minisd-digit-three"}))
+    common = ["--prompts", "p.csv", "--out", "o"]
+    args = resolve_defaults(build_parser("evaluate").parse_args(["evaluate", "classes", "--model", str(erased), *common]))
+    assert (args.protocol, args.classifier) == ("minisd", "minisd-digits")
+    assert "model card base_model: minisd): --protocol minisd, --classifier minisd-digits" in capsys.readouterr().err
+    # the paper's 512 px protocol on a 16 px model is refused before anything runs
+    assert main(["evaluate", "classes", "--model", str(erased), "--protocol", "paper", *common]) == 2
+    assert "512 px does not suit" in capsys.readouterr().err
+
+
+def test_a_defaulted_paper_protocol_draws_at_the_models_size(tiny_pipeline_dir):
+    from concept_erase.diffusion.defaults import native_resolution
+
+    args = resolve_defaults(build_parser("evaluate").parse_args(
+        ["evaluate", "nudity", "--model", str(tiny_pipeline_dir), "--prompts", "p.csv", "--out", "o"]))
+    assert args.protocol == "paper" and args.resolution == native_resolution(str(tiny_pipeline_dir)) != 512

@@ -84,3 +84,21 @@ def test_generate_command(tiny_pipeline_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "has no prompts" in err and "does not exist" in err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_generate_takes_the_base_models_defaults(tmp_path, capsys):
+    import shutil
+
+    from concept_erase.diffusion.io import model_card
+    from concept_erase.diffusion.minisd import minisd_path
+
+    erased = tmp_path / "erased"
+    shutil.copytree(minisd_path(), erased)
+    (erased / "README.md").write_text(model_card({"base_model": "minisd", "concept": "minisd-digit-three"}))
+    out = tmp_path / "imgs"
+    assert main(["generate", "--model", str(erased), "--prompt", "a handwritten digit one", "--out", str(out)]) == 0
+    row = json.loads((out / "index.jsonl").read_text().splitlines()[0])
+    assert (row["steps"], row["guidance"]) == (25, 5.0)
+    assert "base_model: minisd): --steps 25, --guidance 5" in capsys.readouterr().err
+    assert main(["generate", "--model", "minisd", "--prompt", "a", "--height", "512", "--out", str(tmp_path / "z")]) == 2
+    assert "--height 512 px does not suit minisd" in capsys.readouterr().err

@@ -30,6 +30,9 @@ ERASE_FIELDS = (
 )
 REQUIRED = ("model", "output")
 MASK_HELP = {"output": "the mask file to write (.safetensors)"}
+# Fields whose default comes from the model (`defaults.model_defaults`), not the dataclass.
+FROM_MODEL = {"image_steps": "the base model's: 25", "image_guidance": "the base model's: 5 for MiniSD and models "
+              "erased from it, else 7.5"}
 # Extra spellings: `--config` is what generate, export and evaluate call the single-file config folder.
 ALIASES = {"model_config": ("--config",)}
 
@@ -60,7 +63,7 @@ def _add_fields(parser: argparse.ArgumentParser, names, help_override=None) -> N
             if name in REQUIRED:
                 kwargs["required"] = True
             elif f.default is not None and not callable(f.default):
-                kwargs["help"] = f"{help_text} (default: {f.default})"
+                kwargs["help"] = f"{help_text} (default: {FROM_MODEL.get(name, f.default)})"
         parser.add_argument(flag, *ALIASES.get(name, ()), **kwargs)
 
 
@@ -84,10 +87,18 @@ def register(subparsers) -> None:
 
 
 def _config(args: argparse.Namespace, names):
+    from .defaults import announce, check_resolution, model_defaults
     from .erase import EraseConfig
 
     values = {name: getattr(args, name) for name in names if hasattr(args, name)}
-    return EraseConfig.for_concept(**values)
+    # The forget/retain images are sampled as the base model is everywhere else (MiniSD: guidance 5).
+    defaults = model_defaults(args.model, values.get("model_config"))
+    chosen = {"image_steps": defaults.steps, "image_guidance": defaults.guidance}
+    chosen = {k: v for k, v in chosen.items() if k not in values}
+    check_resolution(values.get("resolution"), defaults)
+    if chosen:
+        announce(defaults.describe(*(f"--{k.replace('_', '-')} {v:g}" for k, v in chosen.items())))
+    return EraseConfig.for_concept(**{**chosen, **values})
 
 
 def _mask_main(args: argparse.Namespace) -> int:

@@ -162,8 +162,10 @@ def register(subparsers) -> None:
     group.add_argument("--prompts", metavar="FILE", help="a text file with one prompt per line")
     p.add_argument("--seeds", default="0", help="seeds for every prompt: integers and ranges, e.g. 0-3,10 (default 0)")
     p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
-    p.add_argument("--steps", type=int, default=25, help="denoising steps (default 25)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default 25)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (default: the base model's: 5 for MiniSD and models erased "
+                        "from it, else 7.5)")
     p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
     p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
     p.add_argument("--negative-prompt", default=None, help="negative prompt used for every image")
@@ -172,6 +174,25 @@ def register(subparsers) -> None:
     p.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu (default: cuda when available)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=_main)
+
+
+def _resolve_defaults(args: argparse.Namespace) -> None:
+    """Steps and guidance from the model's base (`defaults.model_defaults`), printed; a size the model
+    cannot draw is refused before it is loaded."""
+    from .defaults import announce, check_resolution, model_defaults
+
+    defaults = model_defaults(args.model, args.config)
+    chosen = []
+    if args.steps is None:
+        args.steps = defaults.steps
+        chosen.append(f"--steps {args.steps}")
+    if args.guidance is None:
+        args.guidance = defaults.guidance
+        chosen.append(f"--guidance {args.guidance:g}")
+    check_resolution(args.height, defaults, "--height")
+    check_resolution(args.width, defaults, "--width")
+    if chosen:
+        announce(defaults.describe(*chosen))
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -183,6 +204,7 @@ def _main(args: argparse.Namespace) -> int:
     if any(not p.strip() for p in prompts):
         raise ConceptEraseError("empty --prompt")
     seeds = parse_seeds(args.seeds)
+    _resolve_defaults(args)
     pipe = load_pipeline(args.model, config=args.config, dtype=args.dtype, device=args.device or "auto")
     pairs = [(p, s) for p in prompts for s in seeds]
     images = generate_images(

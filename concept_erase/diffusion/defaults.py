@@ -1,0 +1,157 @@
+"""Defaults a command takes from the model it is given: its base model (through the model card), and the
+image size its UNet and VAE were built for.
+
+An erased model keeps its base's defaults: `erase` writes `base_model` into the card, so an erased MiniSD is
+sampled, evaluated and judged as MiniSD is (DDIM, 25 steps, guidance 5, the digit judge), not with the
+paper's 512 px protocol and an ImageNet classifier. Cards are followed through chains (an erased model
+erased again). Every command prints what it chose (`ModelDefaults.describe`), and a resolution far from
+the model's own size is refused (`check_resolution`): a 16 px model sampled at 512 px only burns hours.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ConceptEraseError
+
+# MiniSD's sampling everywhere (generate, erase's forget/retain images, evaluation, app, demo, benchmarks):
+# what `concept-erase minisd check` measured at 100% requested digit and style.
+MINISD_STEPS = 25
+MINISD_GUIDANCE = 5.0
+# Stable Diffusion's usual sampling outside the evaluation protocol (generate, erase images, app).
+SD_STEPS = 25
+SD_GUIDANCE = 7.5
+# A resolution more than this factor away from the model's own size cannot suit it.
+RESOLUTION_FACTOR = 2
+CARD_CHAIN_LIMIT = 8
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    """What a command uses for a model when the user does not say."""
+
+    base_model: str  # the root of the card chain: "minisd", a hub id, a folder or a file
+    native_resolution: int | None  # the image side the UNet and VAE were built for (None: unknown)
+    protocol: str  # evaluation preset name (evaluation.generation.PRESETS)
+    classifier: str  # judge for class prompt sets (evaluation.classes.load_classifier)
+    steps: int
+    guidance: float
+    via: str  # how base_model was found, for the printed line
+
+    @property
+    def is_minisd(self) -> bool:
+        return self.base_model == "minisd"
+
+    def describe(self, *chosen: str) -> str:
+        """One line: which model the defaults come from and the `chosen` settings (already formatted)."""
+        return f"defaults for {self.via}: " + ", ".join(chosen)
+
+
+def _card_base(folder: Path) -> str | None:
+    from .io import read_model_card
+
+    if not (folder / "README.md").is_file():
+        return None
+    try:
+        base = read_model_card(folder).get("base_model")
+    except ConceptEraseError:  # a folder whose README is not a card: no base to follow
+        return None
+    return str(base) if base else None
+
+
+def _resolve_relative(base: str, folder: Path) -> str:
+    """A card's base_model is the --model the user typed, maybe relative to where erase ran: try it as
+    written, then beside the erased folder."""
+    if base == "minisd" or Path(base).expanduser().exists():
+        return base
+    sibling = folder.parent / base
+    return str(sibling) if sibling.exists() else base
+
+
+def base_model_of(source: str, config: str | None = None) -> tuple[str, str]:
+    """(root base model, how it was found). A single file takes its family from `config` ("minisd" or a
+    folder); a folder with a card follows `base_model` until a model without one."""
+    source = str(source)
+    if source == "minisd":
+        return "minisd", "minisd"
+    path = Path(source).expanduser()
+    if path.is_file():
+        if config is not None:
+            root, _ = base_model_of(str(config))
+            return root, f"{source} (configs from {config})"
+        return source, source
+    chain = [source]
+    current = path
+    for _ in range(CARD_CHAIN_LIMIT):
+        if not current.is_dir():
+            break
+        base = _card_base(current)
+        if base is None:
+            break
+        base = _resolve_relative(base, current)
+        chain.append(base)
+        if base == "minisd":
+            break
+        current = Path(base).expanduser()
+    via = source if len(chain) == 1 else f"{source} (model card base_model: {' -> '.join(chain[1:])})"
+    return chain[-1], via
+
+
+def native_resolution(source: str, config: str | None = None) -> int | None:
+    """UNet sample size x VAE downsampling, read from the folder's config files (no weights are loaded);
+    None for a hub id or a single file without a config folder."""
+    if str(source) == "minisd":
+        from .minisd import minisd_path
+
+        folder = minisd_path()
+    else:
+        path = Path(str(source)).expanduser()
+        folder = path if path.is_dir() else None
+        if folder is None and config is not None:
+            return native_resolution(config)
+    if folder is None:
+        return None
+    try:
+        unet = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
+        vae = json.loads((folder / "vae" / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    size = unet.get("sample_size")
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    if not isinstance(size, int):
+        return None
+    return size * 2 ** (len(vae.get("block_out_channels", [0])) - 1)
+
+
+def model_defaults(source: str | os.PathLike, config: str | os.PathLike | None = None) -> ModelDefaults:
+    """The defaults for `source` (any `load_pipeline` source) from its base model and configs."""
+    source, config = str(source), None if config is None else str(config)
+    base, via = base_model_of(source, config)
+    resolution = native_resolution(source, config)
+    if resolution is None and base != source:
+        resolution = native_resolution(base)
+    if base == "minisd":
+        return ModelDefaults(base, resolution, "minisd", "minisd-digits", MINISD_STEPS, MINISD_GUIDANCE, via)
+    return ModelDefaults(base, resolution, "paper", "microsoft/resnet-50", SD_STEPS, SD_GUIDANCE, via)
+
+
+def check_resolution(resolution: int | None, defaults: ModelDefaults, what: str = "--resolution") -> None:
+    """Refuse a resolution the model cannot draw at: more than RESOLUTION_FACTOR times from its own size."""
+    native = defaults.native_resolution
+    if resolution is None or native is None:
+        return
+    if resolution > native * RESOLUTION_FACTOR or resolution * RESOLUTION_FACTOR < native:
+        hint = "--protocol minisd" if defaults.is_minisd else f"{what} {native}"
+        raise ConceptEraseError(f"{what} {resolution} px does not suit {defaults.via}, which draws "
+                                f"{native} px images; use {hint}")
+
+
+def announce(line: str) -> None:
+    """Print a line about what a command chose, once per `accelerate launch` world (rank 0), on stderr."""
+    import sys
+
+    if os.environ.get("RANK", "0") == "0":
+        print(f"concept-erase: {line}", file=sys.stderr, flush=True)

@@ -1,0 +1,55 @@
+"""Every command takes its defaults from the model's card and configs: an erased MiniSD keeps MiniSD's."""
+
+import shutil
+
+import pytest
+
+from concept_erase.diffusion.defaults import (MINISD_GUIDANCE, base_model_of, check_resolution, model_defaults,
+                                              native_resolution)
+from concept_erase.diffusion.io import model_card
+from concept_erase.diffusion.minisd import minisd_path
+from concept_erase.errors import ConceptEraseError
+
+
+def _configs_only(src, dst, base_model=None):
+    """A model folder with the configs of `src` (no weights: defaults never load them) and maybe a card."""
+    for part in ("unet", "vae"):
+        (dst / part).mkdir(parents=True)
+        shutil.copy(src / part / "config.json", dst / part / "config.json")
+    if base_model is not None:
+        (dst / "README.md").write_text(model_card({"base_model": base_model, "concept": "minisd-digit-three"}))
+    return dst
+
+
+def test_minisd_and_models_erased_from_it_share_minisd_defaults(tmp_path):
+    first = _configs_only(minisd_path(), tmp_path / "erased", "minisd")
+    second = _configs_only(minisd_path(), tmp_path / "erased-again", "erased")  # relative to the folder
+    for source in ("minisd", str(first), str(second)):
+        d = model_defaults(source)
+        assert (d.base_model, d.protocol, d.classifier, d.guidance, d.native_resolution) == (
+            "minisd", "minisd", "minisd-digits", MINISD_GUIDANCE, 16), source
+    assert base_model_of(str(second))[1].endswith(f"(model card base_model: {first} -> minisd)")
+
+
+def test_single_file_takes_the_family_of_its_config(tmp_path):
+    file = tmp_path / "erased.safetensors"
+    file.write_bytes(b"")
+    assert model_defaults(str(file), "minisd").protocol == "minisd"
+    d = model_defaults(str(file))
+    assert (d.protocol, d.native_resolution) == ("paper", None)
+
+
+def test_other_models_get_the_paper_defaults_at_their_size(tiny_pipeline_dir):
+    d = model_defaults(str(tiny_pipeline_dir))
+    assert (d.protocol, d.classifier, d.guidance) == ("paper", "microsoft/resnet-50", 7.5)
+    assert d.native_resolution == native_resolution(str(tiny_pipeline_dir)) is not None
+    assert model_defaults("some-org/some-model").native_resolution is None  # a hub id: unknown offline
+
+
+def test_a_resolution_that_cannot_suit_the_model_is_an_error():
+    d = model_defaults("minisd")
+    check_resolution(16, d)
+    check_resolution(32, d)  # twice the size still draws
+    with pytest.raises(ConceptEraseError, match="512 px does not suit minisd, which draws 16 px images"):
+        check_resolution(512, d)
+    check_resolution(512, model_defaults("some-org/some-model"))  # unknown size: nothing to check
