@@ -6,7 +6,7 @@ import pytest
 
 from concept_erase.diffusion.defaults import (MINISD_GUIDANCE, base_model_of, check_resolution, model_defaults,
                                               native_resolution)
-from concept_erase.diffusion.io import model_card
+from concept_erase.diffusion.card import model_card
 from concept_erase.diffusion.minisd import minisd_path
 from concept_erase.errors import ConceptEraseError
 

@@ -104,7 +104,7 @@ def test_class_index_column_scores_ambiguous_names(tiny_pipeline_dir, classifier
 
 
 def test_an_erased_minisd_is_evaluated_as_minisd_and_says_so(tmp_path, capsys):
-    from concept_erase.diffusion.io import model_card
+    from concept_erase.diffusion.card import model_card
     from concept_erase.diffusion.minisd import minisd_path
 
     erased = tmp_path / "erased"

@@ -89,7 +89,7 @@ def test_generate_command(tiny_pipeline_dir, tmp_path, capsys):
 def test_generate_takes_the_base_models_defaults(tmp_path, capsys):
     import shutil
 
-    from concept_erase.diffusion.io import model_card
+    from concept_erase.diffusion.card import model_card
     from concept_erase.diffusion.minisd import minisd_path
 
     erased = tmp_path / "erased"

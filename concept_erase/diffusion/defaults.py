@@ -51,7 +51,7 @@ class ModelDefaults:
 
 
 def _card_base(folder: Path) -> str | None:
-    from .io import read_model_card
+    from .card import read_model_card
 
     if not (folder / "README.md").is_file():
         return None
