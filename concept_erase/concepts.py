@@ -104,6 +104,32 @@ def read_prompt_file(path: str | os.PathLike) -> list[str]:
     return prompts
 
 
+def read_prompt_list(source: str | os.PathLike) -> list[str]:
+    """The distinct prompts of a shipped set by name (`--prompts minisd-digits`), of a CSV's `prompt`
+    column, or of a text file (`read_prompt_file`), in file order."""
+    import csv
+
+    path = Path(source)
+    if not path.exists() and _prompt_sets.prompt_set_path(str(source)) is not None:
+        path = _prompt_sets.prompt_set_path(str(source))
+    if path.suffix.lower() != ".csv":
+        if not path.exists() and "/" not in str(source) and not path.suffix:
+            raise ConceptEraseError(f"prompts {str(source)!r} is neither a file nor a shipped set "
+                                    f"({', '.join(_prompt_sets.prompt_set_names())})")
+        return read_prompt_file(path)
+    if not path.is_file():
+        raise ConceptEraseError(f"prompt file {str(path)!r} does not exist")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if "prompt" not in (reader.fieldnames or []):
+            raise ConceptEraseError(f"prompt file {str(path)!r} has no 'prompt' column")
+        prompts = [(row["prompt"] or "").strip() for row in reader]
+    prompts = list(dict.fromkeys(p for p in prompts if p))
+    if not prompts:
+        raise ConceptEraseError(f"prompt file {str(path)!r} has no prompts")
+    return prompts
+
+
 def slug(text: str) -> str:
     """'English springer' -> 'english-springer' (preset names)."""
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")

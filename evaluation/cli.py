@@ -14,6 +14,8 @@ import sys
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    from prompts import prompt_set_names
+
     from .generation import PRESETS, SCHEDULERS
 
     g = p.add_argument_group("generation (docs/PROTOCOLS.md: the paper's protocol is the default preset)")
@@ -23,7 +25,8 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
                         'classes, --classifier minisd-digits')
     g.add_argument("--config", default=None, help="local diffusers folder with the configs of a single-file checkpoint")
     g.add_argument("--prompts", required=True,
-                   help="prompt set: I2P / class / COCO CSV, a .txt file (one prompt per line) or a hub dataset id")
+                   help="prompt set: I2P / class / COCO CSV, a .txt file (one prompt per line), a hub dataset id, or "
+                        f"a set shipped with concept-erase by name ({', '.join(prompt_set_names())})")
     g.add_argument("--out", required=True, help="evaluation folder; an existing one is resumed (same protocol and model)")
     g.add_argument("--protocol", default=None, choices=sorted(PRESETS),
                    help="preset: paper = LMS, 100 steps, guidance 7.5, 512 px; minisd = DDIM, 25 steps, native size; "

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from concept_erase.errors import ConceptEraseError
+from prompts import prompt_set_names, prompt_set_path
 
 # The seven I2P categories (Schramowski et al., Safe Latent Diffusion); anything else counts as "other".
 I2P_CATEGORIES = ("hate", "harassment", "violence", "self-harm", "sexual", "shocking", "illegal activity")
@@ -100,7 +101,8 @@ def rows_from_records(records: list[dict], *, where: str, seed: int = 0) -> tupl
 
 
 def read_prompts(source: str | Path, *, limit: int | None = None, seed: int = 0) -> tuple[str, list[PromptRow]]:
-    """Read a prompt set from a CSV, a .txt file (one prompt per line) or, when online, a hub dataset id.
+    """Read a prompt set from a CSV, a .txt file (one prompt per line), a set shipped with the package by
+    name (`prompts.prompt_set_names()`, e.g. "minisd-digits") or, when online, a hub dataset id.
 
     Returns (format, rows) where format is "i2p", "classes", "coco", "prompts" or "text". `limit` keeps the
     first rows (row indices, hence file names, do not depend on it). `seed` seeds rows that carry none.
@@ -108,6 +110,8 @@ def read_prompts(source: str | Path, *, limit: int | None = None, seed: int = 0)
     if limit is not None and limit < 1:
         raise ConceptEraseError(f"limit must be >= 1, got {limit}")
     path = Path(source)
+    if not path.exists() and prompt_set_path(str(source)) is not None:
+        path = prompt_set_path(str(source))
     if path.suffix.lower() == ".txt" and path.is_file():
         from concept_erase.concepts import read_prompt_file
 
@@ -120,7 +124,8 @@ def read_prompts(source: str | Path, *, limit: int | None = None, seed: int = 0)
         kind, rows = rows_from_records(records, where=str(path), seed=seed)
         return kind, rows[:limit]
     if path.exists() or str(source).endswith((".csv", ".txt")) or "/" not in str(source):
-        raise ConceptEraseError(f"prompt set {str(source)!r} is not a readable .csv/.txt file")
+        raise ConceptEraseError(f"prompt set {str(source)!r} is not a readable .csv/.txt file nor a shipped set "
+                                f"({', '.join(prompt_set_names())})")
     return _read_hub_dataset(str(source), limit=limit, seed=seed)
 
 

@@ -72,3 +72,22 @@ def test_i2p_hub_column_names(tmp_path):
     (tmp_path / "hub.csv").write_text("prompt,categories,sd_seed,sd_guidance_scale\nhello,sexual,42,7\n")
     kind, rows = read_prompts(tmp_path / "hub.csv")
     assert kind == "i2p" and (rows[0].seed, rows[0].guidance) == (42, 7.0)
+
+
+def test_shipped_sets_are_read_by_name():
+    from concept_erase.concepts import imagenette_classes
+    from concept_erase.diffusion.minisd import DIGITS, STYLES, minisd_prompt
+    from prompts import prompt_set_names
+
+    assert prompt_set_names() == ["art-styles", "imagenette", "minisd-digits", "nudity"]
+    kind, rows = read_prompts("minisd-digits")
+    assert kind == "classes" and len(rows) == len(DIGITS) * len(STYLES)
+    assert {(r.prompt, r.label) for r in rows} == {(minisd_prompt(d, s), d) for d in DIGITS for s in STYLES}
+    assert len({r.seed for r in rows}) == len(rows)
+    kind, rows = read_prompts("imagenette")
+    assert kind == "classes" and sorted({r.label for r in rows}) == sorted(imagenette_classes())
+    kind, rows = read_prompts("nudity")
+    assert kind == "i2p" and {r.categories for r in rows} == {("sexual",), ("none",)}
+    assert read_prompts("art-styles")[0] == "prompts"
+    with pytest.raises(ConceptEraseError, match="nor a shipped set .*minisd-digits"):
+        read_prompts("minisd-digit")

@@ -102,3 +102,15 @@ def test_generate_takes_the_base_models_defaults(tmp_path, capsys):
     assert "base_model: minisd): --steps 25, --guidance 5" in capsys.readouterr().err
     assert main(["generate", "--model", "minisd", "--prompt", "a", "--height", "512", "--out", str(tmp_path / "z")]) == 2
     assert "--height 512 px does not suit minisd" in capsys.readouterr().err
+
+
+def test_generate_reads_a_shipped_prompt_set_by_name(tmp_path):
+    from concept_erase.concepts import read_prompt_list
+    from concept_erase.diffusion.minisd import DIGITS, STYLES
+
+    assert len(read_prompt_list("minisd-digits")) == len(DIGITS) * len(STYLES)
+    with pytest.raises(ConceptEraseError, match="neither a file nor a shipped set"):
+        read_prompt_list("minisd-digit")
+    csv = tmp_path / "p.csv"
+    csv.write_text("prompt,evaluation_seed\na cat,1\na cat,2\na dog,3\n")
+    assert read_prompt_list(csv) == ["a cat", "a dog"]

@@ -15,7 +15,7 @@ import re
 import warnings
 from typing import TYPE_CHECKING, Sequence
 
-from ..concepts import read_prompt_file
+from ..concepts import read_prompt_list
 from ..errors import ConceptEraseError
 
 if TYPE_CHECKING:
@@ -150,6 +150,8 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def register(subparsers) -> None:
+    from prompts import prompt_set_names
+
     p = subparsers.add_parser(
         "generate",
         help="generate images from a base or erased model",
@@ -159,7 +161,9 @@ def register(subparsers) -> None:
     p.add_argument("--config", default=None, help="local diffusers folder giving the configs of a single-file checkpoint")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--prompt", action="append", help="a prompt (repeat the flag for several)")
-    group.add_argument("--prompts", metavar="FILE", help="a text file with one prompt per line")
+    group.add_argument("--prompts", metavar="FILE_OR_SET",
+                       help="a text file with one prompt per line, a CSV with a prompt column, or a prompt set "
+                            f"shipped with concept-erase by name ({', '.join(prompt_set_names())})")
     p.add_argument("--seeds", default="0", help="seeds for every prompt: integers and ranges, e.g. 0-3,10 (default 0)")
     p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default 25)")
@@ -200,7 +204,7 @@ def _main(args: argparse.Namespace) -> int:
     from .loading import load_pipeline
 
     check_output_free(args.out, args.overwrite)  # fail before loading a model
-    prompts = args.prompt if args.prompt else read_prompt_file(args.prompts)
+    prompts = args.prompt if args.prompt else read_prompt_list(args.prompts)
     if any(not p.strip() for p in prompts):
         raise ConceptEraseError("empty --prompt")
     seeds = parse_seeds(args.seeds)
