@@ -49,7 +49,7 @@ from concept_erase.diffusion.minisd.experiment import MASK_BATCH_SIZE, make_late
 from concept_erase.diffusion.minisd.judge import frechet_distance, load_judges
 from concept_erase.diffusion.generate import generate_images
 from concept_erase.io_utils import atomic_file
-from concept_erase.saliency import SaliencyMask
+from concept_erase.saliency import SaliencyMask, build_optimizer
 
 # name -> (TrainConfig.method, which mask)
 METHODS: dict[str, tuple[str, str | None]] = {
@@ -166,12 +166,7 @@ def _salun_step(unet, mask):
     """One SalUn step function: surrogate target under no_grad + joint forward/backward + Adam step, on the
     mask's weights (`mask=None`: all weights, i.e. RL)."""
     unet.train()
-    if mask is None:
-        unet.requires_grad_(True)
-        opt = torch.optim.Adam(unet.parameters(), lr=1e-4)
-    else:
-        opt = torch.optim.Adam(mask.trainable_parameters(unet), lr=1e-4)
-        mask.attach(unet, opt)
+    opt = build_optimizer(unet, mask, "adam", lr=1e-4)
 
     def step(fb, rb):
         loss, _, _ = salun_loss(unet, fb, rb, 0.5)

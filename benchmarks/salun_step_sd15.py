@@ -1,19 +1,22 @@
-"""Cost of SalUn on the real Stable Diffusion 1.5 architecture (random weights), measured side by side.
+"""SalUn's cost, measured side by side: the mask's own cost, memory per parameter, and the mask pass.
 
-Builds SD 1.5 from a config folder (UNet ~860M parameters, CLIP text encoder, VAE, the real tokenizer; no
-weights are downloaded) and times, in one run, on the same batches:
+On the real Stable Diffusion 1.5 architecture built from its config folder (`--skeleton`, random weights:
+nothing is downloaded), or on any pipeline `load_pipeline` reads (`--model minisd`, a diffusers folder).
+In one run, on the same batches:
 
-  - one SalUn step (surrogate target under no_grad + forget/retain loss, Adam on the masked weights,
-    frozen entries restored) vs one plain fine-tuning step (denoising loss on the same forget + retain
-    latents, Adam on every weight) vs one RL step (the SalUn objective, no mask);
-  - the mask pass (saliency loss w = 7.5 over the forget set, then the global top-keep threshold) vs one
-    plain forward + backward pass over the same forget latents.
+  - one SalUn step (surrogate target under no_grad + forget/retain loss, masked Adam on the salient entries)
+    vs one RL step (the same objective, Adam on every weight): their ratio is the mask's own cost; and vs one
+    plain fine-tuning step (the denoising loss on the same forget + retain latents, Adam on every weight);
+  - bytes per UNet parameter of each: weights, gradients, optimizer state, mask (counted from the tensors);
+  - the mask pass (guided saliency loss over the forget set, signed gradients summed, then the global
+    threshold) vs the guided loss's own forward + backward over the same batches (the UNet runs twice per
+    batch: conditional and unconditional), with the threshold's fixed cost apart.
 
-Training rows run interleaved for --repeats rounds and report their fastest round. Peak memory is the
-largest resident-set growth during each row above the RSS the row started from (CUDA: max
-allocated), sampled every 5 ms; it includes gradients, Adam states and the mask's frozen-entry snapshot.
+Timed rows run interleaved for --repeats rounds and report their fastest round. Peak memory is the largest
+growth above the row's starting point (CUDA: max allocated; CPU: resident set sampled every 5 ms).
 
-    .venv/bin/python benchmarks/salun_step_sd15.py --resolution 256 --batch-size 1   # CPU: ~4 min of CPU time
+    python benchmarks/salun_step_sd15.py --skeleton PATH/TO/sd15-skeleton --resolution 256 --batch-size 1
+    python benchmarks/salun_step_sd15.py --model minisd --batch-size 16 --forget-images 64 --steps 10
 
 Run it with nothing else busy: timings are wall clock.
 """
@@ -33,43 +36,42 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1].parent / "shared" / "sd15-skeleton"
 
-
-def parse_args():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG,
-                   help=f"SD 1.5 diffusers config folder, no weights needed (default: {DEFAULT_CONFIG})")
-    p.add_argument("--resolution", type=int, default=256, help="image size in pixels (latents are 1/8)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--skeleton", type=Path,
+                     help="an SD 1.x diffusers config folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/), "
+                          "no weights needed: the architecture is built with random weights")
+    src.add_argument("--model", help='a pipeline load_pipeline reads: "minisd" or a diffusers folder')
+    p.add_argument("--resolution", type=int, default=None, help="image size in pixels (default: the model's)")
     p.add_argument("--batch-size", type=int, default=1, help="forget batch per step (the retain batch is the same)")
     p.add_argument("--forget-images", type=int, default=2, help="forget set size for the mask pass")
-    p.add_argument("--steps", type=int, default=1, help="measured steps per row, after one warm-up step")
+    p.add_argument("--steps", type=int, default=1, help="measured steps per row and round, after one warm-up step")
     p.add_argument("--repeats", type=int, default=2,
-                   help="rounds of the three training rows, interleaved; each row reports its fastest round "
-                        "and largest memory (robust to other load on the machine)")
+                   help="interleaved rounds of the timed rows; each row reports its fastest round")
     p.add_argument("--keep", type=float, default=0.5, help="mask keep ratio")
     p.add_argument("--alpha", type=float, default=0.5, help="retain loss weight")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
-def build_pipeline(config: Path, device: str):
-    """SD 1.5 from its config files with random weights (fp32)."""
+def build_skeleton(folder: Path):
+    """SD 1.x from its config files with random weights (fp32)."""
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    if not (config / "unet" / "config.json").is_file():
-        raise SystemExit(f"no SD config folder at {config} (pass --config)")
+    if not (folder / "unet" / "config.json").is_file():
+        raise SystemExit(f"no diffusers config folder at {folder} (unet/config.json missing)")
     torch.manual_seed(0)
-    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config / "unet"))
-    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(config / "vae"))
-    text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(config / "text_encoder"))
-    tokenizer = CLIPTokenizer.from_pretrained(config / "tokenizer")
-    scheduler = DDPMScheduler.from_pretrained(config / "scheduler")
-    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
+    vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
+    text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
+    return StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
-    return pipe.to(device)
 
 
 class PeakMemory:
@@ -90,7 +92,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.start = torch.cuda.memory_allocated()
             return self
-        try:  # hand freed heap back to the OS so the next row starts from a true baseline
+        try:  # hand freed heap back to the OS so the row starts from a true baseline
             ctypes.CDLL("libc.so.6").malloc_trim(0)
         except OSError:
             pass
@@ -115,116 +117,159 @@ class PeakMemory:
             self.peak = max(self.top, self.rss()) - self.start
 
 
-def main():
-    args = parse_args()
-    from concept_erase.diffusion.erase import LatentSet, compute_mask
-    from concept_erase.diffusion.losses import _joint_loss, noise_batch, salun_loss, sample_noise
+def _bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
 
+
+def main(argv=None):
+    args = parse_args(argv)
+    from concept_erase.diffusion.erase import PromptEmbeddings
+    from concept_erase.diffusion.io import load_pipeline
+    from concept_erase.diffusion.losses import _joint_loss, noise_batch, saliency_loss, salun_loss, sample_noise
+    from concept_erase.saliency import MaskedOptimizer, SaliencyMask, build_optimizer, compute_saliency
+
+    dev = args.device
     t0 = time.perf_counter()
-    pipe = build_pipeline(args.config, args.device)
-    unet, dev = pipe.unet, args.device
+    pipe = build_skeleton(args.skeleton) if args.skeleton else load_pipeline(args.model)
+    pipe.to(dev)
+    pipe.set_progress_bar_config(disable=True)
+    unet = pipe.unet
     n_params = sum(p.numel() for p in unet.parameters())
-    print(f"built SD 1.5 (random weights) in {time.perf_counter() - t0:.0f} s: UNet {n_params / 1e6:.0f}M parameters; "
-          f"device {dev}, {torch.get_num_threads()} threads, {args.resolution}px, batch {args.batch_size}+"
-          f"{args.batch_size}")
+    scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    resolution = args.resolution or unet.config.sample_size * scale
+    size, channels = resolution // scale, unet.config.in_channels
+    name = f"SD 1.5 architecture, random weights ({args.skeleton.name})" if args.skeleton else args.model
+    print(f"built {name} in {time.perf_counter() - t0:.0f} s: UNet {n_params / 1e6:.1f}M parameters; device {dev}, "
+          f"{torch.get_num_threads()} threads, {resolution} px, batch {args.batch_size}+{args.batch_size}", flush=True)
 
-    size = args.resolution // 8
     g = torch.Generator().manual_seed(0)
     B, T = args.batch_size, pipe.scheduler.config.num_train_timesteps
-    with torch.no_grad():
-        emb = {p: pipe.encode_prompt(p, dev, 1, False)[0] for p in
-               ("a photo of a nude person", "a photo of a person wearing clothes", "")}
-    forget_z = torch.randn(max(B, args.forget_images), 4, size, size, generator=g)
-    retain_z = torch.randn(B, 4, size, size, generator=g)
+    embed = PromptEmbeddings(pipe, dev)
+    forget_prompt, surrogate = "a photo of a nude person", "a photo of a person wearing clothes"
+    c_f, c_s, c_u = (embed([p])[0] for p in (forget_prompt, surrogate, ""))
+    forget_z = torch.randn(max(B, args.forget_images), channels, size, size, generator=g)
+    retain_z = torch.randn(B, channels, size, size, generator=g)
 
-    def batches():
+    def train_batches():
         fz = forget_z[:B].to(dev)
         f_noise, f_t = sample_noise(fz, T, torch.Generator().manual_seed(1))
         r_noise, r_t = sample_noise(retain_z, T, torch.Generator().manual_seed(2))
-        c_f = emb["a photo of a nude person"].expand(B, -1, -1)
-        c_s = emb["a photo of a person wearing clothes"].expand(B, -1, -1)
-        fb = noise_batch(pipe.scheduler, fz, c_f, f_noise.to(dev), f_t.to(dev), c_s)
-        rb = noise_batch(pipe.scheduler, retain_z.to(dev), c_s, r_noise.to(dev), r_t.to(dev))
+        fb = noise_batch(pipe.scheduler, fz, c_f.expand(B, -1, -1), f_noise.to(dev), f_t.to(dev),
+                         c_s.expand(B, -1, -1))
+        rb = noise_batch(pipe.scheduler, retain_z.to(dev), c_s.expand(B, -1, -1), r_noise.to(dev), r_t.to(dev))
         return fb, rb
 
-    forget = LatentSet(forget_z[:args.forget_images], ["a photo of a nude person"] * args.forget_images,
-                       ["a photo of a person wearing clothes"] * args.forget_images)
-    rows = []
-
-    # ---- the mask pass vs one plain forward + backward over the same forget latents
-    with PeakMemory(dev) as mem:
-        t = time.perf_counter()
-        mask = compute_mask(pipe, forget, args.keep, batch_size=B, seed=0)
-        seconds = time.perf_counter() - t
-    rows.append(("mask pass (saliency loss w=7.5 + threshold)", seconds, mem.peak))
-    print(f"  {rows[-1][0]}: {seconds:.1f} s", flush=True)
-
-    unet.train()
-    unet.requires_grad_(True)
-    with PeakMemory(dev) as mem:
-        t = time.perf_counter()
+    def saliency_batches():
         gen = torch.Generator().manual_seed(0)
         for lo in range(0, args.forget_images, B):
             z = forget_z[lo: lo + B].to(dev)
             noise, ts = sample_noise(z, T, gen)
-            fb = noise_batch(pipe.scheduler, z, emb["a photo of a nude person"].expand(len(z), -1, -1),
-                             noise.to(dev), ts.to(dev))
-            _joint_loss(unet, fb, fb.target, None, 0.0)[0].backward()
-        seconds = time.perf_counter() - t
-    unet.zero_grad(set_to_none=True)
-    rows.append(("plain forward+backward over the same forget set", seconds, mem.peak))
-    print(f"  {rows[-1][0]}: {seconds:.1f} s", flush=True)
+            n = len(z)
+            yield noise_batch(pipe.scheduler, z, c_f.expand(n, -1, -1), noise.to(dev), ts.to(dev),
+                              c_u.expand(n, -1, -1))
 
-    # ---- one training step: SalUn vs plain fine-tuning vs RL (no mask), same batches
+    def sync():
+        if dev == "cuda":
+            torch.cuda.synchronize()
+
+    # ---- the mask pass vs the guided loss's own forward + backward, interleaved
+    def guided_pass():
+        unet.eval().requires_grad_(True)
+        for b in saliency_batches():
+            saliency_loss(unet, b).backward()
+        sync()
+        unet.zero_grad(set_to_none=True)
+
+    mask_box = {}
+
+    def mask_pass():
+        t = time.perf_counter()
+        scores = compute_saliency(unet, saliency_batches(), lambda m, b: saliency_loss(m, b))
+        sync()
+        t_scores = time.perf_counter() - t
+        mask_box["mask"] = SaliencyMask.from_scores(scores, args.keep, model=unet, concept=forget_prompt)
+        mask_box["threshold_s"] = time.perf_counter() - t - t_scores
+        del scores
+
+    mask_rows = {"guided": [float("inf"), 0], "mask": [float("inf"), 0], "threshold": [float("inf"), 0]}
+    for rep in range(args.repeats):
+        for kind, fn in (("guided", guided_pass), ("mask", mask_pass)):
+            with PeakMemory(dev) as mem:
+                t = time.perf_counter()
+                fn()
+                seconds = time.perf_counter() - t
+            mask_rows[kind] = [min(mask_rows[kind][0], seconds), max(mask_rows[kind][1], mem.peak)]
+            print(f"  round {rep + 1}: {kind} pass {seconds:.2f} s, peak +{mem.peak / 2**30:.2f} GiB", flush=True)
+        mask_rows["threshold"][0] = min(mask_rows["threshold"][0], mask_box["threshold_s"])
+    mask = mask_box["mask"]
+
+    # ---- one training step: SalUn vs RL (no mask) vs plain fine-tuning, same batches
+    breakdown = {}
+
     def train_row(kind: str):
-        unet.requires_grad_(True)
-        params = mask.trainable_parameters(unet) if kind == "salun" else list(unet.parameters())
+        unet.train()
         with PeakMemory(dev) as mem:
-            opt = torch.optim.Adam(params, lr=1e-5)
-            handle = mask.attach(unet, opt) if kind == "salun" else None
+            opt = build_optimizer(unet, mask if kind == "salun" else None, "adam", lr=1e-5)
             times = []
             for i in range(1 + args.steps):  # step 0 allocates Adam's states: a warm-up, not timed
-                fb, rb = batches()
-                if dev == "cuda":
-                    torch.cuda.synchronize()
+                fb, rb = train_batches()
+                sync()
                 t = time.perf_counter()
                 if kind == "finetune":  # the ordinary denoising loss on forget + retain latents
                     loss = _joint_loss(unet, fb, fb.target, rb, 1.0)[0]
                 else:
                     loss = salun_loss(unet, fb, rb, args.alpha)[0]
                 loss.backward()
+                grads = _bytes(p.grad for p in unet.parameters())
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-                if dev == "cuda":
-                    torch.cuda.synchronize()
+                sync()
                 if i:
                     times.append(time.perf_counter() - t)
-            if handle is not None:
-                handle.remove()
+            inner = opt.inner if isinstance(opt, MaskedOptimizer) else opt
+            breakdown[kind] = {
+                "weights": _bytes(unet.parameters()), "gradients": grads,
+                "optimizer state": _bytes(t for s in inner.state.values() for t in s.values()),
+                "mask (int32 indices)": _bytes(i for _, i, _ in opt._packed) if kind == "salun" else 0,
+                "mask (bool, host)": _bytes(mask.masks.values()) if kind == "salun" else 0}
             del opt
-        return sum(times) / len(times), mem.peak
+        return min(times), mem.peak
 
-    names = {"finetune": "plain fine-tuning step (Adam, all weights)",
-             "salun": f"SalUn step (mask keep {args.keep}, Adam)", "rl": "RL step (SalUn objective, no mask)"}
-    kinds = ("finetune", "salun", "rl")
-    best = {kind: (float("inf"), 0) for kind in kinds}
+    labels = {"salun": f"SalUn step (keep {args.keep}, masked Adam)", "rl": "RL step (SalUn objective, no mask)",
+              "finetune": "plain fine-tuning step (Adam, all weights)"}
+    best = {kind: [float("inf"), 0] for kind in labels}
     for rep in range(args.repeats):
-        for kind in kinds:
+        order = list(labels)[rep % 3:] + list(labels)[:rep % 3]  # rotate: machine drift hits all alike
+        for kind in order:
             seconds, peak = train_row(kind)
-            print(f"  round {rep + 1}: {names[kind]}: {seconds:.1f} s, {peak / 2**30:.2f} GB", flush=True)
-            best[kind] = (min(best[kind][0], seconds), max(best[kind][1], peak))
-    rows += [(names[kind], *best[kind]) for kind in kinds]
+            print(f"  round {rep + 1}: {labels[kind]}: {seconds:.2f} s, peak +{peak / 2**30:.2f} GiB", flush=True)
+            best[kind] = [min(best[kind][0], seconds), max(best[kind][1], peak)]
 
-    print(f"\nSD 1.5 architecture, random weights, {dev.upper()}, {args.resolution}x{args.resolution} px, "
-          f"forget batch {B} + retain batch {B}, {args.forget_images} forget images, keep {args.keep}")
-    print(f"| {'what':<48} | {'seconds':>8} | {'peak memory (GB)':>16} |")
-    print(f"| {'-' * 48} | {'-' * 8} | {'-' * 16} |")
-    for name, seconds, peak in rows:
-        print(f"| {name:<48} | {seconds:8.2f} | {peak / 2**30:16.2f} |")
-    base_t, base_m = rows[2][1], rows[2][2]
-    print(f"\nSalUn step / plain step: time x{rows[3][1] / base_t:.2f}, memory x{rows[3][2] / max(base_m, 1):.2f}; "
-          f"mask pass / plain fwd+bwd pass: time x{rows[0][1] / rows[1][1]:.2f}, "
-          f"memory x{rows[0][2] / max(rows[1][2], 1):.2f}")
+    print(f"\n{name}: {dev.upper()}, {torch.get_num_threads()} threads, {resolution} px, forget batch "
+          f"{B} + retain batch {B}, {args.forget_images} forget images ({-(-args.forget_images // B)} saliency batches), "
+          f"keep {args.keep}, fastest of {args.repeats} interleaved rounds\n")
+    print("| row | seconds | peak memory growth (GiB) |\n| --- | ---: | ---: |")
+    for kind in labels:
+        print(f"| {labels[kind]} | {best[kind][0]:.3f} | {best[kind][1] / 2**30:.3f} |")
+    print(f"| guided saliency loss, forward + backward over the forget set | {mask_rows['guided'][0]:.3f} | "
+          f"{mask_rows['guided'][1] / 2**30:.3f} |")
+    print(f"| mask pass (scores + threshold) | {mask_rows['mask'][0]:.3f} | {mask_rows['mask'][1] / 2**30:.3f} |")
+    print(f"| of which the global threshold (fixed cost) | {mask_rows['threshold'][0]:.3f} | |")
+    s, r, f = best["salun"], best["rl"], best["finetune"]
+    per_batch = (mask_rows["mask"][0] - mask_rows["threshold"][0]) / mask_rows["guided"][0]
+    print(f"\nthe mask's own cost (SalUn step / RL step): time x{s[0] / r[0]:.3f}, peak memory x{s[1] / max(r[1], 1):.3f}")
+    print(f"SalUn / plain fine-tuning: time x{s[0] / f[0]:.3f}, peak memory x{s[1] / max(f[1], 1):.3f}")
+    print(f"mask pass / guided loss forward+backward: x{mask_rows['mask'][0] / mask_rows['guided'][0]:.3f} in all, "
+          f"x{per_batch:.3f} without the threshold's fixed cost; peak memory x"
+          f"{mask_rows['mask'][1] / max(mask_rows['guided'][1], 1):.3f}")
+
+    cols = list(next(iter(breakdown.values())))
+    print(f"\nbytes per UNet parameter ({n_params / 1e6:.1f}M), counted from the tensors after a step\n")
+    print("| row | " + " | ".join(cols) + " | total |\n| --- |" + " ---: |" * (len(cols) + 1))
+    for kind in labels:
+        b = breakdown[kind]
+        print(f"| {labels[kind]} | " + " | ".join(f"{b[c] / n_params:.2f}" for c in cols)
+              + f" | {sum(b.values()) / n_params:.2f} |")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ Three things the reference implementations got wrong and this file does not (doc
 - one global ranking over every included parameter (not per layer), keeping the LARGEST scores;
 - no optimizer step while collecting gradients (model in eval mode, gradients only);
 - "masked" means frozen: zeroing gradients is not enough once AdamW's decoupled weight decay or SGD's
-  momentum/weight decay touch every parameter, so `MaskedUpdate` also restores frozen entries after each step.
+  momentum/weight decay touch every parameter, so `MaskedOptimizer` steps the salient entries only (with
+  optimizer state for them only) and never writes a frozen one.
 
 The threshold is found by an exact radix select over the fp32 bit patterns (two 16-bit passes), one tensor at a time, so it never
 needs a flat copy of all scores (SD's UNet has 860M of them) nor an argsort.
@@ -86,8 +87,11 @@ def compute_saliency(
 ) -> dict[str, torch.Tensor]:
     """s = |sum_b grad loss_fn(model, batch_b)| per included parameter, as fp32 (SalUn Eq. 6).
 
-    Gradients accumulate in `.grad` across batches, which is exactly the signed sum. The model is put in eval
-    mode, only included parameters require grad while collecting, and everything is restored afterwards.
+    Gradients accumulate in `.grad` across batches, which is exactly the signed sum: no per-batch copy. The
+    absolute value is then taken in place and the gradient tensors themselves become the scores (on the
+    model's device), so the pass needs the loss's own memory plus one fp32 copy of the included weights.
+    The model is put in eval mode, only included parameters require grad while collecting, and everything
+    is restored afterwards.
     """
     params = select_parameters(model, include)
     included = {name for name, _ in params}
@@ -113,11 +117,13 @@ def compute_saliency(
             raise ConceptEraseError("the forget set is empty: no batch to compute saliency on")
         scores = {}
         for name, p in params:
-            s = p.grad.detach().float().abs() if p.grad is not None else torch.zeros(p.shape)
-            if not torch.isfinite(s).all():
-                raise ConceptEraseError(f"non-finite saliency scores in parameter {name!r}")
-            scores[name] = s.cpu()
+            s = p.grad if p.grad is not None else torch.zeros(p.shape, device=p.device)
             p.grad = None
+            s = s.detach().float().abs_()  # in place when the gradient is fp32 already
+            # |x| of a finite float has the bit pattern <= the largest finite one; inf and NaN lie above it.
+            if int(s.view(torch.int32).max()) > _MAX_FINITE_BITS:
+                raise ConceptEraseError(f"non-finite saliency scores in parameter {name!r}")
+            scores[name] = s
     finally:
         for name, p in model.named_parameters():
             p.grad = None
@@ -126,59 +132,66 @@ def compute_saliency(
     return scores
 
 
-# Non-negative finite fp32 values order like their bit patterns read as int32; subtracting those patterns
-# from the largest finite one reverses the order exactly (no rounding, unlike ranking `max - s` in fp32).
+# Non-negative finite fp32 values order like their bit patterns read as int32 (so the threshold is found on
+# exact integer keys, with no rounding); the largest finite one is 0x7F7FFFFF.
 _MAX_FINITE_BITS = 0x7F7FFFFF
+_BINS = 1 << 16
 
 
-def _kth_largest_key(keys: list[torch.Tensor], k: int) -> int:
-    """The k-th largest value (1-based) over several non-negative int32 tensors.
+def _kth_largest_key(keys: list[torch.Tensor], k: int) -> tuple[int, int, int]:
+    """The k-th largest value (1-based) over several non-negative int32 tensors, with how many keys are
+    strictly above it and how many equal it: (value, above, equal).
 
-    A radix select over the high then the low 16 bits (two passes of 65,536-bin histograms) finds the exact
-    value with per-tensor temporaries only.
+    A radix select: a histogram of the high 16 bits finds the value's high half, a histogram of the keys
+    inside that bucket (shifted and clamped into 65,536 bins plus two overflow bins) its low half. Two
+    passes, per-tensor temporaries only, and the counts come from the histograms.
     """
-    prefix, remaining = 0, k
-    for shift in (16, 0):
-        hist = torch.zeros(1 << 16, dtype=torch.int64)
-        for key in keys:
-            bits = key.reshape(-1)
-            if shift == 0:  # only the elements whose high half equals the one found in the first pass
-                bits = bits[(bits >> 16) == prefix]
-            hist += torch.bincount((bits >> shift) & 0xFFFF, minlength=1 << 16)
-        above = torch.flip(hist, [0]).cumsum(0)  # above[i] = count in bins >= 65535 - i
-        i = int(torch.searchsorted(above, torch.tensor(remaining)))
-        remaining -= int(above[i - 1]) if i > 0 else 0
-        prefix = (prefix << 16) | (0xFFFF - i)
-    return prefix
+    hist = torch.zeros(_BINS, dtype=torch.int64)
+    for key in keys:
+        hist += torch.bincount((key.reshape(-1) >> 16).cpu(), minlength=_BINS)[:_BINS]
+    above = torch.flip(hist, [0]).cumsum(0)  # above[i] = count of keys whose high half >= 65535 - i
+    i = int(torch.searchsorted(above, torch.tensor(k)))
+    high = _BINS - 1 - i
+    n_above = int(above[i - 1]) if i > 0 else 0
+    base = high << 16
+    hist = torch.zeros(_BINS + 2, dtype=torch.int64)
+    for key in keys:
+        low = (key.reshape(-1) - (base - 1)).clamp_(0, _BINS + 1)  # bin 0: below the bucket, last: above it
+        hist += torch.bincount(low.cpu(), minlength=_BINS + 2)
+    inside = hist[1:_BINS + 1]
+    above = torch.flip(inside, [0]).cumsum(0)
+    j = int(torch.searchsorted(above, torch.tensor(k - n_above)))
+    value = base | (_BINS - 1 - j)
+    n_above += int(above[j - 1]) if j > 0 else 0
+    return value, n_above, int(inside[_BINS - 1 - j])
 
 
 def threshold_scores(scores: dict[str, torch.Tensor], keep: float, lowest: bool = False) -> dict[str, torch.Tensor]:
-    """Bool masks keeping exactly round(keep * total) entries with the largest scores (or the smallest, for the
-    inverted-mask control). Ties at the threshold go to the earliest entries in parameter order, then
-    element order, so the kept set is deterministic."""
+    """Bool masks (on the CPU) keeping exactly round(keep * total) entries with the largest scores (or the
+    smallest, for the inverted-mask control). Ties at the threshold go to the earliest entries in parameter
+    order, then element order, so the kept set is deterministic."""
     _check_keep(keep)
     total = sum(s.numel() for s in scores.values())
     k = max(1, min(total, int(round(keep * total))))
     keys = [s.float().contiguous().view(torch.int32) for s in scores.values()]  # scores are finite and >= 0
-    if lowest:  # the k smallest scores are the k largest reversed keys
-        keys = [_MAX_FINITE_BITS - key for key in keys]
-    t = _kth_largest_key(keys, k)
-    strictly_above = sum(int((key > t).sum()) for key in keys)
-    ties_left = k - strictly_above
+    if lowest:  # the k smallest: everything below the (total - k + 1)-th largest, plus ties at it
+        t, n_above, n_equal = _kth_largest_key(keys, total - k + 1)
+        ties_left = k - (total - n_above - n_equal)
+    else:
+        t, n_above, n_equal = _kth_largest_key(keys, k)
+        ties_left = k - n_above
+    every_tie = ties_left == n_equal  # the usual case: one comparison per entry, no tie bookkeeping
     masks = {}
     for name, key in zip(scores, keys):
-        m = key > t
-        if ties_left > 0:
-            ties = (key == t).reshape(-1)
-            n_ties = int(ties.sum())
-            if n_ties <= ties_left:
-                m |= ties.view(key.shape)
-                ties_left -= n_ties
-            else:
-                idx = ties.nonzero().squeeze(1)[:ties_left]
+        if every_tie:
+            m = key <= t if lowest else key >= t
+        else:
+            m = key < t if lowest else key > t
+            if ties_left > 0:
+                idx = (key == t).reshape(-1).nonzero().squeeze(1)[:ties_left]
                 m.view(-1)[idx] = True
-                ties_left = 0
-        masks[name] = m
+                ties_left -= idx.numel()
+        masks[name] = m.cpu()
     return masks
 
 
@@ -285,9 +298,6 @@ class SaliencyMask:
         params = dict(model.named_parameters())
         return [params[name] for name, m in self.masks.items() if bool(m.any())]
 
-    def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> "MaskedUpdate":
-        return MaskedUpdate(model, self, optimizer)
-
     # -- files -------------------------------------------------------------------------------------------
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
@@ -348,45 +358,125 @@ class SaliencyMask:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Frozen means frozen
+# Frozen means frozen: the optimizer steps the salient entries only
 # ----------------------------------------------------------------------------------------------------------
 
-class MaskedUpdate:
-    """Restricts training to the salient weights of `model` under `optimizer`.
+OPTIMIZERS = ("adam", "adam8bit", "sgd")
 
-    - parameters with no salient entry (or outside the mask's scope) get requires_grad=False;
-    - gradients of frozen entries are zeroed by a tensor hook (so clipping and Adam moments ignore them);
-    - after every `optimizer.step()` the frozen entries are copied back from a snapshot taken here, so weight
-      decay and momentum cannot move them: they stay bit-identical. The snapshot holds only frozen entries of
-      partially salient tensors: at most (1 - keep) of one fp32 copy of the model.
+
+def optimizer_class(kind: str, weight_decay: float = 0.0) -> type[torch.optim.Optimizer]:
+    """The torch optimizer class for `kind`: "adam" (torch Adam; AdamW, decoupled, when weight_decay > 0),
+    "adam8bit" (bitsandbytes' 8-bit Adam/AdamW, an optional dependency) or "sgd"."""
+    if kind == "adam":
+        return torch.optim.AdamW if weight_decay > 0 else torch.optim.Adam
+    if kind == "adam8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ConceptEraseError("--optimizer adam8bit needs bitsandbytes (pip install bitsandbytes); "
+                                    "use --optimizer adam") from None
+        return bnb.optim.AdamW8bit if weight_decay > 0 else bnb.optim.Adam8bit
+    if kind == "sgd":
+        return torch.optim.SGD
+    raise ConceptEraseError(f"unknown optimizer {kind!r} (choose from {', '.join(OPTIMIZERS)})")
+
+
+def build_optimizer(model: nn.Module, mask: SaliencyMask | None, kind: str = "adam", *, lr: float,
+                    weight_decay: float = 0.0, **options) -> torch.optim.Optimizer:
+    """The optimizer of an unlearning run: over every parameter of `model` (mask None), or over the salient
+    entries of `mask` only (a `MaskedOptimizer`). Sets requires_grad to match: parameters without a salient
+    entry get no gradient at all. `kind`: see `optimizer_class`; `options`: e.g. SGD's momentum.
+    """
+    cls = optimizer_class(kind, weight_decay)
+    hyper = {"lr": lr, "weight_decay": weight_decay, **options}
+    if mask is None:
+        model.requires_grad_(True)
+        return cls(list(model.parameters()), **hyper)
+    mask.check_compatible(model)
+    targets = []
+    for name, p in model.named_parameters():
+        m = mask.masks.get(name)
+        salient = m is not None and bool(m.any())
+        p.requires_grad_(salient)
+        p.grad = None
+        if salient:
+            targets.append((p, None if bool(m.all()) else m))
+    if not targets:
+        raise ConceptEraseError("the mask leaves no trainable weight")
+    if all(m is None for _, m in targets):  # whole tensors only (ESD's layer scopes): nothing to pack
+        return cls([p for p, _ in targets], **hyper)
+    return MaskedOptimizer(targets, cls, **hyper)
+
+
+class MaskedOptimizer(torch.optim.Optimizer):
+    """Any torch optimizer, run on the salient entries only (SalUn Eq. 7: theta <- theta - eta * m . g).
+
+    Each partially salient parameter is represented to the inner optimizer by a 1-D "packed" tensor of its k
+    salient entries, so the optimizer state (Adam's exp_avg and exp_avg_sq, SGD's momentum) has k entries, not
+    numel: keep 0.5 means half of Adam's state. One step gathers the salient values and gradients, runs the
+    inner optimizer once over all packed tensors, and writes the results back to the salient entries. Frozen
+    entries are never written, so weight decay and momentum cannot move them: they stay bit-identical by
+    construction, with no gradient hook and no snapshot to restore. Wholly salient parameters are stepped in
+    place.
+
+    `param_groups` hold the real parameters (what GradScaler unscales, what lr schedulers and accelerate see);
+    hyperparameters set on them are copied to the inner optimizer before each step. `state_dict` is the inner
+    optimizer's (packed state). A step consumes the gradients: `p.grad` is None afterwards (the packed copy
+    replaces the full one, which keeps the step's peak memory below the gradients' own).
     """
 
-    def __init__(self, model: nn.Module, mask: SaliencyMask, optimizer: torch.optim.Optimizer):
-        mask.check_compatible(model)
-        self._partial: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]] = []  # (param, frozen entries, their values)
-        self._handles = []
-        for name, p in model.named_parameters():
-            m = mask.masks.get(name)
-            if m is None or not bool(m.any()):
-                p.requires_grad_(False)
-                p.grad = None
+    def __init__(self, targets: list[tuple[nn.Parameter, torch.Tensor | None]], optimizer_cls, **hyper):
+        self._packed: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]] = []  # (param, indices, proxy)
+        proxies = []
+        for p, m in targets:
+            if m is None:
+                proxies.append(p)
                 continue
-            p.requires_grad_(True)
-            if bool(m.all()):
-                continue
-            frozen = ~m.to(p.device)  # inverted once here, not on every step
-            self._partial.append((p, frozen, p.detach()[frozen].clone()))
-            self._handles.append(p.register_hook(lambda g, f=frozen: g.masked_fill(f, 0)))
-        # accelerate wraps optimizers; the hook belongs on the torch optimizer that actually steps.
-        inner = getattr(optimizer, "optimizer", optimizer)
-        self._handles.append(inner.register_step_post_hook(lambda *_: self.restore_frozen()))
+            if p.numel() >= 2**31:
+                raise ConceptEraseError(f"a parameter of {p.numel()} entries is too large for int32 mask indices")
+            # int32 flat indices of the salient entries: 4 bytes per salient entry, gathered fast (a bool
+            # mask would be 1 byte per entry but masked_select is several times slower than index_select).
+            index = m.to(p.device).reshape(-1).nonzero().squeeze(1).to(torch.int32)
+            proxy = torch.empty(0, dtype=p.dtype, device=p.device)
+            self._packed.append((p, index, proxy))
+            proxies.append(proxy)
+        self.inner = optimizer_cls(proxies, **hyper)
+        super().__init__([p for p, _ in targets], hyper)
+
+    def _sync_hyperparameters(self) -> None:
+        for outer, inner in zip(self.param_groups, self.inner.param_groups):
+            inner.update({k: v for k, v in outer.items() if k != "params"})
 
     @torch.no_grad()
-    def restore_frozen(self) -> None:
-        for p, frozen, values in self._partial:
-            p.masked_scatter_(frozen, values)
+    def step(self, closure=None):
+        if closure is not None:
+            raise ValueError("MaskedOptimizer.step takes no closure")
+        self._sync_hyperparameters()
+        for p, index, proxy in self._packed:
+            if p.grad is None:
+                continue
+            proxy.data = p.reshape(-1).index_select(0, index)
+            proxy.grad = p.grad.reshape(-1).index_select(0, index)
+            p.grad = None
+        self.inner.step()
+        for p, index, proxy in self._packed:
+            if proxy.grad is None:
+                continue
+            p.view(-1).index_put_((index,), proxy)  # the salient entries only: frozen ones are never written
+            proxy.grad = None
+            proxy.data = proxy.data.new_empty(0)
+        return None
 
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+    def state_dict(self):
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state_dict) -> None:
+        self.inner.load_state_dict(state_dict)
+        for outer, inner in zip(self.param_groups, self.inner.param_groups):
+            outer.update({k: v for k, v in inner.items() if k != "params"})
+
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state (packed) plus the salient-entry indices: what the mask costs in training."""
+        state = sum(t.numel() * t.element_size() for s in self.inner.state.values() for t in s.values()
+                    if torch.is_tensor(t))
+        return state + sum(index.numel() * index.element_size() for _, index, _ in self._packed)

@@ -8,8 +8,8 @@
 - l1-sparse: FT plus an l1 penalty whose weight decays linearly to 0 over the epochs (Jia et al. 2023,
   "Model sparsity can simplify machine unlearning", as in their reference code).
 - SalUn: RL restricted to the salient weights: the mask is the top `keep` fraction of |sum of forget-set
-  cross-entropy gradients| at the Original (SalUn eq. 5-6, docs/ALGORITHMS.md 1), and `MaskedUpdate` keeps every other
-  weight bit-identical through SGD's momentum and weight decay.
+  cross-entropy gradients| at the Original (SalUn eq. 5-6, docs/ALGORITHMS.md 1), and the masked optimizer steps only
+  those, so every other weight stays bit-identical through SGD's momentum and weight decay.
 
 Every method that starts from the Original gets the same number of epochs and the same learning-rate grid;
 `runner.py` picks each method's rate on the validation split.
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..saliency import SaliencyMask
+from ..saliency import SaliencyMask, build_optimizer
 from .config import SGDConfig
 from .data import ClassificationData, ForgetSplit
 
@@ -60,8 +60,7 @@ def sgd_train(model: nn.Module, epoch_batches: EpochBatches, cfg: SGDConfig, *, 
     """The one training loop: SGD with momentum and weight decay, cosine learning rate, optional mask/penalty."""
     device = next(model.parameters()).device
     model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    masked = mask.attach(model, optimizer) if mask is not None else None
+    optimizer = build_optimizer(model, mask, "sgd", lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     batches = [epoch_batches(e) for e in range(cfg.epochs)]  # drawn up front: the step count fixes the schedule
     total = sum(len(b) for b in batches)
     step = 0
@@ -78,10 +77,8 @@ def sgd_train(model: nn.Module, epoch_batches: EpochBatches, cfg: SGDConfig, *, 
                 optimizer.step()
                 step += 1
     finally:
-        if masked is not None:
-            masked.remove()
-            for p in model.parameters():
-                p.requires_grad_(True)
+        if mask is not None:  # build_optimizer froze the parameters with no salient entry
+            model.requires_grad_(True)
     model.eval()
     return model
 

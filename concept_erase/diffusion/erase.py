@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from ..errors import ConceptEraseError
 from ..io_utils import atomic_dir
 from .families import Conditioning
+from ..saliency import optimizer_class
 from .losses import (
     SALIENCY_GUIDANCE,
     NoisedBatch,
@@ -53,6 +54,7 @@ METHODS = ("salun", "rl", "esd-x", "esd-u")
 # ESD-x fine-tunes the cross-attention layers only (attn2 in diffusers' UNet), ESD-u everything else.
 ESD_SCOPES = {"esd-x": lambda name: "attn2" in name, "esd-u": lambda name: "attn2" not in name}
 MIXED_PRECISION = ("no", "fp16", "bf16")
+OPTIMIZERS = ("adam", "adam8bit")
 # Settings a resumed run may change: how long it runs, where things are written, how it is shown.
 RESUME_FREE = {"steps", "checkpointing_steps", "checkpoints_total_limit", "output", "cache_dir", "checkpoint_dir",
                "resume", "export_single_file", "save_delta", "overwrite", "progress"}
@@ -81,6 +83,10 @@ class TrainConfig:
         "help": "weight of the retain loss: loss = loss_f + alpha * loss_r (default: 0.5 for salun/rl as the "
                 "reference README; 0 for esd-x/esd-u, which have no retain term)"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (0: plain Adam, the reference)"})
+    optimizer: str = field(default="adam", metadata={
+        "help": "adam: torch Adam/AdamW (state only for the salient weights under a mask); adam8bit: "
+                "bitsandbytes' 8-bit Adam (optional dependency, a quarter of Adam's state)",
+        "choices": OPTIMIZERS})
     seed: int = field(default=0, metadata={"help": "seed of the data order, noise and timesteps"})
     gradient_accumulation_steps: int = field(default=1, metadata={
         "help": "micro-batches per optimizer step (same global batch, less memory)"})
@@ -102,6 +108,8 @@ class TrainConfig:
             raise ConceptEraseError(f"unknown method {self.method!r} (choose from {', '.join(METHODS)})")
         if self.alpha is None:
             self.alpha = 0.0 if self.method in ESD_SCOPES else 0.5
+        if self.optimizer not in OPTIMIZERS:
+            raise ConceptEraseError(f"unknown optimizer {self.optimizer!r} (choose from {', '.join(OPTIMIZERS)})")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ConceptEraseError(f"unknown mixed precision {self.mixed_precision!r} ({', '.join(MIXED_PRECISION)})")
         for name in ("steps", "batch_size", "gradient_accumulation_steps", "esd_ddim_steps"):
@@ -122,6 +130,7 @@ class TrainConfig:
         if self.enable_xformers and not torch.cuda.is_available():
             raise ConceptEraseError("--enable-xformers needs a CUDA GPU (xformers has no CPU kernels); "
                                     "PyTorch SDPA attention is used by default")
+        optimizer_class(self.optimizer)  # bitsandbytes for adam8bit: a clear error now, not after the mask pass
         if self.mixed_precision == "fp16" and not torch.cuda.is_available():
             raise ConceptEraseError("--mixed-precision fp16 needs a CUDA GPU; use bf16 or no on CPU")
         if self.batch_size % (num_processes * self.gradient_accumulation_steps):
@@ -192,7 +201,7 @@ def train_unet(
     """
     from accelerate import Accelerator
 
-    from ..saliency import SaliencyMask
+    from ..saliency import SaliencyMask, build_optimizer
 
     if config.method == "salun" and mask is None:
         raise ConceptEraseError("method 'salun' needs a saliency mask (--mask FILE, or let erase compute one)")
@@ -228,16 +237,8 @@ def train_unet(
             mask.check_compatible(unet)
             scope.masks = {n: m & mask.masks.get(n, torch.zeros_like(m)) for n, m in scope.masks.items()}
         mask = scope
-    if mask is not None:
-        mask.check_compatible(unet)
-        params = mask.trainable_parameters(unet)
-    else:
-        unet.requires_grad_(True)
-        params = list(unet.parameters())
-    if not params:
-        raise ConceptEraseError("the mask leaves no trainable weight")
-    optimizer_cls = torch.optim.AdamW if config.weight_decay > 0 else torch.optim.Adam
-    optimizer = optimizer_cls(params, lr=config.lr, weight_decay=config.weight_decay)
+    # Masked: optimizer state for the salient entries only, frozen entries never written (saliency.py).
+    optimizer = build_optimizer(unet, mask, config.optimizer, lr=config.lr, weight_decay=config.weight_decay)
 
     # -- resume: weights, optimizer state and the step counter (the data order is a function of the step)
     start_step, losses = 0, []
@@ -247,13 +248,12 @@ def train_unet(
         if accelerator.is_main_process:
             print(f"resuming from {ckpt} (step {start_step})", file=sys.stderr)
 
-    masked = mask.attach(unet, optimizer) if mask is not None else None
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     if config.enable_xformers:
         unet.enable_xformers_memory_efficient_attention()
     unet.train()
-    unet, optimizer = accelerator.prepare(unet, optimizer)  # after attach: DDP sees only trainable params
+    unet, optimizer = accelerator.prepare(unet, optimizer)  # after build_optimizer: DDP sees only trainable params
 
     # -- prompts -> embeddings, once (the text encoder is frozen)
     embed = PromptEmbeddings(pipe, device)
@@ -331,8 +331,6 @@ def train_unet(
 
     # -- hand back a plain module: no DDP wrapper, no hooks, no checkpointing, frozen
     unet = accelerator.unwrap_model(unet, keep_fp32_wrapper=False)
-    if masked is not None:
-        masked.remove()
     if config.gradient_checkpointing:
         unet.disable_gradient_checkpointing()
     unet.requires_grad_(False).eval()
