@@ -124,7 +124,7 @@ def _bytes(tensors) -> int:
 def main(argv=None):
     args = parse_args(argv)
     from concept_erase.diffusion.erase import PromptEmbeddings
-    from concept_erase.diffusion.io import load_pipeline
+    from concept_erase.diffusion.loading import load_pipeline
     from concept_erase.diffusion.losses import _joint_loss, noise_batch, saliency_loss, salun_loss, sample_noise
     from concept_erase.saliency import MaskedOptimizer, SaliencyMask, build_optimizer, compute_saliency
 
