@@ -96,6 +96,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConceptEraseError as err:
         print(f"concept-erase: error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        # A file system refusal outside an atomic write (reading a missing or unreadable file, a full disk, a
+        # file size limit): one line and exit 2 like any bad input, not a traceback.
+        from .io_utils import describe_os_error, is_write_failure
+
+        if not (isinstance(err, OSError) or is_write_failure(err)):
+            raise
+        print(f"concept-erase: error: {describe_os_error(err)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("concept-erase: interrupted", file=sys.stderr)
         return 130

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import ConceptEraseError
-from .io_utils import atomic_dir
+from .io_utils import atomic_dir, check_writable
 
 
 @dataclass
@@ -132,6 +132,7 @@ def run_demo(config: DemoConfig, out: str | Path = "outputs/demo", progress: boo
     if out.exists() and not (out / "summary.json").is_file() and (not out.is_dir() or any(out.iterdir())):
         # Replacing a previous demo report is expected; replacing anything else would lose a user's files.
         raise ConceptEraseError(f"--out {str(out)!r} exists and is not a demo report folder; choose another")
+    check_writable(out, overwrite=True, flag="--out")
     start = time.perf_counter()
     judges = load_judges()
     pipe = load_pipeline("minisd")

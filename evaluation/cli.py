@@ -156,11 +156,26 @@ def check_scoring(args: argparse.Namespace, prompt_kind: str, rows: list, sample
             clip_folder(args.clip_model)
 
 
+def check_destinations(args: argparse.Namespace) -> None:
+    """--out (an existing folder is resumed, so it must be writable inside) and, with --update-card, the
+    model's card: checked before anything is read or generated."""
+    from pathlib import Path
+
+    from concept_erase.io_utils import check_writable
+
+    out = check_writable(args.out, overwrite=True, flag="--out")
+    if out.is_dir():
+        check_writable(out / "run.json", overwrite=True, kind="file", flag="--out")
+    if args.update_card and Path(args.model).is_dir():
+        check_writable(Path(args.model) / "README.md", overwrite=True, kind="file", flag="--update-card")
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from . import evaluate
     from .generation import make_protocol, process_state
     from .prompts import read_prompts
 
+    check_destinations(args)
     resolve_defaults(args)
     protocol = make_protocol(
         args.protocol, scheduler=args.scheduler, num_inference_steps=args.steps, guidance_scale=args.guidance,
@@ -203,8 +218,11 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
+    from concept_erase.io_utils import check_writable
+
     from .evaluate import compare
 
+    check_writable(args.out, args.overwrite, flag="--out")  # before reading two folders of images
     summary = compare(args.before, args.after, args.out, overwrite=args.overwrite)
     for warning in summary["warnings"]:  # also in the report, but a before/after table must not mislead quietly
         print(f"concept-erase: warning: {warning}", file=sys.stderr)

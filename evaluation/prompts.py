@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from concept_erase.errors import ConceptEraseError
+from concept_erase.validate import parse_seed
 from prompts import prompt_set_names, prompt_set_path
 
 # The seven I2P categories (Schramowski et al., Safe Latent Diffusion); anything else counts as "other".
@@ -81,7 +83,7 @@ def rows_from_records(records: list[dict], *, where: str, seed: int = 0) -> tupl
         if not prompt:  # the published I2P CSV has one (row 2260): skip it, keep the other rows' indices
             empty.append(i)
             continue
-        row_seed = _parse_number(rec[seed_col], seed_col, at, int) if seed_col else seed + i
+        row_seed = parse_seed(rec[seed_col], f"{at}: {seed_col}") if seed_col else parse_seed(seed + i, f"{at}: seed")
         key = str(rec.get("case_number") or rec.get("image_id") or i)
         guidance = rec.get(guidance_col) if guidance_col else None
         guidance = _parse_number(guidance, guidance_col, at) if guidance not in (None, "") else None
@@ -98,6 +100,33 @@ def rows_from_records(records: list[dict], *, where: str, seed: int = 0) -> tupl
     if not rows:
         raise ConceptEraseError(f"prompt set {where!r} has only empty prompts")
     return kind, rows
+
+
+def read_csv_records(path: Path) -> list[dict]:
+    """The rows of a CSV file as {column: text}. UTF-8 (a spreadsheet's byte-order mark is dropped); a file
+    that is not UTF-8 text, holds binary data or repeats a column name is refused by name (with a repeated
+    column, which of the two cells counts would be a silent guess)."""
+    data = path.read_bytes()
+    if b"\0" in data:
+        raise ConceptEraseError(f"prompt set {str(path)!r} is binary data (a NUL byte at offset {data.index(0)}), "
+                                "not a CSV text file")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ConceptEraseError(f"prompt set {str(path)!r} is not UTF-8 text (byte {data[err.start]:#04x} "
+                                f"at offset {err.start}); save it as UTF-8") from None
+    try:
+        table = list(csv.reader(io.StringIO(text, newline="")))
+    except csv.Error as err:
+        raise ConceptEraseError(f"prompt set {str(path)!r} is not a readable CSV ({err})") from None
+    if not table:
+        raise ConceptEraseError(f"prompt set {str(path)!r} is empty")
+    header = [c.strip() for c in table[0]]
+    repeated = sorted({c for c in header if c and header.count(c) > 1})
+    if repeated:
+        raise ConceptEraseError(f"prompt set {str(path)!r} has the column {repeated[0]!r} more than once")
+    # a short row's missing cells are empty, as csv.DictReader would give them
+    return [{c: row[i] if i < len(row) else "" for i, c in enumerate(header)} for row in table[1:] if row]
 
 
 def read_prompts(source: str | Path, *, limit: int | None = None, seed: int = 0) -> tuple[str, list[PromptRow]]:
@@ -119,9 +148,7 @@ def read_prompts(source: str | Path, *, limit: int | None = None, seed: int = 0)
         rows = [PromptRow(i, p, seed + i, str(i)) for i, p in enumerate(prompts)]
         return "text", rows[:limit]
     if path.is_file():
-        with open(path, newline="", encoding="utf-8") as f:
-            records = list(csv.DictReader(f))
-        kind, rows = rows_from_records(records, where=str(path), seed=seed)
+        kind, rows = rows_from_records(read_csv_records(path), where=str(path), seed=seed)
         return kind, rows[:limit]
     if path.exists() or str(source).endswith((".csv", ".txt")) or "/" not in str(source):
         raise ConceptEraseError(f"prompt set {str(source)!r} is not a readable .csv/.txt file nor a shipped set "

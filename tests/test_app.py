@@ -236,11 +236,11 @@ def test_bad_input_over_api(launched, tmp_path):
     with pytest.raises(Exception, match="'bad.csv' is not a prompt set: bad.csv row 0: evaluation_seed 'abc'"):
         client.predict(None, handle_file(str(bad)), STEPS, GUIDANCE, api_name="/evaluate")
     bad.write_text("prompt,evaluation_seed\na cat,99999999999999999999\n")
-    with pytest.raises(Exception, match="seed of row 0 must be a whole number from 0 to"):
+    with pytest.raises(Exception, match="bad.csv row 0: evaluation_seed '99999999999999999999' is out of range"):
         client.predict(None, handle_file(str(bad)), STEPS, GUIDANCE, api_name="/evaluate")
     binary = tmp_path / "binary.csv"
     binary.write_bytes(bytes(range(256)) * 4)
-    with pytest.raises(Exception, match="'binary.csv' is not a readable CSV"):
+    with pytest.raises(Exception, match="'binary.csv' is not a prompt set: prompt set 'binary.csv' is binary data"):
         client.predict(None, handle_file(str(binary)), STEPS, GUIDANCE, api_name="/evaluate")
     with pytest.raises(Exception, match="choose a preset prompt set or upload a CSV"):
         client.predict(None, None, STEPS, GUIDANCE, api_name="/evaluate")

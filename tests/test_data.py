@@ -67,6 +67,25 @@ def test_generated_once_then_reused_and_extended(tmp_path, pipe, count_generated
         SamplingSettings(num_inference_steps=0)
 
 
+def test_concurrent_runs_sharing_a_fresh_cache_generate_each_image_once(tmp_path, pipe, count_generated):
+    """Two runs (threads here: the lock is a per-open flock, so it works the same between processes) ask the
+    same fresh cache for the same images: the second waits for the first and then generates nothing."""
+    import threading
+
+    other = build_tiny_pipeline(seed=0)  # the same weights, its own modules: the runs share nothing in memory
+    sets = []
+    runs = [threading.Thread(target=lambda p=p: sets.append(
+        ImageSet.generate(p, ["a cat", "a dog"], 3, tmp_path, seed=5, settings=FAST, batch_size=2)))
+        for p in (pipe, other)]
+    for run in runs:
+        run.start()
+    for run in runs:
+        run.join(120)
+    assert len(sets) == 2 and sets[0].paths == sets[1].paths
+    assert sorted(count_generated) == sorted({(p, s) for p, s in zip(sets[0].prompts, sets[0].seeds)})
+    assert len(manifest_rows(sets[0].root)) == 6
+
+
 def test_interrupted_generation_resumes(tmp_path, pipe, monkeypatch, count_generated):
     real = generate_module.generate_images
     batches = []

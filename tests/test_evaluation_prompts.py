@@ -91,3 +91,11 @@ def test_shipped_sets_are_read_by_name():
     assert read_prompts("art-styles")[0] == "prompts"
     with pytest.raises(ConceptEraseError, match="nor a shipped set .*minisd-digits"):
         read_prompts("minisd-digit")
+
+
+def test_spreadsheet_csvs_read_as_written(tmp_path):
+    """A spreadsheet's byte-order mark and whole numbers written as "12.0" are what the user meant."""
+    path = tmp_path / "excel.csv"
+    path.write_bytes("\ufeffprompt,evaluation_seed\na cat,12.0\na dog,4294967295\n".encode("utf-8"))
+    kind, rows = read_prompts(path)
+    assert kind == "prompts" and [(r.prompt, r.seed) for r in rows] == [("a cat", 12), ("a dog", 4294967295)]

@@ -37,14 +37,14 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..io_utils import check_output_free
+    from ..io_utils import check_writable
     from .config import ClassifyConfig
     from .runner import run_classification, write_results
 
     names = [f.name for f in dataclasses.fields(ClassifyConfig)]
     cfg = ClassifyConfig(**{n: getattr(args, n) for n in names})  # validates everything before any work
     out = args.out or _default_out(cfg.dataset, cfg.forget)
-    check_output_free(out, args.overwrite)
+    check_writable(out, args.overwrite, flag="--out")
     results = run_classification(cfg, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(results["table"])
     write_results(results, out, overwrite=args.overwrite)

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from ..errors import ConceptEraseError
-from ..io_utils import atomic_file
+from ..io_utils import atomic_file, exclusive_lock
 
 if TYPE_CHECKING:
     import torch
@@ -145,8 +145,6 @@ class ImageSet:
         Prompt i's j-th image uses seed `seed + i * n_per_prompt + j`, so every image of the set has its own
         seed and the set is reproducible; the seeds are recorded in the manifest.
         """
-        from .generate import generate_images, warn_if_prompts_are_cut
-
         prompts = list(prompts)
         if not prompts or any(not p.strip() for p in prompts):
             raise ConceptEraseError(f"image set needs non-empty prompts, got {prompts!r}")
@@ -164,6 +162,17 @@ class ImageSet:
         wanted = [ImageRecord(f"images/{_image_name(p, s)}", p, s)
                   for i, p in enumerate(prompts)
                   for s in (seed + i * n_per_prompt + j for j in range(n_per_prompt))]
+        # Concurrent runs sharing this cache entry take turns: the second reads the manifest the first has
+        # filled and generates only what is still missing (nothing, when they asked for the same images).
+        with exclusive_lock(root / ".lock", f"generating images into {root}"):
+            cls._generate_missing(pipe, root, prompts, wanted, settings, batch_size, progress)
+        return cls(root, wanted, cache_dir=root)
+
+    @staticmethod
+    def _generate_missing(pipe, root: Path, prompts: list[str], wanted: list[ImageRecord],
+                          settings: SamplingSettings, batch_size: int, progress: bool) -> None:
+        from .generate import generate_images, warn_if_prompts_are_cut
+
         done = {(r.prompt, r.seed) for r in _read_manifest(root / "manifest.jsonl") if (root / r.file).is_file()}
         todo = [r for r in wanted if (r.prompt, r.seed) not in done]
 
@@ -191,7 +200,6 @@ class ImageSet:
                 bar.update(len(chunk))
         if bar is not None:
             bar.close()
-        return cls(root, wanted, cache_dir=root)
 
     @classmethod
     def from_folder(cls, folder: str | os.PathLike, prompt: str | None = None,

@@ -134,16 +134,23 @@ def _generate_batch(pipe, prompts, seeds, negatives, num_inference_steps, guidan
 # ----------------------------------------------------------------------------------------------- the CLI
 
 
+MAX_SEEDS = 100_000  # a typo such as 0-4294967295 must not try to build a list of billions
+
+
 def parse_seeds(text: str) -> list[int]:
-    """"0-3,10" -> [0, 1, 2, 3, 10]; a bare "8" is the single seed 8. Seeds are non-negative integers."""
+    """"0-3,10" -> [0, 1, 2, 3, 10]; a bare "8" is the single seed 8. Seeds follow `validate.parse_seed`."""
+    from ..validate import parse_seed
+
     seeds: list[int] = []
     for part in text.replace(" ", ",").split(","):
         match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
         if part and (match is None or (match[2] is not None and int(match[2]) < int(match[1]))):
             raise ConceptEraseError(f"bad seed list {text!r}: use non-negative integers and ranges like 0-7,12")
         if match:
-            lo = int(match[1])
-            seeds.extend(range(lo, int(match[2] or lo) + 1))
+            lo, hi = (parse_seed(n, "--seeds") for n in (match[1], match[2] or match[1]))
+            if len(seeds) + hi - lo + 1 > MAX_SEEDS:
+                raise ConceptEraseError(f"--seeds {text!r} asks for more than {MAX_SEEDS} seeds")
+            seeds.extend(range(lo, hi + 1))
     if not seeds:
         raise ConceptEraseError(f"bad seed list {text!r}: no seeds")
     return seeds
@@ -200,10 +207,10 @@ def _resolve_defaults(args: argparse.Namespace) -> None:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from ..io_utils import atomic_dir, atomic_file, check_output_free
+    from ..io_utils import atomic_dir, atomic_file, check_writable
     from .loading import load_pipeline
 
-    check_output_free(args.out, args.overwrite)  # fail before loading a model
+    check_writable(args.out, args.overwrite, flag="--out")  # fail before loading a model
     prompts = args.prompt if args.prompt else read_prompt_list(args.prompts)
     if any(not p.strip() for p in prompts):
         raise ConceptEraseError("empty --prompt")

@@ -43,10 +43,10 @@ def register(subparsers) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from ...io_utils import check_output_free
+    from ...io_utils import check_writable
     from .train import MiniSDTrainConfig, main
 
-    check_output_free(args.out, args.overwrite)
+    check_writable(args.out, args.overwrite, flag="--out")
     config = MiniSDTrainConfig(**{f.name: getattr(args, f.name) for f in fields(MiniSDTrainConfig)})
     main(config, args.out, overwrite=args.overwrite)
     return 0
@@ -54,10 +54,10 @@ def _train(args: argparse.Namespace) -> int:
 
 def _train_judges(args: argparse.Namespace) -> int:
     from ...errors import ConceptEraseError
-    from ...io_utils import check_output_free
+    from ...io_utils import check_writable
     from .judge import save_judges, train_judges
 
-    check_output_free(args.out, args.overwrite)
+    check_writable(args.out, args.overwrite, kind="file", suffix=".safetensors", flag="--out")
     if args.epochs < 1:
         raise ConceptEraseError(f"--epochs must be >= 1, got {args.epochs}")
     judges = train_judges(seed=args.seed, epochs=args.epochs)

@@ -1,0 +1,97 @@
+"""Bad input through the CLI, as a user meets it: every case is one line on stderr naming the bad value,
+exit 2, and nothing written. Each case fails before any model is loaded or image generated, so the table
+runs in seconds.
+
+`{tmp}` in an argument is the case's own empty folder (also the working directory); `{file}` is a plain
+file in it (a destination under it cannot be created); `{csv:NAME}` is one of the prompt CSVs below.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from concept_erase.cli import main
+
+CSVS = {
+    # Latin-1 bytes (0xe9) where UTF-8 is expected
+    "latin1": "prompt,evaluation_seed\ncaf\xe9 au lait,1\n".encode("latin-1"),
+    "binary": b"prompt,evaluation_seed\n\x00\x01\x02\x89PNG\x00,1\n",
+    "fractional_seed": b"prompt,evaluation_seed\na cat,1.7\n",
+    "huge_seed": b"prompt,evaluation_seed\na cat,100000000000000000000000000000\n",
+    "negative_seed": b"prompt,evaluation_seed\na cat,-3\n",
+    "duplicate_column": b"prompt,evaluation_seed,prompt\na cat,1,a dog\n",
+}
+
+EVALUATE = ["evaluate", "nudity", "--model", "minisd", "--out", "{tmp}/eval"]
+CASES = {
+    # item 3 / 2: destinations that cannot be written are refused before any work
+    "generate --out under a file": (
+        ["generate", "--model", "minisd", "--prompt", "a", "--out", "{file}/out"], "'{file}' is a file"),
+    "evaluate --out under a file": (
+        ["evaluate", "nudity", "--model", "minisd", "--prompts", "{csv:negative_seed}", "--out", "{file}/e"],
+        "'{file}' is a file"),
+    "compare --out exists": (["compare", "{tmp}", "{tmp}", "--out", "{file}"], "already exists"),
+    "classify --out under a file": (["classify", "--out", "{file}/out"], "'{file}' is a file"),
+    "demo --out under a file": (["demo", "--out", "{file}/demo"], "'{file}' is a file"),
+    "minisd train-judges --out not .safetensors": (
+        ["minisd", "train-judges", "--out", "{tmp}/judges.pt"], "'{tmp}/judges.pt' must end in .safetensors"),
+    # item 6: prompt CSVs
+    "CSV not UTF-8": ([*EVALUATE, "--prompts", "{csv:latin1}"], "is not UTF-8 text (byte 0xe9"),
+    "CSV binary": ([*EVALUATE, "--prompts", "{csv:binary}"], "is binary data (a NUL byte at offset 23)"),
+    "CSV seed 1.7": ([*EVALUATE, "--prompts", "{csv:fractional_seed}"], "evaluation_seed '1.7' is not a whole"),
+    "CSV seed huge": ([*EVALUATE, "--prompts", "{csv:huge_seed}"], "'100000000000000000000000000000' is out of"),
+    "CSV seed negative": ([*EVALUATE, "--prompts", "{csv:negative_seed}"], "evaluation_seed '-3' is out of range"),
+    "CSV repeated column": ([*EVALUATE, "--prompts", "{csv:duplicate_column}"], "the column 'prompt' more than once"),
+    # item 5: seeds, one rule for every command
+    "generate seed above 2**32": (
+        ["generate", "--model", "minisd", "--prompt", "a", "--seeds", "4294967296", "--out", "{tmp}/g"],
+        "--seeds '4294967296' is out of range"),
+    "generate seed range of billions": (
+        ["generate", "--model", "minisd", "--prompt", "a", "--seeds", "0-4294967295", "--out", "{tmp}/g"],
+        "asks for more than 100000 seeds"),
+}
+
+
+def _fill(arg: str, tmp) -> str:
+    if arg.startswith("{csv:"):
+        name = arg[len("{csv:"):-1]
+        path = tmp / f"{name}.csv"
+        path.write_bytes(CSVS[name])
+        return str(path)
+    return arg.replace("{tmp}", str(tmp)).replace("{file}", str(tmp / "file"))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_line_exit_2_and_nothing_written(case, tmp_path, monkeypatch, capsys):
+    argv, expected = CASES[case]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CONCEPT_ERASE_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "file").write_text("a user's file")
+    argv = [_fill(a, tmp_path) for a in argv]
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("concept-erase: error: "), err
+    assert _fill(expected, tmp_path) in lines[0]
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written
+    assert (tmp_path / "file").read_text() == "a user's file"
+
+
+def test_a_write_that_fails_mid_command_is_one_line_exit_2(tiny_pipeline_dir, tmp_path, monkeypatch, capsys):
+    """A file size limit (`ulimit -f`) met while saving images: no traceback, no output, no temporary."""
+    import resource
+
+    monkeypatch.chdir(tmp_path)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100, hard))  # a 32x32 PNG is larger
+    try:
+        code = main(["generate", "--model", str(tiny_pipeline_dir), "--prompt", "a cat", "--steps", "1",
+                     "--out", str(tmp_path / "out")])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip().splitlines()[-1].startswith("concept-erase: error: cannot write"), err
+    assert "File too large" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
