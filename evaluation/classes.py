@@ -197,27 +197,35 @@ def local_folder(name: str | Path) -> Path:
 
 
 class ClassAccuracy(Metric):
-    """Per prompt class: images, top-1 hits, top-5 hits (sum-reduced; shards merge).
+    """Per prompt class: images, top-1 hits, top-5 hits, and what the classifier judged each image to be
+    (top-1 label counts per (style, class) row; sum-reduced, so shards merge).
 
-    update(topk, targets, groups): topk [N, k] classifier indices, targets [N] the intended classifier index,
-    groups [N] the position of each image's class in `class_names`.
+    update(topk, targets, groups, rows): topk [N, k] classifier indices, targets [N] the intended classifier
+    index, groups [N] the position of each image's class in `class_names`, rows [N] its position in
+    `judged_rows` ((style or None, class name) pairs; default: one row per class).
     """
 
     full_state_update = False
 
-    def __init__(self, class_names: Sequence[str], forget: str | None = None, **kwargs):
+    def __init__(self, class_names: Sequence[str], forget: str | None = None, *, labels: Sequence[str] = (),
+                 judged_rows: Sequence[tuple[str | None, str]] | None = None, **kwargs):
         super().__init__(**kwargs)
         self.class_names = list(class_names)
         if forget is not None and forget not in self.class_names:
             raise ConceptEraseError(f"forgotten class {forget!r} is not among the prompt classes ({', '.join(self.class_names)})")
         self.forget = forget
+        self.labels = list(labels)
+        self.judged_rows = list(judged_rows) if judged_rows is not None else [(None, c) for c in self.class_names]
         n = len(self.class_names)
         for name in ("images", "top1", "top5"):
             self.add_state(name, torch.zeros(n, dtype=torch.long), dist_reduce_fx="sum")
         # images scored with fewer than 5 guesses (MiniSD judges): top-5 is then not reported
         self.add_state("short_k", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("judged", torch.zeros(len(self.judged_rows), max(1, len(self.labels)), dtype=torch.long),
+                       dist_reduce_fx="sum")
 
-    def update(self, topk: torch.Tensor, targets: torch.Tensor, groups: torch.Tensor) -> None:
+    def update(self, topk: torch.Tensor, targets: torch.Tensor, groups: torch.Tensor,
+               rows: torch.Tensor | None = None) -> None:
         topk, targets, groups = topk.long().cpu(), targets.long().cpu(), groups.long().cpu()
         hits = topk == targets[:, None]
         n = len(self.class_names)
@@ -226,10 +234,15 @@ class ClassAccuracy(Metric):
         self.top5 += torch.bincount(groups, weights=hits[:, :5].any(1).double(), minlength=n).long()
         if topk.shape[1] < 5:
             self.short_k += len(groups)
+        if self.labels:
+            rows = groups if rows is None else rows.long().cpu()
+            self.judged.index_put_((rows, topk[:, 0]), torch.ones(len(rows), dtype=torch.long), accumulate=True)
 
     def compute(self) -> dict:
-        """{"classes": {name: {"images", "top1", "top5"}}, "top1", "top5" (mean over classes, %),
-        and with a forgotten class: "forget", "UA" = 100 - its top-1, "retain_top1" = mean top-1 of the others}."""
+        """{"classes": {name: {"images", "top1", "top5"}}, "top1", "top5" (mean over classes, %; top-5 None
+        where the classifier gives fewer than 5 guesses), with a forgotten class: "forget", "UA" = 100 - its
+        top-1, "retain_top1" = mean top-1 of the others; with `labels`: "judged_as", one entry per (style,
+        class) row: {"style", "class", "images", "judged": {label: images}} (most frequent first)."""
         has_top5 = int(self.short_k) == 0
         per = {}
         for i, name in enumerate(self.class_names):
@@ -244,19 +257,32 @@ class ClassAccuracy(Metric):
             result["forget"] = self.forget
             result["UA"] = 100.0 - per[self.forget]["top1"]
             result["retain_top1"] = mean([v["top1"] for k, v in per.items() if k != self.forget])
+        if self.labels:
+            result["judged_as"] = []
+            for (style, name), counts in zip(self.judged_rows, self.judged.tolist()):
+                if sum(counts):
+                    order = sorted((c, -j) for j, c in enumerate(counts) if c)[::-1]
+                    result["judged_as"].append({"style": style, "class": name, "images": sum(counts),
+                                                "judged": {self.labels[-j]: c for c, j in order}})
         return result
 
 
 def score_classes(images: Sequence, labels: Sequence[str], classifier, *, targets: Sequence[int | None] | None = None,
-                  forget: str | None = None, batch_size: int = 32) -> dict:
+                  forget: str | None = None, batch_size: int = 32, styles: Sequence[str | None] | None = None) -> dict:
     """Top-1/top-5 of the intended class of every image (`labels[i]`, or the class index `targets[i]`
-    where the prompt set has one); see `prompt_classes` and `ClassAccuracy.compute`."""
+    where the prompt set has one), and what each (style, class) was judged as; see `prompt_classes` and
+    `ClassAccuracy.compute`."""
     if len(images) != len(labels):
         raise ConceptEraseError(f"{len(labels)} labels for {len(images)} images")
     classes = prompt_classes(labels, classifier.labels, targets=targets, forget=forget)
+    styles = list(styles) if styles is not None else [None] * len(labels)
+    keys = [(style, classes.names[g]) for style, g in zip(styles, classes.groups)]
+    judged_rows = list(dict.fromkeys(keys))
+    rows = torch.tensor([judged_rows.index(k) for k in keys])
     targets_t, groups = torch.tensor(classes.targets), torch.tensor(classes.groups)
-    metric = ClassAccuracy(classes.names, classes.forget, sync_on_compute=False)  # all images are here: no gather
+    metric = ClassAccuracy(classes.names, classes.forget, labels=classifier.labels, judged_rows=judged_rows,
+                           sync_on_compute=False)  # all images are here: no gather
     for start in range(0, len(images), batch_size):
         sl = slice(start, start + batch_size)
-        metric.update(classifier.topk(images[sl], k=5), targets_t[sl], groups[sl])
+        metric.update(classifier.topk(images[sl], k=5), targets_t[sl], groups[sl], rows[sl])
     return metric.compute()

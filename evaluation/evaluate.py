@@ -163,7 +163,7 @@ def evaluate_classes(out_dir: str | Path, *, classifier="microsoft/resnet-50", f
     name = classifier if isinstance(classifier, str) else type(classifier).__name__
     model = load_classifier(classifier, device) if isinstance(classifier, str) else classifier
     result = score_classes(images, labels, model, targets=[e.get("target") for e in entries], forget=forget,
-                           batch_size=batch_size)
+                           batch_size=batch_size, styles=[e.get("style") for e in entries])
     scoring = {"classifier": name, "forgotten class": forget or "none"}
     results = {"kind": "classes", "run": info, "scoring": scoring, "result": result}
     report.bar_chart(out_dir / "chart.png", {info.get("model", "model"): {k: v["top1"] for k, v in result["classes"].items()}},
@@ -175,24 +175,49 @@ def evaluate_classes(out_dir: str | Path, *, classifier="microsoft/resnet-50", f
 
 
 def classes_sections(results: dict[str, dict]) -> list[str]:
+    """Accuracy per prompt class (top-5 only where the classifier gives 5 guesses), the summary, and what
+    each (style, class) was judged as, for one or more class results (name -> ClassAccuracy result)."""
     names = list(results)
     classes = list(dict.fromkeys(c for r in results.values() for c in r["classes"]))
-    rows = []
-    for c in classes:
-        cells = []
-        for r in results.values():
-            v = r["classes"].get(c, {})
-            cells += [v.get("top1"), v.get("top5")]
-        rows.append((c, *cells))
-    headers = ["class", *[f"{n} {m}" for n in names for m in ("top-1 %", "top-5 %")]]
-    overall = [("mean top-1 (%)", *(r["top1"] for r in results.values())),
-               ("mean top-5 (%)", *(r["top5"] for r in results.values()))]
+    metrics = [("top-1 %", "top1")] + ([("top-5 %", "top5")] if any(r["top5"] is not None for r in results.values())
+                                       else [])
+    rows = [(c, *(r["classes"].get(c, {}).get(k) for r in results.values() for _, k in metrics)) for c in classes]
+    headers = ["class", *[f"{n} {m}" for n in names for m, _ in metrics]]
+    overall = [(f"mean {m[:-2]}(%)", *(r[k] for r in results.values())) for m, k in metrics]
     if any("UA" in r for r in results.values()):
         overall += [("forgotten class", *(r.get("forget") for r in results.values())),
                     ("UA = 100 - top-1 of forgotten (%)", *(r.get("UA") for r in results.values())),
                     ("retain top-1, other classes (%)", *(r.get("retain_top1") for r in results.values()))]
-    return ["## Accuracy per prompt class\n\n" + report.markdown_table(headers, rows),
-            "## Summary\n\n" + report.markdown_table(["", *names], overall)]
+    sections = ["## Accuracy per prompt class\n\n" + report.markdown_table(headers, rows),
+                "## Summary\n\n" + report.markdown_table(["", *names], overall)]
+    judged = judged_as_table(results)
+    if judged:
+        sections.append("## Judged as (the classifier's top-1 answer, share of the images of each prompt "
+                        "class)\n\n" + judged)
+    return sections
+
+
+def judged_as_table(results: dict[str, dict], top: int = 3) -> str:
+    """Markdown: one row per (style, prompt class), one column per result, each cell its `top` most frequent
+    judged labels with their share, e.g. "five 60% · three 30% · other 10%". Empty when none has any."""
+    keyed = {n: {(j["style"], j["class"]): j for j in r.get("judged_as", [])} for n, r in results.items()}
+    keys = list(dict.fromkeys(k for per in keyed.values() for k in per))
+    if not keys:
+        return ""
+
+    def cell(j: dict | None) -> str:
+        if j is None:
+            return "n/a"
+        shares = [(label, 100.0 * n / j["images"]) for label, n in j["judged"].items()]
+        parts = [f"{label} {share:.0f}%" for label, share in shares[:top]]
+        rest = sum(share for _, share in shares[top:])
+        return " · ".join(parts + ([f"other {rest:.0f}%"] if rest else []))
+
+    with_style = any(style is not None for style, _ in keys)
+    headers = (["style"] if with_style else []) + ["prompt class", *results]
+    rows = [([style or ""] if with_style else []) + [name, *(cell(per.get((style, name))) for per in keyed.values())]
+            for style, name in keys]
+    return report.markdown_table(headers, rows)
 
 
 def card_summary(results: dict) -> dict:

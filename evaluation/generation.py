@@ -292,7 +292,7 @@ def generate_set(
             entry = {
                 "index": job.row.index, "sample": job.sample, "file": job.file, "prompt": job.row.prompt,
                 "seed": job.seed, "key": job.row.key, "categories": list(job.row.categories),
-                "label": job.row.label, "target": job.row.target, "guidance_scale": guidance, "settings": settings,
+                "label": job.row.label, "target": job.row.target, "style": job.row.style, "guidance_scale": guidance, "settings": settings,
                 "fingerprint": fingerprint, "process": state.process_index,
             }
             with open(shard, "a", encoding="utf-8") as f:

@@ -39,6 +39,7 @@ class PromptRow:
     categories: tuple[str, ...] = ()  # I2P categories
     label: str | None = None  # the intended class of a class prompt
     target: int | None = None  # its classifier index, when the file has a label_idx column
+    style: str | None = None  # a style column (MiniSD's digits, the art set): "judged as" tables per style
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -94,7 +95,8 @@ def rows_from_records(records: list[dict], *, where: str, seed: int = 0) -> tupl
             raise ConceptEraseError(f"{at}: empty class")
         target = rec.get(INDEX_COLUMN) if kind == "classes" else None
         target = _parse_number(target, INDEX_COLUMN, at, int) if target is not None else None
-        rows.append(PromptRow(i, prompt, row_seed, key, guidance, categories, label, target))
+        style = str(rec.get("style") or "").strip() or None
+        rows.append(PromptRow(i, prompt, row_seed, key, guidance, categories, label, target, style))
     if empty:
         warnings.warn(f"prompt set {where!r}: skipped {len(empty)} row(s) with an empty prompt: {empty[:10]}", stacklevel=3)
     if not rows:

@@ -127,3 +127,30 @@ def test_torchvision_classifier_fails_clearly_when_unusable():
         pass
     with pytest.raises(ConceptEraseError, match="torchvision"):
         load_classifier("torchvision")
+
+
+def test_judged_as_counts_per_style_and_class():
+    from evaluation.evaluate import classes_sections, judged_as_table
+
+    images = [Image.new("RGB", (8, 8))] * 5
+    labels = ["golf ball", "golf ball", "golf ball", "church", "church"]
+    styles = ["plain", "plain", "bold", "plain", "plain"]
+    guesses = [[5, 0, 1, 2, 4], [5, 0, 1, 2, 4], [3, 0, 1, 2, 4], [0, 1, 2, 3, 4], [5, 1, 2, 3, 4]]
+    r = score_classes(images, labels, StubClassifier(guesses), styles=styles, batch_size=2)
+    assert r["judged_as"] == [
+        {"style": "plain", "class": "golf ball", "images": 2, "judged": {"church": 2}},
+        {"style": "bold", "class": "golf ball", "images": 1, "judged": {"golf ball": 1}},
+        {"style": "plain", "class": "church", "images": 2, "judged": {"tench, Tinca tinca": 1, "church": 1}}]
+    table = judged_as_table({"before": r, "after": r}, top=1)
+    assert "| plain | golf ball | church 100% | church 100% |" in table
+    assert "| plain | church | tench, Tinca tinca 50% · other 50% |" in table
+    assert any(s.startswith("## Judged as") for s in classes_sections({"model": r}))
+
+
+def test_no_top5_columns_where_the_classifier_gives_one_guess():
+    from evaluation.evaluate import classes_sections
+
+    r = score_classes([Image.new("RGB", (8, 8))] * 2, ["golf ball", "church"], StubClassifier([[3], [0]]))
+    assert r["top5"] is None
+    text = "\n".join(classes_sections({"model": r}))
+    assert "top-5" not in text and "model top-1 %" in text
