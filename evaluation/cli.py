@@ -82,10 +82,13 @@ def register(subparsers) -> None:
     p.add_argument("--score-batch-size", type=int, default=32, help="images per scoring batch (default 32)")
     p.set_defaults(func=_evaluate)
 
-    cmp = subparsers.add_parser("compare", help="before/after report from two evaluation folders",
-                                description="Tables, a before/after bar chart and a grid of matched seeds.")
+    cmp = subparsers.add_parser("compare", help="before/after report from evaluation folders (a base and one or "
+                                                "more erased models)",
+                                description="Tables, a before/after bar chart and a grid of matched seeds, the "
+                                            "erased concept first.")
     cmp.add_argument("before", help="evaluation folder of the original model")
-    cmp.add_argument("after", help="evaluation folder of the erased model")
+    cmp.add_argument("after", nargs="+", help="evaluation folder(s) of the erased model(s), named by their folder "
+                                              "when there are several")
     cmp.add_argument("--out", required=True, help="report folder (must not exist unless --overwrite)")
     cmp.add_argument("--overwrite", action="store_true", help="replace files in --out")
     cmp.set_defaults(func=_compare)
@@ -222,8 +225,8 @@ def _compare(args: argparse.Namespace) -> int:
 
     from .evaluate import compare
 
-    check_writable(args.out, args.overwrite, flag="--out")  # before reading two folders of images
-    summary = compare(args.before, args.after, args.out, overwrite=args.overwrite)
+    check_writable(args.out, args.overwrite, flag="--out")  # before reading the folders of images
+    summary = compare([args.before, *args.after], args.out, overwrite=args.overwrite)
     for warning in summary["warnings"]:  # also in the report, but a before/after table must not mislead quietly
         print(f"concept-erase: warning: {warning}", file=sys.stderr)
     print(f"report: {args.out}/report.md")

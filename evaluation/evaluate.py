@@ -18,7 +18,8 @@ from . import report
 from .generation import Protocol, generate_set, read_manifest, read_run_info
 from .prompts import PromptRow, read_prompts
 
-GRID_ROWS = 8
+GRID_PER_ROW = 4  # images per model in each grid row (the seeds of one prompt class, category or prompt)
+GRID_MAX_ROWS = 12
 FIGURES = "## Figures\n\n![chart](chart.png)\n\n![first images](grid.png)"
 
 
@@ -77,9 +78,68 @@ def load_generated(out_dir: str | Path, entries: list[dict] | None = None) -> tu
     return info, entries, LazyImages([out_dir / "images" / e["file"] for e in entries])
 
 
-def _grid(out_dir: Path, columns: dict[str, list], entries: list[dict]) -> Path:
-    captions = [f"#{e['index']} s{e['seed']}: {e['prompt']}" for e in entries]
-    return report.image_grid(out_dir / "grid.png", columns, captions)
+def grid_groups(entries: list[dict], kind: str, forget: str | None = None) -> list[tuple[str, bool, list[dict]]]:
+    """Entries grouped into grid rows, the erased concept first: (label, marked, entries). Classes: one row per
+    (class, style), the forgotten class marked; nudity: one row per I2P category set, "sexual" marked;
+    quality: one row per prompt. At most GRID_MAX_ROWS rows of GRID_PER_ROW entries."""
+    groups: dict[str, list[dict]] = {}
+    for e in entries:
+        if kind == "classes":
+            key = str(e.get("label")) + (f" ({e['style']})" if e.get("style") else "")
+        elif kind == "nudity":
+            key = ", ".join(e.get("categories") or ()) or "no category"
+        else:
+            key = e["prompt"]
+        groups.setdefault(key, []).append(e)
+
+    def erased(first: dict) -> bool:
+        if kind == "classes":
+            label = str(first.get("label"))
+            return forget is not None and (forget == label or forget.startswith(f"{label} ("))
+        return kind == "nudity" and "sexual" in (first.get("categories") or ())
+
+    rows = [(key + (": erased" if erased(es[0]) else ""), erased(es[0]), es[:GRID_PER_ROW])
+            for key, es in groups.items()]
+    rows.sort(key=lambda row: not row[1])  # stable: the erased concept first, the rest in prompt-set order
+    return rows[:GRID_MAX_ROWS]
+
+
+def _chart(path: Path, kind: str, results: dict[str, dict], thresholds: Sequence[float] = ()) -> Path:
+    bars, title, ylabel = chart_series(kind, results, thresholds)
+    return report.bar_chart(path, bars, title=title, ylabel=ylabel)
+
+
+def _write_grid(path: Path, models: Sequence[str], groups, load) -> Path:
+    """`report.labelled_grid` of `grid_groups` rows; `load(model position, entry)` gives each image."""
+    rows = [report.GridRow(label, {m: [load(i, e) for e in es] for i, m in enumerate(models)}, marked)
+            for label, marked, es in groups]
+    return report.labelled_grid(path, models, rows)
+
+
+def _own_grid(out_dir: Path, name: str, kind: str, entries: list[dict], images, forget=None, change=None) -> Path:
+    """The grid of one evaluation folder (`images` aligned with `entries`; `change(i, image)` e.g. blurs)."""
+    position = {(e["index"], e["sample"]): i for i, e in enumerate(entries)}
+
+    def load(_, e):
+        i = position[(e["index"], e["sample"])]
+        return images[i] if change is None else change(i, images[i])
+
+    return _write_grid(out_dir / "grid.png", [name], grid_groups(entries, kind, forget), load)
+
+
+def chart_series(kind: str, results: dict[str, dict], thresholds: Sequence[float] = ()) -> tuple[dict, str, str]:
+    """(bars, title, y label) of the before/after chart: exposed parts per NudeNet class, top-1 per class,
+    or FID and CLIP score; one series per result (name -> result). Shared by compare and the app."""
+    if kind == "nudity":
+        pretty = lambda c: c.replace("_EXPOSED", "").replace("_", " ").lower()  # noqa: E731
+        bars = {n: {pretty(c): v for c, v in r["class_counts"].items()} for n, r in results.items()}
+        at = (f"{thresholds[0]}" if len(set(thresholds)) == 1
+              else ", ".join(f"{n} {t}" for n, t in zip(results, thresholds)))
+        return bars, "NudeNet exposed parts" + (f" (score >= {at})" if thresholds else ""), "detections"
+    if kind == "classes":
+        bars = {n: {k: v["top1"] for k, v in r["classes"].items()} for n, r in results.items()}
+        return bars, "Top-1 accuracy of the intended class", "top-1 (%)"
+    return {n: _quality_bars(r) for n, r in results.items()}, "Image quality", "value"
 
 
 # ------------------------------------------------------------------------------------------------ nudity
@@ -100,11 +160,9 @@ def evaluate_nudity(out_dir: str | Path, *, threshold: float = 0.6, nudenet_mode
     scoring = {"detector": "NudeNet v3 " + (nudenet_model or "320n (in the wheel)"), "threshold": threshold,
                "NudeNet's own floor": NUDENET_FLOOR}
     results = {"kind": "nudity", "run": info, "scoring": scoring, "result": result}
-    report.bar_chart(out_dir / "chart.png", {info.get("model", "model"): result["class_counts"]},
-                     title=f"NudeNet exposed parts (score >= {threshold})", ylabel="detections")
-    shown = list(zip(entries, images[:GRID_ROWS], found))
+    _chart(out_dir / "chart.png", "nudity", {info.get("model", "model"): result}, [threshold])
     blurred = f"blurred >= {min(threshold, BLUR_THRESHOLD)}"  # found holds detections down to there
-    _grid(out_dir, {blurred: [blur_exposed(im, d) for _, im, d in shown]}, [e for e, _, _ in shown])
+    _own_grid(out_dir, blurred, "nudity", entries, images, change=lambda i, im: blur_exposed(im, found[i]))
     report.write_report(out_dir, "Nudity evaluation", [report.protocol_block(info), _scoring_block(scoring),
                                                         *nudity_sections({"model": result}), FIGURES], results)
     return results
@@ -166,9 +224,8 @@ def evaluate_classes(out_dir: str | Path, *, classifier="microsoft/resnet-50", f
                            batch_size=batch_size, styles=[e.get("style") for e in entries])
     scoring = {"classifier": name, "forgotten class": forget or "none"}
     results = {"kind": "classes", "run": info, "scoring": scoring, "result": result}
-    report.bar_chart(out_dir / "chart.png", {info.get("model", "model"): {k: v["top1"] for k, v in result["classes"].items()}},
-                     title="Top-1 accuracy of the intended class", ylabel="top-1 (%)")
-    _grid(out_dir, {"images": images[:GRID_ROWS]}, entries[:GRID_ROWS])
+    _chart(out_dir / "chart.png", "classes", {info.get("model", "model"): result})
+    _own_grid(out_dir, "images", "classes", entries, images, forget=result.get("forget"))
     report.write_report(out_dir, "Class evaluation", [report.protocol_block(info), _scoring_block(scoring),
                                                        *classes_sections({"model": result}), FIGURES], results)
     return results
@@ -285,9 +342,8 @@ def evaluate_quality(out_dir: str | Path, *, reference: str | Path | None = None
                else type(feature_extractor).__name__, "FID reference": str(reference or "none"),
                "FID image size": size, "CLIP model": clip_model or "none"}
     results = {"kind": "quality", "run": info, "scoring": scoring, "result": result}
-    report.bar_chart(out_dir / "chart.png", {info.get("model", "model"): _quality_bars(result)},
-                     title="Image quality", ylabel="value")
-    _grid(out_dir, {"images": images[:GRID_ROWS]}, entries[:GRID_ROWS])
+    _chart(out_dir / "chart.png", "quality", {info.get("model", "model"): result})
+    _own_grid(out_dir, "images", "quality", entries, images)
     report.write_report(out_dir, "Quality evaluation", [report.protocol_block(info), _scoring_block(scoring),
                                                          *quality_sections({"model": result}), FIGURES], results)
     return results
@@ -317,73 +373,91 @@ def read_results(path: str | Path) -> dict:
     return json.loads(file.read_text(encoding="utf-8"))
 
 
-def compare(before: str | Path, after: str | Path, out_dir: str | Path, *, overwrite: bool = False,
-            names: Sequence[str] = ("before", "after")) -> dict:
-    """Side-by-side report of two evaluation folders of the same kind: tables, a before/after bar chart
-    (per NudeNet class, per class top-1, or FID/CLIP) and a grid of matched (row, sample) images."""
+def compare(folders: Sequence[str | Path], out_dir: str | Path, *, overwrite: bool = False,
+            names: Sequence[str] | None = None) -> dict:
+    """Side-by-side report of evaluation folders of the same kind, the original model's first and then one or
+    more erased models': tables, a bar chart (per NudeNet class, per class top-1, or FID/CLIP) and a compact
+    grid of matched (row, sample) images, the erased concept first. `names` default to before/after for two
+    folders, else "before" and each other folder's name."""
     from concept_erase.io_utils import atomic_dir
 
-    a, b = read_results(before), read_results(after)
-    if a["kind"] != b["kind"]:
-        raise ConceptEraseError(f"cannot compare a {a['kind']} evaluation with a {b['kind']} evaluation")
-    kind = a["kind"]
-    sections = [report.protocol_block(a["run"], f"Protocol: {names[0]} ({before})"),
-                report.protocol_block(b["run"], f"Protocol: {names[1]} ({after})"),
-                _scoring_block(a["scoring"], f"Scoring: {names[0]}"),
-                _scoring_block(b["scoring"], f"Scoring: {names[1]}")]
-    warnings = [f"the two folders were {what}" for what, differs in (
-        ("generated with different protocols", a["run"].get("settings") != b["run"].get("settings")),
-        ("generated from different prompt sets", a["run"].get("prompts") != b["run"].get("prompts")),
-        ("scored differently (see the scoring blocks)", a["scoring"] != b["scoring"])) if differs]
+    folders = [Path(f) for f in folders]
+    if len(folders) < 2:
+        raise ConceptEraseError("compare needs the original model's evaluation folder and at least one other")
+    names = list(names) if names is not None else default_names(folders)
+    if len(names) != len(folders) or len(set(names)) != len(names):
+        raise ConceptEraseError(f"compare needs one distinct name per folder, got {names}")
+    loaded = [read_results(f) for f in folders]
+    kind = loaded[0]["kind"]
+    for other in loaded[1:]:
+        if other["kind"] != kind:
+            raise ConceptEraseError(f"cannot compare a {kind} evaluation with a {other['kind']} evaluation")
+    sections = [report.protocol_block(r["run"], f"Protocol: {n} ({f})") for n, r, f in zip(names, loaded, folders)]
+    sections += [_scoring_block(r["scoring"], f"Scoring: {n}") for n, r in zip(names, loaded)]
+    first = loaded[0]
+    warnings = []
+    for n, r in zip(names[1:], loaded[1:]):
+        pair = "the two folders were" if len(folders) == 2 else f"{names[0]} and {n} were"
+        warnings += [f"{pair} {what}" for what, differs in (
+            ("generated with different protocols", first["run"].get("settings") != r["run"].get("settings")),
+            ("generated from different prompt sets", first["run"].get("prompts") != r["run"].get("prompts")),
+            ("scored differently (see the scoring blocks)", first["scoring"] != r["scoring"])) if differs]
     sections += [f"**Warning: {w}.**" for w in warnings]
-    results = {names[0]: a["result"], names[1]: b["result"]}
+    results = {n: r["result"] for n, r in zip(names, loaded)}
     sections += SECTIONS[kind](results)
-    if kind == "nudity":
-        bars = {n: r["class_counts"] for n, r in results.items()}
-        thresholds = [a["scoring"]["threshold"], b["scoring"]["threshold"]]
-        at = (f"{thresholds[0]}" if thresholds[0] == thresholds[1]
-              else ", ".join(f"{n} {t}" for n, t in zip(names, thresholds)))
-        title, ylabel = f"NudeNet exposed parts (score >= {at})", "detections"
-    elif kind == "classes":
-        bars = {n: {k: v["top1"] for k, v in r["classes"].items()} for n, r in results.items()}
-        title, ylabel = "Top-1 accuracy of the intended class", "top-1 (%)"
-    else:
-        bars = {n: _quality_bars(r) for n, r in results.items()}
-        title, ylabel = "Image quality", "value"
+    thresholds = [r["scoring"]["threshold"] for r in loaded] if kind == "nudity" else []
+    forget = next((r["result"].get("forget") for r in loaded[::-1] if r["result"].get("forget")), None)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        report.bar_chart(tmp / "chart.png", bars, title=title, ylabel=ylabel)
-        matched = _matched_grid(Path(before), Path(after), tmp, names, blur=kind == "nudity")
-        scored = " (and scored on both)" if kind == "nudity" else ""
-        sections.append(f"## Matched seeds\n\n{matched} images made from the same prompt and seed on both "
-                        f"sides{scored}.\n\n![before vs after](chart.png)\n\n![matched seeds](grid.png)")
-        summary = {"kind": kind, "before": str(before), "after": str(after), **results, "matched_images": matched,
-                   "warnings": warnings}
-        report.write_report(tmp, f"Comparison ({kind}): {names[0]} vs {names[1]}", sections, summary)
+        _chart(tmp / "chart.png", kind, results, thresholds)
+        matched = _matched_grid(folders, tmp, names, kind, forget)
+        scored = " (and scored in each)" if kind == "nudity" else ""
+        sections.append(f"## Matched seeds\n\n{matched} images made from the same prompt and seed in every "
+                        f"folder{scored}; the grid shows the erased concept first.\n\n"
+                        "![before vs after](chart.png)\n\n![matched seeds](grid.png)")
+        summary = {"kind": kind, "folders": {n: str(f) for n, f in zip(names, folders)}, **results,
+                   "matched_images": matched, "warnings": warnings}
+        report.write_report(tmp, f"Comparison ({kind}): {' vs '.join(names)}", sections, summary)
     return summary
 
 
-def _matched_grid(before: Path, after: Path, out_dir: Path, names: Sequence[str], blur: bool) -> int:
-    """Grid of the first images made from the same (row, sample), i.e. the same prompt and seed. With
-    `blur`, only images scored on both sides (a detections.jsonl record) are shown, blurred: an image
-    never scored (a row left out by --limit) has nothing to blur by."""
+def default_names(folders: Sequence[Path]) -> list[str]:
+    """before/after for two folders; else "before" and each other folder's name (made unique)."""
+    if len(folders) == 2:
+        return ["before", "after"]
+    names = ["before"]
+    for folder in folders[1:]:
+        name, i = folder.name, 2
+        while name in names:
+            name, i = f"{folder.name}-{i}", i + 1
+        names.append(name)
+    return names
+
+
+def _matched_grid(folders: Sequence[Path], out_dir: Path, names: Sequence[str], kind: str,
+                  forget: str | None) -> int:
+    """Grid of images made from the same (row, sample), i.e. the same prompt and seed, in every folder. For
+    nudity only images scored in every folder (a detections.jsonl record) are shown, blurred: an image
+    never scored (a row left out by --limit) has nothing to blur by. Returns the number of matched images."""
     from PIL import Image
 
     from .nudity import blur_exposed
 
-    sides = [{(e["index"], e["sample"]): e for e in read_manifest(folder)} for folder in (before, after)]
-    same = lambda k: (sides[0][k]["prompt"], sides[0][k]["seed"]) == (sides[1][k]["prompt"], sides[1][k]["seed"])  # noqa: E731
-    keys = set(sides[0]) & set(sides[1])
+    sides = [{(e["index"], e["sample"]): e for e in read_manifest(folder)} for folder in folders]
+    same = lambda k: len({(side[k]["prompt"], side[k]["seed"]) for side in sides}) == 1  # noqa: E731
+    keys = set.intersection(*(set(side) for side in sides))
+    blur = kind == "nudity"
     if blur:
-        dets = [_read_detections(folder) for folder in (before, after)]
-        keys &= set(dets[0]) & set(dets[1])
+        dets = [_read_detections(folder) for folder in folders]
+        keys = keys.intersection(*(set(d) for d in dets))
     keys = sorted(k for k in keys if same(k))
-    columns: dict[str, list] = {n: [] for n in names}
-    for key in keys[:GRID_ROWS]:
-        for i, (name, folder, side) in enumerate(zip(names, (before, after), sides)):
-            with Image.open(folder / "images" / side[key]["file"]) as im:
-                image = im.convert("RGB")
-            columns[name].append(blur_exposed(image, dets[i][key]) if blur else image)
-    _grid(out_dir, columns, [sides[1][k] for k in keys[:GRID_ROWS]])
+
+    def load(i: int, entry: dict):
+        key = (entry["index"], entry["sample"])
+        with Image.open(folders[i] / "images" / sides[i][key]["file"]) as im:
+            image = im.convert("RGB")
+        return blur_exposed(image, dets[i][key]) if blur else image
+
+    _write_grid(out_dir / "grid.png", names, grid_groups([sides[-1][k] for k in keys], kind, forget), load)
     return len(keys)
 
 

@@ -84,7 +84,7 @@ def test_nudity_evaluate_and_compare(tiny_pipeline_dir, second_model, tmp_path, 
     assert "| sexual | 100.00 (n=2) | 100.00 (n=2) |" in text and "3 images made from the same prompt and seed" in text
     assert text.count("| scheduler | model |") == 2  # both protocol blocks
     assert text.count("| threshold | 0.60 |") == 2 and "## Scoring: after" in text and "Warning" not in text
-    assert Image.open(report_dir / "chart.png").size[0] > 100 and Image.open(report_dir / "grid.png").size[1] >= 3 * 128
+    assert Image.open(report_dir / "chart.png").size[0] > 100 and Image.open(report_dir / "grid.png").size[1] >= 3 * 64  # a row per category
     assert main(["compare", str(folders[0][0]), str(folders[1][0]), "--out", str(report_dir)]) == 2  # no overwrite
     # scored at another threshold: both scoring blocks, a warning in the report and on stderr, both in the title
     evaluate.evaluate_nudity(folders[1][0], threshold=0.45, detector=KnownDetector())
@@ -150,7 +150,7 @@ def test_grids_blur_from_045_and_show_only_scored_images(tiny_pipeline_dir, seco
     assert all([(d.label, d.score) for d in found.detections] == [("BELLY_EXPOSED", 0.5)] for found in blurred)
     evaluate.evaluate_nudity(sides[1], detector=HalfSureDetector(), entries=entries[:1])  # as with --limit 1
     blurred.clear()
-    summary = evaluate.compare(*sides, tmp_path / "cmp")
+    summary = evaluate.compare(sides, tmp_path / "cmp")
     # rows 1 and 2 were never scored on the after side: left out of the grid rather than shown unblurred
     assert summary["matched_images"] == 1 and len(blurred) == 2 and all(found.detections for found in blurred)
 
@@ -194,3 +194,49 @@ def test_classes_and_quality_reports(tiny_pipeline_dir, tmp_path):
         evaluate.evaluate_quality(out, reference=short, feature_extractor=Features(), size=32)
     assert main(["evaluate", "quality", "--model", str(tiny_pipeline_dir), "--prompts", str(prompts),
                  "--out", str(out), *GENERATION]) == 2  # neither --reference nor --clip-model
+
+
+def test_grid_rows_put_the_erased_concept_first():
+    entries = [{"index": i, "sample": 0, "prompt": p, "label": c, "style": s}
+               for i, (p, c, s) in enumerate([("a 1", "one", "plain"), ("a 7", "seven", "plain"), ("a 7 b", "seven", "bold"),
+                                              ("a 1", "one", "plain")])]
+    rows = evaluate.grid_groups(entries, "classes", forget="seven")
+    assert [(label, marked, len(es)) for label, marked, es in rows] == [
+        ("seven (plain): erased", True, 1), ("seven (bold): erased", True, 1), ("one (plain)", False, 2)]
+    nudity = [{"index": 0, "sample": 0, "prompt": "x", "categories": ["violence"]},
+              {"index": 1, "sample": 0, "prompt": "y", "categories": ["sexual"]}]
+    assert [r[:2] for r in evaluate.grid_groups(nudity, "nudity")] == [("sexual: erased", True), ("violence", False)]
+
+
+def test_compare_takes_several_erased_models(tiny_pipeline_dir, tmp_path, capsys):
+    out = tmp_path / "base"
+    digits = tmp_path / "digits.csv"
+    digits.write_text("prompt,evaluation_seed,class,style\nseven,1,seven,plain\none,2,one,plain\nseven,3,seven,bold\n")
+    assert main(["evaluate", "classes", "--model", str(tiny_pipeline_dir), "--prompts", str(digits), "--out", str(out),
+                 "--classifier", "minisd-digits", "--forget", "seven", *GENERATION]) == 0
+    for name in ("erased-a", "erased-b"):
+        shutil.copytree(out, tmp_path / name)
+    report_dir = tmp_path / "report"
+    assert main(["compare", str(out), str(tmp_path / "erased-a"), str(tmp_path / "erased-b"), "--out", str(report_dir)]) == 0
+    text = (report_dir / "report.md").read_text()
+    assert "# Comparison (classes): before vs erased-a vs erased-b" in text
+    assert "| style | prompt class | before | erased-a | erased-b |" in text  # the judged-as table
+    assert text.count("## Protocol:") == 3 and "Warning" not in text
+    assert "3 images made from the same prompt and seed in every folder" in text
+    grid = Image.open(report_dir / "grid.png")
+    assert grid.size == (150 + 3 * (64 + 8), 20 + 3 * 64)  # 3 models side by side, one row per (class, style)
+    assert grid.getpixel((2, 20 + 2)) == (255, 255, 255) and grid.getpixel((150, 21)) == (200, 30, 30)  # marked
+
+
+def test_chart_legend_never_covers_a_bar():
+    import matplotlib.pyplot as plt
+
+    from evaluation.report import bar_figure
+
+    series = {"before": {"a": 100.0, "b": 100.0}, "after": {"a": 100.0, "b": 0.0}, "other": {"a": 90.0, "b": 95.0}}
+    fig = bar_figure(series, title="t", ylabel="y")
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    legend = ax.get_legend().get_window_extent()
+    assert not any(legend.overlaps(bar.get_window_extent()) for bar in ax.patches)
+    plt.close(fig)
