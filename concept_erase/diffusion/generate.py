@@ -118,7 +118,7 @@ def warn_if_prompts_are_cut(pipe, prompts: Sequence[str]) -> None:
                       f"as the pipeline does", stacklevel=2)
 
 
-def _generate_batch(pipe, prompts, seeds, negatives, num_inference_steps, guidance_scale, height, width):
+def _generate_batch(pipe, prompts, seeds, negatives, num_inference_steps, guidance_scale, height, width, **inputs):
     import torch
 
     # CPU generators: the same noise on every device (diffusers draws on CPU, then moves).
@@ -127,8 +127,33 @@ def _generate_batch(pipe, prompts, seeds, negatives, num_inference_steps, guidan
         out = pipe(
             prompt=prompts, negative_prompt=negatives, num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale, height=height, width=width, generator=generators, output_type="np",
+            **inputs,
         )
     return to_pil(out.images)
+
+
+def generate_from_conditioning(pipe, cond, seeds: Sequence[int], *, num_inference_steps: int = 25,
+                               guidance_scale: float = 7.5, height: int | None = None, width: int | None = None,
+                               batch_size: int = 8) -> list["Image.Image"]:
+    """`generate_images` for UNet conditioning instead of prompt text (`families.Conditioning`, one item per
+    seed): what an attack's adversarial embeddings draw. The negative side is the empty prompt, as usual."""
+    seeds = [int(s) for s in seeds]
+    if len(cond) != len(seeds):
+        raise ConceptEraseError(f"{len(cond)} conditionings but {len(seeds)} seeds: give one seed per item")
+    images: list = []
+    saved_bar_config = dict(getattr(pipe, "_progress_bar_config", {}))
+    pipe.set_progress_bar_config(disable=True)
+    try:
+        for start in range(0, len(seeds), batch_size):
+            part = cond[start:start + batch_size].to(pipe.unet.device)
+            inputs = {"prompt_embeds": part.hidden.to(pipe.unet.dtype)}
+            if "text_embeds" in part.added:  # SDXL's pooled text embedding (the size ids come from height/width)
+                inputs["pooled_prompt_embeds"] = part.added["text_embeds"].to(pipe.unet.dtype)
+            images.extend(_generate_batch(pipe, None, seeds[start:start + batch_size], None, num_inference_steps,
+                                          guidance_scale, height, width, **inputs))
+    finally:
+        pipe._progress_bar_config = saved_bar_config
+    return images
 
 
 # ----------------------------------------------------------------------------------------------- the CLI

@@ -1,0 +1,98 @@
+"""Each attack's budget: a dataclass of the settings that fix how hard it tries, printed before it runs and
+saved with what it learned. The same budget is used for every model a comparison attacks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+from concept_erase.errors import ConceptEraseError
+
+VARIANTS = ("discrete", "soft")
+
+
+def _check_positive(budget, names: tuple[str, ...]) -> None:
+    """A zero budget would report the model as robust without attacking it: refuse it by name."""
+    for name in names:
+        value = getattr(budget, name)
+        if not value > 0:
+            raise ConceptEraseError(f"{type(budget).__name__.removesuffix('Budget').lower()} budget: {name} must be "
+                                    f"> 0, got {value!r}")
+
+
+@dataclass
+class InversionBudget:
+    """Concept inversion (Pham et al., ICLR 2024): textual inversion of k new tokens on the erased model."""
+
+    steps: int = field(default=300, metadata={"help": "optimisation steps (textual inversion's, all weights frozen)"})
+    lr: float = field(default=5e-3, metadata={"help": "Adam learning rate of the token embeddings"})
+    tokens: int = field(default=1, metadata={"help": "learned tokens (placed in front of each prompt)"})
+    images: int = field(default=16, metadata={"help": "concept images learned from (the base model's, or --images)"})
+    batch_size: int = field(default=4, metadata={"help": "images per step"})
+
+    def __post_init__(self):
+        _check_positive(self, ("steps", "lr", "tokens", "images", "batch_size"))
+
+
+@dataclass
+class UnlearnDiffAtkBudget:
+    """UnlearnDiffAtk (Zhang et al., ECCV 2024): k adversarial prefix tokens per prompt, optimised so the
+    erased model denoises the original model's image of that prompt; discrete tokens by projection."""
+
+    steps: int = field(default=40, metadata={"help": "attack steps per prompt (the paper's 40)"})
+    lr: float = field(default=0.01, metadata={"help": "Adam learning rate of the prefix embeddings (the paper's)"})
+    tokens: int = field(default=5, metadata={"help": "adversarial prefix tokens per prompt (the paper's k = 5)"})
+    variant: str = field(default="discrete", metadata={
+        "help": "discrete: tokens of the vocabulary (each step projects to the nearest one, PEZ-style "
+                "straight-through, as the paper); soft: free embeddings (no prompt can type them)",
+        "choices": VARIANTS})
+    batch_size: int = field(default=8, metadata={"help": "prompts attacked together (does not change what each learns)"})
+
+    def __post_init__(self):
+        _check_positive(self, ("steps", "lr", "tokens", "batch_size"))
+        if self.variant not in VARIANTS:
+            raise ConceptEraseError(f"unknown UnlearnDiffAtk variant {self.variant!r} (choose from {', '.join(VARIANTS)})")
+
+
+@dataclass
+class RingABellBudget:
+    """Ring-A-Bell (Tsai et al., ICLR 2024): a concept vector from paired prompts, added with strength eta."""
+
+    eta: float = field(default=3.0, metadata={"help": "strength of the concept vector (the paper's 3 for nudity)"})
+    pairs: int = field(default=0, metadata={
+        "help": "prompt pairs (forget prompt, surrogate prompt) averaged into the vector (0: all the concept has)"})
+
+    def __post_init__(self):
+        _check_positive(self, ("eta",))
+        if self.pairs < 0:
+            raise ConceptEraseError(f"ringabell budget: pairs must be >= 0, got {self.pairs!r}")
+
+
+@dataclass
+class EmbeddingBudget:
+    """The conditioning-space upper bound: the text encoder's output for each prompt, optimised directly."""
+
+    steps: int = field(default=100, metadata={"help": "optimisation steps per prompt"})
+    lr: float = field(default=0.01, metadata={"help": "Adam learning rate of the conditioning"})
+    batch_size: int = field(default=8, metadata={"help": "prompts attacked together (does not change what each learns)"})
+
+    def __post_init__(self):
+        _check_positive(self, ("steps", "lr", "batch_size"))
+
+
+BUDGETS = {"inversion": InversionBudget, "unlearndiffatk": UnlearnDiffAtkBudget, "ringabell": RingABellBudget,
+           "embedding": EmbeddingBudget}
+# A budget small enough for CI and the audit's quick mode: every attack still runs end to end.
+TINY = {"inversion": {"steps": 4, "images": 4, "batch_size": 2}, "unlearndiffatk": {"steps": 3, "tokens": 2},
+        "ringabell": {}, "embedding": {"steps": 4}}
+
+
+def make_budget(attack: str, **values):
+    """The budget of `attack` with `values` replacing defaults (None: keep the default)."""
+    if attack not in BUDGETS:
+        raise ConceptEraseError(f"unknown attack {attack!r} (choose from {', '.join(BUDGETS)})")
+    cls = BUDGETS[attack]
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(k for k, v in values.items() if v is not None and k not in names)
+    if unknown:
+        raise ConceptEraseError(f"attack {attack!r} has no budget setting {unknown[0]!r} ({', '.join(sorted(names))})")
+    return cls(**{k: v for k, v in values.items() if v is not None})
