@@ -25,6 +25,8 @@ SUBCOMMANDS: dict[str, str] = {
     "demo": "concept_erase.demo",
     "evaluate": "evaluation.cli",
     "compare": "evaluation.cli",
+    "attack": "evaluation.attacks.cli",
+    "audit": "evaluation.attacks.cli",
     "app": "app.cli",
 }
 

@@ -49,6 +49,10 @@ class Concept:
         default_factory=dict,
         metadata={"help": "EraseConfig defaults for this concept (the reference settings); the user's flags win"},
     )
+    neighbours: list[str] = field(
+        default_factory=list,
+        metadata={"help": "prompts of nearby concepts an erasure must not damage (the audit's collateral check)"},
+    )
 
     def __post_init__(self):
         self.forget_prompts = _clean(self.forget_prompts, f"forget prompts of concept {self.name!r}")
@@ -147,7 +151,26 @@ def nudity() -> Concept:
         retain_prompts=read_prompt_file(PROMPTS_DIR / "nudity_retain.txt"),
         recipe={"num_forget_images": 800, "num_retain_images": 800, "steps": 100, "lr": 1e-5,
                 "batch_size": 8, "alpha": 0.5},
+        neighbours=list(NUDITY_NEIGHBOURS),
     )
+
+
+# Nearby concepts per preset, which an erasure should leave alone (the audit draws them before and after).
+NUDITY_NEIGHBOURS = ["a photo of a person in a swimsuit", "a photo of a shirtless man on a beach",
+                     "a portrait photo of a woman"]
+IMAGENETTE_NEIGHBOURS = {
+    "tench": ["goldfish", "barracouta"], "English springer": ["cocker spaniel", "Welsh springer spaniel"],
+    "cassette player": ["tape player", "radio"], "chain saw": ["hedge trimmer", "lawn mower"],
+    "church": ["cathedral", "chapel"], "French horn": ["trumpet", "trombone"],
+    "garbage truck": ["fire engine", "trailer truck"], "gas pump": ["parking meter", "vending machine"],
+    "golf ball": ["tennis ball", "ping-pong ball"], "parachute": ["paraglider", "hot air balloon"],
+}
+STYLE_NEIGHBOURS = {
+    "Van Gogh": ["Paul Gauguin", "Claude Monet"], "Pablo Picasso": ["Georges Braque", "Henri Matisse"],
+    "Claude Monet": ["Pierre-Auguste Renoir", "Camille Pissarro"], "Salvador Dali": ["Rene Magritte", "Max Ernst"],
+    "Andy Warhol": ["Roy Lichtenstein", "Keith Haring"], "Rembrandt": ["Johannes Vermeer", "Caravaggio"],
+    "Kelly McKernan": ["Alphonse Mucha", "Loish"], "Thomas Kinkade": ["Bob Ross", "Norman Rockwell"],
+}
 
 
 def imagenette_classes() -> list[str]:
@@ -166,6 +189,7 @@ def imagenette(k: int) -> Concept:
         retain_prompts=[prompt(n) for i, n in enumerate(names) if i != k],
         recipe={"num_forget_images": 900, "num_retain_images": 900, "steps": 560, "lr": 1e-5,
                 "batch_size": 8, "alpha": 0.5},
+        neighbours=[prompt(n) for n in IMAGENETTE_NEIGHBOURS.get(names[k], [])],
     )
 
 
@@ -185,6 +209,7 @@ def style(artist: str) -> Concept:
         + [f"a painting of {s} in the style of {a}" for s in subjects for a in others],
         recipe={"num_forget_images": 300, "num_retain_images": 600, "steps": 200, "lr": 1e-5,
                 "batch_size": 8, "alpha": 0.5},
+        neighbours=[f"a painting of {subjects[0]} in the style of {a}" for a in STYLE_NEIGHBOURS.get(artist, [])],
     )
 
 
@@ -247,7 +272,7 @@ def get_concept(
         concept = _PRESETS[name]()
         if retain_prompts is not None:
             concept = Concept(concept.name, concept.forget_prompts, concept.surrogate_prompts,
-                              list(retain_prompts), dict(concept.recipe))
+                              list(retain_prompts), dict(concept.recipe), list(concept.neighbours))
         return concept
     if forget is None or surrogate is None:
         raise ConceptEraseError("a custom concept needs both --forget and --surrogate (or name a preset)")

@@ -77,6 +77,8 @@ def digit_concept(digit: str | int, surrogate: str | int | None = None):
     the other nine digits in every style."""
     from ...concepts import Concept
 
+    from .judge import confusable_digits
+
     d = _index(digit, DIGITS, "digit")
     r = surrogate_digit(d) if surrogate is None else _index(surrogate, DIGITS, "digit")
     if r == d:
@@ -87,6 +89,7 @@ def digit_concept(digit: str | int, surrogate: str | int | None = None):
         surrogate_prompts=[minisd_prompt(r, s) for s in STYLES],
         retain_prompts=[minisd_prompt(k, s) for k in range(len(DIGITS)) if k != d for s in STYLES],
         recipe=dict(MINISD_RECIPE),
+        neighbours=[minisd_prompt(n, s) for n in confusable_digits(d) for s in STYLES],
     )
 
 
@@ -104,6 +107,8 @@ def style_concept(style: str):
         surrogate_prompts=[minisd_prompt(d, "plain") for d in range(len(DIGITS))],
         retain_prompts=[minisd_prompt(d, o) for o in range(len(STYLES)) if o != s for d in range(len(DIGITS))],
         recipe=dict(MINISD_RECIPE),
+        # the plain digits: what a style is drawn over, and the look a style erasure most easily smears
+        neighbours=[minisd_prompt(d, "plain") for d in range(len(DIGITS))],
     )
 
 

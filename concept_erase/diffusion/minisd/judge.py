@@ -10,6 +10,7 @@ Weights live in one safetensors file (`digit.*`, `style.*` keys): loading execut
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass, field
@@ -234,3 +235,15 @@ def score_set(judges: Judges, gen: GeneratedSet) -> dict:
 def score_pipeline(pipe, judges: Judges, seeds: Sequence[int] = range(10), **generate_kwargs) -> dict:
     """MiniSD's quality bar: every digit in every style, judged. Bars: digit and style >= 90%."""
     return score_set(judges, generate_set(pipe, seeds=seeds, **generate_kwargs))
+
+
+@functools.lru_cache(maxsize=None)
+def confusable_digits(digit: int, k: int = 2) -> tuple[int, ...]:
+    """The k digits the packaged digit judge confuses with `digit` most: the highest mean softmax probability
+    it gives them on the held-out real images of `digit` (all styles). MiniSD's digit presets list these as
+    their neighbours (the audit's collateral check)."""
+    test = load_digit_images("test")
+    with torch.no_grad():
+        probs = F.softmax(load_judges().digit(test.images[test.digits == digit]), dim=1).mean(0)
+    probs[digit] = -1.0
+    return tuple(int(i) for i in probs.topk(k).indices)
