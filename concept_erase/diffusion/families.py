@@ -70,11 +70,17 @@ def as_conditioning(cond: "Conditioning | Tensor") -> Conditioning:
 
 @dataclass(frozen=True)
 class Family:
-    """What a model family means for the rest of the library."""
+    """What a model family means for the rest of the library (SD 1.x and SD 2.x; `SDXLFamily` below)."""
 
-    name: str                   # "sd1", "sd2", "sdxl"
+    name: str                   # "sd1", "sd2", "sd2-v", "sdxl"
     description: str            # printed when a model is loaded
-    default_resolution: int     # the family's native image size in pixels
+    default_resolution: int     # the family's native image size in pixels (a small test model has its own)
+    latent_scaling: float       # the released VAE's scaling_factor (a loaded VAE's config is what is used)
+    prediction_type: str        # the released scheduler's: "epsilon" or "v_prediction"
+    # single-file (original LDM/SGM) key prefixes of each component, as A1111/ComfyUI read them
+    single_file_prefixes: dict = field(default_factory=dict)
+    pipeline_class: str = "StableDiffusionPipeline"
+    text_encoders: tuple[str, ...] = ("text_encoder",)
 
     def encode(self, pipe, prompts: Sequence[str], device, size: tuple[int, int] | None = None) -> Conditioning:
         """The UNet conditioning of `prompts` (no classifier-free guidance batch), in fp32 on `device`.
@@ -84,18 +90,176 @@ class Family:
         return Conditioning(hidden.float())
 
     def is_cross_attention(self, name: str) -> bool:
-        """Is UNet parameter `name` a cross-attention (text) weight: ESD-x's scope, UCE's edit."""
+        """Is UNet parameter `name` a cross-attention (text) weight: ESD-x's scope, UCE's edit. diffusers
+        names every family's text cross-attention `attn2` (`attn1` is self-attention)."""
         return "attn2" in name
 
+    def image_size(self, pipe) -> tuple[int, int]:
+        """(height, width) the loaded pipeline generates by default: UNet sample size x VAE downsampling
+        (the family's `default_resolution` for released weights; MiniSD-XL's 16 px for it)."""
+        factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+        size = pipe.unet.config.sample_size
+        h, w = (size, size) if isinstance(size, int) else size
+        return h * factor, w * factor
 
-SD1 = Family("sd1", "Stable Diffusion 1.x (CLIP ViT-L text encoder, 768-d)", 512)
-SD2 = Family("sd2", "Stable Diffusion 2.x (OpenCLIP ViT-H text encoder, 1024-d)", 768)
-FAMILIES = {f.name: f for f in (SD1, SD2)}
+    def check_pipeline(self, pipe) -> None:
+        """Refuse a pipeline whose structure is not this family's (an overridden --family that cannot fit)."""
+        if (getattr(pipe, "text_encoder_2", None) is not None) != (self.name == "sdxl"):
+            raise ConceptEraseError(f"--family {self.name} does not fit this model: it is {_structure(pipe)}")
+
+    def text_modules(self, pipe) -> dict:
+        """The frozen text encoder(s) by component name (they move to the training device together)."""
+        return {n: getattr(pipe, n) for n in self.text_encoders if getattr(pipe, n, None) is not None}
+
+
+@dataclass(frozen=True)
+class SDXLFamily(Family):
+    """SDXL (Podell et al. 2023, "SDXL: Improving Latent Diffusion Models for High-Resolution Image
+    Synthesis", section 2.1-2.2): two text encoders and size/crop micro-conditioning."""
+
+    def encode(self, pipe, prompts: Sequence[str], device, size: tuple[int, int] | None = None) -> Conditioning:
+        """hidden: both encoders' penultimate hidden states concatenated on the feature axis (SDXL base:
+        768 + 1280 = 2048); text_embeds: text_encoder_2's pooled, projected embedding (1280); time_ids: the
+        six size ids (original height, width, crop top, left, target height, width), here the training or
+        generation size with no crop, as the pipeline uses by default. An empty prompt is all zeros (hidden
+        and pooled) when the pipeline has `force_zeros_for_empty_prompt` (SDXL base), as its unconditional
+        branch is."""
+        prompts = list(prompts)
+        hidden, _, pooled, _ = pipe.encode_prompt(prompt=prompts, device=device, num_images_per_prompt=1,
+                                                  do_classifier_free_guidance=False)
+        hidden, pooled = hidden.float(), pooled.float()
+        if getattr(pipe.config, "force_zeros_for_empty_prompt", False):
+            empty = torch.tensor([not p for p in prompts], device=hidden.device)
+            hidden = torch.where(empty[:, None, None], torch.zeros_like(hidden), hidden)
+            pooled = torch.where(empty[:, None], torch.zeros_like(pooled), pooled)
+        h, w = size if size is not None else self.image_size(pipe)
+        time_ids = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32, device=hidden.device)
+        self._check_added_dims(pipe, pooled.shape[-1])
+        return Conditioning(hidden, {"text_embeds": pooled, "time_ids": time_ids.expand(len(prompts), 6)})
+
+    @staticmethod
+    def _check_added_dims(pipe, pooled_dim: int) -> None:
+        unet = pipe.unet
+        expected = unet.add_embedding.linear_1.in_features
+        got = pooled_dim + 6 * unet.config.addition_time_embed_dim
+        if got != expected:  # the refiner's five ids (with an aesthetic score) land here
+            raise ConceptEraseError(f"the UNet's added conditioning takes {expected} values, not the pooled "
+                                    f"embedding + six size ids ({got}): not an SDXL base UNet")
+
+
+_SD_VAE = {"vae": "first_stage_model.", "unet": "model.diffusion_model."}
+SD1 = Family("sd1", "Stable Diffusion 1.x (CLIP ViT-L text encoder, 768-d)", 512, 0.18215, "epsilon",
+             {**_SD_VAE, "text_encoder": "cond_stage_model.transformer."})
+SD2 = Family("sd2", "Stable Diffusion 2.x, epsilon prediction (OpenCLIP ViT-H text encoder, 1024-d)", 512, 0.18215,
+             "epsilon", {**_SD_VAE, "text_encoder": "cond_stage_model.model."})
+SD2_V = Family("sd2-v", "Stable Diffusion 2.x, v-prediction (OpenCLIP ViT-H text encoder, 1024-d; 768 px)", 768,
+               0.18215, "v_prediction", {**_SD_VAE, "text_encoder": "cond_stage_model.model."})
+SDXL = SDXLFamily("sdxl", "Stable Diffusion XL base (CLIP ViT-L + OpenCLIP ViT-bigG, 2048-d, size ids)", 1024,
+                  0.13025, "epsilon", {**_SD_VAE, "text_encoder": "conditioner.embedders.0.transformer.",
+                                       "text_encoder_2": "conditioner.embedders.1.model."},
+                  "StableDiffusionXLPipeline", ("text_encoder", "text_encoder_2"))
+FAMILIES = {f.name: f for f in (SD1, SD2, SD2_V, SDXL)}
+
+# What other families' checkpoints look like, so they are refused by name instead of failing deep in diffusers.
+_UNSUPPORTED_PIPELINES = {
+    "StableDiffusion3Pipeline": "Stable Diffusion 3", "FluxPipeline": "Flux",
+    "StableDiffusionXLImg2ImgPipeline": "an SDXL refiner", "StableCascadeDecoderPipeline": "Stable Cascade",
+    "PixArtAlphaPipeline": "PixArt", "StableDiffusionXLInstructPix2PixPipeline": "SDXL InstructPix2Pix",
+}
+_UNSUPPORTED_KEYS = (  # (key prefix or fragment, what it is)
+    ("model.diffusion_model.joint_blocks.", "Stable Diffusion 3 (MMDiT)"),
+    ("joint_blocks.", "Stable Diffusion 3 (MMDiT)"),
+    ("double_blocks.", "Flux"),
+    ("model.diffusion_model.double_blocks.", "Flux"),
+)
+
+
+def get_family(name: str) -> Family:
+    if name not in FAMILIES:
+        raise ConceptEraseError(f"unknown model family {name!r}; choose one of {', '.join(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def _structure(pipe) -> str:
+    return "an SDXL pipeline (two text encoders)" if getattr(pipe, "text_encoder_2", None) is not None \
+        else "an SD 1.x/2.x pipeline (one text encoder)"
 
 
 def family_of(pipe) -> Family:
-    """The family of a loaded pipeline, from its components (not its class name)."""
+    """The family of a loaded pipeline: an override set by `set_family` (`--family`), else its components
+    (not its class name)."""
+    override = getattr(pipe, "_concept_erase_family", None)
+    if override is not None:
+        return FAMILIES[override]
     if getattr(pipe, "text_encoder_2", None) is not None:
-        raise ConceptEraseError("SDXL pipelines are not supported yet")
+        if getattr(pipe, "text_encoder", None) is None:
+            raise ConceptEraseError("this is an SDXL refiner (no first text encoder, aesthetic-score "
+                                    "conditioning); erase the SDXL base model instead")
+        return SDXL
+    if getattr(pipe.unet.config, "addition_embed_type", None) is not None:
+        raise ConceptEraseError(f"unsupported UNet added conditioning {pipe.unet.config.addition_embed_type!r}")
     width = getattr(getattr(pipe.text_encoder, "config", None), "hidden_size", 768)
-    return SD2 if width == 1024 else SD1
+    if width != 1024:
+        return SD1
+    return SD2_V if pipe.scheduler.config.get("prediction_type") == "v_prediction" else SD2
+
+
+def set_family(pipe, name: str | None) -> Family:
+    """Apply a `--family` override (checked against the pipeline's structure; sd2/sd2-v set the scheduler's
+    prediction type), or detect. Returns the family in force."""
+    if name is None:
+        return family_of(pipe)
+    family = get_family(name)
+    family.check_pipeline(pipe)
+    if pipe.scheduler.config.get("prediction_type") != family.prediction_type and family.name.startswith("sd2"):
+        pipe.scheduler.register_to_config(prediction_type=family.prediction_type)
+    pipe._concept_erase_family = family.name
+    return family
+
+
+def family_from_keys(keys: Sequence[str]) -> Family:
+    """The family of a single-file checkpoint from its tensor names (the original LDM/SGM layout).
+    SD 2.x keys do not say epsilon or v-prediction: this answers sd2 (pass --family sd2-v for a 768-v
+    checkpoint, or a --config whose scheduler says v_prediction)."""
+    keys = list(keys)
+    for fragment, what in _UNSUPPORTED_KEYS:
+        if any(k.startswith(fragment) for k in keys):
+            raise ConceptEraseError(f"unsupported model family: {what} (found {fragment!r} keys); "
+                                    f"supported: SD 1.x, SD 2.x, SDXL base")
+    has = lambda prefix: any(k.startswith(prefix) for k in keys)  # noqa: E731
+    if has("conditioner.embedders.1.model."):
+        return SDXL
+    if has("conditioner.embedders.0.model.") and not has("conditioner.embedders.0.transformer."):
+        raise ConceptEraseError("this is an SDXL refiner checkpoint (only the OpenCLIP bigG text encoder); "
+                                "erase the SDXL base model instead")
+    if has("cond_stage_model.model."):
+        return SD2
+    if has("cond_stage_model.transformer."):
+        return SD1
+    if has("model.diffusion_model."):
+        return SD1  # a UNet-only file: SD 1.x layout unless --family says otherwise
+    raise ConceptEraseError("cannot tell the model family from this checkpoint's keys (no "
+                            "model.diffusion_model.* tensors); pass --family")
+
+
+def family_from_config(folder) -> Family:
+    """The family of a diffusers folder from its model_index.json (and scheduler and text encoder configs)."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    cls = index.get("_class_name", "")
+    if cls in _UNSUPPORTED_PIPELINES:
+        raise ConceptEraseError(f"unsupported model family: {_UNSUPPORTED_PIPELINES[cls]} ({cls} in "
+                                f"{str(folder / 'model_index.json')!r}); supported: SD 1.x, SD 2.x, SDXL base")
+    if cls.startswith("StableDiffusionXL") or (index.get("text_encoder_2") or [None])[0]:
+        return SDXL
+    try:
+        width = json.loads((folder / "text_encoder" / "config.json").read_text()).get("hidden_size", 768)
+        prediction = json.loads((folder / "scheduler" / "scheduler_config.json").read_text()).get("prediction_type")
+    except (OSError, ValueError):
+        return SD1
+    if width != 1024:
+        return SD1
+    return SD2_V if prediction == "v_prediction" else SD2

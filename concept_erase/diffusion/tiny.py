@@ -1,7 +1,9 @@
-"""Build small, real Stable Diffusion pipelines offline: for tests, fixtures and MiniSD.
+"""Build small, real Stable Diffusion pipelines offline: for tests, fixtures, MiniSD and MiniSD-XL.
 
-Everything here is a genuine diffusers `StableDiffusionPipeline` (CLIP tokenizer and text encoder,
-UNet2DConditionModel, AutoencoderKL, DDIM scheduler); only the sizes are small and no file is downloaded.
+Everything here is a genuine diffusers pipeline: `build_tiny_pipeline` a `StableDiffusionPipeline` (CLIP
+tokenizer and text encoder, UNet2DConditionModel, AutoencoderKL, DDIM scheduler), `build_tiny_sdxl_pipeline`
+a `StableDiffusionXLPipeline` with SDXL's structure (two CLIP text encoders, the second with a projection,
+a UNet with `text_time` added conditioning). Only the sizes are small and no file is downloaded.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ def build_tiny_pipeline(
 
     The VAE downsamples by 2 ** (len(vae_channels) - 1); the scheduler is SD's (scaled_linear betas, DDIM).
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
@@ -93,11 +95,81 @@ def build_tiny_pipeline(
         down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
         up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
     )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1,
-    )
     return StableDiffusionPipeline(
-        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
+        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=_sd_scheduler(),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def _sd_scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=1)
+
+
+def build_tiny_sdxl_pipeline(
+    seed: int = 0,
+    *,
+    image_size: int = 32,
+    in_channels: int = 3,
+    words: Sequence[str] = (),
+    model_max_length: int = 77,
+    unet_channels: Sequence[int] = (32, 64),
+    transformer_layers: Sequence[int] | None = None,
+    vae_channels: Sequence[int] = (32, 64),
+    text_hidden: tuple[int, int] = (32, 32),
+    projection_dim: int = 32,
+    time_embed_dim: int = 8,
+    layers_per_block: int = 1,
+):
+    """A randomly initialised StableDiffusionXLPipeline with SDXL base's structure at toy size.
+
+    As in SDXL base: the first UNet level has no attention, the others cross-attend to both text encoders'
+    penultimate hidden states concatenated (cross_attention_dim = sum(text_hidden)); `text_time` adds the
+    pooled projected embedding of text_encoder_2 and six size ids embedded with `time_embed_dim` sinusoids
+    each (projection_class_embeddings_input_dim = projection_dim + 6 * time_embed_dim, SDXL: 1280 + 6 * 256);
+    use_linear_projection; `force_zeros_for_empty_prompt`. `transformer_layers`: transformer blocks per
+    level (SDXL: 1, 2, 10; default one per attention level)."""
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(words, model_max_length=model_max_length)
+    tokenizer_2 = build_tokenizer(words, model_max_length=model_max_length)
+
+    def text_config(hidden: int) -> "CLIPTextConfig":
+        return CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_attention_heads=4,
+            num_hidden_layers=2, max_position_embeddings=model_max_length, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, projection_dim=projection_dim,
+            hidden_act="gelu",  # OpenCLIP bigG's activation (CLIP-L keeps quick_gelu)
+        )
+
+    config_1 = text_config(text_hidden[0])
+    config_1.hidden_act = "quick_gelu"
+    text_encoder = CLIPTextModel(config_1)
+    text_encoder_2 = CLIPTextModelWithProjection(text_config(text_hidden[1]))
+    latent_size = image_size // 2 ** (len(vae_channels) - 1)
+    n = len(unet_channels)
+    layers = tuple(transformer_layers) if transformer_layers is not None else (1,) * n
+    unet = UNet2DConditionModel(
+        sample_size=latent_size, in_channels=4, out_channels=4, layers_per_block=layers_per_block,
+        block_out_channels=tuple(unet_channels),
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+        transformer_layers_per_block=layers, cross_attention_dim=sum(text_hidden), attention_head_dim=8,
+        norm_num_groups=8, use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim, projection_class_embeddings_input_dim=projection_dim + 6 * time_embed_dim,
+    )
+    vae = AutoencoderKL(
+        in_channels=in_channels, out_channels=in_channels, latent_channels=4, sample_size=image_size,
+        block_out_channels=tuple(vae_channels), norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
+    )
+    return StableDiffusionXLPipeline(
+        unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, scheduler=_sd_scheduler(), force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
     )
