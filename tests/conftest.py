@@ -46,3 +46,22 @@ def other_pipeline():
     from concept_erase.diffusion.tiny import build_tiny_pipeline
 
     return build_tiny_pipeline(seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_pipeline_dir(tmp_path_factory):
+    """A tiny random StableDiffusionXLPipeline (SDXL's structure: two text encoders, `text_time` UNet, two
+    layers per block with 1 and 2 transformer blocks) saved as a diffusers folder (read-only use)."""
+    from concept_erase.diffusion.tiny import build_tiny_sdxl_pipeline
+
+    path = tmp_path_factory.mktemp("tiny-sdxl") / "pipe"
+    build_tiny_sdxl_pipeline(seed=0, layers_per_block=2, transformer_layers=(1, 2)).save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def tiny_sdxl_pipeline():
+    """A fresh tiny SDXL pipeline object (seed 0), built in memory."""
+    from concept_erase.diffusion.tiny import build_tiny_sdxl_pipeline
+
+    return build_tiny_sdxl_pipeline(seed=0)

@@ -1,9 +1,14 @@
 """Model families: the Conditioning batch type and family detection."""
 
+import json
+
 import pytest
 import torch
 
-from concept_erase.diffusion.families import SD1, Conditioning, as_conditioning, family_of
+from concept_erase.diffusion.families import (
+    SD1, SD2, SD2_V, SDXL, Conditioning, as_conditioning, family_from_config, family_from_keys, family_of, set_family,
+)
+from concept_erase.errors import ConceptEraseError
 
 
 def _cond(n, extras=True):
@@ -40,3 +45,68 @@ def test_family_of_tiny_sd_pipeline_encodes_like_the_pipeline(tiny_pipeline):
     cond = family.encode(tiny_pipeline, ["a cat", "a dog"], "cpu")
     expected = tiny_pipeline.encode_prompt(["a cat", "a dog"], "cpu", 1, False)[0]
     assert torch.equal(cond.hidden, expected.float()) and cond.added == {}
+
+
+def test_sdxl_encodes_both_encoders_pooled_embedding_and_size_ids(tiny_sdxl_pipeline):
+    pipe = tiny_sdxl_pipeline
+    family = family_of(pipe)
+    assert family is SDXL and family.default_resolution == 1024
+    cond = family.encode(pipe, ["a cat", ""], "cpu", size=(24, 40))
+    hidden, _, pooled, _ = pipe.encode_prompt(prompt=["a cat", ""], device="cpu", num_images_per_prompt=1,
+                                              do_classifier_free_guidance=False)
+    # 77 x (32 + 48): both penultimate states, concatenated on the feature axis
+    assert cond.hidden.shape == (2, 77, 80) and torch.equal(cond.hidden[:1], hidden[:1])
+    assert torch.equal(cond.added["text_embeds"][:1], pooled[:1])
+    # the empty prompt is zeros (force_zeros_for_empty_prompt), as the pipeline's unconditional branch
+    assert not cond.hidden[1].any() and not cond.added["text_embeds"][1].any()
+    assert cond.added["time_ids"].tolist() == [[24, 40, 0, 0, 24, 40]] * 2
+    default = family.encode(pipe, ["a cat"], "cpu")  # no size: the pipeline's default image size
+    assert default.added["time_ids"].tolist() == [[32, 32, 0, 0, 32, 32]]
+    out = pipe.unet(torch.zeros(2, 4, 16, 16), torch.tensor([1, 1]), **cond.unet_kwargs()).sample
+    assert out.shape == (2, 4, 16, 16)
+
+
+def test_family_from_keys_detects_and_refuses_by_name():
+    assert family_from_keys(["model.diffusion_model.x", "cond_stage_model.transformer.text_model.y"]) is SD1
+    assert family_from_keys(["model.diffusion_model.x", "cond_stage_model.model.positional_embedding"]) is SD2
+    assert family_from_keys(["model.diffusion_model.x", "conditioner.embedders.0.transformer.a",
+                             "conditioner.embedders.1.model.b"]) is SDXL
+    assert family_from_keys(["model.diffusion_model.label_emb.0.0.weight"]) is SDXL  # UNet only
+    cases = {"refiner": ["model.diffusion_model.x", "conditioner.embedders.0.model.text_projection"],
+             "Stable Diffusion 3": ["model.diffusion_model.joint_blocks.0.x.weight"],
+             "Flux": ["double_blocks.0.img_attn.qkv.weight"],
+             "not a Stable Diffusion checkpoint": ["some.weight"]}
+    for message, keys in cases.items():
+        with pytest.raises(ConceptEraseError, match=message):
+            family_from_keys(keys)
+
+
+def test_family_from_config_refuses_other_pipelines(tmp_path, tiny_sdxl_pipeline_dir, tiny_pipeline_dir):
+    assert family_from_config(tiny_sdxl_pipeline_dir) is SDXL and family_from_config(tiny_pipeline_dir) is SD1
+    refiner = {"_class_name": "StableDiffusionXLImg2ImgPipeline", "requires_aesthetics_score": True,
+               "text_encoder": [None, None], "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}
+    for index, what in (({"_class_name": "StableDiffusion3Pipeline"}, "Stable Diffusion 3"),
+                        ({"_class_name": "FluxPipeline"}, "Flux"), (refiner, "an SDXL refiner")):
+        (tmp_path / "model_index.json").write_text(json.dumps(index))
+        with pytest.raises(ConceptEraseError, match=f"unsupported model family: {what}"):
+            family_from_config(tmp_path)
+    (tmp_path / "model_index.json").write_text(json.dumps({**refiner, "requires_aesthetics_score": False,
+                                                           "text_encoder": ["transformers", "CLIPTextModel"]}))
+    assert family_from_config(tmp_path) is SDXL  # an img2img pipeline of the base model is SDXL
+
+
+def test_family_override_is_checked_and_sets_prediction_type(tiny_pipeline, tiny_sdxl_pipeline):
+    with pytest.raises(ConceptEraseError, match="--family sdxl does not fit"):
+        set_family(tiny_pipeline, "sdxl")
+    with pytest.raises(ConceptEraseError, match="--family sd1 does not fit"):
+        set_family(tiny_sdxl_pipeline, "sd1")
+    with pytest.raises(ConceptEraseError, match="unknown model family 'sd4'"):
+        set_family(tiny_pipeline, "sd4")
+    assert set_family(tiny_pipeline, "sd2-v") is SD2_V and family_of(tiny_pipeline) is SD2_V
+    assert tiny_pipeline.scheduler.config.prediction_type == "v_prediction"
+
+
+def test_refiner_pipeline_is_refused(tiny_sdxl_pipeline):
+    tiny_sdxl_pipeline.text_encoder = None  # the refiner has only the OpenCLIP bigG encoder
+    with pytest.raises(ConceptEraseError, match="SDXL refiner"):
+        family_of(tiny_sdxl_pipeline)

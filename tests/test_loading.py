@@ -18,7 +18,7 @@ def test_load_diffusers_folder(tiny_pipeline_dir, tiny_pipeline, monkeypatch):
     pipe = load_pipeline(tiny_pipeline_dir)
     assert pipe.safety_checker is None and pipe.unet.dtype == torch.float32 and not pipe.unet.training
     assert_same_weights(pipe, tiny_pipeline)
-    monkeypatch.setattr("concept_erase.diffusion.minisd.minisd_path", lambda: tiny_pipeline_dir)
+    monkeypatch.setattr("concept_erase.diffusion.minisd.minisd_path", lambda name="minisd": tiny_pipeline_dir)
     assert_same_weights(load_pipeline("minisd"), tiny_pipeline)
 
 
@@ -162,3 +162,24 @@ def test_truncated_safetensors_is_refused(tmp_path, tiny_pipeline_dir, other_pip
     with pytest.raises(ConceptEraseError, match="truncated"):
         load_pipeline(tmp_path / "cut.safetensors", config=tiny_pipeline_dir)
 
+
+
+def test_load_sdxl_folder_and_refuse_other_families(tmp_path, tiny_sdxl_pipeline_dir, capsys):
+    import json
+
+    pipe = load_pipeline(tiny_sdxl_pipeline_dir)
+    assert type(pipe).__name__ == "StableDiffusionXLPipeline" and not pipe.unet.training
+    assert "model family: sdxl" in capsys.readouterr().err
+    with pytest.raises(ConceptEraseError, match="--family sd1 does not fit"):
+        load_pipeline(tiny_sdxl_pipeline_dir, family="sd1")
+    with pytest.raises(ConceptEraseError, match="unknown model family"):
+        load_pipeline(tiny_sdxl_pipeline_dir, family="sdxl-turbo")
+    (tmp_path / "flux").mkdir()
+    (tmp_path / "flux" / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    with pytest.raises(ConceptEraseError, match="unsupported model family: Flux"):
+        load_pipeline(tmp_path / "flux")
+    from safetensors.torch import save_file
+
+    save_file({"model.diffusion_model.joint_blocks.0.attn.qkv.weight": torch.zeros(2)}, str(tmp_path / "sd3.safetensors"))
+    with pytest.raises(ConceptEraseError, match="Stable Diffusion 3"):
+        load_pipeline(tmp_path / "sd3.safetensors", config=tiny_sdxl_pipeline_dir)

@@ -64,3 +64,40 @@ def test_unet_key_layout_matches_stable_diffusion():
     back = convert_ldm_unet_checkpoint({"model.diffusion_model." + k: v for k, v in ldm.items()}, unet.config)
     assert back.keys() == state.keys() and all(back[k] is state[k] for k in state)
 
+
+
+def test_sdxl_single_file_in_the_sgm_layout_loads_back_exactly(tmp_path, tiny_sdxl_pipeline_dir, capsys):
+    """SDXL's original (SGM) layout: the file A1111, ComfyUI and Forge read; diffusers' reader and
+    load_pipeline give back every tensor, with configs from a folder holding OTHER weights."""
+    from diffusers import StableDiffusionXLPipeline
+    from safetensors import safe_open
+
+    from concept_erase.diffusion.tiny import build_tiny_sdxl_pipeline
+
+    other = build_tiny_sdxl_pipeline(seed=1, layers_per_block=2, transformer_layers=(1, 2))
+    path = export_single_file(other, tmp_path / "xl.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+        projection = f.get_tensor("conditioner.embedders.1.model.text_projection")
+    assert {".".join(k.split(".")[:3]) for k in keys if k.startswith("conditioner")} == {
+        "conditioner.embedders.0", "conditioner.embedders.1"}
+    assert "model.diffusion_model.label_emb.0.0.weight" in keys  # the pooled-text + size-id embedding
+    assert "model.diffusion_model.input_blocks.4.1.transformer_blocks.1.attn2.to_k.weight" in keys
+    assert "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight" in keys  # fused q/k/v
+    assert "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight" in keys
+    assert projection.shape == (48, 48) and torch.equal(projection, other.text_encoder_2.text_projection.weight.T)
+    loaded = StableDiffusionXLPipeline.from_single_file(str(path), config=str(tiny_sdxl_pipeline_dir),
+                                                        local_files_only=True)
+    assert_same_weights(loaded, other)
+    again = load_pipeline(path, config=tiny_sdxl_pipeline_dir)
+    assert type(again).__name__ == "StableDiffusionXLPipeline" and "model family: sdxl" in capsys.readouterr().err
+    assert_same_weights(again, other)
+
+
+def test_sdxl_single_file_needs_sdxl_configs(tmp_path, tiny_sdxl_pipeline, tiny_pipeline_dir):
+    path = export_single_file(tiny_sdxl_pipeline, tmp_path / "xl.safetensors")
+    with pytest.raises(ConceptEraseError, match="needs --config"):
+        load_pipeline(path)  # offline (conftest), no configs
+    with pytest.raises(ConceptEraseError, match="is a sd1 model but .* is sdxl"):
+        load_pipeline(path, config=tiny_pipeline_dir)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["xl.safetensors"]

@@ -163,7 +163,7 @@ FAMILIES = {f.name: f for f in (SD1, SD2, SD2_V, SDXL)}
 # What other families' checkpoints look like, so they are refused by name instead of failing deep in diffusers.
 _UNSUPPORTED_PIPELINES = {
     "StableDiffusion3Pipeline": "Stable Diffusion 3", "FluxPipeline": "Flux",
-    "StableDiffusionXLImg2ImgPipeline": "an SDXL refiner", "StableCascadeDecoderPipeline": "Stable Cascade",
+    "StableCascadeDecoderPipeline": "Stable Cascade",
     "PixArtAlphaPipeline": "PixArt", "StableDiffusionXLInstructPix2PixPipeline": "SDXL InstructPix2Pix",
 }
 _UNSUPPORTED_KEYS = (  # (key prefix or fragment, what it is)
@@ -236,10 +236,12 @@ def family_from_keys(keys: Sequence[str]) -> Family:
         return SD2
     if has("cond_stage_model.transformer."):
         return SD1
+    if has("model.diffusion_model.label_emb."):
+        return SDXL  # a UNet-only SDXL file: the text_time embedding is SDXL's
     if has("model.diffusion_model."):
         return SD1  # a UNet-only file: SD 1.x layout unless --family says otherwise
-    raise ConceptEraseError("cannot tell the model family from this checkpoint's keys (no "
-                            "model.diffusion_model.* tensors); pass --family")
+    raise ConceptEraseError(f"not a Stable Diffusion checkpoint (no model.diffusion_model.* weights among "
+                            f"{len(keys)} tensors)")
 
 
 def family_from_config(folder) -> Family:
@@ -254,6 +256,10 @@ def family_from_config(folder) -> Family:
         raise ConceptEraseError(f"unsupported model family: {_UNSUPPORTED_PIPELINES[cls]} ({cls} in "
                                 f"{str(folder / 'model_index.json')!r}); supported: SD 1.x, SD 2.x, SDXL base")
     if cls.startswith("StableDiffusionXL") or (index.get("text_encoder_2") or [None])[0]:
+        if index.get("requires_aesthetics_score") or not (index.get("text_encoder") or [None])[0]:
+            raise ConceptEraseError(f"unsupported model family: an SDXL refiner (no first text encoder, aesthetic-"
+                                    f"score conditioning, in {str(folder / 'model_index.json')!r}); erase the SDXL "
+                                    f"base model instead")
         return SDXL
     try:
         width = json.loads((folder / "text_encoder" / "config.json").read_text()).get("hidden_size", 768)

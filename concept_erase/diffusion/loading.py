@@ -1,8 +1,10 @@
 """Loading Stable Diffusion pipelines safely: any checkpoint in.
 
-In: a diffusers folder, a hub id (online only), "minisd", or one `.safetensors` / `.ckpt` file in the original
-Stable Diffusion layout (read with diffusers' `from_single_file`; `config` names a local diffusers folder so
-it works offline). A `.ckpt` is a pickle: it is only ever opened with `torch.load(weights_only=True)`, which
+In: a diffusers folder, a hub id (online only), "minisd", "minisd-xl", or one `.safetensors` / `.ckpt` file in
+the original Stable Diffusion (LDM) or SDXL (SGM) layout (read with diffusers' `from_single_file`; `config`
+names a local diffusers folder so it works offline). The model family (SD 1.x, SD 2.x, SDXL: `families.py`)
+is detected from the folder's config or the file's keys before anything heavy is read, printed, and can be
+overridden (`family`); other families (SD 3, Flux, the SDXL refiner) are refused by name. A `.ckpt` is a pickle: it is only ever opened with `torch.load(weights_only=True)`, which
 refuses any object that would run code, and diffusers' own loader does the same. The training metadata that
 PyTorch Lightning stored beside the weights of SD 1.x checkpoints (sd-v1-4.ckpt) is read as inert stand-ins.
 
@@ -15,11 +17,13 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import sys
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConceptEraseError, first_line
+from .families import Family, family_from_config, family_from_keys, get_family, set_family
 
 if TYPE_CHECKING:
     import torch
@@ -63,11 +67,15 @@ def load_pipeline(
     config: str | os.PathLike | None = None,
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
+    family: str | None = None,
 ):
-    """A `StableDiffusionPipeline` from `source`, with no safety checker, in eval mode.
+    """A `StableDiffusionPipeline` (SD 1.x/2.x) or `StableDiffusionXLPipeline` from `source`, with no safety
+    checker or watermarker, in eval mode.
 
-    source: "minisd", a diffusers folder, a `.safetensors` / `.ckpt` single file (`config`: a local diffusers
-    folder, or "minisd", giving the component configs; required offline), or a hub id (online only).
+    source: "minisd", "minisd-xl", a diffusers folder, a `.safetensors` / `.ckpt` single file (`config`: a local
+    diffusers folder, "minisd" or "minisd-xl", giving the component configs; required offline), or a hub id
+    (online only).
+    family: override the detected family ("sd1", "sd2", "sd2-v", "sdxl"; `--family`).
     dtype: fp32 by default; fp16 / bf16 only with CUDA (half precision on CPU is slow and lossy).
     device: None keeps the pipeline on the CPU; "auto" picks cuda when available.
     """
@@ -82,30 +90,64 @@ def load_pipeline(
         raise ConceptEraseError(f"dtype {dtype!s} needs a CUDA device; use fp32 on CPU")
 
     source = str(source)
-    path = _minisd_path() if source == "minisd" else Path(source).expanduser()
+    if family is not None:
+        get_family(family)  # an unknown name fails before any loading
+    path = _named_model_path(source) if source in NAMED_MODELS else Path(source).expanduser()
     if path.is_dir():
-        pipe = _load_folder(path, torch_dtype)
+        pipe, how = _load_folder(path, torch_dtype, family), "its model_index.json"
     elif path.is_file():
-        pipe = _load_single_file(path, config, torch_dtype)
+        pipe, how = _load_single_file(path, config, torch_dtype, family), "its tensor names"
     elif _looks_like_hub_id(source):
-        pipe = _load_hub(source, torch_dtype)
+        pipe, how = _load_hub(source, torch_dtype, family), "its model_index.json"
     else:
         raise ConceptEraseError(
             f"model {source!r} does not exist (expected a diffusers folder, a .safetensors/.ckpt file, "
-            "a hub id or 'minisd')")
+            f"a hub id or one of {', '.join(NAMED_MODELS)})")
+    found = set_family(pipe, family)
+    print(f"model family: {found.name}, {found.description} "
+          f"({'from --family' if family else 'detected from ' + how})", file=sys.stderr)
     if target is not None:
         pipe.to(target)
-    for name in ("unet", "vae", "text_encoder"):
-        getattr(pipe, name).eval()
+    for module in (pipe.unet, pipe.vae, *found.text_modules(pipe).values()):
+        module.eval()
     return pipe
 
 
-def _minisd_path() -> Path:
+# The models shipped in the package, loadable by name.
+NAMED_MODELS = ("minisd", "minisd-xl")
+
+
+def _named_model_path(name: str) -> Path:
     try:
         from .minisd import minisd_path
     except ImportError as err:
         raise ConceptEraseError(f"MiniSD is not available in this installation ({err})") from None
-    return minisd_path()
+    return minisd_path(name)
+
+
+def _pipeline_class(family: Family):
+    import diffusers
+
+    return getattr(diffusers, family.pipeline_class)
+
+
+def _component_kwargs(family: Family) -> dict:
+    """No safety checker (SD) or invisible watermark (SDXL): evaluation judges the raw images."""
+    if family.name == "sdxl":
+        return {"add_watermarker": False}
+    return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+
+
+def _chosen(detected: Family, override: str | None) -> Family:
+    """The family to load as: the override when given, else the detected one. An override may settle what
+    the checkpoint cannot say (sd2 vs sd2-v), never turn SDXL's structure into SD 1.x/2.x or back."""
+    if not override:
+        return detected
+    family = get_family(override)
+    if family.pipeline_class != detected.pipeline_class:
+        raise ConceptEraseError(f"--family {override} does not fit this model: it is {detected.name} "
+                                f"({detected.description})")
+    return family
 
 
 def _looks_like_hub_id(source: str) -> bool:
@@ -113,29 +155,28 @@ def _looks_like_hub_id(source: str) -> bool:
         (".safetensors",) + PICKLE_SUFFIXES)
 
 
-def _load_folder(path: Path, torch_dtype: torch.dtype):
-    from diffusers import StableDiffusionPipeline
-
+def _load_folder(path: Path, torch_dtype: torch.dtype, override: str | None):
     if not (path / "model_index.json").is_file():
         raise ConceptEraseError(f"{str(path)!r} is not a diffusers pipeline folder (no model_index.json)")
+    family = _chosen(family_from_config(path), override)
     try:
-        return StableDiffusionPipeline.from_pretrained(
-            path, dtype=torch_dtype, safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False, local_files_only=True)
+        return _pipeline_class(family).from_pretrained(path, dtype=torch_dtype, local_files_only=True,
+                                                       **_component_kwargs(family))
     except Exception as err:
         raise ConceptEraseError(f"cannot load pipeline folder {str(path)!r}: {first_line(err)}") from None
 
 
-def _load_hub(repo_id: str, torch_dtype: torch.dtype):
-    from diffusers import StableDiffusionPipeline
-    from huggingface_hub import constants
+def _load_hub(repo_id: str, torch_dtype: torch.dtype, override: str | None):
+    from huggingface_hub import constants, hf_hub_download
 
     if constants.HF_HUB_OFFLINE:
         raise ConceptEraseError(f"model {repo_id!r} is not a local path, and the hub is offline (HF_HUB_OFFLINE=1)")
-    try:
-        return StableDiffusionPipeline.from_pretrained(
-            repo_id, dtype=torch_dtype, safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False)
+    try:  # the small index first: another family is refused before gigabytes download
+        index = Path(hf_hub_download(repo_id, "model_index.json")).parent
+        family = _chosen(family_from_config(index), override)
+        return _pipeline_class(family).from_pretrained(repo_id, dtype=torch_dtype, **_component_kwargs(family))
+    except ConceptEraseError:
+        raise
     except Exception as err:
         raise ConceptEraseError(f"cannot load hub model {repo_id!r}: {first_line(err)}") from None
 
@@ -231,27 +272,28 @@ def _resolve_config(config: str | os.PathLike | None, path: Path) -> str | None:
             raise ConceptEraseError(
                 f"single-file checkpoint {str(path)!r} needs --config <local diffusers folder> while offline")
         return None
-    folder = _minisd_path() if str(config) == "minisd" else Path(config).expanduser()
+    folder = _named_model_path(str(config)) if str(config) in NAMED_MODELS else Path(config).expanduser()
     if not (folder / "model_index.json").is_file():
         raise ConceptEraseError(f"config {str(config)!r} is not a diffusers pipeline folder (no model_index.json)")
     return str(folder)
 
 
-def _load_single_file(path: Path, config: str | os.PathLike | None, torch_dtype: torch.dtype):
-    from diffusers import StableDiffusionPipeline
-
-    from .single_file import LDM_UNET
-
+def _load_single_file(path: Path, config: str | os.PathLike | None, torch_dtype: torch.dtype,
+                      override: str | None):
     keys = read_checkpoint_keys(path)  # fails cleanly (and safely) before diffusers sees the file
-    if not any(k.startswith(LDM_UNET) for k in keys):
-        raise ConceptEraseError(
-            f"{str(path)!r} is not a Stable Diffusion checkpoint (no {LDM_UNET}* weights among {len(keys)} tensors)")
+    try:  # SD 3 / Flux / the refiner / no UNet at all are refused here, by name
+        detected = family_from_keys(keys)
+    except ConceptEraseError as err:
+        raise ConceptEraseError(f"{str(path)!r}: {err}") from None
+    family = _chosen(detected, override)
     config_dir = _resolve_config(config, path)
+    if config_dir is not None and family_from_config(config_dir).pipeline_class != family.pipeline_class:
+        raise ConceptEraseError(f"--config {str(config)!r} is a {family_from_config(config_dir).name} model but "
+                                f"{str(path)!r} is {family.name}; give the configs of the same family")
     kwargs = {"config": config_dir, "local_files_only": True} if config_dir else {}
     try:
         with _lightning_stand_ins():  # diffusers reads the file again with weights_only=True
-            return StableDiffusionPipeline.from_single_file(
-                str(path), dtype=torch_dtype, safety_checker=None, feature_extractor=None,
-                requires_safety_checker=False, **kwargs)
+            return _pipeline_class(family).from_single_file(
+                str(path), dtype=torch_dtype, **_component_kwargs(family), **kwargs)
     except Exception as err:
         raise ConceptEraseError(f"cannot load checkpoint {str(path)!r}: {first_line(err)}") from None

@@ -1,6 +1,10 @@
 """The original Stable Diffusion single-file layout: a pipeline's weights under the checkpoint names that
-`from_single_file` and other SD tools read (model.diffusion_model.*, first_stage_model.*,
-cond_stage_model.transformer.*). `export_single_file` writes one `.safetensors` that loads back exactly.
+`from_single_file` and other SD tools (A1111, ComfyUI, Forge) read. SD 1.x (LDM): model.diffusion_model.*,
+first_stage_model.*, cond_stage_model.transformer.*; SDXL (SGM, `sd_xl_base.yaml`): the same UNet and VAE
+names (plus label_emb.* for the pooled-text + size-id embedding), conditioner.embedders.0.transformer.* (CLIP
+ViT-L, transformers names) and conditioner.embedders.1.model.* (OpenCLIP ViT-bigG names: fused q/k/v
+`in_proj`, `text_projection` transposed). The family says which (`families.py`). `export_single_file`
+writes one `.safetensors` that loads back exactly.
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ LDM_UNET, LDM_VAE, LDM_CLIP = "model.diffusion_model.", "first_stage_model.", "c
 _RESNET_TO_LDM = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"),
                   ("conv2", "out_layers.3"), ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection"))
 _UNET_FIXED = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-               "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+               "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+               # SDXL's `text_time` embedding of the pooled text embedding and size ids
+               "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
 _VAE_ATTN_TO_LDM = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
 
@@ -80,6 +86,13 @@ def unet_to_ldm(state: dict[str, torch.Tensor], layers_per_block: int) -> dict[s
     return out
 
 
+def _same(layers) -> int:
+    """SDXL configs may list layers_per_block per level; LDM/SGM numbering needs one count."""
+    if len(set(layers)) != 1:
+        raise ConceptEraseError(f"cannot export a UNet with per-block layer counts {list(layers)!r}")
+    return layers[0]
+
+
 def vae_to_ldm(state: dict[str, torch.Tensor], num_blocks: int) -> dict[str, torch.Tensor]:
     """Diffusers AutoencoderKL keys -> LDM keys (without the first_stage_model. prefix)."""
     out = {}
@@ -106,27 +119,79 @@ def vae_to_ldm(state: dict[str, torch.Tensor], num_blocks: int) -> dict[str, tor
     return out
 
 
-def to_original_state_dict(pipe) -> dict[str, torch.Tensor]:
-    """The pipeline's UNet, VAE and text encoder under the original Stable Diffusion checkpoint names.
+_OPENCLIP_LAYER = (("self_attn.out_proj.", "attn.out_proj."), ("layer_norm1.", "ln_1."), ("layer_norm2.", "ln_2."),
+                   ("mlp.fc1.", "mlp.c_fc."), ("mlp.fc2.", "mlp.c_proj."))
+_OPENCLIP_FIXED = {"text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+                   "text_model.embeddings.position_embedding.weight": "positional_embedding",
+                   "text_model.final_layer_norm.weight": "ln_final.weight",
+                   "text_model.final_layer_norm.bias": "ln_final.bias"}
 
-    The text encoder keeps transformers' CLIP names under cond_stage_model.transformer. (the SD 1.x layout);
-    an SD 2.x OpenCLIP encoder is written the same way, which diffusers loads back but tools expecting
-    cond_stage_model.model.* do not.
+
+def clip_to_openclip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers CLIPTextModelWithProjection keys -> OpenCLIP keys (the inverse of diffusers'
+    `convert_open_clip_checkpoint`): q/k/v fused into one `in_proj` (rows q, k, v), `text_projection` stored
+    (width, projection) as OpenCLIP multiplies `x @ text_projection`."""
+    import torch
+
+    out, qkv = {}, {}
+    for key, value in state.items():
+        if key in _OPENCLIP_FIXED:
+            out[_OPENCLIP_FIXED[key]] = value
+            continue
+        if key == "text_projection.weight":
+            out["text_projection"] = value.T
+            continue
+        m = re.fullmatch(r"text_model\.encoder\.layers\.(\d+)\.(.+)", key)
+        if m is None:
+            raise ConceptEraseError(f"cannot export text encoder parameter {key!r}: it has no OpenCLIP name")
+        layer, rest = int(m.group(1)), m.group(2)
+        q = re.fullmatch(r"self_attn\.([qkv])_proj\.(weight|bias)", rest)
+        if q:
+            qkv.setdefault((layer, q.group(2)), {})[q.group(1)] = value
+            continue
+        for hf, oc in _OPENCLIP_LAYER:
+            if rest.startswith(hf):
+                out[f"transformer.resblocks.{layer}.{oc}{rest[len(hf):]}"] = value
+                break
+        else:
+            raise ConceptEraseError(f"cannot export text encoder parameter {key!r}: it has no OpenCLIP name")
+    for (layer, kind), parts in qkv.items():
+        out[f"transformer.resblocks.{layer}.attn.in_proj_{kind}"] = torch.cat([parts[c] for c in "qkv"])
+    return out
+
+
+def to_original_state_dict(pipe) -> dict[str, torch.Tensor]:
+    """The pipeline's UNet, VAE and text encoder(s) under the original checkpoint names of its family.
+
+    SD 1.x and SD 2.x keep transformers' CLIP names under cond_stage_model.transformer. (an SD 2.x OpenCLIP
+    encoder written so loads back in diffusers, but tools expecting cond_stage_model.model.* do not); SDXL
+    writes the SGM layout (CLIP-L under conditioner.embedders.0.transformer., OpenCLIP-bigG names under
+    conditioner.embedders.1.model.).
     """
-    unet = unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config.layers_per_block)
+    from .families import family_of
+
+    family = family_of(pipe)
+    layers = pipe.unet.config.layers_per_block
+    unet = unet_to_ldm(pipe.unet.state_dict(), layers if isinstance(layers, int) else _same(layers))
     vae = vae_to_ldm(pipe.vae.state_dict(), len(pipe.vae.config.block_out_channels))
-    text = pipe.text_encoder.state_dict()
     state = {LDM_UNET + k: v for k, v in unet.items()}
     state.update({LDM_VAE + k: v for k, v in vae.items()})
-    state.update({LDM_CLIP + k: v for k, v in text.items()})
+    if family.name == "sdxl":
+        prefixes = family.single_file_prefixes
+        state.update({prefixes["text_encoder"] + k: v for k, v in pipe.text_encoder.state_dict().items()})
+        state.update({prefixes["text_encoder_2"] + k: v
+                      for k, v in clip_to_openclip(pipe.text_encoder_2.state_dict()).items()})
+    else:
+        state.update({LDM_CLIP + k: v for k, v in pipe.text_encoder.state_dict().items()})
     # CPU and contiguous for safetensors; no copy when already so (an SD checkpoint is GBs)
     return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
 def export_single_file(pipe, path: str | os.PathLike, *, overwrite: bool = False,
                        dtype: str | torch.dtype | None = None) -> Path:
-    """One `.safetensors` in the original SD layout; load it back with
-    `StableDiffusionPipeline.from_single_file(path, config=<a diffusers folder of the same model>)`.
+    """One `.safetensors` in the original layout of the pipeline's family; load it back with
+    `StableDiffusionPipeline.from_single_file(path, config=<a diffusers folder of the same model>)`
+    (`StableDiffusionXLPipeline` for SDXL).
     `dtype` ("fp16", "bf16", "fp32"): store the weights in that precision (default: as they are)."""
     from safetensors.torch import save_file
 

@@ -118,8 +118,8 @@ def build_tiny_sdxl_pipeline(
     unet_channels: Sequence[int] = (32, 64),
     transformer_layers: Sequence[int] | None = None,
     vae_channels: Sequence[int] = (32, 64),
-    text_hidden: tuple[int, int] = (32, 32),
-    projection_dim: int = 32,
+    text_hidden: tuple[int, int] = (32, 48),
+    projection_dim: int = 48,
     time_embed_dim: int = 8,
     layers_per_block: int = 1,
 ):
@@ -130,7 +130,8 @@ def build_tiny_sdxl_pipeline(
     pooled projected embedding of text_encoder_2 and six size ids embedded with `time_embed_dim` sinusoids
     each (projection_class_embeddings_input_dim = projection_dim + 6 * time_embed_dim, SDXL: 1280 + 6 * 256);
     use_linear_projection; `force_zeros_for_empty_prompt`. `transformer_layers`: transformer blocks per
-    level (SDXL: 1, 2, 10; default one per attention level)."""
+    level (SDXL: 1, 2, 10; default one per attention level). The two encoders must differ in width (SDXL:
+    768, 1280): diffusers' single-file reader tells them apart by it."""
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 

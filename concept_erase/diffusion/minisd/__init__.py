@@ -21,11 +21,15 @@ PROMPT_PREFIX = "a handwritten digit"
 ASSETS = Path(__file__).resolve().parents[2] / "assets" / "minisd"
 
 
-def minisd_path() -> Path:
-    """The packaged MiniSD diffusers folder (fp16 weights; load it in fp32 on CPU)."""
-    path = ASSETS / "pipeline"
+def minisd_path(name: str = "minisd") -> Path:
+    """The packaged diffusers folder of "minisd" (SD 1.x architecture) or "minisd-xl" (SDXL architecture),
+    fp16 weights; load it in fp32 on CPU."""
+    if name not in ("minisd", "minisd-xl"):
+        raise ConceptEraseError(f"unknown packaged model {name!r}; choose minisd or minisd-xl")
+    path = ASSETS.parent / name / "pipeline"
     if not (path / "model_index.json").is_file():
-        raise ConceptEraseError(f"MiniSD weights missing at {str(path)!r}: run `concept-erase minisd train`")
+        flags = "" if name == "minisd" else " --family sdxl --vae minisd"
+        raise ConceptEraseError(f"{name} weights missing at {str(path)!r}: run `concept-erase minisd train{flags}`")
     return path
 
 

@@ -26,9 +26,10 @@ import torch.nn.functional as F
 
 from ...errors import ConceptEraseError
 from ...io_utils import atomic_dir
+from ..families import Conditioning, family_of
 from . import minisd_prompt, DIGITS, STYLES
 from .data import load_digit_images
-from .model import build_minisd_pipeline, count_parameters
+from .model import BUILDERS, count_parameters
 
 
 @dataclass
@@ -43,6 +44,10 @@ class MiniSDTrainConfig:
     batch_size: int = field(default=64, metadata={"help": "images per step (VAE and UNet)"})
     empty_prompt_rate: float = field(default=0.1, metadata={"help": "share of empty prompts (classifier-free guidance)"})
     ema_decay: float = field(default=0.999, metadata={"help": "EMA decay of the saved UNet weights"})
+    vae: str = field(default="", metadata={"help": "reuse the trained VAE of this diffusers folder ('minisd': the "
+                                                   "shipped MiniSD's; same images) instead of training one"})
+    family: str = field(default="sd1", metadata={"help": "architecture: sd1 (MiniSD) or sdxl (MiniSD-XL: two text "
+                                                          "encoders, pooled embedding, size ids)"})
 
     def __post_init__(self):
         for name in ("vae_steps", "unet_steps", "batch_size"):
@@ -52,6 +57,8 @@ class MiniSDTrainConfig:
             raise ConceptEraseError(f"empty_prompt_rate must be in [0, 1), got {self.empty_prompt_rate}")
         if not 0 <= self.ema_decay < 1:
             raise ConceptEraseError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.family not in BUILDERS:
+            raise ConceptEraseError(f"family must be one of {', '.join(BUILDERS)}, got {self.family!r}")
         if self.warmup_steps < 0 or self.warmup_steps >= self.unet_steps:
             raise ConceptEraseError(f"warmup_steps must be in [0, unet_steps), got {self.warmup_steps}")
 
@@ -79,6 +86,19 @@ def train_vae(vae, images: torch.Tensor, config: MiniSDTrainConfig, gen: torch.G
     vae.eval()
 
 
+def _reuse_vae(vae, source: str) -> None:
+    """Load another MiniSD-world model's trained VAE (the same digits, the same AutoencoderKL shape)."""
+    from diffusers import AutoencoderKL
+
+    from . import minisd_path
+
+    folder = minisd_path() if source == "minisd" else Path(source)
+    if not (folder / "vae").is_dir():
+        raise ConceptEraseError(f"--vae {source!r} is not a diffusers folder with a vae/ subfolder")
+    vae.load_state_dict(AutoencoderKL.from_pretrained(folder, subfolder="vae").float().state_dict())
+    _log(f"VAE reused from {folder}")
+
+
 @torch.no_grad()
 def encode_mean_latents(vae, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """Posterior MEAN latents, unscaled (training on posterior samples gave noise textures: docs/MINISD.md)."""
@@ -87,14 +107,13 @@ def encode_mean_latents(vae, images: torch.Tensor, batch_size: int = 256) -> tor
 
 
 @torch.no_grad()
-def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
-    """Frozen text-encoder states, tokenised exactly as the pipeline does (padded to max length)."""
-    ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt").input_ids
-    return pipe.text_encoder(ids)[0]
+def encode_prompts(pipe, prompts: list[str]) -> Conditioning:
+    """Frozen text-encoder conditioning, exactly as the pipeline's family conditions its UNet at generation
+    (SDXL: size ids of MiniSD's 16 px images, the empty prompt as zeros)."""
+    return family_of(pipe).encode(pipe, prompts, "cpu")
 
 
-def train_unet(pipe, latents: torch.Tensor, prompt_ids: torch.Tensor, prompt_states: torch.Tensor,
+def train_unet(pipe, latents: torch.Tensor, prompt_ids: torch.Tensor, prompt_states: Conditioning,
                config: MiniSDTrainConfig, gen: torch.Generator) -> dict:
     """Epsilon-prediction denoising loss on SD's noise schedule; returns the EMA weights' state dict.
 
@@ -125,7 +144,7 @@ def train_unet(pipe, latents: torch.Tensor, prompt_ids: torch.Tensor, prompt_sta
         noise = torch.randn(z0.shape, generator=gen)
         t = torch.randint(noise_scheduler.config.num_train_timesteps, (config.batch_size,), generator=gen)
         zt = noise_scheduler.add_noise(z0, noise, t)
-        loss = F.mse_loss(unet(zt, t, prompt_states[cond]).sample, noise)
+        loss = F.mse_loss(unet(zt, t, **prompt_states[cond].unet_kwargs()).sample, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -154,12 +173,17 @@ def train_minisd(config: MiniSDTrainConfig):
     gen = torch.Generator().manual_seed(config.seed)
     start = time.perf_counter()
     data = load_digit_images("train")
-    pipe = build_minisd_pipeline(config.seed)
-    pipe.text_encoder.requires_grad_(False).eval()
-    _log(f"{len(data)} training images; unet {count_parameters(pipe.unet):,} params, "
-         f"vae {count_parameters(pipe.vae):,}, text encoder {count_parameters(pipe.text_encoder):,}")
+    pipe = BUILDERS[config.family](config.seed)
+    text = family_of(pipe).text_modules(pipe)
+    for encoder in text.values():
+        encoder.requires_grad_(False).eval()
+    _log(f"{len(data)} training images ({config.family}); unet {count_parameters(pipe.unet):,} params, "
+         f"vae {count_parameters(pipe.vae):,}, " + ", ".join(f"{n} {count_parameters(m):,}" for n, m in text.items()))
 
-    train_vae(pipe.vae, data.images, config, gen)
+    if config.vae:
+        _reuse_vae(pipe.vae, config.vae)
+    else:
+        train_vae(pipe.vae, data.images, config, gen)
     pipe.vae.requires_grad_(False)
     latents = encode_mean_latents(pipe.vae, data.images)
     scaling_factor = float(1.0 / latents.std())
@@ -176,7 +200,7 @@ def train_minisd(config: MiniSDTrainConfig):
     summary = {
         "config": asdict(config), "seconds": round(time.perf_counter() - start, 1),
         "train_images": len(data), "scaling_factor": scaling_factor,
-        "parameters": {n: count_parameters(getattr(pipe, n)) for n in ("unet", "vae", "text_encoder")},
+        "parameters": {n: count_parameters(getattr(pipe, n)) for n in ("unet", "vae", *text)},
         "torch": torch.__version__, "threads": torch.get_num_threads(),
     }
     return pipe, summary
