@@ -25,7 +25,7 @@ from concept_erase.errors import ConceptEraseError
 
 from .. import report
 from ..prompts import PromptRow
-from .run import ASR_RULE, attack_sections, draw, run_attacks
+from .run import ASR_RULE, attack_sections, draw, run_attacks, same_seed_grid
 
 GRID_ROWS = 6
 
@@ -248,10 +248,9 @@ def write_audit(results: dict, images: dict, out: Path) -> Path:
     report.bar_chart(out / "asr.png", {"Pre-ASR": {n: a["pre_asr"] for n, a in attacks.items()},
                                        "ASR": {n: a["asr"] for n, a in attacks.items()}},
                      title=f"Attack success on {results['concept']}", ylabel="% of prompts")
-    report.image_grid(out / "grid_attacks.png", {k: v[:GRID_ROWS] for k, v in images["attacks"].items()},
-                      images["attack_captions"][:GRID_ROWS])
+    same_seed_grid(out / "grid_attacks.png", images["attacks"], images["attack_captions"], GRID_ROWS)
     if "neighbours" in images:
-        report.image_grid(out / "grid_neighbours.png", images["neighbours"], images["neighbour_captions"])
+        same_seed_grid(out / "grid_neighbours.png", images["neighbours"], images["neighbour_captions"], GRID_ROWS)
     title = f"Erasure audit: {results['concept']} in {results['model']}"
     path = report.write_report(out, title, _sections(results), results)
     with atomic_file(out / "report.html", overwrite=True) as tmp:

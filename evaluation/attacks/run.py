@@ -180,6 +180,15 @@ def attack_sections(summary: dict) -> list[str]:
     ]
 
 
+def same_seed_grid(path: Path, columns: dict[str, list], captions: list[str], rows: int = 8) -> Path:
+    """One labelled row per (prompt, seed), one column per model or attack: the same seed across the row."""
+    from ..report import GridRow, labelled_grid
+
+    grid_rows = [GridRow(caption, {name: images[i:i + 1] for name, images in columns.items()})
+                 for i, caption in enumerate(captions[:rows])]
+    return labelled_grid(path, list(columns), grid_rows)
+
+
 def write_attack_outputs(run: AttackRun, out: Path, title: str) -> Path:
     """OUT/<attack>/ (attack.json + learned.safetensors: replay with --replay OUT), results.json, report.md,
     grid.png (same seed: base, erased, each attack). Called inside the caller's atomic folder."""
@@ -188,9 +197,7 @@ def write_attack_outputs(run: AttackRun, out: Path, title: str) -> Path:
     summary = run.summary()
     for name, a in run.attacks.items():
         a["learned"].save(out / name)
-    columns = {k: v[:8] for k, v in run.images.items()}
-    captions = [f"s{r.seed}: {r.prompt}" for r in run.rows[:8]]
-    report.image_grid(out / "grid.png", columns, captions)
+    same_seed_grid(out / "grid.png", run.images, [f"s{r.seed}: {r.prompt}" for r in run.rows], rows=8)
     sections = [report.markdown_table(["setting", "value"], list(run.protocol.items())), *attack_sections(summary),
                 "## Same seed: base, erased, attacked\n\n![grid](grid.png)"]
     return report.write_report(out, title, sections, summary)
