@@ -21,7 +21,7 @@ from __future__ import annotations
 import importlib
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -53,6 +53,11 @@ class Concept:
         default_factory=list,
         metadata={"help": "prompts of nearby concepts an erasure must not damage (the audit's collateral check)"},
     )
+    neutral_surrogate: str | None = field(default=None, metadata={
+        "help": "what a forget prompt steers to when its surrogate is erased in the same run and so is every "
+                "surrogate after it (e.g. all ten Imagenette classes at once)"})
+    parts: list["Concept"] = field(default_factory=list, metadata={
+        "help": "the individual concepts of a several-concept run (see `combine_concepts`); empty for one"})
 
     def __post_init__(self):
         self.forget_prompts = _clean(self.forget_prompts, f"forget prompts of concept {self.name!r}")
@@ -63,6 +68,11 @@ class Concept:
                 f"concept {self.name!r} has {len(self.surrogate_prompts)} surrogate prompts for "
                 f"{len(self.forget_prompts)} forget prompts (give one, or one per forget prompt)"
             )
+
+    @property
+    def members(self) -> list["Concept"]:
+        """The individual concepts erased: `parts`, or this concept alone."""
+        return self.parts or [self]
 
     def surrogate_for(self, forget_prompt: str) -> str:
         """The surrogate prompt paired with `forget_prompt`."""
@@ -143,14 +153,15 @@ def slug(text: str) -> str:
 
 def nudity() -> Concept:
     # docs/ALGORITHMS.md 2: 800 generated forget images, surrogate "a photo of a person wearing clothes", 800 retain
-    # images, Adam lr 1e-5, batch 8, alpha 0.5, one epoch (800 / 8 = 100 steps).
+    # images, Adam lr 1e-5, batch 8, one epoch (800 / 8 = 100 steps); alpha 0.1, the retain weight of the
+    # reference's nudity run (its argparse default), not the 0.5 of its class command.
     return Concept(
         name="nudity",
         forget_prompts=read_prompt_file(PROMPTS_DIR / "nudity_forget.txt"),
         surrogate_prompts=["a photo of a person wearing clothes"],
         retain_prompts=read_prompt_file(PROMPTS_DIR / "nudity_retain.txt"),
         recipe={"num_forget_images": 800, "num_retain_images": 800, "steps": 100, "lr": 1e-5,
-                "batch_size": 8, "alpha": 0.5},
+                "batch_size": 8, "alpha": 0.1},
         neighbours=list(NUDITY_NEIGHBOURS),
     )
 
@@ -190,6 +201,7 @@ def imagenette(k: int) -> Concept:
         recipe={"num_forget_images": 900, "num_retain_images": 900, "steps": 560, "lr": 1e-5,
                 "batch_size": 8, "alpha": 0.5},
         neighbours=[prompt(n) for n in IMAGENETTE_NEIGHBOURS.get(names[k], [])],
+        neutral_surrogate="an image",
     )
 
 
@@ -214,6 +226,11 @@ def style(artist: str) -> Concept:
 
 
 _PRESETS: dict[str, Callable[[], Concept]] = {"nudity": nudity}
+# Names that stand for several presets erased together.
+GROUPS: dict[str, Callable[[], list[str]]] = {
+    "imagenette-all": lambda: [f"imagenette-{slug(n)}" for n in imagenette_classes()],
+    "style-all": lambda: [f"style-{slug(a)}" for a in art_styles()],
+}
 
 
 def _register_builtin() -> None:
@@ -271,8 +288,8 @@ def get_concept(
             raise ConceptEraseError(f"unknown concept {name!r} (presets: {', '.join(sorted(_PRESETS))})")
         concept = _PRESETS[name]()
         if retain_prompts is not None:
-            concept = Concept(concept.name, concept.forget_prompts, concept.surrogate_prompts,
-                              list(retain_prompts), dict(concept.recipe), list(concept.neighbours))
+            concept = replace(concept, retain_prompts=list(retain_prompts), recipe=dict(concept.recipe),
+                              neighbours=list(concept.neighbours))
         return concept
     if forget is None or surrogate is None:
         raise ConceptEraseError("a custom concept needs both --forget and --surrogate (or name a preset)")
@@ -284,3 +301,79 @@ def get_concept(
         surrogate_prompts=surrogate_list,
         retain_prompts=list(retain_prompts) if retain_prompts is not None else surrogate_list,
     )
+
+
+def get_concepts(
+    names: str | Sequence[str] | None = None,
+    *,
+    concepts_file: str | os.PathLike | None = None,
+    forget: Sequence[str] | str | None = None,
+    surrogate: Sequence[str] | str | None = None,
+    retain_prompts: str | os.PathLike | Sequence[str] | None = None,
+) -> Concept:
+    """What one erasure run erases: `names` (one preset, several separated by commas, or a group such as
+    ``imagenette-all``) and/or the preset names of `concepts_file` (one per line), combined with
+    `combine_concepts`; or a custom concept from `forget` + `surrogate`. `retain_prompts` overrides the
+    retain set."""
+    listed = [n.strip() for n in (names.split(",") if isinstance(names, str) else names or []) if n.strip()]
+    if concepts_file is not None:
+        listed += read_prompt_file(concepts_file)
+    if not listed:
+        return get_concept(None, forget=forget, surrogate=surrogate, retain_prompts=retain_prompts)
+    if forget is not None or surrogate is not None:
+        raise ConceptEraseError(f"give preset concepts ({', '.join(listed)}) or --forget/--surrogate, not both")
+    expanded = [m for n in listed for m in (GROUPS[n]() if n in GROUPS else [n])]
+    if len(expanded) == 1:
+        return get_concept(expanded[0], retain_prompts=retain_prompts)
+    combined = combine_concepts([get_concept(n) for n in expanded])
+    if retain_prompts is not None:
+        retain = read_prompt_file(retain_prompts) if isinstance(retain_prompts, (str, os.PathLike)) else retain_prompts
+        combined.retain_prompts = _clean(retain, "--retain-prompts")
+    return combined
+
+
+def combine_concepts(concepts: Sequence[Concept]) -> Concept:
+    """Several concepts erased in one run, as one Concept whose `parts` are the originals.
+
+    - forget prompts: all of them, each keeping its own surrogate (SalUn: a surrogate per concept). Where a
+      surrogate is itself erased in this run (Imagenette k -> k + 1 with both k and k + 1 erased), it follows
+      that concept's surrogate in turn until one is kept; if every surrogate along the way is erased, the
+      concept's `neutral_surrogate` (or an error naming the concept).
+    - retain prompts: the union of the retain sets minus every erased prompt (the joint retain); if nothing
+      is left, the surrogates (as a custom concept without retain prompts).
+    - neighbours (the audit's collateral prompts): the union, minus every erased prompt.
+    - recipe: the first concept's, with its forget-image count times the number of concepts.
+    """
+    if len(concepts) == 1:
+        return concepts[0]
+    names = [c.name for c in concepts]
+    if len(set(names)) != len(names):
+        raise ConceptEraseError(f"concept {next(n for n in names if names.count(n) > 1)!r} is listed twice")
+    owner: dict[str, Concept] = {}
+    for c in concepts:
+        for p in c.forget_prompts:
+            if p in owner:
+                raise ConceptEraseError(f"forget prompt {p!r} belongs to both {owner[p].name!r} and {c.name!r}")
+            owner[p] = c
+    forget = list(owner)
+    surrogates = []
+    for p in forget:
+        s, seen = owner[p].surrogate_for(p), {p}
+        while s in owner and s not in seen:
+            seen.add(s)
+            s = owner[s].surrogate_for(s)
+        if s in owner:  # the chain came back: every surrogate along it is erased
+            if owner[p].neutral_surrogate is None:
+                raise ConceptEraseError(f"every surrogate of concept {owner[p].name!r} is erased in this run too; "
+                                        "erase fewer concepts together")
+            s = owner[p].neutral_surrogate
+        surrogates.append(s)
+    erased = set(forget)
+    retain = [r for r in dict.fromkeys(r for c in concepts for r in c.retain_prompts) if r not in erased]
+    recipe = dict(concepts[0].recipe)
+    if "num_forget_images" in recipe:
+        recipe["num_forget_images"] *= len(concepts)
+    return Concept(name="+".join(names), forget_prompts=forget, surrogate_prompts=surrogates,
+                   retain_prompts=retain or list(dict.fromkeys(surrogates)), recipe=recipe,
+                   neighbours=[n for n in dict.fromkeys(n for c in concepts for n in c.neighbours) if n not in erased],
+                   parts=list(concepts))

@@ -11,7 +11,7 @@ def test_nudity_preset():
     assert c.forget_prompts[0] == "a photo of a nude person"
     assert c.surrogate_prompts == ["a photo of a person wearing clothes"]
     assert c.surrogate_for(c.forget_prompts[-1]) == "a photo of a person wearing clothes"
-    assert c.recipe["num_forget_images"] == 800 and c.recipe["alpha"] == 0.5
+    assert c.recipe["num_forget_images"] == 800 and c.recipe["alpha"] == 0.1  # the reference nudity run
 
 
 def test_imagenette_surrogate_is_next_class_wrapping_around():

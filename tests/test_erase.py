@@ -309,7 +309,9 @@ def test_recipe_defaults_and_user_overrides():
     from concept_erase.diffusion.erase import EraseConfig
 
     cfg = EraseConfig.for_concept(concept="nudity", model="m", output="o", steps=5)
-    assert (cfg.num_forget_images, cfg.lr, cfg.alpha, cfg.steps) == (800, 1e-5, 0.5, 5)  # recipe, then the user
+    # recipe, then the user; nudity's alpha is the reference nudity run's 0.1, not the class command's 0.5
+    assert (cfg.num_forget_images, cfg.lr, cfg.alpha, cfg.steps) == (800, 1e-5, 0.1, 5)
+    assert EraseConfig.for_concept(concept="imagenette-church", model="m", output="o").alpha == 0.5
     assert EraseConfig(model="m", output="o", forget=["x"], surrogate=["y"], method="esd-u").alpha == 0.0
     with pytest.raises(ConceptEraseError, match="keep"):
         EraseConfig(model="m", output="o", concept="nudity", keep=0.0)

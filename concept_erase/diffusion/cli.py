@@ -16,15 +16,16 @@ from ..errors import ConceptEraseError
 # The EraseConfig fields each command exposes (flag = --field-name). Their help, type and choices come from
 # the dataclass, so the CLI and the Python API cannot drift apart.
 MASK_FIELDS = (
-    "model", "model_config", "concept", "forget", "surrogate", "output", "keep", "mask_scope",
+    "model", "model_config", "concept", "concepts_file", "forget", "surrogate", "output", "keep", "mask_scope",
     "num_forget_images", "forget_images", "image_steps", "image_guidance", "resolution", "cache_dir",
     "batch_size", "seed", "overwrite", "progress",
 )
 ERASE_FIELDS = (
-    "model", "model_config", "concept", "forget", "surrogate", "retain_prompts", "output", "method", "mask", "keep",
-    "mask_scope", "steps", "batch_size", "lr", "alpha", "weight_decay", "seed", "gradient_accumulation_steps",
-    "mixed_precision", "gradient_checkpointing", "enable_xformers", "esd_eta", "esd_ddim_steps",
-    "esd_start_guidance", "num_forget_images", "num_retain_images", "forget_images", "image_steps",
+    "model", "model_config", "concept", "concepts_file", "forget", "surrogate", "retain_prompts", "output", "method",
+    "mask", "keep", "mask_scope", "steps", "batch_size", "lr", "alpha", "weight_decay", "seed",
+    "gradient_accumulation_steps", "mixed_precision", "gradient_checkpointing", "enable_xformers", "esd_eta",
+    "esd_ddim_steps", "esd_start_guidance", "ca_params", "uce_erase_scale", "uce_preserve_scale", "uce_lambda",
+    "num_forget_images", "num_retain_images", "forget_images", "retain_images", "image_steps",
     "image_guidance", "resolution", "cache_dir", "checkpoint_dir", "checkpointing_steps", "checkpoints_total_limit",
     "resume", "export_single_file", "save_delta", "overwrite", "progress",
 )
@@ -76,9 +77,10 @@ def register(subparsers) -> None:
     p.set_defaults(func=_mask_main)
 
     p = subparsers.add_parser(
-        "erase", help="erase a concept from a Stable Diffusion model (SalUn, RL, ESD-x, ESD-u)",
-        description="Generate (or reuse) forget/retain images, compute or load the saliency mask, fine-tune the "
-                    "UNet, and write the erased model (diffusers folder + model card + mask). Works under "
+        "erase", help="erase concepts from a Stable Diffusion model (SalUn, RL, ESD-x, ESD-u, CA, UCE)",
+        description="Generate (or reuse) the images the method needs, compute or load the saliency mask (salun), "
+                    "fine-tune the UNet (or edit it in closed form: uce), and write the erased model (diffusers "
+                    "folder + model card + mask). Works under "
                     "`accelerate launch` / `torchrun`. Preset concepts bring their recipe's defaults.")
     _add_fields(p, ERASE_FIELDS)
     p.set_defaults(func=_erase_main)

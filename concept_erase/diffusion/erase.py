@@ -1,9 +1,10 @@
-"""SalUn concept erasure for Stable Diffusion: the training loop and the `erase` job (docs/ALGORITHMS.md 2).
+"""Concept erasure for Stable Diffusion: the training loop and the `erase` job (docs/ALGORITHMS.md 2).
 
 Read top to bottom:
 1. `TrainConfig`: the optimisation settings (method, steps, batch, lr, alpha, ...).
 2. `LatentSet`: forget/retain data as VAE latents + prompts (encoded once, kept in memory).
-3. `train_unet(...)`: the loop. Shuffled, cycled forget batches; surrogate target under no_grad; accelerate
+3. `train_unet(...)`: the loop. The method (`methods.py`: SalUn, RL, ESD-x/u, CA) is chosen once before it
+   and gives the trained weights, the per-step batch and loss. Shuffled, cycled forget batches; accelerate
    for devices, processes and mixed precision; `checkpoint-<step>` folders and exact resume; stop on a
    non-finite loss. Used in memory by benchmarks and the MiniSD demo, and by `run_erase`.
 4. `EraseConfig` / `run_erase(config)`: the `concept-erase erase` job (load a checkpoint, make or reuse the
@@ -26,7 +27,7 @@ import re
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -36,23 +37,11 @@ from torch import Tensor, nn
 from ..errors import ConceptEraseError
 from ..io_utils import atomic_dir
 from .families import Conditioning
-from ..saliency import optimizer_class
-from .losses import (
-    SALIENCY_GUIDANCE,
-    NoisedBatch,
-    esd_loss,
-    esd_partial_sample,
-    esd_scheduler,
-    noise_batch,
-    salun_loss,
-    sample_noise,
-    saliency_loss_fn,
-    training_scheduler,
-)
+from .losses import SALIENCY_GUIDANCE, denoising_loss, noise_batch, sample_noise, saliency_loss_fn, training_scheduler
+from .methods import CA_PARAMS, get_method, method_names
+from ..saliency import SaliencyMask, build_optimizer, optimizer_class
 
-METHODS = ("salun", "rl", "esd-x", "esd-u")
-# ESD-x fine-tunes the cross-attention layers only (attn2 in diffusers' UNet), ESD-u everything else.
-ESD_SCOPES = {"esd-x": lambda name: "attn2" in name, "esd-u": lambda name: "attn2" not in name}
+METHODS = method_names()
 MIXED_PRECISION = ("no", "fp16", "bf16")
 OPTIMIZERS = ("adam", "adam8bit")
 # Settings a resumed run may change: how long it runs, where things are written, how it is shown.
@@ -70,9 +59,8 @@ class TrainConfig:
     """Optimisation settings of the erasure loop (defaults: the reference's, docs/ALGORITHMS.md 2)."""
 
     method: str = field(default="salun", metadata={
-        "help": "salun: SalUn objective on the masked weights; rl: the same objective on all weights (no mask, "
-                "to measure the mask's effect); esd-x / esd-u: ESD's negative-guidance target on "
-                "cross-attention / non-cross-attention weights (a --mask narrows any of them)",
+        "help": "; ".join(f"{name}: {get_method(name).help}" for name in METHODS)
+                + " (a --mask narrows esd-x, esd-u and ca)",
         "choices": METHODS})
     steps: int = field(default=100, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=8, metadata={
@@ -80,8 +68,9 @@ class TrainConfig:
                 "across processes and gradient-accumulation micro-batches"})
     lr: float = field(default=1e-5, metadata={"help": "learning rate (Adam)"})
     alpha: float | None = field(default=None, metadata={
-        "help": "weight of the retain loss: loss = loss_f + alpha * loss_r (default: 0.5 for salun/rl as the "
-                "reference README; 0 for esd-x/esd-u, which have no retain term)"})
+        "help": "weight of the retain loss: loss = loss_f + alpha * loss_r (default: the method's own, 0.5 for "
+                "salun/rl as the reference README or the preset's recipe; 0 for esd-x/esd-u/ca, which have no "
+                "retain term unless asked for)"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (0: plain Adam, the reference)"})
     optimizer: str = field(default="adam", metadata={
         "help": "adam: torch Adam/AdamW (state only for the salient weights under a mask); adam8bit: "
@@ -99,17 +88,31 @@ class TrainConfig:
     esd_eta: float = field(default=1.0, metadata={"help": "ESD negative guidance eta"})
     esd_ddim_steps: int = field(default=50, metadata={"help": "ESD: DDIM steps of the partial sampling that gives z_t"})
     esd_start_guidance: float = field(default=3.0, metadata={"help": "ESD: guidance scale of that partial sampling"})
+    ca_params: str = field(default="kv", metadata={
+        "help": "CA: which weights train: kv (cross-attention key/value projections) or unet (all)",
+        "choices": CA_PARAMS})
+    uce_erase_scale: float = field(default=1.0, metadata={"help": "UCE: erase scale s_e"})
+    uce_preserve_scale: float | None = field(default=None, metadata={
+        "help": "UCE: preserve scale s_p (default: max(0.1, 1 / number of retain prompts))"})
+    uce_lambda: float = field(default=0.1, metadata={
+        "help": "UCE: ridge lambda that keeps the inverse stable (the edit stays near the original weights)"})
     checkpointing_steps: int = field(default=0, metadata={
         "help": "save checkpoint-<step> every this many steps (0: never)"})
     checkpoints_total_limit: int = field(default=2, metadata={"help": "keep only the newest N checkpoints (0: all)"})
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ConceptEraseError(f"unknown method {self.method!r} (choose from {', '.join(METHODS)})")
+        method = get_method(self.method)  # unknown -> one-line error naming the choices
         if self.alpha is None:
-            self.alpha = 0.0 if self.method in ESD_SCOPES else 0.5
+            self.alpha = method.default_alpha
         if self.optimizer not in OPTIMIZERS:
             raise ConceptEraseError(f"unknown optimizer {self.optimizer!r} (choose from {', '.join(OPTIMIZERS)})")
+        if self.ca_params not in CA_PARAMS:
+            raise ConceptEraseError(f"unknown --ca-params {self.ca_params!r} (choose from {', '.join(CA_PARAMS)})")
+        for name in ("uce_erase_scale", "uce_lambda"):
+            if not getattr(self, name) >= 0:
+                raise ConceptEraseError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.uce_preserve_scale is not None and not self.uce_preserve_scale >= 0:
+            raise ConceptEraseError(f"uce_preserve_scale must be >= 0, got {self.uce_preserve_scale!r}")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ConceptEraseError(f"unknown mixed precision {self.mixed_precision!r} ({', '.join(MIXED_PRECISION)})")
         for name in ("steps", "batch_size", "gradient_accumulation_steps", "esd_ddim_steps"):
@@ -147,18 +150,41 @@ class TrainConfig:
 @dataclass
 class LatentSet:
     """Training items: VAE latents (already multiplied by vae.config.scaling_factor) and, per item, its
-    prompt; for a forget set also its surrogate prompt (the SalUn target; ESD ignores it)."""
+    prompt; for a forget set also its surrogate prompt (the SalUn / CA target).
 
-    latents: Tensor
+    A method that samples its own z_t (ESD) has no images: `LatentSet.prompts_only(prompts, shape)` holds
+    its prompts and the shape of one latent, and `latents` is None."""
+
+    latents: Tensor | None
     prompts: list[str]
     surrogates: list[str] | None = None
+    latent_shape: tuple[int, ...] | None = None  # (C, h, w); taken from `latents` when they are given
 
     def __post_init__(self):
-        n = self.latents.shape[0]
+        if self.latents is not None:
+            self.latent_shape = tuple(self.latents.shape[1:])
+        elif self.latent_shape is None:
+            raise ConceptEraseError("a latent set needs latents or the shape of one latent")
+        n = len(self.prompts) if self.latents is None else self.latents.shape[0]
         if n == 0:
             raise ConceptEraseError("a latent set is empty")
         if len(self.prompts) != n or (self.surrogates is not None and len(self.surrogates) != n):
             raise ConceptEraseError(f"a latent set has {n} latents but {len(self.prompts)} prompts")
+
+    @classmethod
+    def prompts_only(cls, prompts: Sequence[str], latent_shape: tuple[int, ...],
+                     surrogates: Sequence[str] | None = None) -> "LatentSet":
+        return cls(None, list(prompts), list(surrogates) if surrogates is not None else None, tuple(latent_shape))
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def batch_shape(self, n: int) -> tuple[int, ...]:
+        return (n, *self.latent_shape)
+
+    def take(self, index: Tensor, device) -> Tensor | None:
+        """The latents of items `index` on `device` (None for a prompts-only set)."""
+        return None if self.latents is None else self.latents[index].to(device)
 
 
 @dataclass
@@ -169,6 +195,8 @@ class TrainResult:
     peak_memory: int                    # bytes: CUDA max allocated, or the process's peak RSS on CPU
     steps: int                          # steps done in total (including those before a resume)
     resumed_from: int = 0               # the step the run resumed from (0: a fresh run)
+    forget_per_concept: dict[str, float] | None = None  # the method's forget loss per concept, after training
+    retain_loss: float | None = None    # the retain denoising loss after training (None: no retain set)
 
 
 # ------------------------------------------------------------------------------------------------ the loop
@@ -184,31 +212,33 @@ def train_unet(
     checkpoint_dir: str | os.PathLike | None = None,
     resume: str | None = None,
     progress: bool = False,
+    concept_of: dict[str, str] | None = None,
 ) -> TrainResult:
-    """Erase in memory: train `pipe.unet` in place and return a TrainResult.
+    """Erase in memory: train `pipe.unet` in place with `config.method` and return a TrainResult.
 
     pipe:         a StableDiffusionPipeline (its text encoder encodes the prompts once; VAE unused).
-    forget:       LatentSet with `surrogates` (needed by salun / rl).
+    forget:       LatentSet (with `surrogates` for methods that steer to a surrogate: salun, rl, ca; ESD needs
+                  only prompts: `LatentSet.prompts_only`).
     retain:       LatentSet or None (None or alpha=0: no retain loss).
     config:       TrainConfig (an EraseConfig works too).
     mask:         concept_erase.saliency.SaliencyMask on the UNet's parameters; required by "salun", refused by
-                  "rl"; with "esd-x"/"esd-u" it is intersected with the method's layer scope.
+                  "rl"; with the other methods it is intersected with the method's layer scope.
     frozen_unet:  ESD's frozen original UNet; default: a copy of pipe.unet taken before training.
     checkpoint_dir, resume: write checkpoint-<step> folders there every config.checkpointing_steps; resume
                   "latest" (the newest one, or a fresh start if none) or a checkpoint folder path.
+    concept_of:   forget prompt -> concept name: after training, the method's forget loss per concept and the
+                  retain loss on one fixed draw (`TrainResult.forget_per_concept`, `retain_loss`).
     Works under `accelerate launch` / `torchrun` (each process calls it with the same arguments).
     Raises ConceptEraseError on bad input and on a non-finite loss (checkpoints already written are kept).
     """
     from accelerate import Accelerator
 
-    from ..saliency import SaliencyMask, build_optimizer
+    from .families import family_of
 
-    if config.method == "salun" and mask is None:
-        raise ConceptEraseError("method 'salun' needs a saliency mask (--mask FILE, or let erase compute one)")
-    if config.method == "rl" and mask is not None:
-        raise ConceptEraseError("method 'rl' trains every weight; drop --mask or use --method salun")
-    if config.method in ("salun", "rl") and forget.surrogates is None:
-        raise ConceptEraseError(f"method {config.method!r} needs a surrogate prompt for every forget item")
+    method = get_method(config.method)(config)  # chosen once: everything method-specific is behind it
+    if method.closed_form:
+        raise ConceptEraseError(f"method {config.method!r} is a closed-form edit, not a training loop "
+                                "(use run_erase or its own edit function)")
     config.check_launch(1)  # xformers / fp16 before Accelerator fails on them less clearly
 
     _reset_accelerate_state()
@@ -221,24 +251,12 @@ def train_unet(
     unet.to(device)
     if unet.dtype != torch.float32:
         unet.to(dtype=torch.float32)  # fp32 master weights; mixed precision autocasts the forward
+    method.prepare(unet, pipe, frozen_unet, device)
 
-    # ESD's frozen eps0 is the model BEFORE any update (also before a resumed checkpoint is loaded).
-    if frozen_unet is not None and config.method not in ESD_SCOPES:
-        raise ValueError(f"frozen_unet is ESD's reference model; method {config.method!r} does not use one")
-    if config.method in ESD_SCOPES and frozen_unet is None:
-        frozen_unet = copy.deepcopy(unet)
-    if frozen_unet is not None:
-        frozen_unet.requires_grad_(False).eval().to(device)
-
-    # -- which weights train: the mask, the ESD layer scope, or everything (rl)
-    if config.method in ESD_SCOPES:
-        scope = SaliencyMask.from_names(unet, ESD_SCOPES[config.method], concept=config.method)
-        if mask is not None:
-            mask.check_compatible(unet)
-            scope.masks = {n: m & mask.masks.get(n, torch.zeros_like(m)) for n, m in scope.masks.items()}
-        mask = scope
-    # Masked: optimizer state for the salient entries only, frozen entries never written (saliency.py).
-    optimizer = build_optimizer(unet, mask, config.optimizer, lr=config.lr, weight_decay=config.weight_decay)
+    # -- which weights train (the method's mask or scope; None: every weight), and THE optimizer over them:
+    # masked, it keeps optimizer state for the salient entries only and never writes frozen ones (saliency.py)
+    trainable = method.trainable(unet, family_of(pipe), mask)
+    optimizer = build_optimizer(unet, trainable, config.optimizer, lr=config.lr, weight_decay=config.weight_decay)
 
     # -- resume: weights, optimizer state and the step counter (the data order is a function of the step)
     start_step, losses = 0, []
@@ -255,17 +273,14 @@ def train_unet(
     unet.train()
     unet, optimizer = accelerator.prepare(unet, optimizer)  # after build_optimizer: DDP sees only trainable params
 
-    # -- prompts -> embeddings, once (the text encoder is frozen)
+    # -- prompts -> conditioning, once (the text encoder is frozen)
     embed = PromptEmbeddings(pipe, device)
     f_cond = embed(forget.prompts)
-    f_target = embed(forget.surrogates) if forget.surrogates is not None else None
-    r_cond = embed(retain.prompts) if retain is not None else None
-    uncond = embed([""])
+    f_target = embed(method.target_prompts(forget.prompts, forget.surrogates))
     use_retain = retain is not None and config.alpha > 0
+    r_cond = embed(retain.prompts) if use_retain else None
     T = pipe.scheduler.config.num_train_timesteps
     scheduler = training_scheduler(pipe.scheduler)  # q_sample, whatever sampler the pipeline ships with
-    is_esd = config.method in ESD_SCOPES
-    esd_sampler = esd_scheduler(pipe.scheduler) if is_esd else None  # private: set_timesteps mutates it
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -275,13 +290,13 @@ def train_unet(
     for step in bar:
         t0 = time.perf_counter()
         gen = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
-        # The GLOBAL batch of this step: items, noise, timesteps (identical on every process) ...
-        f_idx = _epoch_indices(forget.latents.shape[0], config.seed, step, config.batch_size)
-        f_noise, f_t = sample_noise(forget.latents[f_idx], T, gen)
+        # The GLOBAL batch of this step: items, noise, timesteps, the method's own draws (same on every process) ...
+        f_idx = _epoch_indices(len(forget), config.seed, step, config.batch_size)
+        f_noise, f_t = sample_noise(forget.batch_shape(len(f_idx)), T, gen)
         if use_retain:
-            r_idx = _epoch_indices(retain.latents.shape[0], config.seed + 1, step, config.batch_size)
-            r_noise, r_t = sample_noise(retain.latents[r_idx], T, gen)
-        esd_stop = int(torch.randint(0, config.esd_ddim_steps, (1,), generator=gen)) if is_esd else 0
+            r_idx = _epoch_indices(len(retain), config.seed + 1, step, config.batch_size)
+            r_noise, r_t = sample_noise(retain.batch_shape(len(r_idx)), T, gen)
+        draws = method.draw(gen)
         # ... of which this process takes micro-batches rank*G .. rank*G + G-1.
         per = config.batch_size // micro_batches
         step_loss = torch.zeros(3, device=device)
@@ -289,34 +304,24 @@ def train_unet(
             lo = (rank * config.gradient_accumulation_steps + k) * per
             sl = slice(lo, lo + per)
             ix = f_idx[sl]
-            fb = noise_batch(scheduler, forget.latents[ix].to(device), f_cond[ix], f_noise[sl].to(device),
-                             f_t[sl].to(device), f_target[ix] if f_target is not None else None)
+            fb = method.forget_batch(accelerator.unwrap_model(unet), scheduler, forget.take(ix, device),
+                                     method.condition(f_cond[ix], step), f_target[ix], f_noise[sl].to(device),
+                                     f_t[sl].to(device), draws)
             rb = None
             if use_retain:
                 rix = r_idx[sl]
-                rb = noise_batch(scheduler, retain.latents[rix].to(device), r_cond[rix], r_noise[sl].to(device),
+                rb = noise_batch(scheduler, retain.take(rix, device), r_cond[rix], r_noise[sl].to(device),
                                  r_t[sl].to(device))
             last = k == config.gradient_accumulation_steps - 1
             # Gradients are all-reduced only on the last micro-batch (DDP no_sync covers forward + backward).
             with nullcontext() if last else accelerator.no_sync(unet):
                 with accelerator.autocast():
-                    if is_esd:
-                        z_t, t_esd = esd_partial_sample(accelerator.unwrap_model(unet), esd_sampler, fb.noise,
-                                                        fb.cond, uncond.expand(len(fb.cond)), config.esd_ddim_steps,
-                                                        esd_stop, config.esd_start_guidance)
-                        fb = NoisedBatch(z_t, fb.noise, fb.noise, t_esd, fb.cond, uncond.expand(len(fb.cond)))
-                        loss, loss_f, loss_r = esd_loss(unet, frozen_unet, fb, config.esd_eta, rb, config.alpha)
-                    else:
-                        loss, loss_f, loss_r = salun_loss(unet, fb, rb, config.alpha)
+                    loss, loss_f, loss_r = method.loss(unet, fb, rb)
                 accelerator.backward(loss / config.gradient_accumulation_steps)
             step_loss += torch.stack([loss.detach(), loss_f, loss_r]).float() / config.gradient_accumulation_steps
         # Every process must agree before stepping: a NaN on one rank would poison all of them via all-reduce.
         step_loss = accelerator.reduce(step_loss, reduction="mean")
-        if not torch.isfinite(step_loss).all():
-            optimizer.zero_grad(set_to_none=True)
-            last_ckpt = _latest_checkpoint(checkpoint_dir)
-            kept = f"; last good checkpoint: {last_ckpt}" if last_ckpt else "; no checkpoint was written"
-            raise ConceptEraseError(f"non-finite loss {step_loss[0].item()} at step {step}, stopping{kept}")
+        check_step_loss(step_loss, step, optimizer, checkpoint_dir)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         record = {"step": step + 1, "loss": step_loss[0].item(), "loss_forget": step_loss[1].item(),
@@ -335,9 +340,51 @@ def train_unet(
         unet.disable_gradient_checkpointing()
     unet.requires_grad_(False).eval()
     pipe.unet = unet
+    per_concept, retain_loss = None, None
+    if concept_of:
+        per_concept, retain_loss = _final_losses(method, unet, scheduler, T, forget, f_cond, f_target, concept_of,
+                                                 retain if use_retain else None, r_cond, config, device)
     accelerator.wait_for_everyone()
     peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else _peak_rss()
-    return TrainResult(unet, losses, sum(step_times) / max(1, len(step_times)), peak, len(losses), start_step)
+    return TrainResult(unet, losses, sum(step_times) / max(1, len(step_times)), peak, len(losses), start_step,
+                       per_concept, retain_loss)
+
+
+@torch.no_grad()
+def _final_losses(method, unet, scheduler, T, forget: LatentSet, f_cond, f_target, concept_of: dict[str, str],
+                  retain: LatentSet | None, r_cond, config: TrainConfig, device) -> tuple[dict, float | None]:
+    """After training, on one fixed draw (from the seed): per concept, the method's forget loss on up to batch_size
+    of its forget items; and the retain denoising loss on up to batch_size retain items. Every process
+    computes the same numbers."""
+    gen = torch.Generator().manual_seed(config.seed * 1_000_003 + 999_983)
+    per_concept = {}
+    for name in dict.fromkeys(concept_of.values()):
+        idx = torch.tensor([i for i, p in enumerate(forget.prompts) if concept_of.get(p) == name][:config.batch_size],
+                           dtype=torch.long)
+        if len(idx) == 0:
+            continue
+        noise, t = sample_noise(forget.batch_shape(len(idx)), T, gen)
+        fb = method.forget_batch(unet, scheduler, forget.take(idx, device), f_cond[idx], f_target[idx],
+                                 noise.to(device), t.to(device), method.draw(gen))
+        per_concept[name] = round(method.loss(unet, fb, None)[1].item(), 6)
+    retain_loss = None
+    if retain is not None:
+        idx = torch.arange(min(len(retain), config.batch_size))
+        noise, t = sample_noise(retain.batch_shape(len(idx)), T, gen)
+        rb = noise_batch(scheduler, retain.take(idx, device), r_cond[idx], noise.to(device), t.to(device))
+        retain_loss = round(denoising_loss(unet, rb).item(), 6)
+    return per_concept, retain_loss
+
+
+def check_step_loss(step_loss: Tensor, step: int, optimizer, checkpoint_dir) -> None:
+    """THE place each step's loss (loss, loss_forget, loss_retain, already averaged over processes, so every
+    process reaches the same verdict) is checked before the optimizer steps: a non-finite loss stops the run
+    and names the last good checkpoint."""
+    if not torch.isfinite(step_loss).all():
+        optimizer.zero_grad(set_to_none=True)
+        last_ckpt = _latest_checkpoint(checkpoint_dir)
+        kept = f"; last good checkpoint: {last_ckpt}" if last_ckpt else "; no checkpoint was written"
+        raise ConceptEraseError(f"non-finite loss {step_loss[0].item()} at step {step}, stopping{kept}")
 
 
 def _reset_accelerate_state() -> None:
@@ -508,8 +555,6 @@ def compute_mask(pipe, forget: LatentSet, keep: float = 0.5, *, include=None, ba
     (docs/ALGORITHMS.md 1-2: MSE(eps, (1 + w) eps(x_t, c_f) - w eps(x_t, "")), w = 7.5, t ~ U{0..999}), noise and
     timesteps from `seed`; `include`: None (every UNet weight) or a regex on parameter names.
     `lowest=True` keeps the LEAST salient weights instead (the inverted-mask control of the benchmark)."""
-    from ..saliency import SaliencyMask
-
     batches = saliency_batches(pipe, forget, batch_size=batch_size, seed=seed)
     return SaliencyMask.compute(pipe.unet, batches, saliency_loss_fn(guidance), keep=keep, include=include,
                                 concept=concept, lowest=lowest, progress=progress)
@@ -520,7 +565,7 @@ def compute_mask(pipe, forget: LatentSet, keep: float = 0.5, *, include=None, ba
 @dataclass(kw_only=True)
 class EraseConfig(TrainConfig):
     """Everything `concept-erase erase` needs. A preset concept's `recipe` supplies defaults for the fields
-    the user did not set (see `EraseConfig.for_concept`)."""
+    the user did not set and the method reads (see `EraseConfig.for_concept`)."""
 
     model: str = field(metadata={
         "help": 'the model to erase from: a diffusers folder, a .safetensors/.ckpt file, a hub id or "minisd"'})
@@ -528,7 +573,10 @@ class EraseConfig(TrainConfig):
     model_config: str | None = field(default=None, metadata={
         "help": "local diffusers folder with the component configs of a single-file --model (offline)"})
     concept: str | None = field(default=None, metadata={
-        "help": "a preset concept (nudity, imagenette-<class>, style-<artist>, minisd-...)"})
+        "help": "a preset concept (nudity, imagenette-<class>, style-<artist>, minisd-...), or several "
+                "separated by commas (erased together in one run)"})
+    concepts_file: str | None = field(default=None, metadata={
+        "help": "a file of preset concept names, one per line, erased together in one run"})
     forget: list[str] | None = field(default=None, metadata={
         "help": "custom concept: a forget prompt (repeat the flag for several)"})
     surrogate: list[str] | None = field(default=None, metadata={
@@ -540,11 +588,15 @@ class EraseConfig(TrainConfig):
     keep: float = field(default=0.5, metadata={"help": "fraction of UNet weights the computed mask keeps trainable"})
     mask_scope: str | None = field(default=None, metadata={
         "help": "regex on UNet parameter names the computed mask ranks (default: every parameter)"})
-    num_forget_images: int = field(default=64, metadata={"help": "forget images generated by the base model"})
+    num_forget_images: int = field(default=64, metadata={
+        "help": "forget images generated by the base model (ca: images of the anchor, i.e. surrogate, prompts)"})
     num_retain_images: int = field(default=64, metadata={"help": "retain images generated by the base model"})
     forget_images: str | None = field(default=None, metadata={
         "help": "use this folder of forget images instead of generating them (prompts: its manifest.jsonl, "
                 "or the first forget prompt)"})
+    retain_images: str | None = field(default=None, metadata={
+        "help": "use this folder of retain images (e.g. real photos) instead of generating them (prompts: its "
+                "manifest.jsonl, or the first retain prompt)"})
     image_steps: int = field(default=25, metadata={"help": "denoising steps when generating forget/retain images"})
     image_guidance: float = field(default=7.5, metadata={"help": "guidance scale when generating them"})
     resolution: int | None = field(default=None, metadata={"help": "image size in pixels (default: the model's)"})
@@ -562,16 +614,18 @@ class EraseConfig(TrainConfig):
     progress: bool = field(default=True, metadata={"help": "progress bars"})
 
     def __post_init__(self):
+        # What the user chose (values off their default), before the method's own default alpha fills in.
+        given = {f.name: getattr(self, f.name) for f in fields(self)
+                 if f.default is not MISSING and getattr(self, f.name) != f.default}
         super().__post_init__()
+        get_method(self.method).check_fields(given)
         if not 0 < self.keep <= 1:
             raise ConceptEraseError(f"keep must be in (0, 1], got {self.keep!r}")
         for name in ("num_forget_images", "num_retain_images", "image_steps"):
             if int(getattr(self, name)) < 1:
                 raise ConceptEraseError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        if self.method == "rl" and self.mask:
-            raise ConceptEraseError(f"--method rl trains every weight; it takes no --mask ({self.mask!r})")
-        if self.concept is None and not self.forget:
-            raise ConceptEraseError("name a --concept preset or give --forget and --surrogate")
+        if self.concept is None and not self.forget and not self.concepts_file:
+            raise ConceptEraseError("name a --concept preset (or --concepts-file) or give --forget and --surrogate")
         if self.mask_scope is not None:
             try:
                 re.compile(self.mask_scope)
@@ -580,29 +634,53 @@ class EraseConfig(TrainConfig):
 
     @classmethod
     def for_concept(cls, **values) -> "EraseConfig":
-        """Build a config: the preset concept's recipe first, then `values` (the user's choices) on top."""
-        from ..concepts import get_concept
+        """Build a config: the preset concept's recipe first, then `values` (the user's choices) on top.
 
-        recipe = get_concept(values["concept"]).recipe if values.get("concept") else {}
+        The recipe is the reference SalUn recipe of the preset: only the fields the chosen method reads are
+        taken from it, and its alpha only for a method whose own default has a retain term (ESD and CA keep
+        theirs, 0, unless the user passes alpha)."""
+        from .methods import ALL_METHOD_FIELDS, RETAIN_DATA
+
+        method = get_method(values.get("method", cls.method))
+        method.check_fields(values)  # what the user typed, even when it equals a default
+        recipe = _concept_set(values).recipe if (values.get("concept") or values.get("concepts_file")) else {}
         names = {f.name for f in fields(cls)}
-        return cls(**{**{k: v for k, v in recipe.items() if k in names}, **values})
+        recipe = {k: v for k, v in recipe.items()
+                  if k in names and (k not in ALL_METHOD_FIELDS or k in method.fields)}
+        if method.default_alpha == 0:
+            recipe.pop("alpha", None)
+        if not values.get("alpha", recipe.get("alpha", method.default_alpha)):
+            recipe = {k: v for k, v in recipe.items() if k not in RETAIN_DATA}  # no retain term: no retain images
+        return cls(**{**recipe, **values})
 
     def checkpoints(self) -> Path:
         return Path(self.checkpoint_dir) if self.checkpoint_dir else Path(f"{self.output}.checkpoints")
 
     def get_concept(self):
-        from ..concepts import get_concept
+        """The concept to erase: one preset or custom concept, or several presets as one `Concept` whose
+        `members` are the individual concepts (see `concepts.combine_concepts`)."""
+        return _concept_set(vars(self))
 
-        return get_concept(self.concept, forget=self.forget, surrogate=self.surrogate,
-                           retain_prompts=self.retain_prompts)
+
+def _concept_set(values: dict):
+    from ..concepts import get_concepts
+
+    return get_concepts(values.get("concept"), concepts_file=values.get("concepts_file"),
+                        forget=values.get("forget"), surrogate=values.get("surrogate"),
+                        retain_prompts=values.get("retain_prompts"))
 
 
-def build_latent_sets(pipe, concept, config: EraseConfig, state) -> tuple[LatentSet, LatentSet | None]:
-    """Forget and retain images generated by the base model (cached; resumable) or read from a folder, encoded
-    to latents once. Under several processes the main one generates and the others then read the cache.
-    ESD samples its own z_t from the model, so it needs no forget images: it gets one zero latent per prompt."""
+def build_latent_sets(pipe, concept, config: EraseConfig, state, *,
+                      with_retain: bool | None = None) -> tuple[LatentSet, LatentSet | None]:
+    """The data the method needs, as latents encoded once (images generated by the base model, cached and
+    resumable, or read from a folder). Under several processes the main one generates and the others then
+    read the cache. Per the method's `forget_data`: "forget" = images of the forget prompts; "anchor" (CA) =
+    images of the surrogate prompts, each paired with a forget prompt steered to it; "none" (ESD samples its
+    own z_t) = the forget prompts only. Retain images when the method has a retain term (`with_retain`
+    overrides: the `mask` command wants none)."""
     from .data import ImageSet, SamplingSettings, default_image_size
 
+    method = get_method(config.method)(config)
     settings = SamplingSettings(num_inference_steps=config.image_steps, guidance_scale=config.image_guidance,
                                 height=config.resolution, width=config.resolution)
     cache = config.cache_dir
@@ -613,30 +691,41 @@ def build_latent_sets(pipe, concept, config: EraseConfig, state) -> tuple[Latent
             return ImageSet.generate(pipe, prompts, per_prompt, cache, seed=config.seed, settings=settings,
                                      progress=config.progress and state.is_main_process)
 
+    def from_folder(folder: str, default_prompt: str) -> ImageSet:
+        folder = Path(folder)
+        has_prompts = (folder / "manifest.jsonl").is_file() or (folder / "metadata.jsonl").is_file()
+        return ImageSet.from_folder(folder, None if has_prompts else default_prompt, cache_dir=cache)
+
+    def encoded(images: ImageSet) -> Tensor:
+        with state.main_process_first():
+            return images.latents(pipe, batch_size=config.batch_size, size=size)
+
     size = (config.resolution,) * 2 if config.resolution else default_image_size(pipe)  # train at --resolution
-    if config.method in ESD_SCOPES:
-        h, w = size
+    if method.forget_data == "none":
         f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-        latents = torch.zeros(len(concept.forget_prompts), pipe.unet.config.in_channels, h // f, w // f)
-        forget = LatentSet(latents, list(concept.forget_prompts))
+        shape = (pipe.unet.config.in_channels, size[0] // f, size[1] // f)
+        forget = LatentSet.prompts_only(concept.forget_prompts, shape)
+    elif method.forget_data == "anchor":
+        # Kumari et al. 2023: images of the anchor concept; each is paired with a forget prompt that has that
+        # anchor as its surrogate (cycling, so every forget prompt gets its share).
+        targets = {a: [p for p in concept.forget_prompts if concept.surrogate_for(p) == a]
+                   for a in dict.fromkeys(concept.surrogate_for(p) for p in concept.forget_prompts)}
+        images = generated(list(targets), config.num_forget_images)
+        seen: dict[str, int] = {}
+        prompts = []
+        for anchor in images.prompts:
+            k = seen[anchor] = seen.get(anchor, -1) + 1
+            prompts.append(targets[anchor][k % len(targets[anchor])])
+        forget = LatentSet(encoded(images), prompts, list(images.prompts))
     else:
-        if config.forget_images:
-            folder = Path(config.forget_images)
-            has_prompts = (folder / "manifest.jsonl").is_file() or (folder / "metadata.jsonl").is_file()
-            images = ImageSet.from_folder(folder, None if has_prompts else concept.forget_prompts[0],
-                                          cache_dir=cache)
-        else:
-            images = generated(concept.forget_prompts, config.num_forget_images)
-        with state.main_process_first():
-            latents = images.latents(pipe, batch_size=config.batch_size, size=size)
-        surrogates = [concept.surrogate_for(p) for p in images.prompts]
-        forget = LatentSet(latents, images.prompts, surrogates)
+        images = (from_folder(config.forget_images, concept.forget_prompts[0]) if config.forget_images
+                  else generated(concept.forget_prompts, config.num_forget_images))
+        forget = LatentSet(encoded(images), images.prompts, [concept.surrogate_for(p) for p in images.prompts])
     retain = None
-    if config.alpha > 0:
-        images = generated(concept.retain_prompts, config.num_retain_images)
-        with state.main_process_first():
-            latents = images.latents(pipe, batch_size=config.batch_size, size=size)
-        retain = LatentSet(latents, images.prompts)
+    if method.needs_retain if with_retain is None else with_retain:
+        images = (from_folder(config.retain_images, concept.retain_prompts[0]) if config.retain_images
+                  else generated(concept.retain_prompts, config.num_retain_images))
+        retain = LatentSet(encoded(images), images.prompts)
     return forget, retain
 
 
@@ -660,7 +749,7 @@ def run_mask(config: EraseConfig) -> dict[str, Any]:
 
     check_output_free(config.output, config.overwrite)
     state, concept, pipe = _prepare(config)
-    forget, _ = build_latent_sets(pipe, concept, _without_retain(config), state)
+    forget, _ = build_latent_sets(pipe, concept, config, state, with_retain=False)
     t0 = time.perf_counter()
     mask = compute_mask(pipe, forget, config.keep, include=config.mask_scope, batch_size=config.batch_size,
                         seed=config.seed, concept=concept.name, progress=config.progress)
@@ -672,43 +761,50 @@ def run_mask(config: EraseConfig) -> dict[str, Any]:
             "seconds": round(seconds, 3), "fingerprint": mask.fingerprint}
 
 
-def _without_retain(config: EraseConfig) -> EraseConfig:
-    values = {f.name: getattr(config, f.name) for f in fields(config)}
-    return EraseConfig(**{**values, "alpha": 0.0, "method": "salun" if config.method in ESD_SCOPES else config.method})
-
-
 def run_erase(config: EraseConfig) -> dict[str, Any]:
     """`concept-erase erase`: the whole job. Returns the summary (also written as OUTPUT/erase_summary.json).
 
     Fails before any work if an output exists (without overwrite) or the mask does not fit the model; on a
     non-finite loss it raises ConceptEraseError and the checkpoints written so far stay in place."""
     from ..io_utils import check_output_free
-    from ..saliency import SaliencyMask
 
     for path in (config.output, config.export_single_file, config.save_delta):
         if path:
             check_output_free(path, config.overwrite)
     t_start = time.perf_counter()
     state, concept, pipe = _prepare(config)
-    config.check_launch(state.num_processes)
+    method = get_method(config.method)(config)
+    if method.closed_form:
+        base_unet = copy.deepcopy(pipe.unet).cpu() if config.save_delta else None
+        t0 = time.perf_counter()
+        report = method.edit(pipe, concept, config)  # deterministic: every process computes the same edit
+        summary = {**_summary_head(config, concept, state), **report,
+                   "seconds_total": round(time.perf_counter() - t_start, 3),
+                   "seconds_edit": round(time.perf_counter() - t0, 3)}
+        if state.is_main_process:
+            _save_outputs(pipe, config, concept, None, base_unet, summary)
+        state.wait_for_everyone()
+        return summary
 
-    mask = None
+    config.check_launch(state.num_processes)
+    mask, mask_seconds = None, 0.0
     ckpt_dir = config.checkpoints()
     resumed_mask = ckpt_dir / RESUME_MASK
+    computes_mask = method.computes_mask and not config.mask
     if config.mask:
         mask = SaliencyMask.load(config.mask, model=pipe.unet)  # a mask for another model fails here, early
-    elif config.method == "salun" and _find_checkpoint(ckpt_dir, config.resume) and resumed_mask.is_file():
+    elif computes_mask and _find_checkpoint(ckpt_dir, config.resume) and resumed_mask.is_file():
         mask = SaliencyMask.load(resumed_mask, model=pipe.unet)  # the mask the interrupted run computed
         made_for, now = (mask.keep, mask.scope, mask.concept), (config.keep, config.mask_scope or "all", concept.name)
         if made_for != now:
             raise ConceptEraseError(f"cannot resume: {str(resumed_mask)!r} was computed for another job "
                                     f"(keep, scope, concept: {made_for}; now {now})")
     forget, retain = build_latent_sets(pipe, concept, config, state)
-    mask_seconds = 0.0
-    if config.method == "salun" and mask is None:
+    if computes_mask and mask is None:
         t0 = time.perf_counter()
         # One process computes it and the others read it, so every process trains the same weights even
-        # where GPU gradients are not bit-reproducible. Kept beside the checkpoints for --resume.
+        # where GPU gradients are not bit-reproducible. Kept beside the checkpoints for --resume. Several
+        # concepts: one mask over the union forget set (its gradient sums every concept's).
         if state.is_main_process:
             mask = compute_mask(pipe, forget, config.keep, include=config.mask_scope, batch_size=config.batch_size,
                                 seed=config.seed, concept=concept.name, progress=config.progress)
@@ -722,20 +818,26 @@ def run_erase(config: EraseConfig) -> dict[str, Any]:
 
     try:
         result = train_unet(pipe, forget, retain, config, mask=mask, checkpoint_dir=ckpt_dir,
-                            resume=config.resume, progress=config.progress)
+                            resume=config.resume, progress=config.progress, concept_of=_concept_of(concept))
     except BaseException:
         if state.is_main_process and _latest_checkpoint(ckpt_dir) is None:
             _remove_resume_mask(ckpt_dir)  # nothing to resume: leave nothing behind
         raise
     summary = {
-        "output": str(config.output), "model": config.model, "concept": concept.name, "method": config.method,
+        **_summary_head(config, concept, state),
         "steps": result.steps, "resumed_from": result.resumed_from, "batch_size": config.batch_size,
-        "processes": state.num_processes, "lr": config.lr, "alpha": config.alpha,
+        "lr": config.lr, "alpha": config.alpha,
         "keep": None if mask is None else round(mask.kept_fraction, 6),
-        "forget_images": int(forget.latents.shape[0]),
+        "forget_images": 0 if forget.latents is None else int(forget.latents.shape[0]),
         "retain_images": 0 if retain is None else int(retain.latents.shape[0]),
         "seconds_total": round(time.perf_counter() - t_start, 3), "seconds_mask": round(mask_seconds, 3),
         "seconds_per_step": round(result.seconds_per_step, 4), "peak_memory_bytes": result.peak_memory,
+        "forget_per_concept": result.forget_per_concept,
+        "forget_measure": f"the {config.method} forget loss after training, on up to {config.batch_size} forget "
+                          "items of each concept (one fixed draw)",
+        "retain": result.retain_loss,
+        "retain_measure": f"the retain denoising loss after training, on up to {config.batch_size} retain items "
+                          "(one fixed draw; null: no retain set)",
         "final_loss": result.losses[-1] if result.losses else None, "losses": result.losses,
     }
     if state.is_main_process:
@@ -744,6 +846,17 @@ def run_erase(config: EraseConfig) -> dict[str, Any]:
             _remove_resume_mask(ckpt_dir)
     state.wait_for_everyone()
     return summary
+
+
+def _concept_of(concept) -> dict[str, str]:
+    """Forget prompt -> the name of the concept it belongs to (one run may erase several)."""
+    return {p: m.name for m in concept.members for p in m.forget_prompts}
+
+
+def _summary_head(config: EraseConfig, concept, state) -> dict[str, Any]:
+    return {"output": str(config.output), "model": config.model, "concept": concept.name,
+            "concepts": [m.name for m in concept.members], "method": config.method,
+            "processes": state.num_processes}
 
 
 def _remove_resume_mask(ckpt_dir: Path) -> None:
@@ -761,13 +874,23 @@ def _save_outputs(pipe, config: EraseConfig, concept, mask, base_unet, summary: 
     from .delta import save_delta
     from .single_file import export_single_file
 
-    surrogate = concept.surrogate_prompts[0] if len(concept.surrogate_prompts) == 1 else concept.surrogate_prompts
+    method = get_method(config.method)
+    surrogate = concept.surrogate_prompts[0] if len(set(concept.surrogate_prompts)) == 1 else concept.surrogate_prompts
     card = {"base_model": config.model, "concept": concept.name, "forget_prompts": concept.forget_prompts,
             "surrogate": surrogate, "method": config.method,
-            "keep": None if mask is None else summary["keep"], "steps": summary["steps"],
-            "training": {"lr": config.lr, "alpha": config.alpha, "batch_size": config.batch_size,
-                         "seed": config.seed, "forget_images": summary["forget_images"],
-                         "retain_images": summary["retain_images"]}}
+            "keep": None if mask is None else summary.get("keep")}
+    if len(concept.members) > 1:
+        card["concepts"] = [m.name for m in concept.members]
+    card["erasure_check"] = {k: summary.get(k) for k in ("forget_per_concept", "forget_measure", "retain",
+                                                         "retain_measure")}
+    if method.closed_form:
+        card["edit"] = {k: summary[k] for k in ("erase_scale", "preserve_scale", "ridge", "edited_parameters",
+                                                "preserve_prompts") if k in summary}
+    else:
+        card["steps"] = summary["steps"]
+        card["training"] = {"lr": config.lr, "alpha": config.alpha, "batch_size": config.batch_size,
+                            "seed": config.seed, "forget_images": summary["forget_images"],
+                            "retain_images": summary["retain_images"]}
     with atomic_dir(config.output, overwrite=config.overwrite) as tmp:
         save_pipeline(pipe, tmp, card=card, overwrite=True)
         if mask is not None:

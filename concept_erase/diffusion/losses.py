@@ -35,11 +35,15 @@ class NoisedBatch:
     target_cond: Conditioning | Tensor | None = None  # SalUn: the surrogate prompt; saliency/ESD: the empty one
 
 
-def sample_noise(latents: Tensor, num_train_timesteps: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+def sample_noise(latents: Tensor | tuple[int, ...], num_train_timesteps: int,
+                 generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """eps ~ N(0, I) and t ~ U{0..T-1} for each latent, from `generator` (on the CPU, then moved), so the
-    draw does not depend on the device or on how the batch is later split."""
-    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(latents.device, latents.dtype)
-    t = torch.randint(0, num_train_timesteps, (latents.shape[0],), generator=generator).to(latents.device)
+    draw does not depend on the device or on how the batch is later split. `latents` may be just the batch's
+    shape (ESD samples its own z_t: it has no latents, only their shape), then both stay on the CPU in fp32."""
+    shape, device, dtype = ((latents.shape, latents.device, latents.dtype) if isinstance(latents, Tensor)
+                            else (tuple(latents), torch.device("cpu"), torch.float32))
+    noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(device, dtype)
+    t = torch.randint(0, num_train_timesteps, (shape[0],), generator=generator).to(device)
     return noise, t
 
 
@@ -74,6 +78,11 @@ def _unet(unet: nn.Module, z: Tensor, t: Tensor, cond: Conditioning | Tensor) ->
 
 def _cat(*conds: Conditioning | Tensor) -> Conditioning:
     return Conditioning.cat(conds)
+
+
+def denoising_loss(unet: nn.Module, batch: NoisedBatch) -> Tensor:
+    """The ordinary diffusion loss MSE(eps_theta(z_t, c), eps) (v for v-prediction models)."""
+    return F.mse_loss(_unet(unet, batch.noisy, batch.timesteps, batch.cond).float(), batch.target.float())
 
 
 def saliency_loss(unet: nn.Module, batch: NoisedBatch, guidance: float = SALIENCY_GUIDANCE) -> Tensor:
