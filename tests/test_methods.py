@@ -137,7 +137,9 @@ def _cli(pipe_dir, cache, *extra):
 def test_uce_command_writes_the_same_outputs(tiny_pipeline_dir, tmp_path, capsys):
     from safetensors.torch import load_file
 
-    from concept_erase.diffusion.io import apply_delta, load_pipeline, read_model_card
+    from concept_erase.diffusion.card import read_model_card
+    from concept_erase.diffusion.delta import apply_delta
+    from concept_erase.diffusion.loading import load_pipeline
 
     out = tmp_path / "uce"
     argv = ["erase", "--model", str(tiny_pipeline_dir), "--forget", "a nude", "--surrogate", "a dressed",
@@ -176,7 +178,7 @@ def test_esd_makes_no_images_and_ca_makes_anchor_images(method, tiny_pipeline_di
 def test_several_concepts_in_one_run(tiny_pipeline_dir, tmp_path, capsys):
     """Two MiniSD digit presets at once: one mask over the union forget set, a surrogate per concept, forget
     per concept and the joint retain in the summary and the card (the tiny pipeline reads any text)."""
-    from concept_erase.diffusion.io import read_model_card
+    from concept_erase.diffusion.card import read_model_card
 
     (tmp_path / "concepts.txt").write_text("minisd-digit-three\nminisd-digit-four\n")
     out = tmp_path / "two"

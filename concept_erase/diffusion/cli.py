@@ -91,12 +91,14 @@ def register(subparsers) -> None:
 def _config(args: argparse.Namespace, names):
     from .defaults import announce, check_resolution, model_defaults
     from .erase import EraseConfig
+    from .methods import get_method
 
     values = {name: getattr(args, name) for name in names if hasattr(args, name)}
     # The forget/retain images are sampled as the base model is everywhere else (MiniSD: guidance 5).
     defaults = model_defaults(args.model, values.get("model_config"))
     chosen = {"image_steps": defaults.steps, "image_guidance": defaults.guidance}
-    chosen = {k: v for k, v in chosen.items() if k not in values}
+    uses = get_method(values.get("method", "salun")).fields  # a closed-form edit (uce) samples no images
+    chosen = {k: v for k, v in chosen.items() if k not in values and k in uses}
     check_resolution(values.get("resolution"), defaults)
     if chosen:
         announce(defaults.describe(*(f"--{k.replace('_', '-')} {v:g}" for k, v in chosen.items())))
