@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .errors import ConceptEraseError
+from .fingerprints import DIGEST_KEY, state_digest
 from .io_utils import atomic_file
 
 MASK_FORMAT = "concept-erase-saliency-mask"
@@ -315,6 +316,7 @@ class SaliencyMask:
             "fingerprint": self.fingerprint, "kept_fraction": f"{self.kept_fraction:.6f}",
             "mask_shapes": json.dumps({name: list(m.shape) for name, m in self.masks.items()}),
             "model_shapes": json.dumps([[n, list(s)] for n, s in self.model_shapes]),
+            DIGEST_KEY: state_digest(tensors),
         }
         path = Path(path)
         with atomic_file(path, overwrite=overwrite) as tmp:
@@ -338,6 +340,9 @@ class SaliencyMask:
             raise ConceptEraseError(f"cannot read mask file {str(path)!r}: {str(err).splitlines()[0]}") from None
         if meta.get("format") != MASK_FORMAT:
             raise ConceptEraseError(f"{str(path)!r} is not a concept-erase mask file (format={meta.get('format')!r})")
+        if DIGEST_KEY in meta and state_digest(raw) != meta[DIGEST_KEY]:  # masks written before it lack one
+            raise ConceptEraseError(f"mask file {str(path)!r} is damaged: its content digest differs from the one "
+                                    "recorded when it was written")
         try:
             shapes = json.loads(meta["mask_shapes"])
             masks = {}

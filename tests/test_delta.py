@@ -66,6 +66,46 @@ def test_delta_reproduces_the_erased_unet_bit_for_bit(tmp_path, tiny_pipeline, o
         apply_delta(untouched, path2)
     assert all(torch.equal(untouched.state_dict()[k], base.state_dict()[k]) for k in want)
     save_file({**tensors, name: tensors[name] + 1}, str(path2 / "delta.safetensors"))
-    with pytest.raises(ConceptEraseError, match="did not reproduce"):
+    with pytest.raises(ConceptEraseError, match="its values do not give the erased weights"):
         apply_delta(build_tiny_pipeline(seed=0).unet, path2)
+
+
+@pytest.mark.parametrize("damage", ["flipped value bit", "damaged mask byte", "short values", "short mask",
+                                    "mask of another dtype"])
+def test_a_damaged_delta_leaves_the_base_exactly_as_it_was(tmp_path, tiny_pipeline, damage):
+    """Every parameter of the delta is checked (sizes, then the erased weights' digest) before any is written,
+    so damage in the LAST parameter cannot leave the first ones applied."""
+    import copy
+
+    from safetensors.torch import load_file, save_file
+
+    from concept_erase.saliency import SaliencyMask
+
+    base = tiny_pipeline.unet
+    mask = SaliencyMask.random(base, keep=0.3, seed=1)
+    erased = copy.deepcopy(base)
+    _erase_inside(erased, mask)
+    path = save_delta(base, erased, mask, tmp_path / "delta")
+    tensors = load_file(str(path / "delta.safetensors"))
+    last = sorted(json.loads((path / "delta.json").read_text())["parameters"])[-1]
+    value, packed = tensors[f"value.{last}"], tensors[f"mask.{last}"]
+    if damage == "flipped value bit":
+        bits = value.clone().view(torch.int32)
+        bits[0] ^= 1 << 20
+        tensors[f"value.{last}"] = bits.view(torch.float32)
+    elif damage == "damaged mask byte":
+        tensors[f"mask.{last}"] = packed.clone()
+        tensors[f"mask.{last}"][0] ^= 0xFF
+    elif damage == "short values":
+        tensors[f"value.{last}"] = value[:-1].clone()
+    elif damage == "short mask":
+        tensors[f"mask.{last}"] = packed[:-1].clone()
+    else:
+        tensors[f"mask.{last}"] = packed.to(torch.int16)
+    save_file(tensors, str(path / "delta.safetensors"))
+    target = build_tiny_pipeline(seed=0).unet
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(ConceptEraseError, match=r"is damaged: .*(erased weights|masked entries|bytes)"):
+        apply_delta(target, path)
+    assert all(torch.equal(target.state_dict()[k], v) for k, v in before.items())
 

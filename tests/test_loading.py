@@ -38,9 +38,14 @@ def test_load_errors(tmp_path, tiny_pipeline_dir):
 
     save_file({"some.weight": torch.zeros(3)}, str(tmp_path / "other.safetensors"))
     cases[str(tmp_path / "other.safetensors")] = "not a Stable Diffusion checkpoint"
+    import random
+
+    (tmp_path / "random.ckpt").write_bytes(random.Random(0).randbytes(4096))
+    cases[str(tmp_path / "random.ckpt")] = r"not a checkpoint \(or is damaged\): unreadable pickle data"
     for source, message in cases.items():
-        with pytest.raises(ConceptEraseError, match=message):
+        with pytest.raises(ConceptEraseError, match=message) as caught:
             load_pipeline(source, config=tiny_pipeline_dir)
+        assert "weights_only" not in str(caught.value)  # never torch's advice to run the pickle's code
     with pytest.raises(ConceptEraseError, match="needs a CUDA device"):
         load_pipeline(tiny_pipeline_dir, dtype="fp16", device="cpu")
     with pytest.raises(ConceptEraseError, match="unknown dtype"):

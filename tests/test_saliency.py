@@ -164,6 +164,11 @@ def test_unreadable_mask_files(tmp_path):
     truncated.write_bytes(good.read_bytes()[:-7])
     with pytest.raises(ConceptEraseError, match="cannot read mask file"):
         SaliencyMask.load(truncated)
+    flipped = bytearray(good.read_bytes())
+    flipped[-1] ^= 0x01  # one mask bit: without the recorded digest, a different mask would load silently
+    (tmp_path / "flipped.safetensors").write_bytes(bytes(flipped))
+    with pytest.raises(ConceptEraseError, match="is damaged: its content digest differs"):
+        SaliencyMask.load(tmp_path / "flipped.safetensors")
 
 
 def test_bool_mask_files_load_too(tmp_path):

@@ -101,3 +101,14 @@ def test_sdxl_single_file_needs_sdxl_configs(tmp_path, tiny_sdxl_pipeline, tiny_
     with pytest.raises(ConceptEraseError, match="is a sd1 model but .* is sdxl"):
         load_pipeline(path, config=tiny_pipeline_dir)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["xl.safetensors"]
+
+
+def test_a_flipped_byte_in_an_export_is_reported_on_load(tmp_path, tiny_pipeline_dir, other_pipeline):
+    """The export records its content digest in the metadata; safetensors itself has no checksum, so without
+    it a flipped bit would load silently as other weights."""
+    path = export_single_file(other_pipeline, tmp_path / "model.safetensors")
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x10  # a bit of the last tensor's data
+    path.write_bytes(bytes(data))
+    with pytest.raises(ConceptEraseError, match=r"checkpoint '.*model\.safetensors' is damaged: its content digest"):
+        load_pipeline(path, config=tiny_pipeline_dir)

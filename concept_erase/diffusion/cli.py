@@ -148,13 +148,15 @@ def _register_export(subparsers) -> None:
 
 
 def _export_main(args: argparse.Namespace) -> int:
-    from ..io_utils import check_output_free
+    from ..io_utils import check_writable
     from .card import read_model_card, save_pipeline
     from .delta import save_delta
     from .loading import load_pipeline
     from .single_file import export_single_file
 
-    check_output_free(args.out, args.overwrite)  # fail before loading anything
+    single = args.to == "single-file"
+    check_writable(args.out, args.overwrite, kind="file" if single else "dir",
+                   suffix=".safetensors" if single else None)  # fail before loading anything
     if args.to != "delta" and (args.base or args.base_config or args.mask):
         raise ConceptEraseError("--base, --base-config and --mask only apply to --to delta")
     if args.to != "single-file" and args.dtype:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import ConceptEraseError, first_line
-from ..fingerprints import weights_digest
+from ..fingerprints import state_digest, weights_digest
 from ..io_utils import atomic_dir
 
 if TYPE_CHECKING:
@@ -72,7 +72,6 @@ def save_delta(base_unet, erased_unet, mask, path: str | os.PathLike, *, overwri
 def apply_delta(pipe_or_unet, path: str | os.PathLike):
     """Write a `save_delta` folder's values into a base pipeline's (or UNet's) weights, in place, and return
     it. Refuses a base whose architecture (fingerprint) or weights (digest) differ from the delta's base."""
-    import numpy as np
     import torch
     from safetensors import safe_open
 
@@ -90,8 +89,8 @@ def apply_delta(pipe_or_unet, path: str | os.PathLike):
     if config.get("format") != DELTA_FORMAT:
         raise ConceptEraseError(f"{str(config_file)!r} is not a concept-erase delta (format={config.get('format')!r})")
     lacking = [k for k in ("base_fingerprint", "base_digest", "erased_digest", "parameters") if k not in config]
-    if lacking:
-        raise ConceptEraseError(f"delta config {str(config_file)!r} is damaged: no {lacking[0]!r}")
+    if lacking or not isinstance(config["parameters"], dict):
+        raise ConceptEraseError(f"delta config {str(config_file)!r} is damaged: no {(lacking or ['parameters'])[0]!r}")
     if model_fingerprint(unet) != config["base_fingerprint"]:
         raise ConceptEraseError(
             f"delta {str(path)!r} was made for another UNet architecture (fingerprint {config['base_fingerprint']}, "
@@ -106,19 +105,36 @@ def apply_delta(pipe_or_unet, path: str | os.PathLike):
     except Exception as err:
         raise ConceptEraseError(f"cannot read {str(path / 'delta.safetensors')!r}: {first_line(err)}") from None
     state = unet.state_dict()  # tensors share storage with the parameters: writing them updates the model
-    # Check everything before writing anything, so a damaged delta leaves the base as it was.
-    for name in config["parameters"]:
-        absent = next((k for k in (f"mask.{name}", f"value.{name}") if k not in stored), None)
-        if name not in state or absent:
-            raise ConceptEraseError(f"delta {str(path)!r} is damaged: no {absent or name!r} to apply")
+    # The erased weights are built beside the base and their digest checked before anything is written: a
+    # flipped value bit, a damaged mask byte or a short tensor leaves the base exactly as it was.
+    updated = {name: _updated_tensor(path, name, state.get(name), stored) for name in config["parameters"]}
+    if state_digest({**state, **updated}) != config["erased_digest"]:  # safetensors has no checksum of its own
+        raise ConceptEraseError(f"delta {str(path)!r} is damaged: its values do not give the erased weights "
+                                f"(digest {config['erased_digest'][:16]}); the base was left unchanged")
     with torch.no_grad():
-        for name, info in config["parameters"].items():
-            target = state[name]
-            n = target.numel()
-            where = torch.from_numpy(np.unpackbits(stored[f"mask.{name}"].numpy())[:n].astype(bool))
-            where = where.reshape(target.shape).to(target.device)
-            target[where] = stored[f"value.{name}"].to(target.device, target.dtype)
-    if weights_digest(unet) != config["erased_digest"]:  # safetensors carries no checksum of its own
-        raise ConceptEraseError(f"delta {str(path)!r} did not reproduce the erased weights (damaged values); "
-                                "reload the base before using it")
+        for name, tensor in updated.items():
+            state[name].copy_(tensor)
     return pipe_or_unet
+
+
+def _updated_tensor(path: Path, name: str, target, stored: dict) -> "torch.Tensor":
+    """A copy of base parameter `name` with the delta's values written under its mask, after checking that
+    the stored mask and values have the sizes the parameter needs."""
+    import numpy as np
+    import torch
+
+    packed, values = stored.get(f"mask.{name}"), stored.get(f"value.{name}")
+    if target is None or packed is None or values is None:
+        absent = name if target is None else f"mask.{name}" if packed is None else f"value.{name}"
+        raise ConceptEraseError(f"delta {str(path)!r} is damaged: no {absent!r} to apply")
+    n = target.numel()
+    if packed.dtype != torch.uint8 or packed.numel() != (n + 7) // 8:
+        raise ConceptEraseError(f"delta {str(path)!r} is damaged: the mask of {name!r} has {packed.numel()} "
+                                f"{str(packed.dtype).removeprefix('torch.')} entries, not {(n + 7) // 8} bytes")
+    where = torch.from_numpy(np.unpackbits(packed.numpy())[:n].astype(bool)).reshape(target.shape)
+    if values.numel() != int(where.sum()):
+        raise ConceptEraseError(f"delta {str(path)!r} is damaged: {name!r} has {values.numel()} values for "
+                                f"{int(where.sum())} masked entries")
+    new = target.detach().clone()
+    new[where.to(new.device)] = values.reshape(-1).to(new.device, new.dtype)
+    return new

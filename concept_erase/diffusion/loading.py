@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConceptEraseError, first_line
+from ..fingerprints import check_file_digest
 from .families import Family, family_from_config, family_from_keys, get_family, set_family
 
 if TYPE_CHECKING:
@@ -256,12 +257,25 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
         # torch names the global it refused to import, e.g. "GLOBAL posix.system" or "GLOBAL getattr"
         found = re.search(r"GLOBAL [\w.]+", str(err))
         if found is None:  # not a refused import: the bytes are not a valid pickle at all
-            raise ConceptEraseError(f"{str(path)!r} is not a checkpoint (or is damaged): {first_line(err)}") from None
+            raise ConceptEraseError(f"{str(path)!r} is not a checkpoint (or is damaged): {_torch_reason(err)}") from None
         raise ConceptEraseError(
             f"refusing to load {str(path)!r}: the pickle needs code to run ({found.group(0)}); "
             "convert it to .safetensors with a tool you trust") from None
     except Exception as err:
-        raise ConceptEraseError(f"{str(path)!r} is not a checkpoint (or is damaged): {first_line(err)}") from None
+        raise ConceptEraseError(f"{str(path)!r} is not a checkpoint (or is damaged): {_torch_reason(err)}") from None
+
+
+def _torch_reason(err: BaseException) -> str:
+    """Why torch.load refused a file, without torch's advice to retry with `weights_only=False`: that runs
+    whatever code the pickle names, which this tool never does (and a damaged file would not load anyway)."""
+    text = str(err)
+    unpickler = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    if unpickler:
+        return f"unreadable pickle data ({unpickler.group(1).strip()})"
+    line = first_line(err)
+    if "weights_only" in line:
+        return "unreadable pickle data"
+    return line.split("  (Could this error message be improved?")[0].strip()
 
 
 def _resolve_config(config: str | os.PathLike | None, path: Path) -> str | None:
@@ -281,6 +295,8 @@ def _resolve_config(config: str | os.PathLike | None, path: Path) -> str | None:
 def _load_single_file(path: Path, config: str | os.PathLike | None, torch_dtype: torch.dtype,
                       override: str | None):
     keys = read_checkpoint_keys(path)  # fails cleanly (and safely) before diffusers sees the file
+    if path.suffix == ".safetensors":  # our exports record a content digest: a flipped byte is caught here
+        check_file_digest(path, "checkpoint")
     try:  # SD 3 / Flux / the refiner / no UNet at all are refused here, by name
         detected = family_from_keys(keys)
     except ConceptEraseError as err:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import ConceptEraseError
+from ..fingerprints import DIGEST_KEY, state_digest
 from ..io_utils import atomic_file
 from .loading import resolve_dtype
 
@@ -203,5 +204,5 @@ def export_single_file(pipe, path: str | os.PathLike, *, overwrite: bool = False
         target = resolve_dtype(dtype)
         state = {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()}
     with atomic_file(path, overwrite=overwrite) as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt"})
+        save_file(state, str(tmp), metadata={"format": "pt", DIGEST_KEY: state_digest(state)})
     return path
