@@ -104,6 +104,25 @@ def test_attacks_need_their_inputs_and_leave_the_model_frozen(setup):
     assert [p.requires_grad for p in pipe.unet.parameters()] == before
 
 
+def test_every_attack_runs_on_sdxl_through_both_text_encoders():
+    from concept_erase.diffusion.tiny import build_tiny_sdxl_pipeline
+
+    pipe = build_tiny_sdxl_pipeline(seed=0)
+    concept = get_concept(forget=["a cat"], surrogate=["a dog"])
+    rows = concept_rows(concept, [0, 1])
+    targets = Targets(rows=torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0)))
+    targets.images, targets.captions = targets.rows, ["a cat"] * 2
+    plain = encode(pipe, [r.prompt for r in rows])
+    for name in ATTACK_NAMES:
+        learned = attack_fn(name)(pipe, rows, targets, make_budget(name, **TINY[name]), 0, concept=concept, base=pipe)
+        cond = learned.conditioning_for(pipe)
+        assert cond.hidden.shape == plain.hidden.shape and set(cond.added) == {"text_embeds", "time_ids"}
+        assert torch.equal(cond.added["time_ids"], plain.added["time_ids"])  # size ids are never attacked
+        if name == "inversion":
+            assert set(learned.prefix) == {"text_encoder", "text_encoder_2"}
+        assert not torch.equal(cond.added["text_embeds"], plain.added["text_embeds"]), name  # the pooled one too
+
+
 def test_bad_attack_budget_and_detector_are_one_line_errors():
     with pytest.raises(ConceptEraseError, match="unknown attack 'pez'"):
         attack_fn("pez")

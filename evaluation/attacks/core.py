@@ -40,6 +40,7 @@ from ..prompts import PromptRow
 PLACEHOLDER = "*"
 # Text encoders a pipeline may have, in the order the family concatenates them (SDXL has both).
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
 LEARNED_FILE = "learned.safetensors"
 ATTACK_FILE = "attack.json"
 
@@ -73,14 +74,15 @@ def TokenPrefix(pipe, vectors: dict[str, Tensor]):
     are replaced by `vectors[encoder]` ((B or 1, k, D) for a batch of B prompts). Gradients flow into the
     vectors; the encoders' weights are untouched. Refuses a batch whose positions 1..k are not placeholders."""
     handles = []
-    placeholder = pipe.tokenizer(PLACEHOLDER, add_special_tokens=False).input_ids[0]
     for name, encoder in text_encoders(pipe).items():
         if name not in vectors:
             continue
         v = vectors[name]
         k = v.shape[1]
+        tokenizer = getattr(pipe, TOKENIZERS[name])  # SDXL: each encoder reads its own tokenizer's ids
+        placeholder = tokenizer(PLACEHOLDER, add_special_tokens=False).input_ids[0]
 
-        def hook(module, inputs, output, v=v, k=k):
+        def hook(module, inputs, output, v=v, k=k, placeholder=placeholder):
             ids = inputs[0]
             if not bool((ids[:, 1:1 + k] == placeholder).all()):
                 raise ConceptEraseError("attack tokens must be the first words of the prompt (placeholders missing)")
