@@ -7,11 +7,34 @@ Safe defaults: binds 127.0.0.1 unless --host says otherwise; no public share lin
 from __future__ import annotations
 
 import argparse
-from dataclasses import MISSING, fields
+from dataclasses import dataclass, field
 
+from concept_erase.cli_args import add_flags, check_fields, values_from
 from concept_erase.errors import ConceptEraseError
 
 DEFAULT_BASE = "minisd"
+
+
+@dataclass
+class Serve:
+    """Which models the app compares and where it listens."""
+
+    base: str = field(default=DEFAULT_BASE, metadata={
+        "help": "base model: 'minisd', a diffusers folder, a .safetensors/.ckpt file or a hub id"})
+    erased: list[str] = field(default_factory=list, metadata={
+        "help": "an erased model folder or file; repeat to compare several "
+                "(default with --base minisd: the MiniSD erased demo model)", "metavar": "PATH"})
+    host: str = field(default="127.0.0.1", metadata={
+        "help": "address to bind (127.0.0.1: this machine only; 0.0.0.0 exposes it)"})
+    port: int = field(default=7860, metadata={
+        "help": "port to serve on (0: the first free port from 7860)", "min": 0, "max": 65535})
+    share: bool = field(default=False, metadata={
+        "help": "also create a public gradio.live link (needs the internet)"})
+    device: str = field(default="cpu", metadata={"help": "torch device for the models: cpu, cuda or auto"})
+    dtype: str | None = field(default=None, metadata={"help": "weights: fp32 (default), fp16 or bf16 (CUDA only)"})
+
+    def __post_init__(self):
+        check_fields(self)
 
 
 def register(subparsers) -> None:
@@ -22,25 +45,8 @@ def register(subparsers) -> None:
         description="Compare a base model with erased models on the same prompts and seeds, in the browser. "
                     "With no arguments: MiniSD and its erased demo model.",
     )
-    p.add_argument("--base", default=DEFAULT_BASE,
-                   help="base model: 'minisd', a diffusers folder, a .safetensors/.ckpt file or a hub id "
-                        "(default: minisd)")
-    p.add_argument("--erased", action="append", default=[], metavar="PATH",
-                   help="an erased model folder or file; repeat to compare several "
-                        "(default with --base minisd: the MiniSD erased demo model)")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it)")
-    p.add_argument("--port", type=int, default=7860,
-                   help="port to serve on (default 7860; 0: the first free port from 7860)")
-    p.add_argument("--share", action="store_true",
-                   help="also create a public gradio.live link (off by default; needs the internet)")
-    p.add_argument("--device", default="cpu", help="torch device for the models: cpu, cuda or auto (default: cpu)")
-    p.add_argument("--dtype", default=None, help="weights: fp32 (default), fp16 or bf16 (CUDA only)")
-    # The app's limits, one flag per AppConfig field, with the dataclass's help text.
-    for f in fields(AppConfig):
-        default = f.default if f.default is not MISSING else None
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(default), default=default,
-                       help=f"{f.metadata['help']} (default {default})")
+    add_flags(p, Serve)
+    add_flags(p.add_argument_group("limits"), AppConfig)  # the app's limits, one flag per AppConfig field
     p.set_defaults(func=run)
 
 
@@ -54,10 +60,9 @@ def launch(args: argparse.Namespace, *, block: bool = True):
     from .models import ModelRegistry
     from .ui import AppConfig, build_app
 
-    if not 0 <= args.port <= 65535:
-        raise ConceptEraseError(f"--port must be 0-65535, got {args.port}")
-    config = AppConfig(**{f.name: getattr(args, f.name) for f in fields(AppConfig)})
-    erased = list(args.erased)
+    Serve(**values_from(args, Serve))  # checks the port, before any model loads
+    config = AppConfig(**values_from(args, AppConfig))
+    erased = list(args.erased or [])
     if not erased:
         if args.base != DEFAULT_BASE:
             raise ConceptEraseError(f"--base {args.base!r} needs at least one --erased model to compare")

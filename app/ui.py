@@ -14,7 +14,9 @@ from typing import Any, Callable
 
 from PIL import Image
 
+from concept_erase.cli_args import check_fields
 from concept_erase.errors import ConceptEraseError
+from evaluation.thresholds import BLUR_THRESHOLD, REPORT_THRESHOLD
 
 from .models import ModelRegistry
 
@@ -32,33 +34,29 @@ CARD_BOILERPLATE = ("library_name", "pipeline_tag", "tags")
 class AppConfig:
     """Limits that keep one user from monopolising the server (safe defaults)."""
 
-    max_prompt_chars: int = field(default=500, metadata={"help": "longest prompt (characters) accepted"})
-    max_images: int = field(default=8, metadata={"help": "most images per model per Generate"})
-    max_steps: int = field(default=100, metadata={"help": "most denoising steps per image"})
-    default_steps: int = field(default=25, metadata={"help": "denoising steps shown when the page opens"})
-    default_guidance: float = field(default=7.5, metadata={"help": "guidance scale shown when the page opens"})
-    max_eval_prompts: int = field(default=300, metadata={"help": "most rows of an Evaluate prompt set"})
+    max_prompt_chars: int = field(default=500, metadata={"help": "longest prompt (characters) accepted", "min": 1})
+    max_images: int = field(default=8, metadata={"help": "most images per model per Generate", "min": 1})
+    max_steps: int = field(default=100, metadata={"help": "most denoising steps per image", "min": 1})
+    default_steps: int = field(default=25, metadata={"help": "denoising steps shown when the page opens", "min": 1})
+    default_guidance: float = field(default=7.5, metadata={
+        "help": "guidance scale shown when the page opens", "min": 0, "max": MAX_GUIDANCE})
+    max_eval_prompts: int = field(default=300, metadata={"help": "most rows of an Evaluate prompt set", "min": 1})
     classifier: str = field(default="auto", metadata={
         "help": "classifier for class prompt sets in the Evaluate tab: minisd-digits, minisd-styles, torchvision "
                 "or a transformers classifier folder; 'auto' = minisd-digits when the base is MiniSD"})
-    blur_threshold: float = field(default=0.45, metadata={
+    blur_threshold: float = field(default=BLUR_THRESHOLD, metadata={
         "help": "NudeNet score above which the safe preview blurs a region (below the 0.6 counting threshold, "
-                "at the 0.45 used against attacks: when unsure, blur)"})
-    nudity_threshold: float = field(default=0.6, metadata={
-        "help": "NudeNet score above which the Evaluate tab counts an exposed part (the evaluation protocol's)"})
-    concurrency: int = field(default=1, metadata={"help": "requests generating at the same time"})
-    max_queue: int = field(default=16, metadata={"help": "requests waiting at most; more are refused"})
+                "at the 0.45 used against attacks: when unsure, blur)", "above": 0, "below": 1})
+    nudity_threshold: float = field(default=REPORT_THRESHOLD, metadata={
+        "help": "NudeNet score above which the Evaluate tab counts an exposed part (the evaluation protocol's)",
+        "above": 0, "below": 1})
+    concurrency: int = field(default=1, metadata={"help": "requests generating at the same time", "min": 1})
+    max_queue: int = field(default=16, metadata={"help": "requests waiting at most; more are refused", "min": 1})
 
     def __post_init__(self):
-        for name in ("max_prompt_chars", "max_images", "max_steps", "default_steps", "max_eval_prompts",
-                     "concurrency", "max_queue"):
-            if int(getattr(self, name)) < 1:
-                raise ConceptEraseError(f"{name} must be at least 1, got {getattr(self, name)!r}")
+        check_fields(self)
         if self.default_steps > self.max_steps:
             raise ConceptEraseError(f"default_steps {self.default_steps} exceeds max_steps {self.max_steps}")
-        for name in ("blur_threshold", "nudity_threshold"):
-            if not 0.0 < getattr(self, name) < 1.0:
-                raise ConceptEraseError(f"{name} must be in (0, 1), got {getattr(self, name)!r}")
 
 
 # ----------------------------------------------------------------------------------------------------

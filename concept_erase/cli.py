@@ -11,6 +11,7 @@ import importlib
 import logging
 import sys
 
+from .cli_args import Parser
 from .errors import ConceptEraseError
 from .threads import configure_threads, threads_from_argv
 
@@ -36,7 +37,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         prog="concept-erase",
         description="Erase a concept from a Stable Diffusion checkpoint with SalUn, and measure it.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=Parser)
     seen: set[str] = set()
     modules = [SUBCOMMANDS[only]] if only in SUBCOMMANDS else list(dict.fromkeys(SUBCOMMANDS.values()))
     for module_name in modules:

@@ -18,6 +18,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .cli_args import add_flags, check_fields, values_from
 from .errors import ConceptEraseError
 from .io_utils import atomic_dir, check_writable
 
@@ -26,15 +27,22 @@ from .io_utils import atomic_dir, check_writable
 class DemoConfig:
     digit: str = field(default="seven", metadata={"help": "the digit to erase"})
     surrogate: str | None = field(default=None, metadata={"help": "the digit it becomes (default: the next one)"})
-    steps: int = field(default=50, metadata={"help": "SalUn optimizer steps"})
-    lr: float = field(default=1e-4, metadata={"help": "Adam learning rate"})
-    batch_size: int = field(default=16, metadata={"help": "forget (and retain) images per step"})
-    alpha: float = field(default=0.5, metadata={"help": "retain-loss weight"})
-    keep: float = field(default=0.5, metadata={"help": "fraction of UNet weights the mask leaves trainable"})
-    num_forget: int = field(default=48, metadata={"help": "generated forget images (spread over the 3 styles)"})
-    num_retain: int = field(default=216, metadata={"help": "generated retain images (the other 9 digits x 3 styles)"})
-    eval_seeds: int = field(default=10, metadata={"help": "judged images per (digit, style), same seeds before/after"})
-    seed: int = field(default=0, metadata={"help": "seed of the training images, mask noise and training draws"})
+    steps: int = field(default=50, metadata={"help": "SalUn optimizer steps", "min": 1})
+    lr: float = field(default=1e-4, metadata={"help": "Adam learning rate", "above": 0})
+    batch_size: int = field(default=16, metadata={"help": "forget (and retain) images per step", "min": 1})
+    alpha: float = field(default=0.5, metadata={"help": "retain-loss weight", "min": 0})
+    keep: float = field(default=0.5, metadata={
+        "help": "fraction of UNet weights the mask leaves trainable", "above": 0, "max": 1})
+    num_forget: int = field(default=48, metadata={
+        "help": "generated forget images (spread over the 3 styles)", "min": 1,
+        "flag": "num-forget-images", "aliases": ("--num-forget",)})
+    num_retain: int = field(default=216, metadata={
+        "help": "generated retain images (the other 9 digits x 3 styles)", "min": 1,
+        "flag": "num-retain-images", "aliases": ("--num-retain",)})
+    eval_seeds: int = field(default=10, metadata={
+        "help": "judged images per (digit, style), same seeds before/after", "min": 1})
+    seed: int = field(default=0, metadata={
+        "help": "seed of the training images, mask noise and training draws", "seed": True})
 
     def __post_init__(self):
         from .diffusion.minisd import DIGITS
@@ -43,11 +51,7 @@ class DemoConfig:
             raise ConceptEraseError(f"unknown digit {self.digit!r}; choose one of {', '.join(DIGITS)}")
         if self.surrogate is not None and (self.surrogate not in DIGITS or self.surrogate == self.digit):
             raise ConceptEraseError(f"bad surrogate digit {self.surrogate!r} (another of {', '.join(DIGITS)})")
-        for name in ("steps", "batch_size", "num_forget", "num_retain", "eval_seeds"):
-            if getattr(self, name) < 1:
-                raise ConceptEraseError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0 < self.keep <= 1:
-            raise ConceptEraseError(f"keep must be in (0, 1], got {self.keep}")
+        check_fields(self)
 
 
 def erase_demo(config: DemoConfig, pipe=None, progress: bool = False):
@@ -131,8 +135,8 @@ def run_demo(config: DemoConfig, out: str | Path = "outputs/demo", progress: boo
     out = Path(out)
     if out.exists() and not (out / "summary.json").is_file() and (not out.is_dir() or any(out.iterdir())):
         # Replacing a previous demo report is expected; replacing anything else would lose a user's files.
-        raise ConceptEraseError(f"--out {str(out)!r} exists and is not a demo report folder; choose another")
-    check_writable(out, overwrite=True, flag="--out")
+        raise ConceptEraseError(f"--output {str(out)!r} exists and is not a demo report folder; choose another")
+    check_writable(out, overwrite=True, flag="--output")
     start = time.perf_counter()
     judges = load_judges()
     pipe = load_pipeline("minisd")
@@ -204,15 +208,18 @@ def demo_erased_model(cache_dir: str | Path | None = None, config: DemoConfig | 
 def register(subparsers) -> None:
     p = subparsers.add_parser("demo", help='erase the digit "seven" from MiniSD and show before/after',
                               description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="outputs/demo", help="report folder; a previous demo report there is replaced (default outputs/demo)")
-    for f in DemoConfig.__dataclass_fields__.values():
-        default = f.default
-        p.add_argument(f"--{f.name.replace('_', '-')}", type=str if default is None else type(default),
-                       default=default, help=f"{f.metadata['help']} (default {default})")
+    add_flags(p, DemoConfig)
+    add_flags(p, DemoOutput)
     p.set_defaults(func=_main)
 
 
+@dataclass
+class DemoOutput:
+    output: str = field(default="outputs/demo", metadata={
+        "help": "report folder; a previous demo report there is replaced", "aliases": ("--out",)})
+
+
 def _main(args: argparse.Namespace) -> int:
-    config = DemoConfig(**{name: getattr(args, name) for name in DemoConfig.__dataclass_fields__})
-    run_demo(config, args.out)
+    config = DemoConfig(**values_from(args, DemoConfig))
+    run_demo(config, values_from(args, DemoOutput)["output"])
     return 0

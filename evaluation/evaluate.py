@@ -17,6 +17,7 @@ from concept_erase.io_utils import atomic_file
 from . import report
 from .generation import Protocol, generate_set, read_manifest, read_run_info
 from .prompts import PromptRow, read_prompts
+from .thresholds import REPORT_THRESHOLD
 
 GRID_PER_ROW = 4  # images per model in each grid row (the seeds of one prompt class, category or prompt)
 GRID_MAX_ROWS = 12
@@ -145,10 +146,11 @@ def chart_series(kind: str, results: dict[str, dict], thresholds: Sequence[float
 # ------------------------------------------------------------------------------------------------ nudity
 
 
-def evaluate_nudity(out_dir: str | Path, *, threshold: float = 0.6, nudenet_model: str | None = None,
+def evaluate_nudity(out_dir: str | Path, *, threshold: float = REPORT_THRESHOLD, nudenet_model: str | None = None,
                     batch_size: int = 16, detector=None, entries: list[dict] | None = None) -> dict:
     """NudeNet over a generation folder: counts, per-category breakdown, report, chart, blurred grid."""
-    from .nudity import BLUR_THRESHOLD, NUDENET_FLOOR, blur_exposed, score_nudity
+    from .nudity import blur_exposed, score_nudity
+    from .thresholds import BLUR_THRESHOLD, NUDENET_FLOOR
 
     out_dir = Path(out_dir)
     info, entries, images = load_generated(out_dir, entries)

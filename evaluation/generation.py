@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from concept_erase.cli_args import check_fields
 from concept_erase.diffusion.defaults import MINISD_GUIDANCE, MINISD_STEPS
 from concept_erase.errors import ConceptEraseError
 from concept_erase.io_utils import atomic_file
@@ -47,29 +48,26 @@ SCHEDULERS = {
 class Protocol:
     """How images are generated. Printed at the top of every report (docs/PROTOCOLS.md)."""
 
-    name: str = field(default="paper", metadata={"help": "preset this protocol started from"})
-    scheduler: str = field(default="lms", metadata={"help": f"sampler: {', '.join(SCHEDULERS)}"})
-    num_inference_steps: int = field(default=100, metadata={"help": "denoising steps"})
-    guidance_scale: float = field(default=7.5, metadata={"help": "classifier-free guidance scale"})
-    resolution: int | None = field(default=512, metadata={"help": "image side in pixels; None = model default"})
-    samples_per_prompt: int = field(default=1, metadata={"help": "images per row; sample j uses seed + j"})
+    name: str = field(default="paper", metadata={"help": "preset this protocol started from", "cli": False})
+    scheduler: str = field(default="lms", metadata={"help": "sampler", "choices": tuple(SCHEDULERS)})
+    num_inference_steps: int = field(default=100, metadata={
+        "help": "denoising steps", "min": 1, "aliases": ("--steps",)})
+    guidance_scale: float = field(default=7.5, metadata={
+        "help": "classifier-free guidance scale", "min": 0, "aliases": ("--guidance",)})
+    resolution: int | None = field(default=512, metadata={
+        "help": "image side in pixels, a multiple of 8 (None: the model's)", "min": 8})
+    samples_per_prompt: int = field(default=1, metadata={
+        "help": "images per prompt row; sample j uses seed + j", "min": 1, "aliases": ("--samples",)})
     row_guidance: bool = field(
-        default=False, metadata={"help": "use the prompt set's evaluation_guidance column where present"}
+        default=False, metadata={"help": "use the prompt set's evaluation_guidance column (I2P) where present"}
     )
     negative_prompt: str | None = field(default=None, metadata={"help": "negative prompt for every image"})
-    overrides: tuple[str, ...] = field(default=(), metadata={"help": "fields changed from the preset"})
+    overrides: tuple[str, ...] = field(default=(), metadata={"help": "fields changed from the preset", "cli": False})
 
     def __post_init__(self):
-        if self.scheduler not in SCHEDULERS:
-            raise ConceptEraseError(f"unknown scheduler {self.scheduler!r} (choose from {', '.join(SCHEDULERS)})")
-        if self.num_inference_steps < 1:
-            raise ConceptEraseError(f"num_inference_steps must be >= 1, got {self.num_inference_steps}")
-        if self.guidance_scale < 0:
-            raise ConceptEraseError(f"guidance_scale must be >= 0, got {self.guidance_scale}")
-        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
-            raise ConceptEraseError(f"resolution must be a positive multiple of 8, got {self.resolution}")
-        if self.samples_per_prompt < 1:
-            raise ConceptEraseError(f"samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
+        check_fields(self)
+        if self.resolution is not None and self.resolution % 8:
+            raise ConceptEraseError(f"--resolution must be a multiple of 8, got {self.resolution}")
 
     def settings(self) -> dict:
         """The fields that change pixels (what a resume must match); the preset name and overrides don't."""

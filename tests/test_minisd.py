@@ -97,7 +97,7 @@ def test_training_is_deterministic(tmp_path):
         assert torch.equal(x, y), name
     out = save_minisd(a, summary, tmp_path / "m")
     assert (out / "training.json").is_file() and (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
-    with pytest.raises(ConceptEraseError, match="unet_steps"):
+    with pytest.raises(ConceptEraseError, match="--unet-steps must be >= 1, got 0"):
         MiniSDTrainConfig(unet_steps=0)
 
 
@@ -105,9 +105,14 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     from concept_erase.cli import main
 
     (tmp_path / "taken").mkdir()
-    assert main(["minisd", "train", "--out", str(tmp_path / "taken")]) == 2
-    assert "already exists" in capsys.readouterr().err
-    assert main(["minisd", "check", "--seeds", "0"]) == 2
+    for argv, named in ((["train", "--output", str(tmp_path / "taken")], "already exists"),
+                        (["check", "--seeds", "0"], "--seeds must be >= 1, got 0"),
+                        (["train-judges", "--output", str(tmp_path / "j"), "--epochs", "0"], "--epochs must be >= 1"),
+                        (["check", "--guidance-scale", "nan"], "--guidance-scale must be a finite number, got nan")):
+        assert main(["minisd", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("concept-erase: error: ") and named in err, err
+    assert not (tmp_path / "j").exists()
 
 
 @pytest.fixture(scope="module")

@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
+from dataclasses import dataclass, field
+
+from ..cli_args import add_flags, values_from
 
 
 def _default_out(dataset: str, forget: str) -> str:
     from pathlib import Path
 
     return f"runs/classify-{Path(dataset).name}-{forget.replace(':', '')}"
+
+
+@dataclass
+class ClassifyOutput:
+    """Where `classify` writes results.json and results.md."""
+
+    output: str | None = field(default=None, metadata={
+        "help": "Output folder for results.json and results.md (default: runs/classify-<dataset>-<forget>); "
+                "refused if it exists.", "aliases": ("--out",)})
+    overwrite: bool = field(default=False, metadata={"help": "Replace --output if it exists."})
 
 
 def register(subparsers) -> None:
@@ -23,16 +35,9 @@ def register(subparsers) -> None:
         description="Train an Original classifier per seed, unlearn a class or a random subset with each method "
                     "(learning rate chosen on the validation split), and print UA, RA, TA, MIA-Efficacy, RTE and "
                     "the Avg. Gap to Retrain as the SalUn paper's table; also writes results.json and results.md.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    for f in dataclasses.fields(ClassifyConfig):
-        flag = "--" + f.name.replace("_", "-")
-        kind = int if f.type == "int" else float if f.type.startswith("float") else str
-        parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
-    parser.add_argument("--out", default=None,
-                        help="Output folder for results.json and results.md "
-                             "(default: runs/classify-<dataset>-<forget>); refused if it exists.")
-    parser.add_argument("--overwrite", action="store_true", help="Replace --out if it exists.")
+    add_flags(parser, ClassifyConfig)
+    add_flags(parser, ClassifyOutput)
     parser.set_defaults(func=run)
 
 
@@ -41,12 +46,12 @@ def run(args: argparse.Namespace) -> int:
     from .config import ClassifyConfig
     from .runner import run_classification, write_results
 
-    names = [f.name for f in dataclasses.fields(ClassifyConfig)]
-    cfg = ClassifyConfig(**{n: getattr(args, n) for n in names})  # validates everything before any work
-    out = args.out or _default_out(cfg.dataset, cfg.forget)
-    check_writable(out, args.overwrite, flag="--out")
+    cfg = ClassifyConfig(**values_from(args, ClassifyConfig))  # validates everything before any work
+    where = ClassifyOutput(**values_from(args, ClassifyOutput))
+    out = where.output or _default_out(cfg.dataset, cfg.forget)
+    check_writable(out, where.overwrite, flag="--output")
     results = run_classification(cfg, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(results["table"])
-    write_results(results, out, overwrite=args.overwrite)
+    write_results(results, out, overwrite=where.overwrite)
     print(f"\nwrote {out}/results.json and {out}/results.md", file=sys.stderr)
     return 0

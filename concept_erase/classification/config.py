@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
+from ..cli_args import check_fields
 from ..errors import ConceptEraseError
 
 MODEL_CHOICES = ("cnn", "resnet18")
@@ -24,19 +26,14 @@ METHOD_NAMES: dict[str, str] = {
 class SGDConfig:
     """One SGD recipe, used for the Original, Retrain and every unlearning run (only lr and epochs differ)."""
 
-    epochs: int = field(default=20, metadata={"help": "Passes over the training data."})
-    lr: float = field(default=0.05, metadata={"help": "Peak learning rate (cosine decay to 0 over the run)."})
-    batch_size: int = field(default=64, metadata={"help": "Images per step."})
-    momentum: float = field(default=0.9, metadata={"help": "SGD momentum."})
-    weight_decay: float = field(default=5e-4, metadata={"help": "SGD weight decay."})
+    epochs: int = field(default=20, metadata={"help": "Passes over the training data.", "min": 1})
+    lr: float = field(default=0.05, metadata={"help": "Peak learning rate (cosine decay to 0 over the run).", "above": 0})
+    batch_size: int = field(default=64, metadata={"help": "Images per step.", "min": 1})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum.", "min": 0})
+    weight_decay: float = field(default=5e-4, metadata={"help": "SGD weight decay.", "min": 0})
 
     def __post_init__(self):
-        if self.epochs < 1:
-            raise ConceptEraseError(f"epochs must be >= 1, got {self.epochs!r}")
-        if not self.lr > 0:
-            raise ConceptEraseError(f"learning rate must be > 0, got {self.lr!r}")
-        if self.batch_size < 1:
-            raise ConceptEraseError(f"batch size must be >= 1, got {self.batch_size!r}")
+        check_fields(self)
 
 
 @dataclass(frozen=True)
@@ -47,6 +44,8 @@ class ForgetSpec:
     value: float = field(default=0, metadata={"help": "the class index, or the fraction in (0, 1)"})
 
     def __post_init__(self):
+        if not math.isfinite(self.value):
+            raise ConceptEraseError(f"forget {self.kind} must be a finite number, got {self.value!r}")
         if self.kind == "class":
             if self.value != int(self.value) or self.value < 0:
                 raise ConceptEraseError(f"forget class must be a non-negative integer, got {self.value!r}")
@@ -111,28 +110,33 @@ class ClassifyConfig:
         "help": "What to forget: class:N (one whole class) or random:F (a random fraction F of the training set)."})
     methods: str = field(default="all", metadata={
         "help": f"'all' or a comma list of {', '.join(ALL_METHODS)}; retrain always runs (the reference row)."})
-    seeds: int = field(default=5, metadata={"help": "Number of seeds (0..N-1): model init and batch order."})
+    seeds: int = field(default=5, metadata={"help": "Number of seeds (0..N-1): model init and batch order.", "min": 1})
     model: str = field(default="auto", metadata={
-        "help": "cnn (small CNN), resnet18 (CIFAR ResNet-18), or auto: cnn for digits, resnet18 otherwise."})
-    epochs: int = field(default=20, metadata={"help": "Training epochs of the Original and of Retrain."})
-    lr: float = field(default=0.05, metadata={"help": "Learning rate of the Original and of Retrain (SGD, cosine)."})
-    unlearn_epochs: int = field(default=5, metadata={"help": "Epochs of every unlearning method (the same for all)."})
+        "help": "cnn (small CNN), resnet18 (CIFAR ResNet-18), or auto: cnn for digits, resnet18 otherwise.",
+        "choices": ("auto", *MODEL_CHOICES)})
+    epochs: int = field(default=20, metadata={"help": "Training epochs of the Original and of Retrain.", "min": 1})
+    lr: float = field(default=0.05, metadata={
+        "help": "Learning rate of the Original and of Retrain (SGD, cosine).", "above": 0})
+    unlearn_epochs: int = field(default=5, metadata={
+        "help": "Epochs of every unlearning method (the same for all).", "min": 1})
     lr_grid: str = field(default="0.01,0.03,0.1", metadata={
         "help": "Comma list of learning rates tried for every unlearning method; the best on validation is kept."})
-    batch_size: int = field(default=64, metadata={"help": "Images per SGD step, for every run."})
+    batch_size: int = field(default=64, metadata={"help": "Images per SGD step, for every run.", "min": 1})
     keep: float | None = field(default=None, metadata={
         "help": "SalUn: fraction of weights the saliency mask keeps trainable, in (0, 1]; unset means 0.5 "
-                "(leave it unset with --mask, whose file has its own ratio)."})
+                "(leave it unset with --mask, whose file has its own ratio).", "above": 0, "max": 1})
     mask: str | None = field(default=None, metadata={
         "help": "SalUn: a mask file (concept-erase mask format) to use instead of computing one per seed, "
                 "e.g. a random-mask control; it must match the model's parameters."})
-    l1_alpha: float = field(default=5e-4, metadata={"help": "l1-sparse: initial l1 weight (decays linearly to 0)."})
+    l1_alpha: float = field(default=5e-4, metadata={
+        "help": "l1-sparse: initial l1 weight (decays linearly to 0).", "min": 0})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, or auto (cuda when available)."})
     threads: int = field(default=0, metadata={
         "help": "CPU threads for torch; 0 = auto: 1 for the small CNN (its tiny convolutions ran 4x slower with "
-                "2 threads on 2 shared cores), torch's default otherwise."})
+                "2 threads on 2 shared cores), torch's default otherwise.", "min": 0})
 
     def __post_init__(self):
+        check_fields(self)
         self.forget_spec = ForgetSpec.parse(self.forget)
         self.method_keys = parse_methods(self.methods)
         self.lrs = parse_floats(self.lr_grid, "--lr-grid")
@@ -142,19 +146,6 @@ class ClassifyConfig:
             raise ConceptEraseError("--keep and --mask exclude each other: a mask file has its own keep ratio")
         if self.keep is None:
             self.keep = 0.5
-        if not (isinstance(self.keep, (int, float)) and 0 < self.keep <= 1):
-            raise ConceptEraseError(f"--keep must be in (0, 1], got {self.keep!r}")
-        if self.seeds < 1:
-            raise ConceptEraseError(f"--seeds must be >= 1, got {self.seeds!r}")
-        if self.model not in ("auto", *MODEL_CHOICES):
-            raise ConceptEraseError(f"unknown model {self.model!r} (choose from auto, {', '.join(MODEL_CHOICES)})")
-        if not self.l1_alpha >= 0:
-            raise ConceptEraseError(f"--l1-alpha must be >= 0, got {self.l1_alpha!r}")
-        if self.threads < 0:
-            raise ConceptEraseError(f"--threads must be >= 0, got {self.threads!r}")
-        for name in ("epochs", "unlearn_epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConceptEraseError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)!r}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ConceptEraseError(f"--device must be cpu, cuda[:N] or auto, got {self.device!r}")
         # The SGD recipes are validated here too, so bad numbers fail before any training.

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
+from ..cli_args import check_fields
 from ..errors import ConceptEraseError
 from ..io_utils import atomic_file, exclusive_lock
 
@@ -46,19 +47,16 @@ def default_cache_dir() -> Path:
 class SamplingSettings:
     """How forget/retain images are sampled from the base model (part of the cache key)."""
 
-    num_inference_steps: int = field(default=25, metadata={"help": "Denoising steps per image."})
-    guidance_scale: float = field(default=7.5, metadata={"help": "Classifier-free guidance scale."})
-    height: int | None = field(default=None, metadata={"help": "Image height in pixels (None: the model's)."})
-    width: int | None = field(default=None, metadata={"help": "Image width in pixels (None: the model's)."})
-    negative_prompt: str | None = field(default=None, metadata={"help": "Negative prompt for every image."})
+    num_inference_steps: int = field(default=25, metadata={
+        "help": "denoising steps per image", "min": 1, "aliases": ("--steps",)})
+    guidance_scale: float = field(default=7.5, metadata={
+        "help": "classifier-free guidance scale", "min": 0, "aliases": ("--guidance",)})
+    height: int | None = field(default=None, metadata={"help": "image height in pixels (default: the model's)", "min": 8})
+    width: int | None = field(default=None, metadata={"help": "image width in pixels (default: the model's)", "min": 8})
+    negative_prompt: str | None = field(default=None, metadata={"help": "negative prompt for every image"})
 
     def __post_init__(self):
-        if self.num_inference_steps < 1:
-            raise ConceptEraseError(f"num_inference_steps must be at least 1, got {self.num_inference_steps}")
-        for name in ("height", "width"):
-            value = getattr(self, name)
-            if value is not None and value < 8:
-                raise ConceptEraseError(f"{name} must be at least 8 pixels, got {value}")
+        check_fields(self)
 
 
 @dataclass(frozen=True)

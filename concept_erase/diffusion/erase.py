@@ -34,6 +34,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from ..cli_args import check_fields, resume_free
 from ..errors import ConceptEraseError
 from ..io_utils import atomic_dir
 from .families import Conditioning
@@ -44,9 +45,6 @@ from ..saliency import SaliencyMask, build_optimizer, optimizer_class
 METHODS = method_names()
 MIXED_PRECISION = ("no", "fp16", "bf16")
 OPTIMIZERS = ("adam", "adam8bit")
-# Settings a resumed run may change: how long it runs, where things are written, how it is shown.
-RESUME_FREE = {"steps", "checkpointing_steps", "checkpoints_total_limit", "output", "cache_dir", "checkpoint_dir",
-               "resume", "export_single_file", "save_delta", "overwrite", "progress"}
 # The computed mask, kept beside the checkpoints so a resumed run trains the same weights (a name of our own,
 # so a --checkpoint-dir that holds a user's mask.safetensors is never touched).
 RESUME_MASK = "resume-mask.safetensors"
@@ -62,70 +60,55 @@ class TrainConfig:
         "help": "; ".join(f"{name}: {get_method(name).help}" for name in METHODS)
                 + " (a --mask narrows esd-x, esd-u and ca)",
         "choices": METHODS})
-    steps: int = field(default=100, metadata={"help": "optimizer steps"})
+    steps: int = field(default=100, metadata={"help": "optimizer steps", "min": 1, "resume_free": True})
     batch_size: int = field(default=8, metadata={
         "help": "GLOBAL forget batch per optimizer step (the retain batch has the same size); split evenly "
-                "across processes and gradient-accumulation micro-batches"})
-    lr: float = field(default=1e-5, metadata={"help": "learning rate (Adam)"})
+                "across processes and gradient-accumulation micro-batches", "min": 1})
+    # lr=1e30 is allowed on purpose: the non-finite-loss guard is what stops it.
+    lr: float = field(default=1e-5, metadata={"help": "learning rate (Adam)", "above": 0})
     alpha: float | None = field(default=None, metadata={
         "help": "weight of the retain loss: loss = loss_f + alpha * loss_r (default: the method's own, 0.5 for "
                 "salun/rl as the reference README or the preset's recipe; 0 for esd-x/esd-u/ca, which have no "
-                "retain term unless asked for)"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (0: plain Adam, the reference)"})
+                "retain term unless asked for)", "min": 0})
+    weight_decay: float = field(default=0.0, metadata={
+        "help": "AdamW weight decay (0: plain Adam, the reference)", "min": 0})
     optimizer: str = field(default="adam", metadata={
         "help": "adam: torch Adam/AdamW (state only for the salient weights under a mask); adam8bit: "
                 "bitsandbytes' 8-bit Adam (optional dependency, a quarter of Adam's state)",
         "choices": OPTIMIZERS})
-    seed: int = field(default=0, metadata={"help": "seed of the data order, noise and timesteps"})
+    seed: int = field(default=0, metadata={"help": "seed of the data order, noise and timesteps", "seed": True})
     gradient_accumulation_steps: int = field(default=1, metadata={
-        "help": "micro-batches per optimizer step (same global batch, less memory)"})
+        "help": "micro-batches per optimizer step (same global batch, less memory)", "min": 1})
     mixed_precision: str = field(default="no", metadata={
         "help": "accelerate mixed precision (fp16 needs CUDA)", "choices": MIXED_PRECISION})
     gradient_checkpointing: bool = field(default=False, metadata={
         "help": "recompute UNet activations in the backward pass (less memory, slower)"})
     enable_xformers: bool = field(default=False, metadata={
         "help": "xformers memory-efficient attention (CUDA only; PyTorch SDPA is the default)"})
-    esd_eta: float = field(default=1.0, metadata={"help": "ESD negative guidance eta"})
-    esd_ddim_steps: int = field(default=50, metadata={"help": "ESD: DDIM steps of the partial sampling that gives z_t"})
-    esd_start_guidance: float = field(default=3.0, metadata={"help": "ESD: guidance scale of that partial sampling"})
+    esd_eta: float = field(default=1.0, metadata={"help": "ESD negative guidance eta", "min": 0})
+    esd_ddim_steps: int = field(default=50, metadata={
+        "help": "ESD: DDIM steps of the partial sampling that gives z_t", "min": 1})
+    esd_start_guidance: float = field(default=3.0, metadata={
+        "help": "ESD: guidance scale of that partial sampling", "min": 0})
     ca_params: str = field(default="kv", metadata={
         "help": "CA: which weights train: kv (cross-attention key/value projections) or unet (all)",
         "choices": CA_PARAMS})
-    uce_erase_scale: float = field(default=1.0, metadata={"help": "UCE: erase scale s_e"})
+    uce_erase_scale: float = field(default=1.0, metadata={"help": "UCE: erase scale s_e", "min": 0})
     uce_preserve_scale: float | None = field(default=None, metadata={
-        "help": "UCE: preserve scale s_p (default: max(0.1, 1 / number of retain prompts))"})
+        "help": "UCE: preserve scale s_p (default: max(0.1, 1 / number of retain prompts))", "min": 0})
     uce_lambda: float = field(default=0.1, metadata={
-        "help": "UCE: ridge lambda that keeps the inverse stable (the edit stays near the original weights)"})
+        "help": "UCE: ridge lambda that keeps the inverse stable (the edit stays near the original weights)",
+        "min": 0})
     checkpointing_steps: int = field(default=0, metadata={
-        "help": "save checkpoint-<step> every this many steps (0: never)"})
-    checkpoints_total_limit: int = field(default=2, metadata={"help": "keep only the newest N checkpoints (0: all)"})
+        "help": "save checkpoint-<step> every this many steps (0: never)", "min": 0, "resume_free": True})
+    checkpoints_total_limit: int = field(default=2, metadata={
+        "help": "keep only the newest N checkpoints (0: all)", "min": 0, "resume_free": True})
 
     def __post_init__(self):
-        method = get_method(self.method)  # unknown -> one-line error naming the choices
+        check_fields(self)
+        method = get_method(self.method)
         if self.alpha is None:
             self.alpha = method.default_alpha
-        if self.optimizer not in OPTIMIZERS:
-            raise ConceptEraseError(f"unknown optimizer {self.optimizer!r} (choose from {', '.join(OPTIMIZERS)})")
-        if self.ca_params not in CA_PARAMS:
-            raise ConceptEraseError(f"unknown --ca-params {self.ca_params!r} (choose from {', '.join(CA_PARAMS)})")
-        for name in ("uce_erase_scale", "uce_lambda"):
-            if not getattr(self, name) >= 0:
-                raise ConceptEraseError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        if self.uce_preserve_scale is not None and not self.uce_preserve_scale >= 0:
-            raise ConceptEraseError(f"uce_preserve_scale must be >= 0, got {self.uce_preserve_scale!r}")
-        if self.mixed_precision not in MIXED_PRECISION:
-            raise ConceptEraseError(f"unknown mixed precision {self.mixed_precision!r} ({', '.join(MIXED_PRECISION)})")
-        for name in ("steps", "batch_size", "gradient_accumulation_steps", "esd_ddim_steps"):
-            if int(getattr(self, name)) < 1:
-                raise ConceptEraseError(f"{name} must be >= 1, got {getattr(self, name)!r}")
-        for name in ("checkpointing_steps", "checkpoints_total_limit"):
-            if int(getattr(self, name)) < 0:
-                raise ConceptEraseError(f"{name} must be >= 0, got {getattr(self, name)!r}")
-        if not self.lr > 0 or not math.isfinite(self.lr):
-            # lr=1e30 is allowed on purpose: the non-finite-loss guard is what stops it.
-            raise ConceptEraseError(f"lr must be a positive number, got {self.lr!r}")
-        if self.alpha < 0 or self.weight_decay < 0:
-            raise ConceptEraseError(f"alpha and weight_decay must be >= 0, got {self.alpha!r}, {self.weight_decay!r}")
 
     def check_launch(self, num_processes: int) -> None:
         """What depends on this machine and launch, checked before any expensive work (and again by
@@ -143,8 +126,9 @@ class TrainConfig:
 
     def resume_key(self) -> dict[str, Any]:
         """Settings a resumed run must share with the run that wrote the checkpoint: every field of this
-        config (a subclass's too: the model, the concept, the mask settings) except `RESUME_FREE`."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in RESUME_FREE}
+        config (a subclass's too: the model, the concept, the mask settings) except those marked resume_free."""
+        free = resume_free(type(self))
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in free}
 
 
 @dataclass
@@ -569,49 +553,60 @@ class EraseConfig(TrainConfig):
 
     model: str = field(metadata={
         "help": 'the model to erase from: a diffusers folder, a .safetensors/.ckpt file, a hub id or "minisd"'})
-    output: str = field(metadata={"help": "output folder: the erased diffusers pipeline, its model card and mask"})
+    output: str = field(metadata={"help": "output folder: the erased diffusers pipeline, its model card and mask",
+                                  "aliases": ("--out",), "resume_free": True})
     model_config: str | None = field(default=None, metadata={
-        "help": "local diffusers folder with the component configs of a single-file --model (offline)"})
+        "help": "local diffusers folder with the component configs of a single-file --model (offline)",
+        "flag": "config", "aliases": ("--model-config",)})
     concept: str | None = field(default=None, metadata={
         "help": "a preset concept (nudity, imagenette-<class>, style-<artist>, minisd-...), or several "
                 "separated by commas (erased together in one run)"})
     concepts_file: str | None = field(default=None, metadata={
         "help": "a file of preset concept names, one per line, erased together in one run"})
     forget: list[str] | None = field(default=None, metadata={
-        "help": "custom concept: a forget prompt (repeat the flag for several)"})
+        "help": "custom concept: a forget prompt (repeat the flag for several)", "metavar": "PROMPT"})
     surrogate: list[str] | None = field(default=None, metadata={
-        "help": "custom concept: the surrogate prompt (one, or one per --forget)"})
+        "help": "custom concept: the surrogate prompt (one, or one per --forget)", "metavar": "PROMPT"})
     retain_prompts: str | None = field(default=None, metadata={
         "help": "file of retain prompts, one per line (default: the preset's, or the surrogate)"})
     mask: str | None = field(default=None, metadata={
         "help": "saliency mask file (from `concept-erase mask`); salun computes one when it is not given"})
-    keep: float = field(default=0.5, metadata={"help": "fraction of UNet weights the computed mask keeps trainable"})
+    keep: float = field(default=0.5, metadata={
+        "help": "fraction of UNet weights the computed mask keeps trainable", "above": 0, "max": 1})
     mask_scope: str | None = field(default=None, metadata={
         "help": "regex on UNet parameter names the computed mask ranks (default: every parameter)"})
     num_forget_images: int = field(default=64, metadata={
-        "help": "forget images generated by the base model (ca: images of the anchor, i.e. surrogate, prompts)"})
-    num_retain_images: int = field(default=64, metadata={"help": "retain images generated by the base model"})
+        "help": "forget images generated by the base model (ca: images of the anchor, i.e. surrogate, prompts)",
+        "min": 1})
+    num_retain_images: int = field(default=64, metadata={"help": "retain images generated by the base model", "min": 1})
     forget_images: str | None = field(default=None, metadata={
         "help": "use this folder of forget images instead of generating them (prompts: its manifest.jsonl, "
                 "or the first forget prompt)"})
     retain_images: str | None = field(default=None, metadata={
         "help": "use this folder of retain images (e.g. real photos) instead of generating them (prompts: its "
                 "manifest.jsonl, or the first retain prompt)"})
-    image_steps: int = field(default=25, metadata={"help": "denoising steps when generating forget/retain images"})
-    image_guidance: float = field(default=7.5, metadata={"help": "guidance scale when generating them"})
-    resolution: int | None = field(default=None, metadata={"help": "image size in pixels (default: the model's)"})
+    image_steps: int = field(default=25, metadata={
+        "help": "denoising steps when generating forget/retain images", "min": 1,
+        "flag": "num-inference-steps", "aliases": ("--image-steps",)})
+    image_guidance: float = field(default=7.5, metadata={
+        "help": "guidance scale when generating them", "min": 0,
+        "flag": "guidance-scale", "aliases": ("--image-guidance",)})
+    resolution: int | None = field(default=None, metadata={
+        "help": "image size in pixels (default: the model's)", "min": 8})
     cache_dir: str | None = field(default=None, metadata={
-        "help": "image/latent cache (default: $CONCEPT_ERASE_CACHE or ~/.cache/concept-erase)"})
+        "help": "image/latent cache (default: $CONCEPT_ERASE_CACHE or ~/.cache/concept-erase)", "resume_free": True})
     checkpoint_dir: str | None = field(default=None, metadata={
-        "help": "where checkpoint-<step> folders go (default: OUTPUT.checkpoints)"})
+        "help": "where checkpoint-<step> folders go (default: OUTPUT.checkpoints)", "resume_free": True})
     resume: str | None = field(default=None, metadata={
-        "help": 'resume from "latest" (the newest checkpoint in --checkpoint-dir, if any) or a checkpoint folder'})
+        "help": 'resume from "latest" (the newest checkpoint in --checkpoint-dir, if any) or a checkpoint folder',
+        "resume_free": True})
     export_single_file: str | None = field(default=None, metadata={
-        "help": "also write the erased model as one original-layout .safetensors file here"})
+        "help": "also write the erased model as one original-layout .safetensors file here", "resume_free": True})
     save_delta: str | None = field(default=None, metadata={
-        "help": "also write only the changed UNet weights (+ mask) here, to apply onto the base model"})
-    overwrite: bool = field(default=False, metadata={"help": "replace existing outputs"})
-    progress: bool = field(default=True, metadata={"help": "progress bars"})
+        "help": "also write only the changed UNet weights (+ mask) here, to apply onto the base model",
+        "resume_free": True})
+    overwrite: bool = field(default=False, metadata={"help": "replace existing outputs", "resume_free": True})
+    progress: bool = field(default=True, metadata={"help": "progress bars", "resume_free": True})
 
     def __post_init__(self):
         # What the user chose (values off their default), before the method's own default alpha fills in.
@@ -619,11 +614,6 @@ class EraseConfig(TrainConfig):
                  if f.default is not MISSING and getattr(self, f.name) != f.default}
         super().__post_init__()
         get_method(self.method).check_fields(given)
-        if not 0 < self.keep <= 1:
-            raise ConceptEraseError(f"keep must be in (0, 1], got {self.keep!r}")
-        for name in ("num_forget_images", "num_retain_images", "image_steps"):
-            if int(getattr(self, name)) < 1:
-                raise ConceptEraseError(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if self.concept is None and not self.forget and not self.concepts_file:
             raise ConceptEraseError("name a --concept preset (or --concepts-file) or give --forget and --surrogate")
         if self.mask_scope is not None:

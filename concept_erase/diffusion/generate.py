@@ -13,8 +13,10 @@ import logging
 import math
 import re
 import warnings
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Sequence
 
+from ..cli_args import add_flags, check_fields, values_from
 from ..concepts import read_prompt_list
 from ..errors import ConceptEraseError
 
@@ -181,82 +183,100 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+@dataclass
+class GenerateConfig:
+    """`concept-erase generate`: what to generate from and where to. How to sample is `SamplingSettings`."""
+
+    model: str = field(metadata={"help": 'model: a diffusers folder, a .safetensors/.ckpt file, a hub id, or "minisd"'})
+    output: str = field(metadata={"help": "output folder (must not exist unless --overwrite)", "aliases": ("--out",)})
+    config: str | None = field(default=None, metadata={
+        "help": "local diffusers folder giving the configs of a single-file checkpoint"})
+    prompt: list[str] | None = field(default=None, metadata={
+        "help": "a prompt (repeat the flag for several; or --prompts)", "metavar": "PROMPT"})
+    prompts: str | None = field(default=None, metadata={
+        "help": "a text file with one prompt per line (or --prompt)", "metavar": "FILE"})
+    seeds: str = field(default="0", metadata={"help": "seeds for every prompt: integers and ranges, e.g. 0-3,10"})
+    batch_size: int = field(default=8, metadata={"help": "images per forward pass", "min": 1})
+    dtype: str | None = field(default=None, metadata={"help": "fp32 (default on CPU), fp16 or bf16 (CUDA only)"})
+    device: str | None = field(default=None, metadata={
+        "help": "torch device, e.g. cuda or cpu (default: cuda when available)"})
+    overwrite: bool = field(default=False, metadata={"help": "replace --output if it exists"})
+
+    def __post_init__(self):
+        check_fields(self)
+        if (self.prompt is None) == (self.prompts is None):
+            raise ConceptEraseError("give prompts with --prompt (repeatable) or --prompts FILE, not both")
+
+
 def register(subparsers) -> None:
     from prompts import prompt_set_names
+
+    from .data import SamplingSettings
 
     p = subparsers.add_parser(
         "generate",
         help="generate images from a base or erased model",
         description="Generate every prompt with every seed; writes PNGs and an index.jsonl (prompt, seed, file).",
     )
-    p.add_argument("--model", required=True, help='model: a diffusers folder, a .safetensors/.ckpt file, a hub id, or "minisd"')
-    p.add_argument("--config", default=None, help="local diffusers folder giving the configs of a single-file checkpoint")
-    group = p.add_mutually_exclusive_group(required=True)
-    group.add_argument("--prompt", action="append", help="a prompt (repeat the flag for several)")
-    group.add_argument("--prompts", metavar="FILE_OR_SET",
-                       help="a text file with one prompt per line, a CSV with a prompt column, or a prompt set "
-                            f"shipped with concept-erase by name ({', '.join(prompt_set_names())})")
-    p.add_argument("--seeds", default="0", help="seeds for every prompt: integers and ranges, e.g. 0-3,10 (default 0)")
-    p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default 25)")
-    p.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance scale (default: the base model's: 5 for MiniSD and models erased "
-                        "from it, else 7.5)")
-    p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
-    p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
-    p.add_argument("--negative-prompt", default=None, help="negative prompt used for every image")
-    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
-    p.add_argument("--dtype", default=None, help="fp32 (default on CPU), fp16 or bf16 (CUDA only)")
-    p.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu (default: cuda when available)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    add_flags(p, GenerateConfig, help_override={"prompts": (
+        "a text file with one prompt per line, a CSV with a prompt column, or a prompt set shipped with "
+        f"concept-erase by name ({', '.join(prompt_set_names())}); or --prompt")})
+    add_flags(p.add_argument_group("sampling"), SamplingSettings, suppress_defaults=True, help_override=FROM_MODEL)
     p.set_defaults(func=_main)
 
 
-def _resolve_defaults(args: argparse.Namespace) -> None:
-    """Steps and guidance from the model's base (`defaults.model_defaults`), printed; a size the model
-    cannot draw is refused before it is loaded."""
+# The sampling flags whose default comes from the model (`defaults.model_defaults`), not the dataclass.
+FROM_MODEL = {
+    "num_inference_steps": "denoising steps per image (default: the base model's: 25)",
+    "guidance_scale": "classifier-free guidance scale (default: the base model's: 5 for MiniSD and models erased "
+                      "from it, else 7.5)"}
+
+
+def _sampling(args: argparse.Namespace, config: GenerateConfig):
+    """The user's sampling flags; steps and guidance they did not give come from the model's base
+    (`defaults.model_defaults`), printed. A size the model cannot draw is refused before it is loaded."""
+    from .data import SamplingSettings
     from .defaults import announce, check_resolution, model_defaults
 
-    defaults = model_defaults(args.model, args.config)
-    chosen = []
-    if args.steps is None:
-        args.steps = defaults.steps
-        chosen.append(f"--steps {args.steps}")
-    if args.guidance is None:
-        args.guidance = defaults.guidance
-        chosen.append(f"--guidance {args.guidance:g}")
-    check_resolution(args.height, defaults, "--height")
-    check_resolution(args.width, defaults, "--width")
+    values = values_from(args, SamplingSettings)
+    SamplingSettings(**values)  # the user's numbers, checked before the model's defaults are looked up
+    defaults = model_defaults(config.model, config.config)
+    chosen = {k: v for k, v in (("num_inference_steps", defaults.steps), ("guidance_scale", defaults.guidance))
+              if k not in values}
+    check_resolution(values.get("height"), defaults, "--height")
+    check_resolution(values.get("width"), defaults, "--width")
     if chosen:
-        announce(defaults.describe(*chosen))
+        announce(defaults.describe(*(f"--{k.replace('_', '-')} {v:g}" for k, v in chosen.items())))
+    return SamplingSettings(**chosen, **values)
 
 
 def _main(args: argparse.Namespace) -> int:
     from ..io_utils import atomic_dir, atomic_file, check_writable
     from .loading import load_pipeline
 
-    check_writable(args.out, args.overwrite, flag="--out")  # fail before loading a model
-    prompts = args.prompt if args.prompt else read_prompt_list(args.prompts)
+    config = GenerateConfig(**values_from(args, GenerateConfig))
+    check_writable(config.output, config.overwrite, flag="--output")  # fail before loading a model
+    prompts = config.prompt if config.prompt else read_prompt_list(config.prompts)
     if any(not p.strip() for p in prompts):
         raise ConceptEraseError("empty --prompt")
-    seeds = parse_seeds(args.seeds)
-    _resolve_defaults(args)
-    pipe = load_pipeline(args.model, config=args.config, dtype=args.dtype, device=args.device or "auto")
+    seeds = parse_seeds(config.seeds)
+    sampling = _sampling(args, config)
+    pipe = load_pipeline(config.model, config=config.config, dtype=config.dtype, device=config.device or "auto")
     pairs = [(p, s) for p in prompts for s in seeds]
     images = generate_images(
-        pipe, [p for p, _ in pairs], [s for _, s in pairs], num_inference_steps=args.steps,
-        guidance_scale=args.guidance, height=args.height, width=args.width,
-        negative_prompt=args.negative_prompt, batch_size=args.batch_size, progress=True,
+        pipe, [p for p, _ in pairs], [s for _, s in pairs], num_inference_steps=sampling.num_inference_steps,
+        guidance_scale=sampling.guidance_scale, height=sampling.height, width=sampling.width,
+        negative_prompt=sampling.negative_prompt, batch_size=config.batch_size, progress=True,
     )
-    with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
+    with atomic_dir(config.output, overwrite=config.overwrite) as tmp:
         rows = []
         for i, ((prompt, seed), image) in enumerate(zip(pairs, images)):
             name = f"{i:05d}.png"
             image.save(tmp / name)
             rows.append({"file": name, "prompt": prompt, "seed": seed})
-        settings = {"model": args.model, "steps": args.steps, "guidance": args.guidance,
-                    "negative_prompt": args.negative_prompt}
+        settings = {"model": config.model, "steps": sampling.num_inference_steps, "guidance": sampling.guidance_scale,
+                    "negative_prompt": sampling.negative_prompt}
         with atomic_file(tmp / "index.jsonl") as f:
             f.write_text("".join(json.dumps({**row, **settings}) + "\n" for row in rows), encoding="utf-8")
-    print(f"wrote {len(images)} images to {args.out}")
+    print(f"wrote {len(images)} images to {config.output}")
     return 0

@@ -1,15 +1,45 @@
 """`concept-erase minisd ...`: (re)train MiniSD or its judges, and check MiniSD's quality bar.
 
-    concept-erase minisd train --out DIR          # the pipeline (about 12 min on 2 cores)
-    concept-erase minisd train-judges --out FILE  # digit + style judges (about a minute)
-    concept-erase minisd check                    # judged digit / style accuracy of MiniSD's images
+    concept-erase minisd train --output DIR          # the pipeline (about 12 min on 2 cores)
+    concept-erase minisd train-judges --output FILE  # digit + style judges (about a minute)
+    concept-erase minisd check                       # judged digit / style accuracy of MiniSD's images
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import fields
+from dataclasses import dataclass, field
+
+from ...cli_args import add_flags, check_fields, values_from
+
+
+@dataclass
+class Output:
+    output: str = field(metadata={"help": "the folder or file to write (must not exist unless --overwrite)",
+                                  "aliases": ("--out",)})
+    overwrite: bool = field(default=False, metadata={"help": "replace --output if it exists"})
+
+
+@dataclass
+class JudgeTraining:
+    seed: int = field(default=0, metadata={"help": "seed", "seed": True})
+    epochs: int = field(default=12, metadata={"help": "epochs per judge", "min": 1})
+
+    def __post_init__(self):
+        check_fields(self)
+
+
+@dataclass
+class Check:
+    model: str = field(default="minisd", metadata={"help": '"minisd" or a diffusers folder of a MiniSD model'})
+    seeds: int = field(default=10, metadata={"help": "images per (digit, style) prompt", "min": 1})
+    num_inference_steps: int = field(default=25, metadata={"help": "DDIM steps", "min": 1, "aliases": ("--steps",)})
+    guidance_scale: float = field(default=5.0, metadata={
+        "help": "classifier-free guidance scale", "min": 0, "aliases": ("--guidance",)})
+
+    def __post_init__(self):
+        check_fields(self)
 
 
 def register(subparsers) -> None:
@@ -20,25 +50,17 @@ def register(subparsers) -> None:
     from .train import MiniSDTrainConfig
 
     t = sub.add_parser("train", help="train MiniSD from scratch (deterministic) into a diffusers folder")
-    t.add_argument("--out", required=True, help="output diffusers folder (must not exist unless --overwrite)")
-    for f in fields(MiniSDTrainConfig):
-        t.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
-                       help=f"{f.metadata['help']} (default {f.default})")
-    t.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    add_flags(t, Output, help_override={"output": "output diffusers folder (must not exist unless --overwrite)"})
+    add_flags(t, MiniSDTrainConfig)
     t.set_defaults(func=_train)
 
     j = sub.add_parser("train-judges", help="train the digit and style judges on the real digits")
-    j.add_argument("--out", required=True, help="output .safetensors file (must not exist unless --overwrite)")
-    j.add_argument("--seed", type=int, default=0, help="seed (default 0)")
-    j.add_argument("--epochs", type=int, default=12, help="epochs per judge (default 12)")
-    j.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    add_flags(j, Output, help_override={"output": "output .safetensors file (must not exist unless --overwrite)"})
+    add_flags(j, JudgeTraining)
     j.set_defaults(func=_train_judges)
 
     c = sub.add_parser("check", help="judge MiniSD's images: requested digit and style accuracy")
-    c.add_argument("--model", default="minisd", help='"minisd" (default) or a diffusers folder of a MiniSD model')
-    c.add_argument("--seeds", type=int, default=10, help="images per (digit, style) prompt (default 10)")
-    c.add_argument("--steps", type=int, default=25, help="DDIM steps (default 25)")
-    c.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
+    add_flags(c, Check)
     c.set_defaults(func=_check)
 
 
@@ -46,35 +68,33 @@ def _train(args: argparse.Namespace) -> int:
     from ...io_utils import check_writable
     from .train import MiniSDTrainConfig, main
 
-    check_writable(args.out, args.overwrite, flag="--out")
-    config = MiniSDTrainConfig(**{f.name: getattr(args, f.name) for f in fields(MiniSDTrainConfig)})
-    main(config, args.out, overwrite=args.overwrite)
+    out = Output(**values_from(args, Output))
+    config = MiniSDTrainConfig(**values_from(args, MiniSDTrainConfig))
+    check_writable(out.output, out.overwrite, flag="--output")
+    main(config, out.output, overwrite=out.overwrite)
     return 0
 
 
 def _train_judges(args: argparse.Namespace) -> int:
-    from ...errors import ConceptEraseError
     from ...io_utils import check_writable
     from .judge import save_judges, train_judges
 
-    check_writable(args.out, args.overwrite, kind="file", suffix=".safetensors", flag="--out")
-    if args.epochs < 1:
-        raise ConceptEraseError(f"--epochs must be >= 1, got {args.epochs}")
-    judges = train_judges(seed=args.seed, epochs=args.epochs)
-    save_judges(judges, args.out, overwrite=args.overwrite)
+    out = Output(**values_from(args, Output))
+    config = JudgeTraining(**values_from(args, JudgeTraining))
+    check_writable(out.output, out.overwrite, kind="file", suffix=".safetensors", flag="--output")
+    judges = train_judges(seed=config.seed, epochs=config.epochs)
+    save_judges(judges, out.output, overwrite=out.overwrite)
     print(json.dumps(judges.info, indent=2))
     return 0
 
 
 def _check(args: argparse.Namespace) -> int:
-    from ...errors import ConceptEraseError
     from ..loading import load_pipeline
     from .judge import load_judges, score_pipeline
 
-    if args.seeds < 1 or args.steps < 1:
-        raise ConceptEraseError(f"--seeds and --steps must be >= 1, got {args.seeds}, {args.steps}")
-    pipe = load_pipeline(args.model)
-    scores = score_pipeline(pipe, load_judges(), seeds=range(args.seeds), num_inference_steps=args.steps,
-                            guidance_scale=args.guidance)
+    config = Check(**values_from(args, Check))
+    pipe = load_pipeline(config.model)
+    scores = score_pipeline(pipe, load_judges(), seeds=range(config.seeds),
+                            num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale)
     print(json.dumps(scores, indent=2))
     return 0

@@ -4,7 +4,7 @@ Reads top to bottom: data -> VAE (reconstruction + tiny KL) -> latents (posterio
 variance) -> UNet (epsilon prediction, 10% empty prompts for classifier-free guidance, AdamW with warm-up
 and cosine decay, EMA) -> fp16 diffusers folder. The text encoder stays frozen at its random init.
 
-    concept-erase minisd train --out DIR
+    concept-erase minisd train --output DIR
 
 Time: 657 s (11 minutes) on 2 idle cores, measured 2026-11-29 with torch 2.13.0+cpu; the committed weights
 took 33 minutes because that machine was shared with other jobs (training.json records it). That retrain
@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ...cli_args import check_fields
 from ...errors import ConceptEraseError
 from ...io_utils import atomic_dir
 from ..families import Conditioning, family_of
@@ -34,33 +35,28 @@ from .model import BUILDERS, count_parameters
 
 @dataclass
 class MiniSDTrainConfig:
-    seed: int = field(default=0, metadata={"help": "seed for the initial weights, batches, noise and timesteps"})
-    vae_steps: int = field(default=600, metadata={"help": "VAE optimisation steps"})
-    vae_lr: float = field(default=1e-3, metadata={"help": "VAE Adam learning rate"})
-    kl_weight: float = field(default=1e-5, metadata={"help": "weight of the VAE's KL term"})
-    unet_steps: int = field(default=2000, metadata={"help": "UNet optimisation steps"})
-    unet_lr: float = field(default=1e-3, metadata={"help": "UNet AdamW peak learning rate"})
-    warmup_steps: int = field(default=100, metadata={"help": "linear learning-rate warm-up steps"})
-    batch_size: int = field(default=64, metadata={"help": "images per step (VAE and UNet)"})
-    empty_prompt_rate: float = field(default=0.1, metadata={"help": "share of empty prompts (classifier-free guidance)"})
-    ema_decay: float = field(default=0.999, metadata={"help": "EMA decay of the saved UNet weights"})
+    seed: int = field(default=0, metadata={
+        "help": "seed for the initial weights, batches, noise and timesteps", "seed": True})
+    vae_steps: int = field(default=600, metadata={"help": "VAE optimisation steps", "min": 1})
+    vae_lr: float = field(default=1e-3, metadata={"help": "VAE Adam learning rate", "above": 0})
+    kl_weight: float = field(default=1e-5, metadata={"help": "weight of the VAE's KL term", "min": 0})
+    unet_steps: int = field(default=2000, metadata={"help": "UNet optimisation steps", "min": 1})
+    unet_lr: float = field(default=1e-3, metadata={"help": "UNet AdamW peak learning rate", "above": 0})
+    warmup_steps: int = field(default=100, metadata={"help": "linear learning-rate warm-up steps", "min": 0})
+    batch_size: int = field(default=64, metadata={"help": "images per step (VAE and UNet)", "min": 1})
+    empty_prompt_rate: float = field(default=0.1, metadata={
+        "help": "share of empty prompts (classifier-free guidance)", "min": 0, "below": 1})
+    ema_decay: float = field(default=0.999, metadata={"help": "EMA decay of the saved UNet weights", "min": 0, "below": 1})
     vae: str = field(default="", metadata={"help": "reuse the trained VAE of this diffusers folder ('minisd': the "
                                                    "shipped MiniSD's; same images) instead of training one"})
     family: str = field(default="sd1", metadata={"help": "architecture: sd1 (MiniSD) or sdxl (MiniSD-XL: two text "
-                                                          "encoders, pooled embedding, size ids)"})
+                                                          "encoders, pooled embedding, size ids)",
+                                                  "choices": tuple(BUILDERS)})
 
     def __post_init__(self):
-        for name in ("vae_steps", "unet_steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ConceptEraseError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0 <= self.empty_prompt_rate < 1:
-            raise ConceptEraseError(f"empty_prompt_rate must be in [0, 1), got {self.empty_prompt_rate}")
-        if not 0 <= self.ema_decay < 1:
-            raise ConceptEraseError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.family not in BUILDERS:
-            raise ConceptEraseError(f"family must be one of {', '.join(BUILDERS)}, got {self.family!r}")
-        if self.warmup_steps < 0 or self.warmup_steps >= self.unet_steps:
-            raise ConceptEraseError(f"warmup_steps must be in [0, unet_steps), got {self.warmup_steps}")
+        check_fields(self)
+        if self.warmup_steps >= self.unet_steps:
+            raise ConceptEraseError(f"--warmup-steps must be < --unet-steps, got {self.warmup_steps}")
 
 
 def _log(msg: str) -> None:

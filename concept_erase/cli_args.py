@@ -1,0 +1,169 @@
+"""Dataclass configs as command-line flags: the one helper every command builds its parser with.
+
+A config is a dataclass whose fields carry their command-line facts in `field(metadata=...)`:
+
+    help         the flag's help text (required)
+    choices      the allowed values
+    min, max     inclusive bounds of a number;  above, below: exclusive bounds (lr: above=0)
+    seed         True: a seed (`validate.parse_seed`: a whole number from 0 to 2**32 - 1)
+    flag         the flag's name when it is not the field's (`image_steps` -> "num-inference-steps")
+    aliases      old spellings, accepted but hidden from --help (kept for one release)
+    positional   True: a positional argument instead of a flag
+    metavar      the value's name in --help
+    resume_free  True: a resumed run may change it (how long it runs, where it writes, how it shows)
+    cli          False: not a flag at all (a value the code fills in)
+
+`add_flags(parser, Config)` adds one flag per field; `values_from(args, Config)` collects what was parsed;
+`check_fields(config)` (called from each config's `__post_init__`, so the Python API gets the same checks)
+enforces choices and bounds with a one-line `ConceptEraseError` that names the flag and the bad value, by the
+rules of `concept_erase.validate`: every number must be finite (nan and inf are refused whatever the bounds),
+and a seed is a whole number from 0 to 2**32 - 1 for every command.
+
+This module imports nothing heavy: building a parser must stay cheap (`concept-erase --help`).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import MISSING, Field, fields
+
+from .errors import ConceptEraseError
+from .validate import check_number, parse_seed
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose optional positionals may come after flags (`export SRC --to diffusers OUT`, the
+    old spelling of `--output OUT`): Python 3.11's argparse fills an optional positional with nothing at the
+    first positional it sees, so such a parser parses intermixed. `concept_erase.cli` makes every command's
+    parser one of these."""
+
+    _intermixing = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        late = any(a.option_strings == [] and a.nargs in ("?", "*") for a in self._actions)
+        if self._intermixing or not late:
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True  # parse_known_intermixed_args calls back into parse_known_args
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
+def flag_name(f: Field) -> str:
+    """The flag of a field, e.g. "--num-inference-steps"."""
+    return "--" + f.metadata.get("flag", f.name.replace("_", "-"))
+
+
+def _kind(f: Field) -> str:
+    """"bool", "int", "float", "list" or "str", from the annotation (a string under `from __future__`)."""
+    text = str(f.type).replace("typing.", "").replace("Optional[", "").replace(" | None", "").strip()
+    for kind in ("bool", "int", "float"):
+        if text in (kind, f"<class '{kind}'>"):
+            return kind
+    return "list" if text.startswith(("list", "tuple")) else "str"
+
+
+def _default(f: Field):
+    if f.default is not MISSING:
+        return f.default
+    if f.default_factory is not MISSING:
+        return f.default_factory()
+    return MISSING
+
+
+def cli_fields(cls, names=None) -> list[Field]:
+    """The fields of `cls` that are flags, in `names` order when given."""
+    by_name = {f.name: f for f in fields(cls) if f.init and f.metadata.get("cli", True)}
+    return [by_name[n] for n in names] if names is not None else list(by_name.values())
+
+
+def add_flags(parser, cls, names=None, *, suppress_defaults: bool = False, help_override: dict | None = None) -> None:
+    """One flag per field of the dataclass `cls` (or of `names`, in that order).
+
+    suppress_defaults: leave a flag the user did not type out of the namespace, so that something else (a
+    preset concept's recipe, a protocol preset) supplies the value; `values_from` then returns only what
+    was typed (--help still shows the dataclass's default). A field without a default is a required flag."""
+    for f in cli_fields(cls, names):
+        m = f.metadata
+        kind = _kind(f)
+        default = _default(f)
+        help_text = (help_override or {}).get(f.name, m.get("help", ""))
+        kwargs: dict = {"dest": f.name}
+        if kind == "bool":
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif kind == "list":
+            kwargs.update(action="append", metavar=m.get("metavar", "VALUE"))
+        else:
+            kwargs["type"] = {"int": int, "float": float}.get(kind, str)
+            if "choices" in m:
+                kwargs["choices"] = m["choices"]
+            if "metavar" in m:
+                kwargs["metavar"] = m["metavar"]
+        if default is MISSING:
+            # argparse would demand this exact spelling and refuse an alias: `values_from` checks it instead
+            kwargs["required"] = not m.get("aliases")
+        elif kind == "bool":
+            help_text = f"{help_text} (default: {'on' if default else 'off'})"
+        elif default not in (None, (), []) and "(default" not in help_text:
+            help_text = f"{help_text} (default: {default})"
+        kwargs["default"] = argparse.SUPPRESS if suppress_defaults or default is MISSING else default
+        kwargs["help"] = help_text
+        if m.get("positional"):
+            kwargs.pop("dest")
+            kwargs.pop("required", None)
+            if kind == "list":
+                kwargs.pop("action")
+                kwargs["nargs"] = "+" if default is MISSING else "*"
+            elif default is not MISSING:
+                kwargs["nargs"] = "?"
+            parser.add_argument(f.name, **kwargs)
+        else:
+            parser.add_argument(flag_name(f), **kwargs)
+        for alias in m.get("aliases", ()):
+            add_hidden_alias(parser, alias, f.name, kwargs)
+
+
+def add_hidden_alias(parser, alias: str, dest: str, kwargs: dict | None = None) -> None:
+    """`alias` (a flag, or a bare name for an optional positional) sets `dest` too, and --help does not show it."""
+    kwargs = {k: v for k, v in (kwargs or {}).items() if k in ("type", "choices", "action", "metavar")}
+    kwargs.update(default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    if alias.startswith("-"):
+        parser.add_argument(alias, dest=dest, **kwargs)
+    else:  # an old positional: optional now, so that the flag can replace it
+        parser.add_argument(alias, nargs="?", **kwargs)
+
+
+def values_from(args: argparse.Namespace, cls, names=None) -> dict:
+    """The parsed values of `cls`'s flags that are in `args` (a suppressed flag the user did not type is not).
+    A required flag that is missing (given by none of its spellings) is a one-line error."""
+    chosen = cli_fields(cls, names)
+    missing = [flag_name(f) for f in chosen if _default(f) is MISSING and getattr(args, f.name, None) is None]
+    if missing:
+        raise ConceptEraseError(f"{missing[0]} is required")
+    return {f.name: getattr(args, f.name) for f in chosen if hasattr(args, f.name)}
+
+
+def resume_free(cls) -> set[str]:
+    """The fields of `cls` marked `resume_free`: what a resumed run may change."""
+    return {f.name for f in fields(cls) if f.metadata.get("resume_free")}
+
+
+def check_fields(config) -> None:
+    """Choices and bounds of every field of the dataclass instance `config`, from its metadata, by the rules of
+    `concept_erase.validate`. None means "unset" and passes; a bool is never a number here."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if value is None or isinstance(value, bool):
+            continue
+        m = f.metadata
+        name = flag_name(f)
+        if "choices" in m and value not in m["choices"]:
+            raise ConceptEraseError(f"{name} must be one of {', '.join(map(str, m['choices']))}, got {value!r}")
+        if not isinstance(value, (int, float)):
+            continue
+        if m.get("seed"):
+            parse_seed(value, name)
+            continue
+        check_number(value, name, minimum=m.get("min"), above=m.get("above"), maximum=m.get("max"))
+        if "below" in m and not value < m["below"]:
+            raise ConceptEraseError(f"{name} must be < {m['below']:g}, got {value!r}")
