@@ -146,6 +146,8 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
 
     defaults = model_defaults(args.model, args.config)
     chosen = []
+    if not hasattr(args, "resolution"):  # protocol flags the user did not type are absent (suppressed)
+        args.resolution = None
     if args.protocol is None:
         args.protocol = defaults.protocol
         chosen.append(f"--protocol {args.protocol}")

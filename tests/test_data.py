@@ -63,7 +63,7 @@ def test_generated_once_then_reused_and_extended(tmp_path, pipe, count_generated
     assert len({first.root, other.root, slower.root}) == 3
     with pytest.raises(ConceptEraseError, match="non-empty prompts"):
         ImageSet.generate(pipe, ["ok", " "], 1, tmp_path)
-    with pytest.raises(ConceptEraseError, match="num_inference_steps"):
+    with pytest.raises(ConceptEraseError, match="--num-inference-steps must be >= 1, got 0"):
         SamplingSettings(num_inference_steps=0)
 
 

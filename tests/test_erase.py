@@ -326,7 +326,7 @@ def test_forget_and_retain_images_are_sampled_with_the_base_models_settings(caps
     parser = build_parser("erase")
     argv = ["erase", "--model", "minisd", "--concept", "minisd-digit-three", "--output", "o"]
     assert _config(parser.parse_args(argv), ERASE_FIELDS).image_guidance == 5.0  # MiniSD's, not SD's 7.5
-    assert "--image-guidance 5" in capsys.readouterr().err
+    assert "--guidance-scale 5" in capsys.readouterr().err
     assert _config(parser.parse_args([*argv, "--image-guidance", "3"]), ERASE_FIELDS).image_guidance == 3.0
     with pytest.raises(ConceptEraseError, match="512 px does not suit minisd"):
         _config(parser.parse_args([*argv, "--resolution", "512"]), ERASE_FIELDS)
