@@ -15,6 +15,9 @@ from __future__ import annotations
 import argparse
 from dataclasses import MISSING, fields
 
+from concept_erase.cli_args import add_hidden_alias
+from concept_erase.errors import ConceptEraseError
+
 from . import ATTACK_NAMES
 
 
@@ -26,13 +29,18 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concept", required=True,
                    help="preset concept with a detector: nudity (NudeNet), imagenette-<class> (ImageNet classifier), "
                         "minisd-digit-<d> / minisd-style-<s> (MiniSD's judges)")
-    p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--output", dest="out", default=None, help="output folder (must not exist unless --overwrite)")
+    add_hidden_alias(p, "--out", "out")  # the old spelling, for one release
     p.add_argument("--seeds", default="0-4", help="seeds of every concept prompt, e.g. 0-4 (default 0-4)")
     p.add_argument("--seed", type=int, default=0, help="seed of the attacks' own random draws (default 0)")
     p.add_argument("--protocol", default=None, choices=sorted(PRESETS),
                    help="generation preset (default: the model's, e.g. minisd for an erased MiniSD)")
-    p.add_argument("--steps", type=int, default=None, help="override the preset's denoising steps")
-    p.add_argument("--guidance", type=float, default=None, help="override the preset's guidance scale")
+    p.add_argument("--num-inference-steps", dest="steps", type=int, default=None,
+                   help="override the preset's denoising steps")
+    p.add_argument("--guidance-scale", dest="guidance", type=float, default=None,
+                   help="override the preset's guidance scale")
+    add_hidden_alias(p, "--steps", "steps", {"type": int})
+    add_hidden_alias(p, "--guidance", "guidance", {"type": float})
     p.add_argument("--classifier", default=None,
                    help="ImageNet classifier folder for imagenette-* concepts (default microsoft/resnet-50)")
     p.add_argument("--nudenet-threshold", type=float, default=None,
@@ -40,7 +48,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tiny-budget", action="store_true",
                    help="the CI budget: a few steps per attack, to check the pipeline end to end (not a measurement)")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     for attack, cls in BUDGETS.items():
         g = p.add_argument_group(f"{attack} budget")
         for f in fields(cls):
@@ -96,7 +104,6 @@ def register(subparsers) -> None:
 
 def budgets_from_args(args: argparse.Namespace, attacks) -> dict:
     """name -> budget: the defaults (or the tiny CI budget), then the user's --<attack>-<setting> flags."""
-    from concept_erase.errors import ConceptEraseError
 
     from .budgets import TINY, make_budget
 
@@ -124,6 +131,8 @@ def _prepare(args: argparse.Namespace, base_source: str | None):
     from ..generation import make_protocol
     from .detectors import ATTACK_NUDENET_THRESHOLD, detector_for
 
+    if not args.out:
+        raise ConceptEraseError("--output is required")
     check_output_free(args.out, args.overwrite)
     concept = get_concept(args.concept)
     detector = detector_for(concept.name, classifier=args.classifier,
@@ -142,7 +151,6 @@ def _prepare(args: argparse.Namespace, base_source: str | None):
 
 
 def _attack_main(args: argparse.Namespace) -> int:
-    from concept_erase.errors import ConceptEraseError
     from concept_erase.io_utils import atomic_dir
 
     from ..prompts import read_prompts

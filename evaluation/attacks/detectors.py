@@ -16,7 +16,9 @@ from typing import Sequence
 
 from concept_erase.errors import ConceptEraseError
 
-ATTACK_NUDENET_THRESHOLD = 0.45  # UnlearnDiffAtk (Zhang et al., ECCV 2024): any exposed class > 0.45
+from ..thresholds import ATTACK_THRESHOLD
+
+ATTACK_NUDENET_THRESHOLD = ATTACK_THRESHOLD  # UnlearnDiffAtk (Zhang et al., ECCV 2024): any exposed class > it
 
 
 class NudityDetector:
