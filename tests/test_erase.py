@@ -178,9 +178,35 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
     pipe = build_tiny_pipeline(0)
     _hook_on_call(pipe.unet, 5, lambda out: type(out)(sample=out.sample * float("nan")))  # step 3's target
     cfg = TrainConfig(method="rl", steps=5, batch_size=2, lr=1e-3, checkpointing_steps=1)
-    with pytest.raises(ConceptEraseError, match=r"non-finite loss .* step 2.*checkpoint-2"):
+    # the loss of step 3 is the first the weights after step 2 give: checkpoint-2 did not pass
+    with pytest.raises(ConceptEraseError, match=r"non-finite loss nan at step 3; .*passed: .*checkpoint-1 "):
         train_unet(pipe, forget, retain, cfg, checkpoint_dir=tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1", "checkpoint-2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1", "checkpoint-2.diverged"]
+
+
+def test_a_finite_blow_up_stops_before_the_ruined_weights_are_checkpointed(tmp_path):
+    """--lr 1e6: the weights after one Adam step are finite but ruined. Their norm stops the run before they
+    are written as a checkpoint, so nothing is named good and `--resume latest` has nothing ruined to pick."""
+    forget, retain = _sets()
+    cfg = TrainConfig(method="rl", steps=3, batch_size=2, lr=1e6, checkpointing_steps=1)
+    with pytest.raises(ConceptEraseError, match=r"norm grew .*x after step 1 .*; no checkpoint passed"):
+        train_unet(build_tiny_pipeline(0), forget, retain, cfg, checkpoint_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_loss_jump_stops_and_only_checkpoints_that_passed_are_kept(tmp_path):
+    """A loss far above its running value indicts the weights that gave it: their checkpoint is set aside,
+    and --checkpoints-total-limit 1 never pruned the last one that passed in favour of it."""
+    forget, retain = _sets()
+    pipe = build_tiny_pipeline(0)
+    _hook_on_call(pipe.unet, 7, lambda out: type(out)(sample=out.sample * 1e4))  # step 4's target: loss x1e8
+    cfg = TrainConfig(method="rl", steps=6, batch_size=2, lr=1e-3, checkpointing_steps=1, checkpoints_total_limit=1)
+    with pytest.raises(ConceptEraseError, match=r"loss .* at step 4 is .*x its running value .*passed: .*checkpoint-2 "):
+        train_unet(pipe, forget, retain, cfg, checkpoint_dir=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-3.diverged"]
+    resumed = train_unet(build_tiny_pipeline(0), forget, retain, cfg, checkpoint_dir=tmp_path, resume="latest")
+    assert resumed.resumed_from == 2 and resumed.steps == 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3.diverged", "checkpoint-6"]
 
 
 def test_xformers_without_cuda_is_a_clear_error():
@@ -286,11 +312,11 @@ def test_cli_reliability_errors(tiny_pipeline_dir, cache, tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("# nothing\n")
     _one_line_error(capsys, ["erase", *common, "--output", str(tmp_path / "o2"),
                              "--retain-prompts", str(tmp_path / "empty.txt")], "empty.txt", "no prompts")
-    # a non-finite loss: stop, keep the last good checkpoint, write no model
+    # a blow-up: stop before the ruined weights are checkpointed, name none as good, write no model
     _one_line_error(capsys, ["erase", *common, "--output", str(tmp_path / "o3"), "--method", "rl", "--lr", "1e30",
-                             "--steps", "6", "--checkpointing-steps", "1"], "non-finite")
-    assert not (tmp_path / "o3").exists()
-    assert any(p.name.startswith("checkpoint-") for p in (tmp_path / "o3.checkpoints").iterdir())
+                             "--steps", "6", "--checkpointing-steps", "1"], "non-finite norm after step 1",
+                    "no checkpoint passed")
+    assert not (tmp_path / "o3").exists() and not (tmp_path / "o3.checkpoints").exists()
     # ... and with no checkpoints to resume from, the mask kept for --resume is not left behind either
     _one_line_error(capsys, ["erase", *common, "--output", str(tmp_path / "o5"), "--lr", "1e30", "--steps", "6"],
                     "non-finite")

@@ -38,6 +38,7 @@ from ..cli_args import check_fields, resume_free
 from ..errors import ConceptEraseError
 from ..io_utils import atomic_dir
 from .families import Conditioning
+from .guard import DivergenceGuard, checkpoints_in
 from .losses import SALIENCY_GUIDANCE, denoising_loss, noise_batch, sample_noise, saliency_loss_fn, training_scheduler
 from .methods import CA_PARAMS, get_method, method_names
 from ..saliency import SaliencyMask, build_optimizer, optimizer_class
@@ -255,6 +256,9 @@ def train_unet(
     if config.enable_xformers:
         unet.enable_xformers_memory_efficient_attention()
     unet.train()
+    # blow-ups, finite ones included, stop the run; only checkpoints that passed are kept as good (guard.py)
+    guard = DivergenceGuard(list(unet.parameters()), checkpoint_dir, start_step=start_step,
+                            keep=config.checkpoints_total_limit, main=accelerator.is_main_process)
     unet, optimizer = accelerator.prepare(unet, optimizer)  # after build_optimizer: DDP sees only trainable params
 
     # -- prompts -> conditioning, once (the text encoder is frozen)
@@ -305,9 +309,10 @@ def train_unet(
             step_loss += torch.stack([loss.detach(), loss_f, loss_r]).float() / config.gradient_accumulation_steps
         # Every process must agree before stepping: a NaN on one rank would poison all of them via all-reduce.
         step_loss = accelerator.reduce(step_loss, reduction="mean")
-        check_step_loss(step_loss, step, optimizer, checkpoint_dir)
+        guard.check_loss(step, step_loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        guard.check_weights(step + 1)
         record = {"step": step + 1, "loss": step_loss[0].item(), "loss_forget": step_loss[1].item(),
                   "loss_retain": step_loss[2].item()}
         losses.append(record)
@@ -317,6 +322,7 @@ def train_unet(
                             retain=f"{record['loss_retain']:.4g}")
         if checkpoint_dir and config.checkpointing_steps and (step + 1) % config.checkpointing_steps == 0:
             _save_checkpoint(accelerator, Path(checkpoint_dir), step + 1, unet, optimizer, config, losses)
+    guard.finish(config.steps)
 
     # -- hand back a plain module: no DDP wrapper, no hooks, no checkpointing, frozen
     unet = accelerator.unwrap_model(unet, keep_fp32_wrapper=False)
@@ -358,17 +364,6 @@ def _final_losses(method, unet, scheduler, T, forget: LatentSet, f_cond, f_targe
         rb = noise_batch(scheduler, retain.take(idx, device), r_cond[idx], noise.to(device), t.to(device))
         retain_loss = round(denoising_loss(unet, rb).item(), 6)
     return per_concept, retain_loss
-
-
-def check_step_loss(step_loss: Tensor, step: int, optimizer, checkpoint_dir) -> None:
-    """THE place each step's loss (loss, loss_forget, loss_retain, already averaged over processes, so every
-    process reaches the same verdict) is checked before the optimizer steps: a non-finite loss stops the run
-    and names the last good checkpoint."""
-    if not torch.isfinite(step_loss).all():
-        optimizer.zero_grad(set_to_none=True)
-        last_ckpt = _latest_checkpoint(checkpoint_dir)
-        kept = f"; last good checkpoint: {last_ckpt}" if last_ckpt else "; no checkpoint was written"
-        raise ConceptEraseError(f"non-finite loss {step_loss[0].item()} at step {step}, stopping{kept}")
 
 
 def _reset_accelerate_state() -> None:
@@ -432,15 +427,9 @@ def _peak_rss() -> int:
 
 # ------------------------------------------------------------------------------------------------ checkpoints
 
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-
-
 def _latest_checkpoint(checkpoint_dir) -> Path | None:
-    if not checkpoint_dir or not Path(checkpoint_dir).is_dir():
-        return None
-    found = [(int(m.group(1)), p) for p in Path(checkpoint_dir).iterdir()
-             if (m := CHECKPOINT_RE.match(p.name)) and (p / "state.json").is_file()]
-    return max(found)[1] if found else None
+    found = checkpoints_in(checkpoint_dir)
+    return found[-1][1] if found else None
 
 
 def _find_checkpoint(checkpoint_dir, resume: str | None) -> Path | None:
@@ -458,15 +447,12 @@ def _save_checkpoint(accelerator, checkpoint_dir: Path, step: int, unet, optimiz
                      losses: list[dict]) -> None:
     """checkpoint-<step>/: unet.safetensors (all UNet weights), optimizer.pt (tensors only, loaded with
     weights_only=True), rng.safetensors, state.json (step, losses, the settings that must match on resume).
-    The data order needs no file: it is a function of (seed, step). Written atomically by the main process."""
+    The data order needs no file: it is a function of (seed, step). Written atomically by the main process once
+    the weights passed the divergence guard; older checkpoints are pruned by the guard once a newer one passed."""
     from safetensors.torch import save_file
 
     model = accelerator.unwrap_model(unet, keep_fp32_wrapper=False)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    # Every process holds the same weights, so every process reaches the same verdict (no one waits forever).
-    if not all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point()):
-        raise ConceptEraseError(f"non-finite weights at step {step}, stopping; last good checkpoint: "
-                                f"{_latest_checkpoint(checkpoint_dir)}")
     if accelerator.is_main_process:
         with atomic_dir(checkpoint_dir / f"checkpoint-{step}", overwrite=True) as tmp:
             save_file(state, str(tmp / "unet.safetensors"))
@@ -477,12 +463,6 @@ def _save_checkpoint(accelerator, checkpoint_dir: Path, step: int, unet, optimiz
             save_file(rng, str(tmp / "rng.safetensors"))
             (tmp / "state.json").write_text(json.dumps(
                 {"step": step, "config": config.resume_key(), "losses": losses}, indent=1))
-        if config.checkpoints_total_limit:
-            done = sorted((int(m.group(1)), p) for p in checkpoint_dir.iterdir() if (m := CHECKPOINT_RE.match(p.name)))
-            for _, old in done[: -config.checkpoints_total_limit]:
-                import shutil
-
-                shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
 
 

@@ -16,8 +16,8 @@ A closed-form method (UCE) has `closed_form = True` and `edit(pipe, concept, con
 Seams for other layers (keep them in these single places):
 - the optimizer is built in ONE place: `train_unet` calls `saliency.build_optimizer(unet, trainable, ...)`
   once, on what the method's `trainable` returns (masked: state for the salient entries only);
-- each step's (all-reduced) loss is checked in ONE place, `erase.check_step_loss(...)`: a divergence
-  guard extends that function;
+- each step's (all-reduced) loss and the weights after each step are checked in ONE place,
+  `guard.DivergenceGuard` (finite blow-ups too; only checkpoints that passed are kept as good);
 - `Method.condition(cond, step)` may replace the forget conditioning of each step (adversarial prompt
   embeddings: subclass `SalUn`, override `condition`, and `register_method` the subclass under a new name;
   `Method.train_text_encoder` marks a method that trains the text encoder instead of the UNet).
