@@ -194,3 +194,21 @@ def test_several_concepts_in_one_run(tiny_pipeline_dir, tmp_path, capsys):
     assert card["concepts"] == summary["concepts"] and card["concept"] == "minisd-digit-three+minisd-digit-four"
     # three's surrogate (four) is erased too: three is steered on to five
     assert "five" in card["surrogate"][0] and not any("four" in s for s in card["surrogate"])
+
+
+@pytest.mark.parametrize("method", ["rl", "esd-x", "ca"])
+def test_every_loop_method_resumes_exactly(method, tmp_path):
+    """A run killed after its checkpoint and resumed ends with the weights of an uninterrupted one (ESD's
+    partial-sampling stop index is one of the step's seeded draws, so it repeats too)."""
+    g = torch.Generator().manual_seed(0)
+    forget = LatentSet(torch.randn(4, 4, 16, 16, generator=g), ["a nude"] * 4, ["a dressed"] * 4)
+    if method == "esd-x":
+        forget = LatentSet.prompts_only(forget.prompts, (4, 16, 16))
+    cfg = TrainConfig(method=method, steps=3, batch_size=2, lr=1e-3, esd_ddim_steps=3, checkpointing_steps=2)
+    straight = train_unet(build_tiny_pipeline(0), forget, None, cfg, checkpoint_dir=tmp_path / "a")
+    short = TrainConfig(**{**cfg.__dict__, "steps": 2})  # "killed" right after checkpoint-2
+    train_unet(build_tiny_pipeline(0), forget, None, short, checkpoint_dir=tmp_path / "b")
+    resumed = train_unet(build_tiny_pipeline(0), forget, None, cfg, checkpoint_dir=tmp_path / "b", resume="latest")
+    assert resumed.resumed_from == 2
+    a, b = straight.unet.state_dict(), resumed.unet.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -19,8 +19,7 @@ Seams for other layers (keep them in these single places):
 - each step's (all-reduced) loss and the weights after each step are checked in ONE place,
   `guard.DivergenceGuard` (finite blow-ups too; only checkpoints that passed are kept as good);
 - `Method.condition(cond, step)` may replace the forget conditioning of each step (adversarial prompt
-  embeddings: subclass `SalUn`, override `condition`, and `register_method` the subclass under a new name;
-  `Method.train_text_encoder` marks a method that trains the text encoder instead of the UNet).
+  embeddings: subclass `SalUn`, override `condition`, and `register_method` the subclass under a new name).
 """
 
 from __future__ import annotations
@@ -62,7 +61,6 @@ class Method:
     needs_surrogate: ClassVar[bool] = True     # a surrogate (target) prompt per forget item
     closed_form: ClassVar[bool] = False
     computes_mask: ClassVar[bool] = False      # without --mask, erase computes the saliency mask first
-    train_text_encoder: ClassVar[bool] = False
 
     def __init__(self, config):
         self.config = config
