@@ -26,7 +26,6 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -39,7 +38,7 @@ from concept_erase.diffusion.minisd import DIGITS, STYLES, digit_concept, minisd
 from concept_erase.diffusion.minisd.experiment import MASK_BATCH_SIZE, SAMPLING, make_latent_sets
 from concept_erase.diffusion.minisd.judge import load_judges
 from concept_erase.diffusion.uce import uce_edit
-from concept_erase.io_utils import atomic_file
+from erasure_minisd import write_results  # noqa: E402  (benchmarks/ is the script's folder)
 
 DIGIT_SETS = {1: ["one"], 3: ["one", "three", "five"], 5: ["one", "three", "five", "seven", "nine"]}
 METHODS = ("SalUn", "UCE", "ESD-u")
@@ -150,12 +149,7 @@ def main(argv=None) -> int:
               + "; ".join(f"{n} digit(s): {statistics.mean(r['seconds_images'] for r in rows if r['method'] == 'SalUn' and r['n'] == n):.0f} s"
                           for n in counts if any(r["method"] == "SalUn" and r["n"] == n for r in rows)) + ".",
               "", f"Total benchmark wall time: {time.perf_counter() - start:.0f} s.", ""]
-    out = Path(args.out)
-    with atomic_file(out, overwrite=True) as tmp:
-        tmp.write_text("\n".join(lines), encoding="utf-8")
-    with atomic_file(out.with_suffix(".jsonl"), overwrite=True) as tmp:
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    print("\n".join(lines))
+    write_results(args.out, lines, rows)
     return 0
 
 

@@ -416,13 +416,18 @@ def main(argv=None) -> int:
               f"| mask computation (scores + threshold) (s) | {side['mask']['mask_s']:.3f} |",
               f"| mask / one pass | {side['mask']['ratio']:.2f} |", "",
               f"Total benchmark wall time: {time.perf_counter() - start:.0f} s.", ""]
-    out = Path(args.out)
+    write_results(args.out, lines, all_rows)
+    return 0
+
+
+def write_results(path: str, lines: list[str], rows: list[dict]) -> None:
+    """The Markdown table at `path` and its raw rows beside it (.jsonl), each replaced atomically; print it."""
+    out = Path(path)
     with atomic_file(out, overwrite=True) as tmp:
         tmp.write_text("\n".join(lines), encoding="utf-8")
     with atomic_file(out.with_suffix(".jsonl"), overwrite=True) as tmp:
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in all_rows), encoding="utf-8")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     print("\n".join(lines))
-    return 0
 
 
 if __name__ == "__main__":
