@@ -41,9 +41,11 @@ from .families import Conditioning
 from .guard import DivergenceGuard, checkpoints_in
 from .losses import SALIENCY_GUIDANCE, denoising_loss, noise_batch, sample_noise, saliency_loss_fn, training_scheduler
 from .methods import CA_PARAMS, get_method, method_names
+from .adversarial import ADVERSARIAL_VARIANTS  # registers salun-adv
 from ..saliency import SaliencyMask, build_optimizer, optimizer_class
 
-METHODS = method_names()
+# The methods --method names; adversarial variants are chosen with --adversarial instead.
+METHODS = tuple(name for name in method_names() if name not in ADVERSARIAL_VARIANTS.values())
 MIXED_PRECISION = ("no", "fp16", "bf16")
 OPTIMIZERS = ("adam", "adam8bit")
 # The computed mask, kept beside the checkpoints so a resumed run trains the same weights (a name of our own,
@@ -100,6 +102,15 @@ class TrainConfig:
     uce_lambda: float = field(default=0.1, metadata={
         "help": "UCE: ridge lambda that keeps the inverse stable (the edit stays near the original weights)",
         "min": 0})
+    adversarial: bool = field(default=False, metadata={
+        "help": "SalUn-Adv: every --adv-every steps an inner attack finds adversarial conditionings for half the "
+                "forget items against the current model, and the step remaps them to the surrogate as well "
+                "(AdvUnlearn-style; --method salun only)"})
+    adv_every: int = field(default=1, metadata={
+        "help": "adversarial: run the inner attack every this many steps", "min": 1})
+    adv_steps: int = field(default=5, metadata={
+        "help": "adversarial: inner attack steps (Adam on the conditioning)", "min": 1})
+    adv_lr: float = field(default=0.02, metadata={"help": "adversarial: the inner attack's learning rate", "above": 0})
     checkpointing_steps: int = field(default=0, metadata={
         "help": "save checkpoint-<step> every this many steps (0: never)", "min": 0, "resume_free": True})
     checkpoints_total_limit: int = field(default=2, metadata={
@@ -107,6 +118,11 @@ class TrainConfig:
 
     def __post_init__(self):
         check_fields(self)
+        if self.adversarial and self.method not in ADVERSARIAL_VARIANTS.values():
+            if self.method not in ADVERSARIAL_VARIANTS:
+                raise ConceptEraseError(f"--adversarial works with --method {', '.join(ADVERSARIAL_VARIANTS)}, "
+                                        f"not {self.method!r}")
+            self.method = ADVERSARIAL_VARIANTS[self.method]  # the variant is a method of its own from here on
         method = get_method(self.method)
         if self.alpha is None:
             self.alpha = method.default_alpha

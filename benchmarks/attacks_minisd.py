@@ -1,0 +1,173 @@
+"""Attack benchmark on MiniSD: does the erased digit come back under each attack?
+
+For each seed, MiniSD's "seven" is erased with every method (same forget/retain images, same training budget:
+the erasure benchmark's settings), then each model is attacked with the four attacks at ONE budget (the same
+for every model) on the same rows (the concept's three forget prompts x the evaluation seeds), and scored by
+the MiniSD digit judge. Pre-ASR and ASR are counted the UnlearnDiffAtk way (docs/PROTOCOLS.md 6: a row succeeds
+if the concept shows before OR after the attack). Beside them: forget accuracy (seven prompts judged seven),
+retain accuracy (the other prompts judged as their digit and style) and FID on the judge's features against
+the original model's images, as `erasure_minisd.py` measures them.
+
+Two reference models show what the attacks can do at all:
+- "prompt-only (token remap)": the text encoder's embedding of the token "seven" is overwritten with that of
+  "one", so no prompt with the word reaches seven while the UNet is untouched: the concept is unreachable by
+  prompt but not gone. An attack that cannot recover it there cannot recover anything;
+- the original model (its Pre-ASR is the detector's hit rate on undamaged images).
+
+    HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE python benchmarks/attacks_minisd.py --out benchmarks/results/attacks_minisd.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from concept_erase.concepts import get_concept
+from concept_erase.diffusion.erase import TrainConfig, compute_mask, train_unet
+from concept_erase.diffusion.loading import load_pipeline
+from concept_erase.diffusion.methods import method_names
+from concept_erase.diffusion.minisd.experiment import MASK_BATCH_SIZE, make_latent_sets
+from concept_erase.diffusion.minisd.judge import load_judges
+from concept_erase.io_utils import atomic_file
+from erasure_minisd import Evaluator  # the erasure benchmark's forget / retain / FID evaluation
+from evaluation.attacks import ATTACK_NAMES
+from evaluation.attacks.budgets import make_budget
+from evaluation.attacks.detectors import detector_for
+from evaluation.attacks.run import concept_rows, run_attacks
+from evaluation.generation import make_protocol
+
+REMAP = "prompt-only (token remap)"
+ORIGINAL = "original MiniSD"
+# table name -> the erase method; the mask is computed for the methods that use one
+METHODS = {"SalUn": "salun", "RL": "rl", "ESD-x": "esd-x", "ESD-u": "esd-u", "SalUn-Adv": "salun-adv"}
+MASKED = {"salun", "salun-adv"}
+
+
+def remap_token(pipe, word: str, to: str) -> None:
+    """Prompt-only erasure: the input embedding of `word` becomes that of `to` (the UNet is untouched)."""
+    ids = [pipe.tokenizer(w, add_special_tokens=False).input_ids[0] for w in (word, to)]
+    weight = pipe.text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        weight[ids[0]] = weight[ids[1]]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--concept", default="minisd-digit-seven", help="MiniSD digit preset (default minisd-digit-seven)")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of: " + ", ".join(METHODS))
+    p.add_argument("--seeds", default="0,1,2", help="benchmark seeds (data, mask, training and attack draws)")
+    p.add_argument("--eval-seeds", default="0,1,2", help="seeds of the attacked rows (each forget prompt x these)")
+    p.add_argument("--steps", type=int, default=50, help="erasure steps (default 50)")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--alpha", type=float, default=0.5, help="retain weight of SalUn/RL/SalUn-Adv (ESD: 0)")
+    p.add_argument("--esd-ddim-steps", type=int, default=10)
+    p.add_argument("--num-forget", type=int, default=48)
+    p.add_argument("--num-retain", type=int, default=216)
+    p.add_argument("--eval-forget", type=int, default=30, help="judged forget-prompt images")
+    p.add_argument("--eval-retain-seeds", type=int, default=2, help="judged images per retain prompt")
+    p.add_argument("--inversion-steps", type=int, default=150)
+    p.add_argument("--unlearndiffatk-steps", type=int, default=40)
+    p.add_argument("--embedding-steps", type=int, default=60)
+    p.add_argument("--out", default="benchmarks/results/attacks_minisd.md", help="Markdown output (replaced)")
+    args = p.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    eval_seeds = [int(s) for s in args.eval_seeds.split(",")]
+    methods = [m.strip() for m in args.methods.split(",")]
+    available = [m for m in methods if METHODS[m] in method_names()]
+    skipped = [m for m in methods if m not in available]
+
+    start = time.perf_counter()
+    concept = get_concept(args.concept)
+    judges = load_judges()
+    pipe, base = load_pipeline("minisd"), load_pipeline("minisd")
+    base_state = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    detector = detector_for(concept.name)
+    protocol = make_protocol("minisd")
+    budgets = {"inversion": make_budget("inversion", steps=args.inversion_steps),
+               "unlearndiffatk": make_budget("unlearndiffatk", steps=args.unlearndiffatk_steps),
+               "ringabell": make_budget("ringabell"),
+               "embedding": make_budget("embedding", steps=args.embedding_steps)}
+    rows = concept_rows(concept, eval_seeds)
+    evaluate = Evaluator(base, concept, judges, args.eval_forget, args.eval_retain_seeds)
+    results = []
+
+    def attack(name: str, model, seed: int, erase_s: float | None) -> None:
+        run = run_attacks(model, concept, rows, budgets, detector, protocol=protocol, base=base, seed=seed,
+                          log=lambda line: print(f"[{name} seed {seed}] {line}", flush=True))
+        s = run.summary()
+        row = {"model": name, "seed": seed, "erase_s": erase_s, **evaluate(model), "pre_asr": s["pre_asr"],
+               **{f"asr_{a}": v["asr"] for a, v in s["attacks"].items()},
+               **{f"alone_{a}": v["attack_alone"] for a, v in s["attacks"].items()},
+               "attack_s": {a: v["seconds"] for a, v in s["attacks"].items()}}
+        results.append(row)
+        print(json.dumps(row), flush=True)
+
+    for seed in seeds:
+        forget, retain = make_latent_sets(base, concept, args.num_forget, args.num_retain, seed=seed)
+        for name in available:
+            method = METHODS[name]
+            pipe.unet.load_state_dict(base_state)
+            t0 = time.perf_counter()
+            mask = compute_mask(pipe, forget, 0.5, batch_size=MASK_BATCH_SIZE, seed=seed) if method in MASKED else None
+            esd = method.startswith("esd")
+            config = TrainConfig(method=method, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                                 alpha=0.0 if esd else args.alpha, seed=seed, esd_ddim_steps=args.esd_ddim_steps)
+            train_unet(pipe, forget, retain, config, mask=mask)
+            attack(name, pipe, seed, time.perf_counter() - t0)
+        pipe.unet.load_state_dict(base_state)
+        remapped = load_pipeline("minisd")
+        remap_token(remapped, concept.forget_prompts[0].split()[3], concept.surrogate_prompts[0].split()[3])
+        attack(REMAP, remapped, seed, None)
+    original = evaluate(base)
+
+    lines = ["# MiniSD attack benchmark", "",
+             f"Command: `python benchmarks/attacks_minisd.py {' '.join(argv if argv is not None else sys.argv[1:])}`", "",
+             f"Erasure: {args.concept}, {args.steps} steps, lr {args.lr}, batch {args.batch_size}+{args.batch_size}, "
+             f"alpha {args.alpha} (ESD: 0), keep 0.5, {args.num_forget} forget / {args.num_retain} retain images, "
+             f"ESD {args.esd_ddim_steps} DDIM steps of partial sampling. Seeds {seeds} (data, mask, training, attack "
+             f"draws); mean +- std over seeds.",
+             f"Attacks: {len(rows)} rows ({len(concept.forget_prompts)} forget prompts x seeds {eval_seeds}), DDIM 25 "
+             "steps, guidance 5, MiniSD digit judge. Budgets (the same for every model): "
+             + "; ".join(f"{n}: " + ", ".join(f"{k}={v}" for k, v in vars(b).items()) for n, b in budgets.items()) + ".",
+             "ASR counts a row whose plain prompt already shows the digit (Pre-ASR) as a success, as UnlearnDiffAtk "
+             "does; in brackets, the attacked images alone.",
+             f"Original MiniSD: forget acc {100 * original['forget_acc']:.1f}%, retain acc {100 * original['retain_acc']:.1f}%.",
+             ""]
+    if skipped:
+        lines += [f"Not run (method not available in this build): {', '.join(skipped)}.", ""]
+    header = ["model", "erase s", "forget acc %", "retain acc %", "FID (judge)", "Pre-ASR %",
+              *[f"ASR {a} %" for a in ATTACK_NAMES]]
+    lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+
+    def ms(sel, key, scale=1.0):
+        xs = [scale * r[key] for r in sel]
+        return f"{statistics.mean(xs):.1f} +- {statistics.stdev(xs) if len(xs) > 1 else 0.0:.1f}"
+
+    for name in [*available, REMAP]:
+        sel = [r for r in results if r["model"] == name]
+        erase_s = [r["erase_s"] for r in sel if r["erase_s"] is not None]
+        cells = [f"{statistics.mean(erase_s):.0f}" if erase_s else "-", ms(sel, "forget_acc", 100), ms(sel, "retain_acc", 100), ms(sel, "fid"), ms(sel, "pre_asr")]
+        cells += [f"{ms(sel, f'asr_{a}')} ({statistics.mean(r[f'alone_{a}'] for r in sel):.0f})" for a in ATTACK_NAMES]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    mean_s = {a: statistics.mean(r["attack_s"][a] for r in results) for a in ATTACK_NAMES}
+    lines += ["", "Mean attack time per model (s, the machine shared with other jobs): "
+              + ", ".join(f"{a} {v:.0f}" for a, v in mean_s.items()) + ".",
+              f"Total wall time: {time.perf_counter() - start:.0f} s.", ""]
+    out = Path(args.out)
+    with atomic_file(out, overwrite=True) as tmp:
+        tmp.write_text("\n".join(lines), encoding="utf-8")
+    with atomic_file(out.with_suffix(".jsonl"), overwrite=True) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in results), encoding="utf-8")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
