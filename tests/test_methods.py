@@ -127,6 +127,19 @@ def test_uce_edits_only_cross_attention_kv():
     assert report["forget_per_concept"]["custom: a nude"] < 0.2 and report["retain"] < 0.05
 
 
+def test_uce_on_sdxl_edits_its_cross_attention_through_the_family():
+    """SDXL's conditioning (both encoders, 2048-d tokens) goes through `Family.encode`; its to_k/to_v take it."""
+    from concept_erase.concepts import get_concept
+    from concept_erase.diffusion.tiny import build_tiny_sdxl_pipeline
+
+    pipe = build_tiny_sdxl_pipeline(0)
+    base = _weights(pipe.unet)
+    report = uce_edit(pipe, get_concept(forget=["a nude"], surrogate=["a dressed"], retain_prompts=["a tree"]))
+    layers = cross_attention_projections(pipe.unet, family_of(pipe))
+    assert family_of(pipe).name == "sdxl" and _changed(pipe, base) == {f"{name}.weight" for name in layers}
+    assert report["forget_per_concept"]["custom: a nude"] < 0.2
+
+
 # ------------------------------------------------------------------------------------------ the command
 
 def _cli(pipe_dir, cache, *extra):
