@@ -121,24 +121,25 @@ def describe_os_error(err: BaseException) -> str:
 
 
 def check_writable(path: str | os.PathLike, overwrite: bool = False, *, kind: str = "dir",
-                   suffix: str | None = None, flag: str | None = None) -> Path:
+                   suffix: str | None = None, flag: str | None = None, into: bool = False) -> Path:
     """Everything about an output destination that can be known before the work: not taken (unless
     `overwrite`), of the right kind when it exists (`kind` "dir" or "file"), ending in `suffix` when one is
     required, its parents folders (not files), and writable (a probe file is created and removed in the
     nearest existing folder, so read-only folders and file systems are caught). `flag` names the option in
-    the message. Also sweeps that folder of our stale temporaries."""
+    the message. `into`: the command writes inside an existing folder (resumes it), so the probe goes there
+    and it need not be free. Also sweeps that folder of our stale temporaries."""
     path = Path(path)
     name = f"{flag} {str(path)!r}" if flag else f"output {str(path)!r}"
     if suffix is not None and path.suffix.lower() != suffix:
         raise ConceptEraseError(f"{name} must end in {suffix}")
     if path.exists() or path.is_symlink():
-        if not overwrite:
+        if not (overwrite or into):
             raise ConceptEraseError(f"{name} already exists (pass --overwrite to replace it)")
         if kind == "dir" and not path.is_dir():
             raise ConceptEraseError(f"{name} exists and is a file, not a folder")
         if kind == "file" and path.is_dir():
             raise ConceptEraseError(f"{name} exists and is a folder, not a file")
-    parent = path.absolute().parent
+    parent = path.absolute() if into and path.is_dir() else path.absolute().parent
     while not parent.exists():
         if parent.is_symlink():
             raise ConceptEraseError(f"{name}: {str(parent)!r} is a broken link")

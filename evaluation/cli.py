@@ -208,9 +208,7 @@ def check_destinations(args: argparse.Namespace) -> None:
 
     from concept_erase.io_utils import check_writable
 
-    out = check_writable(args.output, overwrite=True, flag="--output")
-    if out.is_dir():
-        check_writable(out / "run.json", overwrite=True, kind="file", flag="--output")
+    check_writable(args.output, flag="--output", into=True)
     if args.update_card and Path(args.model).is_dir():
         check_writable(Path(args.model) / "README.md", overwrite=True, kind="file", flag="--update-card")
 

@@ -23,8 +23,10 @@ INPUTS = {
     "negative_seed.csv": b"prompt,evaluation_seed\na cat,-3\n",
     "duplicate_column.csv": b"prompt,evaluation_seed,prompt\na cat,1,a dog\n",
     "random.ckpt": random.Random(0).randbytes(4096),
+    "retain.txt": b"a tree\na house\na dog\n",
 }
 
+ERASE = ["erase", "--model", "minisd", "--forget", "a", "--surrogate", "b"]
 EVALUATE = ["evaluate", "nudity", "--model", "minisd", "--out", "{tmp}/eval"]
 CASES = {
     # item 3 / 2: destinations that cannot be written are refused before any work
@@ -46,6 +48,22 @@ CASES = {
     "export of random bytes .ckpt": (
         ["export", "{in:random.ckpt}", "--config", "minisd", "--to", "diffusers", "{tmp}/out"],
         "is not a checkpoint (or is damaged): unreadable pickle data"),
+    "erase --export-single-file not .safetensors": (
+        [*ERASE, "--output", "{tmp}/o", "--export-single-file", "{tmp}/m.ckpt"],
+        "--export-single-file '{tmp}/m.ckpt' must end in .safetensors"),
+    "erase --save-delta under a file": (
+        [*ERASE, "--output", "{tmp}/o", "--save-delta", "{file}/d"], "--save-delta '{file}/d' cannot be created"),
+    "erase --checkpoint-dir is a file": (
+        [*ERASE, "--output", "{tmp}/o", "--checkpoint-dir", "{file}"], "--checkpoint-dir '{file}' exists and is a file"),
+    "erase --save-delta is --output": (
+        [*ERASE, "--output", "{tmp}/o", "--save-delta", "{tmp}/o"], "--save-delta and --output are the same path"),
+    "mask --output not .safetensors": (
+        ["mask", "--model", "minisd", "--forget", "a", "--surrogate", "b", "--output", "{tmp}/m.pt"],
+        "--output '{tmp}/m.pt' must end in .safetensors"),
+    # item 8: a number of images that cannot cover the prompts
+    "erase --num-retain-images below the prompts": (
+        ["erase", "--model", "{tiny}", "--forget", "a", "--surrogate", "b", "--retain-prompts", "{in:retain.txt}",
+         "--num-retain-images", "2", "--output", "{tmp}/o"], "--num-retain-images 2 is fewer than the 3 prompts"),
     # item 6: prompt CSVs
     "CSV not UTF-8": ([*EVALUATE, "--prompts", "{in:latin1.csv}"], "is not UTF-8 text (byte 0xe9"),
     "CSV binary": ([*EVALUATE, "--prompts", "{in:binary.csv}"], "is binary data (a NUL byte at offset 23)"),
@@ -63,22 +81,22 @@ CASES = {
 }
 
 
-def _fill(arg: str, tmp) -> str:
+def _fill(arg: str, tmp, tiny="") -> str:
     if arg.startswith("{in:"):
         name = arg[len("{in:"):-1]
         path = tmp / name
         path.write_bytes(INPUTS[name])
         return str(path)
-    return arg.replace("{tmp}", str(tmp)).replace("{file}", str(tmp / "file"))
+    return arg.replace("{tmp}", str(tmp)).replace("{file}", str(tmp / "file")).replace("{tiny}", str(tiny))
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_is_one_line_exit_2_and_nothing_written(case, tmp_path, monkeypatch, capsys):
+def test_bad_input_is_one_line_exit_2_and_nothing_written(case, tmp_path, monkeypatch, capsys, tiny_pipeline_dir):
     argv, expected = CASES[case]
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("CONCEPT_ERASE_CACHE", str(tmp_path / "cache"))
     (tmp_path / "file").write_text("a user's file")
-    argv = [_fill(a, tmp_path) for a in argv]
+    argv = [_fill(a, tmp_path, tiny_pipeline_dir) for a in argv]
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     code = main(argv)
     err = capsys.readouterr().err

@@ -86,6 +86,18 @@ def test_concurrent_runs_sharing_a_fresh_cache_generate_each_image_once(tmp_path
     assert len(manifest_rows(sets[0].root)) == 6
 
 
+def test_a_set_has_exactly_the_number_of_images_asked(tmp_path, pipe, count_generated):
+    """8 images of 3 prompts are 3 + 3 + 2, not 9; fewer images than prompts is refused before generating."""
+    from concept_erase.diffusion.data import images_per_prompt
+
+    images = ImageSet.generate(pipe, ["a", "b", "c"], 3, tmp_path, seed=0, settings=FAST, total=8)
+    assert len(images) == 8 and len(count_generated) == 8
+    assert [images.prompts.count(p) for p in "abc"] == [3, 3, 2]
+    assert images_per_prompt(27, 9) == [3] * 9 and images_per_prompt(10, 4) == [3, 3, 2, 2]
+    with pytest.raises(ConceptEraseError, match="--num-retain-images 3 is fewer than the 9 prompts"):
+        images_per_prompt(3, 9, "--num-retain-images")
+
+
 def test_interrupted_generation_resumes(tmp_path, pipe, monkeypatch, count_generated):
     real = generate_module.generate_images
     batches = []

@@ -356,3 +356,26 @@ def test_forget_and_retain_images_are_sampled_with_the_base_models_settings(caps
     assert _config(parser.parse_args([*argv, "--image-guidance", "3"]), ERASE_FIELDS).image_guidance == 3.0
     with pytest.raises(ConceptEraseError, match="512 px does not suit minisd"):
         _config(parser.parse_args([*argv, "--resolution", "512"]), ERASE_FIELDS)
+
+
+def test_an_output_write_that_fails_after_training_keeps_the_weights(tiny_pipeline_dir, cache, tmp_path, capsys,
+                                                                      monkeypatch):
+    """The write of OUTPUT fails after training (full disk): the trained weights become the final checkpoint,
+    the error names it, and --resume latest with another --output writes the model without training again."""
+    from concept_erase.diffusion import erase
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    real = erase._save_outputs
+    monkeypatch.setattr(erase, "_save_outputs", full_disk)
+    args = ["erase", *_common(tiny_pipeline_dir, cache), "--method", "rl", "--steps", "2",
+            "--checkpoint-dir", str(tmp_path / "ckpt")]
+    message = _one_line_error(capsys, [*args, "--output", str(tmp_path / "o1")], "No space left on device",
+                              "the trained weights are kept in", "checkpoint-2", "--resume latest")
+    assert not (tmp_path / "o1").exists() and sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["checkpoint-2"]
+    monkeypatch.setattr(erase, "_save_outputs", real)
+    assert main([*args, "--output", str(tmp_path / "o2"), "--resume", "latest"]) == 0, message
+    summary = json.loads((tmp_path / "o2" / "erase_summary.json").read_text())
+    assert summary["resumed_from"] == 2 and summary["steps"] == 2
+

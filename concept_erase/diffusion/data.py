@@ -66,6 +66,16 @@ class ImageRecord:
     seed: int | None = None  # None for a user's image
 
 
+def images_per_prompt(total: int, n_prompts: int, what: str = "image count") -> list[int]:
+    """`total` images spread over `n_prompts` prompts as evenly as they go (the first prompts get one more),
+    so a set has exactly the number asked; fewer images than prompts would leave a prompt out, so it is
+    refused by name."""
+    if total < n_prompts:
+        raise ConceptEraseError(f"{what} {total} is fewer than the {n_prompts} prompts it is spread over (each needs "
+                                "at least one image)")
+    return [total // n_prompts + (i < total % n_prompts) for i in range(n_prompts)]
+
+
 def _image_name(prompt: str, seed: int) -> str:
     return f"{hashlib.sha256(prompt.encode()).hexdigest()[:12]}-{seed}.png"
 
@@ -137,11 +147,14 @@ class ImageSet:
         settings: SamplingSettings | None = None,
         batch_size: int = 8,
         progress: bool = False,
+        total: int | None = None,
     ) -> "ImageSet":
         """`n_per_prompt` images of every prompt from `pipe`, reusing (and adding to) the on-disk cache.
 
         Prompt i's j-th image uses seed `seed + i * n_per_prompt + j`, so every image of the set has its own
-        seed and the set is reproducible; the seeds are recorded in the manifest.
+        seed and the set is reproducible; the seeds are recorded in the manifest. `total`: exactly this many
+        images (from len(prompts) to len(prompts) * n_per_prompt): the first `total % len(prompts)` prompts
+        get one image more than the others (`images_per_prompt`).
         """
         prompts = list(prompts)
         if not prompts or any(not p.strip() for p in prompts):
@@ -157,9 +170,12 @@ class ImageSet:
             with atomic_file(root / "settings.json", overwrite=True) as tmp:
                 tmp.write_text(json.dumps({"model_digest": digest, **asdict(settings)}, indent=2) + "\n")
 
+        counts = [n_per_prompt] * len(prompts) if total is None else images_per_prompt(total, len(prompts))
+        if max(counts) > n_per_prompt:
+            raise ConceptEraseError(f"{total} images need more than {n_per_prompt} per prompt")
         wanted = [ImageRecord(f"images/{_image_name(p, s)}", p, s)
                   for i, p in enumerate(prompts)
-                  for s in (seed + i * n_per_prompt + j for j in range(n_per_prompt))]
+                  for s in (seed + i * n_per_prompt + j for j in range(counts[i]))]
         # Concurrent runs sharing this cache entry take turns: the second reads the manifest the first has
         # filled and generates only what is still missing (nothing, when they asked for the same images).
         with exclusive_lock(root / ".lock", f"generating images into {root}"):

@@ -461,25 +461,36 @@ def _find_checkpoint(checkpoint_dir, resume: str | None) -> Path | None:
 
 def _save_checkpoint(accelerator, checkpoint_dir: Path, step: int, unet, optimizer, config: TrainConfig,
                      losses: list[dict]) -> None:
+    """checkpoint-<step>/ of a running loop (see `_write_checkpoint`), written by the main process once the
+    weights passed the divergence guard; older checkpoints are pruned by the guard once a newer one passed."""
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(unet, keep_fp32_wrapper=False)
+        _write_checkpoint(checkpoint_dir, step, model.state_dict(),
+                          getattr(optimizer, "optimizer", optimizer).state_dict(), config, losses)
+    accelerator.wait_for_everyone()
+
+
+def _write_checkpoint(checkpoint_dir: Path, step: int, weights: dict, optimizer_state: dict | None,
+                      config: TrainConfig, losses: list[dict]) -> Path:
     """checkpoint-<step>/: unet.safetensors (all UNet weights), optimizer.pt (tensors only, loaded with
-    weights_only=True), rng.safetensors, state.json (step, losses, the settings that must match on resume).
-    The data order needs no file: it is a function of (seed, step). Written atomically by the main process once
-    the weights passed the divergence guard; older checkpoints are pruned by the guard once a newer one passed."""
+    weights_only=True; absent in a run's final weights, which take no more step), rng.safetensors, state.json
+    (step, losses, the settings that must match on resume). The data order needs no file: it is a function of
+    (seed, step). Written atomically."""
     from safetensors.torch import save_file
 
-    model = accelerator.unwrap_model(unet, keep_fp32_wrapper=False)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    if accelerator.is_main_process:
-        with atomic_dir(checkpoint_dir / f"checkpoint-{step}", overwrite=True) as tmp:
-            save_file(state, str(tmp / "unet.safetensors"))
-            torch.save(getattr(optimizer, "optimizer", optimizer).state_dict(), tmp / "optimizer.pt")
-            rng = {"cpu": torch.get_rng_state()}
-            if torch.cuda.is_available():
-                rng["cuda"] = torch.cuda.get_rng_state()
-            save_file(rng, str(tmp / "rng.safetensors"))
-            (tmp / "state.json").write_text(json.dumps(
-                {"step": step, "config": config.resume_key(), "losses": losses}, indent=1))
-    accelerator.wait_for_everyone()
+    state = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
+    path = Path(checkpoint_dir) / f"checkpoint-{step}"
+    with atomic_dir(path, overwrite=True) as tmp:
+        save_file(state, str(tmp / "unet.safetensors"))
+        if optimizer_state is not None:
+            torch.save(optimizer_state, tmp / "optimizer.pt")
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        save_file(rng, str(tmp / "rng.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(
+            {"step": step, "config": config.resume_key(), "losses": losses}, indent=1))
+    return path
 
 
 def _load_checkpoint(path: Path, unet, optimizer, config: TrainConfig) -> tuple[int, list[dict]]:
@@ -488,7 +499,8 @@ def _load_checkpoint(path: Path, unet, optimizer, config: TrainConfig) -> tuple[
     try:
         state = json.loads((path / "state.json").read_text())
         weights = load_file(str(path / "unet.safetensors"))
-        opt_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        has_optimizer = (path / "optimizer.pt").exists()  # a run's kept final weights have none (no step left)
+        opt_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True) if has_optimizer else None
         rng = load_file(str(path / "rng.safetensors"))
     except Exception as err:  # truncated / foreign files: one line naming the folder
         raise ConceptEraseError(f"cannot read checkpoint {str(path)!r}: {str(err).splitlines()[0]}") from None
@@ -499,11 +511,15 @@ def _load_checkpoint(path: Path, unet, optimizer, config: TrainConfig) -> tuple[
                                 f"{saved[diff[0]]!r}, now {getattr(config, diff[0])!r})")
     if int(state["step"]) > config.steps:
         raise ConceptEraseError(f"checkpoint {str(path)!r} is at step {state['step']}, past --steps {config.steps}")
+    if opt_state is None and int(state["step"]) < config.steps:
+        raise ConceptEraseError(f"checkpoint {str(path)!r} holds final weights without optimizer state: it cannot "
+                                f"continue to --steps {config.steps}")
     missing, unexpected = unet.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise ConceptEraseError(f"checkpoint {str(path)!r} does not fit this UNet "
                                 f"(first mismatch: {(missing or unexpected)[0]!r})")
-    optimizer.load_state_dict(opt_state)
+    if opt_state is not None:
+        optimizer.load_state_dict(opt_state)
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
@@ -664,7 +680,7 @@ def build_latent_sets(pipe, concept, config: EraseConfig, state, *,
     images of the surrogate prompts, each paired with a forget prompt steered to it; "none" (ESD samples its
     own z_t) = the forget prompts only. Retain images when the method has a retain term (`with_retain`
     overrides: the `mask` command wants none)."""
-    from .data import ImageSet, SamplingSettings, default_image_size
+    from .data import ImageSet, SamplingSettings, default_image_size, images_per_prompt
 
     method = get_method(config.method)(config)
     settings = SamplingSettings(num_inference_steps=config.image_steps, guidance_scale=config.image_guidance,
@@ -672,10 +688,12 @@ def build_latent_sets(pipe, concept, config: EraseConfig, state, *,
     cache = config.cache_dir
 
     def generated(prompts: list[str], total: int) -> ImageSet:
+        # exactly `total` images; the seeds are those of ceil(total / len(prompts)) per prompt, so a cache
+        # filled for a larger set serves a smaller one
         per_prompt = math.ceil(total / len(prompts))
         with state.main_process_first():  # the main process fills the cache; the others find it full
             return ImageSet.generate(pipe, prompts, per_prompt, cache, seed=config.seed, settings=settings,
-                                     progress=config.progress and state.is_main_process)
+                                     progress=config.progress and state.is_main_process, total=total)
 
     def from_folder(folder: str, default_prompt: str) -> ImageSet:
         folder = Path(folder)
@@ -687,6 +705,14 @@ def build_latent_sets(pipe, concept, config: EraseConfig, state, *,
             return images.latents(pipe, batch_size=config.batch_size, size=size)
 
     size = (config.resolution,) * 2 if config.resolution else default_image_size(pipe)  # train at --resolution
+    anchors = list(dict.fromkeys(concept.surrogate_for(p) for p in concept.forget_prompts))
+    wants_retain = method.needs_retain if with_retain is None else with_retain
+    # every count is checked before the first image is generated
+    if method.forget_data != "none" and not config.forget_images:
+        prompts = anchors if method.forget_data == "anchor" else concept.forget_prompts
+        images_per_prompt(config.num_forget_images, len(prompts), "--num-forget-images")
+    if wants_retain and not config.retain_images:
+        images_per_prompt(config.num_retain_images, len(concept.retain_prompts), "--num-retain-images")
     if method.forget_data == "none":
         f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
         shape = (pipe.unet.config.in_channels, size[0] // f, size[1] // f)
@@ -708,7 +734,7 @@ def build_latent_sets(pipe, concept, config: EraseConfig, state, *,
                   else generated(concept.forget_prompts, config.num_forget_images))
         forget = LatentSet(encoded(images), images.prompts, [concept.surrogate_for(p) for p in images.prompts])
     retain = None
-    if method.needs_retain if with_retain is None else with_retain:
+    if wants_retain:
         images = (from_folder(config.retain_images, concept.retain_prompts[0]) if config.retain_images
                   else generated(concept.retain_prompts, config.num_retain_images))
         retain = LatentSet(encoded(images), images.prompts)
@@ -731,9 +757,9 @@ def _prepare(config: EraseConfig):
 
 def run_mask(config: EraseConfig) -> dict[str, Any]:
     """`concept-erase mask`: compute the saliency mask of config.concept and write it to config.output."""
-    from ..io_utils import check_output_free
+    from ..io_utils import check_writable
 
-    check_output_free(config.output, config.overwrite)
+    check_writable(config.output, config.overwrite, kind="file", suffix=".safetensors", flag="--output")
     state, concept, pipe = _prepare(config)
     forget, _ = build_latent_sets(pipe, concept, config, state, with_retain=False)
     t0 = time.perf_counter()
@@ -752,11 +778,7 @@ def run_erase(config: EraseConfig) -> dict[str, Any]:
 
     Fails before any work if an output exists (without overwrite) or the mask does not fit the model; on a
     non-finite loss it raises ConceptEraseError and the checkpoints written so far stay in place."""
-    from ..io_utils import check_output_free
-
-    for path in (config.output, config.export_single_file, config.save_delta):
-        if path:
-            check_output_free(path, config.overwrite)
+    check_destinations(config)
     t_start = time.perf_counter()
     state, concept, pipe = _prepare(config)
     method = get_method(config.method)(config)
@@ -827,11 +849,60 @@ def run_erase(config: EraseConfig) -> dict[str, Any]:
         "final_loss": result.losses[-1] if result.losses else None, "losses": result.losses,
     }
     if state.is_main_process:
-        _save_outputs(pipe, config, concept, mask, base_unet, summary)
+        try:
+            _save_outputs(pipe, config, concept, mask, base_unet, summary)
+        except (ConceptEraseError, OSError) as err:
+            _keep_trained_weights(err, pipe.unet, ckpt_dir, config, result.losses)
         if not config.checkpointing_steps:  # nothing to resume from: do not leave the shared mask behind
             _remove_resume_mask(ckpt_dir)
     state.wait_for_everyone()
     return summary
+
+
+def check_destinations(config: EraseConfig) -> None:
+    """Every place `erase` writes, checked before the model is loaded: free (or --overwrite), of the right
+    kind and suffix, writable, and no two the same (hours of training must not end in a refused write)."""
+    from ..io_utils import check_writable
+
+    places = {"--output": config.output, "--export-single-file": config.export_single_file,
+              "--save-delta": config.save_delta}
+    check_writable(config.output, config.overwrite, flag="--output")
+    if config.export_single_file:
+        check_writable(config.export_single_file, config.overwrite, kind="file", suffix=".safetensors",
+                       flag="--export-single-file")
+    if config.save_delta:
+        check_writable(config.save_delta, config.overwrite, flag="--save-delta")
+    if not get_method(config.method).closed_form:  # a closed-form edit writes no checkpoints
+        places["--checkpoint-dir"] = config.checkpoints()
+        check_writable(config.checkpoints(), flag="--checkpoint-dir", into=True)
+    seen: dict[Path, str] = {}
+    for flag, path in places.items():
+        if path:
+            key = Path(path).absolute()
+            if key in seen:
+                raise ConceptEraseError(f"{flag} and {seen[key]} are the same path {str(path)!r}")
+            seen[key] = flag
+
+
+def _keep_trained_weights(err: BaseException, unet, ckpt_dir: Path, config: EraseConfig, losses: list) -> None:
+    """An output write failed after training: keep the trained UNet as the final checkpoint (no optimizer
+    state: no step is left to take), so `--resume latest` with a writable destination skips the training,
+    and raise the write's error naming where the weights are."""
+    from ..io_utils import describe_os_error
+
+    reason = str(err) if isinstance(err, ConceptEraseError) else describe_os_error(err)
+    done = _latest_checkpoint(ckpt_dir)
+    if done is not None and done.name == f"checkpoint-{config.steps}":
+        kept = done
+    else:
+        try:
+            kept = _write_checkpoint(ckpt_dir, config.steps, unet.state_dict(), None, config, losses)
+        except (ConceptEraseError, OSError) as again:
+            raise ConceptEraseError(f"{reason}; the trained weights could not be kept either "
+                                    f"({again if isinstance(again, ConceptEraseError) else describe_os_error(again)})"
+                                    ) from None
+    raise ConceptEraseError(f"{reason}; the trained weights are kept in {str(kept)!r}: rerun with --resume latest "
+                            "and a writable destination (no training is repeated)") from None
 
 
 def _concept_of(concept) -> dict[str, str]:
