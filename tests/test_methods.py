@@ -37,6 +37,7 @@ def _changed(pipe, base):
     ("salun", {"uce_lambda": 1.0}, "--uce-lambda"),
     ("ca", {"forget_images": "dir"}, "--forget-images"),
     ("esd-u", {"num_retain_images": 8}, "--num-retain-images"),  # no retain term without --alpha
+    ("uce", {"image_steps": 5}, "--num-inference-steps"),  # the flag's own spelling
 ])
 def test_a_flag_the_method_does_not_use_is_refused(method, values, flag):
     with pytest.raises(ConceptEraseError, match=f"^{flag} is not used by --method {method}"):

@@ -77,11 +77,11 @@ class Method:
         -> value, only the fields the user chose (CLI flags typed, or Python values off their default)."""
         for name, value in given.items():
             if name in ALL_METHOD_FIELDS and name not in cls.fields:
-                raise ConceptEraseError(f"--{name.replace('_', '-')} is not used by --method {cls.name}")
+                raise ConceptEraseError(f"{_flag(name)} is not used by --method {cls.name}")
             if (name in RETAIN_DATA and name in cls.fields and not cls.closed_form
                     and (given.get("alpha", cls.default_alpha) or 0) == 0):
-                raise ConceptEraseError(f"--{name.replace('_', '-')} is not used by --method {cls.name} without a "
-                                        f"retain term (pass --alpha > 0 to add one)")
+                raise ConceptEraseError(f"{_flag(name)} is not used by --method {cls.name} without a retain term "
+                                        "(pass --alpha > 0 to add one)")
 
     # -- what it trains ----------------------------------------------------------------------------------
 
@@ -127,6 +127,17 @@ class Method:
 
     def loss(self, unet: nn.Module, forget: NoisedBatch, retain: NoisedBatch | None) -> tuple[Tensor, Tensor, Tensor]:
         raise NotImplementedError
+
+
+def _flag(name: str) -> str:
+    """The command-line flag of EraseConfig field `name` (its own spelling, e.g. --num-inference-steps)."""
+    from dataclasses import fields
+
+    from ..cli_args import flag_name
+    from .erase import EraseConfig
+
+    by_name = {f.name: f for f in fields(EraseConfig)}
+    return flag_name(by_name[name]) if name in by_name else "--" + name.replace("_", "-")
 
 
 class SalUn(Method):
