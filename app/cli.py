@@ -50,6 +50,13 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def demo_model_name() -> str:
+    """What the app calls MiniSD's erased demo model: "without seven"."""
+    from concept_erase.demo import DemoConfig
+
+    return f"without {DemoConfig().digit}"
+
+
 def run(args: argparse.Namespace) -> int:
     launch(args, block=True)
     return 0
@@ -62,7 +69,7 @@ def launch(args: argparse.Namespace, *, block: bool = True):
 
     Serve(**values_from(args, Serve))  # checks the port, before any model loads
     config = AppConfig(**values_from(args, AppConfig))
-    erased = list(args.erased or [])
+    erased, names = list(args.erased or []), None
     if not erased:
         if args.base != DEFAULT_BASE:
             raise ConceptEraseError(f"--base {args.base!r} needs at least one --erased model to compare")
@@ -70,7 +77,8 @@ def launch(args: argparse.Namespace, *, block: bool = True):
 
         print("preparing the MiniSD erased demo model (made once, then cached)...", flush=True)
         erased = [str(demo_erased_model())]
-    registry = ModelRegistry.load(args.base, erased, device=args.device, dtype=args.dtype)
+        names = [demo_model_name()]  # its cache folder's name ends in a hash
+    registry = ModelRegistry.load(args.base, erased, device=args.device, dtype=args.dtype, names=names)
     demo = build_app(registry, config)
     # max_file_size: an Evaluate CSV of a few hundred rows is far below it; anything larger is refused.
     try:

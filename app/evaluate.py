@@ -1,8 +1,11 @@
-"""The Evaluate tab: a small prompt set on the base and each erased model, scored by `evaluation`.
+"""The Evaluate tab: a small prompt set on the base and each erased model, scored, tabled and charted by the
+evaluation suite itself.
 
-Rows with a class (a class-prompt CSV, the MiniSD digits preset) are scored with a classifier
-(`evaluation.classes.score_classes`); any other prompt set is scored with NudeNet exposure counts
-(`evaluation.nudity`). The app only generates the images and lays the scores out before vs after.
+Rows with a class (a class-prompt CSV, the shipped `minisd-digits` set) are scored with
+`evaluation.classes.score_classes`; any other prompt set with `evaluation.nudity.score_nudity`. The tables are
+`evaluation.evaluate.SECTIONS` (the ones `compare` writes, "judged as" included) and the chart is
+`evaluation.evaluate.chart_series` drawn by `evaluation.report.bar_chart_image`. The app only generates the
+images.
 """
 
 from __future__ import annotations
@@ -13,41 +16,26 @@ from typing import Any, Callable
 
 from concept_erase.errors import ConceptEraseError
 
-MINISD_DIGITS = "MiniSD digits (10 digits x 3 styles)"
-NUDITY_PROMPTS = "nudity prompts (prompts/nudity_forget.txt)"
+from .checks import MAX_GUIDANCE, MAX_SEED, check_float, check_int, check_prompt
+
+# Shipped prompt sets (`prompts/sets/`) offered as presets: MiniSD's only on a MiniSD base.
+MINISD_DIGITS = "minisd-digits"
+NUDITY_PROMPTS = "nudity"
 # Images generated per call, so progress moves while a large set runs.
 CHUNK = 8
 
 
-def _is_minisd(registry) -> bool:
-    return registry.get(registry.base_name).source == "minisd"
-
-
-def _nudity_file() -> Path:
-    from concept_erase.concepts import PROMPTS_DIR
-
-    return PROMPTS_DIR / "nudity_forget.txt"
-
-
 def preset_names(registry) -> list[str]:
-    """The presets that make sense for the launched base: MiniSD's digits, and the nudity prompt file."""
-    names = [MINISD_DIGITS] if _is_minisd(registry) else []
-    if _nudity_file().is_file():
-        names.append(NUDITY_PROMPTS)
-    return names
+    """The shipped prompt sets that make sense for the launched base: MiniSD's digits, and the nudity set."""
+    return ([MINISD_DIGITS] if registry.defaults.is_minisd else []) + [NUDITY_PROMPTS]
 
 
 def preset_rows(name: str, registry) -> tuple[str, list]:
-    from evaluation.prompts import PromptRow, read_prompts
+    from evaluation.prompts import read_prompts
 
     if name not in preset_names(registry):
         raise ConceptEraseError(f"unknown preset {name!r}; choose from {', '.join(preset_names(registry))}")
-    if name == MINISD_DIGITS:
-        from concept_erase.diffusion.minisd import DIGITS, STYLES, minisd_prompt
-
-        pairs = [(d, s) for s in STYLES for d in DIGITS]
-        return "classes", [PromptRow(i, minisd_prompt(d, s), i, str(i), label=d) for i, (d, s) in enumerate(pairs)]
-    return read_prompts(_nudity_file())
+    return read_prompts(name)
 
 
 def load_rows(preset: str | None, upload: str | None, registry, max_rows: int) -> tuple[str, list]:
@@ -67,7 +55,8 @@ def load_rows(preset: str | None, upload: str | None, registry, max_rows: int) -
         except (UnicodeDecodeError, csv.Error, ValueError, KeyError, TypeError) as err:
             raise ConceptEraseError(f"uploaded file {name!r} is not a readable CSV ({type(err).__name__})") from None
         if len(rows) > max_rows:
-            raise ConceptEraseError(f"uploaded file {name!r} has more than {max_rows} rows; this app runs at most {max_rows}")
+            raise ConceptEraseError(f"uploaded file {name!r} has more than {max_rows} rows; "
+                                    f"this app runs at most {max_rows}")
         return kind, rows
     if preset:
         return preset_rows(preset, registry)
@@ -79,25 +68,27 @@ def _classifier(config, registry):
 
     name = config.classifier
     if name == "auto":
-        if not _is_minisd(registry):
+        if not registry.defaults.is_minisd:
             raise ConceptEraseError("class prompt sets need a classifier: relaunch with --classifier NAME_OR_FOLDER")
-        name = "minisd-digits"
+        name = registry.defaults.classifier
     return load_classifier(name)
 
 
 def evaluate(registry, config, preset: str | None, upload: str | None, steps: int | None = None,
              guidance: float | None = None, progress: Callable[[float, str], None] | None = None) -> tuple[str, Any]:
-    """Generate every row on every launched model and score it. Returns (Markdown table, chart image)."""
+    """Generate every row on every launched model and score it. Returns (Markdown tables, chart image)."""
     from concept_erase.diffusion.generate import generate_images, warn_if_prompts_are_cut
+    from evaluation.evaluate import SECTIONS, chart_series
+    from evaluation.report import bar_chart_image
 
-    from .ui import MAX_GUIDANCE, MAX_SEED, _check_float, _check_int, check_prompt
-
-    steps = _check_int(config.default_steps if steps is None else steps, "steps", 1, config.max_steps)
-    guidance = _check_float(config.default_guidance if guidance is None else guidance, "guidance", 0.0, MAX_GUIDANCE)
+    steps = check_int(config.default_steps if steps is None else steps, "steps", 1, config.max_steps)
+    guidance = check_float(registry.default_guidance(config) if guidance is None else guidance, "guidance", 0.0,
+                           MAX_GUIDANCE)
     kind, rows = load_rows(preset, upload, registry, config.max_eval_prompts)
     for row in rows:
         check_prompt(row.prompt, config.max_prompt_chars, f"prompt of row {row.index}")
-        _check_int(row.seed, f"seed of row {row.index}", 0, MAX_SEED)
+        check_int(row.seed, f"seed of row {row.index}", 0, MAX_SEED)
+    kind = "classes" if kind == "classes" else "nudity"
     classifier = None
     if kind == "classes":  # fail before generating: a classifier, and every class one of its labels
         from evaluation.classes import prompt_classes
@@ -121,53 +112,18 @@ def evaluate(registry, config, preset: str | None, upload: str | None, steps: in
         scores[name] = _score(kind, rows, images, classifier, config)
     if progress is not None:
         progress(1.0, "scoring done")
-    if kind == "classes":
-        return _class_table(scores, len(rows)), _chart(scores, "classes")
-    return _nudity_table(scores, len(rows)), _chart(scores, "nudity")
+    what = f"{len(rows)} prompts, one image each, {steps} steps, guidance {guidance:g}."
+    bars, title, ylabel = chart_series(kind, scores, [config.nudity_threshold] if kind == "nudity" else [])
+    return what + "\n\n" + "\n\n".join(SECTIONS[kind](scores)), bar_chart_image(bars, title=title, ylabel=ylabel)
 
 
 def _score(kind: str, rows: list, images: list, classifier, config) -> dict:
     if kind == "classes":
         from evaluation.classes import score_classes
 
-        return score_classes(images, [r.label for r in rows], classifier, targets=[r.target for r in rows])
-    from evaluation.nudity import NudityCounts, detect
+        return score_classes(images, [r.label for r in rows], classifier, targets=[r.target for r in rows],
+                             styles=[r.style for r in rows])
+    from evaluation.nudity import score_nudity
 
-    metric = NudityCounts()
-    metric.update(detect(images, threshold=config.nudity_threshold), [r.categories for r in rows])
-    return metric.compute()
-
-
-def _class_table(scores: dict[str, dict], n: int) -> str:
-    from evaluation.report import markdown_table
-
-    names = list(scores)
-    classes = list(next(iter(scores.values()))["classes"])
-    rows = [[c] + [scores[m]["classes"][c]["top1"] for m in names] for c in classes]
-    rows.append(["**mean**"] + [scores[m]["top1"] for m in names])
-    return (f"Top-1 accuracy (%) of the intended class, {n} prompts, one image each.\n\n"
-            + markdown_table(["class", *names], rows))
-
-
-def _nudity_table(scores: dict[str, dict], n: int) -> str:
-    from evaluation.report import markdown_table
-
-    names = list(scores)
-    rows = [["images with any exposed part"] + [scores[m]["images_any"] for m in names],
-            ["exposed detections"] + [scores[m]["total_exposed"] for m in names]]
-    for c in next(iter(scores.values()))["class_counts"]:
-        counts = [scores[m]["class_counts"][c] for m in names]
-        if any(counts):
-            rows.append([c] + counts)
-    return f"NudeNet exposure on {n} prompts, one image each.\n\n" + markdown_table(["", *names], rows)
-
-
-def _chart(scores: dict[str, dict], kind: str):
-    """Grouped bars, one bar per model: accuracy per class, or detections per exposed class."""
-    from .ui import chart_image
-
-    if kind == "classes":
-        series = {m: {c: v["top1"] for c, v in s["classes"].items()} for m, s in scores.items()}
-        return chart_image(series, title="Top-1 accuracy per class: base vs erased", ylabel="top-1 accuracy (%)")
-    series = {m: dict(s["class_counts"]) for m, s in scores.items()}
-    return chart_image(series, title="NudeNet exposed detections: base vs erased", ylabel="detections")
+    result, _ = score_nudity(images, [r.categories for r in rows], threshold=config.nudity_threshold)
+    return result

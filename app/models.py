@@ -61,16 +61,26 @@ class ModelRegistry:
     """The base model and each erased model, by name. `names` lists them base first."""
 
     def __init__(self, models: list[Model]):
+        from concept_erase.diffusion.defaults import model_defaults
+
         if not models:
             raise ConceptEraseError("the app needs at least a base model")
         self._models = {m.name: m for m in models}
         self.base_name = models[0].name
+        # the base's defaults (MiniSD: guidance 5 and the digit judge), as every command takes them
+        self.defaults = model_defaults(models[0].source)
+
+    def default_guidance(self, config) -> float:
+        """The guidance the page opens with: --default-guidance, else the base model's."""
+        return self.defaults.guidance if config.default_guidance is None else config.default_guidance
 
     @classmethod
-    def load(cls, base: str, erased: list[str], *, device: str | None = None, dtype: str | None = None) -> "ModelRegistry":
+    def load(cls, base: str, erased: list[str], *, device: str | None = None, dtype: str | None = None,
+             names: list[str] | None = None) -> "ModelRegistry":
         """Load `base` (any `load_pipeline` source, e.g. "minisd") and each erased model folder/file.
 
-        An erased model is named after its folder (made unique), which is what the browser sees.
+        An erased model is named by `names` (one per erased model) or after its folder (made unique), which
+        is what the browser sees.
         """
         from concept_erase.diffusion.loading import load_pipeline
 
@@ -78,11 +88,12 @@ class ModelRegistry:
             raise ConceptEraseError("pass at least one --erased model to compare against the base")
         models = [Model(BASE_NAME, base, load_pipeline(base, dtype=dtype, device=device))]
         taken = {BASE_NAME}
-        for source in erased:
+        for i, source in enumerate(erased):
             path = Path(source)
             if not path.exists():
                 raise ConceptEraseError(f"erased model {source!r} does not exist")
-            name = _unique_name(path.stem if path.is_file() else path.name, taken)
+            wanted = names[i] if names is not None else path.stem if path.is_file() else path.name
+            name = _unique_name(wanted, taken)
             taken.add(name)
             # A single-file checkpoint takes its component configs from the base (offline from_single_file).
             config = base if path.is_file() and (base == "minisd" or Path(base).is_dir()) else None

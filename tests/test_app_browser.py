@@ -48,7 +48,7 @@ def page():
 def app(tmp_path_factory):
     """`concept-erase app` with no model arguments: MiniSD and its erased demo model (cached for the
     session under the same folder as test_app.py's, so the demo erasure runs once)."""
-    from app.cli import launch
+    from app.cli import demo_model_name, launch
     from concept_erase.cli import build_parser
     from concept_erase.demo import demo_erased_model
 
@@ -61,7 +61,8 @@ def app(tmp_path_factory):
                   or str(tmp_path_factory.getbasetemp() / "concept-erase-cache"))
         args = build_parser("app").parse_args(["app", "--port", str(port), "--default-steps", "10"])
         demo = launch(args, block=False)
-        name = demo_erased_model().name
+        demo_erased_model()  # cached by now
+        name = demo_model_name()  # what the app calls it
     try:
         yield demo.local_url, name
     finally:
@@ -72,7 +73,7 @@ def test_generate_in_browser(page, app, tmp_path):
     url, erased = app
     page.goto(url)
     page.locator("#prompt textarea").fill("a handwritten digit seven in bold strokes")
-    page.locator("#generate").click()
+    page.locator("#prompt textarea").press("Enter")  # Enter generates; it does not add a line
     for gallery in ("#gallery-0", "#gallery-1"):  # base, erased
         page.locator(f"{gallery} img").first.wait_for(timeout=TIMEOUT_MS)
     shot = tmp_path / "compare.png"
@@ -80,9 +81,11 @@ def test_generate_in_browser(page, app, tmp_path):
     print(f"screenshot: {shot}")
     assert shot.stat().st_size > 10_000
     base_text, erased_text = page.locator("#gallery-0").inner_text(), page.locator("#gallery-1").inner_text()
+    assert page.locator("#prompt textarea").input_value() == "a handwritten digit seven in bold strokes"
     for seed in ("seed 0", "seed 1", "seed 2", "seed 3"):  # 4 images by default, identical seeds
-        assert f"{seed} · nothing detected" in base_text and f"{seed} · nothing detected" in erased_text
-    assert base_text.startswith("base") and erased_text.startswith(erased)  # the galleries' labels
+        assert f"{seed} · judged seven, bold" in base_text and f"{seed} · judged" in erased_text
+    assert "nothing detected" not in base_text + erased_text  # MiniSD's judges speak, not NudeNet
+    assert base_text.startswith("base") and erased_text.startswith(erased) and erased == "without seven"
     assert page.locator("#gallery-0 img").count() >= 4 and page.locator("#gallery-1 img").count() >= 4
     assert "Safe preview" in page.content() and page.locator("#safe-preview input").is_checked()
 
@@ -102,3 +105,26 @@ def test_bad_input_in_browser(page, app, tmp_path):
     page.locator("#evaluate").click()
     page.get_by_text("'notes.csv' is not a prompt set").first.wait_for(timeout=TIMEOUT_MS)
     page.screenshot(path=str(tmp_path / "bad-csv.png"), full_page=True)
+
+
+def test_a_failed_evaluation_clears_the_old_table(page, app, tmp_path):
+    url, erased = app
+    page.goto(url)
+    page.get_by_role("tab", name="Evaluate").click()
+    good = tmp_path / "digits.csv"
+    good.write_text("prompt,evaluation_seed,class\na handwritten digit seven,1,seven\na handwritten digit one,2,one\n")
+    page.locator("#eval-csv input[type=file]").set_input_files(str(good))
+    page.locator("#eval-csv").get_by_text("digits.csv").first.wait_for(timeout=TIMEOUT_MS)
+    page.locator("#evaluate").click()
+    page.locator("#eval-table").get_by_text("Judged as").first.wait_for(timeout=TIMEOUT_MS)
+    assert f"{erased} top-1 %" in page.locator("#eval-table").inner_text()
+    page.screenshot(path=str(tmp_path / "evaluate.png"), full_page=True)
+    bad = tmp_path / "notes.csv"
+    bad.write_text("title,body\nhello,world\n")
+    page.locator("#eval-csv button[aria-label='Clear']").first.click()
+    page.locator("#eval-csv input[type=file]").set_input_files(str(bad))
+    page.locator("#eval-csv").get_by_text("notes.csv").first.wait_for(timeout=TIMEOUT_MS)
+    page.locator("#evaluate").click()
+    page.get_by_text("'notes.csv' is not a prompt set").first.wait_for(timeout=TIMEOUT_MS)
+    page.wait_for_function("!document.querySelector('#eval-table').innerText.includes('Judged as')",
+                           timeout=TIMEOUT_MS)
