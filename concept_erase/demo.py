@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 from .cli_args import add_flags, check_fields, values_from
 from .errors import ConceptEraseError
 from .io_utils import atomic_dir, check_writable
+from .runtime import cache_root
 
 
 @dataclass
@@ -189,8 +189,7 @@ def demo_erased_model(cache_dir: str | Path | None = None, config: DemoConfig | 
     from .diffusion.minisd import minisd_path
 
     config = config or DemoConfig()
-    root = Path(cache_dir) if cache_dir is not None else Path(
-        os.environ.get("CONCEPT_ERASE_CACHE", Path.home() / ".cache" / "concept-erase"))
+    root = Path(cache_dir) if cache_dir is not None else cache_root()
     base = minisd_path()
     key = hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode()
                          + (base / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()[:12]

@@ -17,7 +17,6 @@ needs a flat copy of all scores (SD's UNet has 860M of them) nor an argsort.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -29,7 +28,7 @@ import torch
 from torch import nn
 
 from .errors import ConceptEraseError
-from .fingerprints import DIGEST_KEY, state_digest
+from .fingerprints import DIGEST_KEY, parameter_shapes, shapes_fingerprint, state_digest
 from .io_utils import atomic_file
 
 MASK_FORMAT = "concept-erase-saliency-mask"
@@ -58,21 +57,6 @@ def select_parameters(model: nn.Module, include: Include = None) -> list[tuple[s
     if not selected:
         raise ConceptEraseError(f"no parameter of the model matches include={include!r}")
     return selected
-
-
-def parameter_shapes(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
-    return [(name, tuple(p.shape)) for name, p in model.named_parameters()]
-
-
-def _fingerprint(shapes: list[tuple[str, tuple[int, ...]]]) -> str:
-    text = ";".join(f"{name}:{'x'.join(map(str, shape))}" for name, shape in shapes)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def model_fingerprint(model: nn.Module, include: Include = None) -> str:
-    """A short hash of the names and shapes of the (included) parameters: the architecture, not the values."""
-    keep = _include_predicate(include)
-    return _fingerprint([(n, s) for n, s in parameter_shapes(model) if keep(n)])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -222,7 +206,7 @@ class SaliencyMask:
 
     @property
     def fingerprint(self) -> str:
-        return _fingerprint(self.model_shapes)
+        return shapes_fingerprint(self.model_shapes)
 
     # -- construction ------------------------------------------------------------------------------------
 
@@ -287,12 +271,12 @@ class SaliencyMask:
             if tuple(m.shape) != shapes[name]:
                 raise ConceptEraseError(
                     f"mask parameter {name!r} has shape {tuple(m.shape)} but the model's is {shapes[name]}")
-        if _fingerprint(list(shapes.items())) != self.fingerprint:
+        if shapes_fingerprint(list(shapes.items())) != self.fingerprint:
             mine = dict(self.model_shapes)
             first = next((n for n in list(shapes) + list(mine) if shapes.get(n) != mine.get(n)), "?")
             raise ConceptEraseError(
                 f"mask made for another model: parameter {first!r} differs (model fingerprint "
-                f"{_fingerprint(list(shapes.items()))}, mask's {self.fingerprint})")
+                f"{shapes_fingerprint(list(shapes.items()))}, mask's {self.fingerprint})")
 
     def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         """The parameters with at least one salient entry: the ones to hand to the optimizer."""

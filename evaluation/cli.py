@@ -215,7 +215,9 @@ def check_destinations(args: argparse.Namespace) -> None:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from . import evaluate
-    from .generation import make_protocol, process_state
+    from concept_erase.runtime import process_state
+
+    from .generation import make_protocol
     from .prompts import read_prompts
 
     EvaluationRun(**values_from(args, EvaluationRun))  # required flags and bounds, before anything runs

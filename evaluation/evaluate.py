@@ -33,7 +33,7 @@ def generate_for_evaluation(model: str, prompts: str, out_dir: str | Path, proto
     entries of these rows."""
     from concept_erase.diffusion.loading import load_pipeline
 
-    from .generation import process_state
+    from concept_erase.runtime import process_state
 
     state = process_state()
     if rows is None:

@@ -19,7 +19,6 @@ lists, so N processes produce exactly the set one process would (docs/PROTOCOLS.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from collections import deque
@@ -28,6 +27,8 @@ from pathlib import Path
 from typing import Callable
 
 from concept_erase.cli_args import check_fields
+from concept_erase.fingerprints import pipeline_digest
+from concept_erase.runtime import process_state
 from concept_erase.diffusion.defaults import MINISD_GUIDANCE, MINISD_STEPS
 from concept_erase.errors import ConceptEraseError
 from concept_erase.io_utils import atomic_file
@@ -112,36 +113,6 @@ def apply_scheduler(pipe, name: str) -> None:
     import diffusers
 
     pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.scheduler.config)
-
-
-def content_fingerprint(pipe) -> str:
-    """A fingerprint of the pipeline's weights (not just its shapes, unlike saliency.model_fingerprint):
-    an erased model must not resume into its original's folder. Per tensor: name, shape, dtype, the exact
-    integer sum of its raw bits (order-independent, so thread count cannot change it) and up to 4,096
-    evenly strided values. Cheap on SD-size models; a fine-tune changes it."""
-    import torch
-
-    as_int = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-    h = hashlib.sha256()
-    for part in ("unet", "text_encoder", "vae"):
-        module = getattr(pipe, part, None)
-        if module is None:
-            continue
-        for name, tensor in sorted(module.state_dict().items()):
-            flat = tensor.detach().reshape(-1).cpu()
-            bits = int(flat.view(as_int[flat.element_size()]).sum(dtype=torch.int64))
-            h.update(f"{part}.{name}:{tuple(tensor.shape)}:{tensor.dtype}:{bits}".encode())
-            h.update(flat[:: max(1, flat.numel() // 4096)].float().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def process_state():
-    """accelerate's PartialState for this process. On a machine without CUDA, `cpu=True` is what makes
-    accelerate see a torchrun / `accelerate launch` world on CPU (gloo) instead of N lone rank-0 processes."""
-    import torch
-    from accelerate import PartialState
-
-    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def image_name(index: int, sample: int) -> str:
@@ -240,7 +211,8 @@ def generate_set(
                                 "the protocol generates without one (load it with safety_checker=None)")
     state.wait_for_everyone()  # every process has checked before the main one creates anything
     apply_scheduler(pipe, protocol.scheduler)
-    fingerprint = content_fingerprint(pipe)  # seconds on SD: a kill here must leave nothing behind
+    # The weights' digest (the scheduler is the protocol's); seconds on SD: a kill here must leave nothing behind
+    fingerprint = pipeline_digest(pipe, scheduler=False)[:16]
     settings = protocol.settings()
     info = {
         "protocol": protocol.describe(), "settings": settings, "fingerprint": fingerprint,

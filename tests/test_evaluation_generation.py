@@ -113,12 +113,12 @@ def test_a_kill_before_or_after_run_json_leaves_a_resumable_folder(tiny_pipeline
     class Killed(Exception):
         pass
 
-    def killed(pipe):  # a kill while the weights are fingerprinted (seconds on SD)
+    def killed(pipe, **kwargs):  # a kill while the weights are fingerprinted (seconds on SD)
         raise Killed
 
     out = tmp_path / "out"
     with monkeypatch.context() as m:
-        m.setattr(generation, "content_fingerprint", killed)
+        m.setattr(generation, "pipeline_digest", killed)
         with pytest.raises(Killed):
             generate_set(tiny_pipeline, rows(1), out, PROTOCOL, progress=False)
     assert not out.exists() or not any(out.iterdir())  # no images/ without a run.json

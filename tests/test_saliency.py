@@ -5,12 +5,12 @@ import torch
 from torch import nn
 
 from concept_erase.errors import ConceptEraseError
+from concept_erase.fingerprints import model_fingerprint
 from concept_erase.saliency import (
     MaskedOptimizer,
     SaliencyMask,
     build_optimizer,
     compute_saliency,
-    model_fingerprint,
     optimizer_class,
     threshold_scores,
 )

@@ -27,8 +27,8 @@ from typing import Callable
 
 import torch
 
-from ..errors import ConceptEraseError
 from ..io_utils import atomic_dir
+from ..runtime import resolve_device
 from ..saliency import SaliencyMask
 from . import methods as M
 from .config import ALL_METHODS, METHOD_NAMES, ClassifyConfig, ForgetSpec
@@ -46,14 +46,6 @@ def selection_score(model: torch.nn.Module, task: M.UnlearnTask) -> float:
     target = 0.0 if split.spec.kind == "class" else val_acc
     score = abs(forget_acc - target) + (100.0 - val_acc)
     return score if score == score else float("inf")  # NaN (a diverged run) never wins
-
-
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConceptEraseError(f"--device {name!r} but CUDA is not available here")
-    return torch.device(name)
 
 
 def _run_method(key: str, model, task, sgd, gen, cfg: ClassifyConfig, mask: SaliencyMask | None):
@@ -101,7 +93,7 @@ def _tune_and_run(key: str, original: torch.nn.Module, task: M.UnlearnTask, cfg:
 def run_classification(cfg: ClassifyConfig, log: Callable[[str], None] = print) -> dict:
     """Run the benchmark; returns the JSON-ready results (config, per-seed rows, summary, table)."""
     start = time.perf_counter()
-    device = _resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
     data = load_data(cfg.dataset)
     split = split_forget(data, cfg.forget_spec)
     task = M.UnlearnTask(data, split)

@@ -92,9 +92,9 @@ def _erase_main(args: argparse.Namespace) -> int:
     from .erase import run_erase
 
     summary = run_erase(_config(args, ERASE_FIELDS))
-    from accelerate import PartialState
+    from ..runtime import process_state
 
-    if PartialState().is_main_process:
+    if process_state().is_main_process:
         short = {k: v for k, v in summary.items() if k != "losses"}
         print(json.dumps(short))
     return 0

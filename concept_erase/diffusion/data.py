@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Sequence
 
 from ..cli_args import check_fields
 from ..errors import ConceptEraseError
+from ..fingerprints import pipeline_digest
+from ..runtime import cache_root
 from ..io_utils import atomic_file, exclusive_lock
 
 if TYPE_CHECKING:
@@ -39,8 +41,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def default_cache_dir() -> Path:
-    """$CONCEPT_ERASE_CACHE, else ~/.cache/concept-erase/images."""
-    return Path(os.environ.get("CONCEPT_ERASE_CACHE", Path.home() / ".cache" / "concept-erase")) / "images"
+    """The generated-image cache: `runtime.cache_root()`/images."""
+    return cache_root() / "images"
 
 
 @dataclass
@@ -78,18 +80,6 @@ def images_per_prompt(total: int, n_prompts: int, what: str = "image count") -> 
 
 def _image_name(prompt: str, seed: int) -> str:
     return f"{hashlib.sha256(prompt.encode()).hexdigest()[:12]}-{seed}.png"
-
-
-def pipeline_digest(pipe) -> str:
-    """Identity of everything that decides a generated image's pixels except the prompt and seed."""
-    from ..fingerprints import weights_digest
-
-    h = hashlib.sha256()
-    for name in ("unet", "vae", "text_encoder"):
-        h.update(f"{name}:{weights_digest(getattr(pipe, name))}|".encode())
-    h.update(json.dumps(dict(pipe.scheduler.config), sort_keys=True, default=str).encode())
-    h.update(type(pipe.scheduler).__name__.encode())
-    return h.hexdigest()
 
 
 class ImageSet:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import ConceptEraseError, first_line
-from ..fingerprints import state_digest, weights_digest
+from ..fingerprints import model_fingerprint, state_digest, weights_digest
 from ..io_utils import atomic_dir
 
 if TYPE_CHECKING:
@@ -31,8 +31,6 @@ def save_delta(base_unet, erased_unet, mask, path: str | os.PathLike, *, overwri
     import numpy as np
     import torch
     from safetensors.torch import save_file
-
-    from ..saliency import model_fingerprint
 
     masks = getattr(mask, "masks", mask) or {}
     base, erased = base_unet.state_dict(), erased_unet.state_dict()
@@ -74,8 +72,6 @@ def apply_delta(pipe_or_unet, path: str | os.PathLike):
     it. Refuses a base whose architecture (fingerprint) or weights (digest) differ from the delta's base."""
     import torch
     from safetensors import safe_open
-
-    from ..saliency import model_fingerprint
 
     path = Path(path)
     unet = getattr(pipe_or_unet, "unet", pipe_or_unet)

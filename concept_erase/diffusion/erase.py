@@ -743,12 +743,11 @@ def build_latent_sets(pipe, concept, config: EraseConfig, state, *,
 
 def _prepare(config: EraseConfig):
     """Shared start of `mask` and `erase`: the process state, the concept and the pipeline on its device."""
-    from accelerate import PartialState
-
+    from ..runtime import process_state
     from .loading import load_pipeline
 
     concept = config.get_concept()
-    state = PartialState(cpu=not torch.cuda.is_available())
+    state = process_state()
     pipe = load_pipeline(config.model, config=config.model_config)
     pipe.to(state.device)
     pipe.set_progress_bar_config(disable=True)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConceptEraseError, first_line
+from ..runtime import resolve_device
 from ..fingerprints import check_file_digest
 from .families import Family, family_from_config, family_from_keys, get_family, set_family
 
@@ -43,23 +44,6 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     if key not in DTYPES:
         raise ConceptEraseError(f"unknown dtype {str(dtype)!r}; use fp32, fp16 or bf16")
     return getattr(torch, DTYPES[key])
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device | None:
-    """None -> leave where loaded (CPU); "auto" -> cuda when available, else cpu."""
-    import torch
-
-    if device is None:
-        return None
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ConceptEraseError(f"unknown device {device!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConceptEraseError(f"device {str(device)!r} asked for but CUDA is not available")
-    return device
 
 
 def load_pipeline(
