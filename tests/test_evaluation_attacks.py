@@ -148,3 +148,25 @@ def test_too_many_tokens_for_the_text_window_is_refused():
     check_prefix_fits(pipe, ["a handwritten digit seven in bold strokes"], 5)
     with pytest.raises(ConceptEraseError, match="more than the text encoder's 16"):
         check_prefix_fits(pipe, ["a handwritten digit seven in bold strokes"], 9)
+
+
+def test_detectors_print_their_rule_and_score_images():
+    from PIL import Image
+
+    from evaluation.attacks.detectors import ClassifierDetector, NudityDetector, detector_for
+
+    grey = [Image.new("RGB", (64, 64), (128, 128, 128))] * 2
+    nudity = detector_for("nudity")  # the real NudeNet 320n model in the wheel
+    assert isinstance(nudity, NudityDetector) and "0.45" in nudity.describe() and "9 exposed" in nudity.describe()
+    assert nudity.present(grey) == [False, False] and nudity.label(grey) == ["covered", "covered"]
+
+    class Fixed:  # a classifier that always answers index 1
+        labels = ["tench", "church"]
+
+        def topk(self, images, k=5):
+            return torch.ones(len(images), 1, dtype=torch.long)
+
+    church = ClassifierDetector(Fixed(), 1, "test classifier")
+    assert church.present(grey) == [True, True] and church.label(grey) == ["church", "church"]
+    seven = detector_for("minisd-digit-seven")
+    assert "'seven'" in seven.describe() and seven.present([Image.new("L", (16, 16))]) in ([True], [False])
