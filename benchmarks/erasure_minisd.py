@@ -50,10 +50,11 @@ from concept_erase.diffusion.losses import noise_batch, salun_loss, saliency_los
 from concept_erase.diffusion.minisd import DIGITS, STYLES
 from concept_erase.diffusion.minisd.experiment import MASK_BATCH_SIZE, make_anchor_set, make_latent_sets
 from concept_erase.diffusion.uce import uce_edit
-from concept_erase.diffusion.minisd.judge import frechet_distance, load_judges
+from concept_erase.diffusion.minisd.judge import load_judges
 from concept_erase.diffusion.generate import generate_images
 from concept_erase.io_utils import atomic_file
 from concept_erase.saliency import SaliencyMask, build_optimizer
+from evaluation.quality import frechet_distance, make_fid
 
 # name -> (TrainConfig.method, which mask)
 METHODS: dict[str, tuple[str, str | None]] = {
@@ -99,7 +100,8 @@ class Evaluator:
         self.forget = [(p, s) for p in concept.forget_prompts for s in range(per)]
         self.retain = [(p, s) for p in concept.retain_prompts for s in range(retain_seeds)]
         self.retain_labels = np.array([split_prompt(p) for p, _ in self.retain])
-        self.reference = judges.features(self._images(pipe, self.retain))
+        self.reference = self._images(pipe, self.retain)
+        self.fid = make_fid(feature_extractor=judges.fid_features())
 
     @staticmethod
     def _images(pipe, pairs):
@@ -114,7 +116,7 @@ class Evaluator:
             forget_acc = float((self.judges.predict_styles(f_images) == self.value).mean())
         ok = (self.judges.predict_digits(r_images) == self.retain_labels[:, 0]) & (
             self.judges.predict_styles(r_images) == self.retain_labels[:, 1])
-        fid = frechet_distance(self.reference, self.judges.features(r_images))
+        fid = frechet_distance(self.fid, self.reference, r_images)
         return {"forget_acc": forget_acc, "retain_acc": float(ok.mean()), "fid": fid}
 
 

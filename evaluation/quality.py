@@ -113,6 +113,20 @@ class ClipScore(Metric):
         return self.score / self.n.clamp(min=1)
 
 
+def frechet_distance(fid, reference: Sequence, images: Sequence, *, batch_size: int = 32,
+                     size: int | None = None) -> float:
+    """The Frechet distance of `images` to `reference` images through an FID metric from `make_fid` (Inception
+    features, or another extractor such as MiniSD's judge: `Judges.fid_features()`), updated batch by batch."""
+    if len(reference) < 2 or len(images) < 2:
+        raise ConceptEraseError("FID needs at least 2 images on each side")
+    fid.reset()
+    for start in range(0, len(reference), batch_size):
+        fid.update(images_to_uint8(reference[start:start + batch_size], size), real=True)
+    for start in range(0, len(images), batch_size):
+        fid.update(images_to_uint8(images[start:start + batch_size], size), real=False)
+    return float(fid.compute())
+
+
 def score_quality(
     images: Sequence,
     prompts: Sequence[str],
@@ -134,13 +148,7 @@ def score_quality(
         if metric is not None:
             metric.reset()
     if fid is not None and reference is not None:
-        if len(reference) < 2 or len(images) < 2:
-            raise ConceptEraseError("FID needs at least 2 images on each side")
-        for start in range(0, len(reference), batch_size):
-            fid.update(images_to_uint8(reference[start:start + batch_size], size), real=True)
-        for start in range(0, len(images), batch_size):
-            fid.update(images_to_uint8(images[start:start + batch_size], size), real=False)
-        result["fid"] = float(fid.compute())
+        result["fid"] = frechet_distance(fid, reference, images, batch_size=batch_size, size=size)
     if clip is not None:
         for start in range(0, len(images), batch_size):
             clip.update(images[start:start + batch_size], prompts[start:start + batch_size])

@@ -92,3 +92,19 @@ def test_clip_score_matches_the_definition_and_merges(tiny_clip_dir):
     b.update(images[1:], prompts[1:])
     a.merge_state(b)
     assert float(a.compute()) == pytest.approx(expected, rel=1e-4)
+
+
+def test_minisd_judge_features_go_through_the_same_fid_metric():
+    """MiniSD's judge-feature Frechet distance is this module's FID metric with another extractor: zero for a
+    set against itself, larger for other digits, the same at any batch size."""
+    from concept_erase.diffusion.minisd.data import load_digit_images
+    from concept_erase.diffusion.minisd.judge import load_judges
+    from evaluation.quality import frechet_distance
+
+    test = load_digit_images("test")
+    images = [Image.fromarray((x[0].numpy() * 255).round().astype(np.uint8), mode="L") for x in test.images[:240]]
+    sevens = [im for im, d in zip(images, test.digits[:240].tolist()) if d == 7]
+    fid = make_fid(feature_extractor=load_judges().fid_features())
+    assert abs(frechet_distance(fid, images, images)) < 1e-2
+    whole = frechet_distance(fid, images, sevens)
+    assert whole > 10 and frechet_distance(fid, images, sevens, batch_size=7) == pytest.approx(whole, rel=1e-4)

@@ -84,7 +84,9 @@ def test_judges_accurate_on_held_out_real_digits():
     images = [Image.fromarray((x[0].numpy() * 255).round().astype(np.uint8), mode="L") for x in test.images]
     assert (judges.predict_digits(images) == test.digits.numpy()).mean() >= 0.97
     assert (judges.predict_styles(images) == test.styles.numpy()).mean() >= 0.97
-    assert judges.features(images[:5]).shape == (5, 128)
+    from evaluation.quality import images_to_uint8
+
+    assert judges.fid_features()(images_to_uint8(images[:5])).shape == (5, 128)
 
 
 def test_training_is_deterministic(tmp_path):

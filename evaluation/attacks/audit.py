@@ -72,10 +72,12 @@ def quality(concept, base_images: list, erased_images: list, prompts: list[str],
     """What quality figures this setup can give: MiniSD's judge-feature Frechet distance, CLIP, FID."""
     out: dict = {}
     if concept.name.startswith("minisd-"):
-        from concept_erase.diffusion.minisd.judge import frechet_distance, load_judges
+        from concept_erase.diffusion.minisd.judge import load_judges
 
-        judges = load_judges()
-        out["judge_frechet"] = frechet_distance(judges.features(base_images), judges.features(erased_images))
+        from ..quality import frechet_distance, make_fid
+
+        fid = make_fid(feature_extractor=load_judges().fid_features())
+        out["judge_frechet"] = frechet_distance(fid, base_images, erased_images)
         out["judge_frechet_note"] = ("FID's formula on the MiniSD digit judge's 128-d features, erased vs base "
                                      f"images of {len(prompts)} retain prompts x seeds")
     if clip_model or fid_weights:

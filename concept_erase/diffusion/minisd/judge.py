@@ -3,7 +3,8 @@
 Two small CNNs trained in seconds on the REAL digits (all three styles), so they judge MiniSD's images
 against ground truth rather than against MiniSD itself. Held-out accuracy is stored with the weights and
 checked by the tests (bar: 97% for digits). The digit judge's penultimate layer doubles as the feature
-space for a Frechet distance between image sets (`features`, `frechet_distance`).
+space for a Frechet distance between image sets: `Judges.fid_features()` is a feature extractor for the same
+torchmetrics FID metric that `evaluate quality` uses with Inception (`evaluation.quality.make_fid`).
 
 Weights live in one safetensors file (`digit.*`, `style.*` keys): loading executes no pickled code.
 """
@@ -88,22 +89,25 @@ class Judges:
         """Style index per image (see `STYLES`)."""
         return self.style(to_tensor(images)).argmax(1).numpy()
 
+    def fid_features(self) -> "JudgeFeatures":
+        """The digit judge's 128-d features as an FID feature extractor (`evaluation.quality.make_fid`)."""
+        return JudgeFeatures(self.digit)
+
+
+class JudgeFeatures(nn.Module):
+    """A judge's penultimate activations for torchmetrics' FID: a uint8 [N, C, H, W] batch (what
+    `evaluation.quality.images_to_uint8` gives) -> [N, 128] features."""
+
+    num_features = 128
+
+    def __init__(self, net: JudgeNet):
+        super().__init__()
+        self.net = net
+
     @torch.no_grad()
-    def features(self, images) -> np.ndarray:
-        """128-d digit-judge features, for a Frechet distance between image sets."""
-        return self.digit.features(to_tensor(images)).double().numpy()
-
-
-def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
-    """FID's formula on any features: |mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^1/2)."""
-    from scipy import linalg
-
-    mu_a, mu_b = feats_a.mean(0), feats_b.mean(0)
-    s_a, s_b = np.cov(feats_a, rowvar=False), np.cov(feats_b, rowvar=False)
-    covmean, _ = linalg.sqrtm(s_a @ s_b, disp=False)
-    if np.iscomplexobj(covmean):
-        covmean = covmean.real
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a + s_b - 2 * covmean))
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+        return self.net.features(to_tensor(x))
 
 
 def _train_one(net: JudgeNet, x: torch.Tensor, y: torch.Tensor, epochs: int, gen: torch.Generator,
