@@ -106,30 +106,41 @@ def other_accuracy(scores: dict, digit: str) -> float:
     return sum(others) / len(others)
 
 
-def grid_image(before: list, after: list, digits: list[int], styles: list[int], scale: int = 4):
-    """A PNG grid: for each style a "before" row and an "after" row over the ten digits (same seeds)."""
+def grid_image(before: list, after: list, digits: list[int], styles: list[int], scale: int = 4,
+               erased: int | None = None):
+    """A PNG grid: the ten digits as columns (named on top; the `erased` one's name in red, its column
+    framed), and for each style a "before" row and an "after" row (same seeds)."""
     from PIL import Image, ImageDraw
 
-    from .diffusion.minisd import STYLES
+    from .diffusion.minisd import DIGITS, STYLES
 
     cell = 16 * scale
-    label_w = 120
+    label_w, header = 120, 18
+    red = (200, 30, 30)
     cols = sorted(set(digits))
     rows = [(s, tag) for s in sorted(set(styles)) for tag in ("before", "after")]
-    grid = Image.new("RGB", (label_w + cell * len(cols), cell * len(rows)), "white")
+    grid = Image.new("RGB", (label_w + cell * len(cols), header + cell * len(rows)), "white")
     draw = ImageDraw.Draw(grid)
     index = {(d, s): i for i, (d, s) in enumerate(zip(digits, styles))}
+    for c, d in enumerate(cols):
+        name = DIGITS[d] + (" (erased)" if d == erased else "")
+        draw.text((label_w + c * cell + 2, 3), name if draw.textlength(name) < cell else DIGITS[d],
+                  fill=red if d == erased else "black")
     for r, (s, tag) in enumerate(rows):
-        draw.text((4, r * cell + cell // 2 - 6), f"{STYLES[s]} {tag}", fill="black")
+        draw.text((4, header + r * cell + cell // 2 - 6), f"{STYLES[s]} {tag}", fill="black")
         for c, d in enumerate(cols):
             im = (before if tag == "before" else after)[index[(d, s)]]
-            grid.paste(im.convert("RGB").resize((cell, cell), Image.NEAREST), (label_w + c * cell, r * cell))
+            grid.paste(im.convert("RGB").resize((cell, cell), Image.NEAREST), (label_w + c * cell, header + r * cell))
+    if erased in cols:
+        x = label_w + cols.index(erased) * cell
+        draw.rectangle((x, header, x + cell - 1, grid.height - 1), outline=red, width=2)
     return grid
 
 
 def run_demo(config: DemoConfig, out: str | Path = "outputs/demo", progress: bool = True) -> dict:
     """Everything `concept-erase demo` does; returns the summary dict (also written to summary.json)."""
     from .diffusion.loading import load_pipeline
+    from .diffusion.minisd import DIGITS
     from .diffusion.minisd.judge import generate_set, load_judges, score_set
 
     out = Path(out)
@@ -161,7 +172,8 @@ def run_demo(config: DemoConfig, out: str | Path = "outputs/demo", progress: boo
 
     first = [i for i, s in enumerate(gen_before.seeds) if s == 0]
     grid = grid_image([gen_before.images[i] for i in first], [gen_after.images[i] for i in first],
-                      [int(gen_before.digits[i]) for i in first], [int(gen_before.styles[i]) for i in first])
+                      [int(gen_before.digits[i]) for i in first], [int(gen_before.styles[i]) for i in first],
+                      erased=DIGITS.index(config.digit))
     md = [f"# MiniSD demo: SalUn erases \"{config.digit}\"", "",
           f"Forget prompts: {', '.join(concept.forget_prompts)}.",
           f"Surrogates: {', '.join(concept.surrogate_prompts)}.",

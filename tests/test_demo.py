@@ -23,7 +23,10 @@ def test_demo_writes_table_grid_and_report(tmp_path, capsys):
     assert '"seven" judged seven (negative)' in printed and "other nine digits" in printed
     assert sorted(p.name for p in out.iterdir()) == ["grid.png", "report.md", "summary.json"]
     grid = Image.open(out / "grid.png")
-    assert grid.size == (120 + 10 * 64, 6 * 64)  # 3 styles x (before, after) rows, 10 digits
+    assert grid.size == (120 + 10 * 64, 18 + 6 * 64)  # digit names on top, 3 styles x (before, after), 10 digits
+    seven = 120 + 7 * 64
+    assert grid.getpixel((seven, 18 + 100)) == (200, 30, 30)  # the erased digit's column is framed in red
+    assert grid.getpixel((seven - 64, 18 + 100)) != (200, 30, 30)
     report = (out / "report.md").read_text()
     assert "| metric | before | after |" in report and "seven in negative" in report
     saved = json.loads((out / "summary.json").read_text())
