@@ -18,6 +18,7 @@ from .threads import configure_threads, threads_from_argv
 # subcommand name -> module holding its `register`. Several names may share one module.
 SUBCOMMANDS: dict[str, str] = {
     "classify": "concept_erase.classification.cli",
+    "concepts": "concept_erase.concepts",
     "mask": "concept_erase.diffusion.cli",
     "erase": "concept_erase.diffusion.cli",
     "generate": "concept_erase.diffusion.generate",

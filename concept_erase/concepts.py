@@ -377,3 +377,72 @@ def combine_concepts(concepts: Sequence[Concept]) -> Concept:
                    retain_prompts=retain or list(dict.fromkeys(surrogates)), recipe=recipe,
                    neighbours=[n for n in dict.fromkeys(n for c in concepts for n in c.neighbours) if n not in erased],
                    parts=list(concepts))
+
+
+# ----------------------------------------------------------------------------------------------- the CLI
+
+
+@dataclass
+class ConceptsConfig:
+    """`concept-erase concepts [NAME]`: what the presets erase, into what, and with which recipe."""
+
+    name: str | None = field(default=None, metadata={
+        "help": "a preset or group to show in full (every prompt); without it, one line per preset",
+        "positional": True})
+
+
+def register(subparsers) -> None:
+    from .cli_args import add_flags
+
+    p = subparsers.add_parser(
+        "concepts", help="list the concept presets with their surrogates and recipes",
+        description="The presets `mask` and `erase` take as --concept: forget prompts, what each is steered to "
+                    "(the surrogate), how many retain prompts keep the rest, and the recipe (flags override it).")
+    add_flags(p, ConceptsConfig)
+    p.set_defaults(func=_concepts_main)
+
+
+def describe_recipe(recipe: dict[str, Any]) -> str:
+    """"50 steps, lr 0.0001, batch 16, alpha 0.5, 48 forget / 216 retain images" (what the recipe sets)."""
+    parts = [f"{recipe['steps']} steps" if "steps" in recipe else "",
+             f"lr {recipe['lr']:g}" if "lr" in recipe else "",
+             f"batch {recipe['batch_size']}" if "batch_size" in recipe else "",
+             f"alpha {recipe['alpha']:g}" if "alpha" in recipe else "",
+             (f"{recipe.get('num_forget_images', '?')} forget / {recipe.get('num_retain_images', '?')} retain images"
+              if "num_forget_images" in recipe or "num_retain_images" in recipe else "")]
+    return ", ".join(p for p in parts if p) or "the command's defaults"
+
+
+def _shorten(prompts: Sequence[str], width: int = 48) -> str:
+    text = prompts[0] + (f" (+{len(prompts) - 1} more)" if len(prompts) > 1 else "")
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def _concepts_main(args) -> int:
+    from .cli_args import values_from
+
+    config = ConceptsConfig(**values_from(args, ConceptsConfig))
+    if config.name is not None:
+        if config.name in GROUPS:
+            print(f"{config.name}: erases together {', '.join(GROUPS[config.name]())}")
+            return 0
+        c = get_concept(config.name)
+        print(f"{c.name}\n  recipe: {describe_recipe(c.recipe)}")
+        for label, prompts in (("forget", c.forget_prompts), ("surrogate", c.surrogate_prompts),
+                               ("retain", c.retain_prompts), ("neighbours (collateral checks)", c.neighbours)):
+            if prompts:
+                print(f"  {label} ({len(prompts)}):")
+                print("".join(f"    {p}\n" for p in prompts), end="")
+        return 0
+    rows = [("preset", "forget", "surrogate", "retain", "recipe")]
+    for name in list_concepts():
+        c = get_concept(name)
+        rows.append((name, _shorten(c.forget_prompts), _shorten(c.surrogate_prompts), str(len(c.retain_prompts)),
+                     describe_recipe(c.recipe)))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)) + "  " + r[4])
+    print(f"\ngroups: {', '.join(f'{g} ({len(f())} presets)' for g, f in GROUPS.items())}")
+    print("`concept-erase concepts NAME` lists every prompt of one; `erase --concept NAME` uses it, flags override "
+          "its recipe.")
+    return 0

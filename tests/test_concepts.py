@@ -79,3 +79,20 @@ def test_register_concept():
     with pytest.raises(ConceptEraseError, match="already registered"):
         register_concept("test-thing", factory)
     register_concept("test-thing", factory, overwrite=True)
+
+
+def test_concepts_command_lists_presets_with_surrogates_and_recipes(capsys):
+    from concept_erase.cli import main
+
+    assert main(["concepts"]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("minisd-digit-three "))
+    assert "a handwritten digit three (+2 more)" in line and "a handwritten digit four (+2 more)" in line
+    assert "50 steps, lr 0.0001, batch 16" in line and "48 forget / 216 retain images" in line
+    assert any(x.startswith("nudity ") and "a photo of a person wearing clothes" in x for x in out.splitlines())
+    assert "imagenette-all (10 presets)" in out
+    assert main(["concepts", "minisd-digit-three"]) == 0
+    out = capsys.readouterr().out
+    assert "  surrogate (3):\n    a handwritten digit four\n" in out and "  retain (27):" in out
+    assert main(["concepts", "no-such-concept"]) == 2
+    assert "unknown concept 'no-such-concept'" in capsys.readouterr().err

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from concept_erase.cli import main
 from concept_erase.concepts import read_prompt_file
@@ -71,7 +72,9 @@ def test_generate_command(tiny_pipeline_dir, tmp_path, capsys):
     assert main(args) == 0
     rows = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
     assert [(r["prompt"], r["seed"]) for r in rows] == [("a cat", 0), ("a cat", 1), ("a dog", 0), ("a dog", 1)]
-    assert sorted(p.name for p in out.glob("*.png")) == [r["file"] for r in rows]
+    assert sorted(p.name for p in out.glob("0*.png")) == [r["file"] for r in rows]
+    sheet = Image.open(out / "contact_sheet.png")  # one row per prompt, one column per seed
+    assert sheet.size == (150 + 2 * (64 + 2), 20 + 2 * 64)
     # the output exists: refused without --overwrite, exit code 2, nothing touched
     before = (out / "00000.png").read_bytes()
     assert main(args) == 2
@@ -114,3 +117,12 @@ def test_generate_reads_a_shipped_prompt_set_by_name(tmp_path):
     csv = tmp_path / "p.csv"
     csv.write_text("prompt,evaluation_seed\na cat,1\na cat,2\na dog,3\n")
     assert read_prompt_list(csv) == ["a cat", "a dog"]
+
+
+def test_no_progress_hides_the_bar(tiny_pipeline_dir, tmp_path, capsys):
+    args = ["generate", "--model", str(tiny_pipeline_dir), "--prompt", "a cat", "--seeds", "0-2",
+            "--num-inference-steps", "2", "--output"]
+    assert main([*args, str(tmp_path / "a"), "--no-progress"]) == 0
+    assert "image" not in capsys.readouterr().err.replace("images", "")  # no bar
+    assert main([*args, str(tmp_path / "b")]) == 0
+    assert "3/3" in capsys.readouterr().err  # the bar counts images, of how many

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -50,7 +49,7 @@ def generate_images(
     width: int | None = None,
     negative_prompt: str | Sequence[str] | None = None,
     batch_size: int = 8,
-    progress: bool = False,
+    progress: bool | str = False,
     warn_long_prompts: bool = True,
 ) -> list["Image.Image"]:
     """Generate one image per (prompts[i], seeds[i]), in batches of `batch_size`.
@@ -58,7 +57,8 @@ def generate_images(
     `prompts` and `seeds` have the same length (repeat a prompt to get several seeds of it). The pipeline's
     own scheduler is used; no safety checker runs. Images come back in the VAE's channel layout (a 1-channel
     VAE gives mode "L" images). Prompts longer than the text encoder reads get one warning per call
-    (`warn_long_prompts=False` for callers that warned once for a whole run).
+    (`warn_long_prompts=False` for callers that warned once for a whole run). `progress`: a bar counting
+    images; a string names what they are (e.g. "forget images").
     """
     prompts, seeds = list(prompts), [int(s) for s in seeds]
     if len(prompts) != len(seeds):
@@ -77,25 +77,30 @@ def generate_images(
     if warn_long_prompts:
         warn_if_prompts_are_cut(pipe, prompts)
 
-    starts = range(0, len(prompts), batch_size)
+    bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        starts = tqdm(starts, total=math.ceil(len(prompts) / batch_size), desc="generate", unit="batch")
+        bar = tqdm(total=len(prompts), desc=progress if isinstance(progress, str) else "images", unit="image")
     images: list = []
-    # Our own bar counts batches; the pipeline's per-step bar would print once per batch.
+    # Our own bar counts images; the pipeline's per-step bar would print once per batch.
     saved_bar_config = dict(getattr(pipe, "_progress_bar_config", {}))
     pipe.set_progress_bar_config(disable=True)
     pipeline_logger = logging.getLogger(type(pipe).__module__)
     pipeline_logger.addFilter(_drop_truncation_warning)
     try:
-        for start in starts:
-            images.extend(_generate_batch(pipe, prompts[start:start + batch_size], seeds[start:start + batch_size],
-                                          None if negatives is None else negatives[start:start + batch_size],
-                                          num_inference_steps, guidance_scale, height, width))
+        for start in range(0, len(prompts), batch_size):
+            batch = _generate_batch(pipe, prompts[start:start + batch_size], seeds[start:start + batch_size],
+                                    None if negatives is None else negatives[start:start + batch_size],
+                                    num_inference_steps, guidance_scale, height, width)
+            images.extend(batch)
+            if bar is not None:
+                bar.update(len(batch))
     finally:
         pipe._progress_bar_config = saved_bar_config
         pipeline_logger.removeFilter(_drop_truncation_warning)
+        if bar is not None:
+            bar.close()
     return images
 
 
@@ -201,6 +206,7 @@ class GenerateConfig:
     device: str | None = field(default=None, metadata={
         "help": "torch device, e.g. cuda or cpu (default: cuda when available)"})
     overwrite: bool = field(default=False, metadata={"help": "replace --output if it exists"})
+    progress: bool = field(default=True, metadata={"help": "a progress bar (images made, of how many)"})
 
     def __post_init__(self):
         check_fields(self)
@@ -216,7 +222,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "generate",
         help="generate images from a base or erased model",
-        description="Generate every prompt with every seed; writes PNGs and an index.jsonl (prompt, seed, file).",
+        description="Generate every prompt with every seed; writes PNGs, an index.jsonl (prompt, seed, file) and "
+                    "contact_sheet.png (one row per prompt, one column per seed).",
     )
     add_flags(p, GenerateConfig, help_override={"prompts": (
         "a text file with one prompt per line, a CSV with a prompt column, or a prompt set shipped with "
@@ -250,6 +257,22 @@ def _sampling(args: argparse.Namespace, config: GenerateConfig):
     return SamplingSettings(**chosen, **values)
 
 
+CONTACT_SHEET = "contact_sheet.png"
+CONTACT_SHEET_SEEDS = 8  # columns shown; the PNGs hold every seed
+
+
+def contact_sheet(path, prompts: list[str], seeds: list[int], images: list) -> None:
+    """One row per prompt (labelled), one column per seed (named on top), from `images` in (prompt, seed)
+    order; at most CONTACT_SHEET_SEEDS columns and 64 px cells, so a glance shows the whole run."""
+    from ..grid import GridRow, labelled_grid
+
+    shown = seeds[:CONTACT_SHEET_SEEDS]
+    columns = [f"seed {s}" for s in shown]
+    rows = [GridRow(prompt, {c: [images[p * len(seeds) + j]] for j, c in enumerate(columns)})
+            for p, prompt in enumerate(prompts)]
+    labelled_grid(path, columns, rows, gap=2)
+
+
 def _main(args: argparse.Namespace) -> int:
     from ..io_utils import atomic_dir, atomic_file, check_writable
     from .loading import load_pipeline
@@ -266,7 +289,8 @@ def _main(args: argparse.Namespace) -> int:
     images = generate_images(
         pipe, [p for p, _ in pairs], [s for _, s in pairs], num_inference_steps=sampling.num_inference_steps,
         guidance_scale=sampling.guidance_scale, height=sampling.height, width=sampling.width,
-        negative_prompt=sampling.negative_prompt, batch_size=config.batch_size, progress=True,
+        negative_prompt=sampling.negative_prompt, batch_size=config.batch_size,
+        progress=config.progress and f"images ({len(prompts)} prompts x {len(seeds)} seeds)",
     )
     with atomic_dir(config.output, overwrite=config.overwrite) as tmp:
         rows = []
@@ -278,5 +302,6 @@ def _main(args: argparse.Namespace) -> int:
                     "negative_prompt": sampling.negative_prompt}
         with atomic_file(tmp / "index.jsonl") as f:
             f.write_text("".join(json.dumps({**row, **settings}) + "\n" for row in rows), encoding="utf-8")
-    print(f"wrote {len(images)} images to {config.output}")
+        contact_sheet(tmp / CONTACT_SHEET, prompts, seeds, images)
+    print(f"wrote {len(images)} images and {CONTACT_SHEET} to {config.output}")
     return 0
