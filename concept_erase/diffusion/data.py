@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -32,6 +33,7 @@ from ..errors import ConceptEraseError
 from ..fingerprints import pipeline_digest
 from ..runtime import cache_root
 from ..io_utils import atomic_file, exclusive_lock
+from .defaults import announce
 
 if TYPE_CHECKING:
     import torch
@@ -136,7 +138,7 @@ class ImageSet:
         seed: int = 0,
         settings: SamplingSettings | None = None,
         batch_size: int = 8,
-        progress: bool = False,
+        progress: bool | str = False,
         total: int | None = None,
     ) -> "ImageSet":
         """`n_per_prompt` images of every prompt from `pipe`, reusing (and adding to) the on-disk cache.
@@ -144,7 +146,8 @@ class ImageSet:
         Prompt i's j-th image uses seed `seed + i * n_per_prompt + j`, so every image of the set has its own
         seed and the set is reproducible; the seeds are recorded in the manifest. `total`: exactly this many
         images (from len(prompts) to len(prompts) * n_per_prompt): the first `total % len(prompts)` prompts
-        get one image more than the others (`images_per_prompt`).
+        get one image more than the others (`images_per_prompt`). `progress`: a bar, and one line with the
+        time the missing images will take once the first batch is timed; a string names them ("forget images").
         """
         prompts = list(prompts)
         if not prompts or any(not p.strip() for p in prompts):
@@ -174,21 +177,23 @@ class ImageSet:
 
     @staticmethod
     def _generate_missing(pipe, root: Path, prompts: list[str], wanted: list[ImageRecord],
-                          settings: SamplingSettings, batch_size: int, progress: bool) -> None:
+                          settings: SamplingSettings, batch_size: int, progress: bool | str) -> None:
         from .generate import generate_images, warn_if_prompts_are_cut
 
         done = {(r.prompt, r.seed) for r in _read_manifest(root / "manifest.jsonl") if (root / r.file).is_file()}
         todo = [r for r in wanted if (r.prompt, r.seed) not in done]
 
+        what = progress if isinstance(progress, str) else "images"
         bar = None
         if progress and todo:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(todo), desc="images", unit="img")
+            bar = tqdm(total=len(todo), desc=what, unit="image")
         # Generate in chunks and commit each image as soon as its chunk is done: an interruption loses at most
         # one chunk of work.
         if todo:
             warn_if_prompts_are_cut(pipe, prompts)
+        started = time.perf_counter()
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
             images = generate_images(
@@ -200,6 +205,11 @@ class ImageSet:
                 with atomic_file(root / record.file, overwrite=True) as tmp:
                     image.save(tmp, format="PNG")
                 _append_manifest(root / "manifest.jsonl", record)
+            if start == 0 and progress and len(todo) > len(chunk):
+                each = (time.perf_counter() - started) / len(chunk)
+                announce(f"{what}: generating {len(todo)} images ({settings.num_inference_steps} steps each) with "
+                          f"the model, cached for later runs; about {_duration(each * len(todo))} at "
+                          f"{each:.2f} s per image")
             if bar is not None:
                 bar.update(len(chunk))
         if bar is not None:
@@ -298,6 +308,15 @@ def _append_manifest(path: Path, record: ImageRecord) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ latents
+
+
+def _duration(seconds: float) -> str:
+    """"40 s", "3 min", "2.5 h": a rough duration for a person."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def default_image_size(pipe) -> tuple[int, int]:

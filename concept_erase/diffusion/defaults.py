@@ -150,8 +150,11 @@ def check_resolution(resolution: int | None, defaults: ModelDefaults, what: str 
 
 
 def announce(line: str) -> None:
-    """Print a line about what a command chose, once per `accelerate launch` world (rank 0), on stderr."""
+    """Print a line about what a command chose or is about to do, once per `accelerate launch` world (rank 0),
+    on stderr, above any progress bar rather than through it."""
     import sys
 
+    from tqdm.auto import tqdm
+
     if os.environ.get("RANK", "0") == "0":
-        print(f"concept-erase: {line}", file=sys.stderr, flush=True)
+        tqdm.write(f"concept-erase: {line}", file=sys.stderr)

@@ -687,13 +687,13 @@ def build_latent_sets(pipe, concept, config: EraseConfig, state, *,
                                 height=config.resolution, width=config.resolution)
     cache = config.cache_dir
 
-    def generated(prompts: list[str], total: int) -> ImageSet:
+    def generated(prompts: list[str], total: int, what: str) -> ImageSet:
         # exactly `total` images; the seeds are those of ceil(total / len(prompts)) per prompt, so a cache
         # filled for a larger set serves a smaller one
         per_prompt = math.ceil(total / len(prompts))
         with state.main_process_first():  # the main process fills the cache; the others find it full
             return ImageSet.generate(pipe, prompts, per_prompt, cache, seed=config.seed, settings=settings,
-                                     progress=config.progress and state.is_main_process, total=total)
+                                     progress=config.progress and state.is_main_process and what, total=total)
 
     def from_folder(folder: str, default_prompt: str) -> ImageSet:
         folder = Path(folder)
@@ -722,7 +722,7 @@ def build_latent_sets(pipe, concept, config: EraseConfig, state, *,
         # anchor as its surrogate (cycling, so every forget prompt gets its share).
         targets = {a: [p for p in concept.forget_prompts if concept.surrogate_for(p) == a]
                    for a in dict.fromkeys(concept.surrogate_for(p) for p in concept.forget_prompts)}
-        images = generated(list(targets), config.num_forget_images)
+        images = generated(list(targets), config.num_forget_images, "anchor images")
         seen: dict[str, int] = {}
         prompts = []
         for anchor in images.prompts:
@@ -731,12 +731,12 @@ def build_latent_sets(pipe, concept, config: EraseConfig, state, *,
         forget = LatentSet(encoded(images), prompts, list(images.prompts))
     else:
         images = (from_folder(config.forget_images, concept.forget_prompts[0]) if config.forget_images
-                  else generated(concept.forget_prompts, config.num_forget_images))
+                  else generated(concept.forget_prompts, config.num_forget_images, "forget images"))
         forget = LatentSet(encoded(images), images.prompts, [concept.surrogate_for(p) for p in images.prompts])
     retain = None
     if wants_retain:
         images = (from_folder(config.retain_images, concept.retain_prompts[0]) if config.retain_images
-                  else generated(concept.retain_prompts, config.num_retain_images))
+                  else generated(concept.retain_prompts, config.num_retain_images, "retain images"))
         retain = LatentSet(encoded(images), images.prompts)
     return forget, retain
 
