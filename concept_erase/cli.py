@@ -13,6 +13,7 @@ import sys
 
 from .cli_args import Parser
 from .errors import ConceptEraseError
+from .logs import show_logs
 from .threads import configure_threads, threads_from_argv
 
 # subcommand name -> module holding its `register`. Several names may share one module.
@@ -90,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     # Before any command module imports torch: libgomp reads its environment once, when torch loads it.
     configure_threads(threads_from_argv(argv))
     logging.getLogger("transformers.utils.import_utils").addFilter(_drop_torchvision_fallback_notice)
+    show_logs()  # the library's INFO records on stderr, as `concept-erase: ...`
     # Import only the requested subcommand's module, so `concept-erase classify` never imports diffusers.
     first = next((a for a in argv if not a.startswith("-")), None)
     try:

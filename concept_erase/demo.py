@@ -162,14 +162,6 @@ def run_demo(config: DemoConfig, out: str | Path = "outputs/demo", progress: boo
     summary = {"config": asdict(config), "concept": concept.to_card(), "before": before, "after": after,
                "timings": {**timings, "total_s": total}, "mask_kept_fraction": mask.kept_fraction}
 
-    width = max(len(r[0]) for r in rows)
-    print(f"\nSalUn erased {config.digit!r} from MiniSD ({config.steps} steps, lr {config.lr}, "
-          f"keep {config.keep}); {config.eval_seeds} images per (digit, style), same seeds:")
-    print(f"{'':{width}}  {'before':>8}  {'after':>8}")
-    for name, b, a in rows:
-        print(f"{name:{width}}  {b:>8}  {a:>8}")
-    print(f"total {total:.0f} s")
-
     first = [i for i, s in enumerate(gen_before.seeds) if s == 0]
     grid = grid_image([gen_before.images[i] for i in first], [gen_after.images[i] for i in first],
                       [int(gen_before.digits[i]) for i in first], [int(gen_before.styles[i]) for i in first],
@@ -188,8 +180,18 @@ def run_demo(config: DemoConfig, out: str | Path = "outputs/demo", progress: boo
         grid.save(tmp / "grid.png")
         (tmp / "report.md").write_text("\n".join(md), encoding="utf-8")
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {out}/report.md and {out}/grid.png")
+    summary["table"] = _text_table(config, rows, total)  # what the command prints
     return summary
+
+
+def _text_table(config: DemoConfig, rows, total: float) -> str:
+    """The before/after table the `demo` command prints."""
+    width = max(len(r[0]) for r in rows)
+    lines = [f"SalUn erased {config.digit!r} from MiniSD ({config.steps} steps, lr {config.lr}, keep {config.keep}); "
+             f"{config.eval_seeds} images per (digit, style), same seeds:",
+             f"{'':{width}}  {'before':>8}  {'after':>8}"]
+    lines += [f"{name:{width}}  {b:>8}  {a:>8}" for name, b, a in rows]
+    return "\n".join(lines + [f"total {total:.0f} s"])
 
 
 def demo_erased_model(cache_dir: str | Path | None = None, config: DemoConfig | None = None) -> Path:
@@ -232,5 +234,8 @@ class DemoOutput:
 
 def _main(args: argparse.Namespace) -> int:
     config = DemoConfig(**values_from(args, DemoConfig))
-    run_demo(config, values_from(args, DemoOutput)["output"])
+    out = values_from(args, DemoOutput)["output"]
+    summary = run_demo(config, out)
+    print("\n" + summary.pop("table"))
+    print(f"wrote {out}/report.md and {out}/grid.png")
     return 0

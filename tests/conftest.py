@@ -5,21 +5,11 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # 2 processes on 2 cores spin otherwise (docs/MINISD.md)
 
-import socket
-import sys
+import pytest  # noqa: E402 (after the environment above)
 
-import pytest
+from concept_erase.logs import show_logs
 
-
-def accelerate_launch(num_processes: int = 2) -> list[str]:
-    """`accelerate launch` for N CPU processes on this machine: its torchrun-backed launcher (`--multi_gpu`,
-    which on a machine without CUDA gives gloo CPU processes; `--cpu` alone would start only one)."""
-    with socket.socket() as sock:  # a free port, so parallel test runs never collide
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--main_process_port", str(port)]
+show_logs()  # library code's log records on stderr, as the CLI shows them
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,8 @@
 """Helpers shared by several test modules (fixtures live in conftest.py). Tests import these; no test
 imports another test module."""
 
+import socket
+import sys
 from pathlib import Path
 
 import torch
@@ -21,3 +23,27 @@ def assert_same_weights(a, b):
 
 def leftovers(folder: Path):
     return [p.name for p in folder.iterdir() if p.name.startswith(".")]
+
+
+def assert_same_training(a, b, base, lr):
+    """State dicts `a` and `b`, both trained from `base`, are the same run up to float summation order.
+    Adam divides by sqrt(v): where a gradient is ~0, rounding noise becomes an update of up to lr, so compare
+    totals: the runs may differ by 2% of the distance they moved (a different batch or noise draw differs by
+    about 100%), and no entry by more than the two steps' largest update."""
+    moved = diff = 0.0
+    for k in base:
+        assert (a[k] - b[k]).abs().max() <= 2 * lr, k
+        diff += float((a[k] - b[k]).abs().sum())
+        moved += float((a[k] - base[k]).abs().sum())
+    assert moved > 0 and diff <= 0.02 * moved, f"runs differ by {diff / moved:.2%} of the update"
+
+
+def accelerate_launch(num_processes: int = 2) -> list[str]:
+    """`accelerate launch` for N CPU processes on this machine: its torchrun-backed launcher (`--multi_gpu`,
+    which on a machine without CUDA gives gloo CPU processes; `--cpu` alone would start only one)."""
+    with socket.socket() as sock:  # a free port, so parallel test runs never collide
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(port)]

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from helpers import assert_same_training
 
 from concept_erase.cli import main
 from concept_erase.diffusion.erase import LatentSet, TrainConfig, _epoch_indices, train_unet
@@ -21,19 +22,6 @@ def _sets(n=6, seed=0):
 
 def _weights(unet):
     return {k: v.detach().clone() for k, v in unet.state_dict().items()}
-
-
-def assert_same_training(a, b, base, lr):
-    """State dicts `a` and `b`, both trained from `base`, are the same run up to float summation order.
-    Adam divides by sqrt(v): where a gradient is ~0, rounding noise becomes an update of up to lr, so compare
-    totals: the runs may differ by 2% of the distance they moved (a different batch or noise draw differs by
-    about 100%), and no entry by more than the two steps' largest update."""
-    moved = diff = 0.0
-    for k in base:
-        assert (a[k] - b[k]).abs().max() <= 2 * lr, k
-        diff += float((a[k] - b[k]).abs().sum())
-        moved += float((a[k] - base[k]).abs().sum())
-    assert moved > 0 and diff <= 0.02 * moved, f"runs differ by {diff / moved:.2%} of the update"
 
 
 class Interrupt(Exception):

@@ -8,8 +8,7 @@ from safetensors.torch import load_file
 
 from concept_erase.cli import main
 from concept_erase.saliency import SaliencyMask
-from conftest import accelerate_launch
-from test_erase import assert_same_training
+from helpers import accelerate_launch, assert_same_training
 
 
 def test_two_processes_match_one(tiny_pipeline_dir, tmp_path):

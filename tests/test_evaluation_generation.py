@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from concept_erase.errors import ConceptEraseError
-from conftest import accelerate_launch
+from helpers import accelerate_launch
 from evaluation.generation import make_protocol, generate_set, read_manifest
 from evaluation.prompts import PromptRow
 

@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     where = ClassifyOutput(**values_from(args, ClassifyOutput))
     out = where.output or _default_out(cfg.dataset, cfg.forget)
     check_writable(out, where.overwrite, flag="--output")
-    results = run_classification(cfg, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    results = run_classification(cfg)
     print(results["table"])
     write_results(results, out, overwrite=where.overwrite)
     print(f"\nwrote {out}/results.json and {out}/results.md", file=sys.stderr)

@@ -19,11 +19,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import platform
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -35,6 +35,8 @@ from .config import ALL_METHODS, METHOD_NAMES, ClassifyConfig, ForgetSpec
 from .data import load_data, split_forget
 from .metrics import METRICS, accuracy, evaluate, predict_logits, summarize
 from .models import build_model
+
+logger = logging.getLogger(__name__)
 
 
 def selection_score(model: torch.nn.Module, task: M.UnlearnTask) -> float:
@@ -90,7 +92,7 @@ def _tune_and_run(key: str, original: torch.nn.Module, task: M.UnlearnTask, cfg:
     return {"seed": seed, **evaluate(model, task.data, task.split), "RTE": seconds, "lr": lr, "val_score": score}
 
 
-def run_classification(cfg: ClassifyConfig, log: Callable[[str], None] = print) -> dict:
+def run_classification(cfg: ClassifyConfig) -> dict:
     """Run the benchmark; returns the JSON-ready results (config, per-seed rows, summary, table)."""
     start = time.perf_counter()
     device = resolve_device(cfg.device)
@@ -106,7 +108,7 @@ def run_classification(cfg: ClassifyConfig, log: Callable[[str], None] = print) 
     fixed_mask = None
     if cfg.mask is not None:  # read and checked before any training: a bad file fails in a second
         fixed_mask = SaliencyMask.load(cfg.mask, model=fresh_model(0))
-    log(f"classify: {data.name} ({len(data.y_train)} train / {len(data.y_val)} val / {len(data.y_test)} test, "
+    logger.info(f"classify: {data.name} ({len(data.y_train)} train / {len(data.y_val)} val / {len(data.y_test)} test, "
         f"{data.num_classes} classes), forget {cfg.forget_spec}: {len(split.forget_idx)} forget / "
         f"{len(split.retain_idx)} retain; model {model_name}; {cfg.seeds} seed(s); device {device}")
 
@@ -135,7 +137,7 @@ def run_classification(cfg: ClassifyConfig, log: Callable[[str], None] = print) 
                     mask_seconds = time.perf_counter() - t0  # counted in SalUn's RTE
                     masks_info.append({"seed": seed, "kept_fraction": mask.kept_fraction, "seconds": mask_seconds})
                 per_seed[key].append(_tune_and_run(key, original, task, cfg, seed, mask, mask_seconds))
-            log(f"  seed {seed}: " + "; ".join(
+            logger.info(f"  seed {seed}: " + "; ".join(
                 f"{METHOD_NAMES.get(k, 'Original')} UA {v[-1]['UA']:.1f} TA {v[-1]['TA']:.1f}"
                 for k, v in per_seed.items()))
         used_threads = torch.get_num_threads()

@@ -11,11 +11,14 @@ the model's own size is refused (`check_resolution`): a 16 px model sampled at 5
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ConceptEraseError
+
+logger = logging.getLogger(__name__)
 
 # MiniSD's sampling everywhere (generate, erase's forget/retain images, evaluation, app, demo, benchmarks):
 # what `concept-erase minisd check` measured at 100% requested digit and style.
@@ -150,11 +153,6 @@ def check_resolution(resolution: int | None, defaults: ModelDefaults, what: str 
 
 
 def announce(line: str) -> None:
-    """Print a line about what a command chose or is about to do, once per `accelerate launch` world (rank 0),
-    on stderr, above any progress bar rather than through it."""
-    import sys
-
-    from tqdm.auto import tqdm
-
+    """Log a line about what a command chose or is about to do, once per `accelerate launch` world (rank 0)."""
     if os.environ.get("RANK", "0") == "0":
-        tqdm.write(f"concept-erase: {line}", file=sys.stderr)
+        logger.info(line)

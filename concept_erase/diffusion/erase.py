@@ -24,7 +24,6 @@ import json
 import math
 import os
 import re
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import MISSING, dataclass, field, fields
@@ -264,8 +263,9 @@ def train_unet(
     ckpt = _find_checkpoint(checkpoint_dir, resume)
     if ckpt is not None:
         start_step, losses = _load_checkpoint(ckpt, unet, optimizer, config)
-        if accelerator.is_main_process:
-            print(f"resuming from {ckpt} (step {start_step})", file=sys.stderr)
+        from accelerate.logging import get_logger
+
+        get_logger(__name__).info("resuming from %s (step %d)", ckpt, start_step)  # main process only
 
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()

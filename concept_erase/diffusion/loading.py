@@ -14,18 +14,20 @@ The ways out are `card.save_pipeline` (a diffusers folder with a model card), `s
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import re
-import sys
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConceptEraseError, first_line
-from ..runtime import resolve_device
 from ..fingerprints import check_file_digest
+from ..runtime import resolve_device
 from .families import Family, family_from_config, family_from_keys, get_family, set_family
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import torch
@@ -89,8 +91,8 @@ def load_pipeline(
             f"model {source!r} does not exist (expected a diffusers folder, a .safetensors/.ckpt file, "
             f"a hub id or one of {', '.join(NAMED_MODELS)})")
     found = set_family(pipe, family)
-    print(f"model family: {found.name}, {found.description} "
-          f"({'from --family' if family else 'detected from ' + how})", file=sys.stderr)
+    logger.info("model family: %s, %s (%s)", found.name, found.description,
+                "from --family" if family else "detected from " + how)
     if target is not None:
         pipe.to(target)
     for module in (pipe.unet, pipe.vae, *found.text_modules(pipe).values()):

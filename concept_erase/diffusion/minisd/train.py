@@ -16,6 +16,7 @@ came from this script with its defaults.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,6 +32,8 @@ from ..families import Conditioning, family_of
 from . import minisd_prompt, DIGITS, STYLES
 from .data import load_digit_images
 from .model import BUILDERS, count_parameters
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -60,7 +63,7 @@ class MiniSDTrainConfig:
 
 
 def _log(msg: str) -> None:
-    print(f"[minisd {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    logger.info("minisd %s %s", time.strftime("%H:%M:%S"), msg)
 
 
 def train_vae(vae, images: torch.Tensor, config: MiniSDTrainConfig, gen: torch.Generator) -> None:
