@@ -76,6 +76,9 @@ def main(argv=None) -> int:
     p.add_argument("--unlearndiffatk-steps", type=int, default=40)
     p.add_argument("--embedding-steps", type=int, default=60)
     p.add_argument("--out", default="benchmarks/results/attacks_minisd.md", help="Markdown output (replaced)")
+    p.add_argument("--tabulate", nargs="+", metavar="FILE", default=None,
+                   help="no runs: build the tables from the JSON result lines in these files (the .jsonl of "
+                        "earlier runs, or their logs), e.g. one run per seed in parallel")
     args = p.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     eval_seeds = [int(s) for s in args.eval_seeds.split(",")]
@@ -84,24 +87,43 @@ def main(argv=None) -> int:
     skipped = [m for m in methods if m not in available]
 
     start = time.perf_counter()
+    budgets = {"inversion": make_budget("inversion", steps=args.inversion_steps),
+               "unlearndiffatk": make_budget("unlearndiffatk", steps=args.unlearndiffatk_steps),
+               "ringabell": make_budget("ringabell"),
+               "embedding": make_budget("embedding", steps=args.embedding_steps)}
+    if args.tabulate:
+        results = [json.loads(line) for f in args.tabulate for line in Path(f).read_text().splitlines()
+                   if line.startswith("{")]
+        seeds = sorted({r["seed"] for r in results})
+    else:
+        results = run(args, seeds, eval_seeds, available, budgets)
+    if not any(r["model"] == ORIGINAL for r in results):  # runs from before the original was a row of its own
+        base = load_pipeline("minisd")
+        results.append({"model": ORIGINAL, "seed": None,
+                        **Evaluator(base, get_concept(args.concept), load_judges(), args.eval_forget,
+                                    args.eval_retain_seeds)(base)})
+    command = f"python benchmarks/attacks_minisd.py {' '.join(argv if argv is not None else sys.argv[1:])}"
+    write_tables(args, command, results, seeds, eval_seeds, available, skipped, budgets, time.perf_counter() - start)
+    return 0
+
+
+def run(args, seeds, eval_seeds, available, budgets) -> list[dict]:
+    """Erase with each method per seed, attack every model, evaluate: one result row per (model, seed)."""
     concept = get_concept(args.concept)
     judges = load_judges()
     pipe, base = load_pipeline("minisd"), load_pipeline("minisd")
     base_state = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
     detector = detector_for(concept.name)
     protocol = make_protocol("minisd")
-    budgets = {"inversion": make_budget("inversion", steps=args.inversion_steps),
-               "unlearndiffatk": make_budget("unlearndiffatk", steps=args.unlearndiffatk_steps),
-               "ringabell": make_budget("ringabell"),
-               "embedding": make_budget("embedding", steps=args.embedding_steps)}
     rows = concept_rows(concept, eval_seeds)
     evaluate = Evaluator(base, concept, judges, args.eval_forget, args.eval_retain_seeds)
-    results = []
+    results = [{"model": ORIGINAL, "seed": None, **evaluate(base)}]
+    print(json.dumps(results[0]), flush=True)
 
     def attack(name: str, model, seed: int, erase_s: float | None) -> None:
-        run = run_attacks(model, concept, rows, budgets, detector, protocol=protocol, base=base, seed=seed,
-                          log=lambda line: print(f"[{name} seed {seed}] {line}", flush=True))
-        s = run.summary()
+        outcome = run_attacks(model, concept, rows, budgets, detector, protocol=protocol, base=base, seed=seed,
+                              log=lambda line: print(f"[{name} seed {seed}] {line}", flush=True))
+        s = outcome.summary()
         row = {"model": name, "seed": seed, "erase_s": erase_s, **evaluate(model), "pre_asr": s["pre_asr"],
                **{f"asr_{a}": v["asr"] for a, v in s["attacks"].items()},
                **{f"alone_{a}": v["attack_alone"] for a, v in s["attacks"].items()},
@@ -125,21 +147,30 @@ def main(argv=None) -> int:
         remapped = load_pipeline("minisd")
         remap_token(remapped, concept.forget_prompts[0].split()[3], concept.surrogate_prompts[0].split()[3])
         attack(REMAP, remapped, seed, None)
-    original = evaluate(base)
+    return results
+
+
+def write_tables(args, command: str, rows: list[dict], seeds, eval_seeds, available, skipped, budgets,
+                 seconds: float) -> None:
+    """The Markdown table (mean +- std over seeds per model) and the .jsonl of every result row."""
+    concept = get_concept(args.concept)
+    original = next(r for r in rows if r["model"] == ORIGINAL)
+    results = [r for r in rows if r["model"] != ORIGINAL]
+    n_rows = len(concept.forget_prompts) * len(eval_seeds)
 
     lines = ["# MiniSD attack benchmark", "",
-             f"Command: `python benchmarks/attacks_minisd.py {' '.join(argv if argv is not None else sys.argv[1:])}`", "",
+             f"Command: `{command}`", "",
              f"Erasure: {args.concept}, {args.steps} steps, lr {args.lr}, batch {args.batch_size}+{args.batch_size}, "
              f"alpha {args.alpha} (ESD: 0), keep 0.5, {args.num_forget} forget / {args.num_retain} retain images, "
              f"ESD {args.esd_ddim_steps} DDIM steps of partial sampling. Seeds {seeds} (data, mask, training, attack "
              f"draws); mean +- std over seeds.",
-             f"Attacks: {len(rows)} rows ({len(concept.forget_prompts)} forget prompts x seeds {eval_seeds}), DDIM 25 "
+             f"Attacks: {n_rows} rows ({len(concept.forget_prompts)} forget prompts x seeds {eval_seeds}), DDIM 25 "
              "steps, guidance 5, MiniSD digit judge. Budgets (the same for every model): "
              + "; ".join(f"{n}: " + ", ".join(f"{k}={v}" for k, v in vars(b).items()) for n, b in budgets.items()) + ".",
              "ASR counts a row whose plain prompt already shows the digit (Pre-ASR) as a success, as UnlearnDiffAtk "
              "does; in brackets, the attacked images alone.",
-             f"Original MiniSD: forget acc {100 * original['forget_acc']:.1f}%, retain acc {100 * original['retain_acc']:.1f}%.",
-             ""]
+             f"Original MiniSD: forget acc {100 * original['forget_acc']:.1f}%, retain acc "
+             f"{100 * original['retain_acc']:.1f}%.", ""]
     if skipped:
         lines += [f"Not run (method not available in this build): {', '.join(skipped)}.", ""]
     header = ["model", "erase s", "forget acc %", "retain acc %", "FID (judge)", "Pre-ASR %",
@@ -152,21 +183,23 @@ def main(argv=None) -> int:
 
     for name in [*available, REMAP]:
         sel = [r for r in results if r["model"] == name]
+        if not sel:
+            continue
         erase_s = [r["erase_s"] for r in sel if r["erase_s"] is not None]
-        cells = [f"{statistics.mean(erase_s):.0f}" if erase_s else "-", ms(sel, "forget_acc", 100), ms(sel, "retain_acc", 100), ms(sel, "fid"), ms(sel, "pre_asr")]
+        cells = [f"{statistics.mean(erase_s):.0f}" if erase_s else "-", ms(sel, "forget_acc", 100),
+                 ms(sel, "retain_acc", 100), ms(sel, "fid"), ms(sel, "pre_asr")]
         cells += [f"{ms(sel, f'asr_{a}')} ({statistics.mean(r[f'alone_{a}'] for r in sel):.0f})" for a in ATTACK_NAMES]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     mean_s = {a: statistics.mean(r["attack_s"][a] for r in results) for a in ATTACK_NAMES}
     lines += ["", "Mean attack time per model (s, the machine shared with other jobs): "
               + ", ".join(f"{a} {v:.0f}" for a, v in mean_s.items()) + ".",
-              f"Total wall time: {time.perf_counter() - start:.0f} s.", ""]
+              f"Wall time of this {'tabulation' if args.tabulate else 'run'}: {seconds:.0f} s.", ""]
     out = Path(args.out)
     with atomic_file(out, overwrite=True) as tmp:
         tmp.write_text("\n".join(lines), encoding="utf-8")
     with atomic_file(out.with_suffix(".jsonl"), overwrite=True) as tmp:
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in results), encoding="utf-8")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     print("\n".join(lines))
-    return 0
 
 
 if __name__ == "__main__":
