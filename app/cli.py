@@ -20,7 +20,8 @@ class Serve:
     """Which models the app compares and where it listens."""
 
     base: str = field(default=DEFAULT_BASE, metadata={
-        "help": "base model: 'minisd', a diffusers folder, a .safetensors/.ckpt file or a hub id"})
+        "help": "base model: 'minisd', 'minisd-xl', a diffusers folder (SD 1.x, 2.x or SDXL), a .safetensors/.ckpt "
+                "file or a hub id"})
     erased: list[str] = field(default_factory=list, metadata={
         "help": "an erased model folder or file; repeat to compare several "
                 "(default with --base minisd: the MiniSD erased demo model)", "metavar": "PATH"})

@@ -82,7 +82,7 @@ class ModelRegistry:
         An erased model is named by `names` (one per erased model) or after its folder (made unique), which
         is what the browser sees.
         """
-        from concept_erase.diffusion.loading import load_pipeline
+        from concept_erase.diffusion.loading import NAMED_MODELS, load_pipeline
 
         if not erased:
             raise ConceptEraseError("pass at least one --erased model to compare against the base")
@@ -96,7 +96,7 @@ class ModelRegistry:
             name = _unique_name(wanted, taken)
             taken.add(name)
             # A single-file checkpoint takes its component configs from the base (offline from_single_file).
-            config = base if path.is_file() and (base == "minisd" or Path(base).is_dir()) else None
+            config = base if path.is_file() and (base in NAMED_MODELS or Path(base).is_dir()) else None
             pipe = load_pipeline(str(path), config=config, dtype=dtype, device=device)
             # Card and mask come only with a folder: a single file's neighbours may belong to another model.
             card = _read_card(path) if path.is_dir() else {}

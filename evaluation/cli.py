@@ -24,9 +24,9 @@ class EvaluationRun:
     """What `evaluate` generates from and where it writes. How images are sampled is `Protocol`."""
 
     model: str = field(metadata={
-        "help": 'model: diffusers folder, .safetensors/.ckpt file, hub id or "minisd". MiniSD, and every model '
-                'whose model card says base_model: minisd, defaults to --protocol minisd and, for classes, '
-                '--classifier minisd-digits'})
+        "help": 'model: diffusers folder, .safetensors/.ckpt file, hub id, "minisd" or "minisd-xl". MiniSD(-XL), '
+                'and every model whose model card says base_model: minisd(-xl), defaults to --protocol minisd and, '
+                'for classes, --classifier minisd-digits; an SDXL model to --protocol sdxl'})
     prompts: str = field(metadata={
         "help": "prompt set: I2P / class / COCO CSV, a .txt file (one prompt per line) or a hub dataset id"})
     output: str = field(metadata={
@@ -35,7 +35,9 @@ class EvaluationRun:
         "help": "local diffusers folder with the configs of a single-file checkpoint"})
     protocol: str | None = field(default=None, metadata={
         "help": "preset: paper = LMS, 100 steps, guidance 7.5, 512 px; minisd = DDIM, 25 steps, native size; "
-                "quick = the model's scheduler, 4 steps (default: minisd for MiniSD and models erased from it, "
+                "sdxl = Euler, 50 steps, guidance 5, 1024 px (SDXL base's scheduler, diffusers' SDXL defaults); "
+                "quick = the model's scheduler, 4 steps (default: minisd for MiniSD and models erased from it, sdxl "
+                "for SDXL, "
                 "else paper at the model's native size)",
         "choices": tuple(sorted(PRESETS))})
     limit: int | None = field(default=None, metadata={"help": "only the first N rows of the prompt set", "min": 1})

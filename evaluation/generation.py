@@ -93,6 +93,10 @@ PRESETS: dict[str, Protocol] = {
     "minisd": Protocol(name="minisd", scheduler="ddim", num_inference_steps=MINISD_STEPS,
                        guidance_scale=MINISD_GUIDANCE, resolution=None),
     "quick": Protocol(name="quick", scheduler="model", num_inference_steps=4, resolution=None),
+    # SDXL base as released: its own scheduler (Euler discrete, scheduler_config.json of stable-diffusion-xl-base-1.0)
+    # and diffusers' StableDiffusionXLPipeline defaults (50 steps, guidance 5.0, 1024 px = sample_size 128 x 8);
+    # the SDXL report (Podell et al. 2023) samples at 1024 px.
+    "sdxl": Protocol(name="sdxl", scheduler="euler", num_inference_steps=50, guidance_scale=5.0, resolution=1024),
 }
 
 

@@ -317,3 +317,32 @@ def test_card_surrogate_once_and_mask_names_as_written(tiny_registry):
     assert text.count("a dog") == 1
     fig = bar_figure({"m": {"conv_in.weight": 0.5, "down_blocks.0": 0.4}}, title="t", ylabel="y")
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["conv_in.weight", "down_blocks.0"]
+
+
+def test_app_compares_sdxl_models(tmp_path, tiny_sdxl_pipeline_dir):
+    """`concept-erase app --base <sdxl> --erased <sdxl-erased folder> --erased <its single file>`: the CLI
+    path serves it, and the same prompt and seed run through every SDXL pipeline."""
+    from app.cli import launch
+    from app.models import ModelRegistry
+    from app.ui import AppConfig, compare, concept_summary
+    from concept_erase.diffusion.card import save_pipeline
+    from concept_erase.diffusion.single_file import export_single_file
+    from concept_erase.diffusion.tiny import build_tiny_sdxl_pipeline
+    from concept_erase.saliency import SaliencyMask
+
+    pipe = build_tiny_sdxl_pipeline(seed=1, layers_per_block=2, transformer_layers=(1, 2))
+    folder = tmp_path / "xl-no-cat"
+    save_pipeline(pipe, folder, card={"base_model": str(tiny_sdxl_pipeline_dir), "concept": "cat", "method": "salun"})
+    SaliencyMask.random(pipe.unet, keep=0.5, seed=0).save(folder / "mask.safetensors")
+    single = export_single_file(pipe, tmp_path / "xl-no-cat.safetensors")
+    args = ["--base", str(tiny_sdxl_pipeline_dir), "--erased", str(folder), "--erased", str(single)]
+    demo = launch(app_args(*args, "--port", str(free_port())), block=False)
+    demo.close()
+    registry = ModelRegistry.load(str(tiny_sdxl_pipeline_dir), [str(folder), str(single)])
+    assert {type(registry.get(n).pipe).__name__ for n in registry.names} == {"StableDiffusionXLPipeline"}
+    out = compare(registry, AppConfig(), "a cat", seed=3, steps=2, guidance=5.0, safe=False)
+    assert len(out) == 3 and list(out)[0] == registry.base_name
+    images = [np.asarray(gallery[0][0]) for gallery in out.values()]
+    assert np.array_equal(images[1], images[2])  # the folder and its single file are the same model
+    assert not np.array_equal(images[0], images[1])
+    assert "| model_family | sdxl |" in concept_summary(registry, "xl-no-cat")[0]

@@ -53,3 +53,18 @@ def test_a_resolution_that_cannot_suit_the_model_is_an_error():
     with pytest.raises(ConceptEraseError, match="512 px does not suit minisd, which draws 16 px images"):
         check_resolution(512, d)
     check_resolution(512, model_defaults("some-org/some-model"))  # unknown size: nothing to check
+
+
+def test_sdxl_models_get_the_sdxl_protocol(tmp_path, tiny_sdxl_pipeline_dir):
+    """SDXL is told from model_index.json alone; an erased copy (card base_model) inherits it."""
+    d = model_defaults(str(tiny_sdxl_pipeline_dir))
+    assert (d.protocol, d.guidance, d.native_resolution) == ("sdxl", 5.0, 32)
+    erased = _configs_only(tiny_sdxl_pipeline_dir, tmp_path / "erased", str(tiny_sdxl_pipeline_dir))
+    assert model_defaults(str(erased)).protocol == "sdxl"
+    file = tmp_path / "erased.safetensors"
+    file.write_bytes(b"")
+    assert model_defaults(str(file), str(tiny_sdxl_pipeline_dir)).protocol == "sdxl"
+    from evaluation.generation import PRESETS
+
+    sdxl = PRESETS["sdxl"]
+    assert (sdxl.scheduler, sdxl.num_inference_steps, sdxl.guidance_scale, sdxl.resolution) == ("euler", 50, 5.0, 1024)

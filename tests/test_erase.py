@@ -367,3 +367,50 @@ def test_an_output_write_that_fails_after_training_keeps_the_weights(tiny_pipeli
     summary = json.loads((tmp_path / "o2" / "erase_summary.json").read_text())
     assert summary["resumed_from"] == 2 and summary["steps"] == 2
 
+
+
+@pytest.mark.parametrize("method", ["salun", "esd-x"])
+def test_sdxl_mask_and_erase_at_a_chosen_resolution(method, tiny_sdxl_pipeline_dir, tiny_pipeline_dir, cache,
+                                                    tmp_path, capsys):
+    """The same commands and flags on SDXL: forget/retain images at --resolution, the UNet conditioned with
+    both encoders, the pooled embedding and size ids of that resolution; the output is an SDXL pipeline whose
+    card names the family; an SDXL mask on an SD 1.x model is refused in one line, writing nothing."""
+    from concept_erase.diffusion.card import read_model_card
+    from concept_erase.diffusion.loading import load_pipeline
+
+    common = [*_common(tiny_sdxl_pipeline_dir, cache), "--resolution", "24"] if method == "salun" else [
+        "--model", str(tiny_sdxl_pipeline_dir), "--forget", "a nude", "--surrogate", "a dressed", "--cache-dir",
+        str(cache), "--batch-size", "2",
+        "--no-progress", "--resolution", "24"]  # ESD samples its own images: no image counts
+    mask_file = tmp_path / "mask.safetensors"
+    if method == "salun":
+        assert main(["mask", *_common(tiny_sdxl_pipeline_dir, cache, erase=False), "--resolution", "24",
+                     "--output", str(mask_file), "--keep", "0.3"]) == 0
+    out = tmp_path / "erased"
+    seen = []
+    from concept_erase.diffusion import erase as erase_module
+
+    real = erase_module.PromptEmbeddings.__call__
+    erase_module.PromptEmbeddings.__call__ = lambda self, prompts: seen.append(self.size) or real(self, prompts)
+    try:
+        argv = ["erase", *common, "--output", str(out), "--method", method, "--steps", "2", "--lr", "1e-2"]
+        assert main(argv + (["--mask", str(mask_file)] if method == "salun" else [])) == 0
+    finally:
+        erase_module.PromptEmbeddings.__call__ = real
+    assert set(seen) == {(24, 24)}  # size ids of the training images, not the model's default 32 px
+    erased, base = load_pipeline(out), load_pipeline(tiny_sdxl_pipeline_dir)
+    assert type(erased).__name__ == "StableDiffusionXLPipeline"
+    assert read_model_card(out)["model_family"] == "sdxl"
+    e, b = erased.unet.state_dict(), base.unet.state_dict()
+    changed = {k for k in b if not torch.equal(e[k], b[k])}
+    assert changed
+    if method == "esd-x":  # ESD-x: cross-attention only, asked of the family
+        assert all("attn2" in k for k in changed)
+        return
+    mask = SaliencyMask.load(mask_file)
+    for name, m in mask.masks.items():
+        assert torch.equal(e[name][~m], b[name][~m])
+    bad = tmp_path / "on-sd1"
+    _one_line_error(capsys, ["erase", *_common(tiny_pipeline_dir, cache), "--output", str(bad), "--mask",
+                             str(mask_file), "--steps", "1"], "made for an SDXL UNet", "this model is sd1")
+    assert not bad.exists()

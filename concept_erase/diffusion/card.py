@@ -17,11 +17,15 @@ from ..io_utils import atomic_dir, atomic_file
 
 def save_pipeline(pipe, out_dir: str | os.PathLike, *, card: dict | None = None, overwrite: bool = False) -> Path:
     """Write `pipe` as a diffusers folder (safetensors weights) with a README.md model card made from `card`:
-    base_model, concept, surrogate, method, keep, steps, evaluation (a dict of figures), any extra keys."""
+    base_model, concept, surrogate, method, keep, steps, evaluation (a dict of figures), any extra keys, and
+    the model family (`model_family`: sd1, sd2, sd2-v or sdxl), which tools reading the card rely on."""
+    from .families import family_of
+
+    card = {**(card or {}), "model_family": family_of(pipe).name}
     out_dir = Path(out_dir)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        (tmp / "README.md").write_text(model_card(card or {}), encoding="utf-8")
+        (tmp / "README.md").write_text(model_card(card), encoding="utf-8")
     return out_dir
 
 

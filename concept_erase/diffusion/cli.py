@@ -14,16 +14,17 @@ from pathlib import Path
 
 from ..cli_args import add_flags, check_fields, cli_fields, flag_name, values_from
 from ..errors import ConceptEraseError
+from .families import family_field
 
 # The EraseConfig fields each command exposes. Their flags, help, types, choices and bounds come from the
 # dataclass (`concept_erase.cli_args`), so the CLI and the Python API cannot drift apart.
 MASK_FIELDS = (
-    "model", "model_config", "concept", "concepts_file", "forget", "surrogate", "output", "keep", "mask_scope",
+    "model", "model_config", "family", "concept", "concepts_file", "forget", "surrogate", "output", "keep", "mask_scope",
     "num_forget_images", "forget_images", "image_steps", "image_guidance", "resolution", "cache_dir",
     "batch_size", "seed", "overwrite", "progress",
 )
 ERASE_FIELDS = (
-    "model", "model_config", "concept", "concepts_file", "forget", "surrogate", "retain_prompts", "output", "method",
+    "model", "model_config", "family", "concept", "concepts_file", "forget", "surrogate", "retain_prompts", "output", "method",
     "mask", "keep", "mask_scope", "steps", "batch_size", "lr", "alpha", "weight_decay", "seed",
     "gradient_accumulation_steps", "mixed_precision", "gradient_checkpointing", "enable_xformers", "esd_eta",
     "esd_ddim_steps", "esd_start_guidance", "adversarial", "adv_every", "adv_steps", "adv_lr", "ca_params",
@@ -105,7 +106,8 @@ class ExportConfig:
     """`concept-erase export`: load a model in any format `load_pipeline` reads and write it in another."""
 
     source: str = field(metadata={
-        "help": 'the model: a diffusers folder, .safetensors/.ckpt file, hub id or "minisd"', "positional": True,
+        "help": 'the model: a diffusers folder, .safetensors/.ckpt file, hub id, "minisd" or "minisd-xl"',
+        "positional": True,
         "metavar": "SRC"})
     to: str = field(metadata={
         "help": "output format: one original-layout .safetensors, a diffusers folder, or a UNet delta",
@@ -114,6 +116,7 @@ class ExportConfig:
         "help": "the output file (single-file) or folder (required)", "aliases": ("--out", "out")})
     config: str | None = field(default=None, metadata={
         "help": "local diffusers folder with the configs of a single-file SRC"})
+    family: str | None = family_field()
     base: str | None = field(default=None, metadata={
         "help": "delta only: the base model the delta applies to (required)"})
     base_config: str | None = field(default=None, metadata={
@@ -161,7 +164,7 @@ def _export_main(args: argparse.Namespace) -> int:
     single = config.to == "single-file"
     check_writable(config.output, config.overwrite, kind="file" if single else "dir",
                    suffix=".safetensors" if single else None, flag="--output")  # fail before loading anything
-    pipe = load_pipeline(config.source, config=config.config)
+    pipe = load_pipeline(config.source, config=config.config, family=config.family)
     if config.to == "single-file":
         export_single_file(pipe, config.output, overwrite=config.overwrite, dtype=config.dtype)
     elif config.to == "diffusers":

@@ -320,11 +320,10 @@ def _duration(seconds: float) -> str:
 
 
 def default_image_size(pipe) -> tuple[int, int]:
-    """(height, width) the pipeline generates by default: UNet sample size x VAE downsampling."""
-    factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    size = pipe.unet.config.sample_size
-    h, w = (size, size) if isinstance(size, int) else size
-    return h * factor, w * factor
+    """(height, width) the pipeline generates by default (its family says how: `Family.image_size`)."""
+    from .families import family_of
+
+    return family_of(pipe).image_size(pipe)
 
 
 def encode_latents(pipe, images: Sequence["Image.Image"], batch_size: int = 8, *,

@@ -27,6 +27,10 @@ MINISD_GUIDANCE = 5.0
 # Stable Diffusion's usual sampling outside the evaluation protocol (generate, erase images, app).
 SD_STEPS = 25
 SD_GUIDANCE = 7.5
+# SDXL's: diffusers' StableDiffusionXLPipeline default guidance (5.0); the same 25 steps.
+SDXL_GUIDANCE = 5.0
+# The models shipped in the package (MiniSD, MiniSD-XL: the same digits world, the same judges and sampling).
+MINISD_MODELS = ("minisd", "minisd-xl")
 # A resolution more than this factor away from the model's own size cannot suit it.
 RESOLUTION_FACTOR = 2
 CARD_CHAIN_LIMIT = 8
@@ -36,7 +40,7 @@ CARD_CHAIN_LIMIT = 8
 class ModelDefaults:
     """What a command uses for a model when the user does not say."""
 
-    base_model: str  # the root of the card chain: "minisd", a hub id, a folder or a file
+    base_model: str  # the root of the card chain: "minisd", "minisd-xl", a hub id, a folder or a file
     native_resolution: int | None  # the image side the UNet and VAE were built for (None: unknown)
     protocol: str  # evaluation preset name (evaluation.generation.PRESETS)
     classifier: str  # judge for class prompt sets (evaluation.classes.load_classifier)
@@ -46,7 +50,7 @@ class ModelDefaults:
 
     @property
     def is_minisd(self) -> bool:
-        return self.base_model == "minisd"
+        return self.base_model in MINISD_MODELS
 
     def describe(self, *chosen: str) -> str:
         """One line: which model the defaults come from and the `chosen` settings (already formatted)."""
@@ -68,7 +72,7 @@ def _card_base(folder: Path) -> str | None:
 def _resolve_relative(base: str, folder: Path) -> str:
     """A card's base_model is the --model the user typed, maybe relative to where erase ran: try it as
     written, then beside the erased folder."""
-    if base == "minisd" or Path(base).expanduser().exists():
+    if base in MINISD_MODELS or Path(base).expanduser().exists():
         return base
     sibling = folder.parent / base
     return str(sibling) if sibling.exists() else base
@@ -78,8 +82,8 @@ def base_model_of(source: str, config: str | None = None) -> tuple[str, str]:
     """(root base model, how it was found). A single file takes its family from `config` ("minisd" or a
     folder); a folder with a card follows `base_model` until a model without one."""
     source = str(source)
-    if source == "minisd":
-        return "minisd", "minisd"
+    if source in MINISD_MODELS:
+        return source, source
     path = Path(source).expanduser()
     if path.is_file():
         if config is not None:
@@ -96,7 +100,7 @@ def base_model_of(source: str, config: str | None = None) -> tuple[str, str]:
             break
         base = _resolve_relative(base, current)
         chain.append(base)
-        if base == "minisd":
+        if base in MINISD_MODELS:
             break
         current = Path(base).expanduser()
     via = source if len(chain) == 1 else f"{source} (model card base_model: {' -> '.join(chain[1:])})"
@@ -106,10 +110,10 @@ def base_model_of(source: str, config: str | None = None) -> tuple[str, str]:
 def native_resolution(source: str, config: str | None = None) -> int | None:
     """UNet sample size x VAE downsampling, read from the folder's config files (no weights are loaded);
     None for a hub id or a single file without a config folder."""
-    if str(source) == "minisd":
+    if str(source) in MINISD_MODELS:
         from .minisd import minisd_path
 
-        folder = minisd_path()
+        folder = minisd_path(str(source))
     else:
         path = Path(str(source)).expanduser()
         folder = path if path.is_dir() else None
@@ -136,9 +140,25 @@ def model_defaults(source: str | os.PathLike, config: str | os.PathLike | None =
     resolution = native_resolution(source, config)
     if resolution is None and base != source:
         resolution = native_resolution(base)
-    if base == "minisd":
+    if base in MINISD_MODELS:
         return ModelDefaults(base, resolution, "minisd", "minisd-digits", MINISD_STEPS, MINISD_GUIDANCE, via)
+    if _is_sdxl(source, config) or _is_sdxl(base):
+        return ModelDefaults(base, resolution, "sdxl", "microsoft/resnet-50", SD_STEPS, SDXL_GUIDANCE, via)
     return ModelDefaults(base, resolution, "paper", "microsoft/resnet-50", SD_STEPS, SD_GUIDANCE, via)
+
+
+def _is_sdxl(source: str, config: str | None = None) -> bool:
+    """Is `source` (or the config folder of a single file) an SDXL folder, from its model_index.json alone."""
+    from .families import family_from_config
+
+    path = Path(str(source)).expanduser()
+    folder = path if path.is_dir() else Path(config).expanduser() if config and path.is_file() else None
+    if folder is None or not (folder / "model_index.json").is_file():
+        return False
+    try:
+        return family_from_config(folder).name == "sdxl"
+    except (ConceptEraseError, OSError, ValueError):
+        return False
 
 
 def check_resolution(resolution: int | None, defaults: ModelDefaults, what: str = "--resolution") -> None:

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from ..cli_args import check_fields, resume_free
 from ..errors import ConceptEraseError
 from ..io_utils import atomic_dir
-from .families import Conditioning
+from .families import Conditioning, family_field, family_of
 from .guard import DivergenceGuard, checkpoints_in
 from .losses import SALIENCY_GUIDANCE, denoising_loss, noise_batch, sample_noise, saliency_loss_fn, training_scheduler
 from .methods import CA_PARAMS, get_method, method_names
@@ -233,8 +233,6 @@ def train_unet(
     """
     from accelerate import Accelerator
 
-    from .families import family_of
-
     method = get_method(config.method)(config)  # chosen once: everything method-specific is behind it
     if method.closed_form:
         raise ConceptEraseError(f"method {config.method!r} is a closed-form edit, not a training loop "
@@ -278,7 +276,7 @@ def train_unet(
     unet, optimizer = accelerator.prepare(unet, optimizer)  # after build_optimizer: DDP sees only trainable params
 
     # -- prompts -> conditioning, once (the text encoder is frozen)
-    embed = PromptEmbeddings(pipe, device)
+    embed = PromptEmbeddings(pipe, device, size=family_of(pipe).latents_image_size(pipe, forget.latent_shape))
     f_cond = embed(forget.prompts)
     f_target = embed(method.target_prompts(forget.prompts, forget.surrogates))
     use_retain = retain is not None and config.alpha > 0
@@ -410,13 +408,10 @@ class PromptEmbeddings:
     conditions its UNet (`families.py`); index by item."""
 
     def __init__(self, pipe, device, size: tuple[int, int] | None = None):
-        from .families import family_of
-
         self.pipe, self.device, self.size, self.cache = pipe, device, size, {}
         self.family = family_of(pipe)
-        for name in ("text_encoder", "text_encoder_2"):
-            if getattr(pipe, name, None) is not None:
-                getattr(pipe, name).to(device)
+        for encoder in self.family.text_modules(pipe).values():
+            encoder.to(device)
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str]) -> Conditioning:
@@ -532,7 +527,7 @@ def saliency_batches(pipe, forget: LatentSet, *, batch_size: int = 8, seed: int 
     """One pass over the forget set as `NoisedBatch`es for the saliency loss: noise and t ~ U{0..T-1} drawn
     from `seed`, `target_cond` the empty prompt (docs/ALGORITHMS.md 1)."""
     device = next(pipe.unet.parameters()).device
-    embed = PromptEmbeddings(pipe, device)
+    embed = PromptEmbeddings(pipe, device, size=family_of(pipe).latents_image_size(pipe, forget.latent_shape))
     cond, uncond = embed(forget.prompts), embed([""])
     T = pipe.scheduler.config.num_train_timesteps
     scheduler = training_scheduler(pipe.scheduler)
@@ -564,12 +559,14 @@ class EraseConfig(TrainConfig):
     the user did not set and the method reads (see `EraseConfig.for_concept`)."""
 
     model: str = field(metadata={
-        "help": 'the model to erase from: a diffusers folder, a .safetensors/.ckpt file, a hub id or "minisd"'})
+        "help": 'the model to erase from: a diffusers folder, a .safetensors/.ckpt file, a hub id, "minisd" or '
+                '"minisd-xl"'})
     output: str = field(metadata={"help": "output folder: the erased diffusers pipeline, its model card and mask",
                                   "aliases": ("--out",), "resume_free": True})
     model_config: str | None = field(default=None, metadata={
         "help": "local diffusers folder with the component configs of a single-file --model (offline)",
         "flag": "config", "aliases": ("--model-config",)})
+    family: str | None = family_field()
     concept: str | None = field(default=None, metadata={
         "help": "a preset concept (nudity, imagenette-<class>, style-<artist>, minisd-...), or several "
                 "separated by commas (erased together in one run)"})
@@ -714,7 +711,7 @@ def build_latent_sets(pipe, concept, config: EraseConfig, state, *,
     if wants_retain and not config.retain_images:
         images_per_prompt(config.num_retain_images, len(concept.retain_prompts), "--num-retain-images")
     if method.forget_data == "none":
-        f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+        f = family_of(pipe).vae_factor(pipe)
         shape = (pipe.unet.config.in_channels, size[0] // f, size[1] // f)
         forget = LatentSet.prompts_only(concept.forget_prompts, shape)
     elif method.forget_data == "anchor":
@@ -748,7 +745,7 @@ def _prepare(config: EraseConfig):
 
     concept = config.get_concept()
     state = process_state()
-    pipe = load_pipeline(config.model, config=config.model_config)
+    pipe = load_pipeline(config.model, config=config.model_config, family=config.family)
     pipe.to(state.device)
     pipe.set_progress_bar_config(disable=True)
     return state, concept, pipe
@@ -799,7 +796,9 @@ def run_erase(config: EraseConfig) -> dict[str, Any]:
     resumed_mask = ckpt_dir / RESUME_MASK
     computes_mask = method.computes_mask and not config.mask
     if config.mask:
-        mask = SaliencyMask.load(config.mask, model=pipe.unet)  # a mask for another model fails here, early
+        mask = SaliencyMask.load(config.mask)
+        family_of(pipe).check_mask(mask, config.mask)  # SDXL's mask on SD 1.5 (or back) is named as such
+        mask.check_compatible(pipe.unet)  # a mask for another model fails here, early
     elif computes_mask and _find_checkpoint(ckpt_dir, config.resume) and resumed_mask.is_file():
         mask = SaliencyMask.load(resumed_mask, model=pipe.unet)  # the mask the interrupted run computed
         made_for, now = (mask.keep, mask.scope, mask.concept), (config.keep, config.mask_scope or "all", concept.name)

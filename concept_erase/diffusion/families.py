@@ -12,12 +12,13 @@ family the same way.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Sequence
 
 from ..errors import ConceptEraseError
+
+if TYPE_CHECKING:  # torch is imported where it is used: command parsers import this module for --family
+    import torch
+    from torch import Tensor
 
 
 @dataclass
@@ -52,9 +53,11 @@ class Conditioning:
         keys = set(items[0].added)
         if any(set(c.added) != keys for c in items):
             raise ValueError("cannot concatenate conditionings of different families")
+        import torch
+
         return cls(torch.cat([c.hidden for c in items]), {k: torch.cat([c.added[k] for c in items]) for k in keys})
 
-    def unet_kwargs(self, dtype: torch.dtype | None = None) -> dict:
+    def unet_kwargs(self, dtype: "torch.dtype | None" = None) -> dict:
         """Keyword arguments of `UNet2DConditionModel.forward` (added_cond_kwargs only where there are any)."""
         cast = (lambda x: x.to(dtype)) if dtype is not None else (lambda x: x)
         kwargs = {"encoder_hidden_states": cast(self.hidden)}
@@ -94,18 +97,36 @@ class Family:
         names every family's text cross-attention `attn2` (`attn1` is self-attention)."""
         return "attn2" in name
 
+    @staticmethod
+    def vae_factor(pipe) -> int:
+        """Pixels per latent along each side: the VAE downsamples once per level but the last."""
+        return 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+
     def image_size(self, pipe) -> tuple[int, int]:
         """(height, width) the loaded pipeline generates by default: UNet sample size x VAE downsampling
         (the family's `default_resolution` for released weights; MiniSD-XL's 16 px for it)."""
-        factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
         size = pipe.unet.config.sample_size
         h, w = (size, size) if isinstance(size, int) else size
-        return h * factor, w * factor
+        return h * self.vae_factor(pipe), w * self.vae_factor(pipe)
+
+    def latents_image_size(self, pipe, latent_shape: Sequence[int]) -> tuple[int, int]:
+        """(height, width) of the images that latents of shape (..., h, w) encode: the size the UNet is
+        trained at, so SDXL's size ids say what the training images are (--resolution, or the default)."""
+        return latent_shape[-2] * self.vae_factor(pipe), latent_shape[-1] * self.vae_factor(pipe)
 
     def check_pipeline(self, pipe) -> None:
         """Refuse a pipeline whose structure is not this family's (an overridden --family that cannot fit)."""
         if (getattr(pipe, "text_encoder_2", None) is not None) != (self.name == "sdxl"):
             raise ConceptEraseError(f"--family {self.name} does not fit this model: it is {_structure(pipe)}")
+
+    def check_mask(self, mask, source) -> None:
+        """Refuse a saliency mask made for the other UNet structure, naming both (before the shape check,
+        whose first differing parameter would not say SDXL). The mask records every parameter's name, and
+        only SDXL's UNet has the `text_time` embedding (`add_embedding.*`)."""
+        made_for_sdxl = any(name.startswith("add_embedding.") for name, _ in mask.model_shapes)
+        if made_for_sdxl != (self.name == "sdxl"):
+            raise ConceptEraseError(f"mask {str(source)!r} was made for an {'SDXL' if made_for_sdxl else 'SD 1.x/2.x'} "
+                                    f"UNet, but this model is {self.name} ({self.description})")
 
     def text_modules(self, pipe) -> dict:
         """The frozen text encoder(s) by component name (they move to the training device together)."""
@@ -124,6 +145,8 @@ class SDXLFamily(Family):
         generation size with no crop, as the pipeline uses by default. An empty prompt is all zeros (hidden
         and pooled) when the pipeline has `force_zeros_for_empty_prompt` (SDXL base), as its unconditional
         branch is."""
+        import torch
+
         prompts = list(prompts)
         hidden, _, pooled, _ = pipe.encode_prompt(prompt=prompts, device=device, num_images_per_prompt=1,
                                                   do_classifier_free_guidance=False)
@@ -172,6 +195,13 @@ _UNSUPPORTED_KEYS = (  # (key prefix or fragment, what it is)
     ("double_blocks.", "Flux"),
     ("model.diffusion_model.double_blocks.", "Flux"),
 )
+
+
+def family_field():
+    """The `family` field of every command config that loads a model (`--family`, `concept_erase.cli_args`)."""
+    return field(default=None, metadata={
+        "help": "the model family, when detection from the checkpoint is not enough (printed when loading; "
+                "sd2-v: an SD 2.x v-prediction single file)", "choices": tuple(FAMILIES)})
 
 
 def get_family(name: str) -> Family:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Sequence
 from ..cli_args import add_flags, check_fields, values_from
 from ..concepts import read_prompt_list
 from ..errors import ConceptEraseError
+from .families import family_field
 
 if TYPE_CHECKING:
     import numpy as np
@@ -192,10 +193,12 @@ def parse_seeds(text: str) -> list[int]:
 class GenerateConfig:
     """`concept-erase generate`: what to generate from and where to. How to sample is `SamplingSettings`."""
 
-    model: str = field(metadata={"help": 'model: a diffusers folder, a .safetensors/.ckpt file, a hub id, or "minisd"'})
+    model: str = field(metadata={
+        "help": 'model: a diffusers folder, a .safetensors/.ckpt file, a hub id, "minisd" or "minisd-xl"'})
     output: str = field(metadata={"help": "output folder (must not exist unless --overwrite)", "aliases": ("--out",)})
     config: str | None = field(default=None, metadata={
         "help": "local diffusers folder giving the configs of a single-file checkpoint"})
+    family: str | None = family_field()
     prompt: list[str] | None = field(default=None, metadata={
         "help": "a prompt (repeat the flag for several; or --prompts)", "metavar": "PROMPT"})
     prompts: str | None = field(default=None, metadata={
@@ -284,7 +287,8 @@ def _main(args: argparse.Namespace) -> int:
         raise ConceptEraseError("empty --prompt")
     seeds = parse_seeds(config.seeds)
     sampling = _sampling(args, config)
-    pipe = load_pipeline(config.model, config=config.config, dtype=config.dtype, device=config.device or "auto")
+    pipe = load_pipeline(config.model, config=config.config, dtype=config.dtype, device=config.device or "auto",
+                         family=config.family)
     pairs = [(p, s) for p in prompts for s in seeds]
     images = generate_images(
         pipe, [p for p, _ in pairs], [s for _, s in pairs], num_inference_steps=sampling.num_inference_steps,
