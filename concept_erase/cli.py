@@ -16,7 +16,7 @@ from .errors import ConceptEraseError
 from .logs import show_logs
 from .threads import configure_threads, threads_from_argv
 
-# subcommand name -> module holding its `register`. Several names may share one module.
+# The library's own commands: name -> module holding its `register`. Several names may share one module.
 SUBCOMMANDS: dict[str, str] = {
     "classify": "concept_erase.classification.cli",
     "concepts": "concept_erase.concepts",
@@ -26,12 +26,20 @@ SUBCOMMANDS: dict[str, str] = {
     "export": "concept_erase.diffusion.cli",
     "minisd": "concept_erase.diffusion.minisd.cli",
     "demo": "concept_erase.demo",
-    "evaluate": "evaluation.cli",
-    "compare": "evaluation.cli",
-    "attack": "evaluation.attacks.cli",
-    "audit": "evaluation.attacks.cli",
-    "app": "app.cli",
 }
+# The layers built on the library (the evaluation suite, the app) register their commands as entry points of
+# this group in their package metadata (pyproject.toml: name = "module"), so the library never names them.
+ENTRY_POINT_GROUP = "concept_erase.commands"
+
+
+def commands() -> dict[str, str]:
+    """Every command: the library's, then the registered ones (name -> module holding its `register`)."""
+    from importlib.metadata import entry_points
+
+    found = dict(SUBCOMMANDS)
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        found.setdefault(ep.name, ep.value)
+    return found
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -41,7 +49,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=Parser)
     seen: set[str] = set()
-    modules = [SUBCOMMANDS[only]] if only in SUBCOMMANDS else list(dict.fromkeys(SUBCOMMANDS.values()))
+    known = commands()
+    modules = [known[only]] if only in known else list(dict.fromkeys(known.values()))
     for module_name in modules:
         if module_name in seen:
             continue
@@ -95,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     # Import only the requested subcommand's module, so `concept-erase classify` never imports diffusers.
     first = next((a for a in argv if not a.startswith("-")), None)
     try:
-        parser = build_parser(first if first in SUBCOMMANDS else None)
+        parser = build_parser(first if first in commands() else None)
         args = parser.parse_args(argv)
         configure_threads(args.threads or None)
         return int(args.func(args) or 0)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from concept_erase.cli import SUBCOMMANDS, build_parser, main
+from concept_erase.cli import build_parser, commands, main
 from concept_erase.cli_args import Parser, add_flags, check_fields, resume_free, values_from
 from concept_erase.errors import ConceptEraseError
 from concept_erase.validate import SEED_MAX
@@ -92,7 +92,7 @@ def test_one_flag_vocabulary_across_commands():
     count --num-forget-images; the old spellings parse but no command's --help shows them."""
     old = {"--out", "--image-steps", "--image-guidance", "--guidance", "--num-forget", "--samples", "--model-config"}
     seen = set()
-    for name in dict.fromkeys(SUBCOMMANDS):
+    for name in commands():
         if name == "app":
             pytest.importorskip("gradio")
         for prog, leaf in _leaf_parsers(build_parser(name)):
