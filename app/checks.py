@@ -6,9 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 from concept_erase.errors import ConceptEraseError
+from concept_erase.validate import SEED_MAX
 
-# Seeds are fed to torch.Generator.manual_seed; keep them in the range every backend accepts.
-MAX_SEED = 2**32 - 1
+MAX_SEED = SEED_MAX  # the project's one seed rule (validate.py): whole numbers from 0 to 2**32 - 1
 MAX_GUIDANCE = 20.0
 
 

@@ -201,6 +201,7 @@ def generate_set(
     from tqdm.auto import tqdm
 
     from concept_erase.diffusion import generate as generate_module
+    from concept_erase.diffusion.generate import check_sampling
 
     if batch_size < 1:
         raise ConceptEraseError(f"batch_size must be >= 1, got {batch_size}")
@@ -213,8 +214,10 @@ def generate_set(
     if getattr(pipe, "safety_checker", None) is not None:  # it blacks out what a nudity evaluation counts
         raise ConceptEraseError(f"the pipeline has a safety checker ({type(pipe.safety_checker).__name__}); "
                                 "the protocol generates without one (load it with safety_checker=None)")
-    state.wait_for_everyone()  # every process has checked before the main one creates anything
     apply_scheduler(pipe, protocol.scheduler)
+    check_sampling(pipe, protocol.num_inference_steps, protocol.resolution, protocol.resolution,
+                   size_flags=("--resolution", "--resolution"))
+    state.wait_for_everyone()  # every process has checked before the main one creates anything
     # The weights' digest (the scheduler is the protocol's); seconds on SD: a kill here must leave nothing behind
     fingerprint = pipeline_digest(pipe, scheduler=False)[:16]
     settings = protocol.settings()

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from concept_erase.errors import ConceptEraseError
-from concept_erase.validate import parse_seed
+from concept_erase.validate import check_number, parse_seed
 from prompts import prompt_set_names, prompt_set_path
 
 # The seven I2P categories (Schramowski et al., Safe Latent Diffusion); anything else counts as "other".
@@ -87,7 +87,10 @@ def rows_from_records(records: list[dict], *, where: str, seed: int = 0) -> tupl
         row_seed = parse_seed(rec[seed_col], f"{at}: {seed_col}") if seed_col else parse_seed(seed + i, f"{at}: seed")
         key = str(rec.get("case_number") or rec.get("image_id") or i)
         guidance = rec.get(guidance_col) if guidance_col else None
-        guidance = _parse_number(guidance, guidance_col, at) if guidance not in (None, "") else None
+        if guidance not in (None, ""):  # a guidance scale: finite and >= 0, like --guidance-scale
+            guidance = check_number(_parse_number(guidance, guidance_col, at), f"{at}: {guidance_col}", minimum=0)
+        else:
+            guidance = None
         categories = tuple(c.strip() for c in str(rec.get("categories") or "").split(",") if c.strip())
         label = rec.get("class", rec.get("label_str"))
         label = str(label).strip() if label not in (None, "") else None

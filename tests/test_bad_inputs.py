@@ -24,8 +24,10 @@ INPUTS = {
     "duplicate_column.csv": b"prompt,evaluation_seed,prompt\na cat,1,a dog\n",
     "random.ckpt": random.Random(0).randbytes(4096),
     "retain.txt": b"a tree\na house\na dog\n",
+    "nan_guidance.csv": b"prompt,categories,evaluation_seed,evaluation_guidance\na cat,sexual,1,nan\n",
 }
 
+GENERATE = ["generate", "--model", "minisd", "--prompt", "a", "--output", "{tmp}/g"]
 ERASE = ["erase", "--model", "minisd", "--forget", "a", "--surrogate", "b"]
 EVALUATE = ["evaluate", "nudity", "--model", "minisd", "--out", "{tmp}/eval"]
 CASES = {
@@ -71,6 +73,42 @@ CASES = {
     "CSV seed huge": ([*EVALUATE, "--prompts", "{in:huge_seed.csv}"], "'100000000000000000000000000000' is out of"),
     "CSV seed negative": ([*EVALUATE, "--prompts", "{in:negative_seed.csv}"], "evaluation_seed '-3' is out of range"),
     "CSV repeated column": ([*EVALUATE, "--prompts", "{in:duplicate_column.csv}"], "the column 'prompt' more than once"),
+    # item 5: numbers: finite, in range, and what the loaded model can do (checked before any image or folder)
+    "erase --alpha nan": ([*ERASE, "--output", "{tmp}/o", "--alpha", "nan"], "--alpha must be a finite number, got nan"),
+    "erase --weight-decay nan": (
+        [*ERASE, "--output", "{tmp}/o", "--weight-decay", "nan"], "--weight-decay must be a finite number, got nan"),
+    "generate guidance nan": ([*GENERATE, "--guidance-scale", "nan"], "--guidance-scale must be a finite number"),
+    "generate guidance inf": ([*GENERATE, "--guidance-scale", "inf"], "--guidance-scale must be a finite number"),
+    "generate guidance negative": ([*GENERATE, "--guidance-scale", "-1"], "--guidance-scale must be >= 0, got -1.0"),
+    "evaluate guidance nan": (
+        [*EVALUATE, "--prompts", "minisd-digits", "--guidance-scale", "nan"], "--guidance-scale must be a finite"),
+    "mask guidance nan": (
+        ["mask", "--model", "minisd", "--forget", "a", "--surrogate", "b", "--output", "{tmp}/m.safetensors",
+         "--guidance-scale", "nan"], "--guidance-scale must be a finite number, got nan"),
+    "app default guidance nan": (["app", "--default-guidance", "nan"], "--default-guidance must be a finite number"),
+    "CSV guidance nan": ([*EVALUATE, "--prompts", "{in:nan_guidance.csv}"], "evaluation_guidance must be a finite"),
+    "mask seed negative": (
+        ["mask", "--model", "minisd", "--forget", "a", "--surrogate", "b", "--output", "{tmp}/m.safetensors",
+         "--seed", "-1"], "--seed -1 is out of range"),
+    "erase seed above 2**63": (
+        [*ERASE, "--output", "{tmp}/o", "--seed", "9223372036854775808"], "--seed 9223372036854775808 is out of range"),
+    "generate steps above the scheduler's": (
+        ["generate", "--model", "{tiny}", "--prompt", "a", "--output", "{tmp}/g", "--num-inference-steps", "5000"],
+        "--num-inference-steps 5000 is more than the 1000 timesteps"),
+    "evaluate steps above the scheduler's (no folder left)": (
+        [*EVALUATE, "--prompts", "minisd-digits", "--limit", "1", "--num-inference-steps", "5000"],
+        "--num-inference-steps 5000 is more than the 1000 timesteps"),
+    "erase --esd-ddim-steps above the scheduler's": (
+        ["erase", "--model", "{tiny}", "--forget", "a", "--surrogate", "b", "--output", "{tmp}/o", "--method", "esd-x",
+         "--esd-ddim-steps", "5000"], "--esd-ddim-steps 5000 is more than the 1000 timesteps"),
+    "generate --height without --width": ([*GENERATE, "--height", "16"], "--height 16 needs --width too"),
+    "generate height not a multiple of 8": (
+        ["generate", "--model", "{tiny}", "--prompt", "a", "--output", "{tmp}/g", "--height", "17", "--width", "16"],
+        "--height 17 is not a multiple of 8"),
+    "generate height negative": ([*GENERATE, "--height", "-16", "--width", "16"], "--height must be >= 8, got -16"),
+    "erase resolution not a multiple of 8": (
+        ["erase", "--model", "{tiny}", "--forget", "a", "--surrogate", "b", "--output", "{tmp}/o", "--resolution",
+         "20"], "--resolution 20 is not a multiple of 8"),
     # item 5: seeds, one rule for every command
     "generate seed above 2**32": (
         ["generate", "--model", "minisd", "--prompt", "a", "--seeds", "4294967296", "--out", "{tmp}/g"],

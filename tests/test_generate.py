@@ -103,7 +103,8 @@ def test_generate_takes_the_base_models_defaults(tmp_path, capsys):
     row = json.loads((out / "index.jsonl").read_text().splitlines()[0])
     assert (row["steps"], row["guidance"]) == (25, 5.0)
     assert "base_model: minisd): --num-inference-steps 25, --guidance-scale 5" in capsys.readouterr().err
-    assert main(["generate", "--model", "minisd", "--prompt", "a", "--height", "512", "--out", str(tmp_path / "z")]) == 2
+    assert main(["generate", "--model", "minisd", "--prompt", "a", "--height", "512", "--width", "512",
+                 "--out", str(tmp_path / "z")]) == 2
     assert "--height 512 px does not suit minisd" in capsys.readouterr().err
 
 

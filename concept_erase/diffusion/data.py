@@ -61,6 +61,10 @@ class SamplingSettings:
 
     def __post_init__(self):
         check_fields(self)
+        if (self.height is None) != (self.width is None):  # one alone would silently fall back to the model's
+            given = ("--height", self.height) if self.height is not None else ("--width", self.width)
+            raise ConceptEraseError(f"{given[0]} {given[1]} needs {'--width' if given[0] == '--height' else '--height'}"
+                                    " too (give both, or neither for the model's size)")
 
 
 @dataclass(frozen=True)

@@ -678,6 +678,7 @@ def build_latent_sets(pipe, concept, config: EraseConfig, state, *,
     own z_t) = the forget prompts only. Retain images when the method has a retain term (`with_retain`
     overrides: the `mask` command wants none)."""
     from .data import ImageSet, SamplingSettings, default_image_size, images_per_prompt
+    from .generate import check_sampling
 
     method = get_method(config.method)(config)
     settings = SamplingSettings(num_inference_steps=config.image_steps, guidance_scale=config.image_guidance,
@@ -702,6 +703,10 @@ def build_latent_sets(pipe, concept, config: EraseConfig, state, *,
             return images.latents(pipe, batch_size=config.batch_size, size=size)
 
     size = (config.resolution,) * 2 if config.resolution else default_image_size(pipe)  # train at --resolution
+    check_sampling(pipe, config.image_steps, config.resolution, config.resolution,
+                   size_flags=("--resolution", "--resolution"))
+    if "esd_ddim_steps" in type(method).fields:
+        check_sampling(pipe, config.esd_ddim_steps, steps_flag="--esd-ddim-steps")
     anchors = list(dict.fromkeys(concept.surrogate_for(p) for p in concept.forget_prompts))
     wants_retain = method.needs_retain if with_retain is None else with_retain
     # every count is checked before the first image is generated

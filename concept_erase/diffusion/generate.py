@@ -164,6 +164,23 @@ def generate_from_conditioning(pipe, cond, seeds: Sequence[int], *, num_inferenc
     return images
 
 
+def check_sampling(pipe, num_inference_steps: int | None, height: int | None = None, width: int | None = None, *,
+                   steps_flag: str = "--num-inference-steps", size_flags: tuple[str, str] = ("--height", "--width"),
+                   ) -> None:
+    """What only the loaded model can tell, checked before any image or folder is made: no more denoising steps
+    than the timesteps its scheduler was trained with, and an image size that is a multiple of the VAE's
+    downsampling factor (the latent grid must come out whole) and of 8 (diffusers' SD pipelines demand it)."""
+    trained = getattr(pipe.scheduler.config, "num_train_timesteps", None)
+    if num_inference_steps is not None and trained and num_inference_steps > trained:
+        raise ConceptEraseError(f"{steps_flag} {num_inference_steps} is more than the {trained} timesteps the "
+                                "model's scheduler was trained with")
+    factor = math.lcm(8, getattr(pipe, "vae_scale_factor", None) or 8)
+    for flag, value in zip(size_flags, (height, width)):
+        if value is not None and value % factor:
+            raise ConceptEraseError(f"{flag} {value} is not a multiple of {factor} (what the pipeline and its VAE "
+                                    "can draw)")
+
+
 # ----------------------------------------------------------------------------------------------- the CLI
 
 
@@ -289,6 +306,7 @@ def _main(args: argparse.Namespace) -> int:
     sampling = _sampling(args, config)
     pipe = load_pipeline(config.model, config=config.config, dtype=config.dtype, device=config.device or "auto",
                          family=config.family)
+    check_sampling(pipe, sampling.num_inference_steps, sampling.height, sampling.width)
     pairs = [(p, s) for p in prompts for s in seeds]
     images = generate_images(
         pipe, [p for p, _ in pairs], [s for _, s in pairs], num_inference_steps=sampling.num_inference_steps,
