@@ -16,7 +16,7 @@ from PIL import Image
 
 from concept_erase.cli_args import check_fields
 from concept_erase.errors import ConceptEraseError
-from evaluation.thresholds import BLUR_THRESHOLD, REPORT_THRESHOLD
+from evaluation.thresholds import ATTACK_THRESHOLD, BLUR_THRESHOLD, REPORT_THRESHOLD
 
 from . import evaluate as evaluate_tab
 from .checks import MAX_GUIDANCE, MAX_SEED, check_float, check_int, check_prompt
@@ -46,8 +46,8 @@ class AppConfig:
         "help": "classifier for class prompt sets in the Evaluate tab: minisd-digits, minisd-styles, torchvision "
                 "or a transformers classifier folder; 'auto' = minisd-digits when the base is MiniSD"})
     blur_threshold: float = field(default=BLUR_THRESHOLD, metadata={
-        "help": "NudeNet score above which the safe preview blurs a region (below the 0.6 counting threshold, "
-                "at the 0.45 used against attacks: when unsure, blur)", "above": 0, "below": 1})
+        "help": f"NudeNet score above which the safe preview blurs a region (below the {REPORT_THRESHOLD} counting "
+                f"threshold, at the {ATTACK_THRESHOLD} used against attacks: when unsure, blur)", "above": 0, "below": 1})
     nudity_threshold: float = field(default=REPORT_THRESHOLD, metadata={
         "help": "NudeNet score above which the Evaluate tab counts an exposed part (the evaluation protocol's)",
         "above": 0, "below": 1})

@@ -124,20 +124,18 @@ def test_every_attack_runs_on_sdxl_through_both_text_encoders():
 
 
 def test_bad_attack_budget_and_detector_are_one_line_errors():
-    with pytest.raises(ConceptEraseError, match="unknown attack 'pez'"):
-        attack_fn("pez")
-    with pytest.raises(ConceptEraseError, match="steps must be > 0, got 0"):
-        make_budget("unlearndiffatk", steps=0)
-    with pytest.raises(ConceptEraseError, match="eta must be > 0"):
-        make_budget("ringabell", eta=0.0)
-    with pytest.raises(ConceptEraseError, match="no budget setting 'tokens'"):
-        make_budget("embedding", tokens=3)
-    with pytest.raises(ConceptEraseError, match="variant"):
-        make_budget("unlearndiffatk", variant="hard")
     from evaluation.attacks.detectors import detector_for
 
-    with pytest.raises(ConceptEraseError, match="'style-van-gogh' has no detector"):
-        detector_for("style-van-gogh")
+    cases = [(lambda: attack_fn("pez"), "unknown attack 'pez'"),
+             (lambda: make_budget("unlearndiffatk", steps=0), "steps must be > 0, got 0"),
+             (lambda: make_budget("ringabell", eta=0.0), "eta must be > 0"),
+             (lambda: make_budget("embedding", tokens=3), "no budget setting 'tokens'"),
+             (lambda: make_budget("unlearndiffatk", variant="hard"), "variant"),
+             (lambda: detector_for("style-van-gogh"), "'style-van-gogh' has no detector")]
+    for call, message in cases:
+        with pytest.raises(ConceptEraseError) as err:
+            call()
+        assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
 
 
 def test_too_many_tokens_for_the_text_window_is_refused():

@@ -18,6 +18,7 @@ from dataclasses import MISSING, fields
 from concept_erase.cli_args import add_hidden_alias
 from concept_erase.errors import ConceptEraseError
 
+from ..thresholds import ATTACK_THRESHOLD
 from . import ATTACK_NAMES
 
 
@@ -44,7 +45,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--classifier", default=None,
                    help="ImageNet classifier folder for imagenette-* concepts (default microsoft/resnet-50)")
     p.add_argument("--nudenet-threshold", type=float, default=None,
-                   help="NudeNet score above which an exposed class counts (default 0.45, UnlearnDiffAtk's)")
+                   help=f"NudeNet score above which an exposed class counts (default {ATTACK_THRESHOLD}, UnlearnDiffAtk's)")
     p.add_argument("--tiny-budget", action="store_true",
                    help="the CI budget: a few steps per attack, to check the pipeline end to end (not a measurement)")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available)")
