@@ -167,6 +167,19 @@ def _publish_mode(tmp: Path, mode: int) -> None:
     os.chmod(tmp, mode & ~_umask())
 
 
+def _publish_tree(tmp: Path) -> None:
+    """`_publish_mode` for a folder and all it holds: safetensors (so diffusers' save_pretrained, deltas, masks)
+    writes its files 0600, and an output folder's files should have the user's normal mode."""
+    for folder, dirs, files in os.walk(tmp):
+        for name in dirs:
+            _publish_mode(Path(folder) / name, 0o777)
+        for name in files:
+            file = Path(folder) / name
+            if not file.is_symlink():
+                _publish_mode(file, 0o777 if os.access(file, os.X_OK) else 0o666)
+    _publish_mode(tmp, 0o777)
+
+
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -219,7 +232,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
         raise ConceptEraseError(f"cannot write {str(path)!r}: {describe_os_error(err)}") from None
     with _publishing(path, tmp):
         yield tmp
-        _publish_mode(tmp, 0o777)
+        _publish_tree(tmp)
         if path.exists():
             old = path.with_name(_prefix(path, "old") + secrets.token_hex(4))
             os.replace(path, old)

@@ -13,11 +13,15 @@ TINY = ["--seeds", "1", "--epochs", "2", "--unlearn-epochs", "1", "--lr-grid", "
 def test_classify_digits_end_to_end(tmp_path, capsys):
     out = tmp_path / "res"
     assert main(["classify", "--forget", "random:0.1", "--methods", "all", *TINY, "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     rows = [line for line in printed.splitlines() if line.startswith("| ") and not line.startswith("| ---")]
     names = [r.split("|")[1].strip() for r in rows[1:]]
     assert names == ["Retrain", "FT", "GA", "RL", "l1-sparse", "SalUn", "Original (no unlearning)"]
     assert "(" not in rows[1].split("|")[2] and "(" in rows[2].split("|")[2]  # gaps everywhere but Retrain
+    # progress within a seed: a line as each model is trained or unlearned
+    for name in ("Original trained", "Retrain done", "FT done", "SalUn done"):
+        assert f"  seed 1 of 1: {name} (" in captured.err, name
 
     assert sorted(p.name for p in out.iterdir()) == ["results.json", "results.md"]
     results = json.loads((out / "results.json").read_text())

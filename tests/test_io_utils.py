@@ -49,6 +49,22 @@ def test_outputs_get_the_modes_of_a_plain_mkdir_and_open(tmp_path):
     assert stat.S_IMODE((tmp_path / "f").stat().st_mode) == 0o644  # mkstemp alone would leave 0600
 
 
+def test_files_written_private_inside_an_output_folder_get_the_normal_mode(tmp_path):
+    """safetensors writes 0600 (a delta, diffusers' weights): the published folder has the user's modes."""
+    import torch
+    from safetensors.torch import save_file
+
+    old = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "delta") as tmp:
+            save_file({"a": torch.zeros(2)}, str(tmp / "delta.safetensors"))
+            (tmp / "unet").mkdir(mode=0o700)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "delta" / "delta.safetensors").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "delta" / "unet").stat().st_mode) == 0o755
+
+
 def _dead_pid() -> int:
     import subprocess
     import sys

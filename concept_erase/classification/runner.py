@@ -122,11 +122,14 @@ def run_classification(cfg: ClassifyConfig) -> dict:
                                           torch.Generator().manual_seed(seed))
             per_seed["original"].append({"seed": seed, **evaluate(original, data, split),
                                          "RTE": time.perf_counter() - t0})
+            step = f"  seed {seed + 1} of {cfg.seeds}:"
+            logger.info(f"{step} Original trained ({per_seed['original'][-1]['RTE']:.0f} s)")
             t0 = time.perf_counter()
             retrained = M.train_classifier(fresh_model(seed), *task.retain, cfg.train_sgd,
                                            torch.Generator().manual_seed(seed))
             per_seed["retrain"].append({"seed": seed, **evaluate(retrained, data, split),
                                         "RTE": time.perf_counter() - t0})
+            logger.info(f"{step} Retrain done ({per_seed['retrain'][-1]['RTE']:.0f} s)")
             for key in cfg.method_keys:
                 if key == "retrain":
                     continue
@@ -137,7 +140,9 @@ def run_classification(cfg: ClassifyConfig) -> dict:
                     mask_seconds = time.perf_counter() - t0  # counted in SalUn's RTE
                     masks_info.append({"seed": seed, "kept_fraction": mask.kept_fraction, "seconds": mask_seconds})
                 per_seed[key].append(_tune_and_run(key, original, task, cfg, seed, mask, mask_seconds))
-            logger.info(f"  seed {seed}: " + "; ".join(
+                logger.info(f"{step} {METHOD_NAMES[key]} done ({len(cfg.unlearn_sgd)} learning rates, "
+                    f"{per_seed[key][-1]['RTE']:.0f} s)")
+            logger.info(f"  seed {seed + 1} of {cfg.seeds}: " + "; ".join(
                 f"{METHOD_NAMES.get(k, 'Original')} UA {v[-1]['UA']:.1f} TA {v[-1]['TA']:.1f}"
                 for k, v in per_seed.items()))
         used_threads = torch.get_num_threads()

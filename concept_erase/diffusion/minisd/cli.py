@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass, field
 
 from ...cli_args import add_flags, check_fields, values_from
+from ..defaults import MINISD_GUIDANCE
 
 
 @dataclass
@@ -35,7 +36,7 @@ class Check:
     model: str = field(default="minisd", metadata={"help": '"minisd" or a diffusers folder of a MiniSD model'})
     seeds: int = field(default=10, metadata={"help": "images per (digit, style) prompt", "min": 1})
     num_inference_steps: int = field(default=25, metadata={"help": "DDIM steps", "min": 1, "aliases": ("--steps",)})
-    guidance_scale: float = field(default=5.0, metadata={
+    guidance_scale: float = field(default=MINISD_GUIDANCE, metadata={
         "help": "classifier-free guidance scale", "min": 0, "aliases": ("--guidance",)})
 
     def __post_init__(self):

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from ..data import encode_latents
+from ..defaults import MINISD_GUIDANCE, MINISD_STEPS
 from ..erase import LatentSet
 from ..generate import generate_images
 
@@ -21,7 +22,7 @@ from ..generate import generate_images
 FORGET_SEED_BASE = 10_000
 RETAIN_SEED_BASE = 20_000
 ANCHOR_SEED_BASE = 30_000
-SAMPLING = {"num_inference_steps": 25, "guidance_scale": 5.0}
+SAMPLING = {"num_inference_steps": MINISD_STEPS, "guidance_scale": MINISD_GUIDANCE}  # MiniSD's, as everywhere
 MASK_BATCH_SIZE = 16  # forget images per saliency-loss batch (the sum over the pass does not depend on it)
 
 

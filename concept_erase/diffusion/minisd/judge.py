@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...errors import ConceptEraseError
+from ..defaults import MINISD_GUIDANCE, MINISD_STEPS
 from ...io_utils import atomic_file
 from . import DIGITS, STYLES, judges_path
 from .data import IMAGE_SIZE, load_digit_images
@@ -204,7 +205,8 @@ class GeneratedSet:
 
 
 def generate_set(pipe, digits: Sequence[int] = range(len(DIGITS)), styles: Sequence[int] = range(len(STYLES)),
-                 seeds: Sequence[int] = range(10), *, num_inference_steps: int = 25, guidance_scale: float = 5.0,
+                 seeds: Sequence[int] = range(10), *, num_inference_steps: int = MINISD_STEPS,
+                 guidance_scale: float = MINISD_GUIDANCE,
                  batch_size: int = 64) -> GeneratedSet:
     """One image per (digit, style, seed), seed-stable (`generate_images`), in that nested order."""
     from ..generate import generate_images
