@@ -60,15 +60,21 @@ def test_assets_are_small_safe_and_load_offline():
     from concept_erase.diffusion.loading import load_pipeline
     from concept_erase.diffusion.minisd import ASSETS, minisd_path
 
-    files = [p for p in ASSETS.rglob("*") if p.is_file()]
-    assert sum(p.stat().st_size for p in files) <= 10 * 2**20
-    assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")]
+    for assets in (ASSETS, minisd_path("minisd-xl").parent):  # MiniSD, MiniSD-XL: at most 10 MB each
+        files = [p for p in assets.rglob("*") if p.is_file()]
+        assert sum(p.stat().st_size for p in files) <= 10 * 2**20, assets
+        assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")]
     assert (minisd_path() / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     pipe = load_pipeline("minisd")
     assert isinstance(pipe, StableDiffusionPipeline)
     assert pipe.unet.dtype == torch.float32 and pipe.vae.config.in_channels == 1
     images = pipe(["a handwritten digit three"], num_inference_steps=2,
                   generator=torch.Generator().manual_seed(0)).images
+    assert images[0].size == (16, 16) and images[0].mode == "L"
+    xl = load_pipeline("minisd-xl")
+    assert type(xl).__name__ == "StableDiffusionXLPipeline" and xl.unet.config.addition_embed_type == "text_time"
+    assert xl.text_encoder_2.config.hidden_size != xl.text_encoder.config.hidden_size  # as SDXL's (768, 1280)
+    images = xl(["a handwritten digit three"], num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images
     assert images[0].size == (16, 16) and images[0].mode == "L"
 
 
@@ -117,9 +123,10 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert not (tmp_path / "j").exists()
 
 
-@pytest.fixture(scope="module")
-def short_erasure():
-    """A short real SalUn run on MiniSD: forget "seven" (all styles) -> "eight"."""
+@pytest.fixture(scope="module", params=["minisd", "minisd-xl"])
+def short_erasure(request):
+    """A short real SalUn run on MiniSD, and on MiniSD-XL through the SDXL path (two text encoders, pooled
+    embedding, size ids): forget "seven" (all styles) -> "eight"."""
     from concept_erase.diffusion.erase import TrainConfig, compute_mask, train_unet
     from concept_erase.diffusion.loading import load_pipeline
     from concept_erase.diffusion.minisd import digit_concept
@@ -127,7 +134,7 @@ def short_erasure():
     from concept_erase.diffusion.minisd.judge import generate_set, load_judges, score_set
 
     judges = load_judges()
-    pipe = load_pipeline("minisd")
+    pipe = load_pipeline(request.param)
     concept = digit_concept("seven")
     before = score_set(judges, generate_set(pipe, seeds=range(4)))
     base = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
@@ -140,7 +147,8 @@ def short_erasure():
 
 def test_minisd_meets_its_quality_bar(short_erasure):
     """Before any erasure, every digit in every style (4 seeds each) is judged the requested digit and the
-    requested style at least 90% of the time (the bar; `concept-erase minisd check` runs more seeds)."""
+    requested style at least 90% of the time (the bar; `concept-erase minisd check` runs more seeds), for
+    MiniSD and MiniSD-XL alike."""
     before = short_erasure[0]
     assert before["images"] == 120
     assert before["digit_accuracy"] >= 0.9 and before["style_accuracy"] >= 0.9, before
