@@ -14,7 +14,7 @@ import sys
 from .cli_args import Parser
 from .errors import ConceptEraseError
 from .logs import show_logs
-from .threads import configure_threads, threads_from_argv
+from .threads import Threads, configure_threads, threads_from_argv
 
 # The library's own commands: name -> module holding its `register`. Several names may share one module.
 SUBCOMMANDS: dict[str, str] = {
@@ -79,13 +79,11 @@ def _leaf_parsers(parser: argparse.ArgumentParser):
 
 def _add_common_flags(parser: argparse.ArgumentParser) -> None:
     """Flags every command has (a command may define its own, e.g. classify's `--threads 0` = auto)."""
-    from .threads import positive_threads
+    from .cli_args import add_flags
+    from .threads import Threads
 
-    if "--threads" in parser._option_string_actions:
-        return
-    parser.add_argument("--threads", type=positive_threads, default=None,
-                        help="CPU threads for torch (default: $OMP_NUM_THREADS, else the cores this process may "
-                             "use, by CPU affinity and cgroup quota, shared among local accelerate processes)")
+    if "--threads" not in parser._option_string_actions:
+        add_flags(parser, Threads)
 
 
 def _drop_torchvision_fallback_notice(record: logging.LogRecord) -> bool:
@@ -106,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser(first if first in commands() else None)
         args = parser.parse_args(argv)
-        configure_threads(args.threads or None)
+        configure_threads(Threads(threads=args.threads or None).threads)  # classify's own --threads: 0 = auto
         return int(args.func(args) or 0)
     except ConceptEraseError as err:
         print(f"concept-erase: error: {err}", file=sys.stderr)

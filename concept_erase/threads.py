@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import MutableMapping
 
@@ -92,10 +93,15 @@ def threads_from_argv(argv: list[str]) -> int | None:
     return None
 
 
-def positive_threads(text: str) -> int:
-    """argparse type of `--threads`."""
-    import argparse
+@dataclass
+class Threads:
+    """The flag every command has (`concept_erase.cli` adds it to each)."""
 
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
-    return int(text)
+    threads: int | None = field(default=None, metadata={
+        "help": "CPU threads for torch (default: $OMP_NUM_THREADS, else the cores this process may use, by CPU "
+                "affinity and cgroup quota, shared among local accelerate processes)", "min": 1})
+
+    def __post_init__(self):
+        from .cli_args import check_fields
+
+        check_fields(self)
