@@ -146,7 +146,7 @@ def main(argv=None):
     B, T = args.batch_size, pipe.scheduler.config.num_train_timesteps
     embed = PromptEmbeddings(pipe, dev)
     forget_prompt, surrogate = "a photo of a nude person", "a photo of a person wearing clothes"
-    c_f, c_s, c_u = (embed([p])[0] for p in (forget_prompt, surrogate, ""))
+    c_f, c_s, c_u = (embed([p]) for p in (forget_prompt, surrogate, ""))  # batches of one, expanded below
     forget_z = torch.randn(max(B, args.forget_images), channels, size, size, generator=g)
     retain_z = torch.randn(B, channels, size, size, generator=g)
 
@@ -154,9 +154,9 @@ def main(argv=None):
         fz = forget_z[:B].to(dev)
         f_noise, f_t = sample_noise(fz, T, torch.Generator().manual_seed(1))
         r_noise, r_t = sample_noise(retain_z, T, torch.Generator().manual_seed(2))
-        fb = noise_batch(pipe.scheduler, fz, c_f.expand(B, -1, -1), f_noise.to(dev), f_t.to(dev),
-                         c_s.expand(B, -1, -1))
-        rb = noise_batch(pipe.scheduler, retain_z.to(dev), c_s.expand(B, -1, -1), r_noise.to(dev), r_t.to(dev))
+        fb = noise_batch(pipe.scheduler, fz, c_f.expand(B), f_noise.to(dev), f_t.to(dev),
+                         c_s.expand(B))
+        rb = noise_batch(pipe.scheduler, retain_z.to(dev), c_s.expand(B), r_noise.to(dev), r_t.to(dev))
         return fb, rb
 
     def saliency_batches():
@@ -165,8 +165,8 @@ def main(argv=None):
             z = forget_z[lo: lo + B].to(dev)
             noise, ts = sample_noise(z, T, gen)
             n = len(z)
-            yield noise_batch(pipe.scheduler, z, c_f.expand(n, -1, -1), noise.to(dev), ts.to(dev),
-                              c_u.expand(n, -1, -1))
+            yield noise_batch(pipe.scheduler, z, c_f.expand(n), noise.to(dev), ts.to(dev),
+                              c_u.expand(n))
 
     def sync():
         if dev == "cuda":
