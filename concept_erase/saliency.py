@@ -463,9 +463,3 @@ class MaskedOptimizer(torch.optim.Optimizer):
         self.inner.load_state_dict(state_dict)
         for outer, inner in zip(self.param_groups, self.inner.param_groups):
             outer.update({k: v for k, v in inner.items() if k != "params"})
-
-    def state_bytes(self) -> int:
-        """Bytes of optimizer state (packed) plus the salient-entry indices: what the mask costs in training."""
-        state = sum(t.numel() * t.element_size() for s in self.inner.state.values() for t in s.values()
-                    if torch.is_tensor(t))
-        return state + sum(index.numel() * index.element_size() for _, index, _ in self._packed)

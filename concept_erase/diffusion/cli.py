@@ -1,4 +1,4 @@
-"""`concept-erase mask`, `concept-erase erase` and `concept-erase export`.
+"""`concept-erase mask`, `concept-erase erase`, `concept-erase plan` and `concept-erase export`.
 
 mask/erase flags are generated from `EraseConfig`'s fields and help. Building these parsers imports `erase.py`
 (and so torch) for the dataclass; diffusers, accelerate and the data layer are imported only when a command
@@ -26,12 +26,18 @@ MASK_FIELDS = (
 ERASE_FIELDS = (
     "model", "model_config", "family", "concept", "concepts_file", "forget", "surrogate", "retain_prompts", "output", "method",
     "mask", "keep", "mask_scope", "steps", "batch_size", "lr", "alpha", "weight_decay", "seed",
-    "gradient_accumulation_steps", "mixed_precision", "gradient_checkpointing", "enable_xformers", "esd_eta",
+    "gradient_accumulation_steps", "mixed_precision", "gradient_checkpointing", "enable_xformers", "optimizer", "esd_eta",
     "esd_ddim_steps", "esd_start_guidance", "adversarial", "adv_every", "adv_steps", "adv_lr", "ca_params",
     "uce_erase_scale", "uce_preserve_scale", "uce_lambda",
     "num_forget_images", "num_retain_images", "forget_images", "retain_images", "image_steps",
     "image_guidance", "resolution", "cache_dir", "checkpoint_dir", "checkpointing_steps", "checkpoints_total_limit",
     "resume", "export_single_file", "save_delta", "overwrite", "progress",
+)
+# `plan` takes erase's flags that decide the memory, plus where the run goes and the budget.
+PLAN_FIELDS = (
+    "model", "model_config", "method", "mask", "keep", "resolution", "batch_size", "alpha",
+    "gradient_accumulation_steps", "mixed_precision", "gradient_checkpointing", "enable_xformers", "optimizer",
+    "device", "memory_budget",
 )
 MASK_HELP = {"output": "the mask file to write (.safetensors)"}
 # Fields whose default comes from the model (`defaults.model_defaults`), not the dataclass.
@@ -60,6 +66,17 @@ def register(subparsers) -> None:
     p.set_defaults(func=_erase_main)
 
     _register_export(subparsers)
+
+    from .plan import PlanConfig
+
+    p = subparsers.add_parser(
+        "plan", help="estimate the peak memory of an erase run before anything runs, and what makes it fit",
+        description="Builds the pipeline from its configs on PyTorch's meta device (no weights read, nothing "
+                    "computed) and walks the run: the mask pass, the training step's backward pass, the optimizer "
+                    "step. Takes erase's training flags; --memory-budget says whether the run fits and which "
+                    "settings (gradient checkpointing, bf16, 8-bit Adam, gradient accumulation) would make it fit.")
+    add_flags(p, PlanConfig, PLAN_FIELDS)
+    p.set_defaults(func=_plan_main)
 
 
 def _config(args: argparse.Namespace, names):
@@ -98,6 +115,14 @@ def _erase_main(args: argparse.Namespace) -> int:
     if process_state().is_main_process:
         short = {k: v for k, v in summary.items() if k != "losses"}
         print(json.dumps(short))
+    return 0
+
+
+def _plan_main(args: argparse.Namespace) -> int:
+    from .plan import PlanConfig, run_plan
+
+    _, text = run_plan(PlanConfig(**values_from(args, PlanConfig, PLAN_FIELDS)))
+    print(text)
     return 0
 
 

@@ -283,6 +283,10 @@ def train_unet(
     r_cond = embed(retain.prompts) if use_retain else None
     T = pipe.scheduler.config.num_train_timesteps
     scheduler = training_scheduler(pipe.scheduler)  # q_sample, whatever sampler the pipeline ships with
+    # The text encoder and VAE are done (prompts encoded, latents cached): off the GPU while training.
+    parked = [m for m in (pipe.text_encoder, pipe.vae) if device.type == "cuda" and m is not None]
+    for module in parked:
+        module.to("cpu")
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -344,6 +348,8 @@ def train_unet(
         unet.disable_gradient_checkpointing()
     unet.requires_grad_(False).eval()
     pipe.unet = unet
+    for module in parked:
+        module.to(device)
     per_concept, retain_loss = None, None
     if concept_of:
         per_concept, retain_loss = _final_losses(method, unet, scheduler, T, forget, f_cond, f_target, concept_of,
@@ -539,16 +545,32 @@ def saliency_batches(pipe, forget: LatentSet, *, batch_size: int = 8, seed: int 
         yield noise_batch(scheduler, z.to(device), c, noise.to(device), t.to(device), uncond.expand(len(c)))
 
 
+def mask_batch(config: TrainConfig) -> int:
+    """The mask pass's batch: the training micro-batch (the scores are a sum over the whole forget set, so the
+    split changes only their common scale, up to float rounding, and the memory the pass needs)."""
+    return max(1, config.batch_size // config.gradient_accumulation_steps)
+
+
 def compute_mask(pipe, forget: LatentSet, keep: float = 0.5, *, include=None, batch_size: int = 8,
                  seed: int = 0, guidance: float = SALIENCY_GUIDANCE, concept: str = "", lowest: bool = False,
-                 progress: bool = False):
+                 progress: bool = False, gradient_checkpointing: bool = False):
     """The SalUn mask of `pipe.unet` for a forget set: one pass over it with the diffusion saliency loss
     (docs/ALGORITHMS.md 1-2: MSE(eps, (1 + w) eps(x_t, c_f) - w eps(x_t, "")), w = 7.5, t ~ U{0..999}), noise and
     timesteps from `seed`; `include`: None (every UNet weight) or a regex on parameter names.
+    `lowest=True` keeps the LEAST salient weights instead (the inverted-mask control of the benchmark).
+    `gradient_checkpointing`: recompute activations in the backward pass (the same gradients, less memory)."""
+    from ..saliency import SaliencyMask
+
     `lowest=True` keeps the LEAST salient weights instead (the inverted-mask control of the benchmark)."""
     batches = saliency_batches(pipe, forget, batch_size=batch_size, seed=seed)
-    return SaliencyMask.compute(pipe.unet, batches, saliency_loss_fn(guidance), keep=keep, include=include,
-                                concept=concept, lowest=lowest, progress=progress)
+    if gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+    try:
+        return SaliencyMask.compute(pipe.unet, batches, saliency_loss_fn(guidance), keep=keep, include=include,
+                                    concept=concept, lowest=lowest, progress=progress)
+    finally:
+        if gradient_checkpointing:
+            pipe.unet.disable_gradient_checkpointing()
 
 
 # ------------------------------------------------------------------------------------------------ the job
@@ -764,8 +786,9 @@ def run_mask(config: EraseConfig) -> dict[str, Any]:
     state, concept, pipe = _prepare(config)
     forget, _ = build_latent_sets(pipe, concept, config, state, with_retain=False)
     t0 = time.perf_counter()
-    mask = compute_mask(pipe, forget, config.keep, include=config.mask_scope, batch_size=config.batch_size,
-                        seed=config.seed, concept=concept.name, progress=config.progress)
+    mask = compute_mask(pipe, forget, config.keep, include=config.mask_scope, batch_size=mask_batch(config),
+                        seed=config.seed, concept=concept.name, progress=config.progress,
+                        gradient_checkpointing=config.gradient_checkpointing)
     seconds = time.perf_counter() - t0
     if state.is_main_process:
         mask.save(config.output, overwrite=config.overwrite)
@@ -817,8 +840,9 @@ def run_erase(config: EraseConfig) -> dict[str, Any]:
         # where GPU gradients are not bit-reproducible. Kept beside the checkpoints for --resume. Several
         # concepts: one mask over the union forget set (its gradient sums every concept's).
         if state.is_main_process:
-            mask = compute_mask(pipe, forget, config.keep, include=config.mask_scope, batch_size=config.batch_size,
-                                seed=config.seed, concept=concept.name, progress=config.progress)
+            mask = compute_mask(pipe, forget, config.keep, include=config.mask_scope, batch_size=mask_batch(config),
+                                seed=config.seed, concept=concept.name, progress=config.progress,
+                                gradient_checkpointing=config.gradient_checkpointing)
             ckpt_dir.mkdir(parents=True, exist_ok=True)
             mask.save(resumed_mask, overwrite=True)
         state.wait_for_everyone()

@@ -1,0 +1,501 @@
+"""`concept-erase plan`: the peak memory of an erasure run, estimated before anything runs.
+
+Nothing is loaded or computed: every component of the pipeline is built from its config on PyTorch's meta
+device (shapes and dtypes, no storage), which gives the exact parameter counts, and the UNet's forward pass is
+run there once with a hook on what autograd saves for the backward pass, which gives the exact activation
+memory of this architecture at this batch and resolution. The estimate then follows the run's timeline:
+
+- the mask pass (SalUn without --mask): fp32 weights, the fp32 gradients it accumulates (they become the
+  scores), and the guided saliency loss's activations (the UNet runs on the conditional and the unconditional
+  micro-batch, so twice the micro-batch);
+- a training step: the fp32 master UNet (on a GPU the loop parks the text encoders and the VAE on the CPU;
+  on a CPU run they count), the frozen original UNet (ESD), optimizer state
+  (Adam: 8 bytes per trainable entry; 8-bit Adam: about 2; under a SalUn mask only the salient entries have
+  state, plus a 4-byte index per salient entry), and during the backward pass the activations not yet
+  consumed plus the gradients already made (walked in the forward's order, position by position).
+
+Attention is counted as the fused SDPA / xformers kernels store it (queries, keys, values, output and the
+log-sum-exp; never the full attention matrix). Gradient checkpointing keeps the inputs of each checkpointed
+block and recomputes one block at a time. Mixed precision is traced in half precision plus the half-precision
+copies of the trainable weights that autocast keeps for the backward pass: an approximation (autocast runs
+normalisations in fp32). On a GPU the figure is tensor memory, what `torch.cuda.max_memory_allocated`
+reports; the CUDA context and the allocator's cache come on top, so the budget check keeps a reserve.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConceptEraseError
+from .erase import TrainConfig, mask_batch
+from .methods import ESD, get_method
+
+GiB = 2**30
+# CUDA context, cuBLAS/cuDNN workspaces and the caching allocator's slack, beyond allocated tensors.
+CUDA_RESERVE = 1 * GiB
+# bitsandbytes' 8-bit Adam: two uint8 states, a float32 absmax per 256-entry block for each; tensors under
+# 4096 entries keep 32-bit states (its min_8bit_size).
+BNB_BLOCK, BNB_MIN_SIZE = 256, 4096
+
+
+@dataclass(kw_only=True)
+class PlanConfig(TrainConfig):
+    """What the memory of an erasure run depends on: the model and the training settings."""
+
+    model: str = field(metadata={
+        "help": 'the model: a diffusers folder (configs are enough, weights are not read), "minisd", or a '
+                "single file with --model-config"})
+    model_config: str | None = field(default=None, metadata={
+        "help": "local diffusers folder with the component configs of a single-file --model"})
+    keep: float = field(default=0.5, metadata={"help": "SalUn: fraction of UNet weights the mask keeps trainable",
+                                                "above": 0, "max": 1})
+    mask: str | None = field(default=None, metadata={
+        "help": "the saliency mask file erase will be given (SalUn then has no mask pass; the file is not read)"})
+    resolution: int | None = field(default=None, metadata={"help": "image size in pixels (default: the model's)",
+                                                           "min": 8})
+    device: str = field(default="cuda", metadata={
+        "help": "plan for a GPU run (cuda) or a CPU run (cpu: host memory, the bool mask included)",
+        "choices": ("cuda", "cpu")})
+    memory_budget: str | None = field(default=None, metadata={
+        "help": 'memory available, e.g. "16GB" (10^9 bytes) or "24GiB"; says whether the run fits and which '
+                "settings would make it fit"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.memory_budget is not None:
+            parse_bytes(self.memory_budget)
+
+
+def parse_bytes(text: str) -> int:
+    """ "16GB" -> 16 * 10^9, "24GiB" -> 24 * 2^30 (also MB/MiB, TB/TiB; a bare number is bytes)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?)B?\s*", str(text), flags=re.I)
+    if not m or float(m.group(1)) <= 0:
+        raise ConceptEraseError(f"memory budget {text!r} is not a size like 16GB or 24GiB")
+    power = "KMGT".find(m.group(2).upper()) + 1 if m.group(2) else 0
+    return int(float(m.group(1)) * (1024 if m.group(3) else 1000) ** power)
+
+
+# ------------------------------------------------------------------------------------------ the model
+
+@dataclass
+class ModelCounts:
+    """Parameter counts per component, and the UNet on the meta device (for tracing)."""
+
+    unet: nn.Module
+    components: dict[str, int]         # component name -> parameter count (unet, text_encoder, vae, ...)
+    vae_scale: int                     # pixels per latent pixel
+    traces: dict = field(default_factory=dict)  # (batch, latent, dtype, checkpointing, scope) -> Activations
+
+    def activations(self, batch: int, latent: int, dtype: torch.dtype, checkpointing: bool,
+                    trainable: set[str]) -> "Activations":
+        """The activations at `batch`, from two traces (batch 1 and 2) extended linearly: every saved tensor's
+        size is affine in the batch (the graph does not depend on it), and two traces cost far less than one
+        per batch size the suggestions try."""
+        key = (latent, dtype, checkpointing, frozenset(trainable))
+        if key not in self.traces:
+            for name, p in self.unet.named_parameters():
+                p.requires_grad_(name in trainable)
+            self.traces[key] = [trace_activations(self.unet, b, latent, dtype, checkpointing) for b in (1, 2)]
+        one, two = self.traces[key]
+        if len(one.saved) != len(two.saved):  # not the same graph: trace this batch itself
+            return trace_activations(self.unet, batch, latent, dtype, checkpointing)
+        grow = lambda a, b: a + (b - a) * (batch - 1)  # noqa: E731
+        saved = [(pos, grow(a, b)) for (pos, a), (_, b) in zip(one.saved, two.saved)]
+        return Activations(saved, one.param_position, grow(one.recompute, two.recompute),
+                           grow(one.largest, two.largest))
+
+    @property
+    def default_resolution(self) -> int:
+        return self.unet.config.sample_size * self.vae_scale
+
+
+def _config_folder(model: str, model_config: str | None) -> Path:
+    if model == "minisd":
+        from .loading import _minisd_path
+
+        return _minisd_path()
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.is_file():
+        if not model_config:
+            raise ConceptEraseError(f"model {model!r} is a single file: give --model-config, a diffusers folder "
+                                    "with its component configs")
+        return _config_folder(model_config, None)
+    raise ConceptEraseError(f"model {model!r} is not a diffusers folder, a file or 'minisd'")
+
+
+def load_counts(model: str, model_config: str | None = None) -> ModelCounts:
+    """Every component of the pipeline built from its config on the meta device (no weights read)."""
+    import diffusers
+    import transformers
+
+    folder = _config_folder(model, model_config)
+    index_file = folder / "model_index.json"
+    if not index_file.is_file():
+        raise ConceptEraseError(f"{str(folder)!r} is not a diffusers pipeline folder (no model_index.json)")
+    index = json.loads(index_file.read_text())
+    counts, unet = {}, None
+    for name, spec in index.items():
+        if name.startswith("_") or not isinstance(spec, list) or name in ("safety_checker", "feature_extractor"):
+            continue
+        library, cls_name = spec
+        sub = folder / name
+        if library not in ("diffusers", "transformers") or not (sub / "config.json").is_file():
+            continue  # schedulers and tokenizers have no parameters
+        try:
+            with torch.device("meta"):
+                if library == "diffusers":
+                    cls = getattr(diffusers, cls_name)
+                    module = cls.from_config(cls.load_config(sub))
+                else:
+                    cls = getattr(transformers, cls_name)
+                    module = cls(transformers.AutoConfig.from_pretrained(sub))
+        except Exception as err:  # a config this diffusers/transformers cannot build
+            raise ConceptEraseError(f"cannot build {name} ({cls_name}) from {str(sub)!r}: "
+                                    f"{str(err).splitlines()[0]}") from None
+        counts[name] = sum(p.numel() for p in module.parameters())
+        if name == "unet":
+            unet = module
+    if unet is None:
+        raise ConceptEraseError(f"{str(folder)!r} has no unet/config.json")
+    scale = 2 ** (len(json.loads((folder / "vae" / "config.json").read_text())["block_out_channels"]) - 1) \
+        if (folder / "vae" / "config.json").is_file() else 8
+    return ModelCounts(unet, counts, scale)
+
+
+# ------------------------------------------------------------------------------------------ activations
+
+class _FusedAttention(torch.autograd.Function):
+    """Stands in for scaled_dot_product_attention while tracing: what the fused kernels (flash, memory-
+    efficient, xformers) keep for the backward pass (q, k, v, output, per-row log-sum-exp), not the L x L
+    matrix the meta device's reference implementation would keep."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        # the kernels write (batch, length, heads, dim) memory and return it as (batch, heads, length, dim):
+        # diffusers' transpose back to (batch, length, heads * dim) is then a view, not a copy
+        b, h, n = q.shape[:-1]
+        out = q.new_empty(b, n, h, v.shape[-1]).transpose(1, 2)
+        lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # never run: the trace stops after the forward
+        raise NotImplementedError
+
+
+@contextmanager
+def _fused_attention():
+    import torch.nn.functional as F
+
+    original = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = lambda q, k, v, *args, **kwargs: _FusedAttention.apply(q, k, v)
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
+
+
+@dataclass
+class Activations:
+    """One with-grad forward of the UNet, as the backward pass will meet it."""
+
+    saved: list[tuple[int, int]]     # (position in the forward, bytes) of each tensor kept for backward
+    param_position: dict[int, int]   # id(parameter) -> position of its first use
+    recompute: int                   # gradient checkpointing: the largest block's saved bytes (recomputed)
+    largest: int                     # the largest single saved tensor (the backward's transient gradients)
+
+    @property
+    def total(self) -> int:
+        return sum(b for _, b in self.saved) + self.recompute
+
+
+def trace_activations(unet: nn.Module, batch: int, latent: int, dtype: torch.dtype, checkpointing: bool,
+                      sequence: int = 77) -> Activations:
+    """Run `unet` (on the meta device; its requires_grad flags decide what is trainable) on a batch and record
+    what autograd keeps for the backward pass."""
+    cfg = unet.config
+    for p in unet.parameters():  # on the meta device a cast is free (Module.to would warn about fp32 modules)
+        p.data = p.data.to(dtype)
+    param_ids = {p.untyped_storage()._cdata for p in unet.parameters()}
+    position = [0]
+    saved: dict[int, tuple[int, int]] = {}   # storage -> (position, bytes): a tensor saved twice counts once
+    param_position: dict[int, int] = {}
+    unit = []                                # the checkpointed block being traced, if any
+    unit_bytes = [0]
+
+    def pack(t):
+        key = t.untyped_storage()._cdata
+        if key not in param_ids and key not in saved:
+            if unit:
+                unit[-1][key] = t.untyped_storage().nbytes()
+            else:
+                saved[key] = (position[0], t.untyped_storage().nbytes())
+        position[0] += 1
+        return t
+
+    def mark_params(module, args):
+        position[0] += 1
+        for p in module.parameters(recurse=False):
+            param_position.setdefault(id(p), position[0])
+
+    def checkpointed(block, *args, **kwargs):
+        """Gradient checkpointing as diffusers calls it: the block's inputs are kept, its insides
+        recomputed during the backward pass (one block at a time)."""
+        for a in args:
+            if torch.is_tensor(a):
+                key = a.untyped_storage()._cdata
+                if key not in saved and key not in param_ids:
+                    saved[key] = (position[0], a.untyped_storage().nbytes())
+        unit.append({})
+        try:
+            return block(*args, **kwargs)
+        finally:
+            unit_bytes[0] = max(unit_bytes[0], sum(unit.pop().values()))
+
+    handles = [m.register_forward_pre_hook(mark_params) for m in unet.modules()]
+    if checkpointing:
+        unet.enable_gradient_checkpointing(gradient_checkpointing_func=checkpointed)
+    with torch.device("meta"):
+        x = torch.empty(batch, cfg.in_channels, latent, latent, dtype=dtype)
+        t = torch.zeros(batch, dtype=torch.long)
+        hidden = torch.empty(batch, sequence, cfg.cross_attention_dim, dtype=dtype)
+        kwargs = {}
+        if getattr(cfg, "addition_embed_type", None) == "text_time":  # SDXL: pooled text + six size ids
+            pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+            kwargs["added_cond_kwargs"] = {"text_embeds": torch.empty(batch, pooled, dtype=dtype),
+                                           "time_ids": torch.empty(batch, 6, dtype=dtype)}
+    try:
+        with _fused_attention(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            unet(x, t, encoder_hidden_states=hidden, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+        if checkpointing:
+            unet.disable_gradient_checkpointing()
+        for p in unet.parameters():
+            p.data = p.data.to(torch.float32)
+    entries = list(saved.values())
+    return Activations(entries, param_position, unit_bytes[0], max((b for _, b in entries), default=0))
+
+
+def backward_peak(acts: Activations, grad_bytes: dict[int, int], grads_exist: bool) -> int:
+    """The most memory activations and gradients hold together during the backward pass, which runs the
+    forward in reverse: while it is at position s, the activations saved up to s are still held and the
+    gradients of the parameters first used from s on are already made. With `grads_exist` (a later
+    micro-batch of gradient accumulation, or of the mask pass) every gradient is there from the start."""
+    total_grads = sum(grad_bytes.values())
+    if grads_exist:
+        return acts.total + total_grads
+    saved_at: dict[int, int] = {}
+    for pos, b in acts.saved:
+        saved_at[pos] = saved_at.get(pos, 0) + b
+    grads_at: dict[int, int] = {}
+    for pid, b in grad_bytes.items():
+        pos = acts.param_position.get(pid, 0)
+        grads_at[pos] = grads_at.get(pos, 0) + b
+    held, made, peak = acts.total - acts.recompute, 0, 0
+    for pos in sorted(set(saved_at) | set(grads_at), reverse=True):
+        made += grads_at.get(pos, 0)
+        peak = max(peak, held + made)
+        held -= saved_at.get(pos, 0)
+    return peak + acts.recompute
+
+
+# ------------------------------------------------------------------------------------------ the estimate
+
+@dataclass
+class Plan:
+    """The estimate of one configuration: bytes per part at the peak of each phase."""
+
+    config: PlanConfig
+    components: dict[str, int]
+    phases: dict[str, dict[str, int]]   # phase -> part -> bytes
+    host: dict[str, int]                # what stays in host memory on a GPU run (the bool mask)
+
+    @property
+    def peak(self) -> int:
+        return max(sum(parts.values()) for parts in self.phases.values())
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases, key=lambda p: sum(self.phases[p].values()))
+
+    def fits(self, budget: int) -> bool:
+        reserve = CUDA_RESERVE if self.config.device == "cuda" else 0
+        return self.peak + reserve <= budget
+
+
+def _trainable_names(method, named: dict[str, nn.Parameter]) -> set[str]:
+    """The UNet parameters the method trains (without a user's mask), asked of the method itself on a stand-in
+    that has the UNet's parameter names and one entry each."""
+    from .families import SD1
+
+    class Names:
+        def named_parameters(self):
+            return ((name, torch.zeros(1)) for name in named)
+
+    scope = method.trainable(Names(), SD1, None)
+    return set(named) if scope is None else {name for name, m in scope.masks.items() if bool(m.any())}
+
+
+def _optimizer_state(numels: list[int], kind: str) -> int:
+    if kind == "adam8bit":
+        return sum(2 * n + 2 * 4 * math.ceil(n / BNB_BLOCK) if n >= BNB_MIN_SIZE else 8 * n for n in numels)
+    return sum(8 * n for n in numels)
+
+
+def estimate(config: PlanConfig, counts: ModelCounts | None = None) -> Plan:
+    """The peak memory of `concept-erase erase` with these settings (see the module docstring)."""
+    counts = counts or load_counts(config.model, config.model_config)
+    unet = counts.unet
+    resolution = config.resolution or counts.default_resolution
+    latent = max(1, resolution // counts.vae_scale)
+    micro = max(1, config.batch_size // config.gradient_accumulation_steps)
+    half = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[config.mixed_precision]
+    n_unet = counts.components["unet"]
+    others = sum(n for name, n in counts.components.items() if name != "unet")
+    named = dict(unet.named_parameters())
+    method = get_method(config.method)(config)
+    if method.closed_form:
+        raise ConceptEraseError(f"--method {config.method} is a closed-form edit with no training loop: its memory "
+                                "is the pipeline's weights plus a few matrices per layer; plan covers the training "
+                                "methods")
+
+    # which UNet weights train, and how many entries of each (a SalUn mask: `keep` of every tensor, on average)
+    masked = method.computes_mask
+    trainable = set(named) if masked else _trainable_names(method, named)
+    entries = [round(config.keep * named[n].numel()) if masked else named[n].numel() for n in trainable]
+    grad_bytes = {id(named[n]): 4 * named[n].numel() for n in trainable}
+
+    if config.device == "cuda":  # the loop parks the text encoders and the VAE on the CPU while it trains
+        weights = {"weights (fp32 UNet master)": 4 * n_unet}
+        host = {"text encoders + VAE (parked while training)": 4 * others}
+    else:
+        weights = {"weights (fp32: UNet master + text encoders + VAE)": 4 * (n_unet + others)}
+        host = {}
+    if isinstance(method, ESD):
+        weights["frozen original UNet (ESD)"] = 4 * n_unet
+    state = {"optimizer state": _optimizer_state(entries, config.optimizer)}
+    if masked:
+        state["mask indices (int32 per salient entry)"] = 4 * sum(entries)
+    if masked and config.device == "cpu":
+        state["mask (bool, 1 byte per UNet weight)"] = n_unet
+    elif masked:
+        host["mask (bool, 1 byte per UNet weight)"] = n_unet
+
+    rows = 2 * micro if config.alpha > 0 else micro  # the forget (+ retain) batch of one UNet forward
+    acts = counts.activations(rows, latent, half, config.gradient_checkpointing, trainable)
+    autocast_copies = 2 * sum(named[n].numel() for n in trainable) if half != torch.float32 else 0
+    first = backward_peak(acts, grad_bytes, grads_exist=False)
+    later = backward_peak(acts, grad_bytes, grads_exist=True) if config.gradient_accumulation_steps > 1 else 0
+    train = {**weights, **state,
+             "activations + gradients during backward": max(first, later) + 2 * acts.largest,
+             **({"half-precision weight copies (autocast)": autocast_copies} if autocast_copies else {})}
+    phases = {"training step": train}
+    # The optimizer step: every gradient, then (masked) the packed values and gradients of the salient entries
+    # while the full gradients are let go; on CUDA torch's foreach Adam adds one temporary per state entry.
+    k = sum(entries)
+    foreach = 4 * k if config.device == "cuda" and config.optimizer == "adam" else 0
+    grads = sum(grad_bytes.values())
+    phases["optimizer step"] = {**weights, **state,
+                                "gradients and step temporaries": max(grads, 8 * k + foreach) if masked else grads + foreach}
+
+    if masked and not config.mask:
+        # The mask pass: the guided loss on cond + uncond, fp32, every weight; its gradients become the scores.
+        # It honours gradient checkpointing (the recomputation gives the same gradients).
+        guided = counts.activations(2 * mask_batch(config), latent, torch.float32, config.gradient_checkpointing,
+                                    set(named))
+        all_grads = {id(p): 4 * p.numel() for p in unet.parameters()}
+        largest = max(p.numel() for p in unet.parameters())
+        phases["mask pass"] = {
+            "weights (fp32: UNet + text encoders + VAE)": 4 * (n_unet + others),
+            "activations + gradients (the scores) during backward":
+                backward_peak(guided, all_grads, grads_exist=True) + 2 * guided.largest,
+            "threshold temporaries (largest tensor)": 12 * largest,
+            **({"mask (bool)": n_unet} if config.device == "cpu" else {})}
+    return Plan(config, counts.components, phases, host)
+
+
+def suggestions(config: PlanConfig, budget: int, counts: ModelCounts, limit: int = 3) -> list[tuple[dict, Plan]]:
+    """Settings that make the run fit `budget`, fewest changes first, then smallest peak. The global batch
+    stays (gradient accumulation splits it), so does the method and its keep ratio."""
+    from dataclasses import asdict
+
+    options = {
+        "gradient_checkpointing": list(dict.fromkeys([config.gradient_checkpointing, True])),
+        "mixed_precision": [config.mixed_precision] + (["bf16"] if config.mixed_precision == "no" else []),
+        "optimizer": list(dict.fromkeys([config.optimizer, "adam8bit"])),
+        "gradient_accumulation_steps": [config.gradient_accumulation_steps] + [
+            g for g in (2, 4, 8, 16) if g > config.gradient_accumulation_steps and config.batch_size % g == 0],
+    }
+    base = asdict(config)
+    found = []
+    for combo in itertools.product(*options.values()):
+        change = {k: v for k, v in zip(options, combo) if v != base[k]}
+        if not change:
+            continue
+        plan = estimate(PlanConfig(**{**base, **change}), counts)
+        if plan.fits(budget):
+            found.append((len(change), plan.peak, change, plan))
+    found.sort(key=lambda f: (f[0], f[1]))
+    return [(change, plan) for _, _, change, plan in found[:limit]]
+
+
+def describe(plan: Plan, budget: int | None = None, counts: ModelCounts | None = None) -> str:
+    """The plan as the `plan` command prints it."""
+    c = plan.config
+    gib = lambda b: f"{b / GiB:.2f} GiB" if b >= GiB else f"{b / 2**20:.1f} MiB"  # noqa: E731
+    resolution = c.resolution or (counts.default_resolution if counts else "model's")
+    lines = [f"Memory plan: {c.method} on {c.model} ({', '.join(f'{k} {v / 1e6:.4g}M' for k, v in plan.components.items())} "
+             f"parameters), {resolution} px, batch {c.batch_size} forget"
+             + (f" + {c.batch_size} retain" if c.alpha > 0 else "")
+             + f", {c.gradient_accumulation_steps} micro-batch(es); precision {c.mixed_precision} (fp32 master "
+             f"weights), gradient checkpointing {'on' if c.gradient_checkpointing else 'off'}, optimizer "
+             f"{c.optimizer}" + (f", keep {c.keep}" if get_method(c.method).computes_mask else "")
+             + f"; device {c.device}", ""]
+    for phase, parts in plan.phases.items():
+        lines.append(f"{phase}: {gib(sum(parts.values()))}" + ("   <- peak" if phase == plan.peak_phase else ""))
+        lines += [f"  {name}: {gib(b)}" for name, b in parts.items()]
+    for name, b in plan.host.items():
+        lines.append(f"host memory during training, not on the GPU: {name}: {gib(b)}")
+    lines.append(f"\nestimated peak: {gib(plan.peak)}"
+                 + (f" of tensors (+ about {gib(CUDA_RESERVE)} for the CUDA context and allocator)" if c.device == "cuda" else ""))
+    if budget is not None:
+        verdict = "fits" if plan.fits(budget) else "does NOT fit"
+        lines.append(f"budget {gib(budget)}: {verdict}")
+        if not plan.fits(budget) and counts is not None:
+            fixes = suggestions(c, budget, counts)
+            if not fixes:
+                lines.append("no combination of gradient checkpointing, bf16, 8-bit Adam and gradient accumulation "
+                             "fits; lower --resolution or --batch-size")
+            for change, fixed in fixes:
+                flags = " ".join(_flag(k, v) for k, v in change.items())
+                lines.append(f"  fits with {flags}: {gib(fixed.peak)}")
+    return "\n".join(lines)
+
+
+def _flag(name: str, value: Any) -> str:
+    flag = "--" + name.replace("_", "-")
+    return flag if value is True else f"{flag} {value}"
+
+
+def run_plan(config: PlanConfig) -> tuple[Plan, str]:
+    counts = load_counts(config.model, config.model_config)
+    plan = estimate(config, counts)
+    budget = parse_bytes(config.memory_budget) if config.memory_budget else None
+    return plan, describe(plan, budget, counts)
+
+

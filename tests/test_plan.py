@@ -1,0 +1,133 @@
+"""The memory plan: sizes, the meta-device activation trace against a real forward, the estimate's parts."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from concept_erase.diffusion.plan import (
+    PlanConfig,
+    backward_peak,
+    describe,
+    estimate,
+    load_counts,
+    parse_bytes,
+    trace_activations,
+)
+from concept_erase.errors import ConceptEraseError
+
+
+def test_memory_sizes_parse_in_decimal_and_binary_units():
+    assert parse_bytes("16GB") == 16 * 10**9
+    assert parse_bytes("24GiB") == 24 * 2**30
+    assert parse_bytes("1.5 gib") == int(1.5 * 2**30)
+    assert parse_bytes("512MB") == 512 * 10**6
+    for bad in ("", "sixteen", "-1GB", "0GB", "16XB"):
+        with pytest.raises(ConceptEraseError, match="not a size"):
+            parse_bytes(bad)
+
+
+def _saved_bytes_for_real(unet, batch, latent, cross_dim):
+    """What autograd keeps for the backward pass in a real CPU forward (the kernels actually used)."""
+    params = {p.untyped_storage().data_ptr() for p in unet.parameters()}
+    seen = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    x = torch.randn(batch, 4, latent, latent)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        unet(x, torch.zeros(batch, dtype=torch.long), encoder_hidden_states=torch.randn(batch, 77, cross_dim))
+    return sum(seen.values())
+
+
+def test_activation_trace_on_the_meta_device_matches_a_real_forward(tiny_pipeline):
+    from diffusers import UNet2DConditionModel
+
+    real = tiny_pipeline.unet.train()
+    with torch.device("meta"):
+        meta = UNet2DConditionModel.from_config(real.config)
+    cross = real.config.cross_attention_dim
+    for batch in (1, 3):
+        traced = trace_activations(meta, batch, 16, torch.float32, checkpointing=False)
+        assert traced.total == _saved_bytes_for_real(real, batch, 16, cross)
+
+
+def test_checkpointing_and_half_precision_shrink_the_activations(tiny_pipeline):
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        meta = UNet2DConditionModel.from_config(tiny_pipeline.unet.config)
+    full = trace_activations(meta, 4, 16, torch.float32, checkpointing=False)
+    ckpt = trace_activations(meta, 4, 16, torch.float32, checkpointing=True)
+    half = trace_activations(meta, 4, 16, torch.bfloat16, checkpointing=False)
+    assert 0 < ckpt.recompute < ckpt.total < full.total
+    assert half.total < 0.6 * full.total
+    assert all(p.dtype == torch.float32 for p in meta.parameters())  # the trace leaves the model as it was
+
+
+def test_backward_peak_walks_the_forward_in_reverse():
+    from concept_erase.diffusion.plan import Activations
+
+    # activations 10 @ position 1, 20 @ 3; gradients 5 (first used @ 0), 7 (@ 2)
+    acts = Activations(saved=[(1, 10), (3, 20)], param_position={1: 0, 2: 2}, recompute=0, largest=20)
+    grads = {1: 5, 2: 7}
+    # at 3: 30 held, 0 made; at 2: 10 held + 7 = 17; at 1: 10 + 7; at 0: 0 + 12
+    assert backward_peak(acts, grads, grads_exist=False) == 30
+    assert backward_peak(acts, grads, grads_exist=True) == 42
+
+
+def test_estimate_parts_follow_the_settings(tiny_pipeline_dir):
+    counts = load_counts(str(tiny_pipeline_dir))
+    n_unet = counts.components["unet"]
+    assert set(counts.components) == {"unet", "text_encoder", "vae"}
+    assert n_unet == sum(p.numel() for p in counts.unet.parameters())
+
+    def plan(**kw):
+        return estimate(PlanConfig(model=str(tiny_pipeline_dir), batch_size=4, device="cuda", **kw), counts)
+
+    rl, salun = plan(method="rl"), plan(method="salun", keep=0.5)
+    train = lambda p: p.phases["training step"]  # noqa: E731
+    assert train(rl)["optimizer state"] == 8 * n_unet
+    assert abs(train(salun)["optimizer state"] - 4 * n_unet) <= 8 * len(list(counts.unet.parameters()))
+    assert "mask pass" in salun.phases and "mask pass" not in plan(method="salun", mask="m.safetensors").phases
+    assert "frozen original UNet (ESD)" in train(plan(method="esd-x"))
+    assert train(plan(method="rl", optimizer="adam8bit"))["optimizer state"] < 0.5 * train(rl)["optimizer state"]
+    assert plan(method="rl", gradient_checkpointing=True).peak < rl.peak
+    # gradient accumulation: the micro-batch's activations, every gradient already there after the first
+    assert plan(method="rl", gradient_accumulation_steps=4).phases["training step"][
+        "activations + gradients during backward"] < train(rl)["activations + gradients during backward"]
+
+
+def test_budget_verdict_and_suggestions(tiny_pipeline_dir):
+    counts = load_counts(str(tiny_pipeline_dir))
+    config = PlanConfig(model=str(tiny_pipeline_dir), batch_size=8, resolution=64, device="cpu")
+    plan = estimate(config, counts)
+    assert "fits" in describe(plan, plan.peak + 1, counts)
+    text = describe(plan, plan.peak - 1, counts)
+    assert "does NOT fit" in text and "fits with --" in text
+    assert "no combination" in describe(plan, 1000, counts)
+
+
+def test_plan_refuses_bad_input(tmp_path):
+    with pytest.raises(ConceptEraseError, match="not a size"):
+        PlanConfig(model="minisd", memory_budget="lots")
+    with pytest.raises(ConceptEraseError, match="not a diffusers folder"):
+        load_counts(str(tmp_path / "nowhere"))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ConceptEraseError, match="--model-config"):
+        load_counts(str(tmp_path / "model.safetensors"))
+
+
+def test_plan_command(tiny_pipeline_dir):
+    out = subprocess.run([sys.executable, "-m", "concept_erase.cli", "plan", "--model", str(tiny_pipeline_dir),
+                          "--batch-size", "2", "--memory-budget", "1KB"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "estimated peak" in out.stdout and "does NOT fit" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "concept_erase.cli", "plan", "--model", str(tiny_pipeline_dir),
+                          "--memory-budget", "lots"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "not a size" in bad.stderr
