@@ -30,11 +30,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 SETTINGS = {  # name -> PlanConfig / TrainConfig fields
     "salun": {"method": "salun"},
-    "salun, gradient checkpointing": {"method": "salun", "gradient_checkpointing": True},
-    "salun, 2 micro-batches": {"method": "salun", "gradient_accumulation_steps": 2},
+    "salun + checkpointing": {"method": "salun", "gradient_checkpointing": True},
+    "salun + 2 micro-batches": {"method": "salun", "gradient_accumulation_steps": 2},
     "rl": {"method": "rl"},
     "esd-x": {"method": "esd-x", "esd_ddim_steps": 2},
-    "salun, bf16 autocast": {"method": "salun", "mixed_precision": "bf16"},
+    "salun + bf16 autocast": {"method": "salun", "mixed_precision": "bf16"},
 }
 
 

@@ -559,9 +559,6 @@ def compute_mask(pipe, forget: LatentSet, keep: float = 0.5, *, include=None, ba
     timesteps from `seed`; `include`: None (every UNet weight) or a regex on parameter names.
     `lowest=True` keeps the LEAST salient weights instead (the inverted-mask control of the benchmark).
     `gradient_checkpointing`: recompute activations in the backward pass (the same gradients, less memory)."""
-    from ..saliency import SaliencyMask
-
-    `lowest=True` keeps the LEAST salient weights instead (the inverted-mask control of the benchmark)."""
     batches = saliency_batches(pipe, forget, batch_size=batch_size, seed=seed)
     if gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
