@@ -49,9 +49,9 @@ class Parser(argparse.ArgumentParser):
             self._intermixing = False
 
 
-def flag_name(f: Field) -> str:
-    """The flag of a field, e.g. "--num-inference-steps"."""
-    return "--" + f.metadata.get("flag", f.name.replace("_", "-"))
+def flag_name(f: Field, prefix: str | None = None) -> str:
+    """The flag of a field, e.g. "--num-inference-steps" (with a prefix: "--unlearndiffatk-steps")."""
+    return "--" + (f"{prefix}-" if prefix else "") + f.metadata.get("flag", f.name.replace("_", "-"))
 
 
 def _kind(f: Field) -> str:
@@ -77,22 +77,26 @@ def cli_fields(cls, names=None) -> list[Field]:
     return [by_name[n] for n in names] if names is not None else list(by_name.values())
 
 
-def add_flags(parser, cls, names=None, *, suppress_defaults: bool = False, help_override: dict | None = None) -> None:
+def add_flags(parser, cls, names=None, *, suppress_defaults: bool = False, help_override: dict | None = None,
+              prefix: str | None = None) -> None:
     """One flag per field of the dataclass `cls` (or of `names`, in that order).
 
     suppress_defaults: leave a flag the user did not type out of the namespace, so that something else (a
     preset concept's recipe, a protocol preset) supplies the value; `values_from` then returns only what
-    was typed (--help still shows the dataclass's default). A field without a default is a required flag."""
+    was typed (--help still shows the dataclass's default). A field without a default is a required flag.
+    prefix: one dataclass for several things (an attack's budget): `--<prefix>-<field>` into `<prefix>__<field>`."""
     for f in cli_fields(cls, names):
         m = f.metadata
         kind = _kind(f)
         default = _default(f)
         help_text = (help_override or {}).get(f.name, m.get("help", ""))
-        kwargs: dict = {"dest": f.name}
+        kwargs: dict = {"dest": _dest(f, prefix)}
         if kind == "bool":
             kwargs["action"] = argparse.BooleanOptionalAction
         elif kind == "list":
             kwargs.update(action="append", metavar=m.get("metavar", "VALUE"))
+            if "choices" in m:
+                kwargs["choices"] = m["choices"]
         else:
             kwargs["type"] = {"int": int, "float": float}.get(kind, str)
             if "choices" in m:
@@ -118,9 +122,13 @@ def add_flags(parser, cls, names=None, *, suppress_defaults: bool = False, help_
                 kwargs["nargs"] = "?"
             parser.add_argument(f.name, **kwargs)
         else:
-            parser.add_argument(flag_name(f), **kwargs)
+            parser.add_argument(flag_name(f, prefix), **kwargs)
         for alias in m.get("aliases", ()):
-            add_hidden_alias(parser, alias, f.name, kwargs)
+            add_hidden_alias(parser, alias, kwargs["dest"], kwargs)
+
+
+def _dest(f: Field, prefix: str | None) -> str:
+    return f"{prefix}__{f.name}" if prefix else f.name
 
 
 def add_hidden_alias(parser, alias: str, dest: str, kwargs: dict | None = None) -> None:
@@ -133,14 +141,15 @@ def add_hidden_alias(parser, alias: str, dest: str, kwargs: dict | None = None) 
         parser.add_argument(alias, nargs="?", **kwargs)
 
 
-def values_from(args: argparse.Namespace, cls, names=None) -> dict:
+def values_from(args: argparse.Namespace, cls, names=None, *, prefix: str | None = None) -> dict:
     """The parsed values of `cls`'s flags that are in `args` (a suppressed flag the user did not type is not).
     A required flag that is missing (given by none of its spellings) is a one-line error."""
     chosen = cli_fields(cls, names)
-    missing = [flag_name(f) for f in chosen if _default(f) is MISSING and getattr(args, f.name, None) is None]
+    missing = [flag_name(f, prefix) for f in chosen
+               if _default(f) is MISSING and getattr(args, _dest(f, prefix), None) is None]
     if missing:
         raise ConceptEraseError(f"{missing[0]} is required")
-    return {f.name: getattr(args, f.name) for f in chosen if hasattr(args, f.name)}
+    return {f.name: getattr(args, _dest(f, prefix)) for f in chosen if hasattr(args, _dest(f, prefix))}
 
 
 def resume_free(cls) -> set[str]:
@@ -157,8 +166,9 @@ def check_fields(config) -> None:
             continue
         m = f.metadata
         name = flag_name(f)
-        if "choices" in m and value not in m["choices"]:
-            raise ConceptEraseError(f"{name} must be one of {', '.join(map(str, m['choices']))}, got {value!r}")
+        for item in value if isinstance(value, (list, tuple)) else (value,):
+            if "choices" in m and item not in m["choices"]:
+                raise ConceptEraseError(f"{name} must be one of {', '.join(map(str, m['choices']))}, got {item!r}")
         if not isinstance(value, (int, float)):
             continue
         if m.get("seed"):
