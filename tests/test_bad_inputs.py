@@ -40,6 +40,9 @@ CASES = {
     "compare --out exists": (["compare", "{tmp}", "{tmp}", "--out", "{file}"], "already exists"),
     "classify --out under a file": (["classify", "--out", "{file}/out"], "'{file}' is a file"),
     "demo --out under a file": (["demo", "--out", "{file}/demo"], "'{file}' is a file"),
+    "attack --output under a file": (
+        ["attack", "--model", "minisd", "--concept", "minisd-digit-three", "--attack", "inversion", "--output",
+         "{file}/a"], "'{file}' is a file"),
     "minisd train-judges --out not .safetensors": (
         ["minisd", "train-judges", "--out", "{tmp}/judges.pt"], "'{tmp}/judges.pt' must end in .safetensors"),
     "export --to single-file not .safetensors": (

@@ -98,6 +98,30 @@ def test_a_set_has_exactly_the_number_of_images_asked(tmp_path, pipe, count_gene
         images_per_prompt(3, 9, "--num-retain-images")
 
 
+def test_concurrent_runs_encode_the_latents_once(tmp_path, pipe, monkeypatch):
+    import threading
+
+    from concept_erase.diffusion import data
+
+    images = ImageSet.generate(pipe, ["a cat"], 2, tmp_path, settings=FAST)
+    calls = []
+    real = data.encode_latents
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(data, "encode_latents", counting)
+    results = []
+    runs = [threading.Thread(target=lambda p=p: results.append(images.latents(p)))
+            for p in (pipe, build_tiny_pipeline(seed=0))]
+    for run in runs:
+        run.start()
+    for run in runs:
+        run.join(120)
+    assert len(results) == 2 and torch.equal(results[0], results[1]) and len(calls) == 1
+
+
 def test_interrupted_generation_resumes(tmp_path, pipe, monkeypatch, count_generated):
     real = generate_module.generate_images
     batches = []

@@ -272,17 +272,18 @@ class ImageSet:
             "files": [[r.file, r.prompt, *_size_and_mtime(self.root / r.file)] for r in self.records],
         }).encode()).hexdigest()
         path = self.cache_dir / f"latents-{key[:20]}.safetensors"
-        if path.is_file():
-            try:
-                with safe_open(str(path), framework="pt") as f:
-                    if (f.metadata() or {}).get("key") == key:
-                        return f.get_tensor("latents")
-            except Exception:  # a damaged cache file is recomputed, not trusted
-                pass
-        latents = encode_latents(pipe, self.images(), batch_size=batch_size, size=size, progress=progress)
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_file(path, overwrite=True) as tmp:
-            save_file({"latents": latents.contiguous()}, str(tmp), metadata={"key": key, "count": str(len(self))})
+        # like the images: concurrent runs take turns, and the second reads what the first encoded
+        with exclusive_lock(self.cache_dir / ".lock", f"encoding latents into {self.cache_dir}"):
+            if path.is_file():
+                try:
+                    with safe_open(str(path), framework="pt") as f:
+                        if (f.metadata() or {}).get("key") == key:
+                            return f.get_tensor("latents")
+                except Exception:  # a damaged cache file is recomputed, not trusted
+                    pass
+            latents = encode_latents(pipe, self.images(), batch_size=batch_size, size=size, progress=progress)
+            with atomic_file(path, overwrite=True) as tmp:
+                save_file({"latents": latents.contiguous()}, str(tmp), metadata={"key": key, "count": str(len(self))})
         return latents
 
 

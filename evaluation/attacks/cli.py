@@ -142,12 +142,12 @@ def _prepare(setup: AttackSetup, model: str, base_source: str | None):
     from concept_erase.diffusion.defaults import announce, model_defaults
     from concept_erase.diffusion.generate import parse_seeds
     from concept_erase.diffusion.loading import load_pipeline
-    from concept_erase.io_utils import check_output_free
+    from concept_erase.io_utils import check_writable
 
     from ..generation import make_protocol
     from .detectors import detector_for
 
-    check_output_free(setup.output, setup.overwrite)
+    check_writable(setup.output, setup.overwrite, flag="--output")  # free, and writable, before hours of attacks
     concept = get_concept(setup.concept)
     detector = detector_for(concept.name, classifier=setup.classifier, threshold=setup.nudenet_threshold)
     seeds = parse_seeds(setup.seeds)
