@@ -109,3 +109,18 @@ def test_a_damaged_delta_leaves_the_base_exactly_as_it_was(tmp_path, tiny_pipeli
         apply_delta(target, path)
     assert all(torch.equal(target.state_dict()[k], v) for k, v in before.items())
 
+
+
+def test_sdxl_delta_round_trips_and_refuses_an_sd1_base(tmp_path, tiny_sdxl_pipeline, tiny_pipeline):
+    import copy
+
+    erased = copy.deepcopy(tiny_sdxl_pipeline.unet)
+    with torch.no_grad():
+        erased.add_embedding.linear_1.weight[0, :3] += 1.0  # SDXL's own text_time embedding changed too
+        erased.down_blocks[1].attentions[0].transformer_blocks[0].attn2.to_k.weight[1] -= 0.5
+    path = save_delta(tiny_sdxl_pipeline.unet, erased, None, tmp_path / "delta")
+    with pytest.raises(ConceptEraseError, match="another UNet architecture"):
+        apply_delta(tiny_pipeline, path)
+    apply_delta(tiny_sdxl_pipeline, path)
+    for (name, a), b in zip(tiny_sdxl_pipeline.unet.state_dict().items(), erased.state_dict().values()):
+        assert torch.equal(a, b), name

@@ -1,0 +1,264 @@
+"""SDXL at real scale: the released architecture (2.57B UNet parameters) built from its config folder with
+random weights (nothing downloaded), measured where a shared 24 GB CPU machine allows.
+
+    HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE python benchmarks/sdxl_real_scale.py --skeleton PATH/TO/sdxl-skeleton \
+        --resolution 128 --out benchmarks/results/sdxl_real_scale.md
+
+The skeleton is a diffusers folder with SDXL base's configs and tokenizers and no weights (model_index.json,
+unet/, vae/, text_encoder/, text_encoder_2/, scheduler/).
+
+Measured:
+  - parameter counts of every component, on the meta device (no memory);
+  - the saliency mask file of the whole UNet, written by `SaliencyMask.save` (bit-packed), its size on disk;
+  - in bf16 on the CPU (fp32 weights alone are 10.3 GB): one mask pass (the guided saliency loss's forward +
+    backward over one forget latent: the UNet runs twice, conditional and unconditional) and, side by side on
+    the same latents, one SalUn step against one RL step (surrogate target under no_grad, forget + alpha *
+    retain loss, backward, then SGD on the salient entries only vs on every weight). The optimizer is SGD so
+    that no optimizer state has to fit beside the model; the masks are kept bit-packed and unpacked one
+    tensor at a time (as the mask file stores them). The conditioning is random tensors of SDXL's shapes (77 x
+    2048 hidden states, 1280 pooled, six size ids of --resolution): the text encoders run once per prompt in
+    an erasure and are not what is measured.
+
+Estimated (from the measured parts, printed as estimates): fp32 + Adam at 1024 px, per UNet parameter and in
+GB, for RL (every weight) and SalUn (masked Adam state on the salient entries only), and the step time.
+
+Not measured here: the global threshold over fp32 scores (10.3 GB of scores beside the 5.1 GB model does not fit
+in what this machine had free); `benchmarks/salun_step_sd15.py` measures the whole mask pass on SD 1.5.
+Timings are wall clock on whatever else the machine is running: the report says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+GB = 1e9
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--skeleton", type=Path, required=True, help="the SDXL base config folder (no weights needed)")
+    p.add_argument("--resolution", type=int, default=128, help="image side in pixels for the timed passes")
+    p.add_argument("--keep", type=float, default=0.5, help="mask keep ratio (random mask for the SalUn step)")
+    p.add_argument("--alpha", type=float, default=0.5, help="retain loss weight")
+    p.add_argument("--min-free-gb", type=float, default=13.0,
+                   help="refuse to build the bf16 UNet unless this much memory is available (shared machine)")
+    p.add_argument("--out", type=Path, default=None, help="write the table here (Markdown) as well as stdout")
+    return p.parse_args(argv)
+
+
+def available_gb() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024 / GB
+    return float("nan")
+
+
+def rss_gb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024 / GB
+    return float("nan")
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB
+
+
+def count_on_meta(skeleton: Path) -> dict[str, int]:
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    with init_empty_weights():
+        parts = {
+            "unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(skeleton / "unet")),
+            "text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(skeleton / "text_encoder")),
+            "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(skeleton / "text_encoder_2")),
+            "vae": AutoencoderKL.from_config(AutoencoderKL.load_config(skeleton / "vae")),
+        }
+    counts = {n: sum(p.numel() for p in m.parameters()) for n, m in parts.items()}
+    counts["unet_shapes"] = [(n, tuple(p.shape)) for n, p in parts["unet"].named_parameters()]
+    return counts
+
+
+def mask_file_size(shapes, keep: float, folder: Path) -> tuple[int, float]:
+    """Write a whole-UNet mask with the library's own writer; return its size and the seconds it took."""
+    from concept_erase.saliency import SaliencyMask
+
+    gen = torch.Generator().manual_seed(0)
+    masks = {n: torch.rand(s, generator=gen) < keep for n, s in shapes}
+    mask = SaliencyMask(masks, keep, shapes, "all", "benchmark: random")
+    t0 = time.perf_counter()
+    path = mask.save(folder / "sdxl-mask.safetensors")
+    seconds = time.perf_counter() - t0
+    size = path.stat().st_size
+    del masks, mask
+    gc.collect()
+    return size, seconds
+
+
+def packed_random_masks(unet, keep: float) -> dict[str, tuple[np.ndarray, tuple]]:
+    gen = torch.Generator().manual_seed(1)
+    return {n: (np.packbits((torch.rand(p.shape, generator=gen) < keep).reshape(-1).numpy()), tuple(p.shape))
+            for n, p in unet.named_parameters()}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    from concept_erase.diffusion.families import SDXL, Conditioning
+    from concept_erase.diffusion.losses import noise_batch, salun_loss, saliency_loss
+
+    rows: list[tuple[str, str]] = []
+    info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "resolution": args.resolution,
+            "load average at start": os.getloadavg()[0]}
+
+    counts = count_on_meta(args.skeleton)
+    n = counts["unet"]
+    for name in ("unet", "text_encoder", "text_encoder_2", "vae"):
+        rows.append((f"parameters: {name}", f"{counts[name]:,}"))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        size, seconds = mask_file_size(counts["unet_shapes"], args.keep, Path(tmp))
+    rows.append(("mask file (whole UNet, bit-packed safetensors)", f"{size / 1e6:,.1f} MB ({size * 8 / n:.3f} bits "
+                 f"per parameter), written in {seconds:.1f} s"))
+
+    free = available_gb()
+    if free < args.min_free_gb:
+        print(f"only {free:.1f} GB available (< --min-free-gb {args.min_free_gb}): stopping before the bf16 UNet",
+              file=sys.stderr)
+        return 2
+    base_rss = rss_gb()
+    torch.set_default_dtype(torch.bfloat16)  # build the weights directly in bf16: 5.1 GB, never 10.3 GB of fp32
+    t0 = time.perf_counter()
+    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(args.skeleton / "unet"))
+    torch.set_default_dtype(torch.float32)
+    build_s = time.perf_counter() - t0
+    weights_gb = sum(p.numel() * p.element_size() for p in unet.parameters()) / GB
+    rows.append(("bf16 UNet built with random weights", f"{weights_gb:.2f} GB in {build_s:.0f} s"))
+    scheduler = DDPMScheduler.from_pretrained(args.skeleton / "scheduler")
+
+    side = args.resolution // 8
+    gen = torch.Generator().manual_seed(0)
+
+    def cond(k: int) -> Conditioning:
+        return Conditioning(torch.randn(1, 77, 2048, generator=gen),
+                            {"text_embeds": torch.randn(1, 1280, generator=gen),
+                             "time_ids": torch.tensor([[args.resolution, args.resolution, 0, 0,
+                                                        args.resolution, args.resolution]], dtype=torch.float32)})
+
+    c_forget, c_surrogate, c_retain = cond(0), cond(1), cond(2)
+    c_empty = Conditioning(torch.zeros(1, 77, 2048), {"text_embeds": torch.zeros(1, 1280),
+                                                      "time_ids": c_forget.added["time_ids"]})
+    z_f, z_r = torch.randn(1, 4, side, side, generator=gen), torch.randn(1, 4, side, side, generator=gen)
+    t = torch.tensor([500])
+
+    def batch(z, c, target=None):
+        noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(7))
+        return noise_batch(scheduler, z.bfloat16(), c.to(torch.bfloat16), noise.bfloat16(), t,
+                           None if target is None else target.to(torch.bfloat16))
+
+    forget_for_mask = batch(z_f, c_forget, c_empty)
+    forget, retain = batch(z_f, c_forget, c_surrogate), batch(z_r, c_retain)
+    unet.train()
+
+    def timed(label, fn):
+        gc.collect()
+        start_rss = rss_gb()
+        t0 = time.perf_counter()
+        fn()
+        seconds = time.perf_counter() - t0
+        info[label] = {"seconds": round(seconds, 1), "rss_gb_after": round(rss_gb(), 2),
+                       "rss_growth_gb": round(rss_gb() - start_rss, 2)}
+        print(f"{label}: {seconds:.1f} s", file=sys.stderr, flush=True)
+        return seconds
+
+    def mask_pass():
+        saliency_loss(unet, forget_for_mask).backward()
+        for p in unet.parameters():
+            p.grad = None
+
+    masks = packed_random_masks(unet, args.keep)
+    lr = 1e-5
+
+    def step(masked: bool):
+        loss, _, _ = salun_loss(unet, forget, retain, args.alpha)
+        loss.backward()
+        with torch.no_grad():
+            for name, p in unet.named_parameters():
+                g = p.grad
+                if masked:  # SalUn Eq. 7: theta <- theta - eta * (m . g), the mask unpacked one tensor at a time
+                    packed, shape = masks[name]
+                    m = torch.from_numpy(np.unpackbits(packed)[: p.numel()].astype(bool)).reshape(shape)
+                    g.mul_(m)
+                p.sub_(g, alpha=lr)
+                p.grad = None
+
+    mask_s = timed("mask pass (1 forget latent)", mask_pass)
+    salun_s = timed("SalUn step", lambda: step(True))
+    rl_s = timed("RL step", lambda: step(False))
+    salun2_s = timed("SalUn step (again)", lambda: step(True))
+    rl2_s = timed("RL step (again)", lambda: step(False))
+    peak = peak_rss_gb()
+    salun_best, rl_best = min(salun_s, salun2_s), min(rl_s, rl2_s)
+    rows += [
+        (f"mask pass, 1 forget latent, {args.resolution} px, bf16", f"{mask_s:.1f} s"),
+        (f"SalUn step, batch 1 + 1, {args.resolution} px, bf16, masked SGD", f"{salun_best:.1f} s (fastest of 2)"),
+        (f"RL step, same batches, SGD on every weight", f"{rl_best:.1f} s (fastest of 2)"),
+        ("SalUn / RL step time", f"{salun_best / rl_best:.2f}x"),
+        ("peak resident memory of this process", f"{peak:.1f} GB (model {weights_gb:.1f} GB + bf16 grads "
+                                                  f"{weights_gb:.1f} GB + activations; started at {base_rss:.1f} GB)"),
+    ]
+    activations = max(0.0, peak - base_rss - 2 * weights_gb)
+
+    # -- estimates (not measured): fp32 + Adam at 1024 px
+    scale = (1024 / args.resolution) ** 2  # activations and convolution FLOPs grow with the pixel count
+    rl_bytes = 4 + 4 + 8  # fp32 weights, fp32 grads, Adam's two fp32 moments
+    salun_bytes = 4 + 4 + 8 * args.keep + 1 / 8  # Adam state on the salient entries only, + the bit-packed mask
+    act_1024 = activations * scale * 2  # x pixels, x 2 for fp32 over the measured bf16
+    rows += [
+        ("ESTIMATE fp32 + Adam, RL: bytes per UNet parameter", f"{rl_bytes} -> {rl_bytes * n / GB:.1f} GB "
+                                                               f"+ activations"),
+        (f"ESTIMATE fp32 + Adam, SalUn (keep {args.keep}): bytes per UNet parameter",
+         f"{salun_bytes:.3f} -> {salun_bytes * n / GB:.1f} GB + activations"),
+        ("ESTIMATE activations at 1024 px, batch 1 + 1",
+         f"{act_1024:.0f} GB (bf16 measured {activations:.2f} GB at {args.resolution} px, x {scale:.0f} pixels, x 2 "
+         f"for fp32; without memory-efficient attention the 4,096-token level adds more)"),
+        ("ESTIMATE step time at 1024 px on this CPU", f"{rl_best * scale / 3600:.1f} h per step (x{scale:.0f} "
+                                                       f"pixels, a lower bound: attention grows faster)"),
+    ]
+
+    header = ("| measure | value |\n|---|---|\n" + "".join(f"| {a} | {b} |\n" for a, b in rows))
+    text = (f"# SDXL at real scale (random weights from the SDXL base configs)\n\n"
+            f"`python benchmarks/sdxl_real_scale.py --skeleton <sdxl-skeleton> --resolution {args.resolution}`; "
+            f"torch {info['torch']}, {info['threads']} threads, CPU. Wall-clock timings on a machine shared with "
+            f"other jobs (load average {info['load average at start']:.1f} at the start): compare the SalUn and RL "
+            f"rows with each other (run alternately on the same batches), not with other machines. Rows marked "
+            f"ESTIMATE are computed from the measured ones, not measured.\n\n{header}\n"
+            f"Raw: `{json.dumps(info)}`\n")
+    print(text)
+    if args.out:
+        from concept_erase.io_utils import atomic_file
+
+        with atomic_file(args.out, overwrite=True) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
