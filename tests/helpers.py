@@ -47,3 +47,8 @@ def accelerate_launch(num_processes: int = 2) -> list[str]:
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
             "--main_process_port", str(port)]
+
+
+def weights_copy(module) -> dict:
+    """A detached copy of a module's state dict (to compare against after training)."""
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}

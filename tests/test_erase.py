@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from helpers import assert_same_training
+from helpers import assert_same_training, weights_copy
 
 from concept_erase.cli import main
 from concept_erase.diffusion.erase import LatentSet, TrainConfig, _epoch_indices, train_unet
@@ -18,10 +18,6 @@ def _sets(n=6, seed=0):
     forget = LatentSet(torch.randn(n, 4, 16, 16, generator=g), ["a nude"] * n, ["a dressed"] * n)
     retain = LatentSet(torch.randn(n, 4, 16, 16, generator=g), ["a dressed", "a tree"] * (n // 2))
     return forget, retain
-
-
-def _weights(unet):
-    return {k: v.detach().clone() for k, v in unet.state_dict().items()}
 
 
 class Interrupt(Exception):
@@ -52,14 +48,14 @@ def test_forget_batches_are_shuffled_and_cycled():
 def test_salun_trains_only_salient_weights_and_rl_trains_all():
     forget, retain = _sets()
     pipe = build_tiny_pipeline(0)
-    base = _weights(pipe.unet)
+    base = weights_copy(pipe.unet)
     mask = SaliencyMask.random(pipe.unet, keep=0.3, seed=1)
     # AdamW with weight decay: masking gradients alone would still move frozen weights (docs/ALGORITHMS.md 1)
     cfg = TrainConfig(method="salun", steps=3, batch_size=4, lr=1e-2, weight_decay=0.1)
     result = train_unet(pipe, forget, retain, cfg, mask=mask)
     assert len(result.losses) == 3 and all(torch.isfinite(torch.tensor(l["loss"])) for l in result.losses)
     assert result.unet is pipe.unet and not any(p.requires_grad for p in pipe.unet.parameters())
-    after = _weights(pipe.unet)
+    after = weights_copy(pipe.unet)
     moved = 0
     for name, m in mask.masks.items():
         assert torch.equal(after[name][~m], base[name][~m]), name
@@ -68,7 +64,7 @@ def test_salun_trains_only_salient_weights_and_rl_trains_all():
 
     pipe = build_tiny_pipeline(0)
     train_unet(pipe, forget, retain, TrainConfig(method="rl", steps=1, batch_size=4, lr=1e-2))
-    after = _weights(pipe.unet)
+    after = weights_copy(pipe.unet)
     changed = sum(not torch.equal(after[k], base[k]) for k in base)
     assert changed > 0.9 * len(base)
     with pytest.raises(ConceptEraseError, match="salun"):
@@ -79,7 +75,7 @@ def test_salun_trains_only_salient_weights_and_rl_trains_all():
 def test_esd_scopes(method):
     forget, _ = _sets()
     pipe = build_tiny_pipeline(0)
-    base = _weights(pipe.unet)
+    base = weights_copy(pipe.unet)
     cfg = TrainConfig(method=method, steps=1, batch_size=2, lr=1e-2, esd_ddim_steps=3)
     assert cfg.alpha == 0.0  # ESD has no retain term unless asked for
     train_unet(pipe, LatentSet(forget.latents, forget.prompts), None, cfg)
@@ -106,7 +102,7 @@ def test_training_does_not_depend_on_the_pipelines_sampler(method):
         pipe = build_tiny_pipeline(0)
         if sampler is not None:
             pipe.scheduler = sampler.from_config(pipe.scheduler.config)
-        runs.append(_weights(train_unet(pipe, forget, retain if method == "salun" else None, cfg, mask=mask).unet))
+        runs.append(weights_copy(train_unet(pipe, forget, retain if method == "salun" else None, cfg, mask=mask).unet))
     for other in runs[1:]:
         assert all(torch.equal(runs[0][k], other[k]) for k in runs[0])
 
@@ -124,10 +120,10 @@ def test_gradient_accumulation_and_checkpointing_match_the_full_batch():
     runs = []
     for accum in (1, 2):
         pipe = build_tiny_pipeline(0)
-        base = _weights(pipe.unet)
+        base = weights_copy(pipe.unet)
         cfg = TrainConfig(method="rl", steps=2, batch_size=4, lr=1e-3, gradient_accumulation_steps=accum,
                           gradient_checkpointing=accum == 2)
-        runs.append(_weights(train_unet(pipe, forget, retain, cfg).unet))
+        runs.append(weights_copy(train_unet(pipe, forget, retain, cfg).unet))
     assert_same_training(runs[0], runs[1], base, lr=1e-3)
     with pytest.raises(ConceptEraseError, match="divisible"):
         train_unet(build_tiny_pipeline(0), forget, retain, TrainConfig(method="rl", batch_size=3,

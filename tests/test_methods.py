@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from helpers import weights_copy
 
 from concept_erase.cli import main
 from concept_erase.diffusion.erase import EraseConfig, LatentSet, TrainConfig, train_unet
@@ -12,10 +13,6 @@ from concept_erase.diffusion.families import family_of
 from concept_erase.diffusion.tiny import build_tiny_pipeline
 from concept_erase.diffusion.uce import cross_attention_projections, uce_edit, uce_weights
 from concept_erase.errors import ConceptEraseError
-
-
-def _weights(unet):
-    return {k: v.detach().clone() for k, v in unet.state_dict().items()}
 
 
 def _changed(pipe, base):
@@ -63,7 +60,7 @@ def test_a_typed_flag_is_refused_even_at_its_default_and_presets_keep_the_method
 
 def test_esd_trains_on_prompts_only():
     pipe = build_tiny_pipeline(0)
-    base = _weights(pipe.unet)
+    base = weights_copy(pipe.unet)
     forget = LatentSet.prompts_only(["a nude", "a nude cat"], (4, 16, 16))
     assert forget.latents is None and len(forget) == 2
     cfg = TrainConfig(method="esd-x", steps=1, batch_size=2, lr=1e-2, esd_ddim_steps=3)
@@ -76,7 +73,7 @@ def test_esd_trains_on_prompts_only():
 @pytest.mark.parametrize("params", ["kv", "unet"])
 def test_concept_ablation_scope(params):
     pipe = build_tiny_pipeline(0)
-    base = _weights(pipe.unet)
+    base = weights_copy(pipe.unet)
     g = torch.Generator().manual_seed(0)
     # anchor images (here: random latents) with the target prompt and the anchor prompt as its surrogate
     forget = LatentSet(torch.randn(4, 4, 16, 16, generator=g), ["a nude"] * 4, ["a dressed"] * 4)
@@ -119,7 +116,7 @@ def test_uce_edits_only_cross_attention_kv():
     from concept_erase.concepts import get_concept
 
     pipe = build_tiny_pipeline(0)
-    base = _weights(pipe.unet)
+    base = weights_copy(pipe.unet)
     concept = get_concept(forget=["a nude"], surrogate=["a dressed"], retain_prompts=["a tree", "a dressed"])
     report = uce_edit(pipe, concept, ridge=0.1)
     layers = cross_attention_projections(pipe.unet, family_of(pipe))
@@ -134,7 +131,7 @@ def test_uce_on_sdxl_edits_its_cross_attention_through_the_family():
     from concept_erase.diffusion.tiny import build_tiny_sdxl_pipeline
 
     pipe = build_tiny_sdxl_pipeline(0)
-    base = _weights(pipe.unet)
+    base = weights_copy(pipe.unet)
     report = uce_edit(pipe, get_concept(forget=["a nude"], surrogate=["a dressed"], retain_prompts=["a tree"]))
     layers = cross_attention_projections(pipe.unet, family_of(pipe))
     assert family_of(pipe).name == "sdxl" and _changed(pipe, base) == {f"{name}.weight" for name in layers}
