@@ -410,3 +410,20 @@ def test_sdxl_mask_and_erase_at_a_chosen_resolution(method, tiny_sdxl_pipeline_d
     _one_line_error(capsys, ["erase", *_common(tiny_pipeline_dir, cache), "--output", str(bad), "--mask",
                              str(mask_file), "--steps", "1"], "made for an SDXL UNet", "this model is sd1")
     assert not bad.exists()
+
+
+def test_a_failed_extra_output_leaves_no_output_at_all(tiny_pipeline_dir, cache, tmp_path, capsys, monkeypatch):
+    """--save-delta fails after the model folder and the single file were written: neither is left, so the
+    retry (which --resume latest makes cheap) finds every destination free."""
+    from concept_erase.diffusion import delta
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(delta, "save_delta", full_disk)
+    _one_line_error(capsys, ["erase", *_common(tiny_pipeline_dir, cache), "--method", "rl", "--steps", "1",
+                             "--output", str(tmp_path / "o"), "--export-single-file", str(tmp_path / "o.safetensors"),
+                             "--save-delta", str(tmp_path / "d"), "--checkpoint-dir", str(tmp_path / "c")],
+                    "No space left on device", "the trained weights are kept in")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+

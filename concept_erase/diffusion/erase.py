@@ -24,6 +24,7 @@ import json
 import math
 import os
 import re
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import MISSING, dataclass, field, fields
@@ -972,12 +973,21 @@ def _save_outputs(pipe, config: EraseConfig, concept, mask, base_unet, summary: 
         card["training"] = {"lr": config.lr, "alpha": config.alpha, "batch_size": config.batch_size,
                             "seed": config.seed, "forget_images": summary["forget_images"],
                             "retain_images": summary["retain_images"]}
-    with atomic_dir(config.output, overwrite=config.overwrite) as tmp:
-        save_pipeline(pipe, tmp, card=card, overwrite=True)
-        if mask is not None:
-            mask.save(tmp / "mask.safetensors", overwrite=True)
-        (tmp / "erase_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    if config.export_single_file:
-        export_single_file(pipe, config.export_single_file, overwrite=config.overwrite)
-    if config.save_delta:
-        save_delta(base_unet, pipe.unet.cpu(), mask, config.save_delta, overwrite=config.overwrite)
+    # All or nothing: the single file and the delta are written inside OUTPUT's atomic block and removed if
+    # anything fails, so a retry finds every destination free.
+    extras: list[Path] = []
+    try:
+        with atomic_dir(config.output, overwrite=config.overwrite) as tmp:
+            save_pipeline(pipe, tmp, card=card, overwrite=True)
+            if mask is not None:
+                mask.save(tmp / "mask.safetensors", overwrite=True)
+            (tmp / "erase_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+            if config.export_single_file:
+                extras.append(export_single_file(pipe, config.export_single_file, overwrite=config.overwrite))
+            if config.save_delta:
+                extras.append(save_delta(base_unet, pipe.unet.cpu(), mask, config.save_delta,
+                                         overwrite=config.overwrite))
+    except BaseException:
+        for path in extras:
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        raise
