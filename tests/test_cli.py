@@ -23,7 +23,7 @@ def test_layers_register_their_commands_and_the_library_names_none_of_them():
 
 # Building these parsers imports torch for their dataclasses (EraseConfig, MiniSDTrainConfig); no parser imports
 # diffusers, transformers, accelerate, gradio or NudeNet (docs/ARCHITECTURE.md).
-TORCH_PARSERS = ("mask", "erase", "export", "minisd")
+TORCH_PARSERS = ("mask", "erase", "export", "plan", "minisd")  # diffusion/cli.py and minisd/cli.py
 CHECK = """
 import sys
 from concept_erase.cli import build_parser, commands
@@ -40,3 +40,22 @@ print("ok")
 def test_building_a_parser_is_import_light():
     run = subprocess.run([sys.executable, "-c", CHECK, *TORCH_PARSERS], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
+
+
+def test_import_direction():
+    """app -> evaluation -> concept_erase: the library imports neither layer, evaluation never imports app
+    (at module level or inside functions; docstrings and comments may name them)."""
+    import ast
+
+    forbidden = {"concept_erase": ("evaluation", "app"), "evaluation": ("app",)}
+    for package, names in forbidden.items():
+        for path in (ROOT / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.Import):
+                    targets = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                    targets = [node.module or ""]
+                else:
+                    continue
+                bad = [t for t in targets if t.split(".")[0] in names]
+                assert not bad, f"{path.relative_to(ROOT)} imports {bad}"

@@ -119,7 +119,7 @@ def test_plan_refuses_bad_input(tmp_path):
     with pytest.raises(ConceptEraseError, match="not a diffusers folder"):
         load_counts(str(tmp_path / "nowhere"))
     (tmp_path / "model.safetensors").write_bytes(b"")
-    with pytest.raises(ConceptEraseError, match="--model-config"):
+    with pytest.raises(ConceptEraseError, match="give --config"):
         load_counts(str(tmp_path / "model.safetensors"))
 
 

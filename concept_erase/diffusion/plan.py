@@ -54,9 +54,10 @@ class PlanConfig(TrainConfig):
 
     model: str = field(metadata={
         "help": 'the model: a diffusers folder (configs are enough, weights are not read), "minisd", or a '
-                "single file with --model-config"})
+                "single file with --config"})
     model_config: str | None = field(default=None, metadata={
-        "help": "local diffusers folder with the component configs of a single-file --model"})
+        "help": "local diffusers folder with the component configs of a single-file --model",
+        "flag": "config", "aliases": ("--model-config",)})
     keep: float = field(default=0.5, metadata={"help": "SalUn: fraction of UNet weights the mask keeps trainable",
                                                 "above": 0, "max": 1})
     mask: str | None = field(default=None, metadata={
@@ -129,7 +130,7 @@ def _config_folder(model: str, model_config: str | None) -> Path:
         return path
     if path.is_file():
         if not model_config:
-            raise ConceptEraseError(f"model {model!r} is a single file: give --model-config, a diffusers folder "
+            raise ConceptEraseError(f"model {model!r} is a single file: give --config, a diffusers folder "
                                     "with its component configs")
         return _config_folder(model_config, None)
     raise ConceptEraseError(f"model {model!r} is not a diffusers folder, a file or 'minisd'")
