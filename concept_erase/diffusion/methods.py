@@ -145,7 +145,7 @@ class SalUn(Method):
     help = ("SalUn (arXiv 2310.12508): the forget prompt's prediction steered to the surrogate's (stop-gradient), "
             "plus alpha x the retain denoising loss, on the saliency mask's weights")
     fields = LOOP_FIELDS | RETAIN_FIELDS | FORGET_IMAGE_FIELDS | MASK_FIELDS
-    default_alpha = 0.5  # the reference README's class command (DESIGN.md 4); a preset may set its own
+    default_alpha = 0.5  # the reference README's class command (docs/ALGORITHMS.md 2); a preset may set its own
     computes_mask = True
 
     def trainable(self, unet, family, mask):
@@ -171,7 +171,7 @@ class RL(SalUn):
 
 class ESD(Method):
     """ESD (Gandikota et al., ICCV 2023): target eps0(z_t, "") - eta (eps0(z_t, c) - eps0(z_t, "")), eps0 the
-    frozen original UNet, z_t from partial DDIM sampling with the model being trained (DESIGN.md 4). It needs
+    frozen original UNet, z_t from partial DDIM sampling with the model being trained (docs/ALGORITHMS.md 2). It needs
     no images: the forget "data" are its prompts."""
 
     fields = LOOP_FIELDS | RETAIN_FIELDS | ESD_FIELDS | {"mask"}
