@@ -27,6 +27,10 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# glibc keeps freed heap memory for reuse (its mmap threshold rises after each large free), so the resident set
+# would show the allocator's high-water mark rather than the tensors'. A fixed threshold makes every block
+# above 64 KiB its own mapping, returned on free; the measuring processes inherit it.
+os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
 
 SETTINGS = {  # name -> PlanConfig / TrainConfig fields
     "salun": {"method": "salun"},
