@@ -131,3 +131,11 @@ def test_plan_command(tiny_pipeline_dir):
     bad = subprocess.run([sys.executable, "-m", "concept_erase.cli", "plan", "--model", str(tiny_pipeline_dir),
                           "--memory-budget", "lots"], capture_output=True, text=True)
     assert bad.returncode == 2 and "not a size" in bad.stderr
+
+
+def test_shipped_models_plan_by_name():
+    for name in ("minisd", "minisd-xl"):
+        counts = load_counts(name)
+        plan = estimate(PlanConfig(model=name, batch_size=2, device="cpu", method="esd-x"), counts)
+        assert 0 < plan.phases["training step"]["optimizer state"] < 8 * counts.components["unet"]
+    assert counts.family.name == "sdxl" and "text_encoder_2" in counts.components

@@ -95,6 +95,7 @@ class ModelCounts:
     unet: nn.Module
     components: dict[str, int]         # component name -> parameter count (unet, text_encoder, vae, ...)
     vae_scale: int                     # pixels per latent pixel
+    family: Any                        # families.Family: which weights are cross-attention, ...
     traces: dict = field(default_factory=dict)  # (batch, latent, dtype, checkpointing, scope) -> Activations
 
     def activations(self, batch: int, latent: int, dtype: torch.dtype, checkpointing: bool,
@@ -121,10 +122,10 @@ class ModelCounts:
 
 
 def _config_folder(model: str, model_config: str | None) -> Path:
-    if model == "minisd":
-        from .loading import _minisd_path
+    from .loading import NAMED_MODELS, _named_model_path
 
-        return _minisd_path()
+    if model in NAMED_MODELS:
+        return _named_model_path(model)
     path = Path(model).expanduser()
     if path.is_dir():
         return path
@@ -140,6 +141,8 @@ def load_counts(model: str, model_config: str | None = None) -> ModelCounts:
     """Every component of the pipeline built from its config on the meta device (no weights read)."""
     import diffusers
     import transformers
+
+    from .families import family_from_config
 
     folder = _config_folder(model, model_config)
     index_file = folder / "model_index.json"
@@ -172,7 +175,7 @@ def load_counts(model: str, model_config: str | None = None) -> ModelCounts:
         raise ConceptEraseError(f"{str(folder)!r} has no unet/config.json")
     scale = 2 ** (len(json.loads((folder / "vae" / "config.json").read_text())["block_out_channels"]) - 1) \
         if (folder / "vae" / "config.json").is_file() else 8
-    return ModelCounts(unet, counts, scale)
+    return ModelCounts(unet, counts, scale, family_from_config(folder))
 
 
 # ------------------------------------------------------------------------------------------ activations
@@ -339,16 +342,15 @@ class Plan:
         return self.peak + reserve <= budget
 
 
-def _trainable_names(method, named: dict[str, nn.Parameter]) -> set[str]:
+def _trainable_names(method, named: dict[str, nn.Parameter], family) -> set[str]:
     """The UNet parameters the method trains (without a user's mask), asked of the method itself on a stand-in
     that has the UNet's parameter names and one entry each."""
-    from .families import SD1
 
     class Names:
         def named_parameters(self):
             return ((name, torch.zeros(1)) for name in named)
 
-    scope = method.trainable(Names(), SD1, None)
+    scope = method.trainable(Names(), family, None)
     return set(named) if scope is None else {name for name, m in scope.masks.items() if bool(m.any())}
 
 
@@ -377,7 +379,7 @@ def estimate(config: PlanConfig, counts: ModelCounts | None = None) -> Plan:
 
     # which UNet weights train, and how many entries of each (a SalUn mask: `keep` of every tensor, on average)
     masked = method.computes_mask
-    trainable = set(named) if masked else _trainable_names(method, named)
+    trainable = set(named) if masked else _trainable_names(method, named, counts.family)
     entries = [round(config.keep * named[n].numel()) if masked else named[n].numel() for n in trainable]
     grad_bytes = {id(named[n]): 4 * named[n].numel() for n in trainable}
 
