@@ -1,8 +1,5 @@
 """The memory plan: sizes, the meta-device activation trace against a real forward, the estimate's parts."""
 
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -123,14 +120,14 @@ def test_plan_refuses_bad_input(tmp_path):
         load_counts(str(tmp_path / "model.safetensors"))
 
 
-def test_plan_command(tiny_pipeline_dir):
-    out = subprocess.run([sys.executable, "-m", "concept_erase.cli", "plan", "--model", str(tiny_pipeline_dir),
-                          "--batch-size", "2", "--memory-budget", "1KB"], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    assert "estimated peak" in out.stdout and "does NOT fit" in out.stdout
-    bad = subprocess.run([sys.executable, "-m", "concept_erase.cli", "plan", "--model", str(tiny_pipeline_dir),
-                          "--memory-budget", "lots"], capture_output=True, text=True)
-    assert bad.returncode == 2 and "not a size" in bad.stderr
+def test_plan_command(tiny_pipeline_dir, capsys):
+    from concept_erase.cli import main
+
+    assert main(["plan", "--model", str(tiny_pipeline_dir), "--batch-size", "2", "--memory-budget", "1KB"]) == 0
+    out = capsys.readouterr().out
+    assert "estimated peak" in out and "does NOT fit" in out
+    assert main(["plan", "--model", str(tiny_pipeline_dir), "--memory-budget", "lots"]) == 2
+    assert "not a size" in capsys.readouterr().err
 
 
 def test_shipped_models_plan_by_name():
