@@ -194,7 +194,7 @@ def test_several_concepts_in_one_run(tiny_pipeline_dir, tmp_path, capsys):
     (tmp_path / "concepts.txt").write_text("minisd-digit-three\nminisd-digit-four\n")
     out = tmp_path / "two"
     assert main(["erase", "--model", str(tiny_pipeline_dir), "--concepts-file", str(tmp_path / "concepts.txt"),
-                 "--num-forget-images", "6", "--num-retain-images", "4", "--image-steps", "2", "--steps", "1",
+                 "--num-forget-images", "6", "--num-retain-images", "24", "--image-steps", "2", "--steps", "1",
                  "--batch-size", "2", "--cache-dir", str(tmp_path / "cache"), "--output", str(out),
                  "--no-progress"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
