@@ -1,4 +1,4 @@
-"""`concept-erase evaluate nudity|classes|quality` and `concept-erase compare BEFORE AFTER`.
+"""`concept-erase evaluate nudity|classes|quality` and `concept-erase compare BEFORE AFTER [AFTER ...]`.
 
 `evaluate` checks the scoring options, generates the prompt set's images into --output (resumable: run the
 same command again after a kill), scores them on the main process and writes report.md, results.json,
