@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ from typing import Callable
 from concept_erase.cli_args import check_fields
 from concept_erase.fingerprints import pipeline_digest
 from concept_erase.runtime import process_state
-from concept_erase.diffusion.defaults import MINISD_GUIDANCE, MINISD_STEPS
+from concept_erase.diffusion.defaults import MINISD_GUIDANCE, MINISD_STEPS, announce, rough_duration
 from concept_erase.errors import ConceptEraseError
 from concept_erase.io_utils import atomic_file
 
@@ -250,7 +251,8 @@ def generate_set(
             f.write(b"\n")
     if state.is_main_process:  # once per run for the whole prompt set, not per batch or per process
         generate_module.warn_if_prompts_are_cut(pipe, [r.prompt for r in rows])
-    bar = tqdm(total=len(jobs), desc="generating", disable=not (progress and state.is_main_process))
+    total, started, timed = len(jobs), time.perf_counter(), False
+    bar = tqdm(total=total, desc="evaluation images", unit="image", disable=not (progress and state.is_main_process))
     # Batches never mix guidance scales (generate_images takes one); without row_guidance that is all rows.
     while jobs:
         guidance = _guidance(jobs[0].row, protocol)
@@ -279,6 +281,12 @@ def generate_set(
             if on_image is not None:
                 on_image(entry)
             bar.update(1)
+        if not timed and progress and state.is_main_process and len(batch) < total:
+            timed = True  # the first batch is timed: say what the whole set will take
+            each = (time.perf_counter() - started) / len(batch)
+            announce(f"evaluation images: generating {total} images here ({protocol.num_inference_steps} "
+                     f"{protocol.scheduler} steps each, {protocol.resolution or 'native'} px); about "
+                     f"{rough_duration(each * total)} at {each:.2f} s per image (an interrupted run resumes)")
     bar.close()
 
     state.wait_for_everyone()

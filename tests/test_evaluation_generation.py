@@ -179,3 +179,11 @@ def test_two_processes_produce_the_single_process_set(tiny_pipeline, tmp_path):
         assert (a["file"], a["seed"], a["prompt"]) == (b["file"], b["seed"], b["prompt"])
         assert np.abs(pixels(tmp_path / "one", a) - pixels(tmp_path / "two", b)).max() <= 1
     assert json.loads((tmp_path / "two" / "run.json").read_text())["fingerprint"] == one[0]["fingerprint"]
+
+
+def test_the_image_phase_says_how_long_it_takes(tiny_pipeline, tmp_path, capsys):
+    generate_set(tiny_pipeline, rows(), tmp_path / "out", PROTOCOL, batch_size=2, progress=True)
+    err = capsys.readouterr().err
+    line = next(x for x in err.splitlines() if x.startswith("concept-erase: evaluation images: generating"))
+    assert f"generating {2 * len(rows())} images here (2 model steps each" in line and "s per image" in line
+    assert "evaluation images: 100%" in err

@@ -33,7 +33,7 @@ from ..errors import ConceptEraseError
 from ..fingerprints import pipeline_digest
 from ..runtime import cache_root
 from ..io_utils import atomic_file, exclusive_lock
-from .defaults import announce
+from .defaults import announce, rough_duration
 
 if TYPE_CHECKING:
     import torch
@@ -212,7 +212,7 @@ class ImageSet:
             if start == 0 and progress and len(todo) > len(chunk):
                 each = (time.perf_counter() - started) / len(chunk)
                 announce(f"{what}: generating {len(todo)} images ({settings.num_inference_steps} steps each) with "
-                          f"the model, cached for later runs; about {_duration(each * len(todo))} at "
+                          f"the model, cached for later runs; about {rough_duration(each * len(todo))} at "
                           f"{each:.2f} s per image")
             if bar is not None:
                 bar.update(len(chunk))
@@ -313,15 +313,6 @@ def _append_manifest(path: Path, record: ImageRecord) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ latents
-
-
-def _duration(seconds: float) -> str:
-    """"40 s", "3 min", "2.5 h": a rough duration for a person."""
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 90 * 60:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 def default_image_size(pipe) -> tuple[int, int]:

@@ -176,3 +176,12 @@ def announce(line: str) -> None:
     """Log a line about what a command chose or is about to do, once per `accelerate launch` world (rank 0)."""
     if os.environ.get("RANK", "0") == "0":
         logger.info(line)
+
+
+def rough_duration(seconds: float) -> str:
+    """"40 s", "3 min", "2.5 h": a rough duration for a person."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
