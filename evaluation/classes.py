@@ -181,7 +181,11 @@ def load_classifier(name: str, device: str | torch.device = "cpu"):
         return TorchvisionResNet50(device)
     if name in ("minisd-digits", "minisd-styles"):
         return JudgeClassifier(name.split("-")[1])
-    return TransformersClassifier.from_pretrained(local_folder(name), device)
+    try:
+        return TransformersClassifier.from_pretrained(local_folder(name), device)
+    except ConceptEraseError as err:  # e.g. the default ImageNet classifier, offline and not cached
+        raise ConceptEraseError(f"{err}; --classifier takes a transformers image-classifier folder, a cached hub "
+                                "id, 'torchvision', 'minisd-digits' or 'minisd-styles'") from None
 
 
 def local_folder(name: str | Path) -> Path:
