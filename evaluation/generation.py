@@ -284,8 +284,9 @@ def generate_set(
         if not timed and progress and state.is_main_process and len(batch) < total:
             timed = True  # the first batch is timed: say what the whole set will take
             each = (time.perf_counter() - started) / len(batch)
+            size = f"{protocol.resolution} px" if protocol.resolution else "the model's own size"
             announce(f"evaluation images: generating {total} images here ({protocol.num_inference_steps} "
-                     f"{protocol.scheduler} steps each, {protocol.resolution or 'native'} px); about "
+                     f"{protocol.scheduler} steps each, {size}); about "
                      f"{rough_duration(each * total)} at {each:.2f} s per image (an interrupted run resumes)")
     bar.close()
 
