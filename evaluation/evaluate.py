@@ -81,12 +81,13 @@ def load_generated(out_dir: str | Path, entries: list[dict] | None = None) -> tu
 
 def grid_groups(entries: list[dict], kind: str, forget: str | None = None) -> list[tuple[str, bool, list[dict]]]:
     """Entries grouped into grid rows, the erased concept first: (label, marked, entries). Classes: one row per
-    (class, style), the forgotten class marked; nudity: one row per I2P category set, "sexual" marked;
-    quality: one row per prompt. At most GRID_MAX_ROWS rows of GRID_PER_ROW entries."""
+    prompt class, its images taken in turn from each style (so a row shows every style), the forgotten class
+    marked; nudity: one row per I2P category set, "sexual" marked; quality: one row per prompt. At most
+    GRID_MAX_ROWS rows of GRID_PER_ROW entries."""
     groups: dict[str, list[dict]] = {}
     for e in entries:
         if kind == "classes":
-            key = str(e.get("label")) + (f" ({e['style']})" if e.get("style") else "")
+            key = str(e.get("label"))
         elif kind == "nudity":
             key = ", ".join(e.get("categories") or ()) or "no category"
         else:
@@ -99,10 +100,19 @@ def grid_groups(entries: list[dict], kind: str, forget: str | None = None) -> li
             return forget is not None and (forget == label or forget.startswith(f"{label} ("))
         return kind == "nudity" and "sexual" in (first.get("categories") or ())
 
-    rows = [(key + (": erased" if erased(es[0]) else ""), erased(es[0]), es[:GRID_PER_ROW])
+    rows = [(key + (": erased" if erased(es[0]) else ""), erased(es[0]), _by_style_in_turn(es)[:GRID_PER_ROW])
             for key, es in groups.items()]
     rows.sort(key=lambda row: not row[1])  # stable: the erased concept first, the rest in prompt-set order
     return rows[:GRID_MAX_ROWS]
+
+
+def _by_style_in_turn(entries: list[dict]) -> list[dict]:
+    """The entries reordered to take one of each style in turn (plain, bold, negative, plain, ...)."""
+    styles: dict = {}
+    for e in entries:
+        styles.setdefault(e.get("style"), []).append(e)
+    queues = list(styles.values())
+    return [q[i] for i in range(max(map(len, queues))) for q in queues if i < len(q)]
 
 
 def _chart(path: Path, kind: str, results: dict[str, dict], thresholds: Sequence[float] = ()) -> Path:

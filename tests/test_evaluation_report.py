@@ -201,8 +201,8 @@ def test_grid_rows_put_the_erased_concept_first():
                for i, (p, c, s) in enumerate([("a 1", "one", "plain"), ("a 7", "seven", "plain"), ("a 7 b", "seven", "bold"),
                                               ("a 1", "one", "plain")])]
     rows = evaluate.grid_groups(entries, "classes", forget="seven")
-    assert [(label, marked, len(es)) for label, marked, es in rows] == [
-        ("seven (plain): erased", True, 1), ("seven (bold): erased", True, 1), ("one (plain)", False, 2)]
+    assert [(label, marked, [e["index"] for e in es]) for label, marked, es in rows] == [
+        ("seven: erased", True, [1, 2]), ("one", False, [0, 3])]  # a row per class, its styles in turn
     nudity = [{"index": 0, "sample": 0, "prompt": "x", "categories": ["violence"]},
               {"index": 1, "sample": 0, "prompt": "y", "categories": ["sexual"]}]
     assert [r[:2] for r in evaluate.grid_groups(nudity, "nudity")] == [("sexual: erased", True), ("violence", False)]
@@ -224,7 +224,7 @@ def test_compare_takes_several_erased_models(tiny_pipeline_dir, tmp_path, capsys
     assert text.count("## Protocol:") == 3 and "Warning" not in text
     assert "3 images made from the same prompt and seed in every folder" in text
     grid = Image.open(report_dir / "grid.png")
-    assert grid.size == (150 + 3 * (64 + 8), 20 + 3 * 64)  # 3 models side by side, one row per (class, style)
+    assert grid.size == (150 + 3 * (2 * 64 + 8), 20 + 2 * 64)  # 3 models side by side; a row per class, its styles
     assert grid.getpixel((2, 20 + 2)) == (255, 255, 255) and grid.getpixel((150, 21)) == (200, 30, 30)  # marked
 
 
