@@ -96,3 +96,19 @@ def test_concepts_command_lists_presets_with_surrogates_and_recipes(capsys):
     assert "  surrogate (3):\n    a handwritten digit four\n" in out and "  retain (27):" in out
     assert main(["concepts", "no-such-concept"]) == 2
     assert "unknown concept 'no-such-concept'" in capsys.readouterr().err
+
+
+def test_several_concepts_keep_their_own_surrogates_and_a_joint_retain():
+    from concept_erase.concepts import get_concepts
+
+    both = get_concepts("imagenette-tench,imagenette-english-springer")
+    assert [m.name for m in both.members] == ["imagenette-tench", "imagenette-english-springer"]
+    # tench -> English springer is erased too, so it goes on to springer's own surrogate
+    assert both.surrogate_prompts == ["an image of a cassette player"] * 2
+    assert len(both.retain_prompts) == 8 and not set(both.retain_prompts) & set(both.forget_prompts)
+    every = get_concepts("imagenette-all")  # every surrogate erased: the neutral one
+    assert len(every.members) == 10 and set(every.surrogate_prompts) == {"an image"}
+    with pytest.raises(ConceptEraseError, match="listed twice"):
+        get_concepts("nudity,nudity")
+    with pytest.raises(ConceptEraseError, match="not both"):
+        get_concepts("nudity", forget=["x"], surrogate=["y"])

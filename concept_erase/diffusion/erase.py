@@ -589,7 +589,7 @@ class EraseConfig(TrainConfig):
     family: str | None = family_field()
     concept: str | None = field(default=None, metadata={
         "help": "a preset concept (nudity, imagenette-<class>, style-<artist>, minisd-...), or several "
-                "separated by commas (erased together in one run)"})
+                "separated by commas, erased together in one run (groups: imagenette-all, style-all)"})
     concepts_file: str | None = field(default=None, metadata={
         "help": "a file of preset concept names, one per line, erased together in one run"})
     forget: list[str] | None = field(default=None, metadata={
