@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass, field
 
 from concept_erase.cli_args import add_flags, check_fields, values_from
+from concept_erase.diffusion.families import family_field
 
 from .generation import PRESETS, Protocol
 from .thresholds import ATTACK_THRESHOLD, NUDENET_FLOOR, REPORT_THRESHOLD
@@ -33,6 +34,7 @@ class EvaluationRun:
         "help": "evaluation folder; an existing one is resumed (same protocol and model)", "aliases": ("--out",)})
     config: str | None = field(default=None, metadata={
         "help": "local diffusers folder with the configs of a single-file checkpoint"})
+    family: str | None = family_field()
     protocol: str | None = field(default=None, metadata={
         "help": "preset: paper = LMS, 100 steps, guidance 7.5, 512 px; minisd = DDIM, 25 steps, native size; "
                 "sdxl = Euler, 50 steps, guidance 5, 1024 px (SDXL base's scheduler, diffusers' SDXL defaults); "
@@ -234,7 +236,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         read_model_card(args.model)  # a folder with a card, or a one-line error now rather than after scoring
     entries = evaluate.generate_for_evaluation(
         args.model, args.prompts, args.output, protocol, rows=rows, batch_size=args.batch_size,
-        config=args.config, dtype=args.dtype, device=args.device,
+        config=args.config, family=args.family, dtype=args.dtype, device=args.device,
     )  # score exactly these: a folder may hold more from an earlier run without --limit
     if not process_state().is_main_process:
         return 0

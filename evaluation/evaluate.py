@@ -26,6 +26,7 @@ FIGURES = "## Figures\n\n![chart](chart.png)\n\n![first images](grid.png)"
 
 def generate_for_evaluation(model: str, prompts: str, out_dir: str | Path, protocol: Protocol, *,
                             limit: int | None = None, batch_size: int = 8, config: str | None = None,
+                            family: str | None = None,
                             dtype: str | None = None, device: str | None = None, progress: bool = True,
                             pipe=None, rows: list[PromptRow] | None = None) -> list[dict]:
     """Read the prompt set (unless its `rows` are given), load the model (unless `pipe` is given) and
@@ -39,7 +40,7 @@ def generate_for_evaluation(model: str, prompts: str, out_dir: str | Path, proto
     if rows is None:
         _, rows = read_prompts(prompts, limit=limit)
     if pipe is None:
-        pipe = load_pipeline(model, config=config, dtype=dtype, device=device or state.device)
+        pipe = load_pipeline(model, config=config, dtype=dtype, device=device or state.device, family=family)
     # absolute paths in run.json: a report must not depend on the directory it was made from
     absolute = lambda s: str(Path(s).resolve()) if Path(s).exists() else str(s)  # noqa: E731
     return generate_set(pipe, rows, out_dir, protocol, batch_size=batch_size, model_source=absolute(model),
