@@ -78,8 +78,10 @@ def quality(concept, base_images: list, erased_images: list, prompts: list[str],
 
         fid = make_fid(feature_extractor=load_judges().fid_features())
         out["judge_frechet"] = frechet_distance(fid, base_images, erased_images)
-        out["judge_frechet_note"] = ("FID's formula on the MiniSD digit judge's 128-d features, erased vs base "
-                                     f"images of {len(prompts)} retain prompts x seeds")
+        out["judge_frechet_note"] = (
+            f"FID's formula on the MiniSD digit judge's 128-d features, erased vs base images of {len(prompts)} "
+            "retain prompts x seeds; with fewer images than features the covariances are rank-deficient, so "
+            "compare it only between models audited with the same settings")
     if clip_model or fid_weights:
         from ..quality import ClipScore, load_clip, make_fid, score_quality
 
