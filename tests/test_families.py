@@ -47,6 +47,20 @@ def test_family_of_tiny_sd_pipeline_encodes_like_the_pipeline(tiny_pipeline):
     assert torch.equal(cond.hidden, expected.float()) and cond.added == {}
 
 
+@pytest.mark.parametrize("prediction,family", [("epsilon", SD2), ("v_prediction", SD2_V)])
+def test_tiny_sd2_pipeline_is_detected_from_its_structure(prediction, family):
+    """The tiny SD 2.x pipeline is told apart as released SD 2.x is: a 1024-wide text encoder, and the
+    scheduler's prediction type (no class name or marker)."""
+    from concept_erase.diffusion.tiny import build_tiny_sd2_pipeline
+
+    pipe = build_tiny_sd2_pipeline(prediction_type=prediction)
+    assert family_of(pipe) is family
+    cond = family.encode(pipe, ["a cat"], "cpu")
+    assert cond.hidden.shape == (1, 77, 1024) and cond.added == {}
+    out = pipe.unet(torch.zeros(1, 4, 16, 16), torch.tensor([1]), **cond.unet_kwargs()).sample
+    assert out.shape == (1, 4, 16, 16)
+
+
 def test_sdxl_encodes_both_encoders_pooled_embedding_and_size_ids(tiny_sdxl_pipeline):
     pipe = tiny_sdxl_pipeline
     family = family_of(pipe)

@@ -66,6 +66,38 @@ def test_unet_key_layout_matches_stable_diffusion():
 
 
 
+@pytest.mark.parametrize("prediction,family", [("epsilon", "sd2"), ("v_prediction", "sd2-v")])
+def test_sd2_single_file_in_the_original_layout_loads_back_exactly(tmp_path, capsys, prediction, family):
+    """SD 2.x's original layout (`v2-inference.yaml`): the OpenCLIP ViT-H encoder under cond_stage_model.model.*
+    with OpenCLIP names; diffusers' reader and load_pipeline give back every tensor, with configs from a folder
+    holding OTHER weights, and the folder's scheduler settles epsilon vs v-prediction."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors import safe_open
+
+    from concept_erase.diffusion.tiny import build_tiny_sd2_pipeline
+
+    config = tmp_path / "config"
+    build_tiny_sd2_pipeline(seed=0, prediction_type=prediction).save_pretrained(config)
+    other = build_tiny_sd2_pipeline(seed=1, prediction_type=prediction)
+    path = export_single_file(other, tmp_path / "sd2.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+        in_proj = f.get_tensor("cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight")
+    text = {k.removeprefix("cond_stage_model.model.") for k in keys if k.startswith("cond_stage_model.")}
+    assert not any(k.startswith("cond_stage_model.transformer.") for k in keys)
+    assert {"token_embedding.weight", "positional_embedding", "ln_final.weight", "ln_final.bias",
+            "transformer.resblocks.0.attn.in_proj_bias", "transformer.resblocks.0.mlp.c_fc.weight"} <= text
+    assert not any("q_proj" in k or "text_model" in k for k in text)
+    attn = other.text_encoder.text_model.encoder.layers[0].self_attn
+    assert torch.equal(in_proj, torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
+    loaded = StableDiffusionPipeline.from_single_file(str(path), config=str(config), local_files_only=True)
+    assert_same_weights(loaded, other)
+    again = load_pipeline(path, config=config)
+    assert f"model family: {family}," in capsys.readouterr().err
+    assert again.scheduler.config.prediction_type == prediction
+    assert_same_weights(again, other)
+
+
 def test_sdxl_single_file_in_the_sgm_layout_loads_back_exactly(tmp_path, tiny_sdxl_pipeline_dir, capsys):
     """SDXL's original (SGM) layout: the file A1111, ComfyUI and Forge read; diffusers' reader and
     load_pipeline give back every tensor, with configs from a folder holding OTHER weights."""

@@ -82,6 +82,9 @@ class Family:
     prediction_type: str        # the released scheduler's: "epsilon" or "v_prediction"
     # single-file (original LDM/SGM) key prefixes of each component, as A1111/ComfyUI read them
     single_file_prefixes: dict = field(default_factory=dict)
+    # the text encoders the original layout stores with OpenCLIP names (fused q/k/v `in_proj`,
+    # `transformer.resblocks.N`): SD 2.x's ViT-H and SDXL's ViT-bigG; the others keep transformers' names
+    openclip_text_encoders: tuple[str, ...] = ()
     pipeline_class: str = "StableDiffusionPipeline"
     text_encoders: tuple[str, ...] = ("text_encoder",)
 
@@ -174,12 +177,12 @@ _SD_VAE = {"vae": "first_stage_model.", "unet": "model.diffusion_model."}
 SD1 = Family("sd1", "Stable Diffusion 1.x (CLIP ViT-L text encoder, 768-d)", 512, 0.18215, "epsilon",
              {**_SD_VAE, "text_encoder": "cond_stage_model.transformer."})
 SD2 = Family("sd2", "Stable Diffusion 2.x, epsilon prediction (OpenCLIP ViT-H text encoder, 1024-d)", 512, 0.18215,
-             "epsilon", {**_SD_VAE, "text_encoder": "cond_stage_model.model."})
+             "epsilon", {**_SD_VAE, "text_encoder": "cond_stage_model.model."}, ("text_encoder",))
 SD2_V = Family("sd2-v", "Stable Diffusion 2.x, v-prediction (OpenCLIP ViT-H text encoder, 1024-d; 768 px)", 768,
-               0.18215, "v_prediction", {**_SD_VAE, "text_encoder": "cond_stage_model.model."})
+               0.18215, "v_prediction", {**_SD_VAE, "text_encoder": "cond_stage_model.model."}, ("text_encoder",))
 SDXL = SDXLFamily("sdxl", "Stable Diffusion XL base (CLIP ViT-L + OpenCLIP ViT-bigG, 2048-d, size ids)", 1024,
                   0.13025, "epsilon", {**_SD_VAE, "text_encoder": "conditioner.embedders.0.transformer.",
-                                       "text_encoder_2": "conditioner.embedders.1.model."},
+                                       "text_encoder_2": "conditioner.embedders.1.model."}, ("text_encoder_2",),
                   "StableDiffusionXLPipeline", ("text_encoder", "text_encoder_2"))
 FAMILIES = {f.name: f for f in (SD1, SD2, SD2_V, SDXL)}
 

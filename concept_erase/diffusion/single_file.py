@@ -1,9 +1,11 @@
 """The original Stable Diffusion single-file layout: a pipeline's weights under the checkpoint names that
 `from_single_file` and other SD tools (A1111, ComfyUI, Forge) read. SD 1.x (LDM): model.diffusion_model.*,
-first_stage_model.*, cond_stage_model.transformer.*; SDXL (SGM, `sd_xl_base.yaml`): the same UNet and VAE
+first_stage_model.*, cond_stage_model.transformer.* (CLIP ViT-L, transformers names); SD 2.x (LDM, `v2-inference.yaml`):
+the same UNet and VAE names and cond_stage_model.model.* (OpenCLIP ViT-H names, as SDXL's second encoder); SDXL (SGM, `sd_xl_base.yaml`): the same UNet and VAE
 names (plus label_emb.* for the pooled-text + size-id embedding), conditioner.embedders.0.transformer.* (CLIP
 ViT-L, transformers names) and conditioner.embedders.1.model.* (OpenCLIP ViT-bigG names: fused q/k/v
-`in_proj`, `text_projection` transposed). The family says which (`families.py`). `export_single_file`
+`in_proj`, `text_projection` transposed). The family says which: its prefixes and which encoders take
+OpenCLIP names (`families.py`). `export_single_file`
 writes one `.safetensors` that loads back exactly.
 """
 
@@ -21,8 +23,6 @@ from .loading import resolve_dtype
 
 if TYPE_CHECKING:
     import torch
-
-LDM_UNET, LDM_VAE, LDM_CLIP = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
 
 # The inverse of diffusers' `convert_ldm_unet_checkpoint` / `convert_ldm_vae_checkpoint` /
 # `convert_ldm_clip_checkpoint` (diffusers/loaders/single_file_utils.py), written for any number of blocks
@@ -129,9 +129,11 @@ _OPENCLIP_FIXED = {"text_model.embeddings.token_embedding.weight": "token_embedd
 
 
 def clip_to_openclip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """transformers CLIPTextModelWithProjection keys -> OpenCLIP keys (the inverse of diffusers'
-    `convert_open_clip_checkpoint`): q/k/v fused into one `in_proj` (rows q, k, v), `text_projection` stored
-    (width, projection) as OpenCLIP multiplies `x @ text_projection`."""
+    """transformers CLIPTextModel(WithProjection) keys -> OpenCLIP keys (the inverse of diffusers'
+    `convert_open_clip_checkpoint`): q/k/v fused into one `in_proj` (rows q, k, v), `text_projection` (SDXL's
+    bigG only) stored (width, projection) as OpenCLIP multiplies `x @ text_projection`. SD 2.x's diffusers
+    encoder has 23 of ViT-H's 24 layers (SD 2 conditions on the penultimate layer), so its file holds
+    resblocks 0-22; diffusers' reader ignores a resblocks.23 and the unused `text_projection`."""
     import torch
 
     out, qkv = {}, {}
@@ -162,28 +164,22 @@ def clip_to_openclip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def to_original_state_dict(pipe) -> dict[str, torch.Tensor]:
-    """The pipeline's UNet, VAE and text encoder(s) under the original checkpoint names of its family.
-
-    SD 1.x and SD 2.x keep transformers' CLIP names under cond_stage_model.transformer. (an SD 2.x OpenCLIP
-    encoder written so loads back in diffusers, but tools expecting cond_stage_model.model.* do not); SDXL
-    writes the SGM layout (CLIP-L under conditioner.embedders.0.transformer., OpenCLIP-bigG names under
-    conditioner.embedders.1.model.).
-    """
+    """The pipeline's UNet, VAE and text encoder(s) under the original checkpoint names of its family:
+    the family's key prefixes, and OpenCLIP names for the encoders it lists in `openclip_text_encoders`
+    (SD 2.x: cond_stage_model.model.*; SDXL: conditioner.embedders.1.model.*)."""
     from .families import family_of
 
     family = family_of(pipe)
+    prefixes = family.single_file_prefixes
     layers = pipe.unet.config.layers_per_block
     unet = unet_to_ldm(pipe.unet.state_dict(), layers if isinstance(layers, int) else _same(layers))
     vae = vae_to_ldm(pipe.vae.state_dict(), len(pipe.vae.config.block_out_channels))
-    state = {LDM_UNET + k: v for k, v in unet.items()}
-    state.update({LDM_VAE + k: v for k, v in vae.items()})
-    if family.name == "sdxl":
-        prefixes = family.single_file_prefixes
-        state.update({prefixes["text_encoder"] + k: v for k, v in pipe.text_encoder.state_dict().items()})
-        state.update({prefixes["text_encoder_2"] + k: v
-                      for k, v in clip_to_openclip(pipe.text_encoder_2.state_dict()).items()})
-    else:
-        state.update({LDM_CLIP + k: v for k, v in pipe.text_encoder.state_dict().items()})
+    state = {prefixes["unet"] + k: v for k, v in unet.items()}
+    state.update({prefixes["vae"] + k: v for k, v in vae.items()})
+    for name, encoder in family.text_modules(pipe).items():
+        weights = encoder.state_dict()
+        names = clip_to_openclip(weights) if name in family.openclip_text_encoders else weights
+        state.update({prefixes[name] + k: v for k, v in names.items()})
     # CPU and contiguous for safetensors; no copy when already so (an SD checkpoint is GBs)
     return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
@@ -192,7 +188,7 @@ def export_single_file(pipe, path: str | os.PathLike, *, overwrite: bool = False
                        dtype: str | torch.dtype | None = None) -> Path:
     """One `.safetensors` in the original layout of the pipeline's family; load it back with
     `StableDiffusionPipeline.from_single_file(path, config=<a diffusers folder of the same model>)`
-    (`StableDiffusionXLPipeline` for SDXL).
+    (SD 1.x and 2.x; `StableDiffusionXLPipeline` for SDXL).
     `dtype` ("fp16", "bf16", "fp32"): store the weights in that precision (default: as they are)."""
     from safetensors.torch import save_file
 

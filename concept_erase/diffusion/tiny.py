@@ -1,7 +1,9 @@
 """Build small, real Stable Diffusion pipelines offline: for tests, fixtures, MiniSD and MiniSD-XL.
 
 Everything here is a genuine diffusers pipeline: `build_tiny_pipeline` a `StableDiffusionPipeline` (CLIP
-tokenizer and text encoder, UNet2DConditionModel, AutoencoderKL, DDIM scheduler), `build_tiny_sdxl_pipeline`
+tokenizer and text encoder, UNet2DConditionModel, AutoencoderKL, DDIM scheduler), `build_tiny_sd2_pipeline`
+one with SD 2.x's structure (a 1024-wide OpenCLIP-style text encoder, linear projections, epsilon or
+v-prediction), `build_tiny_sdxl_pipeline`
 a `StableDiffusionXLPipeline` with SDXL's structure (two CLIP text encoders, the second with a projection,
 a UNet with `text_time` added conditioning). Only the sizes are small and no file is downloaded.
 """
@@ -63,10 +65,16 @@ def build_tiny_pipeline(
     unet_channels: Sequence[int] = (32, 64),
     vae_channels: Sequence[int] = (32, 64),
     text_hidden: int = 32,
+    text_layers: int = 2,
+    text_intermediate: int | None = None,
+    hidden_act: str = "quick_gelu",
+    use_linear_projection: bool = False,
+    prediction_type: str = "epsilon",
 ):
     """A randomly initialised StableDiffusionPipeline of about 1M parameters, deterministic in `seed`.
 
-    The VAE downsamples by 2 ** (len(vae_channels) - 1); the scheduler is SD's (scaled_linear betas, DDIM).
+    The VAE downsamples by 2 ** (len(vae_channels) - 1); the scheduler is SD's (scaled_linear betas, DDIM)
+    with `prediction_type`. `text_intermediate` defaults to 2 * text_hidden.
     """
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -74,10 +82,10 @@ def build_tiny_pipeline(
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(words, model_max_length=model_max_length)
     text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=text_hidden, intermediate_size=2 * text_hidden,
-        num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=model_max_length,
+        vocab_size=len(tokenizer), hidden_size=text_hidden, intermediate_size=text_intermediate or 2 * text_hidden,
+        num_attention_heads=4, num_hidden_layers=text_layers, max_position_embeddings=model_max_length,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, projection_dim=text_hidden,
+        pad_token_id=tokenizer.pad_token_id, projection_dim=text_hidden, hidden_act=hidden_act,
     )
     text_encoder = CLIPTextModel(text_config)
     latent_size = image_size // 2 ** (len(vae_channels) - 1)
@@ -88,6 +96,7 @@ def build_tiny_pipeline(
         down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
         cross_attention_dim=text_hidden, attention_head_dim=8, norm_num_groups=8,
+        use_linear_projection=use_linear_projection,
     )
     vae = AutoencoderKL(
         in_channels=in_channels, out_channels=in_channels, latent_channels=4, sample_size=image_size,
@@ -96,16 +105,26 @@ def build_tiny_pipeline(
         up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
     )
     return StableDiffusionPipeline(
-        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=_sd_scheduler(),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        scheduler=_sd_scheduler(prediction_type), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
     )
 
 
-def _sd_scheduler():
+def build_tiny_sd2_pipeline(seed: int = 0, *, prediction_type: str = "epsilon", **kwargs):
+    """A randomly initialised StableDiffusionPipeline with SD 2.x's structure at toy size: the text encoder
+    is 1024 wide as OpenCLIP ViT-H's (the width SD 2.x is told apart by, `families.family_of`) but has one
+    layer, four heads and a 64-wide MLP (about 5M parameters); gelu as OpenCLIP; the UNet cross-attends to
+    1024 dims with linear projections; `prediction_type` "v_prediction" for the 768-v models."""
+    return build_tiny_pipeline(seed, text_hidden=1024, text_layers=1, text_intermediate=64, hidden_act="gelu",
+                               use_linear_projection=True, prediction_type=prediction_type, **kwargs)
+
+
+def _sd_scheduler(prediction_type: str = "epsilon"):
     from diffusers import DDIMScheduler
 
     return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                         set_alpha_to_one=False, steps_offset=1)
+                         set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
 
 
 def build_tiny_sdxl_pipeline(
