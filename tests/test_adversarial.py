@@ -1,13 +1,16 @@
-"""SalUn-Adv (`concept_erase.diffusion.adversarial`): the inner attack, the method through the loop, its flags."""
+"""SalUn-Adv (`concept_erase.diffusion.adversarial`): the inner attack, the method through the loop, its flags; and
+`--train text-encoder` (`concept_erase.diffusion.trained`): the encoder trains on its mask, the UNet stays put."""
 
 import pytest
 import torch
+from diffusers import StableDiffusionPipeline
 
 from concept_erase.diffusion.adversarial import adversarial_conditioning
-from concept_erase.diffusion.erase import METHODS, EraseConfig, LatentSet, TrainConfig, train_unet
+from concept_erase.diffusion.erase import METHODS, EraseConfig, LatentSet, TrainConfig, compute_mask, train_unet
 from concept_erase.diffusion.families import family_of
 from concept_erase.diffusion.losses import noise_batch, sample_noise, training_scheduler
-from concept_erase.diffusion.tiny import build_tiny_pipeline
+from concept_erase.diffusion.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline
+from concept_erase.diffusion.trained import TrainedTextEncoder
 from concept_erase.errors import ConceptEraseError
 from concept_erase.saliency import SaliencyMask
 
@@ -69,3 +72,81 @@ def test_adversarial_flags():
         TrainConfig(adversarial=True, adv_steps=0)
     with pytest.raises(ConceptEraseError, match="--adv-steps is not used by --method salun"):
         EraseConfig(model="m", output="o", forget=["x"], surrogate=["y"], adv_steps=3)
+
+
+# -- --train text-encoder (AdvUnlearn): the encoder trains on its mask, the UNet stays bit-identical
+
+def _train_text_encoder(steps: int = 4, **run):
+    pipe = build_tiny_pipeline(seed=0)
+    g = torch.Generator().manual_seed(0)
+    forget = LatentSet(torch.randn(4, 4, 16, 16, generator=g), ["a cat"] * 4, ["a dog"] * 4)
+    retain = LatentSet(torch.randn(4, 4, 16, 16, generator=g), ["a bird"] * 4)
+    config = TrainConfig(method="salun", adversarial=True, train="text-encoder", steps=steps, batch_size=4, lr=1e-2,
+                         adv_steps=2, checkpointing_steps=2, checkpoints_total_limit=0)
+    mask = compute_mask(pipe, forget, keep=0.5, batch_size=4, train="text-encoder")
+    unet = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    encoder = {k: v.clone() for k, v in pipe.text_encoder.state_dict().items()}
+    embed = lambda p: family_of(pipe).encode(pipe, p, "cpu").hidden  # noqa: E731
+    with torch.no_grad():
+        gap = (embed(["a cat"]) - embed(["a dog"])).norm()
+    result = train_unet(pipe, forget, retain, config, mask=mask, **run)
+    with torch.no_grad():
+        gap_after = (embed(["a cat"]) - embed(["a dog"])).norm()
+    return pipe, unet, encoder, mask, gap, gap_after, result
+
+
+def test_text_encoder_training_changes_only_its_masked_weights_and_moves_the_forget_prompt_to_the_surrogate():
+    pipe, unet, encoder, mask, gap, gap_after, result = _train_text_encoder(concept_of={"a cat": "cat"})
+    assert set(mask.masks) <= set(dict(pipe.text_encoder.named_parameters()))  # the mask is over the encoder
+    for name, value in pipe.unet.state_dict().items():
+        assert torch.equal(value, unet[name]), name
+    changed = 0
+    for name, p in pipe.text_encoder.named_parameters():
+        frozen = ~mask.masks[name] if name in mask.masks else torch.ones_like(p, dtype=torch.bool)
+        assert torch.equal(p.detach()[frozen], encoder[name][frozen]), name
+        changed += int((p.detach() != encoder[name]).sum())
+    assert changed > 0
+    assert gap_after < gap  # "a cat"'s conditioning moved towards "a dog"'s
+    assert set(result.forget_per_concept) == {"cat"}  # the after-training measure (plain prompts, no attack)
+
+
+def test_text_encoder_checkpoints_hold_the_encoder_and_resume_exactly(tmp_path):
+    whole = _train_text_encoder(checkpoint_dir=tmp_path / "a")[0]
+    assert (tmp_path / "a" / "checkpoint-2" / "text-encoder.safetensors").is_file()
+    resumed = _train_text_encoder(checkpoint_dir=tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-2"))[0]
+    for (name, p), q in zip(whole.text_encoder.named_parameters(), resumed.text_encoder.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_train_text_encoder_refusals():
+    assert EraseConfig.for_concept(model="m", output="o", forget=["x"], surrogate=["y"], adversarial=True,
+                                   train="text-encoder").method == "salun-adv"  # what the CLI builds
+    assert TrainConfig(method="salun", adversarial=True, train="text-encoder").train == "text-encoder"
+    with pytest.raises(ConceptEraseError, match="--train text-encoder needs --adversarial"):
+        TrainConfig(method="salun", train="text-encoder")
+    with pytest.raises(ConceptEraseError, match="--gradient-checkpointing is for the UNet, not --train text-encoder"):
+        TrainConfig(adversarial=True, train="text-encoder", gradient_checkpointing=True)
+    with pytest.raises(ConceptEraseError, match="--save-delta writes UNet weights; with --train text-encoder"):
+        EraseConfig(model="m", output="o", forget=["x"], surrogate=["y"], adversarial=True, train="text-encoder",
+                    save_delta="d")
+    with pytest.raises(ConceptEraseError, match="--train text-encoder runs in one process"):
+        TrainConfig(adversarial=True, train="text-encoder").check_launch(2)
+    with pytest.raises(ConceptEraseError, match="--train text-encoder handles one text encoder; this sdxl model has 2"):
+        TrainedTextEncoder(build_tiny_sdxl_pipeline(seed=0), "cpu")
+
+
+def test_erase_train_text_encoder_writes_the_pipeline_and_says_what_trained(tiny_pipeline_dir, tmp_path):
+    from concept_erase.diffusion.erase import run_erase
+
+    out = tmp_path / "out"
+    config = EraseConfig.for_concept(model=str(tiny_pipeline_dir), output=str(out), forget=["a cat"],
+                                     surrogate=["a dog"], adversarial=True, train="text-encoder", steps=2,
+                                     batch_size=2, num_forget_images=2, num_retain_images=2, image_steps=2,
+                                     adv_steps=1, cache_dir=str(tmp_path / "cache"), progress=False)
+    summary = run_erase(config)
+    assert summary["trained"] == "text-encoder" and summary["method"] == "salun-adv"
+    assert "trained: text-encoder" in (out / "README.md").read_text()
+    base = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir)
+    erased = StableDiffusionPipeline.from_pretrained(out)
+    assert all(torch.equal(a, b) for a, b in zip(base.unet.parameters(), erased.unet.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(base.text_encoder.parameters(), erased.text_encoder.parameters()))

@@ -24,7 +24,7 @@ from .families import Conditioning, as_conditioning
 from .losses import noise_batch, sample_noise
 from .methods import MASK_FIELDS, SalUn, register_method
 
-ADV_FIELDS = frozenset({"adversarial", "adv_every", "adv_steps", "adv_lr"})
+ADV_FIELDS = frozenset({"adversarial", "adv_every", "adv_steps", "adv_lr", "train"})
 FIXED = ("time_ids",)  # SDXL's image-size ids describe the image, not the text
 
 
@@ -62,19 +62,26 @@ class SalUnAdv(SalUn):
             "SalUn step remaps them to the surrogate with the plain prompts, on the saliency mask's weights")
     fields = SalUn.fields | ADV_FIELDS | MASK_FIELDS
 
-    def condition(self, cond, step):
-        self._step = step  # forget_batch, called next, attacks on the steps adv_every divides
+    _pending: tuple[int, list[str]] | None = None
+
+    def condition(self, cond, step, prompts):
+        # forget_batch, called next in the loop, attacks on the steps adv_every divides; a forget batch without
+        # this call (the after-training forget measure) is the plain prompts'
+        self._pending = (step, prompts)
         return cond
 
     def forget_batch(self, model, scheduler, latents, cond, target_cond, noise, timesteps, draws):
         c = self.config
-        step = getattr(self, "_step", 0)
-        if step % c.adv_every == 0:
+        pending, self._pending = self._pending, None
+        if pending is not None and pending[0] % c.adv_every == 0:
+            step, prompts = pending
             cond = as_conditioning(cond)
             half = max(1, len(cond) // 2)
             gen = torch.Generator().manual_seed(c.seed * 1_000_003 + step + 500_009)
-            adv = adversarial_conditioning(model, scheduler, latents[:half], cond[:half], steps=c.adv_steps,
-                                           lr=c.adv_lr, generator=gen)
+            # the trained module's attack (trained.py): on the conditioning for the UNet, on the input token
+            # embeddings for the text encoder (AdvUnlearn), which then re-encodes them with grad
+            adv = self.trained.adversarial(model, scheduler, latents[:half], prompts[:half], cond[:half],
+                                           steps=c.adv_steps, lr=c.adv_lr, generator=gen)
             cond = Conditioning.cat([adv, cond[half:]]) if half < len(cond) else adv
         return super().forget_batch(model, scheduler, latents, cond, target_cond, noise, timesteps, draws)
 

@@ -27,7 +27,7 @@ ERASE_FIELDS = (
     "model", "model_config", "family", "concept", "concepts_file", "forget", "surrogate", "retain_prompts", "output", "method",
     "mask", "keep", "mask_scope", "steps", "batch_size", "lr", "alpha", "weight_decay", "seed",
     "gradient_accumulation_steps", "mixed_precision", "gradient_checkpointing", "enable_xformers", "optimizer", "esd_eta",
-    "esd_ddim_steps", "esd_start_guidance", "adversarial", "adv_every", "adv_steps", "adv_lr", "ca_params",
+    "esd_ddim_steps", "esd_start_guidance", "adversarial", "adv_every", "adv_steps", "adv_lr", "train", "ca_params",
     "uce_erase_scale", "uce_preserve_scale", "uce_lambda",
     "num_forget_images", "num_retain_images", "forget_images", "retain_images", "image_steps",
     "image_guidance", "resolution", "cache_dir", "checkpoint_dir", "checkpointing_steps", "checkpoints_total_limit",

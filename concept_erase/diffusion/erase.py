@@ -42,6 +42,7 @@ from .guard import DivergenceGuard, checkpoints_in
 from .losses import SALIENCY_GUIDANCE, denoising_loss, noise_batch, sample_noise, saliency_loss_fn, training_scheduler
 from .methods import CA_PARAMS, get_method, method_names
 from .adversarial import ADVERSARIAL_VARIANTS  # registers salun-adv
+from .trained import TRAINED, trained_module
 from ..saliency import SaliencyMask, build_optimizer, optimizer_class
 
 # The methods --method names; adversarial variants are chosen with --adversarial instead.
@@ -111,6 +112,10 @@ class TrainConfig:
     adv_steps: int = field(default=5, metadata={
         "help": "adversarial: inner attack steps (Adam on the conditioning)", "min": 1})
     adv_lr: float = field(default=0.02, metadata={"help": "adversarial: the inner attack's learning rate", "above": 0})
+    train: str = field(default="unet", metadata={
+        "help": "the module that trains: unet, or text-encoder (AdvUnlearn's plug-in robust text encoder, UNet "
+                "frozen; salun only; the saliency mask is over the encoder's weights; the inner attack of "
+                "--adversarial perturbs the input token embeddings)", "choices": TRAINED})
     checkpointing_steps: int = field(default=0, metadata={
         "help": "save checkpoint-<step> every this many steps (0: never)", "min": 0, "resume_free": True})
     checkpoints_total_limit: int = field(default=2, metadata={
@@ -124,6 +129,11 @@ class TrainConfig:
                                         f"not {self.method!r}")
             self.method = ADVERSARIAL_VARIANTS[self.method]  # the variant is a method of its own from here on
         method = get_method(self.method)
+        if self.train != "unet":
+            if self.method not in ADVERSARIAL_VARIANTS.values():
+                raise ConceptEraseError(f"--train {self.train} needs --adversarial (AdvUnlearn, with --method salun)")
+            if self.gradient_checkpointing:
+                raise ConceptEraseError(f"--gradient-checkpointing is for the UNet, not --train {self.train}")
         if self.alpha is None:
             self.alpha = method.default_alpha
 
@@ -136,6 +146,8 @@ class TrainConfig:
         optimizer_class(self.optimizer)  # bitsandbytes for adam8bit: a clear error now, not after the mask pass
         if self.mixed_precision == "fp16" and not torch.cuda.is_available():
             raise ConceptEraseError("--mixed-precision fp16 needs a CUDA GPU; use bf16 or no on CPU")
+        if self.train != "unet" and num_processes > 1:
+            raise ConceptEraseError(f"--train {self.train} runs in one process (got {num_processes})")
         if self.batch_size % (num_processes * self.gradient_accumulation_steps):
             raise ConceptEraseError(
                 f"batch_size {self.batch_size} must be divisible by processes x gradient_accumulation_steps "
@@ -246,46 +258,49 @@ def train_unet(
     config.check_launch(world)  # and the batch split, now that the process count is known
     micro_batches = world * config.gradient_accumulation_steps
     device = accelerator.device
-    unet = pipe.unet
-    unet.to(device)
-    if unet.dtype != torch.float32:
-        unet.to(dtype=torch.float32)  # fp32 master weights; mixed precision autocasts the forward
-    method.prepare(unet, pipe, frozen_unet, device)
+    pipe.unet.to(device)
+    # THE trained module (trained.py): the UNet, or the text encoder with the UNet frozen; it also encodes prompts
+    trained = method.trained = trained_module(config.train)(
+        pipe, device, family_of(pipe).latents_image_size(pipe, forget.latent_shape))
+    model = trained.module
+    model.to(device)
+    if model.dtype != torch.float32:
+        model.to(dtype=torch.float32)  # fp32 master weights; mixed precision autocasts the forward
+    method.prepare(pipe.unet, pipe, frozen_unet, device)
 
     # -- which weights train (the method's mask or scope; None: every weight), and THE optimizer over them:
     # masked, it keeps optimizer state for the salient entries only and never writes frozen ones (saliency.py)
-    trainable = method.trainable(unet, family_of(pipe), mask)
-    optimizer = build_optimizer(unet, trainable, config.optimizer, lr=config.lr, weight_decay=config.weight_decay)
+    trainable = method.trainable(model, family_of(pipe), mask)
+    optimizer = build_optimizer(model, trainable, config.optimizer, lr=config.lr, weight_decay=config.weight_decay)
 
     # -- resume: weights, optimizer state and the step counter (the data order is a function of the step)
     start_step, losses = 0, []
     ckpt = _find_checkpoint(checkpoint_dir, resume)
     if ckpt is not None:
-        start_step, losses = _load_checkpoint(ckpt, unet, optimizer, config)
+        start_step, losses = _load_checkpoint(ckpt, model, optimizer, config)
         from accelerate.logging import get_logger
 
         get_logger(__name__).info("resuming from %s (step %d)", ckpt, start_step)  # main process only
 
     if config.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+        pipe.unet.enable_gradient_checkpointing()  # (refused with --train text-encoder)
     if config.enable_xformers:
-        unet.enable_xformers_memory_efficient_attention()
-    unet.train()
+        pipe.unet.enable_xformers_memory_efficient_attention()
+    model.train()
     # blow-ups, finite ones included, stop the run; only checkpoints that passed are kept as good (guard.py)
-    guard = DivergenceGuard(list(unet.parameters()), checkpoint_dir, start_step=start_step,
+    guard = DivergenceGuard(list(model.parameters()), checkpoint_dir, start_step=start_step,
                             keep=config.checkpoints_total_limit, main=accelerator.is_main_process)
-    unet, optimizer = accelerator.prepare(unet, optimizer)  # after build_optimizer: DDP sees only trainable params
+    model, optimizer = accelerator.prepare(model, optimizer)  # after build_optimizer: DDP sees only trainable params
+    unet = trained.unet(model)  # the UNet the losses call (the prepared module when it is the one training)
 
-    # -- prompts -> conditioning, once (the text encoder is frozen)
-    embed = PromptEmbeddings(pipe, device, size=family_of(pipe).latents_image_size(pipe, forget.latent_shape))
-    f_cond = embed(forget.prompts)
-    f_target = embed(method.target_prompts(forget.prompts, forget.surrogates))
+    # -- per item, the prompts its conditionings come from (`trained.encode`: cached, or through the encoder)
+    targets = method.target_prompts(forget.prompts, forget.surrogates)
     use_retain = retain is not None and config.alpha > 0
-    r_cond = embed(retain.prompts) if use_retain else None
     T = pipe.scheduler.config.num_train_timesteps
     scheduler = training_scheduler(pipe.scheduler)  # q_sample, whatever sampler the pipeline ships with
-    # The text encoder and VAE are done (prompts encoded, latents cached): off the GPU while training.
-    parked = [m for m in (pipe.text_encoder, pipe.vae) if device.type == "cuda" and m is not None]
+    # The VAE is done (latents cached), and so is a frozen text encoder (prompts cached): off the GPU.
+    parked = [m for m in (pipe.text_encoder, pipe.vae)
+              if device.type == "cuda" and m is not None and m is not trained.module]
     for module in parked:
         module.to("cpu")
 
@@ -311,17 +326,19 @@ def train_unet(
             lo = (rank * config.gradient_accumulation_steps + k) * per
             sl = slice(lo, lo + per)
             ix = f_idx[sl]
+            prompts = [forget.prompts[i] for i in ix]
             fb = method.forget_batch(accelerator.unwrap_model(unet), scheduler, forget.take(ix, device),
-                                     method.condition(f_cond[ix], step), f_target[ix], f_noise[sl].to(device),
+                                     method.condition(trained.encode(prompts), step, prompts),
+                                     trained.target([targets[i] for i in ix]), f_noise[sl].to(device),
                                      f_t[sl].to(device), draws)
             rb = None
             if use_retain:
                 rix = r_idx[sl]
-                rb = noise_batch(scheduler, retain.take(rix, device), r_cond[rix], r_noise[sl].to(device),
-                                 r_t[sl].to(device))
+                rb = noise_batch(scheduler, retain.take(rix, device), trained.encode([retain.prompts[i] for i in rix]),
+                                 r_noise[sl].to(device), r_t[sl].to(device))
             last = k == config.gradient_accumulation_steps - 1
             # Gradients are all-reduced only on the last micro-batch (DDP no_sync covers forward + backward).
-            with nullcontext() if last else accelerator.no_sync(unet):
+            with nullcontext() if last else accelerator.no_sync(model):
                 with accelerator.autocast():
                     loss, loss_f, loss_r = method.loss(unet, fb, rb)
                 accelerator.backward(loss / config.gradient_accumulation_steps)
@@ -340,19 +357,23 @@ def train_unet(
             bar.set_postfix(loss=f"{record['loss']:.4g}", forget=f"{record['loss_forget']:.4g}",
                             retain=f"{record['loss_retain']:.4g}")
         if checkpoint_dir and config.checkpointing_steps and (step + 1) % config.checkpointing_steps == 0:
-            _save_checkpoint(accelerator, Path(checkpoint_dir), step + 1, unet, optimizer, config, losses)
+            _save_checkpoint(accelerator, Path(checkpoint_dir), step + 1, model, optimizer, config, losses)
     guard.finish(config.steps)
 
-    # -- hand back a plain module: no DDP wrapper, no hooks, no checkpointing, frozen
-    unet = accelerator.unwrap_model(unet, keep_fp32_wrapper=False)
+    # -- hand back plain modules: no DDP wrapper, no hooks, no checkpointing, frozen
+    setattr(pipe, trained.attr, accelerator.unwrap_model(model, keep_fp32_wrapper=False))
+    unet = pipe.unet
     if config.gradient_checkpointing:
         unet.disable_gradient_checkpointing()
-    unet.requires_grad_(False).eval()
-    pipe.unet = unet
+    for module in (unet, trained.module):
+        module.requires_grad_(False).eval()
     for module in parked:
         module.to(device)
     per_concept, retain_loss = None, None
     if concept_of:
+        with torch.no_grad():  # with the trained weights
+            f_cond, f_target = trained.target(forget.prompts), trained.target(targets)
+            r_cond = trained.target(retain.prompts) if use_retain else None
         per_concept, retain_loss = _final_losses(method, unet, scheduler, T, forget, f_cond, f_target, concept_of,
                                                  retain if use_retain else None, r_cond, config, device)
     accelerator.wait_for_everyone()
@@ -474,7 +495,7 @@ def _save_checkpoint(accelerator, checkpoint_dir: Path, step: int, unet, optimiz
 
 def _write_checkpoint(checkpoint_dir: Path, step: int, weights: dict, optimizer_state: dict | None,
                       config: TrainConfig, losses: list[dict]) -> Path:
-    """checkpoint-<step>/: unet.safetensors (all UNet weights), optimizer.pt (tensors only, loaded with
+    """checkpoint-<step>/: unet.safetensors (all UNet weights; text-encoder.safetensors with --train text-encoder), optimizer.pt (tensors only, loaded with
     weights_only=True; absent in a run's final weights, which take no more step), rng.safetensors, state.json
     (step, losses, the settings that must match on resume). The data order needs no file: it is a function of
     (seed, step). Written atomically."""
@@ -483,7 +504,7 @@ def _write_checkpoint(checkpoint_dir: Path, step: int, weights: dict, optimizer_
     state = {k: v.detach().contiguous().cpu() for k, v in weights.items()}
     path = Path(checkpoint_dir) / f"checkpoint-{step}"
     with atomic_dir(path, overwrite=True) as tmp:
-        save_file(state, str(tmp / "unet.safetensors"))
+        save_file(state, str(tmp / f"{config.train}.safetensors"))
         if optimizer_state is not None:
             torch.save(optimizer_state, tmp / "optimizer.pt")
         rng = {"cpu": torch.get_rng_state()}
@@ -500,7 +521,7 @@ def _load_checkpoint(path: Path, unet, optimizer, config: TrainConfig) -> tuple[
 
     try:
         state = json.loads((path / "state.json").read_text())
-        weights = load_file(str(path / "unet.safetensors"))
+        weights = load_file(str(path / f"{config.train}.safetensors"))
         has_optimizer = (path / "optimizer.pt").exists()  # a run's kept final weights have none (no step left)
         opt_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True) if has_optimizer else None
         rng = load_file(str(path / "rng.safetensors"))
@@ -518,7 +539,7 @@ def _load_checkpoint(path: Path, unet, optimizer, config: TrainConfig) -> tuple[
                                 f"continue to --steps {config.steps}")
     missing, unexpected = unet.load_state_dict(weights, strict=False)
     if missing or unexpected:
-        raise ConceptEraseError(f"checkpoint {str(path)!r} does not fit this UNet "
+        raise ConceptEraseError(f"checkpoint {str(path)!r} does not fit this {config.train} "
                                 f"(first mismatch: {(missing or unexpected)[0]!r})")
     if opt_state is not None:
         optimizer.load_state_dict(opt_state)
@@ -554,18 +575,22 @@ def mask_batch(config: TrainConfig) -> int:
 
 def compute_mask(pipe, forget: LatentSet, keep: float = 0.5, *, include=None, batch_size: int = 8,
                  seed: int = 0, guidance: float = SALIENCY_GUIDANCE, concept: str = "", lowest: bool = False,
-                 progress: bool = False, gradient_checkpointing: bool = False):
-    """The SalUn mask of `pipe.unet` for a forget set: one pass over it with the diffusion saliency loss
+                 progress: bool = False, gradient_checkpointing: bool = False, train: str = "unet"):
+    """The SalUn mask of the trained module (`train`: `pipe.unet`, or the text encoder, the loss then
+    differentiated through it: `trained.py`) for a forget set: one pass over it with the diffusion saliency loss
     (docs/ALGORITHMS.md 1-2: MSE(eps, (1 + w) eps(x_t, c_f) - w eps(x_t, "")), w = 7.5, t ~ U{0..999}), noise and
     timesteps from `seed`; `include`: None (every UNet weight) or a regex on parameter names.
     `lowest=True` keeps the LEAST salient weights instead (the inverted-mask control of the benchmark).
     `gradient_checkpointing`: recompute activations in the backward pass (the same gradients, less memory)."""
-    batches = saliency_batches(pipe, forget, batch_size=batch_size, seed=seed)
+    trained = trained_module(train)(pipe, next(pipe.unet.parameters()).device,
+                                    family_of(pipe).latents_image_size(pipe, forget.latent_shape))
+    prompts = [forget.prompts[lo: lo + batch_size] for lo in range(0, len(forget), batch_size)]
+    batches = zip(saliency_batches(pipe, forget, batch_size=batch_size, seed=seed), prompts)
     if gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
     try:
-        return SaliencyMask.compute(pipe.unet, batches, saliency_loss_fn(guidance), keep=keep, include=include,
-                                    concept=concept, lowest=lowest, progress=progress)
+        return SaliencyMask.compute(trained.module, batches, trained.saliency_loss_fn(guidance), keep=keep,
+                                    include=include, concept=concept, lowest=lowest, progress=progress)
     finally:
         if gradient_checkpointing:
             pipe.unet.disable_gradient_checkpointing()
@@ -645,6 +670,8 @@ class EraseConfig(TrainConfig):
         get_method(self.method).check_fields(given)
         if self.concept is None and not self.forget and not self.concepts_file:
             raise ConceptEraseError("name a --concept preset (or --concepts-file) or give --forget and --surrogate")
+        if self.train != "unet" and self.save_delta:
+            raise ConceptEraseError(f"--save-delta writes UNet weights; with --train {self.train} the UNet is unchanged")
         if self.mask_scope is not None:
             try:
                 re.compile(self.mask_scope)
@@ -660,7 +687,10 @@ class EraseConfig(TrainConfig):
         theirs, 0, unless the user passes alpha)."""
         from .methods import ALL_METHOD_FIELDS, RETAIN_DATA
 
-        method = get_method(values.get("method", cls.method))
+        method = values.get("method", cls.method)
+        if values.get("adversarial"):  # --adversarial selects the method's adversarial variant
+            method = ADVERSARIAL_VARIANTS.get(method, method)
+        method = get_method(method)
         method.check_fields(values)  # what the user typed, even when it equals a default
         recipe = _concept_set(values).recipe if (values.get("concept") or values.get("concepts_file")) else {}
         names = {f.name for f in fields(cls)}
@@ -786,7 +816,7 @@ def run_mask(config: EraseConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     mask = compute_mask(pipe, forget, config.keep, include=config.mask_scope, batch_size=mask_batch(config),
                         seed=config.seed, concept=concept.name, progress=config.progress,
-                        gradient_checkpointing=config.gradient_checkpointing)
+                        gradient_checkpointing=config.gradient_checkpointing, train=config.train)
     seconds = time.perf_counter() - t0
     if state.is_main_process:
         mask.save(config.output, overwrite=config.overwrite)
@@ -817,6 +847,7 @@ def run_erase(config: EraseConfig) -> dict[str, Any]:
         return summary
 
     config.check_launch(state.num_processes)
+    module = getattr(pipe, trained_module(config.train).attr)  # the module the mask covers and training changes
     mask, mask_seconds = None, 0.0
     ckpt_dir = config.checkpoints()
     resumed_mask = ckpt_dir / RESUME_MASK
@@ -824,9 +855,9 @@ def run_erase(config: EraseConfig) -> dict[str, Any]:
     if config.mask:
         mask = SaliencyMask.load(config.mask)
         family_of(pipe).check_mask(mask, config.mask)  # SDXL's mask on SD 1.5 (or back) is named as such
-        mask.check_compatible(pipe.unet)  # a mask for another model fails here, early
+        mask.check_compatible(module)  # a mask for another model fails here, early
     elif computes_mask and _find_checkpoint(ckpt_dir, config.resume) and resumed_mask.is_file():
-        mask = SaliencyMask.load(resumed_mask, model=pipe.unet)  # the mask the interrupted run computed
+        mask = SaliencyMask.load(resumed_mask, model=module)  # the mask the interrupted run computed
         made_for, now = (mask.keep, mask.scope, mask.concept), (config.keep, config.mask_scope or "all", concept.name)
         if made_for != now:
             raise ConceptEraseError(f"cannot resume: {str(resumed_mask)!r} was computed for another job "
@@ -840,12 +871,12 @@ def run_erase(config: EraseConfig) -> dict[str, Any]:
         if state.is_main_process:
             mask = compute_mask(pipe, forget, config.keep, include=config.mask_scope, batch_size=mask_batch(config),
                                 seed=config.seed, concept=concept.name, progress=config.progress,
-                                gradient_checkpointing=config.gradient_checkpointing)
+                                gradient_checkpointing=config.gradient_checkpointing, train=config.train)
             ckpt_dir.mkdir(parents=True, exist_ok=True)
             mask.save(resumed_mask, overwrite=True)
         state.wait_for_everyone()
         if not state.is_main_process:
-            mask = SaliencyMask.load(resumed_mask, model=pipe.unet)
+            mask = SaliencyMask.load(resumed_mask, model=module)
         mask_seconds = time.perf_counter() - t0
     base_unet = copy.deepcopy(pipe.unet).cpu() if config.save_delta else None
 
@@ -859,7 +890,7 @@ def run_erase(config: EraseConfig) -> dict[str, Any]:
     summary = {
         **_summary_head(config, concept, state),
         "steps": result.steps, "resumed_from": result.resumed_from, "batch_size": config.batch_size,
-        "lr": config.lr, "alpha": config.alpha,
+        "lr": config.lr, "alpha": config.alpha, "trained": config.train,
         "keep": None if mask is None else round(mask.kept_fraction, 6),
         "forget_images": 0 if forget.latents is None else int(forget.latents.shape[0]),
         "retain_images": 0 if retain is None else int(retain.latents.shape[0]),
@@ -877,7 +908,8 @@ def run_erase(config: EraseConfig) -> dict[str, Any]:
         try:
             _save_outputs(pipe, config, concept, mask, base_unet, summary)
         except (ConceptEraseError, OSError) as err:
-            _keep_trained_weights(err, pipe.unet, ckpt_dir, config, result.losses)
+            _keep_trained_weights(err, getattr(pipe, trained_module(config.train).attr), ckpt_dir, config,
+                                  result.losses)
         if not config.checkpointing_steps:  # nothing to resume from: do not leave the shared mask behind
             _remove_resume_mask(ckpt_dir)
     state.wait_for_everyone()
@@ -970,7 +1002,8 @@ def _save_outputs(pipe, config: EraseConfig, concept, mask, base_unet, summary: 
                                                 "preserve_prompts") if k in summary}
     else:
         card["steps"] = summary["steps"]
-        card["training"] = {"lr": config.lr, "alpha": config.alpha, "batch_size": config.batch_size,
+        card["training"] = {"trained": summary["trained"], "lr": config.lr, "alpha": config.alpha,
+                            "batch_size": config.batch_size,
                             "seed": config.seed, "forget_images": summary["forget_images"],
                             "retain_images": summary["retain_images"]}
     # All or nothing: the single file and the delta are written inside OUTPUT's atomic block and removed if

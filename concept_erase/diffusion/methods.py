@@ -18,7 +18,7 @@ Seams for other layers (keep them in these single places):
   once, on what the method's `trainable` returns (masked: state for the salient entries only);
 - each step's (all-reduced) loss and the weights after each step are checked in ONE place,
   `guard.DivergenceGuard` (finite blow-ups too; only checkpoints that passed are kept as good);
-- `Method.condition(cond, step)` may replace the forget conditioning of each step (adversarial prompt
+- `Method.condition(cond, step, prompts)` may replace the forget conditioning of each step (adversarial prompt
   embeddings: subclass `SalUn`, override `condition`, and `register_method` the subclass under a new name).
 """
 
@@ -116,8 +116,9 @@ class Method:
         """Extra random draws of a step's GLOBAL batch, after its noise and timesteps (same on every process)."""
         return {}
 
-    def condition(self, cond: Conditioning, step: int) -> Conditioning:
-        """The forget conditioning of this step (hook: adversarial prompt embeddings)."""
+    def condition(self, cond: Conditioning, step: int, prompts: list[str]) -> Conditioning:
+        """The forget conditioning of this step, of `prompts` (hook: adversarial prompt embeddings). The loop
+        sets `self.trained` (`trained.py`: the trained module, which also encodes prompts) before step one."""
         return cond
 
     def forget_batch(self, model: nn.Module, scheduler, latents: Tensor | None, cond, target_cond, noise: Tensor,

@@ -1,0 +1,131 @@
+"""The trained module of an erasure: the UNet (SalUn and every other method) or the text encoder (AdvUnlearn,
+Zhang et al., NeurIPS 2024: a plug-in robust text encoder, the UNet frozen).
+
+`erase.train_unet` and the mask pass see only this interface, so the loop has no branch per module:
+- `module`: the nn.Module whose weights the mask ranks, the optimizer steps and checkpoints hold;
+- `encode(prompts)`: the UNet conditioning of prompts, with gradients through the text encoder when it is the
+  trained module (recomputed every step), from a once-encoded cache when it is not;
+- `target(prompts)`: the same under no_grad (the surrogate's stop-gradient target);
+- `adversarial(...)`: the inner attack of SalUn-Adv on what the trained module can defend: the conditioning
+  for the UNet, the INPUT token embeddings for the text encoder (an attack on the conditioning would bypass the
+  encoder being trained);
+- `saliency_loss_fn(guidance)`: the saliency loss of the mask pass, differentiating through the module.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import ConceptEraseError
+from .families import Conditioning, family_of
+from .losses import noise_batch, sample_noise, saliency_loss
+
+TRAINED = ("unet", "text-encoder")
+
+
+class TrainedUNet:
+    """The UNet trains; the text encoder is frozen, so each prompt is encoded once."""
+
+    name = "unet"
+    attr = "unet"  # the pipeline component it is
+
+    def __init__(self, pipe, device, size: tuple[int, int] | None = None):
+        from .erase import PromptEmbeddings
+
+        self.pipe, self.module = pipe, pipe.unet
+        self._cache = PromptEmbeddings(pipe, device, size=size)
+
+    def unet(self, prepared: nn.Module) -> nn.Module:
+        """The UNet the losses call, given the trained module as accelerate prepared it."""
+        return prepared
+
+    def encode(self, prompts: Sequence[str]) -> Conditioning:
+        return self._cache(prompts)
+
+    def target(self, prompts: Sequence[str]) -> Conditioning:
+        return self._cache(prompts)
+
+    def adversarial(self, unet, scheduler, latents, prompts, cond, *, steps, lr, generator) -> Conditioning:
+        from .adversarial import adversarial_conditioning
+
+        return adversarial_conditioning(unet, scheduler, latents, cond, steps=steps, lr=lr, generator=generator)
+
+    def saliency_loss_fn(self, guidance: float):
+        return lambda unet, item: saliency_loss(unet, item[0], guidance)
+
+
+class TrainedTextEncoder(TrainedUNet):
+    """The text encoder trains (the UNet frozen): every conditioning is recomputed through it, with grad."""
+
+    name = "text-encoder"
+    attr = "text_encoder"
+
+    def __init__(self, pipe, device, size: tuple[int, int] | None = None):
+        family = family_of(pipe)
+        if len(family.text_modules(pipe)) != 1:
+            raise ConceptEraseError(f"--train text-encoder handles one text encoder; this {family.name} model has "
+                                    f"{len(family.text_modules(pipe))}")
+        self.pipe, self.module, self.device, self.size, self.family = pipe, pipe.text_encoder, device, size, family
+        pipe.unet.requires_grad_(False)
+
+    def unet(self, prepared: nn.Module) -> nn.Module:
+        return self.pipe.unet
+
+    def encode(self, prompts: Sequence[str], offset: Tensor | None = None) -> Conditioning:
+        """The conditioning of `prompts` through the current encoder; `offset` (B, L, D) is added to the input
+        token embeddings (the inner attack's perturbation)."""
+        with self._offset(offset):
+            return self.family.encode(self.pipe, list(prompts), self.device, self.size)
+
+    @torch.no_grad()
+    def target(self, prompts: Sequence[str]) -> Conditioning:
+        return self.encode(prompts)
+
+    @contextmanager
+    def _offset(self, offset: Tensor | None):
+        if offset is None:
+            yield
+            return
+        handle = self.module.get_input_embeddings().register_forward_hook(lambda mod, inp, out: out + offset)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def adversarial(self, unet, scheduler, latents, prompts, cond, *, steps, lr, generator) -> Conditioning:
+        """AdvUnlearn's inner attack on the input token embeddings: Adam on a perturbation delta (from 0) of
+        the forget prompts' token embeddings minimising the current models' denoising error on `latents`
+        (gradients on delta only), then the prompts re-encoded with delta, with grad through the encoder so
+        the outer step teaches the encoder to map them to the surrogate."""
+        width = self.module.get_input_embeddings().embedding_dim
+        delta = torch.zeros(len(prompts), self.pipe.tokenizer.model_max_length, width, device=latents.device,
+                            requires_grad=True)
+        opt = torch.optim.Adam([delta], lr=lr)
+        T = scheduler.config.num_train_timesteps
+        for _ in range(steps):
+            noise, t = sample_noise(latents, T, generator)
+            batch = noise_batch(scheduler, latents, self.encode(prompts, delta), noise.to(latents.device),
+                                t.to(latents.device))
+            pred = unet(batch.noisy, batch.timesteps, **batch.cond.unet_kwargs(batch.noisy.dtype)).sample
+            (delta.grad,) = torch.autograd.grad(F.mse_loss(pred.float(), batch.target.float()), [delta])
+            opt.step()
+        return self.encode(prompts, delta.detach())
+
+    def saliency_loss_fn(self, guidance: float):
+        """SalUn's saliency loss with both conditionings (forget prompt and the empty one) re-encoded with grad."""
+        def loss(text_encoder, item):
+            batch, prompts = item
+            cond = self.encode(list(prompts) + [""])
+            return saliency_loss(self.pipe.unet, replace(batch, cond=cond[:-1], target_cond=cond[-1:].expand(
+                len(prompts))), guidance)
+        return loss
+
+
+def trained_module(name: str):
+    return {c.name: c for c in (TrainedUNet, TrainedTextEncoder)}[name]
