@@ -132,7 +132,7 @@ def test_train_text_encoder_refusals():
     with pytest.raises(ConceptEraseError, match="--train text-encoder runs in one process"):
         TrainConfig(adversarial=True, train="text-encoder").check_launch(2)
     with pytest.raises(ConceptEraseError, match="--train text-encoder handles one text encoder; this sdxl model has 2"):
-        TrainedTextEncoder(build_tiny_sdxl_pipeline(seed=0), "cpu")
+        TrainedTextEncoder.of(build_tiny_sdxl_pipeline(seed=0))  # erase checks it before any image is made
 
 
 def test_erase_train_text_encoder_writes_the_pipeline_and_says_what_trained(tiny_pipeline_dir, tmp_path):

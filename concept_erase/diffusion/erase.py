@@ -847,7 +847,7 @@ def run_erase(config: EraseConfig) -> dict[str, Any]:
         return summary
 
     config.check_launch(state.num_processes)
-    module = getattr(pipe, trained_module(config.train).attr)  # the module the mask covers and training changes
+    module = trained_module(config.train).of(pipe)  # the module the mask covers and training changes
     mask, mask_seconds = None, 0.0
     ckpt_dir = config.checkpoints()
     resumed_mask = ckpt_dir / RESUME_MASK
@@ -908,8 +908,7 @@ def run_erase(config: EraseConfig) -> dict[str, Any]:
         try:
             _save_outputs(pipe, config, concept, mask, base_unet, summary)
         except (ConceptEraseError, OSError) as err:
-            _keep_trained_weights(err, getattr(pipe, trained_module(config.train).attr), ckpt_dir, config,
-                                  result.losses)
+            _keep_trained_weights(err, trained_module(config.train).of(pipe), ckpt_dir, config, result.losses)
         if not config.checkpointing_steps:  # nothing to resume from: do not leave the shared mask behind
             _remove_resume_mask(ckpt_dir)
     state.wait_for_everyone()

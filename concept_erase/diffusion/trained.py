@@ -41,6 +41,11 @@ class TrainedUNet:
         self.pipe, self.module = pipe, pipe.unet
         self._cache = PromptEmbeddings(pipe, device, size=size)
 
+    @classmethod
+    def of(cls, pipe) -> nn.Module:
+        """This pipeline's module of this kind; refuses a pipeline it cannot train (before any work)."""
+        return getattr(pipe, cls.attr)
+
     def unet(self, prepared: nn.Module) -> nn.Module:
         """The UNet the losses call, given the trained module as accelerate prepared it."""
         return prepared
@@ -67,12 +72,17 @@ class TrainedTextEncoder(TrainedUNet):
     attr = "text_encoder"
 
     def __init__(self, pipe, device, size: tuple[int, int] | None = None):
+        self.pipe, self.module, self.device, self.size = pipe, self.of(pipe), device, size
+        self.family = family_of(pipe)
+        pipe.unet.requires_grad_(False)
+
+    @classmethod
+    def of(cls, pipe) -> nn.Module:
         family = family_of(pipe)
-        if len(family.text_modules(pipe)) != 1:
+        if len(family.text_modules(pipe)) != 1:  # SDXL: AdvUnlearn's recipe is for one encoder
             raise ConceptEraseError(f"--train text-encoder handles one text encoder; this {family.name} model has "
                                     f"{len(family.text_modules(pipe))}")
-        self.pipe, self.module, self.device, self.size, self.family = pipe, pipe.text_encoder, device, size, family
-        pipe.unet.requires_grad_(False)
+        return pipe.text_encoder
 
     def unet(self, prepared: nn.Module) -> nn.Module:
         return self.pipe.unet
