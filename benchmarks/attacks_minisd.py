@@ -34,8 +34,7 @@ from concept_erase.diffusion.loading import load_pipeline
 from concept_erase.diffusion.methods import method_names
 from concept_erase.diffusion.minisd.experiment import MASK_BATCH_SIZE, make_latent_sets
 from concept_erase.diffusion.minisd.judge import load_judges
-from concept_erase.io_utils import atomic_file
-from erasure_minisd import Evaluator  # the erasure benchmark's forget / retain / FID evaluation
+from erasure_minisd import Evaluator, write_results  # the erasure benchmark's evaluation and table writer
 from evaluation.attacks import ATTACK_NAMES
 from evaluation.attacks.budgets import make_budget
 from evaluation.attacks.detectors import detector_for
@@ -194,12 +193,7 @@ def write_tables(args, command: str, rows: list[dict], seeds, eval_seeds, availa
     lines += ["", "Mean attack time per model (s, the machine shared with other jobs): "
               + ", ".join(f"{a} {v:.0f}" for a, v in mean_s.items()) + ".",
               f"Wall time of this {'tabulation' if args.tabulate else 'run'}: {seconds:.0f} s.", ""]
-    out = Path(args.out)
-    with atomic_file(out, overwrite=True) as tmp:
-        tmp.write_text("\n".join(lines), encoding="utf-8")
-    with atomic_file(out.with_suffix(".jsonl"), overwrite=True) as tmp:
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    print("\n".join(lines))
+    write_results(args.out, lines, rows)
 
 
 if __name__ == "__main__":

@@ -121,7 +121,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
-    from concept_erase.diffusion.families import SDXL, Conditioning
+    from concept_erase.diffusion.families import Conditioning
     from concept_erase.diffusion.losses import noise_batch, salun_loss, saliency_loss
 
     rows: list[tuple[str, str]] = []
@@ -219,7 +219,7 @@ def main(argv=None) -> int:
     rows += [
         (f"mask pass, 1 forget latent, {args.resolution} px, bf16", f"{mask_s:.1f} s"),
         (f"SalUn step, batch 1 + 1, {args.resolution} px, bf16, masked SGD", f"{salun_best:.1f} s (fastest of 2)"),
-        (f"RL step, same batches, SGD on every weight", f"{rl_best:.1f} s (fastest of 2)"),
+        ("RL step, same batches, SGD on every weight", f"{rl_best:.1f} s (fastest of 2)"),
         ("SalUn / RL step time", f"{salun_best / rl_best:.2f}x (here the bit-packed mask is unpacked with numpy, "
                                  f"tensor by tensor, every step: a fixed cost per weight)"),
         ("peak resident memory of this process", f"{peak:.1f} GB (model {weights_gb:.1f} GB + bf16 grads "

@@ -39,7 +39,7 @@ from ..errors import ConceptEraseError
 from ..io_utils import atomic_dir
 from .families import Conditioning, family_field, family_of
 from .guard import DivergenceGuard, checkpoints_in
-from .losses import SALIENCY_GUIDANCE, denoising_loss, noise_batch, sample_noise, saliency_loss_fn, training_scheduler
+from .losses import SALIENCY_GUIDANCE, denoising_loss, noise_batch, sample_noise, training_scheduler
 from .methods import CA_PARAMS, get_method, method_names
 from .adversarial import ADVERSARIAL_VARIANTS  # registers salun-adv
 from .trained import TRAINED, trained_module

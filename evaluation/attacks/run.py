@@ -17,7 +17,6 @@ from typing import Sequence
 from concept_erase.errors import ConceptEraseError
 
 from . import attack_fn
-from .budgets import make_budget
 from .core import Learned, Targets, budget_line
 
 # Seeds of inversion's training images, disjoint from the attacked rows' seeds (0, 1, 2, ...).
