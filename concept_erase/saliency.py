@@ -451,7 +451,9 @@ class MaskedOptimizer(torch.optim.Optimizer):
         for p, index, proxy in self._packed:
             if proxy.grad is None:
                 continue
-            p.view(-1).index_put_((index,), proxy)  # the salient entries only: frozen ones are never written
+            # the salient entries only: frozen ones are never written. index_copy_ (int64 index, converted per
+            # tensor: a transient of k entries) is faster on CPU than index_put_ with the stored int32 index.
+            p.view(-1).index_copy_(0, index.long(), proxy)
             proxy.grad = None
             proxy.data = proxy.data.new_empty(0)
         return None
