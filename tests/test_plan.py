@@ -9,6 +9,7 @@ from concept_erase.diffusion.plan import (
     describe,
     estimate,
     load_counts,
+    no_grad_peak,
     parse_bytes,
     trace_activations,
 )
@@ -67,6 +68,19 @@ def test_checkpointing_and_half_precision_shrink_the_activations(tiny_pipeline):
     assert all(p.dtype == torch.float32 for p in meta.parameters())  # the trace leaves the model as it was
 
 
+def test_no_grad_forward_holds_less_than_a_training_forward_and_grows_with_the_batch(tiny_pipeline):
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        meta = UNet2DConditionModel.from_config(tiny_pipeline.unet.config)
+    one, two = (no_grad_peak(meta, b, 16, torch.float32) for b in (1, 2))
+    saved = trace_activations(meta, 1, 16, torch.float32, checkpointing=False).total
+    assert 0 < one < saved  # nothing is kept for a backward pass: only the skip connections and the running op
+    assert two == 2 * one   # every live tensor has a batch dimension
+    assert no_grad_peak(meta, 1, 16, torch.bfloat16) == one // 2
+    assert all(p.dtype == torch.float32 for p in meta.parameters())
+
+
 def test_backward_peak_walks_the_forward_in_reverse():
     from concept_erase.diffusion.plan import Activations
 
@@ -93,6 +107,13 @@ def test_estimate_parts_follow_the_settings(tiny_pipeline_dir):
     assert abs(train(salun)["optimizer state"] - 4 * n_unet) <= 8 * len(list(counts.unet.parameters()))
     assert "mask pass" in salun.phases and "mask pass" not in plan(method="salun", mask="m.safetensors").phases
     assert "frozen original UNet (ESD)" in train(plan(method="esd-x"))
+    # ESD's no-grad sampling and target forwards: cond + uncond, so twice the micro-batch; under accumulation
+    # the gradients are already there for later micro-batches
+    sampling = plan(method="esd-x").phases["sampling (no grad)"]
+    assert sampling["no-grad forward (skip connections + the running op)"] == no_grad_peak(
+        counts.unet, 8, counts.default_resolution // counts.vae_scale, torch.float32)
+    assert "gradients (accumulating)" in plan(method="esd-x", gradient_accumulation_steps=2).phases["sampling (no grad)"]
+    assert "sampling (no grad)" not in rl.phases
     assert train(plan(method="rl", optimizer="adam8bit"))["optimizer state"] < 0.5 * train(rl)["optimizer state"]
     assert plan(method="rl", gradient_checkpointing=True).peak < rl.peak
     # gradient accumulation: the micro-batch's activations, every gradient already there after the first

@@ -12,7 +12,9 @@ memory of this architecture at this batch and resolution. The estimate then foll
   on a CPU run they count), the frozen original UNet (ESD), optimizer state
   (Adam: 8 bytes per trainable entry; 8-bit Adam: about 2; under a SalUn mask only the salient entries have
   state, plus a 4-byte index per salient entry), and during the backward pass the activations not yet
-  consumed plus the gradients already made (walked in the forward's order, position by position).
+  consumed plus the gradients already made (walked in the forward's order, position by position);
+- ESD's sampling: its z_t and target come from UNet forwards under no_grad (cond + uncond), whose peak is the
+  skip connections still live plus the running op's tensors (counted op by op on the meta device).
 
 Attention is counted as the fused SDPA / xformers kernels store it (queries, keys, values, output and the
 log-sum-exp; never the full attention matrix). Gradient checkpointing keeps the inputs of each checkpointed
@@ -226,6 +228,68 @@ class Activations:
         return sum(b for _, b in self.saved) + self.recompute
 
 
+def _meta_inputs(cfg, batch: int, latent: int, dtype: torch.dtype, sequence: int) -> tuple[tuple, dict]:
+    """The UNet's inputs for a batch, on the meta device: latents, timesteps, text states (+ SDXL's extras)."""
+    with torch.device("meta"):
+        x = torch.empty(batch, cfg.in_channels, latent, latent, dtype=dtype)
+        t = torch.zeros(batch, dtype=torch.long)
+        kwargs = {"encoder_hidden_states": torch.empty(batch, sequence, cfg.cross_attention_dim, dtype=dtype)}
+        if getattr(cfg, "addition_embed_type", None) == "text_time":  # SDXL: pooled text + six size ids
+            pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+            kwargs["added_cond_kwargs"] = {"text_embeds": torch.empty(batch, pooled, dtype=dtype),
+                                           "time_ids": torch.empty(batch, 6, dtype=dtype)}
+    return (x, t), kwargs
+
+
+def no_grad_peak(unet: nn.Module, batch: int, latent: int, dtype: torch.dtype, sequence: int = 77) -> int:
+    """The most memory a forward of `unet` under torch.no_grad holds at once beyond its weights and inputs
+    (ESD's sampling and target forwards, SalUn's target forward): nothing is kept for a backward pass, so what
+    is live at its peak is the skip connections still waiting for the up blocks plus the tensors of the op
+    running then. Every tensor an op makes is counted while a Python reference to it lives."""
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    param_ids = {p.untyped_storage()._cdata for p in unet.parameters()}
+    live: dict[int, list[int]] = {}   # storage -> [bytes, tensors referring to it]
+    held, peak = [0], [0]
+
+    def release(key):
+        entry = live[key]
+        entry[1] -= 1
+        if not entry[1]:
+            held[0] -= live.pop(key)[0]
+
+    class Live(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_leaves(out):
+                if torch.is_tensor(t):
+                    key = t.untyped_storage()._cdata
+                    if key in param_ids:
+                        continue
+                    if key not in live:
+                        live[key] = [t.untyped_storage().nbytes(), 0]
+                        held[0] += live[key][0]
+                        peak[0] = max(peak[0], held[0])
+                    live[key][1] += 1
+                    weakref.finalize(t, release, key)
+            return out
+
+    for p in unet.parameters():
+        p.data = p.data.to(dtype)
+    args, kwargs = _meta_inputs(unet.config, batch, latent, dtype, sequence)
+    try:
+        with torch.no_grad(), _fused_attention(), Live():
+            out = unet(*args, **kwargs)
+        del out
+    finally:
+        for p in unet.parameters():
+            p.data = p.data.to(torch.float32)
+    return peak[0]
+
+
 def trace_activations(unet: nn.Module, batch: int, latent: int, dtype: torch.dtype, checkpointing: bool,
                       sequence: int = 77) -> Activations:
     """Run `unet` (on the meta device; its requires_grad flags decide what is trainable) on a batch and record
@@ -272,18 +336,10 @@ def trace_activations(unet: nn.Module, batch: int, latent: int, dtype: torch.dty
     handles = [m.register_forward_pre_hook(mark_params) for m in unet.modules()]
     if checkpointing:
         unet.enable_gradient_checkpointing(gradient_checkpointing_func=checkpointed)
-    with torch.device("meta"):
-        x = torch.empty(batch, cfg.in_channels, latent, latent, dtype=dtype)
-        t = torch.zeros(batch, dtype=torch.long)
-        hidden = torch.empty(batch, sequence, cfg.cross_attention_dim, dtype=dtype)
-        kwargs = {}
-        if getattr(cfg, "addition_embed_type", None) == "text_time":  # SDXL: pooled text + six size ids
-            pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-            kwargs["added_cond_kwargs"] = {"text_embeds": torch.empty(batch, pooled, dtype=dtype),
-                                           "time_ids": torch.empty(batch, 6, dtype=dtype)}
+    args, kwargs = _meta_inputs(cfg, batch, latent, dtype, sequence)
     try:
         with _fused_attention(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            unet(x, t, encoder_hidden_states=hidden, **kwargs)
+            unet(*args, **kwargs)
     finally:
         for h in handles:
             h.remove()
@@ -415,6 +471,18 @@ def estimate(config: PlanConfig, counts: ModelCounts | None = None) -> Plan:
     grads = sum(grad_bytes.values())
     phases["optimizer step"] = {**weights, **state,
                                 "gradients and step temporaries": max(grads, 8 * k + foreach) if masked else grads + foreach}
+
+    if isinstance(method, ESD):
+        # ESD's z_t (partial DDIM sampling with the model being trained) and its target (the frozen UNet) come
+        # from forwards under no_grad with classifier-free guidance (cond + uncond: twice the micro-batch),
+        # before the training forward; under gradient accumulation later micro-batches sample while the
+        # gradients exist. Nothing is saved for a backward pass: the peak is the live skip connections.
+        key = ("no grad", 2 * micro, latent, half)
+        if key not in counts.traces:
+            counts.traces[key] = no_grad_peak(unet, 2 * micro, latent, half)
+        phases["sampling (no grad)"] = {
+            **weights, **state, "no-grad forward (skip connections + the running op)": counts.traces[key],
+            **({"gradients (accumulating)": grads} if config.gradient_accumulation_steps > 1 else {})}
 
     if masked and not config.mask:
         # The mask pass: the guided loss on cond + uncond, fp32, every weight; its gradients become the scores.
