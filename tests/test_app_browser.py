@@ -122,6 +122,9 @@ def test_a_failed_evaluation_clears_the_old_table(page, app, tmp_path):
     bad = tmp_path / "notes.csv"
     bad.write_text("title,body\nhello,world\n")
     page.locator("#eval-csv button[aria-label='Clear']").first.click()
+    # The File component re-renders its drop zone after Clear: upload only once the new input is there.
+    page.locator("#eval-csv").get_by_text("digits.csv").first.wait_for(state="detached", timeout=TIMEOUT_MS)
+    page.locator("#eval-csv input[type=file]").wait_for(state="attached", timeout=TIMEOUT_MS)
     page.locator("#eval-csv input[type=file]").set_input_files(str(bad))
     page.locator("#eval-csv").get_by_text("notes.csv").first.wait_for(timeout=TIMEOUT_MS)
     page.locator("#evaluate").click()
