@@ -53,6 +53,36 @@ def test_activation_trace_on_the_meta_device_matches_a_real_forward(tiny_pipelin
     for batch in (1, 3):
         traced = trace_activations(meta, batch, 16, torch.float32, checkpointing=False)
         assert traced.total == _saved_bytes_for_real(real, batch, 16, cross)
+    # only cross-attention trainable (ESD-x): autograd saves less, and the trace still follows it exactly
+    for unet in (real, meta):
+        for name, p in unet.named_parameters():
+            p.requires_grad_(".attn2." in name)
+    assert trace_activations(meta, 2, 16, torch.float32, checkpointing=False).total == _saved_bytes_for_real(
+        real, 2, 16, cross) < traced.total * 2 / 3
+
+
+def test_layer_scoped_methods_count_the_scope_and_state_the_loop_really_holds(tiny_pipeline_dir):
+    """ESD-x trains whole cross-attention tensors, but the loop holds its scope as a bool mask over every UNet
+    weight for the whole run: the plan's state must be the bytes of the real scope and optimizer state."""
+    from concept_erase.diffusion.loading import load_pipeline
+    from concept_erase.diffusion.methods import get_method
+    from concept_erase.saliency import build_optimizer
+
+    counts = load_counts(str(tiny_pipeline_dir))
+    unet = load_pipeline(str(tiny_pipeline_dir)).unet
+    for method in ("esd-x", "ca"):
+        config = PlanConfig(model=str(tiny_pipeline_dir), batch_size=2, device="cpu", method=method)
+        scope = get_method(method)(config).trainable(unet, counts.family, None)
+        optimizer = build_optimizer(unet, scope, "adam", lr=1e-5)
+        for p in unet.parameters():
+            p.grad = torch.zeros_like(p) if p.requires_grad else None
+        optimizer.step()
+        real = sum(m.nbytes for m in scope.masks.values()) + sum(
+            t.nbytes for s in optimizer.state.values() for t in s.values() if t.dim())
+        train = estimate(config, counts).phases["training step"]
+        assert train["optimizer state"] + train["layer scope (bool, 1 byte per UNet weight)"] == real
+        assert "layer scope (bool, 1 byte per UNet weight)" in estimate(
+            PlanConfig(model=str(tiny_pipeline_dir), batch_size=2, method=method), counts).host
 
 
 def test_checkpointing_and_half_precision_shrink_the_activations(tiny_pipeline):

@@ -11,7 +11,8 @@ memory of this architecture at this batch and resolution. The estimate then foll
 - a training step: the fp32 master UNet (on a GPU the loop parks the text encoders and the VAE on the CPU;
   on a CPU run they count), the frozen original UNet (ESD), optimizer state
   (Adam: 8 bytes per trainable entry; 8-bit Adam: about 2; under a SalUn mask only the salient entries have
-  state, plus a 4-byte index per salient entry), and during the backward pass the activations not yet
+  state, plus a 4-byte index per salient entry; a layer scope such as ESD-x's cross-attention is a bool per UNet
+  weight, held all run), and during the backward pass the activations not yet
   consumed plus the gradients already made (walked in the forward's order, position by position);
 - ESD's sampling: its z_t and target come from UNet forwards under no_grad (cond + uncond), whose peak is the
   skip connections still live plus the running op's tensors (counted op by op on the meta device).
@@ -398,16 +399,19 @@ class Plan:
         return self.peak + reserve <= budget
 
 
-def _trainable_names(method, named: dict[str, nn.Parameter], family) -> set[str]:
+def _trainable_names(method, named: dict[str, nn.Parameter], family) -> tuple[set[str], bool]:
     """The UNet parameters the method trains (without a user's mask), asked of the method itself on a stand-in
-    that has the UNet's parameter names and one entry each."""
+    that has the UNet's parameter names and one entry each; and whether the method gives a layer scope (ESD,
+    Concept Ablation's K/V): the loop then holds that scope as a bool mask over every UNet weight."""
 
     class Names:
         def named_parameters(self):
             return ((name, torch.zeros(1)) for name in named)
 
     scope = method.trainable(Names(), family, None)
-    return set(named) if scope is None else {name for name, m in scope.masks.items() if bool(m.any())}
+    if scope is None:
+        return set(named), False
+    return {name for name, m in scope.masks.items() if bool(m.any())}, True
 
 
 def _optimizer_state(numels: list[int], kind: str) -> int:
@@ -435,7 +439,7 @@ def estimate(config: PlanConfig, counts: ModelCounts | None = None) -> Plan:
 
     # which UNet weights train, and how many entries of each (a SalUn mask: `keep` of every tensor, on average)
     masked = method.computes_mask
-    trainable = set(named) if masked else _trainable_names(method, named, counts.family)
+    trainable, scoped = (set(named), False) if masked else _trainable_names(method, named, counts.family)
     entries = [round(config.keep * named[n].numel()) if masked else named[n].numel() for n in trainable]
     grad_bytes = {id(named[n]): 4 * named[n].numel() for n in trainable}
 
@@ -454,6 +458,12 @@ def estimate(config: PlanConfig, counts: ModelCounts | None = None) -> Plan:
         state["mask (bool, 1 byte per UNet weight)"] = n_unet
     elif masked:
         host["mask (bool, 1 byte per UNet weight)"] = n_unet
+    # A layer scope is a SaliencyMask too (`SaliencyMask.from_names`: a bool per UNet weight, True in the
+    # trained layers), built on the host and held for the whole run; its tensors are stepped whole (no indices).
+    if scoped and config.device == "cpu":
+        state["layer scope (bool, 1 byte per UNet weight)"] = n_unet
+    elif scoped:
+        host["layer scope (bool, 1 byte per UNet weight)"] = n_unet
 
     rows = 2 * micro if config.alpha > 0 else micro  # the forget (+ retain) batch of one UNet forward
     acts = counts.activations(rows, latent, half, config.gradient_checkpointing, trainable)
