@@ -76,7 +76,7 @@ def build_tiny_pipeline(
     The VAE downsamples by 2 ** (len(vae_channels) - 1); the scheduler is SD's (scaled_linear betas, DDIM)
     with `prediction_type`. `text_intermediate` defaults to 2 * text_hidden.
     """
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
@@ -98,12 +98,7 @@ def build_tiny_pipeline(
         cross_attention_dim=text_hidden, attention_head_dim=8, norm_num_groups=8,
         use_linear_projection=use_linear_projection,
     )
-    vae = AutoencoderKL(
-        in_channels=in_channels, out_channels=in_channels, latent_channels=4, sample_size=image_size,
-        block_out_channels=tuple(vae_channels), norm_num_groups=8,
-        down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
-        up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
-    )
+    vae = _tiny_vae(in_channels, image_size, vae_channels)
     return StableDiffusionPipeline(
         unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
         scheduler=_sd_scheduler(prediction_type), safety_checker=None, feature_extractor=None,
@@ -118,6 +113,18 @@ def build_tiny_sd2_pipeline(seed: int = 0, *, prediction_type: str = "epsilon", 
     1024 dims with linear projections; `prediction_type` "v_prediction" for the 768-v models."""
     return build_tiny_pipeline(seed, text_hidden=1024, text_layers=1, text_intermediate=64, hidden_act="gelu",
                                use_linear_projection=True, prediction_type=prediction_type, **kwargs)
+
+
+def _tiny_vae(in_channels: int, image_size: int, vae_channels: Sequence[int]):
+    """The tiny pipelines' AutoencoderKL: downsamples by 2 ** (len(vae_channels) - 1) to 4 latent channels."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=in_channels, out_channels=in_channels, latent_channels=4, sample_size=image_size,
+        block_out_channels=tuple(vae_channels), norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
+    )
 
 
 def _sd_scheduler(prediction_type: str = "epsilon"):
@@ -151,7 +158,7 @@ def build_tiny_sdxl_pipeline(
     use_linear_projection; `force_zeros_for_empty_prompt`. `transformer_layers`: transformer blocks per
     level (SDXL: 1, 2, 10; default one per attention level). The two encoders must differ in width (SDXL:
     768, 1280): diffusers' single-file reader tells them apart by it."""
-    from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
@@ -182,12 +189,7 @@ def build_tiny_sdxl_pipeline(
         norm_num_groups=8, use_linear_projection=True, addition_embed_type="text_time",
         addition_time_embed_dim=time_embed_dim, projection_class_embeddings_input_dim=projection_dim + 6 * time_embed_dim,
     )
-    vae = AutoencoderKL(
-        in_channels=in_channels, out_channels=in_channels, latent_channels=4, sample_size=image_size,
-        block_out_channels=tuple(vae_channels), norm_num_groups=8,
-        down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
-        up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
-    )
+    vae = _tiny_vae(in_channels, image_size, vae_channels)
     return StableDiffusionXLPipeline(
         unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
         tokenizer_2=tokenizer_2, scheduler=_sd_scheduler(), force_zeros_for_empty_prompt=True,
