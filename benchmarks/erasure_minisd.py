@@ -59,6 +59,7 @@ from concept_erase.diffusion.uce import uce_edit
 from concept_erase.diffusion.minisd.judge import load_judges
 from concept_erase.diffusion.generate import generate_images
 from concept_erase.io_utils import atomic_file
+from concept_erase.runtime import resident_memory
 from concept_erase.saliency import SaliencyMask, build_optimizer
 from evaluation.quality import frechet_distance, make_fid
 
@@ -259,7 +260,6 @@ class RSSPeak:
     def __enter__(self):
         import threading
 
-        self.page = os.sysconf("SC_PAGE_SIZE")
         self.start = self.peak = self._rss()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, daemon=True)
@@ -267,8 +267,7 @@ class RSSPeak:
         return self
 
     def _rss(self) -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * self.page
+        return resident_memory()
 
     def _watch(self):
         while not self._stop.wait(0.002):

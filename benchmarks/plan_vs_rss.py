@@ -1,13 +1,23 @@
-"""The memory plan against what a run really takes: `concept-erase plan --device cpu` vs measured peak RSS.
+"""The memory plan against what a run really takes: `concept-erase plan` vs the measured peak.
 
 Builds a small SD-1.5-shaped pipeline (the skeleton's text encoder, VAE and tokenizer; its UNet at a fraction
 of the channel width, random weights) into a temporary diffusers folder. Then, for each setting, a fresh
 process loads it and does what `erase` does after its images exist: the mask pass (SalUn without a mask
 file) and --steps training steps through `train_unet`, while a thread samples its resident set every 2 ms.
-Reported: the plan's peak beside the measured peak RSS growth above the process's RSS before loading the
-model (torch, diffusers and accelerate already imported), and the part beyond the weights (what the
-settings add: gradients, optimizer state, mask, activations) beside the growth above the RSS once the model
-is loaded.
+The plan is made in a fresh process of its own, as `concept-erase plan` makes it (its process term is
+measured there).
+
+On the CPU (the default) two comparisons are reported:
+- the whole process: the plan's resident total (tensors + the process itself) against the measured peak RSS;
+- what the settings add (gradients, optimizer state, mask, activations): the plan's tensors beyond the
+  weights against the measured peak RSS growth above the RSS once the model is loaded.
+
+With `--device cuda` the plan for a GPU run is compared with `torch.cuda.max_memory_allocated` (tensors
+only; the pipeline moved to the GPU, as `erase` does). For the 16 GB target (SalUn, SD 1.5, 512 px, batch
+8 + 8):
+
+    python benchmarks/plan_vs_rss.py --skeleton PATH --device cuda --width 1 --resolution 512 --batch-size 8 \
+        --forget-images 8 --settings "salun + bf16 + checkpointing + 8 micro-batches"
 
     python benchmarks/plan_vs_rss.py --skeleton PATH/TO/sd15-skeleton
 
@@ -32,6 +42,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # above 64 KiB its own mapping, returned on free; the measuring processes inherit it.
 os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
 
+from concept_erase.runtime import resident_memory as rss  # noqa: E402  (after the allocator setting)
+
 SETTINGS = {  # name -> PlanConfig / TrainConfig fields
     "salun": {"method": "salun"},
     "salun + checkpointing": {"method": "salun", "gradient_checkpointing": True},
@@ -39,6 +51,9 @@ SETTINGS = {  # name -> PlanConfig / TrainConfig fields
     "rl": {"method": "rl"},
     "esd-x": {"method": "esd-x", "esd_ddim_steps": 2},
     "salun + bf16 autocast": {"method": "salun", "mixed_precision": "bf16"},
+    "salun + bf16 + checkpointing + 8 micro-batches": {"method": "salun", "mixed_precision": "bf16",
+                                                        "gradient_checkpointing": True,
+                                                        "gradient_accumulation_steps": 8},
 }
 
 
@@ -61,21 +76,30 @@ def build_folder(skeleton: Path, width: float, out: Path) -> None:
     pipe.save_pretrained(out)
 
 
-def rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def plan_all(folder: str, names: list[str], batch: int, resolution: int, n_forget: int, device: str, queue) -> None:
+    """In a fresh process, as `concept-erase plan` runs: every setting's plan, the process term measured once."""
+    from concept_erase.diffusion.plan import PlanConfig, estimate, load_counts, measure_process
+
+    counts = load_counts(folder)
+    measure_process(counts, folder)
+    plans = [estimate(PlanConfig(model=folder, batch_size=batch, resolution=resolution, num_forget_images=n_forget,
+                                 device=device, **SETTINGS[name]), counts) for name in names]
+    weights = 4 * sum(counts.components.values())
+    queue.put(([(p.peak, p.process, p.peak_phase) for p in plans], dict(counts.components), weights))
 
 
-def measure(folder: str, settings: dict, batch: int, resolution: int, steps: int, n_forget: int, queue) -> None:
-    """In a fresh process: peak RSS growth over loading the model, the mask pass and training."""
-    import accelerate  # noqa: F401  (imported before the baseline: modules are not the run's memory)
+def measure(folder: str, settings: dict, batch: int, resolution: int, steps: int, n_forget: int, device: str,
+            queue) -> None:
+    """In a fresh process: the peak over loading the model, the mask pass and training. CPU: (peak RSS, peak
+    RSS growth above the RSS once the weights are loaded); CUDA: (max allocated, the same above the weights)."""
+    import accelerate  # noqa: F401
     import diffusers  # noqa: F401
     import torch
 
     from concept_erase.diffusion.erase import LatentSet, TrainConfig, compute_mask, mask_batch, train_unet
     from concept_erase.diffusion.loading import load_pipeline
 
-    start = top = rss()
+    top = rss()
     running = True
 
     def sample():
@@ -87,12 +111,17 @@ def measure(folder: str, settings: dict, batch: int, resolution: int, steps: int
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
     pipe = load_pipeline(folder)
-    # safetensors maps the files: a weight never read (most of CLIP's token-embedding table) is not resident.
-    # Copy every weight into the process's own memory, as moving the pipeline to a GPU does.
-    for module in (pipe.unet, pipe.text_encoder, pipe.vae):
-        for param in module.parameters():
-            param.data = param.data.clone()
-    loaded = rss()
+    if device == "cuda":
+        pipe.to("cuda")
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        # safetensors maps the files: a weight never read (most of CLIP's token-embedding table) is not
+        # resident. Copy every weight into the process's own memory, as moving the pipeline to a GPU does.
+        for module in (pipe.unet, pipe.text_encoder, pipe.vae):
+            for param in module.parameters():
+                param.data = param.data.clone()
+    loaded = torch.cuda.memory_allocated() if device == "cuda" else rss()
     config = TrainConfig(steps=steps, batch_size=batch, **settings)
     g = torch.Generator().manual_seed(0)
     size = resolution // 8
@@ -106,7 +135,8 @@ def measure(folder: str, settings: dict, batch: int, resolution: int, steps: int
     train_unet(pipe, forget, retain if config.alpha > 0 else None, config, mask=mask)
     running = False
     thread.join()
-    queue.put((max(top, rss()) - start, max(top, rss()) - loaded))
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else max(top, rss())
+    queue.put((peak, peak - loaded))
 
 
 def main(argv=None) -> int:
@@ -117,39 +147,52 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=2, help="forget batch (and retain batch)")
     p.add_argument("--steps", type=int, default=2, help="training steps")
     p.add_argument("--forget-images", type=int, default=4, help="forget set of the mask pass")
-    p.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated subset of: " + ", ".join(SETTINGS))
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cpu: against peak RSS; cuda: against torch.cuda.max_memory_allocated")
+    p.add_argument("--settings", default=",".join(list(SETTINGS)[:-1]),
+                   help="comma-separated subset of: " + ", ".join(SETTINGS))
     args = p.parse_args(argv)
-    from concept_erase.diffusion.plan import GiB, PlanConfig, estimate, load_counts
-
     names = [s.strip() for s in args.settings.split(",")]
+    unknown = [n for n in names if n not in SETTINGS]
+    if unknown:
+        p.error(f"unknown setting {unknown[0]!r}; choose from: {', '.join(SETTINGS)}")
+    ctx = multiprocessing.get_context("spawn")
+
+    def in_fresh_process(target, *target_args):
+        queue = ctx.Queue()
+        proc = ctx.Process(target=target, args=(*target_args, queue))
+        proc.start()
+        result = queue.get()
+        proc.join()
+        return result
+
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "sd"
-        build_folder(args.skeleton, args.width, folder)
-        counts = load_counts(str(folder))
-        weights = 4 * sum(counts.components.values())
-        ctx = multiprocessing.get_context("spawn")
-        for name in names:
-            plan = estimate(PlanConfig(model=str(folder), batch_size=args.batch_size, resolution=args.resolution,
-                                       device="cpu", **SETTINGS[name]), counts)
-            queue = ctx.Queue()
-            proc = ctx.Process(target=measure, args=(str(folder), SETTINGS[name], args.batch_size, args.resolution,
-                                                     args.steps, args.forget_images, queue))
-            proc.start()
-            measured, beyond = queue.get()
-            proc.join()
-            rows.append((name, plan.peak, measured, beyond, plan.peak_phase))
-            print(json.dumps({"setting": name, "plan": plan.peak, "measured": measured, "beyond": beyond}), flush=True)
+        folder = str(Path(tmp) / "sd")
+        build = ctx.Process(target=build_folder, args=(args.skeleton, args.width, Path(folder)))
+        build.start()
+        build.join()
+        plans, components, weights = in_fresh_process(plan_all, folder, names, args.batch_size, args.resolution,
+                                                      args.forget_images, args.device)
+        for name, (peak, process, phase) in zip(names, plans):
+            measured, beyond = in_fresh_process(measure, folder, SETTINGS[name], args.batch_size, args.resolution,
+                                                args.steps, args.forget_images, args.device)
+            plan = peak + (process if args.device == "cpu" else 0)
+            rows.append((name, peak, process, plan, measured, peak - weights, beyond, phase))
+            print(json.dumps({"setting": name, "plan": plan, "measured": measured, "beyond": beyond}), flush=True)
     mib = lambda b: f"{b / 2**20:.0f}"  # noqa: E731
-    print(f"\nSD-1.5-shaped pipeline, UNet at {args.width:g} of SD 1.5's width ({counts.components['unet'] / 1e6:.1f}M "
-          f"parameters; {sum(counts.components.values()) / 1e6:.1f}M in all, {weights / GiB:.2f} GiB of fp32 weights), "
+    print(f"\nSD-1.5-shaped pipeline, UNet at {args.width:g} of SD 1.5's width ({components['unet'] / 1e6:.1f}M "
+          f"parameters; {sum(components.values()) / 1e6:.1f}M in all, {weights / 2**30:.2f} GiB of fp32 weights), "
           f"{args.resolution} px, batch {args.batch_size}, mask pass over {args.forget_images} images + {args.steps} "
-          "steps, CPU\n")
-    print("| setting | plan peak (MiB) | measured peak RSS growth (MiB) | plan / measured | beyond the loaded weights: "
-          "plan / measured (MiB) | ratio | plan's peak phase |\n| --- | ---: | ---: | ---: | ---: | ---: | --- |")
-    for name, plan, measured, beyond, phase in rows:
-        print(f"| {name} | {mib(plan)} | {mib(measured)} | {plan / measured:.3f} | {mib(plan - weights)} / "
-              f"{mib(beyond)} | {(plan - weights) / max(1, beyond):.3f} | {phase} |")
+          f"steps, {args.device}\n")
+    what = "peak RSS" if args.device == "cpu" else "max allocated"
+    print(f"| setting | plan: tensors + process = total (MiB) | measured {what} (MiB) | plan / measured | beyond "
+          f"the weights: plan / measured (MiB) | ratio | plan's peak phase |\n"
+          "| --- | ---: | ---: | ---: | ---: | ---: | --- |")
+    for name, peak, process, plan, measured, plan_beyond, beyond, phase in rows:
+        print(f"| {name} | {mib(peak)} + {mib(process if args.device == 'cpu' else 0)} = {mib(plan)} | "
+              f"{mib(measured)} | {plan / measured:.3f} | {mib(plan_beyond)} / {mib(beyond)} | "
+              f"{plan_beyond / max(1, beyond):.3f} | {phase} |")
     return 0
 
 

@@ -33,7 +33,6 @@ import argparse
 import gc
 import json
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -44,6 +43,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from concept_erase.runtime import resident_memory  # noqa: E402
 
 GB = 1e9
 
@@ -68,14 +69,11 @@ def available_gb() -> float:
 
 
 def rss_gb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024 / GB
-    return float("nan")
+    return resident_memory() / GB
 
 
 def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB
+    return resident_memory(peak=True) / GB
 
 
 def count_on_meta(skeleton: Path) -> dict[str, int]:

@@ -1,6 +1,6 @@
-"""Where things run and where they are kept: the torch device, the accelerate process, the cache folder.
-One home each, so a command, the evaluation suite and the app agree. Import-light: torch and accelerate are
-imported inside the functions.
+"""Where things run and where they are kept: the torch device, the accelerate process, the cache folder, and
+how much memory the process holds. One home each, so a command, the evaluation suite and the app agree.
+Import-light: torch and accelerate are imported inside the functions.
 """
 
 from __future__ import annotations
@@ -45,3 +45,19 @@ def cache_root() -> Path:
     """$CONCEPT_ERASE_CACHE, else ~/.cache/concept-erase: generated images and latents (`images/`) and the
     demo's erased model (`demo-models/`) live under it."""
     return Path(os.environ.get("CONCEPT_ERASE_CACHE", Path.home() / ".cache" / "concept-erase"))
+
+
+def resident_memory(peak: bool = False) -> int | None:
+    """This process's resident memory in bytes, now (or its peak with `peak`); None where it cannot be read.
+    Linux reads /proc; elsewhere getrusage's peak stands in for both (bytes on macOS, KiB on Linux)."""
+    import sys
+
+    if not peak and sys.platform.startswith("linux"):
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss if sys.platform == "darwin" else maxrss * 1024

@@ -1,14 +1,18 @@
 """The memory plan: sizes, the meta-device activation trace against a real forward, the estimate's parts."""
 
+import shutil
+
 import pytest
 import torch
 
 from concept_erase.diffusion.plan import (
+    CUDA_RESERVE,
     PlanConfig,
     backward_peak,
     describe,
     estimate,
     load_counts,
+    measure_process,
     no_grad_peak,
     parse_bytes,
     trace_activations,
@@ -136,6 +140,10 @@ def test_estimate_parts_follow_the_settings(tiny_pipeline_dir):
     assert train(rl)["optimizer state"] == 8 * n_unet
     assert abs(train(salun)["optimizer state"] - 4 * n_unet) <= 8 * len(list(counts.unet.parameters()))
     assert "mask pass" in salun.phases and "mask pass" not in plan(method="salun", mask="m.safetensors").phases
+    # one mask batch makes the gradients during its backward; a second adds to gradients already there
+    scores = lambda p: p.phases["mask pass"]["activations + gradients (the scores) during backward"]  # noqa: E731
+    assert scores(plan(method="salun", num_forget_images=4)) < scores(plan(method="salun", num_forget_images=5))
+    assert scores(plan(method="salun", num_forget_images=5)) == scores(salun)
     assert "frozen original UNet (ESD)" in train(plan(method="esd-x"))
     # ESD's no-grad sampling and target forwards: cond + uncond, so twice the micro-batch; under accumulation
     # the gradients are already there for later micro-batches
@@ -159,6 +167,30 @@ def test_budget_verdict_and_suggestions(tiny_pipeline_dir):
     text = describe(plan, plan.peak - 1, counts)
     assert "does NOT fit" in text and "fits with --" in text
     assert "no combination" in describe(plan, 1000, counts)
+
+
+def test_a_cpu_plan_adds_the_measured_process_to_its_tensors(tiny_pipeline_dir, tmp_path):
+    from concept_erase.runtime import resident_memory
+
+    counts = load_counts(str(tiny_pipeline_dir))
+    process = measure_process(counts, str(tiny_pipeline_dir))
+    # this process, with torch and the tokenizer loaded: far more than nothing, no more than its peak resident
+    # set (getrusage's figure may lag the kernel's per-thread counters by a few pages)
+    assert 100 * 2**20 < process <= resident_memory(peak=True) + 2**20
+    cpu = estimate(PlanConfig(model=str(tiny_pipeline_dir), batch_size=2, device="cpu"), counts)
+    assert cpu.process == process and cpu.resident == cpu.peak + process
+    assert not cpu.fits(cpu.peak + 1) and cpu.fits(cpu.resident)
+    assert "resident" in describe(cpu) and "the process itself" in describe(cpu)
+    # on a GPU the process lives in host memory: the budget is the tensors plus the CUDA reserve
+    cuda = estimate(PlanConfig(model=str(tiny_pipeline_dir), batch_size=2, device="cuda"), counts)
+    assert cuda.resident == cuda.peak + CUDA_RESERVE
+    assert "host memory, not on the GPU: the process itself" in describe(cuda)
+    # a tokenizer erase could not load either is named
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_pipeline_dir, broken)
+    (broken / "tokenizer" / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ConceptEraseError, match="cannot load tokenizer"):
+        measure_process(load_counts(str(broken)), str(broken))
 
 
 def test_plan_refuses_bad_input(tmp_path):

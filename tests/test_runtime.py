@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from concept_erase.errors import ConceptEraseError
-from concept_erase.runtime import cache_root, process_state, resolve_device
+from concept_erase.runtime import cache_root, process_state, resident_memory, resolve_device
 
 
 def test_cache_root_follows_the_environment(tmp_path, monkeypatch):
@@ -28,3 +28,12 @@ def test_devices():
 def test_a_single_process_is_the_main_one():
     state = process_state()
     assert state.is_main_process and state.num_processes == 1
+
+
+def test_resident_memory_follows_what_the_process_touches():
+    before = resident_memory()
+    block = torch.ones(64 * 2**20)  # 256 MiB, every page written
+    grown = resident_memory() - before
+    assert 200 * 2**20 < grown < 320 * 2**20
+    assert resident_memory(peak=True) >= before + grown - 2**20  # getrusage may lag by a few pages
+    del block

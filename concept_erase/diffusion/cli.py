@@ -35,7 +35,7 @@ ERASE_FIELDS = (
 )
 # `plan` takes erase's flags that decide the memory, plus where the run goes and the budget.
 PLAN_FIELDS = (
-    "model", "model_config", "method", "mask", "keep", "resolution", "batch_size", "alpha",
+    "model", "model_config", "method", "mask", "keep", "num_forget_images", "resolution", "batch_size", "alpha",
     "gradient_accumulation_steps", "mixed_precision", "gradient_checkpointing", "enable_xformers", "optimizer",
     "device", "memory_budget",
 )

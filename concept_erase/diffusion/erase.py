@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from ..cli_args import check_fields, resume_free
 from ..errors import ConceptEraseError
 from ..io_utils import atomic_dir
+from ..runtime import resident_memory
 from .families import Conditioning, family_field, family_of
 from .guard import DivergenceGuard, checkpoints_in
 from .losses import SALIENCY_GUIDANCE, denoising_loss, noise_batch, sample_noise, training_scheduler
@@ -377,7 +378,7 @@ def train_unet(
         per_concept, retain_loss = _final_losses(method, unet, scheduler, T, forget, f_cond, f_target, concept_of,
                                                  retain if use_retain else None, r_cond, config, device)
     accelerator.wait_for_everyone()
-    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else _peak_rss()
+    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else (resident_memory(peak=True) or 0)
     return TrainResult(unet, losses, sum(step_times) / max(1, len(step_times)), peak, len(losses), start_step,
                        per_concept, retain_loss)
 
@@ -456,12 +457,6 @@ def _progress(iterable, enabled: bool, initial: int, total: int):
     from tqdm.auto import tqdm
 
     return tqdm(iterable, initial=initial, total=total, desc="erase", unit="step")
-
-
-def _peak_rss() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints

@@ -23,6 +23,11 @@ block and recomputes one block at a time. Mixed precision is traced in half prec
 copies of the trainable weights that autocast keeps for the backward pass: an approximation (autocast runs
 normalisations in fp32). On a GPU the figure is tensor memory, what `torch.cuda.max_memory_allocated`
 reports; the CUDA context and the allocator's cache come on top, so the budget check keeps a reserve.
+
+A CPU run's resident memory is those tensors plus the process itself: Python, PyTorch, diffusers,
+transformers and accelerate with the model's classes imported, and the tokenizers (about half a GiB, more
+than the tensors of a small model). That part is not estimated but measured: `run_plan` imports the same
+libraries and classes, loads the tokenizers, and reads its own resident memory.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import ConceptEraseError
+from ..errors import ConceptEraseError, first_line
 from .erase import TrainConfig, mask_batch
 from .methods import ESD, get_method
 
@@ -65,6 +70,8 @@ class PlanConfig(TrainConfig):
                                                 "above": 0, "max": 1})
     mask: str | None = field(default=None, metadata={
         "help": "the saliency mask file erase will be given (SalUn then has no mask pass; the file is not read)"})
+    num_forget_images: int = field(default=64, metadata={
+        "help": "forget images of the mask pass (erase's default: 64)", "min": 1})
     resolution: int | None = field(default=None, metadata={"help": "image size in pixels (default: the model's)",
                                                            "min": 8})
     device: str = field(default="cuda", metadata={
@@ -100,6 +107,8 @@ class ModelCounts:
     vae_scale: int                     # pixels per latent pixel
     family: Any                        # families.Family: which weights are cross-attention, ...
     traces: dict = field(default_factory=dict)  # (batch, latent, dtype, checkpointing, scope) -> Activations
+    process: int = 0                   # bytes resident in a process with the libraries and tokenizers loaded
+                                       # (`measure_process`; 0: not measured)
 
     def activations(self, batch: int, latent: int, dtype: torch.dtype, checkpointing: bool,
                     trainable: set[str]) -> "Activations":
@@ -179,6 +188,27 @@ def load_counts(model: str, model_config: str | None = None) -> ModelCounts:
     scale = 2 ** (len(json.loads((folder / "vae" / "config.json").read_text())["block_out_channels"]) - 1) \
         if (folder / "vae" / "config.json").is_file() else 8
     return ModelCounts(unet, counts, scale, family_from_config(folder))
+
+
+def measure_process(counts: ModelCounts, model: str, model_config: str | None = None) -> int:
+    """The resident memory of a process that runs this pipeline's code, before any weight: this one, which has
+    imported the libraries and built every component's class (`load_counts`), once it has loaded the
+    pipeline's tokenizers too (their vocabularies are tens of MiB of Python objects). Stored on `counts`."""
+    import transformers
+
+    from ..runtime import resident_memory
+
+    folder = _config_folder(model, model_config)
+    tokenizers = []
+    for name, spec in json.loads((folder / "model_index.json").read_text()).items():
+        if isinstance(spec, list) and spec[0] == "transformers" and str(spec[1]).endswith(("Tokenizer", "TokenizerFast")):
+            try:
+                tokenizers.append(getattr(transformers, spec[1]).from_pretrained(folder / name))
+            except Exception as err:  # missing or broken vocabulary files: erase could not run either
+                raise ConceptEraseError(f"cannot load {name} ({spec[1]}) from {str(folder / name)!r}: "
+                                        f"{first_line(err)}") from None
+    counts.process = resident_memory() or 0
+    return counts.process
 
 
 # ------------------------------------------------------------------------------------------ activations
@@ -385,18 +415,25 @@ class Plan:
     components: dict[str, int]
     phases: dict[str, dict[str, int]]   # phase -> part -> bytes
     host: dict[str, int]                # what stays in host memory on a GPU run (the bool mask)
+    process: int = 0                    # the process itself, measured (`measure_process`); 0: not measured
 
     @property
     def peak(self) -> int:
+        """Tensor memory at the peak phase."""
         return max(sum(parts.values()) for parts in self.phases.values())
+
+    @property
+    def resident(self) -> int:
+        """What the run needs of the device's memory: on a CPU the tensors plus the process itself (its peak
+        resident set), on a GPU the tensors plus the reserve for the CUDA context and allocator."""
+        return self.peak + (CUDA_RESERVE if self.config.device == "cuda" else self.process)
 
     @property
     def peak_phase(self) -> str:
         return max(self.phases, key=lambda p: sum(self.phases[p].values()))
 
     def fits(self, budget: int) -> bool:
-        reserve = CUDA_RESERVE if self.config.device == "cuda" else 0
-        return self.peak + reserve <= budget
+        return self.resident <= budget
 
 
 def _trainable_names(method, named: dict[str, nn.Parameter], family) -> tuple[set[str], bool]:
@@ -496,18 +533,25 @@ def estimate(config: PlanConfig, counts: ModelCounts | None = None) -> Plan:
 
     if masked and not config.mask:
         # The mask pass: the guided loss on cond + uncond, fp32, every weight; its gradients become the scores.
-        # It honours gradient checkpointing (the recomputation gives the same gradients).
-        guided = counts.activations(2 * mask_batch(config), latent, torch.float32, config.gradient_checkpointing,
-                                    set(named))
+        # It honours gradient checkpointing (the recomputation gives the same gradients). The first batch's
+        # backward makes the gradients as it goes; later batches add to gradients that are all there.
         all_grads = {id(p): 4 * p.numel() for p in unet.parameters()}
+        first_batch = min(config.num_forget_images, mask_batch(config))
+
+        def pass_peak(rows: int, grads_exist: bool) -> int:
+            guided = counts.activations(2 * rows, latent, torch.float32, config.gradient_checkpointing, set(named))
+            return backward_peak(guided, all_grads, grads_exist) + 2 * guided.largest
+
+        scores_peak = pass_peak(first_batch, grads_exist=False)
+        if config.num_forget_images > first_batch:
+            scores_peak = max(scores_peak, pass_peak(first_batch, grads_exist=True))
         largest = max(p.numel() for p in unet.parameters())
         phases["mask pass"] = {
             "weights (fp32: UNet + text encoders + VAE)": 4 * (n_unet + others),
-            "activations + gradients (the scores) during backward":
-                backward_peak(guided, all_grads, grads_exist=True) + 2 * guided.largest,
+            "activations + gradients (the scores) during backward": scores_peak,
             "threshold temporaries (largest tensor)": 12 * largest,
             **({"mask (bool)": n_unet} if config.device == "cpu" else {})}
-    return Plan(config, counts.components, phases, host)
+    return Plan(config, counts.components, phases, host, counts.process)
 
 
 def suggestions(config: PlanConfig, budget: int, counts: ModelCounts, limit: int = 3) -> list[tuple[dict, Plan]]:
@@ -552,8 +596,17 @@ def describe(plan: Plan, budget: int | None = None, counts: ModelCounts | None =
         lines += [f"  {name}: {gib(b)}" for name, b in parts.items()]
     for name, b in plan.host.items():
         lines.append(f"host memory during training, not on the GPU: {name}: {gib(b)}")
-    lines.append(f"\nestimated peak: {gib(plan.peak)}"
-                 + (f" of tensors (+ about {gib(CUDA_RESERVE)} for the CUDA context and allocator)" if c.device == "cuda" else ""))
+    what = "the process itself (Python, PyTorch, the libraries and model classes, the tokenizers; measured in this process)"
+    if c.device == "cuda":
+        if plan.process:
+            lines.append(f"host memory, not on the GPU: {what}: {gib(plan.process)}")
+        lines.append(f"\nestimated peak: {gib(plan.peak)} of tensors (+ about {gib(CUDA_RESERVE)} for the CUDA "
+                     "context and allocator)")
+    elif plan.process:
+        lines.append(f"\nestimated peak: {gib(plan.peak)} of tensors + {gib(plan.process)} for {what} = "
+                     f"{gib(plan.resident)} resident")
+    else:
+        lines.append(f"\nestimated peak: {gib(plan.peak)} of tensors")
     if budget is not None:
         verdict = "fits" if plan.fits(budget) else "does NOT fit"
         lines.append(f"budget {gib(budget)}: {verdict}")
@@ -575,6 +628,7 @@ def _flag(name: str, value: Any) -> str:
 
 def run_plan(config: PlanConfig) -> tuple[Plan, str]:
     counts = load_counts(config.model, config.model_config)
+    measure_process(counts, config.model, config.model_config)
     plan = estimate(config, counts)
     budget = parse_bytes(config.memory_budget) if config.memory_budget else None
     return plan, describe(plan, budget, counts)
