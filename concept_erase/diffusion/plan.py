@@ -201,7 +201,7 @@ def measure_process(counts: ModelCounts, model: str, model_config: str | None = 
     folder = _config_folder(model, model_config)
     tokenizers = []
     for name, spec in json.loads((folder / "model_index.json").read_text()).items():
-        if isinstance(spec, list) and spec[0] == "transformers" and str(spec[1]).endswith(("Tokenizer", "TokenizerFast")):
+        if isinstance(spec, list) and spec[0] == "transformers" and "Tokenizer" in str(spec[1]):
             try:
                 tokenizers.append(getattr(transformers, spec[1]).from_pretrained(folder / name))
             except Exception as err:  # missing or broken vocabulary files: erase could not run either
@@ -596,7 +596,8 @@ def describe(plan: Plan, budget: int | None = None, counts: ModelCounts | None =
         lines += [f"  {name}: {gib(b)}" for name, b in parts.items()]
     for name, b in plan.host.items():
         lines.append(f"host memory during training, not on the GPU: {name}: {gib(b)}")
-    what = "the process itself (Python, PyTorch, the libraries and model classes, the tokenizers; measured in this process)"
+    what = ("the process itself (Python, PyTorch, the libraries and model classes, the tokenizers; measured in this "
+            "process)")
     if c.device == "cuda":
         if plan.process:
             lines.append(f"host memory, not on the GPU: {what}: {gib(plan.process)}")
