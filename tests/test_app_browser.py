@@ -69,6 +69,13 @@ def app(tmp_path_factory):
         demo.close()
 
 
+def _uploaded(page, name):
+    """The File component's row for an uploaded file. Its visible name is split into stem and suffix
+    elements, so a text match only ever catches the short-lived upload-progress line; the row's
+    accessible label is the whole name once the upload has finished."""
+    return page.locator("#eval-csv").get_by_label(name, exact=True)
+
+
 def test_generate_in_browser(page, app, tmp_path):
     url, erased = app
     page.goto(url)
@@ -101,7 +108,7 @@ def test_bad_input_in_browser(page, app, tmp_path):
     bad.write_text("title,body\nhello,world\n")
     page.get_by_role("tab", name="Evaluate").click()
     page.locator("#eval-csv input[type=file]").set_input_files(str(bad))
-    page.locator("#eval-csv").get_by_text("notes.csv").first.wait_for(timeout=TIMEOUT_MS)
+    _uploaded(page, "notes.csv").first.wait_for(timeout=TIMEOUT_MS)
     page.locator("#evaluate").click()
     page.get_by_text("'notes.csv' is not a prompt set").first.wait_for(timeout=TIMEOUT_MS)
     page.screenshot(path=str(tmp_path / "bad-csv.png"), full_page=True)
@@ -114,7 +121,7 @@ def test_a_failed_evaluation_clears_the_old_table(page, app, tmp_path):
     good = tmp_path / "digits.csv"
     good.write_text("prompt,evaluation_seed,class\na handwritten digit seven,1,seven\na handwritten digit one,2,one\n")
     page.locator("#eval-csv input[type=file]").set_input_files(str(good))
-    page.locator("#eval-csv").get_by_text("digits.csv").first.wait_for(timeout=TIMEOUT_MS)
+    _uploaded(page, "digits.csv").first.wait_for(timeout=TIMEOUT_MS)
     page.locator("#evaluate").click()
     page.locator("#eval-table").get_by_text("Judged as").first.wait_for(timeout=TIMEOUT_MS)
     assert f"{erased} top-1 %" in page.locator("#eval-table").inner_text()
@@ -123,10 +130,10 @@ def test_a_failed_evaluation_clears_the_old_table(page, app, tmp_path):
     bad.write_text("title,body\nhello,world\n")
     page.locator("#eval-csv button[aria-label='Clear']").first.click()
     # The File component re-renders its drop zone after Clear: upload only once the new input is there.
-    page.locator("#eval-csv").get_by_text("digits.csv").first.wait_for(state="detached", timeout=TIMEOUT_MS)
+    _uploaded(page, "digits.csv").first.wait_for(state="detached", timeout=TIMEOUT_MS)
     page.locator("#eval-csv input[type=file]").wait_for(state="attached", timeout=TIMEOUT_MS)
     page.locator("#eval-csv input[type=file]").set_input_files(str(bad))
-    page.locator("#eval-csv").get_by_text("notes.csv").first.wait_for(timeout=TIMEOUT_MS)
+    _uploaded(page, "notes.csv").first.wait_for(timeout=TIMEOUT_MS)
     page.locator("#evaluate").click()
     page.get_by_text("'notes.csv' is not a prompt set").first.wait_for(timeout=TIMEOUT_MS)
     page.wait_for_function("!document.querySelector('#eval-table').innerText.includes('Judged as')",
