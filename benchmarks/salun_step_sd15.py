@@ -14,7 +14,9 @@ In one run, on the same batches:
 
 Timed rows run interleaved for --repeats rounds, each training row after --warmup-steps untimed steps, and
 report their fastest round: on a CPU in process CPU time (the work done, robust to other load on the
-machine), on CUDA in wall time. Peak memory is the largest growth above the row's starting point (CUDA: max
+machine), on CUDA in wall time. A training step is timed in two phases, forward + backward and the optimizer
+step (where the mask does its work); on a CPU each phase also reports its CPU time in the kernel and its
+page faults, since faulting in freshly mapped memory is what varies most between runs. Peak memory is the largest growth above the row's starting point (CUDA: max
 allocated; CPU: resident set sampled every 5 ms).
 
 On Linux the benchmark runs itself under a fixed glibc malloc configuration (mmap threshold 32 MiB, no
@@ -22,7 +24,10 @@ trimming), so that freed memory is reused as PyTorch's caching allocator reuses 
 glibc moves its mmap threshold with the history of frees, and the same forward + backward then spends from
 0.2 to 6 CPU s in the kernel faulting pages in, depending on which row ran before: that noise was larger than
 the mask's cost. Blocks over 32 MiB (Adam's full-size temporaries) are still mapped and unmapped each time;
-that is part of a step's cost. Set MALLOC_MMAP_THRESHOLD_ yourself to measure under another configuration.
+that is part of a step's cost. PyTorch is also asked (THP_MEM_ALLOC_ENABLE=1) to back its allocations of
+2 MB and more with transparent huge pages where the kernel allows them, which cut the faults of a 512 px SD
+1.5 step from about 2 million to 80 thousand. Set MALLOC_MMAP_THRESHOLD_ (and THP_MEM_ALLOC_ENABLE=0) yourself
+to measure under another configuration.
 
     python benchmarks/salun_step_sd15.py --skeleton PATH/TO/sd15-skeleton --resolution 256 --batch-size 1
     python benchmarks/salun_step_sd15.py --model minisd --batch-size 16 --forget-images 64 --steps 10
@@ -47,6 +52,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 if sys.platform.startswith("linux") and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
     # glibc reads these once, at start: run again under them (see the module docstring)
     os.environ.update(MALLOC_MMAP_THRESHOLD_=str(32 * 2**20), MALLOC_TRIM_THRESHOLD_=str(2**40))
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # PyTorch asks for huge pages: fewer faults
     os.execv(sys.executable, [sys.executable, *sys.argv])
 
 import torch  # noqa: E402
@@ -195,8 +201,13 @@ def main(argv=None):
     # the way it inflates wall time (all threads count: compare runs with the same thread count). CUDA: wall.
     clock = time.process_time if dev == "cpu" else time.perf_counter
 
-    def kernel() -> float:  # CPU: the process's CPU time in the kernel (page faults, thread waits)
-        return resource.getrusage(resource.RUSAGE_SELF).ru_stime if dev == "cpu" else 0.0
+    def reading() -> tuple[float, float, int]:
+        """(clock, CPU seconds in the kernel, minor page faults): the last two on a CPU only, where the
+        kernel's share is mostly faulting freshly mapped pages in."""
+        if dev != "cpu":
+            return clock(), 0.0, 0
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return clock(), usage.ru_stime, usage.ru_minflt
     unit = "CPU seconds" if dev == "cpu" else "seconds"
 
     # ---- the mask pass vs the guided loss's own forward + backward, interleaved
@@ -237,22 +248,26 @@ def main(argv=None):
         unet.train()
         with PeakMemory(dev) as mem:
             opt = build_optimizer(unet, mask if kind == "salun" else None, "adam", lr=1e-5)
-            times = []
+            steps = []
             for i in range(args.warmup_steps + args.steps):
                 fb, rb = train_batches()
                 sync()
-                t, k = clock(), kernel()
+                start = reading()
                 if kind == "finetune":  # the ordinary denoising loss on forget + retain latents
                     loss = _joint_loss(unet, fb, fb.target, rb, 1.0)[0]
                 else:
                     loss = salun_loss(unet, fb, rb, args.alpha)[0]
                 loss.backward()
+                sync()
+                middle = reading()
                 grads = _bytes(p.grad for p in unet.parameters())
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 sync()
-                if i >= args.warmup_steps:
-                    times.append((clock() - t, kernel() - k))
+                end = reading()
+                if i >= args.warmup_steps:  # per phase: (seconds, kernel seconds, page faults)
+                    steps.append({"forward + backward": [b - a for a, b in zip(start, middle)],
+                                  "optimizer step": [b - a for a, b in zip(middle, end)]})
             inner = opt.inner if isinstance(opt, MaskedOptimizer) else opt
             breakdown[kind] = {
                 "weights": _bytes(unet.parameters()), "gradients": grads,
@@ -260,37 +275,51 @@ def main(argv=None):
                 "mask (int32 indices)": _bytes(i for _, i, _ in opt._packed) if kind == "salun" else 0,
                 "mask (bool, host)": _bytes(mask.masks.values()) if kind == "salun" else 0}
             del opt
-        return (*min(times), mem.peak)
+        fastest = min(steps, key=lambda phases: sum(v[0] for v in phases.values()))
+        return fastest, mem.peak
 
     labels = {"salun": f"SalUn step (keep {args.keep}, masked Adam)", "rl": "RL step (SalUn objective, no mask)",
               "finetune": "plain fine-tuning step (Adam, all weights)"}
-    best = {kind: [float("inf"), 0, 0.0] for kind in labels}  # seconds, peak, of which kernel seconds
+    def total(phases) -> list:  # a step's (seconds, kernel seconds, page faults) over its phases
+        return [sum(v[j] for v in phases.values()) for j in range(3)]
+
+    best, peaks = {}, dict.fromkeys(labels, 0)  # the fastest step's phases per row; the largest peak
     for rep in range(args.repeats):
         order = list(labels)[rep % 3:] + list(labels)[:rep % 3]  # rotate: machine drift hits all alike
         for kind in order:
-            seconds, in_kernel, peak = train_row(kind)
-            print(f"  round {rep + 1}: {labels[kind]}: {seconds:.2f} s ({in_kernel:.2f} in the kernel), peak "
+            phases, peak = train_row(kind)
+            seconds, in_kernel, faults = total(phases)
+            print(f"  round {rep + 1}: {labels[kind]}: {seconds:.2f} s ({in_kernel:.2f} in the kernel, "
+                  f"{faults} page faults; optimizer step {phases['optimizer step'][0]:.2f} s), peak "
                   f"+{peak / 2**30:.2f} GiB", flush=True)
-            if seconds < best[kind][0]:
-                best[kind][0], best[kind][2] = seconds, in_kernel
-            best[kind][1] = max(best[kind][1], peak)
+            if kind not in best or seconds < total(best[kind])[0]:
+                best[kind] = phases
+            peaks[kind] = max(peaks[kind], peak)
 
     print(f"\n{name}: {dev.upper()}, {torch.get_num_threads()} threads, {resolution} px, forget batch "
           f"{B} + retain batch {B}, {args.forget_images} forget images ({-(-args.forget_images // B)} saliency batches), "
           f"keep {args.keep}, fastest of {args.repeats} interleaved rounds\n")
-    print(f"| row | {unit} | of which in the kernel | peak memory growth (GiB) |\n"
-          "| --- | ---: | ---: | ---: |")
+    print("| row | phase | " + unit + " | of which in the kernel | page faults | peak memory growth (GiB) |\n"
+          "| --- | --- | ---: | ---: | ---: | ---: |")
     for kind in labels:
-        print(f"| {labels[kind]} | {best[kind][0]:.3f} | {best[kind][2]:.3f} | {best[kind][1] / 2**30:.3f} |")
-    print(f"| guided saliency loss, forward + backward over the forget set | {mask_rows['guided'][0]:.3f} | | "
+        for phase, (seconds, in_kernel, faults) in [*best[kind].items(), ("step", total(best[kind]))]:
+            peak = f"{peaks[kind] / 2**30:.3f}" if phase == "step" else ""
+            print(f"| {labels[kind]} | {phase} | {seconds:.3f} | {in_kernel:.3f} | {faults} | {peak} |")
+    print(f"| guided saliency loss, forward + backward over the forget set | | {mask_rows['guided'][0]:.3f} | | | "
           f"{mask_rows['guided'][1] / 2**30:.3f} |")
-    print(f"| mask pass (scores + threshold) | {mask_rows['mask'][0]:.3f} | | {mask_rows['mask'][1] / 2**30:.3f} |")
-    print(f"| of which the global threshold (fixed cost) | {mask_rows['threshold'][0]:.3f} | | |")
-    s, r, f = best["salun"], best["rl"], best["finetune"]
+    print(f"| mask pass (scores + threshold) | | {mask_rows['mask'][0]:.3f} | | | "
+          f"{mask_rows['mask'][1] / 2**30:.3f} |")
+    print(f"| of which the global threshold (fixed cost) | | {mask_rows['threshold'][0]:.3f} | | | |")
+    (s, sk, _), (r, rk, _), (f, _, _) = (total(best[kind]) for kind in ("salun", "rl", "finetune"))
+    s_opt, r_opt = best["salun"]["optimizer step"][0], best["rl"]["optimizer step"][0]
     per_batch = (mask_rows["mask"][0] - mask_rows["threshold"][0]) / mask_rows["guided"][0]
-    print(f"\nthe mask's own cost (SalUn step / RL step): time x{s[0] / r[0]:.3f} (outside the kernel "
-          f"x{(s[0] - s[2]) / (r[0] - r[2]):.3f}), peak memory x{s[1] / max(r[1], 1):.3f}")
-    print(f"SalUn / plain fine-tuning: time x{s[0] / f[0]:.3f}, peak memory x{s[1] / max(f[1], 1):.3f}")
+    print(f"\nthe mask's own cost (SalUn step / RL step): time x{s / r:.3f} (outside the kernel "
+          f"x{(s - sk) / (r - rk):.3f}), peak memory x{peaks['salun'] / max(peaks['rl'], 1):.3f}")
+    # The two rows' forward + backward passes are the same computation (SalUn's skips the gradients of
+    # wholly frozen tensors); their optimizer steps are where the mask's work lies.
+    print(f"the optimizer steps alone: SalUn {s_opt:.3f} vs RL {r_opt:.3f} {unit}, a difference of "
+          f"{(s_opt - r_opt) / r:+.1%} of the RL step")
+    print(f"SalUn / plain fine-tuning: time x{s / f:.3f}, peak memory x{peaks['salun'] / max(peaks['finetune'], 1):.3f}")
     print(f"mask pass / guided loss forward+backward: x{mask_rows['mask'][0] / mask_rows['guided'][0]:.3f} in all, "
           f"x{per_batch:.3f} without the threshold's fixed cost; peak memory x"
           f"{mask_rows['mask'][1] / max(mask_rows['guided'][1], 1):.3f}")

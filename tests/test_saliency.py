@@ -213,10 +213,14 @@ def _train(model, optimizer, steps=6):
         optimizer.step()
 
 
-def test_masked_adam_is_adam_on_the_salient_entries_with_packed_state():
+@pytest.mark.parametrize("chunk", [None, 7], ids=["one-write", "chunked-write"])
+def test_masked_adam_is_adam_on_the_salient_entries_with_packed_state(chunk, monkeypatch):
     """The salient entries follow torch Adam exactly (bit for bit: Adam is elementwise), with state of size k.
     Reference: plain Adam on every entry with the frozen entries' gradients zeroed (without weight decay a
-    zero gradient leaves an Adam entry where it is)."""
+    zero gradient leaves an Adam entry where it is). `chunk` 7: the write-back in slices, as for SD's largest
+    tensors."""
+    if chunk:
+        monkeypatch.setattr("concept_erase.saliency._WRITE_BACK_CHUNK", chunk)
     mask = SaliencyMask.random(_mlp(), keep=0.3, seed=2)
     masked_model, reference = _mlp(), _mlp()
     optimizer = build_optimizer(masked_model, mask, "adam", lr=1e-2)
