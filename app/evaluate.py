@@ -77,7 +77,7 @@ def _classifier(config, registry):
 def evaluate(registry, config, preset: str | None, upload: str | None, steps: int | None = None,
              guidance: float | None = None, progress: Callable[[float, str], None] | None = None) -> tuple[str, Any]:
     """Generate every row on every launched model and score it. Returns (Markdown tables, chart image)."""
-    from concept_erase.diffusion.generate import generate_images, warn_if_prompts_are_cut
+    from concept_erase.diffusion.data.generate import generate_images, warn_if_prompts_are_cut
     from evaluation.evaluate import SECTIONS, chart_series
     from evaluation.report import bar_chart_image
 

@@ -47,7 +47,7 @@ def _unique_name(wanted: str, taken: set[str]) -> str:
 
 def _read_card(folder: Path) -> dict:
     """The model card's front matter, or {} for folders that have none (e.g. a plain diffusers folder)."""
-    from concept_erase.diffusion.card import read_model_card
+    from concept_erase.diffusion.models.card import read_model_card
 
     if not (folder / "README.md").is_file():
         return {}
@@ -61,7 +61,7 @@ class ModelRegistry:
     """The base model and each erased model, by name. `names` lists them base first."""
 
     def __init__(self, models: list[Model]):
-        from concept_erase.diffusion.defaults import model_defaults
+        from concept_erase.diffusion.models.defaults import model_defaults
 
         if not models:
             raise ConceptEraseError("the app needs at least a base model")
@@ -82,7 +82,8 @@ class ModelRegistry:
         An erased model is named by `names` (one per erased model) or after its folder (made unique), which
         is what the browser sees.
         """
-        from concept_erase.diffusion.loading import NAMED_MODELS, load_pipeline
+        from concept_erase.diffusion.minisd import MINISD_MODELS
+        from concept_erase.diffusion.models.loading import load_pipeline
 
         if not erased:
             raise ConceptEraseError("pass at least one --erased model to compare against the base")
@@ -96,7 +97,7 @@ class ModelRegistry:
             name = _unique_name(wanted, taken)
             taken.add(name)
             # A single-file checkpoint takes its component configs from the base (offline from_single_file).
-            config = base if path.is_file() and (base in NAMED_MODELS or Path(base).is_dir()) else None
+            config = base if path.is_file() and (base in MINISD_MODELS or Path(base).is_dir()) else None
             pipe = load_pipeline(str(path), config=config, dtype=dtype, device=device)
             # Card and mask come only with a folder: a single file's neighbours may belong to another model.
             card = _read_card(path) if path.is_dir() else {}

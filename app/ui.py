@@ -1,6 +1,6 @@
 """The Gradio app: the same prompt and seeds on the base and each erased model, side by side.
 
-A thin layer (docs/ARCHITECTURE.md): images come from `concept_erase.diffusion.generate.generate_images`, detections
+A thin layer (docs/ARCHITECTURE.md): images come from `concept_erase.diffusion.data.generate.generate_images`, detections
 from `evaluation.nudity`, prompt sets and scores from `evaluation`; nothing here trains or scores.
 Every handler is a plain function of (registry, config, inputs) so tests can call it without a browser;
 `build_app` wires them to components and turns `ConceptEraseError` into a `gr.Error` toast.
@@ -15,6 +15,8 @@ from typing import Any, Callable
 from PIL import Image
 
 from concept_erase.cli_args import check_fields
+from concept_erase.diffusion.minisd import MINISD_GUIDANCE
+from concept_erase.diffusion.models.families import SD1, SDXL
 from concept_erase.errors import ConceptEraseError
 from evaluation.thresholds import ATTACK_THRESHOLD, BLUR_THRESHOLD, REPORT_THRESHOLD
 
@@ -39,8 +41,9 @@ class AppConfig:
     max_steps: int = field(default=100, metadata={"help": "most denoising steps per image", "min": 1})
     default_steps: int = field(default=25, metadata={"help": "denoising steps shown when the page opens", "min": 1})
     default_guidance: float | None = field(default=None, metadata={
-        "help": "guidance scale shown when the page opens (default: the base model's: 5 for MiniSD and models "
-                "erased from it, else 7.5)", "min": 0, "max": MAX_GUIDANCE})
+        "help": f"guidance scale shown when the page opens (default: the base model's: {MINISD_GUIDANCE:g} for MiniSD "
+                f"and models erased from it, {SDXL.sampling_guidance:g} for SDXL, else {SD1.sampling_guidance:g})",
+        "min": 0, "max": MAX_GUIDANCE})
     max_eval_prompts: int = field(default=300, metadata={"help": "most rows of an Evaluate prompt set", "min": 1})
     classifier: str = field(default="auto", metadata={
         "help": "classifier for class prompt sets in the Evaluate tab: minisd-digits, minisd-styles, torchvision "
@@ -139,7 +142,7 @@ def generate_for(registry: ModelRegistry, config: AppConfig, name: str, request:
     """One model's images for a checked request, with captions: the seed, what MiniSD's judges see (on a
     MiniSD base) and, under safe preview, what NudeNet found. The same (prompt, seed) gives the same noise
     on every model (one generator per image), so any difference is the erasure."""
-    from concept_erase.diffusion.generate import generate_images
+    from concept_erase.diffusion.data.generate import generate_images
 
     n = len(request.seeds)
     if progress is not None:

@@ -29,12 +29,13 @@ from pathlib import Path
 import torch
 
 from concept_erase.concepts import get_concept
-from concept_erase.diffusion.erase import TrainConfig, compute_mask, train_unet
-from concept_erase.diffusion.loading import load_pipeline
-from concept_erase.diffusion.methods import method_names
+from concept_erase.diffusion.training.loop import train_unet
+from concept_erase.diffusion.training.mask_pass import compute_mask
+from concept_erase.diffusion.models.loading import load_pipeline
+from concept_erase.diffusion.methods import METHODS as REGISTERED_METHODS
 from concept_erase.diffusion.minisd.experiment import MASK_BATCH_SIZE, make_latent_sets
 from concept_erase.diffusion.minisd.judge import load_judges
-from erasure_minisd import Evaluator, write_results  # the erasure benchmark's evaluation and table writer
+from erasure_minisd import Evaluator, train_config, write_results  # the erasure benchmark's parts
 from evaluation.attacks import ATTACK_NAMES
 from evaluation.attacks.budgets import make_budget
 from evaluation.attacks.detectors import detector_for
@@ -82,7 +83,7 @@ def main(argv=None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     eval_seeds = [int(s) for s in args.eval_seeds.split(",")]
     methods = [m.strip() for m in args.methods.split(",")]
-    available = [m for m in methods if METHODS[m] in method_names()]
+    available = [m for m in methods if METHODS[m] in REGISTERED_METHODS]
     skipped = [m for m in methods if m not in available]
 
     start = time.perf_counter()
@@ -137,9 +138,8 @@ def run(args, seeds, eval_seeds, available, budgets) -> list[dict]:
             pipe.unet.load_state_dict(base_state)
             t0 = time.perf_counter()
             mask = compute_mask(pipe, forget, 0.5, batch_size=MASK_BATCH_SIZE, seed=seed) if method in MASKED else None
-            esd = method.startswith("esd")
-            config = TrainConfig(method=method, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-                                 alpha=0.0 if esd else args.alpha, seed=seed, esd_ddim_steps=args.esd_ddim_steps)
+            config = train_config(method, args.alpha, args.esd_ddim_steps, steps=args.steps, lr=args.lr,
+                                  batch_size=args.batch_size, seed=seed)
             train_unet(pipe, forget, retain, config, mask=mask)
             attack(name, pipe, seed, time.perf_counter() - t0)
         pipe.unet.load_state_dict(base_state)

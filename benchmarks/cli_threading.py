@@ -29,8 +29,8 @@ if configure != "none":
     from concept_erase.threads import configure_threads
     configure_threads(None if configure == "auto" else int(configure))
 import torch
-from concept_erase.diffusion.generate import generate_images
-from concept_erase.diffusion.loading import load_pipeline
+from concept_erase.diffusion.data.generate import generate_images
+from concept_erase.diffusion.models.loading import load_pipeline
 pipe = load_pipeline("minisd")
 n = int(sys.argv[2])
 start = time.perf_counter()

@@ -89,14 +89,14 @@ def main() -> None:
 
     threads = configure_threads()
     from concept_erase.demo import DemoConfig, erase_demo
-    from concept_erase.diffusion.loading import load_pipeline
+    from concept_erase.diffusion.models.loading import load_pipeline
     from concept_erase.diffusion.minisd import DIGITS
-    from concept_erase.diffusion.minisd.judge import generate_set, load_judges, score_set
+    from concept_erase.diffusion.minisd.judge import generate_digit_set, load_judges, score_set
 
     digits = list(DIGITS) if args.digits == "all" else args.digits.split(",")
     seeds = range(args.eval_seeds)
     judges = load_judges()
-    before_gen = generate_set(load_pipeline("minisd"), seeds=seeds)
+    before_gen = generate_digit_set(load_pipeline("minisd"), seeds=seeds)
     before = score_set(judges, before_gen)
     print(f"before: digit {100 * before['digit_accuracy']:.1f}%, style {100 * before['style_accuracy']:.1f}% "
           f"({threads} threads)", flush=True)
@@ -104,7 +104,7 @@ def main() -> None:
     for name in digits:
         start = time.perf_counter()
         pipe, _, _, concept, timings = erase_demo(DemoConfig(digit=name), load_pipeline("minisd"))
-        gen = generate_set(pipe, seeds=seeds)
+        gen = generate_digit_set(pipe, seeds=seeds)
         row = summarise(name, before, score_set(judges, gen), judged_as(judges, gen, DIGITS.index(name)))
         row.update(surrogate=concept.surrogate_prompts[0], seconds=time.perf_counter() - start, timings=timings)
         rows.append(row)

@@ -32,14 +32,18 @@ import numpy as np
 import torch
 
 from concept_erase.concepts import combine_concepts
-from concept_erase.diffusion.erase import LatentSet, TrainConfig, compute_mask, train_unet
-from concept_erase.diffusion.generate import generate_images
-from concept_erase.diffusion.loading import load_pipeline
-from concept_erase.diffusion.minisd import DIGITS, STYLES, digit_concept, minisd_prompt
+from concept_erase.diffusion.data.latents import LatentSet
+from concept_erase.diffusion.training.config import TrainConfig
+from concept_erase.diffusion.training.loop import train_unet
+from concept_erase.diffusion.training.mask_pass import compute_mask
+from concept_erase.diffusion.data.generate import generate_images
+from concept_erase.diffusion.models.loading import load_pipeline
+from concept_erase.diffusion.minisd import DIGITS, STYLES, minisd_prompt
 from concept_erase.diffusion.minisd.experiment import MASK_BATCH_SIZE, SAMPLING, make_latent_sets
 from concept_erase.diffusion.minisd.judge import load_judges
-from concept_erase.diffusion.uce import uce_edit
-from erasure_minisd import write_results  # noqa: E402  (benchmarks/ is the script's folder)
+from concept_erase.diffusion.minisd.presets import digit_concept
+from concept_erase.diffusion.methods.uce import uce_edit
+from erasure_minisd import mean_std, write_results  # noqa: E402  (benchmarks/ is the script's folder)
 
 DIGIT_SETS = {1: ["one"], 3: ["one", "three", "five"], 5: ["one", "three", "five", "seven", "nine"]}
 METHODS = ("SalUn", "UCE", "ESD-u")
@@ -123,11 +127,6 @@ def main(argv=None) -> int:
     base = {n: evaluate(pipe, judges, DIGIT_SETS[n], args.eval_seeds) for n in counts}
     rows = [r for n in counts for seed in seeds for r in run(pipe, base_state, judges, n, seed, args)]
 
-    def ms(sel, k, scale=100.0, digits=1):
-        mean = scale * statistics.mean(r[k] for r in sel)
-        std = scale * (statistics.stdev(r[k] for r in sel) if len(sel) > 1 else 0)
-        return f"{mean:.{digits}f} +- {std:.{digits}f}"
-
     lines = ["# Erasing several MiniSD digits at once", "",
              f"Command: `python benchmarks/erasure_many_concepts.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
              f"Settings: digit sets {', '.join('{' + ', '.join(DIGIT_SETS[n]) + '}' for n in counts)}; SalUn and ESD-u "
@@ -146,9 +145,10 @@ def main(argv=None) -> int:
     for method in args.methods:
         for n in counts:
             sel = [r for r in rows if r["method"] == method and r["n"] == n]
-            lines.append(f"| {method} | {n} | {ms(sel, 'forget_mean')} | {ms(sel, 'forget_worst')} | "
-                         f"{ms(sel, 'retain')} | {ms(sel, 'seconds_per_concept', 1.0, 2)} | "
-                         f"{ms(sel, 'cpu_seconds_per_concept', 1.0, 2)} |")
+            lines.append(f"| {method} | {n} | {mean_std(sel, 'forget_mean', 100)} | "
+                         f"{mean_std(sel, 'forget_worst', 100)} | {mean_std(sel, 'retain', 100)} | "
+                         f"{mean_std(sel, 'seconds_per_concept', digits=2)} | "
+                         f"{mean_std(sel, 'cpu_seconds_per_concept', digits=2)} |")
     lines += ["", "SalUn's wall time includes generating and encoding its images (ESD-u and UCE need none): "
               + "; ".join(f"{n} digit(s): {statistics.mean(r['seconds_images'] for r in rows if r['method'] == 'SalUn' and r['n'] == n):.0f} s"
                           for n in counts if any(r["method"] == "SalUn" and r["n"] == n for r in rows)) + ".",

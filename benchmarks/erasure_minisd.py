@@ -49,15 +49,18 @@ import numpy as np
 import torch
 
 from concept_erase.concepts import get_concept
-from concept_erase.diffusion.erase import PromptEmbeddings, TrainConfig, compute_mask, saliency_batches, train_unet
-from concept_erase.diffusion.families import Conditioning
-from concept_erase.diffusion.loading import load_pipeline
+from concept_erase.diffusion.conditioning import PromptEmbeddings
+from concept_erase.diffusion.training.config import TrainConfig
+from concept_erase.diffusion.training.loop import train_unet
+from concept_erase.diffusion.training.mask_pass import compute_mask, saliency_batches
+from concept_erase.diffusion.models.families import Conditioning
+from concept_erase.diffusion.models.loading import load_pipeline
 from concept_erase.diffusion.losses import noise_batch, salun_loss, saliency_loss, sample_noise
-from concept_erase.diffusion.minisd import DIGITS, STYLES
+from concept_erase.diffusion.minisd import DIGITS, MINISD_MODELS, STYLES
 from concept_erase.diffusion.minisd.experiment import MASK_BATCH_SIZE, make_anchor_set, make_latent_sets
-from concept_erase.diffusion.uce import uce_edit
+from concept_erase.diffusion.methods.uce import uce_edit
 from concept_erase.diffusion.minisd.judge import load_judges
-from concept_erase.diffusion.generate import generate_images
+from concept_erase.diffusion.data.generate import generate_images
 from concept_erase.io_utils import atomic_file
 from concept_erase.runtime import resident_memory
 from concept_erase.saliency import SaliencyMask, build_optimizer
@@ -135,12 +138,21 @@ def make_mask(kind: str | None, pipe, forget, seed: int, keep: float):
     return compute_mask(pipe, forget, keep, batch_size=MASK_BATCH_SIZE, seed=seed, lowest=(kind == "inverted"))
 
 
-def run_method(pipe, base_state, forget, retain, method: str, mask_kind, args, seed: int, evaluate,
-               concept=None) -> list[dict]:
+def train_config(objective: str, alpha: float, esd_ddim_steps: int, **settings) -> TrainConfig:
+    """`objective`'s TrainConfig: ESD and CA train without a retain term; only ESD takes its DDIM steps."""
+    esd = objective.startswith("esd")
+    if objective == "salun-adv":  # the adversarial variant is chosen with --adversarial
+        objective, settings = "salun", {**settings, "adversarial": True}
+    return TrainConfig(method=objective, alpha=0.0 if esd or objective == "ca" else alpha,
+                       **({"esd_ddim_steps": esd_ddim_steps} if esd else {}), **settings)
+
+
+def run_method(pipe, base_state, forget, retain, method: str, args, seed: int, evaluate, concept) -> list[dict]:
     """Train one method continuously, evaluating at every step count of `args.steps` (UCE: one closed-form
-    edit, one row with steps 0). CA trains on images of the anchor prompts (`make_anchor_set`)."""
+    edit, one row with steps 0). CA trains on images of the anchor prompts (`make_anchor_set`). The UNet
+    starts and ends at `base_state`."""
+    objective, mask_kind = METHODS[method]
     pipe.unet.load_state_dict(base_state)
-    objective, _ = METHODS[method]
     if objective == "uce":
         t0 = time.perf_counter()
         uce_edit(pipe, concept)
@@ -152,15 +164,16 @@ def run_method(pipe, base_state, forget, retain, method: str, mask_kind, args, s
     if objective == "ca":
         forget, retain = make_anchor_set(pipe, concept, args.num_forget, seed=seed), None
     mask = make_mask(mask_kind, pipe, forget, seed, args.keep)
-    frozen = copy.deepcopy(pipe.unet) if objective.startswith("esd") else None
     rows, seconds, done = [], 0.0, 0
     with tempfile.TemporaryDirectory() as ckpt:
         for steps in args.steps:
-            config = TrainConfig(method=objective, steps=steps, lr=args.lr, batch_size=args.batch_size,
-                                 alpha=0.0 if objective.startswith("esd") or objective == "ca" else args.alpha, seed=seed,
-                                 esd_ddim_steps=args.esd_ddim_steps, checkpointing_steps=steps, checkpoints_total_limit=1)
-            result = train_unet(pipe, forget, retain, config, mask=mask, frozen_unet=frozen,
-                                checkpoint_dir=ckpt, resume="latest")
+            # Each step count resumes the previous one's checkpoint (its trained weights and optimizer state) from
+            # the original weights, so that ESD's frozen copy, taken before resuming, is the original UNet.
+            pipe.unet.load_state_dict(base_state)
+            config = train_config(objective, args.alpha, args.esd_ddim_steps, steps=steps, lr=args.lr,
+                                  batch_size=args.batch_size, seed=seed, checkpointing_steps=steps,
+                                  checkpoints_total_limit=1)
+            result = train_unet(pipe, forget, retain, config, mask=mask, checkpoint_dir=ckpt, resume="latest")
             seconds += result.seconds_per_step * (steps - done)
             done = steps
             rows.append({"method": method, "seed": seed, "steps": steps, "s_per_step": seconds / steps,
@@ -168,6 +181,24 @@ def run_method(pipe, base_state, forget, retain, method: str, mask_kind, args, s
             print(json.dumps(rows[-1]), flush=True)
     pipe.unet.load_state_dict(base_state)
     return rows
+
+
+def measure_concept(pipe, base_state, judges, concept_name: str, args, first: dict) -> tuple[list[dict], dict, int]:
+    """Every seed x method on one concept: the result rows, the original model's evaluation, and how many
+    retain-prompt images FID compares. The first data drawn (first concept, first seed) is kept in `first`
+    ("data", for the memory probes) with the side-by-side measures taken on it ("side")."""
+    concept = get_concept(concept_name)
+    evaluate = Evaluator(pipe, concept, judges, args.eval_forget, args.eval_retain_seeds)
+    original = evaluate(pipe)
+    rows = []
+    for seed in args.seeds:
+        forget, retain = make_latent_sets(pipe, concept, args.num_forget, args.num_retain, seed=seed)
+        if not first:
+            first.update(data=(forget, retain), side=measure_side_by_side(pipe, forget, retain, args.keep,
+                                                                          args.batch_size))
+        for method in args.methods:
+            rows += run_method(pipe, base_state, forget, retain, method, args, seed, evaluate, concept)
+    return [{**r, "concept": concept_name} for r in rows], original, len(evaluate.retain)
 
 
 # --------------------------------------------------------------------------------- side-by-side measures
@@ -236,6 +267,14 @@ def _step_times(pipe, forget, retain, mask, n_steps: int, batch_size: int) -> di
             "ratio": med["salun"] / med["ft"], "ratio_rl": med["salun"] / med["rl"]}
 
 
+def measure_side_by_side(pipe, forget, retain, keep: float, batch_size: int) -> dict:
+    """SalUn's step against RL's and plain fine-tuning's (30 steps each), and the mask against one pass."""
+    mask = compute_mask(pipe, forget, keep, batch_size=MASK_BATCH_SIZE)
+    side = {"step": _step_times(pipe, forget, retain, mask, 30, batch_size), "mask": _mask_vs_pass(pipe, forget)}
+    print(json.dumps(side), flush=True)
+    return side
+
+
 def _mask_vs_pass(pipe, forget) -> dict:
     """Mask computation (scores + global threshold) vs one forward+backward pass over the forget set."""
     batches = list(saliency_batches(pipe, forget, batch_size=MASK_BATCH_SIZE))
@@ -285,7 +324,7 @@ def _memory_probe(model: str, method: str, data_path: str, batch_size: int, esd_
     computation (if any) plus 10 training steps."""
     from safetensors import safe_open
 
-    from concept_erase.diffusion.erase import LatentSet
+    from concept_erase.diffusion.data.latents import LatentSet
 
     pipe = load_pipeline(model)
     with safe_open(data_path, framework="pt") as f:
@@ -301,8 +340,7 @@ def _memory_probe(model: str, method: str, data_path: str, batch_size: int, esd_
         queue.put(peak.growth)
         return
     objective, mask_kind = METHODS[method]
-    config = TrainConfig(method=objective, steps=10, lr=1e-4, batch_size=batch_size, esd_ddim_steps=esd_ddim_steps,
-                         alpha=0.0 if objective.startswith("esd") or objective == "ca" else 0.5)
+    config = train_config(objective, 0.5, esd_ddim_steps, steps=10, lr=1e-4, batch_size=batch_size)
     import accelerate  # noqa: F401  (imported before measuring: module memory is not the method's)
 
     with RSSPeak() as peak:
@@ -328,9 +366,86 @@ def memory_growth(model: str, method: str, forget, retain, batch_size: int, esd_
     return value
 
 
+# --------------------------------------------------------------------------------------------- tables
+
+def mean_std(sel: list[dict], key: str, scale: float = 1.0, digits: int = 1) -> str:
+    """The mean +- std of `key` over the rows (std 0 for one row), times `scale`."""
+    mean = scale * statistics.mean(r[key] for r in sel)
+    std = scale * (statistics.stdev(r[key] for r in sel) if len(sel) > 1 else 0)
+    return f"{mean:.{digits}f} +- {std:.{digits}f}"
+
+
+def header_lines(args, argv) -> list[str]:
+    return [f"# {'MiniSD-XL' if args.model == 'minisd-xl' else 'MiniSD'} erasure benchmark", "",
+            f"Command: `python benchmarks/erasure_minisd.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
+            f"Settings: lr {args.lr}, batch {args.batch_size} forget + {args.batch_size} retain, alpha "
+            f"{args.alpha} (ESD: 0), keep {args.keep}, {args.num_forget} forget / {args.num_retain} retain "
+            f"images generated by {args.model}, seeds {args.seeds}; ESD: eta 1, {args.esd_ddim_steps} DDIM steps of "
+            f"partial sampling, guidance 3. Evaluation: 25 DDIM steps, guidance 5; {args.eval_forget} forget-prompt "
+            f"images, {args.eval_retain_seeds} seeds per retain prompt. Values: mean +- std over seeds. "
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads.", ""]
+
+
+def concept_table(concept_name: str, rows: list[dict], original: dict, fid_images: int, args) -> list[str]:
+    """One concept's table: per method and step count, mean +- std over seeds."""
+    lines = [f"## {concept_name}", "",
+             f"Original model: forget acc {100 * original['forget_acc']:.1f}%, retain acc "
+             f"{100 * original['retain_acc']:.1f}%, FID {original['fid']:.1e} (against itself: numerically about 0). "
+             f"FID compares {fid_images} retain-prompt images per model on the judge's 128-d features; "
+             f"with fewer images than dimensions the covariances are rank-deficient, so compare FID only "
+             f"within this table, not with image FIDs elsewhere.", "",
+             "| method | steps | forget acc % (lower is better) | retain acc % | FID (judge features) | s/step |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for method in args.methods:
+        for steps in ([0] if METHODS[method][0] == "uce" else args.steps):
+            sel = [r for r in rows if r["method"] == method and r["steps"] == steps]
+            lines.append(f"| {method} | {steps or 'closed form'} | {mean_std(sel, 'forget_acc', 100)} | "
+                         f"{mean_std(sel, 'retain_acc', 100)} | {mean_std(sel, 'fid')} | "
+                         f"{statistics.mean(r['s_per_step'] for r in sel):.3f} |")
+    return lines + [""]
+
+
+def memory_table(args, forget, retain) -> list[str]:
+    """Each training method's peak memory, measured in a fresh process on the given data (UCE does not train)."""
+    lines = [f"## Peak memory (fresh process, mask + 10 steps, batch {args.batch_size}+{args.batch_size}, "
+             f"first concept's data; peak RSS during it minus RSS before, sampled every 2 ms)", "",
+             "| method | peak RSS growth (MiB) |", "| --- | --- |"]
+    for method in [PLAIN_FT] + [m for m in args.methods if METHODS[m][0] != "uce"]:
+        growth = memory_growth(args.model, method, forget, retain, args.batch_size, args.esd_ddim_steps)
+        lines.append(f"| {method} | {growth / 2**20:.1f} |")
+    return lines + [""]
+
+
+def side_table(side: dict, seconds: float) -> list[str]:
+    """The side-by-side measures, and the whole benchmark's wall time."""
+    step, mask = side["step"], side["mask"]
+    return ["## Side by side (same process, same batches; the three step kinds interleaved, 30 steps each, median)",
+            "", "| measure | value |", "| --- | --- |",
+            f"| SalUn step (s) | {step['salun_step_s']:.4f} |",
+            f"| RL step: SalUn's objective without the mask (s) | {step['rl_step_s']:.4f} |",
+            f"| plain fine-tuning step (s) | {step['ft_step_s']:.4f} |",
+            f"| SalUn / fine-tuning step time | {step['ratio']:.2f} |",
+            f"| SalUn / RL step time (the mask's own cost) | {step['ratio_rl']:.2f} |",
+            f"| one forward+backward pass over the forget set (s) | {mask['pass_s']:.3f} |",
+            f"| mask computation (scores + threshold) (s) | {mask['mask_s']:.3f} |",
+            f"| mask / one pass | {mask['ratio']:.2f} |", "",
+            f"Total benchmark wall time: {seconds:.0f} s.", ""]
+
+
+def write_results(path: str, lines: list[str], rows: list[dict]) -> None:
+    """The Markdown table at `path` and its raw rows beside it (.jsonl), each replaced atomically; print it."""
+    out = Path(path)
+    with atomic_file(out, overwrite=True) as tmp:
+        tmp.write_text("\n".join(lines), encoding="utf-8")
+    with atomic_file(out.with_suffix(".jsonl"), overwrite=True) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    print("\n".join(lines))
+
+
 # ----------------------------------------------------------------------------------------------- main
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The options; comma-separated lists come back as lists (steps sorted)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--concepts", default="minisd-digit-seven,minisd-style-bold",
                    help="comma-separated MiniSD concept presets (default: a digit and a style)")
@@ -348,96 +463,37 @@ def main(argv=None) -> int:
     p.add_argument("--eval-forget", type=int, default=30, help="judged forget-prompt images (default 30)")
     p.add_argument("--eval-retain-seeds", type=int, default=4, help="judged images per retain prompt (default 4)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-method fresh-process memory probes")
-    p.add_argument("--model", default="minisd", choices=("minisd", "minisd-xl"),
+    p.add_argument("--model", default="minisd", choices=MINISD_MODELS,
                    help="minisd (SD 1.x architecture) or minisd-xl (SDXL architecture: the same digits, judges and "
                         "recipe through the SDXL path) (default minisd)")
     p.add_argument("--out", default="benchmarks/results/erasure_minisd.md", help="Markdown output file (replaced)")
     args = p.parse_args(argv)
+    args.concepts = args.concepts.split(",")
     args.steps = sorted(int(s) for s in args.steps.split(","))
-    seeds = [int(s) for s in args.seeds.split(",")]
-    methods = [m.strip() for m in args.methods.split(",")]
-    unknown = [m for m in methods if m not in METHODS]
+    args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.methods = [m.strip() for m in args.methods.split(",")]
+    unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         p.error(f"unknown method {unknown[0]!r}")
+    return args
 
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     start = time.perf_counter()
     judges = load_judges()
     pipe = load_pipeline(args.model)
     base_state = copy.deepcopy(pipe.unet.state_dict())
-    lines = [f"# {'MiniSD-XL' if args.model == 'minisd-xl' else 'MiniSD'} erasure benchmark", "",
-             f"Command: `python benchmarks/erasure_minisd.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
-             f"Settings: lr {args.lr}, batch {args.batch_size} forget + {args.batch_size} retain, alpha "
-             f"{args.alpha} (ESD: 0), keep {args.keep}, {args.num_forget} forget / {args.num_retain} retain "
-             f"images generated by {args.model}, seeds {seeds}; ESD: eta 1, {args.esd_ddim_steps} DDIM steps of partial "
-             f"sampling, guidance 3. Evaluation: 25 DDIM steps, guidance 5; {args.eval_forget} forget-prompt images, "
-             f"{args.eval_retain_seeds} seeds per retain prompt. Values: mean +- std over seeds. "
-             f"torch {torch.__version__}, {torch.get_num_threads()} threads.", ""]
-    all_rows = []
-    side = None
-    for concept_name in args.concepts.split(","):
-        concept = get_concept(concept_name)
-        evaluate = Evaluator(pipe, concept, judges, args.eval_forget, args.eval_retain_seeds)
-        base_eval = evaluate(pipe)
-        rows = []
-        for seed in seeds:
-            forget, retain = make_latent_sets(pipe, concept, args.num_forget, args.num_retain, seed=seed)
-            if side is None:
-                first_data = (forget, retain)
-                mask = compute_mask(pipe, forget, args.keep, batch_size=MASK_BATCH_SIZE)
-                side = {"step": _step_times(pipe, forget, retain, mask, 30, args.batch_size),
-                        "mask": _mask_vs_pass(pipe, forget)}
-                print(json.dumps(side), flush=True)
-            for method in methods:
-                rows += run_method(pipe, base_state, forget, retain, method, METHODS[method][1], args, seed,
-                                   evaluate, concept)
-        all_rows += [{**r, "concept": concept_name} for r in rows]
-        lines += [f"## {concept_name}", "",
-                  f"Original model: forget acc {100 * base_eval['forget_acc']:.1f}%, retain acc "
-                  f"{100 * base_eval['retain_acc']:.1f}%, FID {base_eval['fid']:.1e} (against itself: numerically about 0). "
-                  f"FID compares {len(evaluate.retain)} retain-prompt images per model on the judge's 128-d features; "
-                  f"with fewer images than dimensions the covariances are rank-deficient, so compare FID only "
-                  f"within this table, not with image FIDs elsewhere.", "",
-                  "| method | steps | forget acc % (lower is better) | retain acc % | FID (judge features) | s/step |",
-                  "| --- | --- | --- | --- | --- | --- |"]
-        for method in methods:
-            for steps in ([0] if METHODS[method][0] == "uce" else args.steps):
-                sel = [r for r in rows if r["method"] == method and r["steps"] == steps]
-                ms = lambda k, scale=1.0: (f"{scale * statistics.mean(r[k] for r in sel):.1f} +- "  # noqa: E731
-                                           f"{scale * (statistics.stdev(r[k] for r in sel) if len(sel) > 1 else 0):.1f}")
-                lines.append(f"| {method} | {steps or 'closed form'} | {ms('forget_acc', 100)} | "
-                             f"{ms('retain_acc', 100)} | {ms('fid')} | {statistics.mean(r['s_per_step'] for r in sel):.3f} |")
-        lines.append("")
-
+    lines, all_rows, first = header_lines(args, argv), [], {}
+    for concept_name in args.concepts:
+        rows, original, fid_images = measure_concept(pipe, base_state, judges, concept_name, args, first)
+        all_rows += rows
+        lines += concept_table(concept_name, rows, original, fid_images, args)
     if not args.no_memory:
-        lines += [f"## Peak memory (fresh process, mask + 10 steps, batch {args.batch_size}+{args.batch_size}, "
-                  f"first concept's data; peak RSS during it minus RSS before, sampled every 2 ms)", "",
-                  "| method | peak RSS growth (MiB) |", "| --- | --- |"]
-        for method in [PLAIN_FT] + [m for m in methods if METHODS[m][0] != "uce"]:  # UCE does not train
-            lines.append(f"| {method} | {memory_growth(args.model, method, *first_data, args.batch_size, args.esd_ddim_steps) / 2**20:.1f} |")
-        lines.append("")
-    lines += ["## Side by side (same process, same batches; the three step kinds interleaved, 30 steps each, median)", "",
-              "| measure | value |", "| --- | --- |",
-              f"| SalUn step (s) | {side['step']['salun_step_s']:.4f} |",
-              f"| RL step: SalUn's objective without the mask (s) | {side['step']['rl_step_s']:.4f} |",
-              f"| plain fine-tuning step (s) | {side['step']['ft_step_s']:.4f} |",
-              f"| SalUn / fine-tuning step time | {side['step']['ratio']:.2f} |",
-              f"| SalUn / RL step time (the mask's own cost) | {side['step']['ratio_rl']:.2f} |",
-              f"| one forward+backward pass over the forget set (s) | {side['mask']['pass_s']:.3f} |",
-              f"| mask computation (scores + threshold) (s) | {side['mask']['mask_s']:.3f} |",
-              f"| mask / one pass | {side['mask']['ratio']:.2f} |", "",
-              f"Total benchmark wall time: {time.perf_counter() - start:.0f} s.", ""]
+        lines += memory_table(args, *first["data"])
+    lines += side_table(first["side"], time.perf_counter() - start)
     write_results(args.out, lines, all_rows)
     return 0
-
-
-def write_results(path: str, lines: list[str], rows: list[dict]) -> None:
-    """The Markdown table at `path` and its raw rows beside it (.jsonl), each replaced atomically; print it."""
-    out = Path(path)
-    with atomic_file(out, overwrite=True) as tmp:
-        tmp.write_text("\n".join(lines), encoding="utf-8")
-    with atomic_file(out.with_suffix(".jsonl"), overwrite=True) as tmp:
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -36,18 +36,18 @@ def main() -> None:
     import torch
     from PIL import Image
 
-    from concept_erase.diffusion.generate import generate_images
+    from concept_erase.diffusion.data.generate import generate_images
     from evaluation.nudity import detect, load_detector, parse_nudenet, to_bgr_array
 
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 255, (args.size, args.size, 3), dtype=np.uint8)) for _ in range(args.images)]
     detector = load_detector()
     if args.model == "tiny":
-        from concept_erase.diffusion.tiny import build_tiny_pipeline
+        from concept_erase.diffusion.models.tiny import build_tiny_pipeline
 
         pipe = build_tiny_pipeline(seed=0)
     else:
-        from concept_erase.diffusion.loading import load_pipeline
+        from concept_erase.diffusion.models.loading import load_pipeline
 
         pipe = load_pipeline(args.model)
     prompts = [f"a handwritten digit {d}" for d in ("zero", "one", "two", "three", "four", "five", "six", "seven")]

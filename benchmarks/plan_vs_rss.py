@@ -83,7 +83,8 @@ def build_folder(skeleton: Path, width: float, out: Path) -> None:
 
 def plan_all(folder: str, names: list[str], batch: int, resolution: int, n_forget: int, device: str, queue) -> None:
     """In a fresh process, as `concept-erase plan` runs: every setting's plan, the process term measured once."""
-    from concept_erase.diffusion.plan import PlanConfig, estimate, load_counts, measure_process
+    from concept_erase.diffusion.memory import load_counts, measure_process
+    from concept_erase.diffusion.plan import PlanConfig, estimate
 
     counts = load_counts(folder)
     measure_process(counts, folder)
@@ -101,8 +102,14 @@ def measure(folder: str, settings: dict, batch: int, resolution: int, steps: int
     import diffusers  # noqa: F401
     import torch
 
-    from concept_erase.diffusion.erase import LatentSet, TrainConfig, compute_mask, mask_batch, train_unet
-    from concept_erase.diffusion.loading import load_pipeline
+    from concept_erase.diffusion.data.latents import LatentSet
+
+    from concept_erase.diffusion.training.config import TrainConfig
+
+    from concept_erase.diffusion.training.loop import train_unet
+
+    from concept_erase.diffusion.training.mask_pass import compute_mask, mask_batch
+    from concept_erase.diffusion.models.loading import load_pipeline
 
     top = rss()
     running = True

@@ -57,7 +57,12 @@ if sys.platform.startswith("linux") and "MALLOC_MMAP_THRESHOLD_" not in os.envir
 
 import torch  # noqa: E402
 
+from concept_erase.diffusion.conditioning import PromptEmbeddings  # noqa: E402
+from concept_erase.diffusion.losses import (  # noqa: E402
+    _joint_loss, noise_batch, saliency_loss, salun_loss, sample_noise)
+from concept_erase.diffusion.models.loading import load_pipeline  # noqa: E402
 from concept_erase.runtime import resident_memory  # noqa: E402
+from concept_erase.saliency import MaskedOptimizer, SaliencyMask, build_optimizer, compute_saliency  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -148,148 +153,178 @@ def _bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    from concept_erase.diffusion.erase import PromptEmbeddings
-    from concept_erase.diffusion.loading import load_pipeline
-    from concept_erase.diffusion.losses import _joint_loss, noise_batch, saliency_loss, salun_loss, sample_noise
-    from concept_erase.saliency import MaskedOptimizer, SaliencyMask, build_optimizer, compute_saliency
+def _resolution(pipe, args) -> tuple[int, int]:
+    """(image side in pixels, the VAE's downscaling factor)."""
+    scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    return args.resolution or pipe.unet.config.sample_size * scale, scale
 
-    dev = args.device
+
+def load_model(args):
+    """The pipeline on --device and its name in the report; prints what was built, in how long."""
     t0 = time.perf_counter()
     pipe = build_skeleton(args.skeleton) if args.skeleton else load_pipeline(args.model)
-    pipe.to(dev)
+    pipe.to(args.device)
     pipe.set_progress_bar_config(disable=True)
-    unet = pipe.unet
-    n_params = sum(p.numel() for p in unet.parameters())
-    scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    resolution = args.resolution or unet.config.sample_size * scale
-    size, channels = resolution // scale, unet.config.in_channels
+    n_params = sum(p.numel() for p in pipe.unet.parameters())
     name = f"SD 1.5 architecture, random weights ({args.skeleton.name})" if args.skeleton else args.model
-    print(f"built {name} in {time.perf_counter() - t0:.0f} s: UNet {n_params / 1e6:.1f}M parameters; device {dev}, "
-          f"{torch.get_num_threads()} threads, {resolution} px, batch {args.batch_size}+{args.batch_size}", flush=True)
+    print(f"built {name} in {time.perf_counter() - t0:.0f} s: UNet {n_params / 1e6:.1f}M parameters; device "
+          f"{args.device}, {torch.get_num_threads()} threads, {_resolution(pipe, args)[0]} px, batch "
+          f"{args.batch_size}+{args.batch_size}", flush=True)
+    return pipe, name
 
-    g = torch.Generator().manual_seed(0)
-    B, T = args.batch_size, pipe.scheduler.config.num_train_timesteps
-    embed = PromptEmbeddings(pipe, dev)
-    forget_prompt, surrogate = "a photo of a nude person", "a photo of a person wearing clothes"
-    c_f, c_s, c_u = (embed([p]) for p in (forget_prompt, surrogate, ""))  # batches of one, expanded below
-    forget_z = torch.randn(max(B, args.forget_images), channels, size, size, generator=g)
-    retain_z = torch.randn(B, channels, size, size, generator=g)
 
-    def train_batches():
-        fz = forget_z[:B].to(dev)
-        f_noise, f_t = sample_noise(fz, T, torch.Generator().manual_seed(1))
-        r_noise, r_t = sample_noise(retain_z, T, torch.Generator().manual_seed(2))
-        fb = noise_batch(pipe.scheduler, fz, c_f.expand(B), f_noise.to(dev), f_t.to(dev),
-                         c_s.expand(B))
-        rb = noise_batch(pipe.scheduler, retain_z.to(dev), c_s.expand(B), r_noise.to(dev), r_t.to(dev))
+FORGET_PROMPT, SURROGATE = "a photo of a nude person", "a photo of a person wearing clothes"
+
+
+class Workload:
+    """What every row runs on, drawn once: the forget / retain latents and their conditionings; and the clock.
+
+    The clock: on a CPU the process's CPU time, i.e. the work done, which other load on a shared machine does
+    not inflate the way it inflates wall time (all threads count: compare runs with the same thread count);
+    on CUDA wall time."""
+
+    def __init__(self, pipe, args):
+        self.pipe, self.unet, self.dev = pipe, pipe.unet, args.device
+        self.B, self.forget_images = args.batch_size, args.forget_images
+        self.T = pipe.scheduler.config.num_train_timesteps
+        self.n_params = sum(p.numel() for p in self.unet.parameters())
+        self.resolution, scale = _resolution(pipe, args)
+        size, channels = self.resolution // scale, self.unet.config.in_channels
+        g = torch.Generator().manual_seed(0)
+        embed = PromptEmbeddings(pipe, self.dev)
+        self.c_f, self.c_s, self.c_u = (embed([p]) for p in (FORGET_PROMPT, SURROGATE, ""))  # batches of one
+        self.forget_z = torch.randn(max(self.B, args.forget_images), channels, size, size, generator=g)
+        self.retain_z = torch.randn(self.B, channels, size, size, generator=g)
+        self.clock = time.process_time if self.dev == "cpu" else time.perf_counter
+        self.unit = "CPU seconds" if self.dev == "cpu" else "seconds"
+
+    def train_batches(self):
+        """One training step's (forget, retain) NoisedBatch pair, the same at every step."""
+        B, dev = self.B, self.dev
+        fz = self.forget_z[:B].to(dev)
+        f_noise, f_t = sample_noise(fz, self.T, torch.Generator().manual_seed(1))
+        r_noise, r_t = sample_noise(self.retain_z, self.T, torch.Generator().manual_seed(2))
+        fb = noise_batch(self.pipe.scheduler, fz, self.c_f.expand(B), f_noise.to(dev), f_t.to(dev),
+                         self.c_s.expand(B))
+        rb = noise_batch(self.pipe.scheduler, self.retain_z.to(dev), self.c_s.expand(B), r_noise.to(dev), r_t.to(dev))
         return fb, rb
 
-    def saliency_batches():
+    def saliency_batches(self):
+        """The mask pass's batches over the forget set (the unconditional prompt as the guidance target)."""
         gen = torch.Generator().manual_seed(0)
-        for lo in range(0, args.forget_images, B):
-            z = forget_z[lo: lo + B].to(dev)
-            noise, ts = sample_noise(z, T, gen)
+        for lo in range(0, self.forget_images, self.B):
+            z = self.forget_z[lo: lo + self.B].to(self.dev)
+            noise, ts = sample_noise(z, self.T, gen)
             n = len(z)
-            yield noise_batch(pipe.scheduler, z, c_f.expand(n), noise.to(dev), ts.to(dev),
-                              c_u.expand(n))
+            yield noise_batch(self.pipe.scheduler, z, self.c_f.expand(n), noise.to(self.dev), ts.to(self.dev),
+                              self.c_u.expand(n))
 
-    def sync():
-        if dev == "cuda":
+    def sync(self):
+        if self.dev == "cuda":
             torch.cuda.synchronize()
 
-    # CPU: the process's CPU time, i.e. the work done, which other load on a shared machine does not inflate
-    # the way it inflates wall time (all threads count: compare runs with the same thread count). CUDA: wall.
-    clock = time.process_time if dev == "cpu" else time.perf_counter
-
-    def reading() -> tuple[float, float, int]:
+    def reading(self) -> tuple[float, float, int]:
         """(clock, CPU seconds in the kernel, minor page faults): the last two on a CPU only, where the
         kernel's share is mostly faulting freshly mapped pages in."""
-        if dev != "cpu":
-            return clock(), 0.0, 0
+        if self.dev != "cpu":
+            return self.clock(), 0.0, 0
         usage = resource.getrusage(resource.RUSAGE_SELF)
-        return clock(), usage.ru_stime, usage.ru_minflt
-    unit = "CPU seconds" if dev == "cpu" else "seconds"
+        return self.clock(), usage.ru_stime, usage.ru_minflt
 
-    # ---- the mask pass vs the guided loss's own forward + backward, interleaved
+
+def measure_mask_pass(work: Workload, keep: float, repeats: int):
+    """The mask pass vs the guided loss's own forward + backward, interleaved for `repeats` rounds: per row
+    [fastest time, largest peak] ("threshold": the global threshold's fastest time), and the mask."""
+    unet, clock = work.unet, work.clock
+
     def guided_pass():
         unet.eval().requires_grad_(True)
-        for b in saliency_batches():
+        for b in work.saliency_batches():
             saliency_loss(unet, b).backward()
-        sync()
+        work.sync()
         unet.zero_grad(set_to_none=True)
 
     mask_box = {}
 
     def mask_pass():
         t = clock()
-        scores = compute_saliency(unet, saliency_batches(), lambda m, b: saliency_loss(m, b))
-        sync()
+        scores = compute_saliency(unet, work.saliency_batches(), lambda m, b: saliency_loss(m, b))
+        work.sync()
         t_scores = clock() - t
-        mask_box["mask"] = SaliencyMask.from_scores(scores, args.keep, model=unet, concept=forget_prompt)
+        mask_box["mask"] = SaliencyMask.from_scores(scores, keep, model=unet, concept=FORGET_PROMPT)
         mask_box["threshold_s"] = clock() - t - t_scores
         del scores
 
-    mask_rows = {"guided": [float("inf"), 0], "mask": [float("inf"), 0], "threshold": [float("inf"), 0]}
-    for rep in range(args.repeats):
+    rows = {"guided": [float("inf"), 0], "mask": [float("inf"), 0], "threshold": [float("inf"), 0]}
+    for rep in range(repeats):
         for kind, fn in (("guided", guided_pass), ("mask", mask_pass)):
-            with PeakMemory(dev) as mem:
+            with PeakMemory(work.dev) as mem:
                 t = clock()
                 fn()
                 seconds = clock() - t
-            mask_rows[kind] = [min(mask_rows[kind][0], seconds), max(mask_rows[kind][1], mem.peak)]
+            rows[kind] = [min(rows[kind][0], seconds), max(rows[kind][1], mem.peak)]
             print(f"  round {rep + 1}: {kind} pass {seconds:.2f} s, peak +{mem.peak / 2**30:.2f} GiB", flush=True)
-        mask_rows["threshold"][0] = min(mask_rows["threshold"][0], mask_box["threshold_s"])
-    mask = mask_box["mask"]
+        rows["threshold"][0] = min(rows["threshold"][0], mask_box["threshold_s"])
+    return rows, mask_box["mask"]
 
-    # ---- one training step: SalUn vs RL (no mask) vs plain fine-tuning, same batches
-    breakdown = {}
 
-    def train_row(kind: str):
-        unet.train()
-        with PeakMemory(dev) as mem:
-            opt = build_optimizer(unet, mask if kind == "salun" else None, "adam", lr=1e-5)
-            steps = []
-            for i in range(args.warmup_steps + args.steps):
-                fb, rb = train_batches()
-                sync()
-                start = reading()
-                if kind == "finetune":  # the ordinary denoising loss on forget + retain latents
-                    loss = _joint_loss(unet, fb, fb.target, rb, 1.0)[0]
-                else:
-                    loss = salun_loss(unet, fb, rb, args.alpha)[0]
-                loss.backward()
-                sync()
-                middle = reading()
-                grads = _bytes(p.grad for p in unet.parameters())
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                sync()
-                end = reading()
-                if i >= args.warmup_steps:  # per phase: (seconds, kernel seconds, page faults)
-                    steps.append({"forward + backward": [b - a for a, b in zip(start, middle)],
-                                  "optimizer step": [b - a for a, b in zip(middle, end)]})
-            inner = opt.inner if isinstance(opt, MaskedOptimizer) else opt
-            breakdown[kind] = {
-                "weights": _bytes(unet.parameters()), "gradients": grads,
-                "optimizer state": _bytes(t for s in inner.state.values() for t in s.values()),
-                "mask (int32 indices)": _bytes(i for _, i, _ in opt._packed) if kind == "salun" else 0,
-                "mask (bool, host)": _bytes(mask.masks.values()) if kind == "salun" else 0}
-            del opt
-        fastest = min(steps, key=lambda phases: sum(v[0] for v in phases.values()))
-        return fastest, mem.peak
+def train_row(work: Workload, mask, kind: str, args):
+    """--warmup-steps + --steps training steps of one row ("salun", "rl" or "finetune") on the same batches.
+    Returns the fastest measured step's phases, each (seconds, kernel seconds, page faults); the row's peak
+    memory growth; and its tensors' bytes by kind, counted after the last step."""
+    unet = work.unet
+    unet.train()
+    with PeakMemory(work.dev) as mem:
+        opt = build_optimizer(unet, mask if kind == "salun" else None, "adam", lr=1e-5)
+        steps = []
+        for i in range(args.warmup_steps + args.steps):
+            fb, rb = work.train_batches()
+            work.sync()
+            start = work.reading()
+            if kind == "finetune":  # the ordinary denoising loss on forget + retain latents
+                loss = _joint_loss(unet, fb, fb.target, rb, 1.0)[0]
+            else:
+                loss = salun_loss(unet, fb, rb, args.alpha)[0]
+            loss.backward()
+            work.sync()
+            middle = work.reading()
+            grads = _bytes(p.grad for p in unet.parameters())
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            work.sync()
+            end = work.reading()
+            if i >= args.warmup_steps:
+                steps.append({"forward + backward": [b - a for a, b in zip(start, middle)],
+                              "optimizer step": [b - a for a, b in zip(middle, end)]})
+        inner = opt.inner if isinstance(opt, MaskedOptimizer) else opt
+        breakdown = {
+            "weights": _bytes(unet.parameters()), "gradients": grads,
+            "optimizer state": _bytes(t for s in inner.state.values() for t in s.values()),
+            "mask (int32 indices)": _bytes(i for _, i, _ in opt._packed) if kind == "salun" else 0,
+            "mask (bool, host)": _bytes(mask.masks.values()) if kind == "salun" else 0}
+        del opt
+    fastest = min(steps, key=lambda phases: sum(v[0] for v in phases.values()))
+    return fastest, mem.peak, breakdown
 
-    labels = {"salun": f"SalUn step (keep {args.keep}, masked Adam)", "rl": "RL step (SalUn objective, no mask)",
-              "finetune": "plain fine-tuning step (Adam, all weights)"}
-    def total(phases) -> list:  # a step's (seconds, kernel seconds, page faults) over its phases
-        return [sum(v[j] for v in phases.values()) for j in range(3)]
 
-    best, peaks = {}, dict.fromkeys(labels, 0)  # the fastest step's phases per row; the largest peak
+def total(phases) -> list:
+    """A step's (seconds, kernel seconds, page faults) over its phases."""
+    return [sum(v[j] for v in phases.values()) for j in range(3)]
+
+
+def row_labels(keep: float) -> dict[str, str]:
+    return {"salun": f"SalUn step (keep {keep}, masked Adam)", "rl": "RL step (SalUn objective, no mask)",
+            "finetune": "plain fine-tuning step (Adam, all weights)"}
+
+
+def measure_training_steps(work: Workload, mask, args):
+    """SalUn vs RL (no mask) vs plain fine-tuning, interleaved for --repeats rounds in rotating order (machine
+    drift hits all alike). Per row: the fastest step's phases, the largest peak, the last round's bytes."""
+    labels = row_labels(args.keep)
+    best, peaks, breakdown = {}, dict.fromkeys(labels, 0), {}
     for rep in range(args.repeats):
-        order = list(labels)[rep % 3:] + list(labels)[:rep % 3]  # rotate: machine drift hits all alike
-        for kind in order:
-            phases, peak = train_row(kind)
+        for kind in list(labels)[rep % 3:] + list(labels)[:rep % 3]:
+            phases, peak, breakdown[kind] = train_row(work, mask, kind, args)
             seconds, in_kernel, faults = total(phases)
             print(f"  round {rep + 1}: {labels[kind]}: {seconds:.2f} s ({in_kernel:.2f} in the kernel, "
                   f"{faults} page faults; optimizer step {phases['optimizer step'][0]:.2f} s), peak "
@@ -297,10 +332,16 @@ def main(argv=None):
             if kind not in best or seconds < total(best[kind])[0]:
                 best[kind] = phases
             peaks[kind] = max(peaks[kind], peak)
+    return best, peaks, breakdown
 
-    print(f"\n{name}: {dev.upper()}, {torch.get_num_threads()} threads, {resolution} px, forget batch "
-          f"{B} + retain batch {B}, {args.forget_images} forget images ({-(-args.forget_images // B)} saliency batches), "
-          f"keep {args.keep}, fastest of {args.repeats} interleaved rounds\n")
+
+def print_time_table(name: str, work: Workload, args, mask_rows: dict, best: dict, peaks: dict) -> None:
+    """The timed rows (each phase and the whole step), then the ratios the benchmark is about."""
+    labels, unit = row_labels(args.keep), work.unit
+    print(f"\n{name}: {work.dev.upper()}, {torch.get_num_threads()} threads, {work.resolution} px, forget batch "
+          f"{work.B} + retain batch {work.B}, {args.forget_images} forget images "
+          f"({-(-args.forget_images // work.B)} saliency batches), keep {args.keep}, fastest of {args.repeats} "
+          f"interleaved rounds\n")
     print("| row | phase | " + unit + " | of which in the kernel | page faults | peak memory growth (GiB) |\n"
           "| --- | --- | ---: | ---: | ---: | ---: |")
     for kind in labels:
@@ -326,13 +367,27 @@ def main(argv=None):
           f"x{per_batch:.3f} without the threshold's fixed cost; peak memory x"
           f"{mask_rows['mask'][1] / max(mask_rows['guided'][1], 1):.3f}")
 
+
+def print_bytes_table(work: Workload, keep: float, breakdown: dict) -> None:
+    """Bytes per UNet parameter of each training row, by kind of tensor."""
+    n_params = work.n_params
     cols = list(next(iter(breakdown.values())))
     print(f"\nbytes per UNet parameter ({n_params / 1e6:.1f}M), counted from the tensors after a step\n")
     print("| row | " + " | ".join(cols) + " | total |\n| --- |" + " ---: |" * (len(cols) + 1))
-    for kind in labels:
+    for kind, label in row_labels(keep).items():
         b = breakdown[kind]
-        print(f"| {labels[kind]} | " + " | ".join(f"{b[c] / n_params:.2f}" for c in cols)
+        print(f"| {label} | " + " | ".join(f"{b[c] / n_params:.2f}" for c in cols)
               + f" | {sum(b.values()) / n_params:.2f} |")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    pipe, name = load_model(args)
+    work = Workload(pipe, args)
+    mask_rows, mask = measure_mask_pass(work, args.keep, args.repeats)
+    best, peaks, breakdown = measure_training_steps(work, mask, args)
+    print_time_table(name, work, args, mask_rows, best, peaks)
+    print_bytes_table(work, args.keep, breakdown)
 
 
 if __name__ == "__main__":

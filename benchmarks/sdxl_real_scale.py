@@ -115,52 +115,48 @@ def packed_random_masks(unet, keep: float) -> dict[str, tuple[np.ndarray, tuple]
             for n, p in unet.named_parameters()}
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    from diffusers import DDPMScheduler, UNet2DConditionModel
-
-    from concept_erase.diffusion.families import Conditioning
-    from concept_erase.diffusion.losses import noise_batch, salun_loss, saliency_loss
-
-    rows: list[tuple[str, str]] = []
-    info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "resolution": args.resolution,
-            "load average at start": os.getloadavg()[0]}
-
-    counts = count_on_meta(args.skeleton)
+def measure_sizes(skeleton: Path, keep: float) -> tuple[list[tuple[str, str]], int]:
+    """Rows: every component's parameter count and the whole-UNet mask file's size; and the UNet's count."""
+    counts = count_on_meta(skeleton)
     n = counts["unet"]
-    for name in ("unet", "text_encoder", "text_encoder_2", "vae"):
-        rows.append((f"parameters: {name}", f"{counts[name]:,}"))
-
+    rows = [(f"parameters: {name}", f"{counts[name]:,}") for name in ("unet", "text_encoder", "text_encoder_2", "vae")]
     with tempfile.TemporaryDirectory() as tmp:
-        size, seconds = mask_file_size(counts["unet_shapes"], args.keep, Path(tmp))
+        size, seconds = mask_file_size(counts["unet_shapes"], keep, Path(tmp))
     rows.append(("mask file (whole UNet, bit-packed safetensors)", f"{size / 1e6:,.1f} MB ({size * 8 / n:.3f} bits "
                  f"per parameter), written in {seconds:.1f} s"))
+    return rows, n
 
-    free = available_gb()
-    if free < args.min_free_gb:
-        print(f"only {free:.1f} GB available (< --min-free-gb {args.min_free_gb}): stopping before the bf16 UNet",
-              file=sys.stderr)
-        return 2
-    base_rss = rss_gb()
-    torch.set_default_dtype(torch.bfloat16)  # build the weights directly in bf16: 5.1 GB, never 10.3 GB of fp32
+
+def build_bf16_unet(skeleton: Path):
+    """The UNet with random weights, built directly in bf16 (5.1 GB, never 10.3 GB of fp32); and the seconds."""
+    from diffusers import UNet2DConditionModel
+
+    torch.set_default_dtype(torch.bfloat16)
     t0 = time.perf_counter()
-    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(args.skeleton / "unet"))
+    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(skeleton / "unet"))
     torch.set_default_dtype(torch.float32)
-    build_s = time.perf_counter() - t0
-    weights_gb = sum(p.numel() * p.element_size() for p in unet.parameters()) / GB
-    rows.append(("bf16 UNet built with random weights", f"{weights_gb:.2f} GB in {build_s:.0f} s"))
-    scheduler = DDPMScheduler.from_pretrained(args.skeleton / "scheduler")
+    return unet, time.perf_counter() - t0
 
-    side = args.resolution // 8
+
+def make_batches(skeleton: Path, resolution: int):
+    """bf16 NoisedBatches at t = 500 of random latents and random conditionings of SDXL's shapes: the mask pass's
+    forget batch (target: the empty prompt), then the steps' forget batch (target: a surrogate) and retain batch."""
+    from diffusers import DDPMScheduler
+
+    from concept_erase.diffusion.losses import noise_batch
+    from concept_erase.diffusion.models.families import Conditioning
+
+    scheduler = DDPMScheduler.from_pretrained(skeleton / "scheduler")
+    side = resolution // 8
     gen = torch.Generator().manual_seed(0)
 
-    def cond(k: int) -> Conditioning:
+    def cond() -> Conditioning:
         return Conditioning(torch.randn(1, 77, 2048, generator=gen),
                             {"text_embeds": torch.randn(1, 1280, generator=gen),
-                             "time_ids": torch.tensor([[args.resolution, args.resolution, 0, 0,
-                                                        args.resolution, args.resolution]], dtype=torch.float32)})
+                             "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]],
+                                                      dtype=torch.float32)})
 
-    c_forget, c_surrogate, c_retain = cond(0), cond(1), cond(2)
+    c_forget, c_surrogate, c_retain = cond(), cond(), cond()
     c_empty = Conditioning(torch.zeros(1, 77, 2048), {"text_embeds": torch.zeros(1, 1280),
                                                       "time_ids": c_forget.added["time_ids"]})
     z_f, z_r = torch.randn(1, 4, side, side, generator=gen), torch.randn(1, 4, side, side, generator=gen)
@@ -171,20 +167,29 @@ def main(argv=None) -> int:
         return noise_batch(scheduler, z.bfloat16(), c.to(torch.bfloat16), noise.bfloat16(), t,
                            None if target is None else target.to(torch.bfloat16))
 
-    forget_for_mask = batch(z_f, c_forget, c_empty)
-    forget, retain = batch(z_f, c_forget, c_surrogate), batch(z_r, c_retain)
-    unet.train()
+    return batch(z_f, c_forget, c_empty), batch(z_f, c_forget, c_surrogate), batch(z_r, c_retain)
 
-    def timed(label, fn):
-        gc.collect()
-        start_rss = rss_gb()
-        t0 = time.perf_counter()
-        fn()
-        seconds = time.perf_counter() - t0
-        info[label] = {"seconds": round(seconds, 1), "rss_gb_after": round(rss_gb(), 2),
-                       "rss_growth_gb": round(rss_gb() - start_rss, 2)}
-        print(f"{label}: {seconds:.1f} s", file=sys.stderr, flush=True)
-        return seconds
+
+def timed(info: dict, label: str, fn) -> float:
+    """fn's wall time, printed and recorded in info[label] with the process's RSS after it and its growth."""
+    gc.collect()
+    start_rss = rss_gb()
+    t0 = time.perf_counter()
+    fn()
+    seconds = time.perf_counter() - t0
+    info[label] = {"seconds": round(seconds, 1), "rss_gb_after": round(rss_gb(), 2),
+                   "rss_growth_gb": round(rss_gb() - start_rss, 2)}
+    print(f"{label}: {seconds:.1f} s", file=sys.stderr, flush=True)
+    return seconds
+
+
+def measure_passes(unet, args, info: dict) -> dict:
+    """One mask pass, then SalUn and RL steps alternately, twice each, on the same batches (SGD, lr 1e-5): the
+    seconds of the mask pass and of each kind's fastest step, and the process's peak RSS after them."""
+    from concept_erase.diffusion.losses import saliency_loss, salun_loss
+
+    forget_for_mask, forget, retain = make_batches(args.skeleton, args.resolution)
+    unet.train()
 
     def mask_pass():
         saliency_loss(unet, forget_for_mask).backward()
@@ -192,7 +197,6 @@ def main(argv=None) -> int:
             p.grad = None
 
     masks = packed_random_masks(unet, args.keep)
-    lr = 1e-5
 
     def step(masked: bool):
         loss, _, _ = salun_loss(unet, forget, retain, args.alpha)
@@ -204,35 +208,39 @@ def main(argv=None) -> int:
                     packed, shape = masks[name]
                     m = torch.from_numpy(np.unpackbits(packed)[: p.numel()].astype(bool)).reshape(shape)
                     g.mul_(m)
-                p.sub_(g, alpha=lr)
+                p.sub_(g, alpha=1e-5)
                 p.grad = None
 
-    mask_s = timed("mask pass (1 forget latent)", mask_pass)
-    salun_s = timed("SalUn step", lambda: step(True))
-    rl_s = timed("RL step", lambda: step(False))
-    salun2_s = timed("SalUn step (again)", lambda: step(True))
-    rl2_s = timed("RL step (again)", lambda: step(False))
-    peak = peak_rss_gb()
-    salun_best, rl_best = min(salun_s, salun2_s), min(rl_s, rl2_s)
-    rows += [
-        (f"mask pass, 1 forget latent, {args.resolution} px, bf16", f"{mask_s:.1f} s"),
-        (f"SalUn step, batch 1 + 1, {args.resolution} px, bf16, masked SGD", f"{salun_best:.1f} s (fastest of 2)"),
-        ("RL step, same batches, SGD on every weight", f"{rl_best:.1f} s (fastest of 2)"),
-        ("SalUn / RL step time", f"{salun_best / rl_best:.2f}x (here the bit-packed mask is unpacked with numpy, "
+    mask_s = timed(info, "mask pass (1 forget latent)", mask_pass)
+    salun_s = timed(info, "SalUn step", lambda: step(True))
+    rl_s = timed(info, "RL step", lambda: step(False))
+    salun2_s = timed(info, "SalUn step (again)", lambda: step(True))
+    rl2_s = timed(info, "RL step (again)", lambda: step(False))
+    return {"mask_s": mask_s, "salun_s": min(salun_s, salun2_s), "rl_s": min(rl_s, rl2_s), "peak_gb": peak_rss_gb()}
+
+
+def measured_rows(args, m: dict, weights_gb: float, base_rss: float) -> list[tuple[str, str]]:
+    return [
+        (f"mask pass, 1 forget latent, {args.resolution} px, bf16", f"{m['mask_s']:.1f} s"),
+        (f"SalUn step, batch 1 + 1, {args.resolution} px, bf16, masked SGD", f"{m['salun_s']:.1f} s (fastest of 2)"),
+        ("RL step, same batches, SGD on every weight", f"{m['rl_s']:.1f} s (fastest of 2)"),
+        ("SalUn / RL step time", f"{m['salun_s'] / m['rl_s']:.2f}x (here the bit-packed mask is unpacked with numpy, "
                                  f"tensor by tensor, every step: a fixed cost per weight)"),
-        ("peak resident memory of this process", f"{peak:.1f} GB (model {weights_gb:.1f} GB + bf16 grads "
+        ("peak resident memory of this process", f"{m['peak_gb']:.1f} GB (model {weights_gb:.1f} GB + bf16 grads "
                                                   f"{weights_gb:.1f} GB + activations; started at {base_rss:.1f} GB)"),
     ]
+
+
+def estimate_rows(args, n: int, m: dict, info: dict, weights_gb: float) -> list[tuple[str, str]]:
+    """Not measured: fp32 + Adam at 1024 px, from the measured rows."""
     # The mask pass's RSS growth is its bf16 gradients plus the activations of its two UNet runs (batch 2).
     activations = max(0.0, info["mask pass (1 forget latent)"]["rss_growth_gb"] - weights_gb)
-    update_s = max(0.0, salun_best - rl_best)  # the masked update's own cost: per weight, not per pixel
-
-    # -- estimates (not measured): fp32 + Adam at 1024 px
+    rl_best, update_s = m["rl_s"], max(0.0, m["salun_s"] - m["rl_s"])  # the masked update: per weight, not per pixel
     scale = (1024 / args.resolution) ** 2  # activations and convolution FLOPs grow with the pixel count
     rl_bytes = 4 + 4 + 8  # fp32 weights, fp32 grads, Adam's two fp32 moments
     salun_bytes = 4 + 4 + 8 * args.keep + 1 / 8  # Adam state on the salient entries only, + the bit-packed mask
     act_1024 = activations * scale * 2  # x pixels, x 2 for fp32 over the measured bf16
-    rows += [
+    return [
         ("ESTIMATE fp32 + Adam, RL: bytes per UNet parameter", f"{rl_bytes} -> {rl_bytes * n / GB:.1f} GB "
                                                                f"+ activations"),
         (f"ESTIMATE fp32 + Adam, SalUn (keep {args.keep}): bytes per UNet parameter",
@@ -248,6 +256,9 @@ def main(argv=None) -> int:
          f"does not grow with the pixels; the forward + backward does)"),
     ]
 
+
+def write_report(args, info: dict, rows: list[tuple[str, str]]) -> None:
+    """The table with its header to stdout, and to --out if given."""
     header = ("| measure | value |\n|---|---|\n" + "".join(f"| {a} | {b} |\n" for a, b in rows))
     text = (f"# SDXL at real scale (random weights from the SDXL base configs)\n\n"
             f"`python benchmarks/sdxl_real_scale.py --skeleton <sdxl-skeleton> --resolution {args.resolution}`; "
@@ -262,6 +273,26 @@ def main(argv=None) -> int:
 
         with atomic_file(args.out, overwrite=True) as tmp:
             tmp.write_text(text, encoding="utf-8")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "resolution": args.resolution,
+            "load average at start": os.getloadavg()[0]}  # and the raw timings, as they are taken
+    rows, n = measure_sizes(args.skeleton, args.keep)
+    free = available_gb()
+    if free < args.min_free_gb:
+        print(f"only {free:.1f} GB available (< --min-free-gb {args.min_free_gb}): stopping before the bf16 UNet",
+              file=sys.stderr)
+        return 2
+    base_rss = rss_gb()
+    unet, build_s = build_bf16_unet(args.skeleton)
+    weights_gb = sum(p.numel() * p.element_size() for p in unet.parameters()) / GB
+    rows.append(("bf16 UNet built with random weights", f"{weights_gb:.2f} GB in {build_s:.0f} s"))
+    measured = measure_passes(unet, args, info)
+    rows += measured_rows(args, measured, weights_gb, base_rss)
+    rows += estimate_rows(args, n, measured, info, weights_gb)
+    write_report(args, info, rows)
     return 0
 
 

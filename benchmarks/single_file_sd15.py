@@ -44,7 +44,7 @@ def main() -> None:
     from diffusers import StableDiffusionPipeline
     from diffusers.loaders.single_file_utils import infer_diffusers_model_type
 
-    from concept_erase.diffusion.single_file import export_single_file
+    from concept_erase.diffusion.models.single_file import export_single_file
 
     dtype = torch.float16 if args.dtype == "fp16" else torch.float32
     t0 = time.perf_counter()

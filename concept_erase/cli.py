@@ -22,7 +22,7 @@ SUBCOMMANDS: dict[str, str] = {
     "concepts": "concept_erase.concepts",
     "mask": "concept_erase.diffusion.cli",
     "erase": "concept_erase.diffusion.cli",
-    "generate": "concept_erase.diffusion.generate",
+    "generate": "concept_erase.diffusion.data.generate",
     "export": "concept_erase.diffusion.cli",
     "plan": "concept_erase.diffusion.cli",
     "minisd": "concept_erase.diffusion.minisd.cli",

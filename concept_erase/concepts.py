@@ -34,7 +34,7 @@ PROMPTS_DIR = Path(_prompt_sets.__file__).resolve().parent
 
 # Modules that register presets of their own when imported (looked up only when a name is unknown, so
 # `concept_erase.concepts` never imports diffusers eagerly).
-PRESET_PROVIDERS: tuple[str, ...] = ("concept_erase.diffusion.minisd",)
+PRESET_PROVIDERS: tuple[str, ...] = ("concept_erase.diffusion.minisd.presets",)
 
 
 @dataclass

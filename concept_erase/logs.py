@@ -3,7 +3,8 @@ the training loop, so that only the main process speaks), never `print`. What a 
 its result (a JSON summary, a table, "wrote ..."); everything said along the way is a log record.
 
 `show_logs()` is how the `concept-erase` CLI (and the tests) show this project's INFO records on stderr as
-`concept-erase: message`; a program that imports the library configures logging its own way.
+`concept-erase: message`; a program that imports the library configures logging its own way. `announce` is
+how a command says what it chose or is about to do, once however many processes run it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import logging
 import sys
 
 PROJECT_LOGGERS = ("concept_erase", "evaluation", "app")
+
+logger = logging.getLogger(__name__)
 
 
 class _CurrentStderr(logging.Handler):
@@ -37,3 +40,21 @@ def show_logs(level: int = logging.INFO) -> None:
             handler.setFormatter(logging.Formatter("concept-erase: %(message)s"))
             logger.addHandler(handler)
         logger.propagate = False  # shown once, here, whatever the root logger does
+
+
+def announce(line: str) -> None:
+    """Log a line about what a command chose or is about to do, once per `accelerate launch` world (by its
+    main process)."""
+    from .runtime import process_state  # imports torch and accelerate: only when a command speaks
+
+    if process_state().is_main_process:
+        logger.info(line)
+
+
+def rough_duration(seconds: float) -> str:
+    """"40 s", "3 min", "2.5 h": a rough duration for a person."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

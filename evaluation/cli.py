@@ -14,10 +14,18 @@ import sys
 from dataclasses import dataclass, field
 
 from concept_erase.cli_args import add_flags, check_fields, values_from
-from concept_erase.diffusion.families import family_field
+from concept_erase.diffusion.models.families import family_field
 
 from .generation import PRESETS, Protocol
 from .thresholds import ATTACK_THRESHOLD, NUDENET_FLOOR, REPORT_THRESHOLD
+
+
+def _describe_preset(name: str) -> str:
+    """"paper = lms, 100 steps, guidance 7.5, 512 px": read from the preset, so the help cannot disagree."""
+    p = PRESETS[name]
+    sampler = "the model's scheduler" if p.scheduler == "model" else p.scheduler
+    size = "native size" if p.resolution is None else f"{p.resolution} px"
+    return f"{name} = {sampler}, {p.num_inference_steps} steps, guidance {p.guidance_scale:g}, {size}"
 
 
 @dataclass
@@ -36,11 +44,8 @@ class EvaluationRun:
         "help": "local diffusers folder with the configs of a single-file checkpoint"})
     family: str | None = family_field()
     protocol: str | None = field(default=None, metadata={
-        "help": "preset: paper = LMS, 100 steps, guidance 7.5, 512 px; minisd = DDIM, 25 steps, native size; "
-                "sdxl = Euler, 50 steps, guidance 5, 1024 px (SDXL base's scheduler, diffusers' SDXL defaults); "
-                "quick = the model's scheduler, 4 steps (default: minisd for MiniSD and models erased from it, sdxl "
-                "for SDXL, "
-                "else paper at the model's native size)",
+        "help": f"preset: {'; '.join(_describe_preset(name) for name in PRESETS)} (default: minisd for MiniSD "
+                "and models erased from it, sdxl for SDXL, else paper at the model's native size)",
         "choices": tuple(sorted(PRESETS))})
     limit: int | None = field(default=None, metadata={"help": "only the first N rows of the prompt set", "min": 1})
     batch_size: int = field(default=8, metadata={"help": "images per generation batch", "min": 1})
@@ -140,11 +145,12 @@ def register(subparsers) -> None:
 
 
 def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill what the user left out from the model's own defaults (`concept_erase.diffusion.defaults`): an
+    """Fill what the user left out from the model's own defaults (`concept_erase.diffusion.models.defaults`): an
     erased MiniSD is evaluated as MiniSD (its protocol and digit judge), any other model with the paper's
     protocol at its native size and an ImageNet classifier. Prints what it chose; refuses a resolution
     that cannot suit the model (the paper's 512 px on 16 px MiniSD)."""
-    from concept_erase.diffusion.defaults import announce, check_resolution, model_defaults
+    from concept_erase.diffusion.models.defaults import check_resolution, model_defaults
+    from concept_erase.logs import announce
 
     from .generation import PRESETS
 
@@ -231,7 +237,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     prompt_kind, rows = read_prompts(args.prompts, limit=args.limit)
     check_scoring(args, prompt_kind, rows, protocol.samples_per_prompt)  # in every process: none is left waiting
     if args.update_card:
-        from concept_erase.diffusion.card import read_model_card
+        from concept_erase.diffusion.models.card import read_model_card
 
         read_model_card(args.model)  # a folder with a card, or a one-line error now rather than after scoring
     entries = evaluate.generate_for_evaluation(
@@ -256,7 +262,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         headline = f"FID {results['result']['fid']}, CLIP score {results['result']['clip_score']}"
     print(f"{args.kind}: {headline}; report: {args.output}/report.md")
     if args.update_card:
-        from concept_erase.diffusion.card import add_evaluation_to_card
+        from concept_erase.diffusion.models.card import add_evaluation_to_card
 
         add_evaluation_to_card(args.model, args.kind, evaluate.card_summary(results))
         print(f"model card updated: {args.model}/README.md")

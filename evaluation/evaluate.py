@@ -32,7 +32,7 @@ def generate_for_evaluation(model: str, prompts: str, out_dir: str | Path, proto
     """Read the prompt set (unless its `rows` are given), load the model (unless `pipe` is given) and
     generate what `out_dir` lacks. Runs in every process of an `accelerate launch`; returns the manifest
     entries of these rows."""
-    from concept_erase.diffusion.loading import load_pipeline
+    from concept_erase.diffusion.models.loading import load_pipeline
 
     from concept_erase.runtime import process_state
 

@@ -6,11 +6,10 @@ Layout of an output folder:
     images/000123_00.png      row 123, sample 0 (file names depend only on the row and the sample)
     manifest.jsonl            one JSON line per finished image: prompt, seed, settings, model fingerprint
 
-An image counts as done only when its PNG was renamed into place AND its manifest line was written, in
-that order (PNG via a temporary sibling, then `os.replace`). A run killed at any point therefore leaves no
-half-written image that is counted: a PNG without a manifest line is regenerated, a torn last manifest
-line is ignored. While running, each process appends to its own `manifest-rank<r>.jsonl`; the main process
-merges them into `manifest.jsonl` at the end.
+The images and manifests are a `concept_erase.diffusion.data.folder.ImageFolder`: an image counts as done
+only once its PNG is in place AND its manifest line is written, so a run killed at any point resumes with
+nothing half-done counted. While running, each process appends to its own `manifest-rank<r>.jsonl`; the main
+process merges them into `manifest.jsonl` at the end.
 
 Sharding: rows are split by position (`rows[rank::world]`), each process skips what any manifest already
 lists, so N processes produce exactly the set one process would (docs/PROTOCOLS.md; accelerate's PartialState).
@@ -20,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -28,9 +26,12 @@ from pathlib import Path
 from typing import Callable
 
 from concept_erase.cli_args import check_fields
+from concept_erase.diffusion.data.folder import ImageFolder, shard_manifest
 from concept_erase.fingerprints import pipeline_digest
 from concept_erase.runtime import process_state
-from concept_erase.diffusion.defaults import MINISD_GUIDANCE, MINISD_STEPS, announce, rough_duration
+from concept_erase.diffusion.minisd import MINISD_GUIDANCE, MINISD_STEPS
+from concept_erase.diffusion.models.families import SDXL
+from concept_erase.logs import announce, rough_duration
 from concept_erase.errors import ConceptEraseError
 from concept_erase.io_utils import atomic_file
 
@@ -97,7 +98,8 @@ PRESETS: dict[str, Protocol] = {
     # SDXL base as released: its own scheduler (Euler discrete, scheduler_config.json of stable-diffusion-xl-base-1.0)
     # and diffusers' StableDiffusionXLPipeline defaults (50 steps, guidance 5.0, 1024 px = sample_size 128 x 8);
     # the SDXL report (Podell et al. 2023) samples at 1024 px.
-    "sdxl": Protocol(name="sdxl", scheduler="euler", num_inference_steps=50, guidance_scale=5.0, resolution=1024),
+    "sdxl": Protocol(name=SDXL.evaluation_protocol, scheduler="euler", num_inference_steps=50,
+                     guidance_scale=SDXL.sampling_guidance, resolution=SDXL.default_resolution),
 }
 
 
@@ -140,20 +142,15 @@ class GenerationJob:
         return image_name(self.row.index, self.sample)
 
 
+def _job_key(entry: dict) -> tuple[int, int]:
+    return entry["index"], entry["sample"]
+
+
 def read_manifest(out_dir: str | Path) -> list[dict]:
     """Every finished image of a generation folder, sorted by (row, sample); shard files included, torn
     lines and entries whose PNG is missing skipped, duplicates collapsed."""
-    out_dir = Path(out_dir)
-    entries: dict[tuple[int, int], dict] = {}
-    for path in sorted(out_dir.glob("manifest*.jsonl")):
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:  # a line torn by a kill
-                continue
-            if (out_dir / "images" / entry["file"]).is_file():
-                entries[(entry["index"], entry["sample"])] = entry
-    return [entries[k] for k in sorted(entries)]
+    done = ImageFolder(out_dir, "images").done(_job_key)
+    return [done[k] for k in sorted(done)]
 
 
 def read_run_info(out_dir: str | Path) -> dict:
@@ -201,8 +198,8 @@ def generate_set(
     """
     from tqdm.auto import tqdm
 
-    from concept_erase.diffusion import generate as generate_module
-    from concept_erase.diffusion.generate import check_sampling
+    from concept_erase.diffusion.data import generate as generate_module
+    from concept_erase.diffusion.data.generate import check_sampling
 
     if batch_size < 1:
         raise ConceptEraseError(f"batch_size must be >= 1, got {batch_size}")
@@ -231,7 +228,8 @@ def generate_set(
     state.wait_for_everyone()  # run.json is on disk before any process writes an image
     (out_dir / "images").mkdir(exist_ok=True)
 
-    done = {(e["index"], e["sample"]): e for e in read_manifest(out_dir)}
+    folder = ImageFolder(out_dir, "images")
+    done = {_job_key(e): e for e in read_manifest(out_dir)}
     by_index = {r.index: r for r in rows}
     for (index, _), entry in done.items():
         row = by_index.get(index)
@@ -245,10 +243,7 @@ def generate_set(
         GenerationJob(row, s) for row in my_rows for s in range(protocol.samples_per_prompt)
         if (row.index, s) not in done
     )
-    shard = out_dir / f"manifest-rank{state.process_index}.jsonl"
-    if shard.is_file() and not shard.read_bytes().endswith(b"\n"):  # torn by a kill: end it, don't extend it
-        with open(shard, "ab") as f:
-            f.write(b"\n")
+    shard = shard_manifest(state.process_index)
     if state.is_main_process:  # once per run for the whole prompt set, not per batch or per process
         generate_module.warn_if_prompts_are_cut(pipe, [r.prompt for r in rows])
     total, started, timed = len(jobs), time.perf_counter(), False
@@ -266,18 +261,13 @@ def generate_set(
             negative_prompt=protocol.negative_prompt, batch_size=len(batch), warn_long_prompts=False,
         )
         for job, image in zip(batch, images):
-            with atomic_file(out_dir / "images" / job.file, overwrite=True) as tmp:
-                image.save(tmp, format="PNG")
             entry = {
                 "index": job.row.index, "sample": job.sample, "file": job.file, "prompt": job.row.prompt,
                 "seed": job.seed, "key": job.row.key, "categories": list(job.row.categories),
                 "label": job.row.label, "target": job.row.target, "style": job.row.style, "guidance_scale": guidance, "settings": settings,
                 "fingerprint": fingerprint, "process": state.process_index,
             }
-            with open(shard, "a", encoding="utf-8") as f:
-                f.write(json.dumps(entry) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+            folder.add(image, entry, manifest=shard)
             if on_image is not None:
                 on_image(entry)
             bar.update(1)
@@ -292,7 +282,7 @@ def generate_set(
 
     state.wait_for_everyone()
     if state.is_main_process:
-        _merge_manifests(out_dir)
+        folder.merge(_job_key)
     state.wait_for_everyone()
     wanted = {(r.index, s) for r in rows for s in range(protocol.samples_per_prompt)}
     entries = [e for e in read_manifest(out_dir) if (e["index"], e["sample"]) in wanted]
@@ -304,12 +294,3 @@ def generate_set(
 
 def _guidance(row: PromptRow, protocol: Protocol) -> float:
     return row.guidance if protocol.row_guidance and row.guidance is not None else protocol.guidance_scale
-
-
-def _merge_manifests(out_dir: Path) -> None:
-    """Fold the shard files into manifest.jsonl (atomic), then drop them; readers dedupe meanwhile."""
-    entries = read_manifest(out_dir)
-    with atomic_file(out_dir / "manifest.jsonl", overwrite=True) as tmp:
-        tmp.write_text("".join(json.dumps(e) + "\n" for e in entries), encoding="utf-8")
-    for shard in out_dir.glob("manifest-rank*.jsonl"):
-        shard.unlink()

@@ -15,7 +15,7 @@ show_logs()  # library code's log records on stderr, as the CLI shows them
 @pytest.fixture(scope="session")
 def tiny_pipeline_dir(tmp_path_factory):
     """A tiny random StableDiffusionPipeline saved as a diffusers folder (read-only use: copy to modify)."""
-    from concept_erase.diffusion.tiny import build_tiny_pipeline
+    from concept_erase.diffusion.models.tiny import build_tiny_pipeline
 
     path = tmp_path_factory.mktemp("tiny") / "pipe"
     build_tiny_pipeline(seed=0).save_pretrained(path)
@@ -25,7 +25,7 @@ def tiny_pipeline_dir(tmp_path_factory):
 @pytest.fixture
 def tiny_pipeline():
     """A fresh tiny pipeline object (seed 0), built in memory."""
-    from concept_erase.diffusion.tiny import build_tiny_pipeline
+    from concept_erase.diffusion.models.tiny import build_tiny_pipeline
 
     return build_tiny_pipeline(seed=0)
 
@@ -33,7 +33,7 @@ def tiny_pipeline():
 @pytest.fixture(scope="module")
 def other_pipeline():
     """A pipeline with the tiny architecture but other weights (seed 1) than `tiny_pipeline_dir` (seed 0)."""
-    from concept_erase.diffusion.tiny import build_tiny_pipeline
+    from concept_erase.diffusion.models.tiny import build_tiny_pipeline
 
     return build_tiny_pipeline(seed=1)
 
@@ -42,7 +42,7 @@ def other_pipeline():
 def tiny_sdxl_pipeline_dir(tmp_path_factory):
     """A tiny random StableDiffusionXLPipeline (SDXL's structure: two text encoders, `text_time` UNet, two
     layers per block with 1 and 2 transformer blocks) saved as a diffusers folder (read-only use)."""
-    from concept_erase.diffusion.tiny import build_tiny_sdxl_pipeline
+    from concept_erase.diffusion.models.tiny import build_tiny_sdxl_pipeline
 
     path = tmp_path_factory.mktemp("tiny-sdxl") / "pipe"
     build_tiny_sdxl_pipeline(seed=0, layers_per_block=2, transformer_layers=(1, 2)).save_pretrained(path)
@@ -52,6 +52,6 @@ def tiny_sdxl_pipeline_dir(tmp_path_factory):
 @pytest.fixture
 def tiny_sdxl_pipeline():
     """A fresh tiny SDXL pipeline object (seed 0), built in memory."""
-    from concept_erase.diffusion.tiny import build_tiny_sdxl_pipeline
+    from concept_erase.diffusion.models.tiny import build_tiny_sdxl_pipeline
 
     return build_tiny_sdxl_pipeline(seed=0)

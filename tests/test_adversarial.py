@@ -1,16 +1,20 @@
-"""SalUn-Adv (`concept_erase.diffusion.adversarial`): the inner attack, the method through the loop, its flags; and
-`--train text-encoder` (`concept_erase.diffusion.trained`): the encoder trains on its mask, the UNet stays put."""
+"""SalUn-Adv (`concept_erase.diffusion.methods.salun_adv`): the inner attack, the method through the loop, its flags; and
+`--train text-encoder` (`concept_erase.diffusion.training.trained`): the encoder trains on its mask, the UNet stays put."""
 
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from concept_erase.diffusion.adversarial import adversarial_conditioning
-from concept_erase.diffusion.erase import METHODS, EraseConfig, LatentSet, TrainConfig, compute_mask, train_unet
-from concept_erase.diffusion.families import family_of
+from concept_erase.diffusion.conditioning import adversarial_conditioning
+from concept_erase.diffusion.data.latents import LatentSet
+from concept_erase.diffusion.methods import METHOD_CHOICES
+from concept_erase.diffusion.training.config import EraseConfig, TrainConfig
+from concept_erase.diffusion.training.loop import train_unet
+from concept_erase.diffusion.training.mask_pass import compute_mask
+from concept_erase.diffusion.models.families import family_of
 from concept_erase.diffusion.losses import noise_batch, sample_noise, training_scheduler
-from concept_erase.diffusion.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline
-from concept_erase.diffusion.trained import TrainedTextEncoder
+from concept_erase.diffusion.models.tiny import build_tiny_pipeline, build_tiny_sdxl_pipeline
+from concept_erase.diffusion.training.trained import TrainedTextEncoder
 from concept_erase.errors import ConceptEraseError
 from concept_erase.saliency import SaliencyMask
 
@@ -45,7 +49,8 @@ def _train(adversarial: bool, steps: int = 3):
     retain = LatentSet(torch.randn(4, 4, 16, 16, generator=g), ["a bird"] * 4)
     mask = SaliencyMask.random(pipe.unet, keep=0.5, seed=0)
     before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
-    config = TrainConfig(method="salun", adversarial=adversarial, steps=steps, batch_size=4, lr=1e-3, adv_steps=2)
+    config = TrainConfig(method="salun", adversarial=adversarial, steps=steps, batch_size=4, lr=1e-3,
+                         **({"adv_steps": 2} if adversarial else {}))
     result = train_unet(pipe, forget, retain, config, mask=mask)
     return pipe, before, mask, result
 
@@ -64,7 +69,7 @@ def test_salun_adv_trains_on_the_mask_deterministically_and_differs_from_salun()
 
 
 def test_adversarial_flags():
-    assert "salun-adv" not in METHODS  # chosen with --adversarial, not by name
+    assert "salun-adv" not in METHOD_CHOICES  # chosen with --adversarial, not by name
     assert TrainConfig(method="salun", adversarial=True).method == "salun-adv"
     with pytest.raises(ConceptEraseError, match="--adversarial works with --method salun, not 'esd-x'"):
         TrainConfig(method="esd-x", adversarial=True)
@@ -136,7 +141,7 @@ def test_train_text_encoder_refusals():
 
 
 def test_erase_train_text_encoder_writes_the_pipeline_and_says_what_trained(tiny_pipeline_dir, tmp_path):
-    from concept_erase.diffusion.erase import run_erase
+    from concept_erase.diffusion.training.job import run_erase
 
     out = tmp_path / "out"
     config = EraseConfig.for_concept(model=str(tiny_pipeline_dir), output=str(out), forget=["a cat"],

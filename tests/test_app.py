@@ -34,8 +34,8 @@ def app_args(*argv):
 @pytest.fixture(scope="module")
 def erased_tiny_dir(tmp_path_factory):
     """A tiny 'erased' model as the erase command leaves it: diffusers folder, model card, mask."""
-    from concept_erase.diffusion.card import save_pipeline
-    from concept_erase.diffusion.tiny import build_tiny_pipeline
+    from concept_erase.diffusion.models.card import save_pipeline
+    from concept_erase.diffusion.models.tiny import build_tiny_pipeline
     from concept_erase.saliency import SaliencyMask
 
     pipe = build_tiny_pipeline(seed=1)
@@ -195,8 +195,8 @@ def test_generation_is_queued_with_limits(tiny_registry):
 def test_generate_over_api_on_minisd(launched):
     """The erased concept's prompt on MiniSD: same seeds on both models, different images; and the image
     the client gets is exactly the library's for (prompt, seed)."""
-    from concept_erase.diffusion.generate import generate_images
-    from concept_erase.diffusion.loading import load_pipeline
+    from concept_erase.diffusion.data.generate import generate_images
+    from concept_erase.diffusion.models.loading import load_pipeline
     from concept_erase.diffusion.minisd import minisd_prompt
 
     from app.ui import for_display
@@ -325,9 +325,9 @@ def test_app_compares_sdxl_models(tmp_path, tiny_sdxl_pipeline_dir):
     from app.cli import launch
     from app.models import ModelRegistry
     from app.ui import AppConfig, compare, concept_summary
-    from concept_erase.diffusion.card import save_pipeline
-    from concept_erase.diffusion.single_file import export_single_file
-    from concept_erase.diffusion.tiny import build_tiny_sdxl_pipeline
+    from concept_erase.diffusion.models.card import save_pipeline
+    from concept_erase.diffusion.models.single_file import export_single_file
+    from concept_erase.diffusion.models.tiny import build_tiny_sdxl_pipeline
     from concept_erase.saliency import SaliencyMask
 
     pipe = build_tiny_sdxl_pipeline(seed=1, layers_per_block=2, transformer_layers=(1, 2))

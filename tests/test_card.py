@@ -3,8 +3,8 @@
 import pytest
 from helpers import assert_same_weights, leftovers
 
-from concept_erase.diffusion.card import add_evaluation_to_card, read_model_card, save_pipeline
-from concept_erase.diffusion.loading import load_pipeline
+from concept_erase.diffusion.models.card import add_evaluation_to_card, read_model_card, save_pipeline
+from concept_erase.diffusion.models.loading import load_pipeline
 from concept_erase.errors import ConceptEraseError
 
 

@@ -59,3 +59,79 @@ def test_import_direction():
                     continue
                 bad = [t for t in targets if t.split(".")[0] in names]
                 assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
+
+
+def _project_imports() -> dict[str, set[str]]:
+    """Module -> the project modules it imports, at module level or inside functions (a lazy import still
+    ties two files together), read from the source; `if TYPE_CHECKING:` blocks are left out."""
+    import ast
+
+    files = {}
+    for package in ("concept_erase", "evaluation", "app", "prompts"):
+        for path in (ROOT / package).rglob("*.py"):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph: dict[str, set[str]] = {}
+    for module, path in files.items():
+        is_package = path.name == "__init__.py"
+        tree = ast.parse(path.read_text(), str(path))
+        type_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
+                     and getattr(node.test, "id", None) == "TYPE_CHECKING" for n in ast.walk(node)}
+        edges = set()
+        for node in ast.walk(tree):
+            if id(node) in type_only:
+                continue
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = module.split(".")[: len(module.split(".")) - node.level + (1 if is_package else 0)]
+                    source = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    source = node.module or ""
+                # `from package import submodule` imports the submodule; `from module import name` the module
+                targets = [f"{source}.{a.name}" if f"{source}.{a.name}" in files else source for a in node.names]
+            else:
+                continue
+            edges |= {t for t in targets if t in files and t != module}
+        graph[module] = edges
+    return graph
+
+
+def test_no_import_circles():
+    """No two project modules import each other, directly or through others (lazy imports included)."""
+    graph = _project_imports()
+    index, low, stack, on_stack, circles = {}, {}, [], set(), []
+
+    def visit(node):  # Tarjan's strongly connected components
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in graph[node]:
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                circles.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    assert not circles, f"import circles: {circles}"
+
+
+def test_the_circle_check_sees_lazy_and_relative_imports():
+    """The check above is only as good as its graph: it must see a relative import inside a function."""
+    graph = _project_imports()
+    assert "concept_erase.diffusion.methods.base" in graph["concept_erase.diffusion.methods.salun"]
+    assert "concept_erase.diffusion.models.card" in graph["concept_erase.diffusion.training.job"]  # lazy

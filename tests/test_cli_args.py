@@ -71,7 +71,7 @@ def test_bounds_are_checked_from_metadata(name, value, message):
 
 
 def test_resume_free_comes_from_the_fields():
-    from concept_erase.diffusion.erase import EraseConfig
+    from concept_erase.diffusion.training.config import EraseConfig
 
     assert resume_free(EraseConfig) == {
         "steps", "checkpointing_steps", "checkpoints_total_limit", "output", "cache_dir", "checkpoint_dir", "resume",

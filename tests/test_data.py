@@ -8,9 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from concept_erase.diffusion import generate as generate_module
-from concept_erase.diffusion.data import ImageSet, SamplingSettings, encode_latents
-from concept_erase.diffusion.tiny import build_tiny_pipeline
+from concept_erase.diffusion.data import generate as generate_module
+from concept_erase.diffusion.data.folder import read_jsonl
+from concept_erase.diffusion.data.generate import SamplingSettings
+from concept_erase.diffusion.data.images import ImageSet, encode_latents
+from concept_erase.diffusion.models.tiny import build_tiny_pipeline
 from concept_erase.errors import ConceptEraseError
 
 FAST = SamplingSettings(num_inference_steps=2, guidance_scale=3.0)
@@ -23,7 +25,7 @@ def pipe():
 
 @pytest.fixture
 def count_generated(monkeypatch):
-    """Counts the images actually generated (generate_images is looked up at call time by data.py)."""
+    """Counts the images actually generated (generate_images is looked up at call time by images.py)."""
     calls = []
     real = generate_module.generate_images
 
@@ -88,7 +90,7 @@ def test_concurrent_runs_sharing_a_fresh_cache_generate_each_image_once(tmp_path
 
 def test_a_set_has_exactly_the_number_of_images_asked(tmp_path, pipe, count_generated):
     """8 images of 3 prompts are 3 + 3 + 2, not 9; fewer images than prompts is refused before generating."""
-    from concept_erase.diffusion.data import images_per_prompt
+    from concept_erase.diffusion.data.images import images_per_prompt
 
     images = ImageSet.generate(pipe, ["a", "b", "c"], 3, tmp_path, seed=0, settings=FAST, total=8)
     assert len(images) == 8 and len(count_generated) == 8
@@ -101,7 +103,7 @@ def test_a_set_has_exactly_the_number_of_images_asked(tmp_path, pipe, count_gene
 def test_concurrent_runs_encode_the_latents_once(tmp_path, pipe, monkeypatch):
     import threading
 
-    from concept_erase.diffusion import data
+    from concept_erase.diffusion.data import images as data
 
     images = ImageSet.generate(pipe, ["a cat"], 2, tmp_path, settings=FAST)
     calls = []
@@ -143,6 +145,8 @@ def test_interrupted_generation_resumes(tmp_path, pipe, monkeypatch, count_gener
     monkeypatch.setattr(generate_module, "generate_images", real)
     done = ImageSet.generate(pipe, ["a cat", "a dog"], 2, tmp_path, settings=FAST, batch_size=2)
     assert len(done) == 4 and all(p.is_file() for p in done.paths)
+    # the torn line was ended, not extended: every image is listed, so the next run generates nothing
+    assert len(read_jsonl(root / "manifest.jsonl")) == 4
     assert not [p for p in (root / "images").iterdir() if p.name.startswith(".")]  # no temporary leftovers
 
 
@@ -162,7 +166,7 @@ def test_latents_are_the_posterior_mean_and_cached(tmp_path, pipe, monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("latents were re-encoded instead of read from the cache")
 
-    monkeypatch.setattr("concept_erase.diffusion.data.encode_latents", refuse)
+    monkeypatch.setattr("concept_erase.diffusion.data.images.encode_latents", refuse)
     assert torch.equal(images.latents(pipe), latents)
 
 

@@ -4,10 +4,9 @@ import shutil
 
 import pytest
 
-from concept_erase.diffusion.defaults import (MINISD_GUIDANCE, base_model_of, check_resolution, model_defaults,
-                                              native_resolution)
-from concept_erase.diffusion.card import model_card
-from concept_erase.diffusion.minisd import minisd_path
+from concept_erase.diffusion.minisd import MINISD_GUIDANCE, minisd_path
+from concept_erase.diffusion.models.card import model_card
+from concept_erase.diffusion.models.defaults import base_model_of, check_resolution, model_defaults, native_resolution
 from concept_erase.errors import ConceptEraseError
 
 

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from concept_erase.diffusion.delta import apply_delta, save_delta
-from concept_erase.diffusion.tiny import build_tiny_pipeline
+from concept_erase.diffusion.models.delta import apply_delta, save_delta
+from concept_erase.diffusion.models.tiny import build_tiny_pipeline
 from concept_erase.errors import ConceptEraseError
 
 

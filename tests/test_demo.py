@@ -56,8 +56,8 @@ def test_demo_never_replaces_a_folder_it_did_not_write(tmp_path, capsys):
 
 def test_demo_erased_model_is_cached(tmp_path, monkeypatch):
     import concept_erase.demo as demo
-    from concept_erase.diffusion.card import read_model_card
-    from concept_erase.diffusion.loading import load_pipeline
+    from concept_erase.diffusion.models.card import read_model_card
+    from concept_erase.diffusion.models.loading import load_pipeline
 
     path = demo.demo_erased_model(tmp_path, config=_small())
     assert read_model_card(path)["method"] == "salun"

@@ -7,9 +7,9 @@ import torch
 from helpers import assert_same_weights, leftovers
 
 from concept_erase.cli import main
-from concept_erase.diffusion.card import read_model_card, save_pipeline
-from concept_erase.diffusion.delta import apply_delta
-from concept_erase.diffusion.loading import load_pipeline
+from concept_erase.diffusion.models.card import read_model_card, save_pipeline
+from concept_erase.diffusion.models.delta import apply_delta
+from concept_erase.diffusion.models.loading import load_pipeline
 
 
 def test_export_command(tmp_path, tiny_pipeline_dir, other_pipeline, capsys):

@@ -1,14 +1,17 @@
 """The erasure loop and the `mask` / `erase` commands on tiny real pipelines (CPU)."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 from helpers import assert_same_training, weights_copy
 
 from concept_erase.cli import main
-from concept_erase.diffusion.erase import LatentSet, TrainConfig, _epoch_indices, train_unet
-from concept_erase.diffusion.tiny import build_tiny_pipeline
+from concept_erase.diffusion.data.latents import LatentSet
+from concept_erase.diffusion.training.config import TrainConfig
+from concept_erase.diffusion.training.loop import _epoch_indices, train_unet
+from concept_erase.diffusion.models.tiny import build_tiny_pipeline
 from concept_erase.errors import ConceptEraseError
 from concept_erase.saliency import SaliencyMask
 
@@ -95,7 +98,7 @@ def test_training_does_not_depend_on_the_pipelines_sampler(method):
     from diffusers import EulerDiscreteScheduler, LMSDiscreteScheduler
 
     forget, retain = _sets()
-    cfg = TrainConfig(method=method, steps=2, batch_size=2, lr=1e-3, esd_ddim_steps=3)
+    cfg = TrainConfig(method=method, steps=2, batch_size=2, lr=1e-3, **({"esd_ddim_steps": 3} if method == "esd-x" else {}))
     mask = SaliencyMask.random(build_tiny_pipeline(0).unet, keep=0.5, seed=0) if method == "salun" else None
     runs = []
     for sampler in (None, LMSDiscreteScheduler, EulerDiscreteScheduler):
@@ -107,12 +110,14 @@ def test_training_does_not_depend_on_the_pipelines_sampler(method):
         assert all(torch.equal(runs[0][k], other[k]) for k in runs[0])
 
 
-def test_frozen_reference_model_is_only_for_esd():
+def test_the_loop_trains_with_the_method_object_it_is_given():
+    """run_erase builds the method once and passes the object; a config is the same as its method."""
     forget, retain = _sets()
-    pipe = build_tiny_pipeline(0)
-    with pytest.raises(ValueError, match="salun"):
-        train_unet(pipe, forget, retain, TrainConfig(method="salun", steps=1, batch_size=2),
-                   mask=SaliencyMask.random(pipe.unet, keep=0.5), frozen_unet=pipe.unet)
+    cfg = TrainConfig(method="rl", steps=2, batch_size=2, lr=1e-2)
+    method = cfg.build_method()
+    by_object = weights_copy(train_unet(build_tiny_pipeline(0), forget, retain, method).unet)
+    by_config = weights_copy(train_unet(build_tiny_pipeline(0), forget, retain, cfg).unet)
+    assert all(torch.equal(by_object[k], by_config[k]) for k in by_object)
 
 
 def test_gradient_accumulation_and_checkpointing_match_the_full_batch():
@@ -153,7 +158,7 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path):
     assert [l["loss"] for l in straight.losses] == [l["loss"] for l in resumed.losses]
     # a checkpoint made with other settings is refused
     with pytest.raises(ConceptEraseError, match="lr"):
-        train_unet(build_tiny_pipeline(0), forget, retain, TrainConfig(**{**cfg.__dict__, "lr": 1.0}), mask=mask,
+        train_unet(build_tiny_pipeline(0), forget, retain, replace(cfg, lr=1.0), mask=mask,
                    checkpoint_dir=tmp_path / "b", resume="latest")
 
 
@@ -216,9 +221,9 @@ def _common(pipe_dir, cache, erase=True):
 
 def test_mask_then_erase_commands(tiny_pipeline_dir, cache, tmp_path, capsys):
 
-    from concept_erase.diffusion.card import read_model_card
+    from concept_erase.diffusion.models.card import read_model_card
 
-    from concept_erase.diffusion.loading import load_pipeline
+    from concept_erase.diffusion.models.loading import load_pipeline
 
     mask_file = tmp_path / "mask.safetensors"
     assert main(["mask", *_common(tiny_pipeline_dir, cache, erase=False), "--output", str(mask_file), "--keep", "0.2"]) == 0
@@ -264,7 +269,7 @@ def test_mask_then_erase_commands(tiny_pipeline_dir, cache, tmp_path, capsys):
 def test_mask_from_a_single_file_checkpoint(flag, tiny_pipeline_dir, tiny_pipeline, cache, tmp_path):
     """A community single-file checkpoint goes through the same command, with the local config folder
     under either spelling (generate, export and evaluate call it --config)."""
-    from concept_erase.diffusion.single_file import export_single_file
+    from concept_erase.diffusion.models.single_file import export_single_file
 
     ckpt = export_single_file(tiny_pipeline, tmp_path / "model.safetensors")
     argv = _common(tiny_pipeline_dir, cache, erase=False)
@@ -316,7 +321,7 @@ def test_cli_reliability_errors(tiny_pipeline_dir, cache, tmp_path, capsys):
 
 
 def test_recipe_defaults_and_user_overrides():
-    from concept_erase.diffusion.erase import EraseConfig
+    from concept_erase.diffusion.training.config import EraseConfig
 
     cfg = EraseConfig.for_concept(concept="nudity", model="m", output="o", steps=5)
     # recipe, then the user; nudity's alpha is the reference nudity run's 0.1, not the class command's 0.5
@@ -346,7 +351,7 @@ def test_an_output_write_that_fails_after_training_keeps_the_weights(tiny_pipeli
                                                                       monkeypatch):
     """The write of OUTPUT fails after training (full disk): the trained weights become the final checkpoint,
     the error names it, and --resume latest with another --output writes the model without training again."""
-    from concept_erase.diffusion import erase
+    from concept_erase.diffusion.training import job as erase
 
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
@@ -371,8 +376,8 @@ def test_sdxl_mask_and_erase_at_a_chosen_resolution(method, tiny_sdxl_pipeline_d
     """The same commands and flags on SDXL: forget/retain images at --resolution, the UNet conditioned with
     both encoders, the pooled embedding and size ids of that resolution; the output is an SDXL pipeline whose
     card names the family; an SDXL mask on an SD 1.x model is refused in one line, writing nothing."""
-    from concept_erase.diffusion.card import read_model_card
-    from concept_erase.diffusion.loading import load_pipeline
+    from concept_erase.diffusion.models.card import read_model_card
+    from concept_erase.diffusion.models.loading import load_pipeline
 
     common = [*_common(tiny_sdxl_pipeline_dir, cache), "--resolution", "24"] if method == "salun" else [
         "--model", str(tiny_sdxl_pipeline_dir), "--forget", "a nude", "--surrogate", "a dressed", "--cache-dir",
@@ -384,15 +389,15 @@ def test_sdxl_mask_and_erase_at_a_chosen_resolution(method, tiny_sdxl_pipeline_d
                      "--output", str(mask_file), "--keep", "0.3"]) == 0
     out = tmp_path / "erased"
     seen = []
-    from concept_erase.diffusion import erase as erase_module
+    from concept_erase.diffusion import conditioning as conditioning_module
 
-    real = erase_module.PromptEmbeddings.__call__
-    erase_module.PromptEmbeddings.__call__ = lambda self, prompts: seen.append(self.size) or real(self, prompts)
+    real = conditioning_module.PromptEmbeddings.__call__
+    conditioning_module.PromptEmbeddings.__call__ = lambda self, prompts: seen.append(self.size) or real(self, prompts)
     try:
         argv = ["erase", *common, "--output", str(out), "--method", method, "--steps", "2", "--lr", "1e-2"]
         assert main(argv + (["--mask", str(mask_file)] if method == "salun" else [])) == 0
     finally:
-        erase_module.PromptEmbeddings.__call__ = real
+        conditioning_module.PromptEmbeddings.__call__ = real
     assert set(seen) == {(24, 24)}  # size ids of the training images, not the model's default 32 px
     erased, base = load_pipeline(out), load_pipeline(tiny_sdxl_pipeline_dir)
     assert type(erased).__name__ == "StableDiffusionXLPipeline"
@@ -415,7 +420,7 @@ def test_sdxl_mask_and_erase_at_a_chosen_resolution(method, tiny_sdxl_pipeline_d
 def test_a_failed_extra_output_leaves_no_output_at_all(tiny_pipeline_dir, cache, tmp_path, capsys, monkeypatch):
     """--save-delta fails after the model folder and the single file were written: neither is left, so the
     retry (which --resume latest makes cheap) finds every destination free."""
-    from concept_erase.diffusion import delta
+    from concept_erase.diffusion.models import delta
 
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")

@@ -14,7 +14,7 @@ from evaluation.attacks.run import concept_rows
 
 @pytest.fixture(scope="module")
 def setup():
-    from concept_erase.diffusion.tiny import build_tiny_pipeline
+    from concept_erase.diffusion.models.tiny import build_tiny_pipeline
 
     pipe, base = build_tiny_pipeline(seed=0), build_tiny_pipeline(seed=1)
     concept = get_concept(forget=["a cat", "a red cat"], surrogate=["a dog", "a red dog"])
@@ -47,10 +47,10 @@ def test_each_attack_runs_is_deterministic_and_replays_exactly(setup, tmp_path, 
 
 def _error(pipe, latents, cond, rows):
     """The denoising objective on fixed draws (steps 1000..1009), so two conditionings compare fairly."""
-    from evaluation.attacks.core import denoising_loss
+    from evaluation.attacks.core import attack_denoising_error
 
     with torch.no_grad():
-        return sum(denoising_loss(pipe, latents, cond, rows, 1000 + s, 0).item() for s in range(10))
+        return sum(attack_denoising_error(pipe, latents, cond, rows, 1000 + s, 0).item() for s in range(10))
 
 
 def test_optimising_attacks_lower_their_objective(setup):
@@ -105,7 +105,7 @@ def test_attacks_need_their_inputs_and_leave_the_model_frozen(setup):
 
 
 def test_every_attack_runs_on_sdxl_through_both_text_encoders():
-    from concept_erase.diffusion.tiny import build_tiny_sdxl_pipeline
+    from concept_erase.diffusion.models.tiny import build_tiny_sdxl_pipeline
 
     pipe = build_tiny_sdxl_pipeline(seed=0)
     concept = get_concept(forget=["a cat"], surrogate=["a dog"])
@@ -139,7 +139,7 @@ def test_bad_attack_budget_and_detector_are_one_line_errors():
 
 
 def test_too_many_tokens_for_the_text_window_is_refused():
-    from concept_erase.diffusion.loading import load_pipeline
+    from concept_erase.diffusion.models.loading import load_pipeline
     from evaluation.attacks.core import check_prefix_fits
 
     pipe = load_pipeline("minisd")  # a 16-token window

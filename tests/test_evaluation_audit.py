@@ -14,8 +14,8 @@ from concept_erase.cli import main
 
 @pytest.fixture(scope="module")
 def remapped(tmp_path_factory):
-    from concept_erase.diffusion.card import save_pipeline
-    from concept_erase.diffusion.loading import load_pipeline
+    from concept_erase.diffusion.models.card import save_pipeline
+    from concept_erase.diffusion.models.loading import load_pipeline
 
     pipe = load_pipeline("minisd")
     ids = [pipe.tokenizer(w, add_special_tokens=False).input_ids[0] for w in ("seven", "one")]

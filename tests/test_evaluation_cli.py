@@ -105,7 +105,7 @@ def test_class_index_column_scores_ambiguous_names(tiny_pipeline_dir, classifier
 
 
 def test_an_erased_minisd_is_evaluated_as_minisd_and_says_so(tmp_path, capsys):
-    from concept_erase.diffusion.card import model_card
+    from concept_erase.diffusion.models.card import model_card
     from concept_erase.diffusion.minisd import minisd_path
 
     erased = tmp_path / "erased"
@@ -121,7 +121,7 @@ def test_an_erased_minisd_is_evaluated_as_minisd_and_says_so(tmp_path, capsys):
 
 
 def test_a_defaulted_paper_protocol_draws_at_the_models_size(tiny_pipeline_dir):
-    from concept_erase.diffusion.defaults import native_resolution
+    from concept_erase.diffusion.models.defaults import native_resolution
 
     args = resolve_defaults(build_parser("evaluate").parse_args(
         ["evaluate", "nudity", "--model", str(tiny_pipeline_dir), "--prompts", "p.csv", "--out", "o"]))

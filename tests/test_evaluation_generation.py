@@ -40,7 +40,7 @@ def test_protocol_presets_and_overrides():
 
 
 def test_resume_after_kill_regenerates_only_what_is_missing(tiny_pipeline, tmp_path, monkeypatch):
-    from concept_erase.diffusion import generate as generate_module
+    from concept_erase.diffusion.data import generate as generate_module
 
     full = tmp_path / "full"
     reference = {(e["index"], e["sample"]): e for e in generate_set(tiny_pipeline, rows(), full, PROTOCOL, batch_size=4, progress=False)}
@@ -83,7 +83,7 @@ def test_resume_after_kill_regenerates_only_what_is_missing(tiny_pipeline, tmp_p
 
 
 def test_refuses_folder_of_another_model_or_protocol(tiny_pipeline, tmp_path):
-    from concept_erase.diffusion.tiny import build_tiny_pipeline
+    from concept_erase.diffusion.models.tiny import build_tiny_pipeline
 
     generate_set(tiny_pipeline, rows(1), tmp_path, PROTOCOL, progress=False)
     with pytest.raises(ConceptEraseError, match="another model"):
@@ -151,7 +151,7 @@ def shard_rows():
 
 WORKER = textwrap.dedent("""
     import sys
-    from concept_erase.diffusion.tiny import build_tiny_pipeline
+    from concept_erase.diffusion.models.tiny import build_tiny_pipeline
     from evaluation.generation import make_protocol, generate_set
     from evaluation.prompts import PromptRow
     rows = [PromptRow(i, f"prompt number {i}", 100 + 7 * i, str(i)) for i in range(5)]

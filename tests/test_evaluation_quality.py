@@ -64,7 +64,7 @@ def test_inception_fid_without_its_weights_is_a_clear_error():
 def tiny_clip_dir(tmp_path_factory):
     from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
-    from concept_erase.diffusion.tiny import build_tokenizer
+    from concept_erase.diffusion.models.tiny import build_tokenizer
 
     torch.manual_seed(0)
     tok = build_tokenizer(["cat", "dog"])

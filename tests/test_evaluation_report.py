@@ -41,7 +41,7 @@ class KnownDetector:
 
 @pytest.fixture(scope="module")
 def second_model(tmp_path_factory):
-    from concept_erase.diffusion.tiny import build_tiny_pipeline
+    from concept_erase.diffusion.models.tiny import build_tiny_pipeline
 
     path = tmp_path_factory.mktemp("after") / "pipe"
     build_tiny_pipeline(seed=1).save_pretrained(path)
@@ -102,7 +102,7 @@ def test_nudity_evaluate_and_compare(tiny_pipeline_dir, second_model, tmp_path, 
 
 
 def test_update_card_records_the_evaluation(tiny_pipeline, tiny_pipeline_dir, tmp_path, monkeypatch, capsys):
-    from concept_erase.diffusion.card import read_model_card, save_pipeline
+    from concept_erase.diffusion.models.card import read_model_card, save_pipeline
     from evaluation import nudity
 
     monkeypatch.setattr(nudity, "load_detector", lambda model_path=None, resolution=None: KnownDetector())

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from concept_erase.diffusion.families import (
+from concept_erase.diffusion.models.families import (
     SD1, SD2, SD2_V, SDXL, Conditioning, as_conditioning, family_from_config, family_from_keys, family_of, set_family,
 )
 from concept_erase.errors import ConceptEraseError
@@ -41,7 +41,7 @@ def test_unet_kwargs_pass_added_cond_only_when_present_and_cast():
 
 def test_family_of_tiny_sd_pipeline_encodes_like_the_pipeline(tiny_pipeline):
     family = family_of(tiny_pipeline)
-    assert family is SD1
+    assert family is SD1 and list(family.text_modules(tiny_pipeline)) == ["text_encoder"]
     cond = family.encode(tiny_pipeline, ["a cat", "a dog"], "cpu")
     expected = tiny_pipeline.encode_prompt(["a cat", "a dog"], "cpu", 1, False)[0]
     assert torch.equal(cond.hidden, expected.float()) and cond.added == {}
@@ -51,7 +51,7 @@ def test_family_of_tiny_sd_pipeline_encodes_like_the_pipeline(tiny_pipeline):
 def test_tiny_sd2_pipeline_is_detected_from_its_structure(prediction, family):
     """The tiny SD 2.x pipeline is told apart as released SD 2.x is: a 1024-wide text encoder, and the
     scheduler's prediction type (no class name or marker)."""
-    from concept_erase.diffusion.tiny import build_tiny_sd2_pipeline
+    from concept_erase.diffusion.models.tiny import build_tiny_sd2_pipeline
 
     pipe = build_tiny_sd2_pipeline(prediction_type=prediction)
     assert family_of(pipe) is family
@@ -65,6 +65,7 @@ def test_sdxl_encodes_both_encoders_pooled_embedding_and_size_ids(tiny_sdxl_pipe
     pipe = tiny_sdxl_pipeline
     family = family_of(pipe)
     assert family is SDXL and family.default_resolution == 1024
+    assert list(family.text_modules(pipe)) == ["text_encoder", "text_encoder_2"]  # in the order they are concatenated
     cond = family.encode(pipe, ["a cat", ""], "cpu", size=(24, 40))
     hidden, _, pooled, _ = pipe.encode_prompt(prompt=["a cat", ""], device="cpu", num_images_per_prompt=1,
                                               do_classifier_free_guidance=False)

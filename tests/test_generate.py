@@ -8,7 +8,7 @@ from PIL import Image
 
 from concept_erase.cli import main
 from concept_erase.concepts import read_prompt_file
-from concept_erase.diffusion.generate import generate_images, parse_seeds
+from concept_erase.diffusion.data.generate import generate_images, parse_seeds
 from concept_erase.errors import ConceptEraseError
 
 
@@ -29,7 +29,7 @@ def test_a_seed_means_the_same_image_at_any_batch_size(tiny_pipeline):
 
 
 def test_one_channel_vae_gives_grey_images():
-    from concept_erase.diffusion.tiny import build_tiny_pipeline
+    from concept_erase.diffusion.models.tiny import build_tiny_pipeline
 
     pipe = build_tiny_pipeline(seed=0, image_size=16, in_channels=1)
     images = generate_images(pipe, ["x", "y"], [0, 1], num_inference_steps=2, guidance_scale=3.0)
@@ -92,7 +92,7 @@ def test_generate_command(tiny_pipeline_dir, tmp_path, capsys):
 def test_generate_takes_the_base_models_defaults(tmp_path, capsys):
     import shutil
 
-    from concept_erase.diffusion.card import model_card
+    from concept_erase.diffusion.models.card import model_card
     from concept_erase.diffusion.minisd import minisd_path
 
     erased = tmp_path / "erased"

@@ -9,8 +9,8 @@ import pytest
 import torch
 from helpers import assert_same_weights
 
-from concept_erase.diffusion.loading import load_pipeline
-from concept_erase.diffusion.single_file import export_single_file, to_original_state_dict
+from concept_erase.diffusion.models.loading import load_pipeline
+from concept_erase.diffusion.models.single_file import export_single_file, to_original_state_dict
 from concept_erase.errors import ConceptEraseError
 
 
@@ -18,7 +18,7 @@ def test_load_diffusers_folder(tiny_pipeline_dir, tiny_pipeline, monkeypatch):
     pipe = load_pipeline(tiny_pipeline_dir)
     assert pipe.safety_checker is None and pipe.unet.dtype == torch.float32 and not pipe.unet.training
     assert_same_weights(pipe, tiny_pipeline)
-    monkeypatch.setattr("concept_erase.diffusion.minisd.minisd_path", lambda name="minisd": tiny_pipeline_dir)
+    monkeypatch.setattr("concept_erase.diffusion.models.loading.minisd_path", lambda name="minisd": tiny_pipeline_dir)
     assert_same_weights(load_pipeline("minisd"), tiny_pipeline)
 
 
@@ -110,7 +110,7 @@ def _save_lightning_ckpt(path, state, callback_state):
 def test_lightning_ckpt_loads_without_running_lightning(tmp_path, tiny_pipeline_dir, other_pipeline):
     import numpy as np
 
-    from concept_erase.diffusion.loading import read_checkpoint_keys
+    from concept_erase.diffusion.models.loading import read_checkpoint_keys
 
     state = to_original_state_dict(other_pipeline)
     path = tmp_path / "sd-v1-4-style.ckpt"

@@ -2,22 +2,51 @@
 through the loop and the `erase` command on tiny real pipelines; UCE's closed form; several concepts."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 from helpers import weights_copy
 
 from concept_erase.cli import main
-from concept_erase.diffusion.erase import EraseConfig, LatentSet, TrainConfig, train_unet
-from concept_erase.diffusion.families import family_of
-from concept_erase.diffusion.tiny import build_tiny_pipeline
-from concept_erase.diffusion.uce import cross_attention_projections, uce_edit, uce_weights
+from concept_erase.diffusion.data.latents import LatentSet
+from concept_erase.diffusion.training.config import EraseConfig, TrainConfig
+from concept_erase.diffusion.training.loop import train_unet
+from concept_erase.diffusion.models.families import family_of
+from concept_erase.diffusion.models.tiny import build_tiny_pipeline
+from concept_erase.diffusion.methods.uce import cross_attention_projections, uce_edit, uce_weights
 from concept_erase.errors import ConceptEraseError
 
 
 def _changed(pipe, base):
     after = pipe.unet.state_dict()
     return {k for k in base if not torch.equal(after[k], base[k])}
+
+
+# ------------------------------------------------------------------------------------------ the registry
+
+RESOLVE = """
+import sys
+from concept_erase.diffusion.methods import METHODS, get_method
+for name in METHODS:
+    cls = get_method(name)
+    assert cls.name == name and cls.fields and cls.help, name
+loaded = [m for m in ("concept_erase.diffusion.training.loop", "concept_erase.diffusion.training.job", "accelerate",
+                      "diffusers") if m in sys.modules]
+assert not loaded, loaded
+print(",".join(METHODS))
+"""
+
+
+def test_every_registered_method_resolves_without_importing_the_loop():
+    """The registry is an explicit table: a fresh interpreter resolves every method (salun-adv included, with
+    no earlier import registering it) without loading the loop, the job, accelerate or diffusers."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", RESOLVE], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert set(run.stdout.strip().split(",")) == {"salun", "rl", "esd-x", "esd-u", "ca", "uce", "salun-adv"}
 
 
 # ------------------------------------------------------------------------------------------ flags and alpha
@@ -35,6 +64,7 @@ def _changed(pipe, base):
     ("ca", {"forget_images": "dir"}, "--forget-images"),
     ("esd-u", {"num_retain_images": 8}, "--num-retain-images"),  # no retain term without --alpha
     ("uce", {"image_steps": 5}, "--num-inference-steps"),  # the flag's own spelling
+    ("esd-x", {"image_guidance": 5.0}, "--guidance-scale"),  # ESD without a retain term samples no image
 ])
 def test_a_flag_the_method_does_not_use_is_refused(method, values, flag):
     with pytest.raises(ConceptEraseError, match=f"^{flag} is not used by --method {method}"):
@@ -128,7 +158,7 @@ def test_uce_edits_only_cross_attention_kv():
 def test_uce_on_sdxl_edits_its_cross_attention_through_the_family():
     """SDXL's conditioning (both encoders, 2048-d tokens) goes through `Family.encode`; its to_k/to_v take it."""
     from concept_erase.concepts import get_concept
-    from concept_erase.diffusion.tiny import build_tiny_sdxl_pipeline
+    from concept_erase.diffusion.models.tiny import build_tiny_sdxl_pipeline
 
     pipe = build_tiny_sdxl_pipeline(0)
     base = weights_copy(pipe.unet)
@@ -140,17 +170,19 @@ def test_uce_on_sdxl_edits_its_cross_attention_through_the_family():
 
 # ------------------------------------------------------------------------------------------ the command
 
-def _cli(pipe_dir, cache, *extra):
-    return ["erase", "--model", str(pipe_dir), "--forget", "a nude", "--surrogate", "a dressed", "--image-steps", "2",
-            "--cache-dir", str(cache), "--batch-size", "2", "--no-progress", *extra]
+def _cli(pipe_dir, cache, *extra, samples=True):
+    """erase's arguments; `samples`: the method generates images (not ESD without a retain term)."""
+    return ["erase", "--model", str(pipe_dir), "--forget", "a nude", "--surrogate", "a dressed",
+            *(["--image-steps", "2"] if samples else []), "--cache-dir", str(cache), "--batch-size", "2",
+            "--no-progress", *extra]
 
 
 def test_uce_command_writes_the_same_outputs(tiny_pipeline_dir, tmp_path, capsys):
     from safetensors.torch import load_file
 
-    from concept_erase.diffusion.card import read_model_card
-    from concept_erase.diffusion.delta import apply_delta
-    from concept_erase.diffusion.loading import load_pipeline
+    from concept_erase.diffusion.models.card import read_model_card
+    from concept_erase.diffusion.models.delta import apply_delta
+    from concept_erase.diffusion.models.loading import load_pipeline
 
     out = tmp_path / "uce"
     argv = ["erase", "--model", str(tiny_pipeline_dir), "--forget", "a nude", "--surrogate", "a dressed",
@@ -176,7 +208,7 @@ def test_esd_makes_no_images_and_ca_makes_anchor_images(method, tiny_pipeline_di
     cache = tmp_path / "cache"
     extra = ["--esd-ddim-steps", "2"] if method == "esd-u" else ["--num-forget-images", "2"]
     assert main([*_cli(tiny_pipeline_dir, cache, "--method", method, "--steps", "1", "--output", str(tmp_path / "o"),
-                       *extra)]) == 0
+                       *extra, samples=method != "esd-u")]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["alpha"] == 0.0 and summary["retain_images"] == 0
     manifests = [json.loads(line) for m in cache.rglob("manifest.jsonl") for line in m.read_text().splitlines()]
@@ -189,7 +221,7 @@ def test_esd_makes_no_images_and_ca_makes_anchor_images(method, tiny_pipeline_di
 def test_several_concepts_in_one_run(tiny_pipeline_dir, tmp_path, capsys):
     """Two MiniSD digit presets at once: one mask over the union forget set, a surrogate per concept, forget
     per concept and the joint retain in the summary and the card (the tiny pipeline reads any text)."""
-    from concept_erase.diffusion.card import read_model_card
+    from concept_erase.diffusion.models.card import read_model_card
 
     (tmp_path / "concepts.txt").write_text("minisd-digit-three\nminisd-digit-four\n")
     out = tmp_path / "two"
@@ -215,9 +247,10 @@ def test_every_loop_method_resumes_exactly(method, tmp_path):
     forget = LatentSet(torch.randn(4, 4, 16, 16, generator=g), ["a nude"] * 4, ["a dressed"] * 4)
     if method == "esd-x":
         forget = LatentSet.prompts_only(forget.prompts, (4, 16, 16))
-    cfg = TrainConfig(method=method, steps=3, batch_size=2, lr=1e-3, esd_ddim_steps=3, checkpointing_steps=2)
+    cfg = TrainConfig(method=method, steps=3, batch_size=2, lr=1e-3, checkpointing_steps=2,
+                      **({"esd_ddim_steps": 3} if method == "esd-x" else {}))
     straight = train_unet(build_tiny_pipeline(0), forget, None, cfg, checkpoint_dir=tmp_path / "a")
-    short = TrainConfig(**{**cfg.__dict__, "steps": 2})  # "killed" right after checkpoint-2
+    short = replace(cfg, steps=2)  # "killed" right after checkpoint-2
     train_unet(build_tiny_pipeline(0), forget, None, short, checkpoint_dir=tmp_path / "b")
     resumed = train_unet(build_tiny_pipeline(0), forget, None, cfg, checkpoint_dir=tmp_path / "b", resume="latest")
     assert resumed.resumed_from == 2

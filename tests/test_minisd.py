@@ -11,7 +11,7 @@ from concept_erase.errors import ConceptEraseError
 def test_prompts_and_vocabulary():
     from concept_erase.diffusion.minisd import DIGITS, STYLES, minisd_prompt, vocabulary
     from concept_erase.diffusion.minisd.model import MODEL_MAX_LENGTH
-    from concept_erase.diffusion.tiny import build_tokenizer
+    from concept_erase.diffusion.models.tiny import build_tokenizer
 
     assert minisd_prompt("seven") == "a handwritten digit seven"
     assert minisd_prompt(7, "negative") == "a handwritten digit seven in negative"
@@ -29,7 +29,8 @@ def test_prompts_and_vocabulary():
 
 def test_concept_presets_cover_every_variant():
     from concept_erase.concepts import get_concept, list_concepts
-    from concept_erase.diffusion.minisd import digit_concept, minisd_prompt
+    from concept_erase.diffusion.minisd import minisd_prompt
+    from concept_erase.diffusion.minisd.presets import digit_concept
 
     assert {"minisd-digit-seven", "minisd-style-bold", "minisd-style-negative"} <= set(list_concepts())
     c = get_concept("minisd-digit-seven")
@@ -57,7 +58,7 @@ def test_style_transforms():
 def test_assets_are_small_safe_and_load_offline():
     from diffusers import StableDiffusionPipeline
 
-    from concept_erase.diffusion.loading import load_pipeline
+    from concept_erase.diffusion.models.loading import load_pipeline
     from concept_erase.diffusion.minisd import ASSETS, minisd_path
 
     for assets in (ASSETS, minisd_path("minisd-xl").parent):  # MiniSD, MiniSD-XL: at most 10 MB each
@@ -127,21 +128,23 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 def short_erasure(request):
     """A short real SalUn run on MiniSD, and on MiniSD-XL through the SDXL path (two text encoders, pooled
     embedding, size ids): forget "seven" (all styles) -> "eight"."""
-    from concept_erase.diffusion.erase import TrainConfig, compute_mask, train_unet
-    from concept_erase.diffusion.loading import load_pipeline
-    from concept_erase.diffusion.minisd import digit_concept
+    from concept_erase.diffusion.training.config import TrainConfig
+    from concept_erase.diffusion.training.loop import train_unet
+    from concept_erase.diffusion.training.mask_pass import compute_mask
+    from concept_erase.diffusion.models.loading import load_pipeline
     from concept_erase.diffusion.minisd.experiment import MASK_BATCH_SIZE, make_latent_sets
-    from concept_erase.diffusion.minisd.judge import generate_set, load_judges, score_set
+    from concept_erase.diffusion.minisd.judge import generate_digit_set, load_judges, score_set
+    from concept_erase.diffusion.minisd.presets import digit_concept
 
     judges = load_judges()
     pipe = load_pipeline(request.param)
     concept = digit_concept("seven")
-    before = score_set(judges, generate_set(pipe, seeds=range(4)))
+    before = score_set(judges, generate_digit_set(pipe, seeds=range(4)))
     base = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
     forget, retain = make_latent_sets(pipe, concept, 48, 162)
     mask = compute_mask(pipe, forget, keep=0.5, batch_size=MASK_BATCH_SIZE)
     train_unet(pipe, forget, retain, TrainConfig(method="salun", steps=30, lr=1e-4, batch_size=16), mask=mask)
-    after = score_set(judges, generate_set(pipe, seeds=range(4)))
+    after = score_set(judges, generate_digit_set(pipe, seeds=range(4)))
     return before, after, base, pipe.unet, mask
 
 

@@ -5,18 +5,8 @@ import shutil
 import pytest
 import torch
 
-from concept_erase.diffusion.plan import (
-    CUDA_RESERVE,
-    PlanConfig,
-    backward_peak,
-    describe,
-    estimate,
-    load_counts,
-    measure_process,
-    no_grad_peak,
-    parse_bytes,
-    trace_activations,
-)
+from concept_erase.diffusion.memory import backward_peak, load_counts, measure_process, no_grad_peak, trace_activations
+from concept_erase.diffusion.plan import CUDA_RESERVE, PlanConfig, describe, estimate, parse_bytes
 from concept_erase.errors import ConceptEraseError
 
 
@@ -68,7 +58,7 @@ def test_activation_trace_on_the_meta_device_matches_a_real_forward(tiny_pipelin
 def test_layer_scoped_methods_count_the_scope_and_state_the_loop_really_holds(tiny_pipeline_dir):
     """ESD-x trains whole cross-attention tensors, but the loop holds its scope as a bool mask over every UNet
     weight for the whole run: the plan's state must be the bytes of the real scope and optimizer state."""
-    from concept_erase.diffusion.loading import load_pipeline
+    from concept_erase.diffusion.models.loading import load_pipeline
     from concept_erase.diffusion.methods import get_method
     from concept_erase.saliency import build_optimizer
 
@@ -116,7 +106,7 @@ def test_no_grad_forward_holds_less_than_a_training_forward_and_grows_with_the_b
 
 
 def test_backward_peak_walks_the_forward_in_reverse():
-    from concept_erase.diffusion.plan import Activations
+    from concept_erase.diffusion.memory import Activations
 
     # activations 10 @ position 1, 20 @ 3; gradients 5 (first used @ 0), 7 (@ 2)
     acts = Activations(saved=[(1, 10), (3, 20)], param_position={1: 0, 2: 2}, recompute=0, largest=20)
@@ -219,3 +209,27 @@ def test_shipped_models_plan_by_name():
         plan = estimate(PlanConfig(model=name, batch_size=2, device="cpu", method="esd-x"), counts)
         assert 0 < plan.phases["training step"]["optimizer state"] < 8 * counts.components["unet"]
     assert counts.family.name == "sdxl" and "text_encoder_2" in counts.components
+
+
+@pytest.mark.parametrize("method, flags", [
+    ("esd-x", ["--keep", "0.3"]),
+    ("esd-u", ["--num-forget-images", "8"]),
+    ("rl", ["--keep", "0.3"]),
+    ("rl", ["--mask", "m.safetensors"]),
+    ("ca", ["--keep", "0.3"]),
+    ("uce", ["--batch-size", "4"]),
+    ("uce", ["--keep", "0.3"]),
+])
+def test_plan_refuses_the_method_flags_erase_refuses(method, flags, tiny_pipeline_dir, tmp_path, capsys):
+    """`plan` and `erase` read one run config, so a flag the method does not read is refused by both, with the
+    same one line, before any work."""
+    from concept_erase.cli import main
+
+    errors = []
+    for command in (["plan", "--device", "cpu"], ["erase", "--forget", "x", "--surrogate", "y", "--output",
+                                                   str(tmp_path / "out")]):
+        assert main([*command, "--model", str(tiny_pipeline_dir), "--method", method, *flags]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("concept-erase: error: "), err
+        errors.append(err[0])
+    assert errors[0] == errors[1] and not (tmp_path / "out").exists()

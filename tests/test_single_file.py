@@ -4,8 +4,8 @@ import pytest
 import torch
 from helpers import assert_same_weights, leftovers
 
-from concept_erase.diffusion.loading import load_pipeline
-from concept_erase.diffusion.single_file import export_single_file, to_original_state_dict, unet_to_ldm
+from concept_erase.diffusion.models.loading import load_pipeline
+from concept_erase.diffusion.models.single_file import export_single_file, to_original_state_dict, unet_to_ldm
 from concept_erase.errors import ConceptEraseError
 
 
@@ -74,7 +74,7 @@ def test_sd2_single_file_in_the_original_layout_loads_back_exactly(tmp_path, cap
     from diffusers import StableDiffusionPipeline
     from safetensors import safe_open
 
-    from concept_erase.diffusion.tiny import build_tiny_sd2_pipeline
+    from concept_erase.diffusion.models.tiny import build_tiny_sd2_pipeline
 
     config = tmp_path / "config"
     build_tiny_sd2_pipeline(seed=0, prediction_type=prediction).save_pretrained(config)
@@ -104,7 +104,7 @@ def test_sdxl_single_file_in_the_sgm_layout_loads_back_exactly(tmp_path, tiny_sd
     from diffusers import StableDiffusionXLPipeline
     from safetensors import safe_open
 
-    from concept_erase.diffusion.tiny import build_tiny_sdxl_pipeline
+    from concept_erase.diffusion.models.tiny import build_tiny_sdxl_pipeline
 
     other = build_tiny_sdxl_pipeline(seed=1, layers_per_block=2, transformer_layers=(1, 2))
     path = export_single_file(other, tmp_path / "xl.safetensors")

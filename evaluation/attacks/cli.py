@@ -139,9 +139,10 @@ def budgets_from_args(args: argparse.Namespace, attacks, tiny: bool) -> dict:
 def _prepare(setup: AttackSetup, model: str, base_source: str | None):
     """Checks that need no model (concept, detector, output), then the protocol and the models."""
     from concept_erase.concepts import get_concept
-    from concept_erase.diffusion.defaults import announce, model_defaults
-    from concept_erase.diffusion.generate import parse_seeds
-    from concept_erase.diffusion.loading import load_pipeline
+    from concept_erase.diffusion.models.defaults import model_defaults
+    from concept_erase.logs import announce
+    from concept_erase.diffusion.data.generate import parse_seeds
+    from concept_erase.diffusion.models.loading import load_pipeline
     from concept_erase.io_utils import check_writable
 
     from ..generation import make_protocol
@@ -195,7 +196,7 @@ def _audit_main(args: argparse.Namespace) -> int:
     job, setup = Audit(**values_from(args, Audit)), AttackSetup(**values_from(args, AttackSetup))
     budgets = budgets_from_args(args, job.attack or ATTACK_NAMES, setup.tiny_budget)
     if job.update_card:
-        from concept_erase.diffusion.card import read_model_card
+        from concept_erase.diffusion.models.card import read_model_card
 
         read_model_card(job.model)  # a model folder with a card, or a one-line error before hours of work
     concept, detector, seeds, protocol, pipe, base = _prepare(setup, job.model, job.base)
@@ -209,7 +210,7 @@ def _audit_main(args: argparse.Namespace) -> int:
     print(f"audit: forget rate {top['forget_rate']:.1f}%, ASR " +
           ", ".join(f"{k} {v:.1f}%" for k, v in top["asr"].items()) + f"; report: {setup.output}/report.html")
     if job.update_card:
-        from concept_erase.diffusion.card import add_evaluation_to_card
+        from concept_erase.diffusion.models.card import add_evaluation_to_card
 
         add_evaluation_to_card(job.model, "audit", top)
         print(f"model card updated: {job.model}/README.md")

@@ -1,6 +1,8 @@
-"""What the four attacks share: the learned result (`Learned`), token injection, the denoising objective.
+"""What the four attacks share: the learned result (`Learned`), token injection, the denoising objective
+(optimised by `concept_erase.diffusion.conditioning.optimise_conditioning`, the one Adam loop in conditioning
+space, which SalUn-Adv's inner attack uses too).
 
-Every attack ends in UNet conditioning (`concept_erase.diffusion.families.Conditioning`) for each attacked
+Every attack ends in UNet conditioning (`concept_erase.diffusion.models.families.Conditioning`) for each attacked
 row (a prompt and its seed), reached in one of three ways, all stored in `Learned` so any of them can be
 replayed on another model (a transfer attack):
 
@@ -30,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from concept_erase.diffusion.families import Conditioning, family_of
+from concept_erase.diffusion.conditioning import edited_token_embeddings, shifted
+from concept_erase.diffusion.models.families import Conditioning, family_of
 from concept_erase.errors import ConceptEraseError
 
 from ..prompts import PromptRow
@@ -39,14 +42,12 @@ from ..prompts import PromptRow
 # one in CLIP's vocabulary and in the byte-level tokenizers of MiniSD and the tiny test pipelines.
 PLACEHOLDER = "*"
 # Text encoders a pipeline may have, in the order the family concatenates them (SDXL has both).
-TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
-TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
 LEARNED_FILE = "learned.safetensors"
 ATTACK_FILE = "attack.json"
 
 
 def text_encoders(pipe) -> dict[str, torch.nn.Module]:
-    return {name: getattr(pipe, name) for name in TEXT_ENCODERS if getattr(pipe, name, None) is not None}
+    return family_of(pipe).text_modules(pipe)
 
 
 def prefixed(prompt: str, k: int) -> str:
@@ -68,34 +69,28 @@ def check_prefix_fits(pipe, prompts: Sequence[str], k: int) -> None:
                                     f"{tok.model_max_length}: use fewer tokens or a shorter prompt")
 
 
-@contextmanager
 def TokenPrefix(pipe, vectors: dict[str, Tensor]):
-    """While active, each text encoder's input embeddings at positions 1..k (the k placeholders after BOS)
+    """A context in which each text encoder's input embeddings at positions 1..k (the k placeholders after BOS)
     are replaced by `vectors[encoder]` ((B or 1, k, D) for a batch of B prompts). Gradients flow into the
     vectors; the encoders' weights are untouched. Refuses a batch whose positions 1..k are not placeholders."""
-    handles = []
+    edits = {}
     for name, encoder in text_encoders(pipe).items():
         if name not in vectors:
             continue
         v = vectors[name]
         k = v.shape[1]
-        tokenizer = getattr(pipe, TOKENIZERS[name])  # SDXL: each encoder reads its own tokenizer's ids
+        tokenizer = family_of(pipe).tokenizer_of(pipe, name)  # SDXL: each encoder reads its own tokenizer's ids
         placeholder = tokenizer(PLACEHOLDER, add_special_tokens=False).input_ids[0]
 
-        def hook(module, inputs, output, v=v, k=k, placeholder=placeholder):
-            ids = inputs[0]
+        def edit(ids, embeddings, v=v, k=k, placeholder=placeholder):
             if not bool((ids[:, 1:1 + k] == placeholder).all()):
                 raise ConceptEraseError("attack tokens must be the first words of the prompt (placeholders missing)")
-            out = output.clone()
+            out = embeddings.clone()
             out[:, 1:1 + k] = v.to(out.dtype).expand(out.shape[0], -1, -1)
             return out
 
-        handles.append(encoder.get_input_embeddings().register_forward_hook(hook))
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+        edits[encoder] = edit
+    return edited_token_embeddings(edits)
 
 
 def encode(pipe, prompts: Sequence[str], vectors: dict[str, Tensor] | None = None) -> Conditioning:
@@ -119,10 +114,11 @@ def special_ids(pipe) -> list[int]:
     return sorted({i for i in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) if i is not None})
 
 
-def denoising_loss(pipe, latents: Tensor, cond: Conditioning, rows: Sequence[int], step: int, seed: int) -> Tensor:
-    """Per-row denoising error MSE(eps_theta(z_t, c), eps), summed over rows (each row's parameters get the
-    gradient of its own error only). Noise and t of row r at `step` come from a generator seeded with
-    (seed, r, step): independent of batching."""
+def attack_denoising_error(pipe, latents: Tensor, cond: Conditioning, rows: Sequence[int], step: int,
+                           seed: int) -> Tensor:
+    """The attacks' objective: the per-row denoising error MSE(eps_theta(z_t, c), eps), summed over rows (each
+    row's parameters get the gradient of its own error only). Noise and t of row r at `step` come from a
+    generator seeded with (seed, r, step): independent of batching."""
     from concept_erase.diffusion.losses import noise_batch, sample_noise, training_scheduler
 
     scheduler = training_scheduler(pipe.scheduler)
@@ -172,9 +168,7 @@ class Learned:
             with torch.no_grad():
                 cond = encode(pipe, self.texts[sl], vectors)
             if self.offset:
-                cond = Conditioning(cond.hidden + self.offset["hidden"].to(cond.hidden),
-                                    {k: v + self.offset[k].to(v) if k in self.offset else v
-                                     for k, v in cond.added.items()})
+                cond = shifted(cond, self.offset)
             out.append(cond)
         return Conditioning.cat(out)
 
@@ -264,19 +258,3 @@ def frozen(pipe):
             for p, flag in zip(m.parameters(), flags):
                 p.requires_grad_(flag)
 
-
-def optimise(params: Sequence[Tensor], objective, *, steps: int, lr: float, after_step=None) -> list[float]:
-    """Adam on `params` for `steps` steps. `objective(step)` returns (the loss summed over its rows, the
-    number of rows); `after_step()` runs after every update (a projection). Returns the mean per-row
-    objective at each step."""
-    opt = torch.optim.Adam(list(params), lr=lr)
-    history = []
-    for step in range(steps):
-        loss, n = objective(step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if after_step is not None:
-            after_step()
-        history.append(loss.item() / n)
-    return history

@@ -16,13 +16,12 @@ from dataclasses import asdict
 
 import torch
 
-from concept_erase.diffusion.families import Conditioning
+from concept_erase.diffusion.conditioning import FIXED, optimise_conditioning
+from concept_erase.diffusion.models.families import Conditioning
 from concept_erase.errors import ConceptEraseError
 
 from .budgets import EmbeddingBudget
-from .core import Learned, Targets, denoising_loss, encode, frozen, optimise
-
-FIXED = ("time_ids",)  # SDXL's image-size ids describe the image, not the text: never optimised
+from .core import Learned, Targets, attack_denoising_error, encode, frozen
 
 
 def learn(pipe, rows, targets: Targets, budget: EmbeddingBudget, seed: int = 0, **_) -> Learned:
@@ -40,9 +39,10 @@ def learn(pipe, rows, targets: Targets, budget: EmbeddingBudget, seed: int = 0, 
             params = [hidden, *(v for k, v in added.items() if k not in FIXED)]
 
             def objective(step):
-                return denoising_loss(pipe, targets.rows[rids], Conditioning(hidden, added), rids, step, seed), len(rids)
+                return attack_denoising_error(pipe, targets.rows[rids], Conditioning(hidden, added), rids, step, seed)
 
-            steps = optimise(params, objective, steps=budget.steps, lr=budget.lr)
+            steps = [loss.item() / len(rids)
+                     for loss in optimise_conditioning(params, objective, steps=budget.steps, lr=budget.lr)]
             history = [h + s * len(rids) / len(rows) for h, s in zip(history or [0.0] * len(steps), steps)]
             out.append(Conditioning(hidden.detach().cpu(), {k: v.detach().cpu() for k, v in added.items()}))
     return Learned("embedding", asdict(budget), list(rows), [r.prompt for r in rows], conditioning=Conditioning.cat(out),

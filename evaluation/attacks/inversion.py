@@ -15,10 +15,11 @@ from dataclasses import asdict
 
 import torch
 
+from concept_erase.diffusion.conditioning import optimise_conditioning
 from concept_erase.errors import ConceptEraseError
 
 from .budgets import InversionBudget
-from .core import Learned, Targets, check_prefix_fits, denoising_loss, encode, frozen, optimise, prefixed, vocabulary
+from .core import Learned, Targets, attack_denoising_error, check_prefix_fits, encode, frozen, prefixed, vocabulary
 
 
 def learn(pipe, rows, targets: Targets, budget: InversionBudget, seed: int = 0, **_) -> Learned:
@@ -38,10 +39,11 @@ def learn(pipe, rows, targets: Targets, budget: InversionBudget, seed: int = 0, 
         # Cycle through the images in a seeded order, batch_size per step (textual inversion's loop).
         idx = [order[(step * per_step + j) % n] for j in range(per_step)]
         cond = encode(pipe, [prefixed(captions[i], k) for i in idx], vectors)
-        return denoising_loss(pipe, latents[idx], cond, idx, step, seed), len(idx)
+        return attack_denoising_error(pipe, latents[idx], cond, idx, step, seed)
 
     with frozen(pipe):
-        history = optimise(vectors.values(), objective, steps=budget.steps, lr=budget.lr)
+        history = [loss.item() / per_step
+                   for loss in optimise_conditioning(vectors.values(), objective, steps=budget.steps, lr=budget.lr)]
     return Learned("inversion", asdict(budget), list(rows), [prefixed(r.prompt, k) for r in rows],
                    prefix={name: v.detach() for name, v in vectors.items()}, history=history,
                    seconds=time.perf_counter() - t0)

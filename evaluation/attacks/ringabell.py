@@ -15,6 +15,8 @@ from dataclasses import asdict
 
 import torch
 
+from concept_erase.diffusion.conditioning import FIXED
+
 from .budgets import RingABellBudget
 from .core import Learned, encode
 
@@ -29,7 +31,7 @@ def concept_vector(pipe, concept, pairs: int = 0) -> dict[str, torch.Tensor]:
         a, b = encode(pipe, forget), encode(pipe, surrogate)
     vector = {"hidden": (a.hidden - b.hidden).mean(0)}
     for key, value in a.added.items():
-        if key != "time_ids":  # image-size ids are not text
+        if key not in FIXED:  # SDXL's image-size ids are not text
             vector[key] = (value - b.added[key]).mean(0)
     return vector
 

@@ -66,7 +66,7 @@ def concept_rows(concept, seeds: Sequence[int]):
 
 def draw(pipe, rows, protocol, batch_size: int = 8) -> list:
     """The images of `rows` (prompt, seed) under `protocol` (the pipeline's scheduler set by the caller)."""
-    from concept_erase.diffusion.generate import generate_images
+    from concept_erase.diffusion.data.generate import generate_images
 
     return generate_images(pipe, [r.prompt for r in rows], [r.seed for r in rows],
                            num_inference_steps=protocol.num_inference_steps, guidance_scale=protocol.guidance_scale,
@@ -75,7 +75,7 @@ def draw(pipe, rows, protocol, batch_size: int = 8) -> list:
 
 
 def draw_learned(pipe, learned: Learned, protocol, batch_size: int = 8) -> list:
-    from concept_erase.diffusion.generate import generate_from_conditioning
+    from concept_erase.diffusion.data.generate import generate_from_conditioning
 
     return generate_from_conditioning(pipe, learned.conditioning_for(pipe), [r.seed for r in learned.rows],
                                       num_inference_steps=protocol.num_inference_steps,
@@ -86,7 +86,7 @@ def draw_learned(pipe, learned: Learned, protocol, batch_size: int = 8) -> list:
 def inversion_images(pipe, concept, base, folder: str | None, count: int, protocol):
     """Concept inversion's training images and captions: the user's folder, or the base model's drawings of
     the concept's forget prompts on seeds disjoint from the attacked rows."""
-    from concept_erase.diffusion.data import ImageSet
+    from concept_erase.diffusion.data.images import ImageSet
 
     if folder:
         folder_path = Path(folder)
@@ -107,7 +107,7 @@ def run_attacks(pipe, concept, rows, budgets: dict, detector, *, protocol, base=
     """Attack `pipe` (an erased model) on `rows` with each attack of `budgets` (name -> budget), or replay
     the `replay` attacks (name -> Learned, no optimisation), and score everything with `detector`.
     `base`: the original model (targets of UnlearnDiffAtk and the upper bound, inversion's images)."""
-    from concept_erase.diffusion.data import encode_latents
+    from concept_erase.diffusion.data.images import encode_latents
     from ..generation import apply_scheduler
 
     for p in (pipe, base):

@@ -21,8 +21,11 @@ from dataclasses import asdict
 import torch
 import torch.nn.functional as F
 
+from concept_erase.diffusion.conditioning import optimise_conditioning
+
 from .budgets import UnlearnDiffAtkBudget
-from .core import Learned, Targets, check_prefix_fits, denoising_loss, encode, frozen, optimise, prefixed, special_ids, vocabulary
+from .core import (Learned, Targets, attack_denoising_error, check_prefix_fits, encode, frozen, prefixed, special_ids,
+                   vocabulary)
 
 
 def nearest_ids(vectors, vocab, allowed) -> torch.Tensor:
@@ -62,9 +65,10 @@ def learn(pipe, rows, targets: Targets, budget: UnlearnDiffAtkBudget, seed: int 
 
             def objective(step):
                 cond = encode(pipe, texts[lo:lo + len(rids)], vectors())
-                return denoising_loss(pipe, targets.rows[rids], cond, rids, step, seed), len(rids)
+                return attack_denoising_error(pipe, targets.rows[rids], cond, rids, step, seed)
 
-            steps = optimise(params.values(), objective, steps=budget.steps, lr=budget.lr)
+            steps = [loss.item() / len(rids)
+                     for loss in optimise_conditioning(params.values(), objective, steps=budget.steps, lr=budget.lr)]
             history = [h + s * len(rids) / len(rows) for h, s in zip(history or [0.0] * len(steps), steps)]
             if discrete:
                 ids_out.append(nearest_ids(params[first], vocab[first], allowed))

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 
 from ...cli_args import add_flags, check_fields, values_from
-from ..defaults import MINISD_GUIDANCE
+from . import MINISD_GUIDANCE, MINISD_STEPS
 
 
 @dataclass
@@ -35,7 +35,8 @@ class JudgeTraining:
 class Check:
     model: str = field(default="minisd", metadata={"help": '"minisd" or a diffusers folder of a MiniSD model'})
     seeds: int = field(default=10, metadata={"help": "images per (digit, style) prompt", "min": 1})
-    num_inference_steps: int = field(default=25, metadata={"help": "DDIM steps", "min": 1, "aliases": ("--steps",)})
+    num_inference_steps: int = field(default=MINISD_STEPS, metadata={
+        "help": "DDIM steps", "min": 1, "aliases": ("--steps",)})
     guidance_scale: float = field(default=MINISD_GUIDANCE, metadata={
         "help": "classifier-free guidance scale", "min": 0, "aliases": ("--guidance",)})
 
@@ -90,7 +91,7 @@ def _train_judges(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from ..loading import load_pipeline
+    from ..models.loading import load_pipeline
     from .judge import load_judges, score_pipeline
 
     config = Check(**values_from(args, Check))

@@ -24,9 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...errors import ConceptEraseError
-from ..defaults import MINISD_GUIDANCE, MINISD_STEPS
 from ...io_utils import atomic_file
-from . import DIGITS, STYLES, judges_path
+from . import DIGITS, MINISD_GUIDANCE, MINISD_STEPS, STYLES, judges_path, minisd_prompt
 from .data import IMAGE_SIZE, load_digit_images
 
 
@@ -204,13 +203,12 @@ class GeneratedSet:
     seeds: np.ndarray
 
 
-def generate_set(pipe, digits: Sequence[int] = range(len(DIGITS)), styles: Sequence[int] = range(len(STYLES)),
-                 seeds: Sequence[int] = range(10), *, num_inference_steps: int = MINISD_STEPS,
-                 guidance_scale: float = MINISD_GUIDANCE,
-                 batch_size: int = 64) -> GeneratedSet:
-    """One image per (digit, style, seed), seed-stable (`generate_images`), in that nested order."""
-    from ..generate import generate_images
-    from . import minisd_prompt
+def generate_digit_set(pipe, digits: Sequence[int] = range(len(DIGITS)), styles: Sequence[int] = range(len(STYLES)),
+                       seeds: Sequence[int] = range(10), *, num_inference_steps: int = MINISD_STEPS,
+                       guidance_scale: float = MINISD_GUIDANCE, batch_size: int = 64) -> GeneratedSet:
+    """One image per (digit, style, seed), seed-stable (`generate_images`), in that nested order: what the
+    judges score (`score_set`)."""
+    from ..data.generate import generate_images
 
     cells = [(d, s, seed) for d in digits for s in styles for seed in seeds]
     images = generate_images(pipe, [minisd_prompt(d, s) for d, s, _ in cells], [seed for *_, seed in cells],
@@ -240,7 +238,7 @@ def score_set(judges: Judges, gen: GeneratedSet) -> dict:
 
 def score_pipeline(pipe, judges: Judges, seeds: Sequence[int] = range(10), **generate_kwargs) -> dict:
     """MiniSD's quality bar: every digit in every style, judged. Bars: digit and style >= 90%."""
-    return score_set(judges, generate_set(pipe, seeds=seeds, **generate_kwargs))
+    return score_set(judges, generate_digit_set(pipe, seeds=seeds, **generate_kwargs))
 
 
 @functools.lru_cache(maxsize=None)

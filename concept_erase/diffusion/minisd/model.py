@@ -31,7 +31,7 @@ XL_TEXT_HIDDEN = (32, 48)
 
 def build_minisd_pipeline(seed: int = 0):
     """MiniSD with random weights, deterministic in `seed` (the starting point of `train.py`)."""
-    from ..tiny import build_tiny_pipeline
+    from ..models.tiny import build_tiny_pipeline
 
     return build_tiny_pipeline(
         seed, image_size=IMAGE_SIZE, in_channels=1, words=vocabulary(), model_max_length=MODEL_MAX_LENGTH,
@@ -41,7 +41,7 @@ def build_minisd_pipeline(seed: int = 0):
 
 def build_minisd_xl_pipeline(seed: int = 0):
     """MiniSD-XL with random weights, deterministic in `seed`."""
-    from ..tiny import build_tiny_sdxl_pipeline
+    from ..models.tiny import build_tiny_sdxl_pipeline
 
     return build_tiny_sdxl_pipeline(
         seed, image_size=IMAGE_SIZE, in_channels=1, words=vocabulary(), model_max_length=MODEL_MAX_LENGTH,

@@ -16,12 +16,43 @@ Several concepts are erased at once simply by summing over all of their prompts.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConceptEraseError
+from ...errors import ConceptEraseError
+from .base import Method, option_names
+
+
+@dataclass
+class UCEOptions:
+    uce_erase_scale: float = field(default=1.0, metadata={"help": "UCE: erase scale s_e", "min": 0})
+    uce_preserve_scale: float | None = field(default=None, metadata={
+        "help": "UCE: preserve scale s_p (default: max(0.1, 1 / number of retain prompts))", "min": 0})
+    uce_lambda: float = field(default=0.1, metadata={
+        "help": "UCE: ridge lambda that keeps the inverse stable (the edit stays near the original weights)",
+        "min": 0})
+
+
+class UCE(Method):
+    """The closed form below as a method: no images, no loop."""
+
+    name = "uce"
+    help = ("UCE (Gandikota et al. 2024): closed-form edit of the cross-attention K/V projections mapping each "
+            "forget prompt to its surrogate while keeping the retain prompts; seconds, no images")
+    fields = option_names(UCEOptions) | {"retain_prompts"}
+    closed_form = True
+
+    def card_entries(self, summary):
+        return {"edit": {k: summary[k] for k in ("erase_scale", "preserve_scale", "ridge", "edited_parameters",
+                                                 "preserve_prompts") if k in summary}}
+
+    def edit(self, pipe, concept) -> dict:
+        c = self.config
+        return uce_edit(pipe, concept, erase_scale=c.uce_erase_scale, preserve_scale=c.uce_preserve_scale,
+                        ridge=c.uce_lambda)
 
 
 def cross_attention_projections(unet: nn.Module, family) -> dict[str, nn.Linear]:
@@ -66,8 +97,8 @@ def uce_edit(pipe, concept, *, erase_scale: float = 1.0, preserve_scale: float |
     parameters, and per concept the mean erase residual sum ||W' c_i - v*_i||^2 / sum ||W c_i - v*_i||^2 over
     the edited layers (0: every erased token now gives its target's output; 1: unchanged), and the relative
     drift sum ||W' c_j - W c_j||^2 / sum ||W c_j||^2 of the preserved prompts (0: untouched)."""
-    from .erase import PromptEmbeddings
-    from .families import family_of
+    from ..conditioning import PromptEmbeddings
+    from ..models.families import family_of
 
     family = family_of(pipe)
     unet = pipe.unet

@@ -11,8 +11,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConceptEraseError, first_line
-from ..io_utils import atomic_dir, atomic_file
+from ...errors import ConceptEraseError, first_line
+from ...io_utils import atomic_dir, atomic_file
 
 
 def save_pipeline(pipe, out_dir: str | os.PathLike, *, card: dict | None = None, overwrite: bool = False) -> Path:

@@ -1,5 +1,5 @@
-"""Defaults a command takes from the model it is given: its base model (through the model card), and the
-image size its UNet and VAE were built for.
+"""Defaults a command takes from the model it is given: its base model (through the model card), its family
+(`Family.sampling_guidance`, `evaluation_protocol`, ...), and the image size its UNet and VAE were built for.
 
 An erased model keeps its base's defaults: `erase` writes `base_model` into the card, so an erased MiniSD is
 sampled, evaluated and judged as MiniSD is (DDIM, 25 steps, guidance 5, the digit judge), not with the
@@ -11,26 +11,16 @@ the model's own size is refused (`check_resolution`): a 16 px model sampled at 5
 from __future__ import annotations
 
 import json
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ConceptEraseError
+from ...errors import ConceptEraseError
+from ..minisd import MINISD_GUIDANCE, MINISD_MODELS, MINISD_STEPS, minisd_path
+from .families import SD1, Family, family_from_config
 
-logger = logging.getLogger(__name__)
-
-# MiniSD's sampling everywhere (generate, erase's forget/retain images, evaluation, app, demo, benchmarks):
-# what `concept-erase minisd check` measured at 100% requested digit and style.
-MINISD_STEPS = 25
-MINISD_GUIDANCE = 5.0
-# Stable Diffusion's usual sampling outside the evaluation protocol (generate, erase images, app).
-SD_STEPS = 25
-SD_GUIDANCE = 7.5
-# SDXL's: diffusers' StableDiffusionXLPipeline default guidance (5.0); the same 25 steps.
-SDXL_GUIDANCE = 5.0
-# The models shipped in the package (MiniSD, MiniSD-XL: the same digits world, the same judges and sampling).
-MINISD_MODELS = ("minisd", "minisd-xl")
+# The judge of class prompt sets for every model but MiniSD (evaluation.classes.load_classifier).
+IMAGENET_CLASSIFIER = "microsoft/resnet-50"
 # A resolution more than this factor away from the model's own size cannot suit it.
 RESOLUTION_FACTOR = 2
 CARD_CHAIN_LIMIT = 8
@@ -111,8 +101,6 @@ def native_resolution(source: str, config: str | None = None) -> int | None:
     """UNet sample size x VAE downsampling, read from the folder's config files (no weights are loaded);
     None for a hub id or a single file without a config folder."""
     if str(source) in MINISD_MODELS:
-        from .minisd import minisd_path
-
         folder = minisd_path(str(source))
     else:
         path = Path(str(source)).expanduser()
@@ -142,23 +130,23 @@ def model_defaults(source: str | os.PathLike, config: str | os.PathLike | None =
         resolution = native_resolution(base)
     if base in MINISD_MODELS:
         return ModelDefaults(base, resolution, "minisd", "minisd-digits", MINISD_STEPS, MINISD_GUIDANCE, via)
-    if _is_sdxl(source, config) or _is_sdxl(base):
-        return ModelDefaults(base, resolution, "sdxl", "microsoft/resnet-50", SD_STEPS, SDXL_GUIDANCE, via)
-    return ModelDefaults(base, resolution, "paper", "microsoft/resnet-50", SD_STEPS, SD_GUIDANCE, via)
+    # a hub id or a single file without configs says nothing before loading: SD 1.x's defaults
+    family = _folder_family(source, config) or _folder_family(base) or SD1
+    return ModelDefaults(base, resolution, family.evaluation_protocol, IMAGENET_CLASSIFIER, family.sampling_steps,
+                         family.sampling_guidance, via)
 
 
-def _is_sdxl(source: str, config: str | None = None) -> bool:
-    """Is `source` (or the config folder of a single file) an SDXL folder, from its model_index.json alone."""
-    from .families import family_from_config
-
+def _folder_family(source: str, config: str | None = None) -> Family | None:
+    """The family of `source` (or of the config folder of a single file) from its model_index.json alone;
+    None when there is no such folder or it cannot be read."""
     path = Path(str(source)).expanduser()
     folder = path if path.is_dir() else Path(config).expanduser() if config and path.is_file() else None
     if folder is None or not (folder / "model_index.json").is_file():
-        return False
+        return None
     try:
-        return family_from_config(folder).name == "sdxl"
+        return family_from_config(folder)
     except (ConceptEraseError, OSError, ValueError):
-        return False
+        return None
 
 
 def check_resolution(resolution: int | None, defaults: ModelDefaults, what: str = "--resolution") -> None:
@@ -170,18 +158,3 @@ def check_resolution(resolution: int | None, defaults: ModelDefaults, what: str 
         hint = "--protocol minisd" if defaults.is_minisd else f"{what} {native}"
         raise ConceptEraseError(f"{what} {resolution} px does not suit {defaults.via}, which draws "
                                 f"{native} px images; use {hint}")
-
-
-def announce(line: str) -> None:
-    """Log a line about what a command chose or is about to do, once per `accelerate launch` world (rank 0)."""
-    if os.environ.get("RANK", "0") == "0":
-        logger.info(line)
-
-
-def rough_duration(seconds: float) -> str:
-    """"40 s", "3 min", "2.5 h": a rough duration for a person."""
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 90 * 60:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"

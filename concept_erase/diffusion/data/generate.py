@@ -16,10 +16,10 @@ import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Sequence
 
-from ..cli_args import add_flags, check_fields, values_from
-from ..concepts import read_prompt_list
-from ..errors import ConceptEraseError
-from .families import family_field
+from ...cli_args import add_flags, check_fields, values_from
+from ...concepts import read_prompt_list
+from ...errors import ConceptEraseError
+from ..models.families import family_field
 
 if TYPE_CHECKING:
     import numpy as np
@@ -38,6 +38,27 @@ def to_pil(images: "np.ndarray") -> list["Image.Image"]:
     if channels in (3, 4):
         return [Image.fromarray(a, mode="RGB" if channels == 3 else "RGBA") for a in array]
     raise ConceptEraseError(f"the VAE decodes {channels}-channel images; only 1, 3 or 4 channels can be saved")
+
+
+@dataclass
+class SamplingSettings:
+    """How images are sampled: the `generate` command's sampling flags, and the forget/retain images' (part of
+    their cache key, `images.ImageSet.generate`)."""
+
+    num_inference_steps: int = field(default=25, metadata={
+        "help": "denoising steps per image", "min": 1, "aliases": ("--steps",)})
+    guidance_scale: float = field(default=7.5, metadata={
+        "help": "classifier-free guidance scale", "min": 0, "aliases": ("--guidance",)})
+    height: int | None = field(default=None, metadata={"help": "image height in pixels (default: the model's)", "min": 8})
+    width: int | None = field(default=None, metadata={"help": "image width in pixels (default: the model's)", "min": 8})
+    negative_prompt: str | None = field(default=None, metadata={"help": "negative prompt for every image"})
+
+    def __post_init__(self):
+        check_fields(self)
+        if (self.height is None) != (self.width is None):  # one alone would silently fall back to the model's
+            given = ("--height", self.height) if self.height is not None else ("--width", self.width)
+            raise ConceptEraseError(f"{given[0]} {given[1]} needs {'--width' if given[0] == '--height' else '--height'}"
+                                    " too (give both, or neither for the model's size)")
 
 
 def generate_images(
@@ -190,7 +211,7 @@ MAX_SEEDS = 100_000  # a typo such as 0-4294967295 must not try to build a list 
 
 def parse_seeds(text: str) -> list[int]:
     """"0-3,10" -> [0, 1, 2, 3, 10]; a bare "8" is the single seed 8. Seeds follow `validate.parse_seed`."""
-    from ..validate import parse_seed
+    from ...validate import parse_seed
 
     seeds: list[int] = []
     for part in text.replace(" ", ",").split(","):
@@ -238,8 +259,6 @@ class GenerateConfig:
 def register(subparsers) -> None:
     from prompts import prompt_set_names
 
-    from .data import SamplingSettings
-
     p = subparsers.add_parser(
         "generate",
         help="generate images from a base or erased model",
@@ -263,8 +282,8 @@ FROM_MODEL = {
 def _sampling(args: argparse.Namespace, config: GenerateConfig):
     """The user's sampling flags; steps and guidance they did not give come from the model's base
     (`defaults.model_defaults`), printed. A size the model cannot draw is refused before it is loaded."""
-    from .data import SamplingSettings
-    from .defaults import announce, check_resolution, model_defaults
+    from ...logs import announce
+    from ..models.defaults import check_resolution, model_defaults
 
     values = values_from(args, SamplingSettings)
     SamplingSettings(**values)  # the user's numbers, checked before the model's defaults are looked up
@@ -285,7 +304,7 @@ CONTACT_SHEET_SEEDS = 8  # columns shown; the PNGs hold every seed
 def contact_sheet(path, prompts: list[str], seeds: list[int], images: list) -> None:
     """One row per prompt (labelled), one column per seed (named on top), from `images` in (prompt, seed)
     order; at most CONTACT_SHEET_SEEDS columns and 64 px cells, so a glance shows the whole run."""
-    from ..grid import GridRow, labelled_grid
+    from ...grid import GridRow, labelled_grid
 
     shown = seeds[:CONTACT_SHEET_SEEDS]
     columns = [f"seed {s}" for s in shown]
@@ -295,8 +314,8 @@ def contact_sheet(path, prompts: list[str], seeds: list[int], images: list) -> N
 
 
 def _main(args: argparse.Namespace) -> int:
-    from ..io_utils import atomic_dir, atomic_file, check_writable
-    from .loading import load_pipeline
+    from ...io_utils import atomic_dir, atomic_file, check_writable
+    from ..models.loading import load_pipeline
 
     config = GenerateConfig(**values_from(args, GenerateConfig))
     check_writable(config.output, config.overwrite, flag="--output")  # fail before loading a model

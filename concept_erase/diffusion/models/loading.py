@@ -22,9 +22,10 @@ import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ConceptEraseError, first_line
-from ..fingerprints import check_file_digest
-from ..runtime import resolve_device
+from ...errors import ConceptEraseError, first_line
+from ...fingerprints import check_file_digest
+from ...runtime import resolve_device
+from ..minisd import MINISD_MODELS, minisd_path
 from .families import Family, family_from_config, family_from_keys, get_family, set_family
 
 logger = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ def load_pipeline(
     source = str(source)
     if family is not None:
         get_family(family)  # an unknown name fails before any loading
-    path = _named_model_path(source) if source in NAMED_MODELS else Path(source).expanduser()
+    path = minisd_path(source) if source in MINISD_MODELS else Path(source).expanduser()
     if path.is_dir():
         pipe, how = _load_folder(path, torch_dtype, family), "its model_index.json"
     elif path.is_file():
@@ -89,7 +90,7 @@ def load_pipeline(
     else:
         raise ConceptEraseError(
             f"model {source!r} does not exist (expected a diffusers folder, a .safetensors/.ckpt file, "
-            f"a hub id or one of {', '.join(NAMED_MODELS)})")
+            f"a hub id or one of {', '.join(MINISD_MODELS)})")
     found = set_family(pipe, family)
     logger.info("model family: %s, %s (%s)", found.name, found.description,
                 "from --family" if family else "detected from " + how)
@@ -100,40 +101,18 @@ def load_pipeline(
     return pipe
 
 
-# The models shipped in the package, loadable by name.
-NAMED_MODELS = ("minisd", "minisd-xl")
-
-
-def _named_model_path(name: str) -> Path:
-    try:
-        from .minisd import minisd_path
-    except ImportError as err:
-        raise ConceptEraseError(f"MiniSD is not available in this installation ({err})") from None
-    return minisd_path(name)
-
-
 def _pipeline_class(family: Family):
     import diffusers
 
     return getattr(diffusers, family.pipeline_class)
 
 
-def _component_kwargs(family: Family) -> dict:
-    """No safety checker (SD) or invisible watermark (SDXL): evaluation judges the raw images."""
-    if family.name == "sdxl":
-        return {"add_watermarker": False}
-    return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
-
-
 def _chosen(detected: Family, override: str | None) -> Family:
-    """The family to load as: the override when given, else the detected one. An override may settle what
-    the checkpoint cannot say (sd2 vs sd2-v), never turn SDXL's structure into SD 1.x/2.x or back."""
+    """The family to load as: the override when given (if it fits, `Family.check_fits`), else the detected one."""
     if not override:
         return detected
     family = get_family(override)
-    if family.pipeline_class != detected.pipeline_class:
-        raise ConceptEraseError(f"--family {override} does not fit this model: it is {detected.name} "
-                                f"({detected.description})")
+    family.check_fits(detected)
     return family
 
 
@@ -148,7 +127,7 @@ def _load_folder(path: Path, torch_dtype: torch.dtype, override: str | None):
     family = _chosen(family_from_config(path), override)
     try:
         return _pipeline_class(family).from_pretrained(path, dtype=torch_dtype, local_files_only=True,
-                                                       **_component_kwargs(family))
+                                                       **family.pipeline_kwargs)
     except Exception as err:
         raise ConceptEraseError(f"cannot load pipeline folder {str(path)!r}: {first_line(err)}") from None
 
@@ -161,7 +140,7 @@ def _load_hub(repo_id: str, torch_dtype: torch.dtype, override: str | None):
     try:  # the small index first: another family is refused before gigabytes download
         index = Path(hf_hub_download(repo_id, "model_index.json")).parent
         family = _chosen(family_from_config(index), override)
-        return _pipeline_class(family).from_pretrained(repo_id, dtype=torch_dtype, **_component_kwargs(family))
+        return _pipeline_class(family).from_pretrained(repo_id, dtype=torch_dtype, **family.pipeline_kwargs)
     except ConceptEraseError:
         raise
     except Exception as err:
@@ -272,7 +251,7 @@ def _resolve_config(config: str | os.PathLike | None, path: Path) -> str | None:
             raise ConceptEraseError(
                 f"single-file checkpoint {str(path)!r} needs --config <local diffusers folder> while offline")
         return None
-    folder = _named_model_path(str(config)) if str(config) in NAMED_MODELS else Path(config).expanduser()
+    folder = minisd_path(str(config)) if str(config) in MINISD_MODELS else Path(config).expanduser()
     if not (folder / "model_index.json").is_file():
         raise ConceptEraseError(f"config {str(config)!r} is not a diffusers pipeline folder (no model_index.json)")
     return str(folder)
@@ -296,6 +275,6 @@ def _load_single_file(path: Path, config: str | os.PathLike | None, torch_dtype:
     try:
         with _lightning_stand_ins():  # diffusers reads the file again with weights_only=True
             return _pipeline_class(family).from_single_file(
-                str(path), dtype=torch_dtype, **_component_kwargs(family), **kwargs)
+                str(path), dtype=torch_dtype, **family.pipeline_kwargs, **kwargs)
     except Exception as err:
         raise ConceptEraseError(f"cannot load checkpoint {str(path)!r}: {first_line(err)}") from None

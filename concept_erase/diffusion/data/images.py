@@ -4,12 +4,11 @@ never change during training).
 
 A generated set lives in a cache folder keyed by what determines its pixels: the model's weights (digest of
 UNet, VAE and text encoder), its scheduler config and the sampling settings. Inside, each image is stored
-under its (prompt, seed) and listed in `manifest.jsonl`, so
+under its (prompt, seed) and listed in `manifest.jsonl` (a `folder.ImageFolder`), so
 
 - a later run asking for the same prompts and seeds regenerates nothing,
 - asking for more seeds generates only the new ones,
-- an interrupted run resumes where it stopped: every image is written atomically (temporary file, rename)
-  before its manifest line is appended, so the manifest never lists a half-written image.
+- an interrupted run resumes where it stopped (the folder commits each image before listing it).
 
 Layout of one cache entry:
     <cache_dir>/<key>/settings.json        the model digest and sampling settings (for people, not the code)
@@ -24,16 +23,18 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from ..cli_args import check_fields
-from ..errors import ConceptEraseError
-from ..fingerprints import pipeline_digest
-from ..runtime import cache_root
-from ..io_utils import atomic_file, exclusive_lock
-from .defaults import announce, rough_duration
+from ...errors import ConceptEraseError
+from ...fingerprints import pipeline_digest
+from ...runtime import cache_root
+from ...io_utils import atomic_file, exclusive_lock
+from ...logs import announce, rough_duration
+from . import generate as generate_module  # its functions looked up at call time: tests count the calls
+from .folder import MANIFEST, ImageFolder, read_jsonl
+from .generate import SamplingSettings
 
 if TYPE_CHECKING:
     import torch
@@ -45,26 +46,6 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 def default_cache_dir() -> Path:
     """The generated-image cache: `runtime.cache_root()`/images."""
     return cache_root() / "images"
-
-
-@dataclass
-class SamplingSettings:
-    """How forget/retain images are sampled from the base model (part of the cache key)."""
-
-    num_inference_steps: int = field(default=25, metadata={
-        "help": "denoising steps per image", "min": 1, "aliases": ("--steps",)})
-    guidance_scale: float = field(default=7.5, metadata={
-        "help": "classifier-free guidance scale", "min": 0, "aliases": ("--guidance",)})
-    height: int | None = field(default=None, metadata={"help": "image height in pixels (default: the model's)", "min": 8})
-    width: int | None = field(default=None, metadata={"help": "image width in pixels (default: the model's)", "min": 8})
-    negative_prompt: str | None = field(default=None, metadata={"help": "negative prompt for every image"})
-
-    def __post_init__(self):
-        check_fields(self)
-        if (self.height is None) != (self.width is None):  # one alone would silently fall back to the model's
-            given = ("--height", self.height) if self.height is not None else ("--width", self.width)
-            raise ConceptEraseError(f"{given[0]} {given[1]} needs {'--width' if given[0] == '--height' else '--height'}"
-                                    " too (give both, or neither for the model's size)")
 
 
 @dataclass(frozen=True)
@@ -182,9 +163,8 @@ class ImageSet:
     @staticmethod
     def _generate_missing(pipe, root: Path, prompts: list[str], wanted: list[ImageRecord],
                           settings: SamplingSettings, batch_size: int, progress: bool | str) -> None:
-        from .generate import generate_images, warn_if_prompts_are_cut
-
-        done = {(r.prompt, r.seed) for r in _read_manifest(root / "manifest.jsonl") if (root / r.file).is_file()}
+        folder = ImageFolder(root)
+        done = folder.done(key=lambda entry: (entry.get("prompt"), entry.get("seed")))
         todo = [r for r in wanted if (r.prompt, r.seed) not in done]
 
         what = progress if isinstance(progress, str) else "images"
@@ -196,19 +176,17 @@ class ImageSet:
         # Generate in chunks and commit each image as soon as its chunk is done: an interruption loses at most
         # one chunk of work.
         if todo:
-            warn_if_prompts_are_cut(pipe, prompts)
+            generate_module.warn_if_prompts_are_cut(pipe, prompts)
         started = time.perf_counter()
         for start in range(0, len(todo), batch_size):
             chunk = todo[start:start + batch_size]
-            images = generate_images(
+            images = generate_module.generate_images(
                 pipe, [r.prompt for r in chunk], [r.seed for r in chunk],
                 num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale,
                 height=settings.height, width=settings.width, negative_prompt=settings.negative_prompt,
                 batch_size=batch_size, warn_long_prompts=False)
             for record, image in zip(chunk, images):
-                with atomic_file(root / record.file, overwrite=True) as tmp:
-                    image.save(tmp, format="PNG")
-                _append_manifest(root / "manifest.jsonl", record)
+                folder.add(image, {"file": record.file, "prompt": record.prompt, "seed": record.seed})
             if start == 0 and progress and len(todo) > len(chunk):
                 each = (time.perf_counter() - started) / len(chunk)
                 announce(f"{what}: generating {len(todo)} images ({settings.num_inference_steps} steps each) with "
@@ -235,10 +213,10 @@ class ImageSet:
             if not files:
                 raise ConceptEraseError(f"image folder {str(folder)!r} has no images ({', '.join(IMAGE_SUFFIXES)})")
             records = [ImageRecord(f, prompt) for f in files]
-        elif (folder / "manifest.jsonl").is_file():
-            records = _read_manifest(folder / "manifest.jsonl")
+        elif (folder / MANIFEST).is_file():
+            records = _records(folder / MANIFEST)
         elif (folder / "metadata.jsonl").is_file():
-            records = _read_manifest(folder / "metadata.jsonl")
+            records = _records(folder / "metadata.jsonl")
         else:
             raise ConceptEraseError(
                 f"image folder {str(folder)!r} needs a prompt: pass one, or add manifest.jsonl / metadata.jsonl")
@@ -262,7 +240,7 @@ class ImageSet:
         from safetensors import safe_open
         from safetensors.torch import save_file
 
-        from ..fingerprints import weights_digest
+        from ...fingerprints import weights_digest
 
         if self.cache_dir is None:
             return encode_latents(pipe, self.images(), batch_size=batch_size, size=size, progress=progress)
@@ -287,29 +265,15 @@ class ImageSet:
         return latents
 
 
-def _read_manifest(path: Path) -> list[ImageRecord]:
-    """Records of a manifest; a line cut short by an interruption (not valid JSON) is skipped."""
-    if not path.is_file():
-        return []
+def _records(path: Path) -> list[ImageRecord]:
+    """The images a user's folder lists: our manifest ({"file", "prompt"}) or Hugging Face's metadata.jsonl
+    ({"file_name", "text"}); lines without a file and a prompt are skipped."""
     records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if not isinstance(row, dict):
-            continue
+    for row in read_jsonl(path):
         file, prompt = row.get("file", row.get("file_name")), row.get("prompt", row.get("text"))
         if isinstance(file, str) and isinstance(prompt, str):
             records.append(ImageRecord(file, prompt, row.get("seed")))
     return records
-
-
-def _append_manifest(path: Path, record: ImageRecord) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps({"file": record.file, "prompt": record.prompt, "seed": record.seed}) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 # ------------------------------------------------------------------------------------------------ latents
@@ -317,7 +281,7 @@ def _append_manifest(path: Path, record: ImageRecord) -> None:
 
 def default_image_size(pipe) -> tuple[int, int]:
     """(height, width) the pipeline generates by default (its family says how: `Family.image_size`)."""
-    from .families import family_of
+    from ..models.families import family_of
 
     return family_of(pipe).image_size(pipe)
 

@@ -16,9 +16,9 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import ConceptEraseError
-from ..fingerprints import DIGEST_KEY, state_digest
-from ..io_utils import atomic_file
+from ...errors import ConceptEraseError
+from ...fingerprints import DIGEST_KEY, state_digest
+from ...io_utils import atomic_file
 from .loading import resolve_dtype
 
 if TYPE_CHECKING:

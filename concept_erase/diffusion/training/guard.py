@@ -21,28 +21,18 @@ divergence guard"):
 from __future__ import annotations
 
 import math
-import re
-import shutil
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from ..errors import ConceptEraseError
+from ...errors import ConceptEraseError
+from .checkpoints import last_at_or_before, prune, set_aside
 
 LOSS_JUMP = 100.0    # a step's loss above this many times its running value is a blow-up
 NORM_GROWTH = 10.0   # trained weights whose norm grew this many times since the start have exploded
 SMOOTHING = 0.9      # weight of the running value in its exponential average
 LOSS_FLOOR = 1e-4    # the running value used for rule 1 is at least this
-CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
-
-
-def checkpoints_in(checkpoint_dir) -> list[tuple[int, Path]]:
-    """(step, folder) of every complete `checkpoint-<step>` in `checkpoint_dir`, oldest first."""
-    if not checkpoint_dir or not Path(checkpoint_dir).is_dir():
-        return []
-    return sorted((int(m.group(1)), p) for p in Path(checkpoint_dir).iterdir()
-                  if (m := CHECKPOINT_RE.match(p.name)) and (p / "state.json").is_file())
 
 
 class DivergenceGuard:
@@ -95,22 +85,16 @@ class DivergenceGuard:
 
     def _passed(self, steps_done: int) -> None:
         self.passed_step = steps_done
-        if self.main and self.keep:
-            passed = [p for s, p in checkpoints_in(self.checkpoint_dir) if s <= steps_done]
-            for old in passed[: -self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
+        if self.main:
+            prune(self.checkpoint_dir, steps_done, self.keep)
 
     def last_passed(self) -> Path | None:
-        return next((p for s, p in reversed(checkpoints_in(self.checkpoint_dir)) if s <= self.passed_step), None)
+        return last_at_or_before(self.checkpoint_dir, self.passed_step)
 
     def _stop(self, reason: str, failed_step: int):
         """Set aside the checkpoints of weights that did not pass, and stop naming the last one that did."""
         if self.main:
-            for s, path in checkpoints_in(self.checkpoint_dir):
-                if s >= failed_step:
-                    target = path.with_name(f"{path.name}.diverged")
-                    shutil.rmtree(target, ignore_errors=True)
-                    path.rename(target)
+            set_aside(self.checkpoint_dir, failed_step)
         good = self.last_passed()
         where = (f"last checkpoint that passed: {good} (resume from it with a lower --lr)" if good
                  else "no checkpoint passed")

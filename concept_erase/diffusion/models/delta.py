@@ -10,9 +10,9 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..errors import ConceptEraseError, first_line
-from ..fingerprints import model_fingerprint, state_digest, weights_digest
-from ..io_utils import atomic_dir
+from ...errors import ConceptEraseError, first_line
+from ...fingerprints import model_fingerprint, state_digest, weights_digest
+from ...io_utils import atomic_dir
 
 if TYPE_CHECKING:
     import torch

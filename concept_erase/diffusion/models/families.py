@@ -1,7 +1,8 @@
 """Model families: everything that differs between SD 1.x, SD 2.x and SDXL, in one place.
 
 Every part of the library that turns prompts into UNet conditioning, picks a default resolution or names
-the cross-attention weights asks the pipeline's `Family` (`family_of(pipe)`), never the pipeline class.
+the cross-attention weights asks the pipeline's `Family` (`family_of(pipe)`), never the pipeline class, and
+none tests a family's name: each family is a `Family` subclass whose attributes and overrides say how it differs.
 
 `Conditioning` is what the UNet is conditioned on for a batch of prompts: the text encoder's hidden states
 (`encoder_hidden_states`) and, for SDXL, the `added_cond_kwargs` (the pooled text embedding and the six size
@@ -14,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Sequence
 
-from ..errors import ConceptEraseError
+from ...errors import ConceptEraseError
 
 if TYPE_CHECKING:  # torch is imported where it is used: command parsers import this module for --family
     import torch
@@ -71,22 +72,37 @@ def as_conditioning(cond: "Conditioning | Tensor") -> Conditioning:
     return cond if isinstance(cond, Conditioning) else Conditioning(cond)
 
 
-@dataclass(frozen=True)
 class Family:
-    """What a model family means for the rest of the library (SD 1.x and SD 2.x; `SDXLFamily` below)."""
+    """What a model family means for the rest of the library. Each family is a subclass that sets these class
+    attributes and overrides what it does differently; the library uses one instance of each (`FAMILIES`)."""
 
     name: str                   # "sd1", "sd2", "sd2-v", "sdxl"
     description: str            # printed when a model is loaded
-    default_resolution: int     # the family's native image size in pixels (a small test model has its own)
-    latent_scaling: float       # the released VAE's scaling_factor (a loaded VAE's config is what is used)
-    prediction_type: str        # the released scheduler's: "epsilon" or "v_prediction"
+    default_resolution = 512    # the family's native image size in pixels (a small test model has its own)
+    latent_scaling = 0.18215    # the released VAE's scaling_factor (a loaded VAE's config is what is used)
+    prediction_type = "epsilon"  # the released scheduler's: "epsilon" or "v_prediction"
+    # a --family override sets the scheduler's prediction type (SD 2.x checkpoints do not say epsilon or v)
+    override_sets_prediction = False
     # single-file (original LDM/SGM) key prefixes of each component, as A1111/ComfyUI read them
-    single_file_prefixes: dict = field(default_factory=dict)
+    single_file_prefixes: dict = {"vae": "first_stage_model.", "unet": "model.diffusion_model."}
     # the text encoders the original layout stores with OpenCLIP names (fused q/k/v `in_proj`,
     # `transformer.resblocks.N`): SD 2.x's ViT-H and SDXL's ViT-bigG; the others keep transformers' names
     openclip_text_encoders: tuple[str, ...] = ()
-    pipeline_class: str = "StableDiffusionPipeline"
+    pipeline_class = "StableDiffusionPipeline"
+    # the loaders' keyword arguments: no safety checker (SD) or invisible watermark (SDXL), as evaluation
+    # judges the raw images
+    pipeline_kwargs: dict = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    # the pipeline's text encoders, in the order their states are concatenated
     text_encoders: tuple[str, ...] = ("text_encoder",)
+    added_conditioning = False  # the UNet's `add_embedding` of a pooled text embedding and size ids
+    # What a command uses when the user does not say (`defaults.model_defaults`; MiniSD has its own): the
+    # sampling of generate, erase's images and the app, and the evaluation protocol (evaluation.generation.PRESETS).
+    sampling_steps = 25
+    sampling_guidance = 7.5     # Stable Diffusion's usual guidance
+    evaluation_protocol = "paper"
+
+    def __repr__(self) -> str:
+        return f"<family {self.name}>"
 
     def encode(self, pipe, prompts: Sequence[str], device, size: tuple[int, int] | None = None) -> Conditioning:
         """The UNet conditioning of `prompts` (no classifier-free guidance batch), in fp32 on `device`.
@@ -117,29 +133,74 @@ class Family:
         trained at, so SDXL's size ids say what the training images are (--resolution, or the default)."""
         return latent_shape[-2] * self.vae_factor(pipe), latent_shape[-1] * self.vae_factor(pipe)
 
-    def check_pipeline(self, pipe) -> None:
-        """Refuse a pipeline whose structure is not this family's (an overridden --family that cannot fit)."""
-        if (getattr(pipe, "text_encoder_2", None) is not None) != (self.name == "sdxl"):
-            raise ConceptEraseError(f"--family {self.name} does not fit this model: it is {_structure(pipe)}")
+    def check_fits(self, detected: "Family") -> None:
+        """Refuse this family as a `--family` override of a model detected as `detected` unless both have one
+        structure: an override may settle what a checkpoint cannot say (sd2 vs sd2-v), never turn SDXL into
+        SD 1.x/2.x or back."""
+        if self.pipeline_class != detected.pipeline_class:
+            raise ConceptEraseError(f"--family {self.name} does not fit this model: it is {detected.name} "
+                                    f"({detected.description})")
 
     def check_mask(self, mask, source) -> None:
         """Refuse a saliency mask made for the other UNet structure, naming both (before the shape check,
         whose first differing parameter would not say SDXL). The mask records every parameter's name, and
-        only SDXL's UNet has the `text_time` embedding (`add_embedding.*`)."""
+        only SDXL's UNet has the added-conditioning embedding (`add_embedding.*`)."""
         made_for_sdxl = any(name.startswith("add_embedding.") for name, _ in mask.model_shapes)
-        if made_for_sdxl != (self.name == "sdxl"):
+        if made_for_sdxl != self.added_conditioning:
             raise ConceptEraseError(f"mask {str(source)!r} was made for an {'SDXL' if made_for_sdxl else 'SD 1.x/2.x'} "
                                     f"UNet, but this model is {self.name} ({self.description})")
 
     def text_modules(self, pipe) -> dict:
-        """The frozen text encoder(s) by component name (they move to the training device together)."""
+        """The pipeline's text encoder(s) by component name, in `text_encoders` order: the one list of them
+        (they move, freeze and are exported together)."""
         return {n: getattr(pipe, n) for n in self.text_encoders if getattr(pipe, n, None) is not None}
 
+    @staticmethod
+    def tokenizer_of(pipe, encoder: str):
+        """The tokenizer whose ids text encoder `encoder` reads (SDXL: each encoder has its own)."""
+        return getattr(pipe, encoder.replace("text_encoder", "tokenizer"))
 
-@dataclass(frozen=True)
+
+class SD1Family(Family):
+    name = "sd1"
+    description = "Stable Diffusion 1.x (CLIP ViT-L text encoder, 768-d)"
+    single_file_prefixes = {**Family.single_file_prefixes, "text_encoder": "cond_stage_model.transformer."}
+
+
+class SD2Family(Family):
+    """SD 2.x: OpenCLIP ViT-H, stored with OpenCLIP names in the original layout."""
+
+    name = "sd2"
+    description = "Stable Diffusion 2.x, epsilon prediction (OpenCLIP ViT-H text encoder, 1024-d)"
+    override_sets_prediction = True
+    single_file_prefixes = {**Family.single_file_prefixes, "text_encoder": "cond_stage_model.model."}
+    openclip_text_encoders = ("text_encoder",)
+
+
+class SD2VFamily(SD2Family):
+    name = "sd2-v"
+    description = "Stable Diffusion 2.x, v-prediction (OpenCLIP ViT-H text encoder, 1024-d; 768 px)"
+    default_resolution = 768
+    prediction_type = "v_prediction"
+
+
 class SDXLFamily(Family):
     """SDXL (Podell et al. 2023, "SDXL: Improving Latent Diffusion Models for High-Resolution Image
     Synthesis", section 2.1-2.2): two text encoders and size/crop micro-conditioning."""
+
+    name = "sdxl"
+    description = "Stable Diffusion XL base (CLIP ViT-L + OpenCLIP ViT-bigG, 2048-d, size ids)"
+    default_resolution = 1024
+    latent_scaling = 0.13025
+    single_file_prefixes = {**Family.single_file_prefixes, "text_encoder": "conditioner.embedders.0.transformer.",
+                            "text_encoder_2": "conditioner.embedders.1.model."}
+    openclip_text_encoders = ("text_encoder_2",)
+    pipeline_class = "StableDiffusionXLPipeline"
+    pipeline_kwargs = {"add_watermarker": False}
+    text_encoders = ("text_encoder", "text_encoder_2")
+    added_conditioning = True
+    sampling_guidance = 5.0  # diffusers' StableDiffusionXLPipeline default
+    evaluation_protocol = "sdxl"
 
     def encode(self, pipe, prompts: Sequence[str], device, size: tuple[int, int] | None = None) -> Conditioning:
         """hidden: both encoders' penultimate hidden states concatenated on the feature axis (SDXL base:
@@ -173,17 +234,7 @@ class SDXLFamily(Family):
                                     f"embedding + six size ids ({got}): not an SDXL base UNet")
 
 
-_SD_VAE = {"vae": "first_stage_model.", "unet": "model.diffusion_model."}
-SD1 = Family("sd1", "Stable Diffusion 1.x (CLIP ViT-L text encoder, 768-d)", 512, 0.18215, "epsilon",
-             {**_SD_VAE, "text_encoder": "cond_stage_model.transformer."})
-SD2 = Family("sd2", "Stable Diffusion 2.x, epsilon prediction (OpenCLIP ViT-H text encoder, 1024-d)", 512, 0.18215,
-             "epsilon", {**_SD_VAE, "text_encoder": "cond_stage_model.model."}, ("text_encoder",))
-SD2_V = Family("sd2-v", "Stable Diffusion 2.x, v-prediction (OpenCLIP ViT-H text encoder, 1024-d; 768 px)", 768,
-               0.18215, "v_prediction", {**_SD_VAE, "text_encoder": "cond_stage_model.model."}, ("text_encoder",))
-SDXL = SDXLFamily("sdxl", "Stable Diffusion XL base (CLIP ViT-L + OpenCLIP ViT-bigG, 2048-d, size ids)", 1024,
-                  0.13025, "epsilon", {**_SD_VAE, "text_encoder": "conditioner.embedders.0.transformer.",
-                                       "text_encoder_2": "conditioner.embedders.1.model."}, ("text_encoder_2",),
-                  "StableDiffusionXLPipeline", ("text_encoder", "text_encoder_2"))
+SD1, SD2, SD2_V, SDXL = SD1Family(), SD2Family(), SD2VFamily(), SDXLFamily()
 FAMILIES = {f.name: f for f in (SD1, SD2, SD2_V, SDXL)}
 
 # What other families' checkpoints look like, so they are refused by name instead of failing deep in diffusers.
@@ -213,11 +264,6 @@ def get_family(name: str) -> Family:
     return FAMILIES[name]
 
 
-def _structure(pipe) -> str:
-    return "an SDXL pipeline (two text encoders)" if getattr(pipe, "text_encoder_2", None) is not None \
-        else "an SD 1.x/2.x pipeline (one text encoder)"
-
-
 def family_of(pipe) -> Family:
     """The family of a loaded pipeline: an override set by `set_family` (`--family`), else its components
     (not its class name)."""
@@ -243,8 +289,8 @@ def set_family(pipe, name: str | None) -> Family:
     if name is None:
         return family_of(pipe)
     family = get_family(name)
-    family.check_pipeline(pipe)
-    if pipe.scheduler.config.get("prediction_type") != family.prediction_type and family.name.startswith("sd2"):
+    family.check_fits(family_of(pipe))
+    if family.override_sets_prediction and pipe.scheduler.config.get("prediction_type") != family.prediction_type:
         pipe.scheduler.register_to_config(prediction_type=family.prediction_type)
     pipe._concept_erase_family = family.name
     return family

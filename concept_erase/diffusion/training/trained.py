@@ -14,17 +14,16 @@ Zhang et al., NeurIPS 2024: a plug-in robust text encoder, the UNet frozen).
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import replace
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ConceptEraseError
-from .families import Conditioning, family_of
-from .losses import noise_batch, sample_noise, saliency_loss
+from ...errors import ConceptEraseError
+from ..conditioning import PromptEmbeddings, adversarial_conditioning, edited_token_embeddings, minimise_denoising_error
+from ..losses import saliency_loss
+from ..models.families import Conditioning, family_of
 
 TRAINED = ("unet", "text-encoder")
 
@@ -36,8 +35,6 @@ class TrainedUNet:
     attr = "unet"  # the pipeline component it is
 
     def __init__(self, pipe, device, size: tuple[int, int] | None = None):
-        from .erase import PromptEmbeddings
-
         self.pipe, self.module = pipe, pipe.unet
         self._cache = PromptEmbeddings(pipe, device, size=size)
 
@@ -57,8 +54,6 @@ class TrainedUNet:
         return self._cache(prompts)
 
     def adversarial(self, unet, scheduler, latents, prompts, cond, *, steps, lr, generator) -> Conditioning:
-        from .adversarial import adversarial_conditioning
-
         return adversarial_conditioning(unet, scheduler, latents, cond, steps=steps, lr=lr, generator=generator)
 
     def saliency_loss_fn(self, guidance: float):
@@ -97,16 +92,8 @@ class TrainedTextEncoder(TrainedUNet):
     def target(self, prompts: Sequence[str]) -> Conditioning:
         return self.encode(prompts)
 
-    @contextmanager
     def _offset(self, offset: Tensor | None):
-        if offset is None:
-            yield
-            return
-        handle = self.module.get_input_embeddings().register_forward_hook(lambda mod, inp, out: out + offset)
-        try:
-            yield
-        finally:
-            handle.remove()
+        return edited_token_embeddings({} if offset is None else {self.module: lambda ids, emb: emb + offset})
 
     def adversarial(self, unet, scheduler, latents, prompts, cond, *, steps, lr, generator) -> Conditioning:
         """AdvUnlearn's inner attack on the input token embeddings: Adam on a perturbation delta (from 0) of
@@ -116,15 +103,8 @@ class TrainedTextEncoder(TrainedUNet):
         width = self.module.get_input_embeddings().embedding_dim
         delta = torch.zeros(len(prompts), self.pipe.tokenizer.model_max_length, width, device=latents.device,
                             requires_grad=True)
-        opt = torch.optim.Adam([delta], lr=lr)
-        T = scheduler.config.num_train_timesteps
-        for _ in range(steps):
-            noise, t = sample_noise(latents, T, generator)
-            batch = noise_batch(scheduler, latents, self.encode(prompts, delta), noise.to(latents.device),
-                                t.to(latents.device))
-            pred = unet(batch.noisy, batch.timesteps, **batch.cond.unet_kwargs(batch.noisy.dtype)).sample
-            (delta.grad,) = torch.autograd.grad(F.mse_loss(pred.float(), batch.target.float()), [delta])
-            opt.step()
+        minimise_denoising_error(unet, scheduler, latents, lambda: self.encode(prompts, delta), [delta], steps=steps,
+                                 lr=lr, generator=generator)
         return self.encode(prompts, delta.detach())
 
     def saliency_loss_fn(self, guidance: float):
