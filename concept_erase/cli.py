@@ -11,6 +11,7 @@ import importlib
 import logging
 import sys
 
+from . import __version__
 from .cli_args import Parser
 from .errors import ConceptEraseError
 from .logs import show_logs
@@ -48,6 +49,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         prog="concept-erase",
         description="Erase a concept from a Stable Diffusion checkpoint with SalUn, and measure it.",
     )
+    parser.add_argument("--version", action="version", version=f"concept-erase {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=Parser)
     seen: set[str] = set()
     known = commands()

@@ -58,6 +58,9 @@ class Concept:
                 "surrogate after it (e.g. all ten Imagenette classes at once)"})
     parts: list["Concept"] = field(default_factory=list, metadata={
         "help": "the individual concepts of a several-concept run (see `combine_concepts`); empty for one"})
+    world: str | None = field(default=None, metadata={
+        "help": 'the models a preset is written for: "minisd" (MiniSD and models erased from it) or '
+                '"stable-diffusion" (released checkpoints); None (a custom concept): any model'})
 
     def __post_init__(self):
         self.forget_prompts = _clean(self.forget_prompts, f"forget prompts of concept {self.name!r}")
@@ -157,6 +160,7 @@ def nudity() -> Concept:
     # reference's nudity run (its argparse default), not the 0.5 of its class command.
     return Concept(
         name="nudity",
+        world="stable-diffusion",
         forget_prompts=read_prompt_file(PROMPTS_DIR / "nudity_forget.txt"),
         surrogate_prompts=["a photo of a person wearing clothes"],
         retain_prompts=read_prompt_file(PROMPTS_DIR / "nudity_retain.txt"),
@@ -195,6 +199,7 @@ def imagenette(k: int) -> Concept:
     prompt = "an image of a {}".format
     return Concept(
         name=f"imagenette-{slug(names[k])}",
+        world="stable-diffusion",
         forget_prompts=[prompt(names[k])],
         surrogate_prompts=[prompt(names[(k + 1) % len(names)])],
         retain_prompts=[prompt(n) for i, n in enumerate(names) if i != k],
@@ -215,6 +220,7 @@ def style(artist: str) -> Concept:
     others = [a for a in art_styles() if a != artist]
     return Concept(
         name=f"style-{slug(artist)}",
+        world="stable-diffusion",
         forget_prompts=[f"a painting of {s} in the style of {artist}" for s in subjects],
         surrogate_prompts=[f"a painting of {s}" for s in subjects],
         retain_prompts=[f"a painting of {s}" for s in subjects]
@@ -373,7 +379,11 @@ def combine_concepts(concepts: Sequence[Concept]) -> Concept:
     recipe = dict(concepts[0].recipe)
     if "num_forget_images" in recipe:
         recipe["num_forget_images"] *= len(concepts)
-    return Concept(name="+".join(names), forget_prompts=forget, surrogate_prompts=surrogates,
+    worlds = {c.world for c in concepts}
+    if len(worlds) > 1:
+        raise ConceptEraseError(f"concepts {', '.join(names)} are written for different models "
+                                f"({', '.join(sorted(str(w) for w in worlds))}); erase them in separate runs")
+    return Concept(name="+".join(names), forget_prompts=forget, surrogate_prompts=surrogates, world=worlds.pop(),
                    retain_prompts=retain or list(dict.fromkeys(surrogates)), recipe=recipe,
                    neighbours=[n for n in dict.fromkeys(n for c in concepts for n in c.neighbours) if n not in erased],
                    parts=list(concepts))
@@ -414,8 +424,14 @@ def describe_recipe(recipe: dict[str, Any]) -> str:
 
 
 def _shorten(prompts: Sequence[str], width: int = 48) -> str:
-    text = prompts[0] + (f" (+{len(prompts) - 1} more)" if len(prompts) > 1 else "")
-    return text if len(text) <= width else text[:width - 3] + "..."
+    """The first prompt and how many more, cut in the middle where too long: the end of a prompt (the
+    artist of "... in the style of Claude Monet") is what tells presets apart."""
+    more = f" (+{len(prompts) - 1} more)" if len(prompts) > 1 else ""
+    text, room = prompts[0], width - len(more)
+    if len(text) > room:
+        head = (room - 3) // 3
+        text = text[:head] + "..." + text[len(text) - (room - 3 - head):]
+    return text + more
 
 
 def _concepts_main(args) -> int:

@@ -65,15 +65,16 @@ class PromptClasses:
     names: list[str]  # per class: its first prompt label, plus " (index)" where two classes share it
     targets: list[int]  # per image: the classifier index it should get
     groups: list[int]  # per image: its class's position in `names`
-    forget: str | None  # the name of the forgotten class
+    forget: list[str]  # the names of the forgotten classes (one per erased concept; empty: none)
 
 
 def prompt_classes(labels: Sequence[str], classifier_labels: Sequence[str], *,
                    targets: Sequence[int | None] | None = None, forget: str | None = None) -> PromptClasses:
     """Resolve each image's intended class: the prompt set's class index (`targets[i]`, from label_idx)
     where given, else its name matched by `match_label`. Classes are grouped by that index, so "tench" and
-    "Tinca tinca" rows are one class and ImageNet's two "crane"s are two. `forget` is a class name, one of
-    its prompt labels or its index. Needs no images: the CLI runs it before generating."""
+    "Tinca tinca" rows are one class and ImageNet's two "crane"s are two. `forget` names the erased classes:
+    a class name, one of its prompt labels or its index, or several of them separated by commas (a model that
+    erased several concepts). Needs no images: the CLI runs it before generating."""
     targets = [None] * len(labels) if targets is None else list(targets)
     if len(targets) != len(labels):
         raise ConceptEraseError(f"{len(targets)} class indices for {len(labels)} labels")
@@ -92,17 +93,23 @@ def prompt_classes(labels: Sequence[str], classifier_labels: Sequence[str], *,
     shared = Counter(first.values())
     names = [name if shared[name] == 1 else f"{name} ({target})" for target, name in first.items()]
     position = {target: g for g, target in enumerate(first)}
-    forget_name = None
+    def find(wanted: str) -> list[int]:
+        wanted = wanted.strip().lower()
+        return [g for g, target in enumerate(first) if wanted == names[g].lower() or wanted in aliases[target]]
+
+    forgotten = []
     if forget is not None:
-        wanted = forget.strip().lower()
-        hits = [g for g, target in enumerate(first) if wanted == names[g].lower() or wanted in aliases[target]]
-        if not hits:
-            raise ConceptEraseError(f"forgotten class {forget!r} is not among the prompt classes ({', '.join(names)})")
-        if len(hits) > 1:
-            raise ConceptEraseError(f"forgotten class {forget!r} matches several prompt classes "
-                                    f"({', '.join(names[g] for g in hits)}); give its class index")
-        forget_name = names[hits[0]]
-    return PromptClasses(names, resolved, [position[t] for t in resolved], forget_name)
+        # one class whose name has a comma, else a comma-separated list of classes
+        for item in [forget] if find(forget) or "," not in forget else forget.split(","):
+            hits = find(item)
+            if not item.strip() or not hits:
+                raise ConceptEraseError(f"forgotten class {item.strip()!r} is not among the prompt classes "
+                                        f"({', '.join(names)})")
+            if len(hits) > 1:
+                raise ConceptEraseError(f"forgotten class {item.strip()!r} matches several prompt classes "
+                                        f"({', '.join(names[g] for g in hits)}); give its class index")
+            forgotten.append(names[hits[0]])
+    return PromptClasses(names, resolved, [position[t] for t in resolved], list(dict.fromkeys(forgotten)))
 
 
 class TransformersClassifier:
@@ -211,13 +218,15 @@ class ClassAccuracy(Metric):
 
     full_state_update = False
 
-    def __init__(self, class_names: Sequence[str], forget: str | None = None, *, labels: Sequence[str] = (),
-                 judged_rows: Sequence[tuple[str | None, str]] | None = None, **kwargs):
+    def __init__(self, class_names: Sequence[str], forget: str | Sequence[str] | None = None, *,
+                 labels: Sequence[str] = (), judged_rows: Sequence[tuple[str | None, str]] | None = None, **kwargs):
         super().__init__(**kwargs)
         self.class_names = list(class_names)
-        if forget is not None and forget not in self.class_names:
-            raise ConceptEraseError(f"forgotten class {forget!r} is not among the prompt classes ({', '.join(self.class_names)})")
-        self.forget = forget
+        self.forget = [forget] if isinstance(forget, str) else list(forget or [])
+        for name in self.forget:
+            if name not in self.class_names:
+                raise ConceptEraseError(f"forgotten class {name!r} is not among the prompt classes "
+                                        f"({', '.join(self.class_names)})")
         self.labels = list(labels)
         self.judged_rows = list(judged_rows) if judged_rows is not None else [(None, c) for c in self.class_names]
         n = len(self.class_names)
@@ -244,8 +253,9 @@ class ClassAccuracy(Metric):
 
     def compute(self) -> dict:
         """{"classes": {name: {"images", "top1", "top5"}}, "top1", "top5" (mean over classes, %; top-5 None
-        where the classifier gives fewer than 5 guesses), with a forgotten class: "forget", "UA" = 100 - its
-        top-1, "retain_top1" = mean top-1 of the others; with `labels`: "judged_as", one entry per (style,
+        where the classifier gives fewer than 5 guesses), with forgotten classes: "forget" (their names, joined
+        by ", "), "UA" = 100 - their mean top-1, "UA_per_class" (each one's), "retain_top1" = mean top-1 of
+        every class not erased; with `labels`: "judged_as", one entry per (style,
         class) row: {"style", "class", "images", "judged": {label: images}} (most frequent first)."""
         has_top5 = int(self.short_k) == 0
         per = {}
@@ -257,10 +267,12 @@ class ClassAccuracy(Metric):
         mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
         result = {"classes": per, "top1": mean([v["top1"] for v in per.values()]),
                   "top5": mean([v["top5"] for v in per.values()]) if has_top5 else None}
-        if self.forget in per:
-            result["forget"] = self.forget
-            result["UA"] = 100.0 - per[self.forget]["top1"]
-            result["retain_top1"] = mean([v["top1"] for k, v in per.items() if k != self.forget])
+        forgotten = [name for name in self.forget if name in per]
+        if forgotten:
+            result["forget"] = ", ".join(forgotten)
+            result["UA_per_class"] = {name: 100.0 - per[name]["top1"] for name in forgotten}
+            result["UA"] = mean(list(result["UA_per_class"].values()))
+            result["retain_top1"] = mean([v["top1"] for k, v in per.items() if k not in forgotten])
         if self.labels:
             result["judged_as"] = []
             for (style, name), counts in zip(self.judged_rows, self.judged.tolist()):

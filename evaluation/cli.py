@@ -78,7 +78,8 @@ class ClassScoring:
         "help": 'transformers classifier folder or hub id, "torchvision" (ResNet-50, the paper\'s), "minisd-digits" '
                 'or "minisd-styles" (default: minisd-digits for MiniSD and models erased from it, else microsoft/resnet-50)'})
     forget: str | None = field(default=None, metadata={
-        "help": "the erased class (a prompt class name or its class index): its UA = 100 - top-1 is reported"})
+        "help": "the erased class (a prompt class name or its class index), or several separated by commas: "
+                "UA = 100 - top-1 of each is reported, and retain over every class not erased"})
     score_batch_size: int = field(default=32, metadata={"help": "images per classifier batch", "min": 1})
 
     def __post_init__(self):

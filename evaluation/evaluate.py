@@ -255,9 +255,12 @@ def classes_sections(results: dict[str, dict]) -> list[str]:
     headers = ["class", *[f"{n} {m}" for n in names for m, _ in metrics]]
     overall = [(f"mean {m[:-2]}(%)", *(r[k] for r in results.values())) for m, k in metrics]
     if any("UA" in r for r in results.values()):
-        overall += [("forgotten class", *(r.get("forget") for r in results.values())),
-                    ("UA = 100 - top-1 of forgotten (%)", *(r.get("UA") for r in results.values())),
-                    ("retain top-1, other classes (%)", *(r.get("retain_top1") for r in results.values()))]
+        overall += [("forgotten classes", *(r.get("forget") for r in results.values())),
+                    ("UA = 100 - top-1 of forgotten (%; mean over them)", *(r.get("UA") for r in results.values())),
+                    ("retain top-1, classes not erased (%)", *(r.get("retain_top1") for r in results.values()))]
+        several = list(dict.fromkeys(c for r in results.values() if len(r.get("UA_per_class", {})) > 1
+                                     for c in r["UA_per_class"]))
+        overall += [(f"UA of {c} (%)", *(r.get("UA_per_class", {}).get(c) for r in results.values())) for c in several]
     sections = ["## Accuracy per prompt class\n\n" + report.markdown_table(headers, rows),
                 "## Summary\n\n" + report.markdown_table(["", *names], overall)]
     judged = judged_as_table(results)

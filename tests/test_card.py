@@ -1,5 +1,7 @@
 """The model card: written with the pipeline, read back, and extended by evaluations."""
 
+import re
+
 import pytest
 from helpers import assert_same_weights, leftovers
 
@@ -34,3 +36,26 @@ def test_save_pipeline_with_model_card(tmp_path, tiny_pipeline):
     assert {k: v for k, v in after.items() if k != "evaluation"} == {k: v for k, v in front.items() if k != "evaluation"}
     assert "| nudity.exposed_parts | 1 |" in (out / "README.md").read_text() and leftovers(out) == []
 
+
+
+def _code_blocks(markdown: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", markdown, re.DOTALL)
+
+
+@pytest.mark.parametrize("which", ["sd1", "sdxl"])
+def test_the_cards_snippet_runs_for_its_family(which, tmp_path, tiny_pipeline, tiny_sdxl_pipeline):
+    """A card names its family's pipeline class (an SDXL card that said StableDiffusionPipeline loaded, then
+    failed on the first call), and both of its loading lines run as written, offline."""
+    from concept_erase.diffusion.models.card import SINGLE_FILE, THIS_FOLDER
+    from concept_erase.diffusion.models.single_file import export_single_file
+
+    pipe = tiny_pipeline if which == "sd1" else tiny_sdxl_pipeline
+    out = save_pipeline(pipe, tmp_path / "erased", card={"concept": "cat", "method": "uce", "forget_prompts": ["a cat"]})
+    single = export_single_file(pipe, tmp_path / "erased.safetensors")
+    blocks = _code_blocks((out / "README.md").read_text())
+    assert len(blocks) == 1 and ("StableDiffusionXLPipeline" in blocks[0]) == (which == "sdxl")
+    code = blocks[0].replace(SINGLE_FILE, str(single)).replace(THIS_FOLDER, str(out))
+    code = code.replace("pipe('a cat')", "pipe('a cat', num_inference_steps=2)")  # fast, the same calls
+    scope: dict = {}
+    exec(compile(code, "card snippet", "exec"), scope)
+    assert scope["image"].size[0] > 0 and type(scope["pipe"]).__name__ == type(pipe).__name__

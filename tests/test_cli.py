@@ -135,3 +135,13 @@ def test_the_circle_check_sees_lazy_and_relative_imports():
     graph = _project_imports()
     assert "concept_erase.diffusion.methods.base" in graph["concept_erase.diffusion.methods.salun"]
     assert "concept_erase.diffusion.models.card" in graph["concept_erase.diffusion.training.job"]  # lazy
+
+
+def test_version(capsys):
+    import pytest
+
+    from concept_erase import __version__
+
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"concept-erase {__version__}"

@@ -112,3 +112,14 @@ def test_several_concepts_keep_their_own_surrogates_and_a_joint_retain():
         get_concepts("nudity,nudity")
     with pytest.raises(ConceptEraseError, match="not both"):
         get_concepts("nudity", forget=["x"], surrogate=["y"])
+
+
+def test_the_concepts_table_keeps_what_tells_presets_apart(capsys):
+    """Long prompts are cut in the middle, so each style row still names its artist."""
+    from concept_erase.cli import main
+
+    assert main(["concepts"]) == 0
+    header, *lines = capsys.readouterr().out.splitlines()
+    forget = slice(header.index("forget"), header.index("surrogate"))  # the forget column
+    rows = [line for line in lines if line.startswith("style-")]
+    assert rows and all(line.split()[0].split("-")[-1] in line[forget].lower() for line in rows)

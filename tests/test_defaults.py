@@ -67,3 +67,28 @@ def test_sdxl_models_get_the_sdxl_protocol(tmp_path, tiny_sdxl_pipeline_dir):
 
     sdxl = PRESETS["sdxl"]
     assert (sdxl.scheduler, sdxl.num_inference_steps, sdxl.guidance_scale, sdxl.resolution) == ("euler", 50, 5.0, 1024)
+
+
+def test_presets_are_refused_on_the_other_world(tiny_pipeline_dir, tmp_path, capsys):
+    """A Stable Diffusion preset on MiniSD (800 + 800 nudity images from a digit model) is refused before any
+    work, and so is a MiniSD preset on a model of a released checkpoint's size; custom prompts fit anything,
+    and the tiny test pipeline (32 px) reads MiniSD's prompts."""
+    from dataclasses import replace
+
+    from concept_erase.cli import main
+    from concept_erase.concepts import get_concept
+    from concept_erase.diffusion.models.defaults import check_concept_fits
+
+    minisd = model_defaults("minisd")
+    for name in ("nudity", "imagenette-tench"):
+        with pytest.raises(ConceptEraseError, match=f"preset '{name}' is written for Stable Diffusion"):
+            check_concept_fits(get_concept(name), minisd)
+    check_concept_fits(get_concept("minisd-digit-seven"), minisd)
+    check_concept_fits(get_concept("minisd-digit-seven"), model_defaults(str(tiny_pipeline_dir)))
+    released = replace(model_defaults(str(tiny_pipeline_dir)), native_resolution=512)
+    with pytest.raises(ConceptEraseError, match="preset 'minisd-digit-seven' is written for MiniSD"):
+        check_concept_fits(get_concept("minisd-digit-seven"), released)
+    check_concept_fits(get_concept("nudity"), released)
+    assert main(["erase", "--model", "minisd", "--concept", "nudity", "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "minisd-digit-<digit>" in err[0] and not (tmp_path / "o").exists()

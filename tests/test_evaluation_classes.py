@@ -47,8 +47,8 @@ def test_a_name_several_labels_share_needs_the_class_index():
     c = prompt_classes(["crane", "crane", "tench", "Tinca tinca", "giant panda"], labels, targets=[1, 3, 0, 0, None])
     assert c.names == ["crane (1)", "crane (3)", "tench", "giant panda"]
     assert (c.targets, c.groups) == ([1, 3, 0, 0, 2], [0, 1, 2, 2, 3])
-    assert prompt_classes(["crane", "crane"], labels, targets=[1, 3], forget="3").forget == "crane (3)"
-    assert prompt_classes(["tench", "Tinca tinca"], labels, targets=[0, 0], forget="tinca tinca").forget == "tench"
+    assert prompt_classes(["crane", "crane"], labels, targets=[1, 3], forget="3").forget == ["crane (3)"]
+    assert prompt_classes(["tench", "Tinca tinca"], labels, targets=[0, 0], forget="tinca tinca").forget == ["tench"]
     message = "forgotten class 'crane' matches several prompt classes (crane (1), crane (3))"
     with pytest.raises(ConceptEraseError, match=re.escape(message)):
         prompt_classes(["crane", "crane"], labels, targets=[1, 3], forget="crane")
@@ -117,6 +117,17 @@ def test_minisd_digit_judge_on_real_digits():
     labels = [DIGITS[int(y)] for y in digits.digits[:300]]
     r = score_classes(images, labels, JudgeClassifier("digits"), forget="seven")
     assert r["top1"] > 90 and r["top5"] is None and r["UA"] == pytest.approx(100 - r["classes"]["seven"]["top1"])
+    # a model that erased two digits is scored whole: each one's UA, retain over the eight not erased
+    two = score_classes(images, labels, JudgeClassifier("digits"), forget="one,three")
+    ua = {d: 100 - two["classes"][d]["top1"] for d in ("one", "three")}
+    assert two["forget"] == "one, three" and two["UA_per_class"] == pytest.approx(ua)
+    assert two["UA"] == pytest.approx(sum(ua.values()) / 2)
+    kept = [v["top1"] for k, v in two["classes"].items() if k not in ("one", "three")]
+    assert len(kept) == 8 and two["retain_top1"] == pytest.approx(sum(kept) / 8)
+    with pytest.raises(ConceptEraseError, match="forgotten class 'eleven' is not among"):
+        score_classes(images, labels, JudgeClassifier("digits"), forget="one,eleven")
+    with pytest.raises(ConceptEraseError, match="forgotten class '' is not among"):
+        score_classes(images, labels, JudgeClassifier("digits"), forget="one,,three")
 
 
 def test_torchvision_classifier_fails_clearly_when_unusable():

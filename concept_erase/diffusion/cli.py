@@ -81,7 +81,7 @@ def register(subparsers) -> None:
 
 def _config(args: argparse.Namespace, names):
     from ..logs import announce
-    from .models.defaults import check_resolution, model_defaults
+    from .models.defaults import check_concept_fits, check_resolution, model_defaults
     from .training.config import EraseConfig
 
     values = values_from(args, EraseConfig, names)
@@ -90,6 +90,7 @@ def _config(args: argparse.Namespace, names):
     defaults = model_defaults(values["model"], values.get("model_config"))
     check_resolution(values.get("resolution"), defaults)
     config = EraseConfig.for_concept(**values)
+    check_concept_fits(config.get_concept(), defaults)
     if not config.method_class.generates_images(config.alpha):  # UCE, ESD without a retain term
         return config
     chosen = {k: v for k, v in {"image_steps": defaults.steps, "image_guidance": defaults.guidance}.items()

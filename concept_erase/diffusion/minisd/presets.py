@@ -33,6 +33,7 @@ def digit_concept(digit: str | int, surrogate: str | int | None = None) -> Conce
         raise ConceptEraseError(f"surrogate digit {DIGITS[r]!r} is the digit being erased")
     return Concept(
         name=f"minisd-digit-{DIGITS[d]}",
+        world="minisd",
         forget_prompts=[minisd_prompt(d, s) for s in STYLES],
         surrogate_prompts=[minisd_prompt(r, s) for s in STYLES],
         retain_prompts=[minisd_prompt(k, s) for k in range(len(DIGITS)) if k != d for s in STYLES],
@@ -49,6 +50,7 @@ def style_concept(style: str | int) -> Concept:
         raise ConceptEraseError("style 'plain' is the absence of a style; erase 'bold' or 'negative'")
     return Concept(
         name=f"minisd-style-{STYLES[s]}",
+        world="minisd",
         forget_prompts=[minisd_prompt(d, s) for d in range(len(DIGITS))],
         surrogate_prompts=[minisd_prompt(d, "plain") for d in range(len(DIGITS))],
         retain_prompts=[minisd_prompt(d, o) for o in range(len(STYLES)) if o != s for d in range(len(DIGITS))],

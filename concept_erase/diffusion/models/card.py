@@ -53,7 +53,8 @@ def model_card(card: dict) -> str:
     lines.append("")
     what = f"The concept {concept!r} was erased" if concept else "A concept was erased"
     how = f" with {front['method']}" if front.get("method") else ""
-    lines.append(f"{what}{how} (SalUn weight saliency, arXiv 2310.12508) using concept-erase.")
+    saliency = " (SalUn weight saliency, arXiv 2310.12508)" if str(front.get("method", "")).startswith("salun") else ""
+    lines.append(f"{what}{how}{saliency} using concept-erase.")
     for key, label in (("surrogate", "Surrogate prompt"), ("keep", "Kept (trainable) weight fraction"),
                        ("steps", "Training steps")):
         if key in front:
@@ -61,9 +62,27 @@ def model_card(card: dict) -> str:
     if isinstance(front.get("evaluation"), dict):
         lines += ["", "## Evaluation", "", "| metric | value |", "| --- | --- |"]
         lines += [f"| {k} | {v} |" for k, v in _flatten(front["evaluation"]).items()]
-    lines += ["", "## Use", "", "```python", "from diffusers import StableDiffusionPipeline",
-              'pipe = StableDiffusionPipeline.from_pretrained("<this folder>")', "```", ""]
+    lines += ["", "## Use", "", *use_snippet(front), ""]
     return "\n".join(lines)
+
+
+# What a card's snippets name: the test runs them with these replaced by real paths.
+THIS_FOLDER, SINGLE_FILE = "<this folder>", "<single file>.safetensors"
+
+
+def use_snippet(front: dict) -> list[str]:
+    """The card's "Use" section: the family's own diffusers pipeline class, from this folder and from a single
+    file exported from it (`config=` this folder, so nothing is downloaded), and one image of the erased
+    prompt."""
+    from .families import FAMILIES, SD1
+
+    cls = FAMILIES.get(front.get("model_family"), SD1).pipeline_class
+    prompts = front.get("forget_prompts") or ["a photo"]
+    return ["```python", f"from diffusers import {cls}", "",
+            f'pipe = {cls}.from_pretrained("{THIS_FOLDER}")',
+            "# or the single file exported with --export-single-file (config: this folder, offline)",
+            f'pipe = {cls}.from_single_file("{SINGLE_FILE}", config="{THIS_FOLDER}")',
+            f"image = pipe({str(prompts[0])!r}).images[0]  # the erased concept's prompt", "```"]
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -158,3 +158,22 @@ def check_resolution(resolution: int | None, defaults: ModelDefaults, what: str 
         hint = "--protocol minisd" if defaults.is_minisd else f"{what} {native}"
         raise ConceptEraseError(f"{what} {resolution} px does not suit {defaults.via}, which draws "
                                 f"{native} px images; use {hint}")
+
+
+# A released Stable Diffusion draws at 512 px or more; MiniSD and test pipelines draw far smaller images.
+RELEASED_RESOLUTION = 512
+
+
+def check_concept_fits(concept, defaults: ModelDefaults) -> None:
+    """Refuse a preset written for the other world: a Stable Diffusion preset (nudity, Imagenette, artists) on
+    MiniSD, or a MiniSD preset on a model that draws at a released checkpoint's size. Custom concepts
+    (--forget/--surrogate) fit any model."""
+    if concept.world == "stable-diffusion" and defaults.is_minisd:
+        raise ConceptEraseError(f"preset {concept.name!r} is written for Stable Diffusion checkpoints, not "
+                                f"{defaults.via}: MiniSD's presets are minisd-digit-<digit> and minisd-style-<style> "
+                                "(`concept-erase concepts` lists them), or give --forget and --surrogate")
+    native = defaults.native_resolution
+    if concept.world == "minisd" and not defaults.is_minisd and native and native >= RELEASED_RESOLUTION:
+        raise ConceptEraseError(f"preset {concept.name!r} is written for MiniSD, not {defaults.via} ({native} px): "
+                                "its presets are nudity, imagenette-<class> and style-<artist> (`concept-erase "
+                                "concepts` lists them), or give --forget and --surrogate")
