@@ -58,3 +58,14 @@ def rough_duration(seconds: float) -> str:
     if seconds < 90 * 60:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h"
+
+
+def hide_library_bars() -> None:
+    """Hide diffusers' and transformers' own progress bars ("Loading weights", "Writing model shards") for the
+    rest of the process: what `--no-progress` promises covers the libraries' bars too."""
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+

@@ -205,10 +205,15 @@ def test_user_folder(tmp_path):
 
 def test_the_image_phase_says_what_it_makes_and_how_long_it_takes(tmp_path, capsys):
     pipe = build_tiny_pipeline(seed=0)
-    ImageSet.generate(pipe, ["a cat", "a dog"], 3, tmp_path, settings=FAST, batch_size=2, progress="forget images")
+    ImageSet.generate(pipe, ["a cat", "a dog"], 3, tmp_path, settings=FAST, batch_size=2, progress=True,
+                      label="forget images")
     err = capsys.readouterr().err
     line = next(x for x in err.splitlines() if x.startswith("concept-erase: forget images: generating 6 images"))
     assert f"({FAST.num_inference_steps} steps each)" in line and "about " in line and "s per image" in line
     assert "forget images: 100%" in err and "6/6" in err  # the bar names them and counts them
-    ImageSet.generate(pipe, ["a cat", "a dog"], 3, tmp_path, settings=FAST, batch_size=2, progress="forget images")
+    ImageSet.generate(pipe, ["a cat", "a dog"], 3, tmp_path, settings=FAST, batch_size=2, label="forget images")
     assert "generating" not in capsys.readouterr().err  # all cached: nothing to announce
+    # --no-progress hides the bar, never the status line (a long silent run looks hung)
+    ImageSet.generate(pipe, ["a bird", "a fish"], 3, tmp_path, settings=FAST, batch_size=2, label="retain images")
+    err = capsys.readouterr().err
+    assert "concept-erase: retain images: generating 6 images" in err and "6/6" not in err

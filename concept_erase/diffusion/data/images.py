@@ -123,7 +123,8 @@ class ImageSet:
         seed: int = 0,
         settings: SamplingSettings | None = None,
         batch_size: int = 8,
-        progress: bool | str = False,
+        progress: bool = False,
+        label: str = "images",
         total: int | None = None,
     ) -> "ImageSet":
         """`n_per_prompt` images of every prompt from `pipe`, reusing (and adding to) the on-disk cache.
@@ -131,8 +132,9 @@ class ImageSet:
         Prompt i's j-th image uses seed `seed + i * n_per_prompt + j`, so every image of the set has its own
         seed and the set is reproducible; the seeds are recorded in the manifest. `total`: exactly this many
         images (from len(prompts) to len(prompts) * n_per_prompt): the first `total % len(prompts)` prompts
-        get one image more than the others (`images_per_prompt`). `progress`: a bar, and one line with the
-        time the missing images will take once the first batch is timed; a string names them ("forget images").
+        get one image more than the others (`images_per_prompt`). `label` names them ("forget images") in the
+        line that says how long the missing images will take once the first batch is timed (always said) and
+        in the bar (`progress`).
         """
         prompts = list(prompts)
         if not prompts or any(not p.strip() for p in prompts):
@@ -157,17 +159,16 @@ class ImageSet:
         # Concurrent runs sharing this cache entry take turns: the second reads the manifest the first has
         # filled and generates only what is still missing (nothing, when they asked for the same images).
         with exclusive_lock(root / ".lock", f"generating images into {root}"):
-            cls._generate_missing(pipe, root, prompts, wanted, settings, batch_size, progress)
+            cls._generate_missing(pipe, root, prompts, wanted, settings, batch_size, progress, label)
         return cls(root, wanted, cache_dir=root)
 
     @staticmethod
     def _generate_missing(pipe, root: Path, prompts: list[str], wanted: list[ImageRecord],
-                          settings: SamplingSettings, batch_size: int, progress: bool | str) -> None:
+                          settings: SamplingSettings, batch_size: int, progress: bool, what: str) -> None:
         folder = ImageFolder(root)
         done = folder.done(key=lambda entry: (entry.get("prompt"), entry.get("seed")))
         todo = [r for r in wanted if (r.prompt, r.seed) not in done]
 
-        what = progress if isinstance(progress, str) else "images"
         bar = None
         if progress and todo:
             from tqdm.auto import tqdm
@@ -187,7 +188,7 @@ class ImageSet:
                 batch_size=batch_size, warn_long_prompts=False)
             for record, image in zip(chunk, images):
                 folder.add(image, {"file": record.file, "prompt": record.prompt, "seed": record.seed})
-            if start == 0 and progress and len(todo) > len(chunk):
+            if start == 0 and len(todo) > len(chunk):  # a status line, with or without the bar
                 each = (time.perf_counter() - started) / len(chunk)
                 announce(f"{what}: generating {len(todo)} images ({settings.num_inference_steps} steps each) with "
                           f"the model, cached for later runs; about {rough_duration(each * len(todo))} at "

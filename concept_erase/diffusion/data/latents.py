@@ -76,8 +76,8 @@ class ImageSource:
         c = self.config
         with self.state.main_process_first():  # the main process fills the cache; the others find it full
             return ImageSet.generate(self.pipe, prompts, math.ceil(total / len(prompts)), c.cache_dir, seed=c.seed,
-                                     settings=self.settings, progress=c.progress and self.state.is_main_process and what,
-                                     total=total)
+                                     settings=self.settings, progress=c.progress and self.state.is_main_process,
+                                     label=what, total=total)
 
     def from_folder(self, folder: str, default_prompt: str):
         from .images import ImageSet

@@ -55,11 +55,14 @@ def build_latent_sets(pipe, concept, method, state, *,
 
 def _prepare(config: EraseConfig):
     """Shared start of `mask` and `erase`: the process state, the concept and the pipeline on its device."""
+    from ...logs import hide_library_bars
     from ...runtime import process_state
     from ..models.loading import load_pipeline
 
     concept = config.get_concept()
     state = process_state()
+    if not config.progress:
+        hide_library_bars()
     pipe = load_pipeline(config.model, config=config.model_config, family=config.family)
     pipe.to(state.device)
     pipe.set_progress_bar_config(disable=True)
