@@ -55,6 +55,8 @@ class EvaluationRun:
     update_card: bool = field(default=False, metadata={
         "help": "also record the headline figures in --model's model card (README.md front matter, under "
                 "evaluation.<kind>); --model must be a model folder with a card, e.g. an erase output"})
+    progress: bool = field(default=True, metadata={
+        "help": "progress bars (--no-progress hides them, and the libraries' own; status lines stay)"})
 
     def __post_init__(self):
         check_fields(self)
@@ -241,9 +243,13 @@ def _evaluate(args: argparse.Namespace) -> int:
         from concept_erase.diffusion.models.card import read_model_card
 
         read_model_card(args.model)  # a folder with a card, or a one-line error now rather than after scoring
+    if not args.progress:
+        from concept_erase.logs import hide_library_bars
+
+        hide_library_bars()
     entries = evaluate.generate_for_evaluation(
         args.model, args.prompts, args.output, protocol, rows=rows, batch_size=args.batch_size,
-        config=args.config, family=args.family, dtype=args.dtype, device=args.device,
+        config=args.config, family=args.family, dtype=args.dtype, device=args.device, progress=args.progress,
     )  # score exactly these: a folder may hold more from an earlier run without --limit
     if not process_state().is_main_process:
         return 0

@@ -271,7 +271,7 @@ def generate_set(
             if on_image is not None:
                 on_image(entry)
             bar.update(1)
-        if not timed and progress and state.is_main_process and len(batch) < total:
+        if not timed and state.is_main_process and len(batch) < total:  # said with or without the bar
             timed = True  # the first batch is timed: say what the whole set will take
             each = (time.perf_counter() - started) / len(batch)
             size = f"{protocol.resolution} px" if protocol.resolution else "the model's own size"

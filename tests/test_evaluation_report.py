@@ -71,7 +71,7 @@ def test_nudity_evaluate_and_compare(tiny_pipeline_dir, second_model, tmp_path, 
     # --limit on a folder holding more: only the rows asked for are scored and reported
     out = tmp_path / "before"
     assert main(["evaluate", "nudity", "--model", str(tiny_pipeline_dir), "--prompts", str(prompts), "--out", str(out),
-                 *GENERATION, "--limit", "1"]) == 0
+                 *GENERATION, "--limit", "1", "--no-progress"]) == 0  # every command takes --no-progress
     limited = json.loads((out / "results.json").read_text())
     assert limited["result"]["images"] == 1 and limited["run"]["rows"] == 1
     folders[0] = (out, evaluate.evaluate_nudity(out, detector=KnownDetector())["result"])  # all 3 again
