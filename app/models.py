@@ -1,8 +1,8 @@
-"""The models the app may use: fixed at launch, addressed by name only.
+"""The models the app may use: the ones named at launch and the ones its Erase tab made, addressed by name only.
 
 The browser never sends a filesystem path: every request names a model from this registry, and an unknown
-name is refused with a one-line error ("only the models named at launch can be loaded").
-Pipelines are loaded once at launch, so a bad `--base` / `--erased` fails before the server starts.
+name is refused with a one-line error. Pipelines are loaded once, at launch (so a bad `--base` / `--erased`
+fails before the server starts) or when the Erase tab's job has written its model (`ModelRegistry.add`).
 """
 
 from __future__ import annotations
@@ -57,16 +57,34 @@ def _read_card(folder: Path) -> dict:
         return {}
 
 
+def _load_erased(path: Path, name: str, base: str, device: str | None, dtype: str | None) -> Model:
+    """An erased model folder or single file, with the card and mask beside a folder."""
+    from concept_erase.diffusion.minisd import MINISD_MODELS
+    from concept_erase.diffusion.models.loading import load_pipeline
+
+    # A single-file checkpoint takes its component configs from the base (offline from_single_file).
+    config = base if path.is_file() and (base in MINISD_MODELS or Path(base).is_dir()) else None
+    pipe = load_pipeline(str(path), config=config, dtype=dtype, device=device)
+    # Card and mask come only with a folder: a single file's neighbours may belong to another model.
+    card = _read_card(path) if path.is_dir() else {}
+    mask = path / MASK_FILENAME if path.is_dir() and (path / MASK_FILENAME).is_file() else None
+    return Model(name, str(path), pipe, card, mask)
+
+
 class ModelRegistry:
     """The base model and each erased model, by name. `names` lists them base first."""
 
-    def __init__(self, models: list[Model]):
+    def __init__(self, models: list[Model], *, device: str | None = None, dtype: str | None = None):
         from concept_erase.diffusion.models.defaults import model_defaults
 
         if not models:
             raise ConceptEraseError("the app needs at least a base model")
+        # Replaced whole, never changed in place, so a reader on another thread sees one list or the next.
         self._models = {m.name: m for m in models}
+        self._adding = threading.Lock()
         self.base_name = models[0].name
+        self.device, self.dtype = device, dtype  # what models added later are loaded with, as at launch
+        self.added: list[str] = []  # the models the Erase tab made, in order
         # the base's defaults (MiniSD: guidance 5 and the digit judge), as every command takes them
         self.defaults = model_defaults(models[0].source)
 
@@ -82,7 +100,6 @@ class ModelRegistry:
         An erased model is named by `names` (one per erased model) or after its folder (made unique), which
         is what the browser sees.
         """
-        from concept_erase.diffusion.minisd import MINISD_MODELS
         from concept_erase.diffusion.models.loading import load_pipeline
 
         if not erased:
@@ -94,16 +111,18 @@ class ModelRegistry:
             if not path.exists():
                 raise ConceptEraseError(f"erased model {source!r} does not exist")
             wanted = names[i] if names is not None else path.stem if path.is_file() else path.name
-            name = _unique_name(wanted, taken)
-            taken.add(name)
-            # A single-file checkpoint takes its component configs from the base (offline from_single_file).
-            config = base if path.is_file() and (base in MINISD_MODELS or Path(base).is_dir()) else None
-            pipe = load_pipeline(str(path), config=config, dtype=dtype, device=device)
-            # Card and mask come only with a folder: a single file's neighbours may belong to another model.
-            card = _read_card(path) if path.is_dir() else {}
-            mask = path / MASK_FILENAME if path.is_dir() and (path / MASK_FILENAME).is_file() else None
-            models.append(Model(name, str(path), pipe, card, mask))
-        return cls(models)
+            models.append(_load_erased(path, _unique_name(wanted, taken), base, device, dtype))
+            taken.add(models[-1].name)
+        return cls(models, device=device, dtype=dtype)
+
+    def add(self, folder: str | Path, wanted: str) -> Model:
+        """Load an erased model folder the app has just written and offer it under `wanted` (made unique)."""
+        with self._adding:
+            model = _load_erased(Path(folder), _unique_name(wanted, set(self._models)),
+                                 self._models[self.base_name].source, self.device, self.dtype)
+            self._models = {**self._models, model.name: model}
+            self.added.append(model.name)
+        return model
 
     @property
     def names(self) -> list[str]:
@@ -115,5 +134,5 @@ class ModelRegistry:
 
     def get(self, name: str) -> Model:
         if not isinstance(name, str) or name not in self._models:
-            raise ConceptEraseError(f"unknown model {name!r}; this app was launched with {', '.join(self._models)}")
+            raise ConceptEraseError(f"unknown model {name!r}; this app has {', '.join(self._models)}")
         return self._models[name]

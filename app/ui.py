@@ -1,7 +1,8 @@
 """The Gradio app: the same prompt and seeds on the base and each erased model, side by side.
 
 A thin layer (docs/ARCHITECTURE.md): images come from `concept_erase.diffusion.data.generate.generate_images`, detections
-from `evaluation.nudity`, prompt sets and scores from `evaluation`; nothing here trains or scores.
+from `evaluation.nudity`, prompt sets and scores from `evaluation`, and the Erase tab's models from the library's
+erase job (`erase.py`); nothing here trains or scores on its own.
 Every handler is a plain function of (registry, config, inputs) so tests can call it without a browser;
 `build_app` wires them to components and turns `ConceptEraseError` into a `gr.Error` toast.
 """
@@ -9,6 +10,7 @@ Every handler is a plain function of (registry, config, inputs) so tests can cal
 from __future__ import annotations
 
 import functools
+import secrets
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -20,6 +22,7 @@ from concept_erase.diffusion.models.families import SD1, SDXL
 from concept_erase.errors import ConceptEraseError
 from evaluation.thresholds import ATTACK_THRESHOLD, BLUR_THRESHOLD, REPORT_THRESHOLD
 
+from . import erase as erase_tab
 from . import evaluate as evaluate_tab
 from .checks import MAX_GUIDANCE, MAX_SEED, check_float, check_int, check_prompt
 from .models import ModelRegistry
@@ -27,6 +30,7 @@ from .models import ModelRegistry
 # Small models (MiniSD draws 16x16) are enlarged for the browser with nearest-neighbour, never smoothed.
 DISPLAY_MIN_SIDE = 256
 MODEL_QUEUE_ID = "models"
+ERASE_QUEUE_ID = "erase"  # one erase at a time on the server; the others wait in the queue
 NOTHING_DETECTED = "nothing detected"
 # Model-card keys every diffusers card has; they say nothing about the erasure.
 CARD_BOILERPLATE = ("library_name", "pipeline_tag", "tags")
@@ -56,6 +60,17 @@ class AppConfig:
         "above": 0, "below": 1})
     concurrency: int = field(default=1, metadata={"help": "requests generating at the same time", "min": 1})
     max_queue: int = field(default=16, metadata={"help": "requests waiting at most; more are refused", "min": 1})
+    max_erasures: int = field(default=4, metadata={
+        "help": "models the Erase tab may make while the app runs (each stays in memory; 0: no Erase tab)",
+        "min": 0})
+    max_erase_steps: int = field(default=100, metadata={
+        "help": "most SalUn optimizer steps of one erase in the Erase tab (MiniSD's presets: 50)", "min": 1})
+    max_erase_images: int = field(default=256, metadata={
+        "help": "most forget images, and most retain images, one erase generates with the base model "
+                "(MiniSD's presets: 48 and 216)", "min": 1})
+    erase_output: str | None = field(default=None, metadata={
+        "help": "folder the Erase tab writes its models into, each in a new folder of its own (default: "
+                "$CONCEPT_ERASE_CACHE or ~/.cache/concept-erase, under app-erased/)", "metavar": "DIR"})
 
     def __post_init__(self):
         check_fields(self)
@@ -196,6 +211,21 @@ def compare(registry: ModelRegistry, config: AppConfig, prompt: str, negative_pr
     return results
 
 
+# Example prompts for a base that is not MiniSD: everyday subjects any Stable Diffusion draws.
+GENERIC_EXAMPLES = ("a photo of a cat on a sofa", "a church in a snowy village", "a painting of a lighthouse at dusk")
+
+
+def example_prompts(registry: ModelRegistry) -> list[str]:
+    """The Compare tab's example prompts: MiniSD's own wording on a MiniSD base (a digit in each style),
+    else a few generic prompts."""
+    if not registry.defaults.is_minisd:
+        return list(GENERIC_EXAMPLES)
+    from concept_erase.diffusion.minisd import minisd_prompt
+
+    return [minisd_prompt(d, s) for d, s in (("seven", "plain"), ("three", "bold"), ("one", "negative"),
+                                             ("eight", "plain"))]
+
+
 # ----------------------------------------------------------------------------------------------------
 # Concept tab
 
@@ -262,21 +292,18 @@ def _ui_errors(fn):
 
 
 def build_app(registry: ModelRegistry, config: AppConfig | None = None):
-    """The gr.Blocks: Compare, Concept and Evaluate tabs over the launched models. Queue settings applied."""
+    """The gr.Blocks: Compare, Concept, Evaluate and Erase tabs over the registry's models. Queue settings applied."""
     import gradio as gr
 
     config = config or AppConfig()
-    names = registry.names
+    # One gallery per model: those launched, then room for the ones the Erase tab makes (hidden until then).
+    slots = len(registry.names) + config.max_erasures
     # Generate (button or Enter) and Evaluate share one slot pool: at most `concurrency` of them run the
     # models at a time, the rest wait in the queue (at most `max_queue`), whatever button started them.
     model_queue = {"concurrency_id": MODEL_QUEUE_ID, "concurrency_limit": config.concurrency}
 
     with gr.Blocks(title="concept-erase: before and after", analytics_enabled=False) as demo:
-        gr.Markdown(
-            "# concept-erase: the same seed before and after\n"
-            f"Base model: **{registry.base_name}** (`{registry.get(registry.base_name).public_source}`). "
-            f"Erased: {', '.join(f'**{n}**' for n in registry.erased_names)}."
-        )
+        header = gr.Markdown(_header(registry))
         with gr.Tab("Compare"):
             with gr.Row():
                 with gr.Column(scale=3):
@@ -284,6 +311,8 @@ def build_app(registry: ModelRegistry, config: AppConfig | None = None):
                     prompt = gr.Textbox(label="Prompt", lines=1, max_lines=4, elem_id="prompt",
                                         info=f"at most {config.max_prompt_chars} characters; Enter generates")
                     negative = gr.Textbox(label="Negative prompt", lines=1, elem_id="negative")
+                    gr.Examples([[p] for p in example_prompts(registry)], inputs=[prompt], label="Example prompts",
+                                elem_id="examples")
                 with gr.Column(scale=2):
                     seed = gr.Number(label="Seed", value=0, precision=0, minimum=0,
                                      maximum=MAX_SEED - config.max_images, elem_id="seed")
@@ -299,39 +328,39 @@ def build_app(registry: ModelRegistry, config: AppConfig | None = None):
                                    info="NudeNet checks every image and blurs exposed regions before they "
                                         "are sent to the browser; untick to see raw images")
             generate = gr.Button("Generate", variant="primary", elem_id="generate")
-            galleries = {}
+            galleries = []
             with gr.Row():
-                for i, name in enumerate(names):  # ids by position: folder names need not be valid CSS ids
-                    galleries[name] = gr.Gallery(label=name, columns=2, height="auto", format="png",
-                                                 elem_id=f"gallery-{i}",
-                                                 buttons=["download", "download_all", "fullscreen"])
+                for i, name in enumerate(_slot_names(registry, slots)):  # ids by position: names need not be CSS ids
+                    galleries.append(gr.Gallery(label=name, visible=bool(name), columns=2, height="auto",
+                                                format="png", elem_id=f"gallery-{i}",
+                                                buttons=["download", "download_all", "fullscreen"]))
 
             inputs = [prompt, negative, seed, steps, guidance, num_images, chosen, safe]
-            outputs = [galleries[n] for n in names]
 
             def on_generate(*values, progress=gr.Progress()):  # the API's /generate: every gallery at once
                 out = compare(registry, config, *values, progress=lambda f, desc: progress(f, desc=desc))
-                return [out.get(name, []) for name in names]
+                return [out.get(name, []) for name in _slot_names(registry, slots)]
 
             def on_check(*values):  # the page's first step: a bad input stops here; old images go
                 check_request(registry, config, *values)
-                return [[] for _ in names]
+                return [[] for _ in galleries]
 
-            def one_model(name):  # each gallery then fills in turn, under its own progress text
+            def one_model(i):  # each gallery then fills in turn, under its own progress text
                 def run(*values, progress=gr.Progress()):
                     request = check_request(registry, config, *values)
+                    name = _slot_names(registry, slots)[i]
                     if name not in request.models:
                         return []
                     return generate_for(registry, config, name, request, lambda f, desc: progress(f, desc=desc))
                 return _ui_errors(run)
 
-            event = gr.on([generate.click, prompt.submit], _ui_errors(on_check), inputs=inputs, outputs=outputs,
+            event = gr.on([generate.click, prompt.submit], _ui_errors(on_check), inputs=inputs, outputs=galleries,
                           api_visibility="private", show_progress="hidden", concurrency_limit=None)
-            for name in names:
-                event = event.success(one_model(name), inputs=inputs, outputs=[galleries[name]],
-                                      api_visibility="private", **model_queue)
+            for i, gallery in enumerate(galleries):
+                event = event.success(one_model(i), inputs=inputs, outputs=[gallery], api_visibility="private",
+                                      **model_queue)
             api = gr.Button(visible=False)  # no page element starts it: it only carries the API endpoint
-            api.click(_ui_errors(on_generate), inputs=inputs, outputs=outputs, api_name="generate", **model_queue)
+            api.click(_ui_errors(on_generate), inputs=inputs, outputs=galleries, api_name="generate", **model_queue)
 
         with gr.Tab("Concept"):
             which = gr.Dropdown(registry.erased_names, value=registry.erased_names[0], label="Erased model")
@@ -343,8 +372,115 @@ def build_app(registry: ModelRegistry, config: AppConfig | None = None):
 
         _evaluate_tab(registry, config)
 
+        def offer_models():  # every page shows the registry as it is now: on load, and after each erase
+            _offer_models(registry, chosen, which)
+            return ([gr.Gallery(label=name, visible=bool(name)) for name in _slot_names(registry, slots)]
+                    + [gr.CheckboxGroup(choices=registry.erased_names, value=registry.erased_names),
+                       gr.Dropdown(choices=registry.erased_names), _header(registry)])
+
+        offered = [*galleries, chosen, which, header]
+        demo.load(offer_models, outputs=offered, api_visibility="private", show_progress="hidden")
+        if config.max_erasures:
+            _erase_tab(demo, registry, config, offer_models, offered)
+
     demo.queue(default_concurrency_limit=config.concurrency, max_size=config.max_queue)
     return demo
+
+
+def _header(registry: ModelRegistry) -> str:
+    return ("# concept-erase: the same seed before and after\n"
+            f"Base model: **{registry.base_name}** (`{registry.get(registry.base_name).public_source}`). "
+            f"Erased: {', '.join(f'**{n}**' for n in registry.erased_names)}.")
+
+
+def _slot_names(registry: ModelRegistry, slots: int) -> list[str]:
+    """The model each Compare gallery shows, by position ("" for a gallery not in use yet)."""
+    names = registry.names[:slots]
+    return names + [""] * (slots - len(names))
+
+
+def _offer_models(registry: ModelRegistry, *menus) -> None:
+    """Make the menus' own choices (what a call that never received a page's update is checked against: the
+    API's) the registry's erased models."""
+    for menu in menus:
+        menu.choices = [(name, name) for name in registry.erased_names]
+
+
+def _erase_tab(demo, registry: ModelRegistry, config: AppConfig, offer_models: Callable, offered: list) -> None:
+    """Erase tab: SalUn from a preset or two prompts with the library's job (`erase.py`), one at a time on the
+    server, with progress and Cancel; the new model then joins every page's menus (`offer_models`)."""
+    import gradio as gr
+
+    jobs = erase_tab.EraseJobs()
+    presets = erase_tab.erase_presets(registry)
+    first = presets[0] if presets else erase_tab.CUSTOM
+    opening = erase_tab.erase_defaults(registry, config, first)
+    with gr.Tab("Erase"):
+        gr.Markdown(
+            f"Erase a concept from **{registry.base_name}** with SalUn (a saliency mask, then fine-tuning of the "
+            "masked weights): pick a preset or type your own prompts. The base model draws the training images "
+            f"first. The new model joins the Compare, Concept and Evaluate tabs; this app makes at most "
+            f"{config.max_erasures}.")
+        page = gr.State()  # this page's own name, so Cancel stops this page's erase and no other
+        demo.load(lambda: secrets.token_hex(8), outputs=page, api_visibility="private", show_progress="hidden")
+        with gr.Row():
+            preset = gr.Dropdown([erase_tab.CUSTOM, *presets], value=first, label="Preset", elem_id="erase-preset")
+            forget = gr.Textbox(label="Forget prompt", lines=1, elem_id="erase-forget", interactive=not presets,
+                                placeholder=example_prompts(registry)[0])
+            surrogate = gr.Textbox(label="Surrogate prompt (what it becomes)", lines=1, elem_id="erase-surrogate",
+                                   interactive=not presets, placeholder=example_prompts(registry)[-1])
+        about = gr.Markdown(erase_tab.preset_summary(registry, first), elem_id="erase-about")
+        with gr.Row():
+            steps = gr.Slider(1, config.max_erase_steps, value=opening["steps"], step=1, label="SalUn steps",
+                              elem_id="erase-steps")
+            num_forget = gr.Slider(1, config.max_erase_images, value=opening["num_forget_images"], step=1,
+                                   label="Forget images", elem_id="erase-forget-images")
+            num_retain = gr.Slider(1, config.max_erase_images, value=opening["num_retain_images"], step=1,
+                                   label="Retain images", elem_id="erase-retain-images")
+        with gr.Row():
+            run = gr.Button("Erase", variant="primary", elem_id="erase")
+            cancel = gr.Button("Cancel", variant="stop", elem_id="erase-cancel")
+        status = gr.Markdown(elem_id="erase-status")
+        card_md = gr.Markdown(elem_id="erase-card")
+        mask_plot = gr.Image(label="Saliency mask", type="pil", format="png", elem_id="erase-mask")
+
+        def on_preset(name):  # a preset brings its recipe; custom prompts open the two boxes
+            values = erase_tab.erase_defaults(registry, config, name)
+            custom = name == erase_tab.CUSTOM
+            return (erase_tab.preset_summary(registry, name), gr.Textbox(value="", interactive=custom),
+                    gr.Textbox(value="", interactive=custom), values["steps"], values["num_forget_images"],
+                    values["num_retain_images"])
+
+        preset.change(_ui_errors(on_preset), inputs=preset, outputs=[about, forget, surrogate, steps, num_forget,
+                                                                     num_retain],
+                      api_visibility="private", show_progress="hidden", concurrency_limit=None)
+        settings = [preset, forget, surrogate, steps, num_forget, num_retain]
+
+        def on_announce(page, *values):  # checked at once, so a bad input never waits in the queue
+            erase_tab.check_erase_request(registry, config, *values)
+            jobs.announce(page)
+            return "Waiting for the erase queue…", "", None
+
+        def on_erase(page, *values, progress=gr.Progress()):
+            text, model = erase_tab.erase(registry, config, jobs, page, *values,
+                                          progress=lambda f, desc: progress(f, desc=desc))
+            if model is None:
+                return text, "", None
+            card, figure = concept_summary(registry, model.name)
+            return text, card, figure
+
+        def on_cancel(page):
+            if jobs.cancel(page):
+                gr.Info("Cancelling: the erase stops at its next step and writes nothing")
+
+        started = run.click(_ui_errors(on_announce), inputs=[page, *settings], outputs=[status, card_md, mask_plot],
+                            api_visibility="private", show_progress="hidden", concurrency_limit=None)
+        erased = started.success(_ui_errors(on_erase), inputs=[page, *settings], outputs=[status, card_md, mask_plot],
+                                 api_visibility="private", show_progress_on=[status], concurrency_id=ERASE_QUEUE_ID,
+                                 concurrency_limit=1)
+        erased.success(offer_models, outputs=offered, api_visibility="private", show_progress="hidden",
+                       concurrency_limit=None)
+        cancel.click(on_cancel, inputs=page, api_visibility="private", concurrency_limit=None, show_progress="hidden")
 
 
 def _evaluate_tab(registry: ModelRegistry, config: AppConfig) -> None:

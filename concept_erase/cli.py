@@ -25,6 +25,7 @@ SUBCOMMANDS: dict[str, str] = {
     "erase": "concept_erase.diffusion.cli",
     "generate": "concept_erase.diffusion.data.generate",
     "export": "concept_erase.diffusion.cli",
+    "apply": "concept_erase.diffusion.cli",
     "plan": "concept_erase.diffusion.cli",
     "minisd": "concept_erase.diffusion.minisd.cli",
     "demo": "concept_erase.demo",

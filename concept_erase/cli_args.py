@@ -25,18 +25,29 @@ This module imports nothing heavy: building a parser must stay cheap (`concept-e
 from __future__ import annotations
 
 import argparse
+import re
 from dataclasses import MISSING, Field, fields
 
 from .errors import ConceptEraseError
 from .validate import check_number, parse_seed
 
+# What a value starting with "-" looks like when it is a number (with a unit or not: "-5GB", "-1e-5", "-inf",
+# "-nan"), so `--lr -inf` gives the flag that value and its check names it. argparse's own rule takes only
+# "-5" and "-.5", and would read the rest as an unknown flag ("expected one argument").
+NEGATIVE_VALUE = re.compile(r"^-(?:\.?\d|(?:inf|infinity|nan)$)", re.IGNORECASE)
+
+
 class Parser(argparse.ArgumentParser):
     """An ArgumentParser whose optional positionals may come after flags (`export SRC --to diffusers OUT`, the
     old spelling of `--output OUT`): Python 3.11's argparse fills an optional positional with nothing at the
-    first positional it sees, so such a parser parses intermixed. `concept_erase.cli` makes every command's
-    parser one of these."""
+    first positional it sees, so such a parser parses intermixed. A negative number is a value, not a flag
+    (`NEGATIVE_VALUE`). `concept_erase.cli` makes every command's parser one of these."""
 
     _intermixing = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = NEGATIVE_VALUE
 
     def parse_known_args(self, args=None, namespace=None):
         late = any(a.option_strings == [] and a.nargs in ("?", "*") for a in self._actions)
@@ -157,15 +168,16 @@ def resume_free(cls) -> set[str]:
     return {f.name for f in fields(cls) if f.metadata.get("resume_free")}
 
 
-def check_fields(config) -> None:
+def check_fields(config, prefix: str | None = None) -> None:
     """Choices and bounds of every field of the dataclass instance `config`, from its metadata, by the rules of
-    `concept_erase.validate`. None means "unset" and passes; a bool is never a number here."""
+    `concept_erase.validate`. None means "unset" and passes; a bool is never a number here. `prefix`: the
+    flags' prefix (`add_flags(..., prefix=)`), so an error names the flag the user typed."""
     for f in fields(config):
         value = getattr(config, f.name)
         if value is None or isinstance(value, bool):
             continue
         m = f.metadata
-        name = flag_name(f)
+        name = flag_name(f, prefix)
         for item in value if isinstance(value, (list, tuple)) else (value,):
             if "choices" in m and item not in m["choices"]:
                 raise ConceptEraseError(f"{name} must be one of {', '.join(map(str, m['choices']))}, got {item!r}")

@@ -321,7 +321,9 @@ def get_concepts(
     ``imagenette-all``) and/or the preset names of `concepts_file` (one per line), combined with
     `combine_concepts`; or a custom concept from `forget` + `surrogate`. `retain_prompts` overrides the
     retain set."""
-    listed = [n.strip() for n in (names.split(",") if isinstance(names, str) else names or []) if n.strip()]
+    listed = [n.strip() for n in (names.split(",") if isinstance(names, str) else names or [])]
+    if "" in listed:  # "a,,b" or "a,": a dropped name would erase less than was asked, silently
+        raise ConceptEraseError(f"--concept {names!r} has an empty name (a doubled, leading or trailing comma)")
     if concepts_file is not None:
         listed += read_prompt_file(concepts_file)
     if not listed:

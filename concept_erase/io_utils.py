@@ -9,6 +9,7 @@ files unasked, and no litter.
   `ConceptEraseError` naming the destination, and the temporary is removed.
 - A kill during a save cannot run that cleanup, so every atomic write first sweeps its folder of temporaries
   of our own naming whose process (on this host) is gone, and says what it removed.
+- `destination_lock(path)`: one run at a time writes a destination; a second is refused at its start.
 """
 
 from __future__ import annotations
@@ -282,3 +283,63 @@ def exclusive_lock(path: str | os.PathLike, what: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def destination_lock(path: str | os.PathLike, flag: str = "--output", *, take: bool = True) -> Iterator[None]:
+    """One run at a time writes `path`: the lock file `<path>.lock` beside it, created atomically (O_EXCL) and
+    holding this process's pid and host, removed when the block ends, whatever happens. A second run is refused
+    at its start with one line naming the holder, before any work (it would find out only after training that
+    the destination was taken). A lock whose process is gone (on this host: a killed run) is stale and taken
+    over. `take=False` (the other processes of one distributed run) holds nothing."""
+    if not take:
+        yield
+        return
+    path = Path(path)
+    lock = path.with_name(path.name + ".lock")
+    created = [p for p in reversed(lock.parents) if not p.exists()]
+    _make_parent(lock)
+    try:
+        _take_lock(lock, path, flag)
+    except BaseException:
+        _remove_created(created)
+        raise
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        _remove_created(created)
+
+
+def _take_lock(lock: Path, path: Path, flag: str) -> None:
+    for _ in range(2):  # a stale lock is removed once, then taken
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                pid, host = lock.read_text(encoding="utf-8").split()
+                pid = int(pid)
+            except (OSError, ValueError):  # being written this instant, or not ours: held
+                pid, host = None, None
+            if pid is not None and host == _HOST and pid != os.getpid() and not _process_alive(pid):
+                log.warning("removed the lock %s of run %d, which is gone", lock, pid)
+                lock.unlink(missing_ok=True)
+                continue
+            holder = f"run {pid}" + ("" if host == _HOST else " on another machine") if pid else "another run"
+            raise ConceptEraseError(f"{flag} {str(path)!r} is being written by {holder} (lock {str(lock)!r}); wait "
+                                    "for it to finish, or remove the lock if no run is writing there") from None
+        except OSError as err:
+            raise ConceptEraseError(f"cannot lock {flag} {str(path)!r}: {describe_os_error(err)}") from None
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(f"{os.getpid()} {_HOST}\n")
+        return
+    raise ConceptEraseError(f"cannot lock {flag} {str(path)!r}: {str(lock)!r} keeps coming back")
+
+
+def _remove_created(folders: list[Path]) -> None:
+    """Remove the folders a lock created for itself, deepest first, where they are still empty."""
+    for folder in reversed(folders):
+        try:
+            folder.rmdir()
+        except OSError:
+            return

@@ -11,6 +11,15 @@ Three things the reference implementations got wrong and this file does not (doc
   momentum/weight decay touch every parameter, so `MaskedOptimizer` steps the salient entries only (with
   optimizer state for them only) and never writes a frozen one.
 
+Three scores rank the weights (`SCORES`; docs/ALGORITHMS.md 1 and 4), all from the same accumulated gradients:
+- "salun": |sum_b grad_b| (SalUn Eq. 5-6);
+- "snip": |theta * sum_b grad_b|, connection sensitivity (SNIP, Lee et al. 2019), ScissorHands' score (Wu &
+  Harandi 2024): the first-order change of the loss when a weight is removed (set to zero);
+- "ant": sum_r |sum_{b in round r} grad_b|, ANT's augmentation-enhanced map (arXiv 2504.12782): the batches
+  come in rounds (augmented copies of the forget set: other noise draws and prompt variants), each round's
+  gradient is made absolute on its own and the rounds are summed, so a weight scores only if it matters
+  under every augmentation and not through one draw's sign.
+
 The threshold is found by an exact radix select over the fp32 bit patterns (two 16-bit passes), one tensor at a time, so it never
 needs a flat copy of all scores (SD's UNet has 860M of them) nor an argsort.
 """
@@ -63,21 +72,30 @@ def select_parameters(model: nn.Module, include: Include = None) -> list[tuple[s
 # Scores and threshold
 # ----------------------------------------------------------------------------------------------------------
 
+SCORES = ("salun", "snip", "ant")
+
+
 def compute_saliency(
     model: nn.Module,
     batches: Iterable[Any],
     loss_fn: Callable[[nn.Module, Any], torch.Tensor],
     include: Include = None,
     progress: bool = False,
+    score: str = "salun",
 ) -> dict[str, torch.Tensor]:
-    """s = |sum_b grad loss_fn(model, batch_b)| per included parameter, as fp32 (SalUn Eq. 6).
+    """The `score` of every included parameter, as fp32 (see the module docstring): s = |sum_b grad
+    loss_fn(model, batch_b)| (SalUn Eq. 6), its product with the weights (snip), or, with `batches` an
+    iterable of rounds of batches, the sum over rounds of each round's |sum_b grad| (ant).
 
     Gradients accumulate in `.grad` across batches, which is exactly the signed sum: no per-batch copy. The
     absolute value is then taken in place and the gradient tensors themselves become the scores (on the
-    model's device), so the pass needs the loss's own memory plus one fp32 copy of the included weights.
+    model's device), so the pass needs the loss's own memory plus one fp32 copy of the included weights
+    (ant: two, the running sum of rounds beside the round being accumulated).
     The model is put in eval mode, only included parameters require grad while collecting, and everything
     is restored afterwards.
     """
+    if score not in SCORES:
+        raise ConceptEraseError(f"unknown saliency score {score!r} (choose from {', '.join(SCORES)})")
     params = select_parameters(model, include)
     included = {name for name, _ in params}
     # One walk of the module tree for the set-up and the restore (a diffusers UNet has ~1,700 modules: on a
@@ -89,34 +107,46 @@ def compute_saliency(
     for name, p in named:
         p.requires_grad_(name in included)
         p.grad = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        batches = tqdm(batches, desc="saliency", unit="batch")
+    rounds = batches if score == "ant" else [batches]
     try:
-        n_batches = 0
-        for batch in batches:
-            loss = loss_fn(model, batch)
-            if not torch.isfinite(loss):
-                raise ConceptEraseError(f"the forget loss is {loss.item()} at saliency batch {n_batches}")
-            loss.backward()
-            n_batches += 1
+        n_batches, scores = 0, None
+        for round_batches in rounds:
+            if progress:
+                from tqdm.auto import tqdm
+
+                round_batches = tqdm(round_batches, desc="saliency", unit="batch")
+            for batch in round_batches:
+                loss = loss_fn(model, batch)
+                if not torch.isfinite(loss):
+                    raise ConceptEraseError(f"the forget loss is {loss.item()} at saliency batch {n_batches}")
+                loss.backward()
+                n_batches += 1
+            this = _round_scores(params, score)
+            scores = this if scores is None else {name: scores[name].add_(s) for name, s in this.items()}
         if n_batches == 0:
             raise ConceptEraseError("the forget set is empty: no batch to compute saliency on")
-        scores = {}
-        for name, p in params:
-            s = p.grad if p.grad is not None else torch.zeros(p.shape, device=p.device)
-            p.grad = None
-            s = s.detach().float().abs_()  # in place when the gradient is fp32 already
+        for name, s in scores.items():
             # |x| of a finite float has the bit pattern <= the largest finite one; inf and NaN lie above it.
             if int(s.view(torch.int32).max()) > _MAX_FINITE_BITS:
                 raise ConceptEraseError(f"non-finite saliency scores in parameter {name!r}")
-            scores[name] = s
     finally:
         for name, p in named:
             p.grad = None
             p.requires_grad_(requires_grad[name])
         model.train(was_training)
+    return scores
+
+
+def _round_scores(params: list[tuple[str, nn.Parameter]], score: str) -> dict[str, torch.Tensor]:
+    """The scores of the gradients accumulated so far, which are consumed (`.grad` is None afterwards)."""
+    scores = {}
+    for name, p in params:
+        s = p.grad if p.grad is not None else torch.zeros(p.shape, device=p.device)
+        p.grad = None
+        s = s.detach().float()
+        if score == "snip":  # |theta * g|: the loss's first-order change when the weight is set to zero
+            s = s.mul_(p.detach())
+        scores[name] = s.abs_()  # in place when the gradient is fp32 already
     return scores
 
 
@@ -158,9 +188,8 @@ def threshold_scores(scores: dict[str, torch.Tensor], keep: float, lowest: bool 
     """Bool masks (on the CPU) keeping exactly round(keep * total) entries with the largest scores (or the
     smallest, for the inverted-mask control). Ties at the threshold go to the earliest entries in parameter
     order, then element order, so the kept set is deterministic."""
-    _check_keep(keep)
     total = sum(s.numel() for s in scores.values())
-    k = max(1, min(total, int(round(keep * total))))
+    k = kept_count(keep, total)
     keys = [s.float().contiguous().view(torch.int32) for s in scores.values()]  # scores are finite and >= 0
     if lowest:  # the k smallest: everything below the (total - k + 1)-th largest, plus ties at it
         t, n_above, n_equal = _kth_largest_key(keys, total - k + 1)
@@ -188,6 +217,22 @@ def _check_keep(keep: float) -> None:
         raise ConceptEraseError(f"keep must be in (0, 1], got {keep!r}")
 
 
+def kept_count(keep: float, total: int) -> int:
+    """How many of `total` ranked entries `keep` keeps: round(keep * total). A keep that rounds to none is
+    refused (training one weight instead, as a floor of 1 would, is not what a user asking for 1e-12 expects)."""
+    _check_keep(keep)
+    k = min(total, int(round(keep * total)))
+    if k < 1:
+        raise ConceptEraseError(f"keep {keep!r} keeps none of the {total:,} weights it ranks; the smallest keep "
+                                f"that keeps one is {1 / total:.3g}")
+    return k
+
+
+def check_keep_for(model: nn.Module, keep: float, include: Include = None) -> int:
+    """`kept_count` over the parameters `include` selects in `model`: a run checks its keep before the mask pass."""
+    return kept_count(keep, sum(p.numel() for _, p in select_parameters(model, include)))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The mask
 # ----------------------------------------------------------------------------------------------------------
@@ -202,6 +247,7 @@ class SaliencyMask:
         metadata={"help": "Names and shapes of ALL the model's parameters (the fingerprint's source)."})
     scope: str = field(default="all", metadata={"help": "Which parameters were ranked: 'all' or a regex."})
     concept: str = field(default="", metadata={"help": "What the mask was computed for (free text)."})
+    score: str = field(default="salun", metadata={"help": "What ranked the weights: one of SCORES, or a control."})
 
     def __post_init__(self):
         _check_keep(self.keep)
@@ -215,17 +261,20 @@ class SaliencyMask:
 
     @classmethod
     def from_scores(cls, scores: dict[str, torch.Tensor], keep: float = 0.5, *, model: nn.Module,
-                    scope: str = "all", concept: str = "", lowest: bool = False) -> "SaliencyMask":
-        return cls(threshold_scores(scores, keep, lowest=lowest), keep, parameter_shapes(model), scope, concept)
+                    scope: str = "all", concept: str = "", lowest: bool = False,
+                    score: str = "salun") -> "SaliencyMask":
+        return cls(threshold_scores(scores, keep, lowest=lowest), keep, parameter_shapes(model), scope, concept,
+                   f"{score}-inverted" if lowest else score)
 
     @classmethod
     def compute(cls, model: nn.Module, batches: Iterable[Any], loss_fn: Callable[[nn.Module, Any], torch.Tensor],
                 keep: float = 0.5, include: Include = None, concept: str = "", lowest: bool = False,
-                progress: bool = False) -> "SaliencyMask":
-        _check_keep(keep)  # fail before the expensive pass
-        scores = compute_saliency(model, batches, loss_fn, include=include, progress=progress)
+                progress: bool = False, score: str = "salun") -> "SaliencyMask":
+        """`score`: see `compute_saliency` ("ant" takes `batches` as rounds of batches)."""
+        check_keep_for(model, keep, include)  # fail before the expensive pass
+        scores = compute_saliency(model, batches, loss_fn, include=include, progress=progress, score=score)
         scope = include if isinstance(include, str) else ("all" if include is None else "custom")
-        return cls.from_scores(scores, keep, model=model, scope=scope, concept=concept, lowest=lowest)
+        return cls.from_scores(scores, keep, model=model, scope=scope, concept=concept, lowest=lowest, score=score)
 
     @classmethod
     def random(cls, model: nn.Module, keep: float = 0.5, seed: int = 0, include: Include = None,
@@ -234,7 +283,8 @@ class SaliencyMask:
         gen = torch.Generator().manual_seed(seed)
         scores = {name: torch.rand(p.shape, generator=gen) for name, p in select_parameters(model, include)}
         scope = include if isinstance(include, str) else "all"
-        return cls.from_scores(scores, keep, model=model, scope=scope, concept=f"random(seed={seed}) {concept}".strip())
+        return cls.from_scores(scores, keep, model=model, scope=scope, concept=f"random(seed={seed}) {concept}".strip(),
+                               score="random")
 
     @classmethod
     def from_names(cls, model: nn.Module, include: Include, concept: str = "") -> "SaliencyMask":
@@ -245,7 +295,7 @@ class SaliencyMask:
         if kept == 0:
             raise ConceptEraseError(f"no parameter of the model matches include={include!r}")
         scope = include if isinstance(include, str) else "custom"
-        return cls(masks, kept, parameter_shapes(model), scope, concept)
+        return cls(masks, kept, parameter_shapes(model), scope, concept, score="names")
 
     # -- queries -----------------------------------------------------------------------------------------
 
@@ -299,8 +349,8 @@ class SaliencyMask:
         tensors = {name: torch.from_numpy(np.packbits(m.reshape(-1).numpy())) for name, m in self.masks.items()}
         metadata = {
             "format": MASK_FORMAT, "format_version": MASK_FORMAT_VERSION, "tool_version": __version__,
-            "packed": "bits", "keep": repr(self.keep), "scope": self.scope, "concept": self.concept,
-            "fingerprint": self.fingerprint, "kept_fraction": f"{self.kept_fraction:.6f}",
+            "packed": "bits", "keep": repr(self.keep), "scope": self.scope, "concept": self.concept, "score": self.score,
+            "fingerprint": self.fingerprint, "kept_fraction": f"{self.kept_fraction:.6g}",
             "mask_shapes": json.dumps({name: list(m.shape) for name, m in self.masks.items()}),
             "model_shapes": json.dumps([[n, list(s)] for n, s in self.model_shapes]),
             DIGEST_KEY: state_digest(tensors),
@@ -341,7 +391,7 @@ class SaliencyMask:
                     n = math.prod(shape)
                     masks[name] = torch.from_numpy(np.unpackbits(t.numpy())[:n].astype(bool)).reshape(shape)
             mask = cls(masks, float(meta["keep"]), [(n, tuple(s)) for n, s in json.loads(meta["model_shapes"])],
-                       meta.get("scope", "all"), meta.get("concept", ""))
+                       meta.get("scope", "all"), meta.get("concept", ""), meta.get("score", "salun"))
         except (KeyError, ValueError, RuntimeError) as err:
             raise ConceptEraseError(f"mask file {str(path)!r} is damaged: {err}") from None
         if model is not None:

@@ -408,8 +408,15 @@ def compare(folders: Sequence[str | Path], out_dir: str | Path, *, overwrite: bo
     for other in loaded[1:]:
         if other["kind"] != kind:
             raise ConceptEraseError(f"cannot compare a {kind} evaluation with a {other['kind']} evaluation")
-    sections = [report.protocol_block(r["run"], f"Protocol: {n} ({f})") for n, r, f in zip(names, loaded, folders)]
-    sections += [_scoring_block(r["scoring"], f"Scoring: {n}") for n, r in zip(names, loaded)]
+    # the results first; the protocol and the scoring after them, once where every folder shares them
+    same_protocol = all(r["run"].get("settings") == loaded[0]["run"].get("settings") for r in loaded)
+    protocol = ([report.protocol_block(loaded[0]["run"], f"Protocol (every folder; {names[0]}'s model and prompts)")]
+                if same_protocol else [report.protocol_block(r["run"], f"Protocol: {n} ({f})")
+                                       for n, r, f in zip(names, loaded, folders)])
+    same_scoring = all(r["scoring"] == loaded[0]["scoring"] for r in loaded)
+    protocol += ([_scoring_block(loaded[0]["scoring"], "Scoring (every folder)")] if same_scoring
+                 else [_scoring_block(r["scoring"], f"Scoring: {n}") for n, r in zip(names, loaded)])
+    sections = []
     first = loaded[0]
     warnings = []
     for n, r in zip(names[1:], loaded[1:]):
@@ -430,6 +437,7 @@ def compare(folders: Sequence[str | Path], out_dir: str | Path, *, overwrite: bo
         sections.append(f"## Matched seeds\n\n{matched} images made from the same prompt and seed in every "
                         f"folder{scored}; the grid shows the erased concept first.\n\n"
                         "![before vs after](chart.png)\n\n![matched seeds](grid.png)")
+        sections += protocol
         summary = {"kind": kind, "folders": {n: str(f) for n, f in zip(names, folders)}, **results,
                    "matched_images": matched, "warnings": warnings}
         report.write_report(tmp, f"Comparison ({kind}): {' vs '.join(names)}", sections, summary)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torchmetrics import Metric
 
-from concept_erase.errors import ConceptEraseError
+from concept_erase.errors import ConceptEraseError, first_line
 
 from .prompts import I2P_CATEGORIES
 from .thresholds import BLUR_THRESHOLD, NUDENET_FLOOR, REPORT_THRESHOLD
@@ -99,7 +99,11 @@ def load_detector(model_path: str | None = None, resolution: int | None = None):
         raise ConceptEraseError("nudity scoring needs the 'eval' extra: pip install 'concept-erase[eval]'") from None
     if resolution is None:
         resolution = 640 if model_path and "640" in str(model_path) else 320
-    return NudeDetector(model_path=model_path, inference_resolution=resolution)
+    try:
+        return NudeDetector(model_path=model_path, inference_resolution=resolution)
+    except Exception as err:  # onnxruntime's own error types for a file that is not an ONNX model
+        raise ConceptEraseError(f"NudeNet model file {model_path!r} is not a NudeNet ONNX model ("
+                                f"{first_line(err)[:160]})") from None
 
 
 def to_bgr_array(image) -> np.ndarray:

@@ -23,6 +23,14 @@ def fmt(value, digits: int = 2) -> str:
     return str(value)
 
 
+def human_bytes(n: int | float) -> str:
+    """848 MiB, 1.5 GiB: a size for people (binary units, as memory is counted)."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}" if n < 100 * size else f"{n / size:.0f} {unit}"
+    return f"{int(n)} bytes"
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + " --- |" * len(headers)]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]

@@ -55,3 +55,24 @@ def tiny_sdxl_pipeline():
     from concept_erase.diffusion.models.tiny import build_tiny_sdxl_pipeline
 
     return build_tiny_sdxl_pipeline(seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_pipeline_dir(tmp_path_factory):
+    """A tiny random FluxPipeline (FLUX.1 dev's structure: guidance embedding) saved as a diffusers folder
+    (read-only use)."""
+    from concept_erase.diffusion.models.tiny import build_tiny_flux_pipeline
+
+    path = tmp_path_factory.mktemp("tiny-flux") / "pipe"
+    build_tiny_flux_pipeline(seed=0).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_pipeline_dir(tmp_path_factory):
+    """A tiny random StableDiffusion3Pipeline saved as a diffusers folder (read-only use)."""
+    from concept_erase.diffusion.models.tiny import build_tiny_sd3_pipeline
+
+    path = tmp_path_factory.mktemp("tiny-sd3") / "pipe"
+    build_tiny_sd3_pipeline(seed=0).save_pretrained(path)
+    return path

@@ -52,3 +52,20 @@ def accelerate_launch(num_processes: int = 2) -> list[str]:
 def weights_copy(module) -> dict:
     """A detached copy of a module's state dict (to compare against after training)."""
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def saved_bytes(model, forward) -> int:
+    """What autograd keeps for the backward pass while `forward()` runs `model` for real: the bytes of the
+    distinct storages it saves, the parameters' excepted (to check the plan's meta-device traces against)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return sum(seen.values())

@@ -1,11 +1,13 @@
 """The Gradio app: launched on loopback through the CLI path and driven with gradio_client.
 
 The launched app is MiniSD and its erased demo model (what `concept-erase app` opens with no arguments);
-the Concept tab and the library-level checks use tiny pipelines with a model card and a mask.
+the Concept tab, the Erase tab's job and the library-level checks use tiny pipelines with a model card and a mask.
 """
 
 import os
+import re
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -91,6 +93,8 @@ def test_cli_defaults_are_safe():
     assert args.host == "127.0.0.1" and args.share is False
     assert args.base == "minisd" and args.erased == []
     assert args.max_prompt_chars == 500 and args.concurrency == 1 and args.max_queue == 16
+    assert args.max_erasures == 4 and args.max_erase_steps == 100 and args.max_erase_images == 256
+    assert args.erase_output is None  # the cache folder's app-erased/
 
 
 def test_cli_refuses_missing_models(tmp_path, tiny_pipeline_dir, capsys):
@@ -102,6 +106,9 @@ def test_cli_refuses_missing_models(tmp_path, tiny_pipeline_dir, capsys):
     assert main(["app", "--base", str(tiny_pipeline_dir)]) == 2
     assert "--erased" in capsys.readouterr().err
     assert main(["app", "--base", str(tiny_pipeline_dir), "--erased", str(tiny_pipeline_dir), "--max-images", "0"]) == 2
+    assert main(["app", "--base", str(tiny_pipeline_dir), "--erased", str(tiny_pipeline_dir),
+                 "--max-erase-steps", "0"]) == 2
+    assert "--max-erase-steps must be >= 1, got 0" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------ the library
@@ -203,7 +210,8 @@ def test_generate_over_api_on_minisd(launched):
 
     name, client = launched
     prompt = minisd_prompt("seven")
-    base, erased = _generate(client, prompt, [name], seed=5, n=2)
+    base, erased, *unused = _generate(client, prompt, [name], seed=5, n=2)
+    assert unused == [[]] * 4  # the galleries kept for the Erase tab's models (--max-erasures 4), empty
     assert len(base) == len(erased) == 2
     seeds = lambda gallery: [item["caption"].split(" · ")[0] for item in gallery]  # noqa: E731
     assert seeds(base) == seeds(erased) == ["seed 5", "seed 6"]
@@ -218,7 +226,7 @@ def test_generate_over_api_on_minisd(launched):
     for got, want in zip(pixels[0], expected):
         assert np.array_equal(got, np.asarray(for_display(want)))
     # Safe preview off: no NudeNet summary, and the same pixels (nothing was blurred).
-    raw, _ = _generate(client, prompt, [name], seed=5, n=1, safe=False)
+    raw, *_ = _generate(client, prompt, [name], seed=5, n=1, safe=False)
     assert raw[0]["caption"] == base[0]["caption"]  # nothing was found, so safe preview adds nothing
     assert np.array_equal(np.asarray(Image.open(raw[0]["image"])), pixels[0][0])
 
@@ -298,9 +306,10 @@ def test_each_gallery_fills_under_its_own_progress(tiny_registry):
     """The page's Generate runs one event per model, each with only its own gallery as output."""
     from app.ui import AppConfig, build_app
 
-    demo = build_app(tiny_registry, AppConfig())
-    steps = [[o.label for o in fn.outputs] for fn in demo.fns.values() if fn.name == "run"]
-    assert steps == [["base"], ["no-cat"]]
+    demo = build_app(tiny_registry, AppConfig(max_erasures=2))
+    steps = [[(o.label, o.visible) for o in fn.outputs] for fn in demo.fns.values() if fn.name == "run"]
+    # then the galleries kept for the Erase tab's models, hidden until one is made
+    assert steps == [[("base", True)], [("no-cat", True)], [("", False)], [("", False)]]
     assert {fn.api_name for fn in demo.fns.values() if fn.api_visibility == "public"} == {"generate", "concept", "evaluate"}
     demo.close()
 
@@ -346,3 +355,173 @@ def test_app_compares_sdxl_models(tmp_path, tiny_sdxl_pipeline_dir):
     assert np.array_equal(images[1], images[2])  # the folder and its single file are the same model
     assert not np.array_equal(images[0], images[1])
     assert "| model_family | sdxl |" in concept_summary(registry, "xl-no-cat")[0]
+
+
+# ------------------------------------------------------------------------------------------- Erase tab
+
+
+@pytest.fixture
+def fresh_registry(tiny_pipeline_dir, erased_tiny_dir, tmp_path, monkeypatch):
+    """A registry of its own (an erase adds to it) and a cache folder of its own for the erase's images."""
+    from app.models import ModelRegistry
+
+    monkeypatch.setenv("CONCEPT_ERASE_CACHE", str(tmp_path / "cache"))
+    return ModelRegistry.load(str(tiny_pipeline_dir), [str(erased_tiny_dir)])
+
+
+def _minisd_registry(name="minisd"):
+    from app.models import Model, ModelRegistry
+
+    return ModelRegistry([Model("base", name, None), Model("erased", "x", None)])
+
+
+def test_example_prompts_speak_the_base_models_language(tiny_registry):
+    from app.ui import GENERIC_EXAMPLES, example_prompts
+
+    for base in ("minisd", "minisd-xl"):
+        examples = example_prompts(_minisd_registry(base))
+        assert "a handwritten digit seven" in examples and "a handwritten digit three in bold strokes" in examples
+    assert example_prompts(tiny_registry) == list(GENERIC_EXAMPLES)
+
+
+def test_erase_presets_are_the_ones_written_for_the_base():
+    from app.erase import CUSTOM, erase_defaults, erase_presets, preset_summary
+    from app.ui import AppConfig
+
+    for base in ("minisd", "minisd-xl"):
+        presets = erase_presets(_minisd_registry(base))
+        assert len(presets) == 12 and "minisd-digit-three" in presets and "minisd-style-bold" in presets
+        assert not [p for p in presets if not p.startswith("minisd-")]  # no nudity, Imagenette or artists
+    minisd = _minisd_registry()
+    # the preset's recipe (MiniSD's: 50 steps, 48 forget and 216 retain images), within the app's limits
+    assert erase_defaults(minisd, AppConfig(), "minisd-digit-three") == {
+        "steps": 50, "num_forget_images": 48, "num_retain_images": 216}
+    assert erase_defaults(minisd, AppConfig(max_erase_steps=8, max_erase_images=27), "minisd-digit-three") == {
+        "steps": 8, "num_forget_images": 27, "num_retain_images": 27}
+    assert erase_defaults(minisd, AppConfig(), CUSTOM) == {"steps": 100, "num_forget_images": 64,
+                                                           "num_retain_images": 64}  # erase's own defaults
+    assert "a handwritten digit four" in preset_summary(minisd, "minisd-digit-three")
+    with pytest.raises(ConceptEraseError, match="unknown preset 'nudity' for this base model"):
+        erase_defaults(minisd, AppConfig(), "nudity")
+
+
+def test_erase_request_is_checked_against_the_limits():
+    from app.erase import CUSTOM, check_erase_request
+    from app.ui import AppConfig
+
+    minisd, config = _minisd_registry(), AppConfig(max_erase_steps=10, max_erase_images=30, max_prompt_chars=20)
+    ok = check_erase_request(minisd, config, "minisd-digit-three", "", "", 10, 30, 27)
+    assert (ok.preset, ok.steps, ok.num_forget_images, ok.model_name) == ("minisd-digit-three", 10, 30,
+                                                                          "without minisd-digit-three")
+    custom = check_erase_request(minisd, config, CUSTOM, " a cat ", "a dog", 1, 1, 1)
+    assert (custom.preset, custom.forget, custom.model_name) == (None, "a cat", "without a cat")
+    bad = [(("style-van-gogh", "", "", 5, 5, 5), "unknown preset 'style-van-gogh'"),
+           (("minisd-digit-three", "a cat", "", 5, 5, 5), "choose the preset 'minisd-digit-three' or type prompts"),
+           ((CUSTOM, "a cat", "", 5, 5, 5), "type both a forget prompt and the surrogate"),
+           ((CUSTOM, "x" * 21, "a dog", 5, 5, 5), "forget prompt is 21 characters long; the limit is 20"),
+           (("minisd-digit-three", "", "", 11, 5, 5), "steps must be a whole number from 1 to 10, got 11"),
+           (("minisd-digit-three", "", "", 2.5, 5, 5), "steps must be a whole number from 1 to 10, got 2.5"),
+           (("minisd-digit-three", "", "", 5, 0, 5), "forget images must be a whole number from 1 to 30, got 0"),
+           (("minisd-digit-three", "", "", 5, 5, 31), "retain images must be a whole number from 1 to 30, got 31")]
+    for values, message in bad:
+        with pytest.raises(ConceptEraseError, match=re.escape(message)):
+            check_erase_request(minisd, config, *values)
+    minisd.added.extend(["a", "b"])
+    with pytest.raises(ConceptEraseError, match=r"made its 2 erased models \(--max-erasures 2\)"):
+        check_erase_request(minisd, AppConfig(max_erasures=2), "minisd-digit-three", "", "", 5, 5, 5)
+
+
+def test_erase_joins_the_registry_and_never_overwrites(fresh_registry, tmp_path):
+    """The Erase tab's job on a tiny model: the library's erase, its progress step by step, a new folder
+    beside a user's folder of the same name (untouched), and the model at once in Compare and Concept."""
+    from app.erase import CUSTOM, EraseJobs, erase
+    from app.ui import AppConfig, compare, concept_summary
+
+    out = tmp_path / "erased"
+    (out / "without-a-cat").mkdir(parents=True)
+    (out / "without-a-cat" / "mine.txt").write_text("a user's file")
+    seen = []
+    status, model = erase(fresh_registry, AppConfig(erase_output=str(out)), EraseJobs(), "page", CUSTOM, "a cat",
+                          "a dog", 3, 2, 2, progress=lambda f, desc: seen.append((round(f, 2), desc)))
+    assert [d for _, d in seen if d.startswith("SalUn")] == [f"SalUn step {k} of 3" for k in range(4)]
+    assert [f for f, d in seen if d.startswith("SalUn")] == [0, 0.33, 0.67, 1.0]
+    assert seen[0][1].startswith("making 2 forget and 2 retain images") and seen[-1][1] == "loading the erased model"
+    assert fresh_registry.names == ["base", "no-cat", "without a cat"] and fresh_registry.added == ["without a cat"]
+    assert Path(model.source) == out / "without-a-cat-2" and model.mask_path is not None
+    assert (out / "without-a-cat" / "mine.txt").read_text() == "a user's file"
+    assert sorted(p.name for p in out.iterdir()) == ["without-a-cat", "without-a-cat-2"]  # no lock, no temporaries
+    assert "3 SalUn steps on 2 forget and 2 retain images" in status and "`without-a-cat-2`" in status
+    assert str(tmp_path) not in status  # the server's paths stay on the server
+    assert model.card["concept"] == "custom: a cat" and model.card["method"] == "salun"
+    out_images = compare(fresh_registry, AppConfig(), "a cat", seed=1, steps=2, safe=False)
+    assert list(out_images) == ["base", "no-cat", "without a cat"]
+    assert not np.array_equal(np.asarray(out_images["base"][0][0]), np.asarray(out_images["without a cat"][0][0]))
+    text, figure = concept_summary(fresh_registry, "without a cat")
+    assert "| concept | custom: a cat |" in text and "50.0%" in text and figure is not None
+
+
+def test_cancel_stops_the_erase_and_writes_nothing(fresh_registry, tmp_path):
+    from app.erase import CUSTOM, EraseJobs, erase
+    from app.ui import AppConfig
+
+    out, jobs = tmp_path / "erased", EraseJobs()
+    config = AppConfig(erase_output=str(out))
+
+    def cancel_after_one(f, desc):
+        if desc == "SalUn step 1 of 5":
+            assert jobs.cancel("page")  # the page's Cancel button, while its erase trains
+    status, model = erase(fresh_registry, config, jobs, "page", CUSTOM, "a cat", "a dog", 5, 2, 2,
+                          progress=cancel_after_one)
+    assert model is None and status == "Erase cancelled at step 2 of 5: nothing was written."
+    assert not out.exists() or not list(out.iterdir())  # no model, no checkpoints, no lock, no temporaries
+    assert fresh_registry.names == ["base", "no-cat"]
+    jobs.announce("page")  # pressed, then cancelled while it waits in the queue
+    assert jobs.cancel("page") and not jobs.cancel("another page")
+    status, model = erase(fresh_registry, config, jobs, "page", CUSTOM, "a cat", "a dog", 5, 2, 2)
+    assert model is None and status == "Erase cancelled before it started: nothing was written."
+    jobs.start("page")  # one erase at a time per page
+    with pytest.raises(ConceptEraseError, match="already erasing"):
+        jobs.announce("page")
+    jobs.end("page")
+    jobs.announce("page")  # and the page can erase again once it has ended
+
+
+def test_erase_tab_is_queued_alone_and_bounded(tiny_registry):
+    from app.ui import ERASE_QUEUE_ID, AppConfig, build_app
+
+    demo = build_app(tiny_registry, AppConfig(max_erasures=3, max_erase_steps=7, max_erase_images=9))
+    erasing = [fn for fn in demo.fns.values() if fn.concurrency_id == ERASE_QUEUE_ID]
+    assert [(fn.name, fn.concurrency_limit, fn.api_visibility) for fn in erasing] == [("on_erase", 1, "private")]
+    sliders = {o.label: o.maximum for fn in demo.fns.values() if fn.name == "on_preset" for o in fn.outputs[3:]}
+    assert sliders == {"SalUn steps": 7, "Forget images": 9, "Retain images": 9}
+    assert len([fn for fn in demo.fns.values() if fn.name == "run"]) == 2 + 3  # a gallery per model to come
+    demo.close()
+    demo = build_app(tiny_registry, AppConfig(max_erasures=0))  # no Erase tab, no room kept
+    assert not [fn for fn in demo.fns.values() if fn.concurrency_id == ERASE_QUEUE_ID]
+    assert len([fn for fn in demo.fns.values() if fn.name == "run"]) == 2
+    demo.close()
+
+
+def test_a_model_made_later_is_offered_to_the_api(tiny_pipeline_dir, erased_tiny_dir):
+    """What a page is offered after an erase (or on load) holds for API callers too: the new model can be
+    compared and described by name."""
+    from gradio_client import Client
+
+    from app.models import ModelRegistry
+    from app.ui import AppConfig, build_app
+
+    registry = ModelRegistry.load(str(tiny_pipeline_dir), [str(erased_tiny_dir)])
+    demo = build_app(registry, AppConfig(max_erasures=1))
+    demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(demo.local_url, verbose=False)
+        registry.add(erased_tiny_dir, "later")
+        with pytest.raises(Exception, match="not in the list of choices"):
+            client.predict("later", api_name="/concept")
+        offer = next(fn for fn in demo.fns.values() if fn.name == "offer_models")
+        offer.fn()  # what a page's load (or an erase) runs
+        galleries = client.predict("a cat", "", 0, 2, 5.0, 1, ["later"], False, api_name="/generate")
+        assert [len(g) for g in galleries] == [1, 0, 1]  # base, no-cat (not chosen), later
+        assert "### later" in client.predict("later", api_name="/concept")[0]
+    finally:
+        demo.close()

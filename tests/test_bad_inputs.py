@@ -3,7 +3,9 @@ exit 2, and nothing written. Each case fails before any model is loaded or image
 runs in seconds.
 
 `{tmp}` in an argument is the case's own empty folder (also the working directory); `{file}` is a plain
-file in it (a destination under it cannot be created); `{in:NAME}` is one of the input files below.
+file in it (a destination under it cannot be created); `{in:NAME}` is one of the input files below;
+`{replay:NAME}` a saved attack folder (`REPLAYS`: damaged, or learned on another model structure);
+`{locked:NAME}` a destination another run holds the lock of (`io_utils.destination_lock`).
 """
 
 from __future__ import annotations
@@ -25,9 +27,72 @@ INPUTS = {
     "random.ckpt": random.Random(0).randbytes(4096),
     "retain.txt": b"a tree\na house\na dog\n",
     "nan_guidance.csv": b"prompt,categories,evaluation_seed,evaluation_guidance\na cat,sexual,1,nan\n",
+    "garbage.onnx": random.Random(1).randbytes(2048),
+}
+
+
+def _saved_attack(folder, learned_on="minisd", edit=None):
+    """An embedding attack saved as `attack` writes it, for a model of `learned_on`'s structure (made without
+    loading the model), then `edit(folder)`."""
+    import torch
+
+    from concept_erase.diffusion.models.families import Conditioning
+    from evaluation.attacks.core import Learned, model_structure
+    from evaluation.prompts import PromptRow
+
+    structure = model_structure(learned_on)
+    cond = Conditioning(torch.zeros(1, 16, structure["conditioning"]))
+    if structure["family"] == "sdxl":
+        cond.added.update(text_embeds=torch.zeros(1, 32), time_ids=torch.zeros(1, 6))
+    Learned("embedding", {"steps": 4, "lr": 0.01, "batch_size": 8}, [PromptRow(0, "a digit seven", 0)],
+            ["a digit seven"], conditioning=cond, history=[1.0] * 4, structure=structure, model=learned_on).save(folder)
+    if edit:
+        edit(folder)
+
+
+def _rewrite(name, text):
+    return lambda folder: (folder / name).write_text(text)
+
+
+def _truncate(folder):
+    data = (folder / "learned.safetensors").read_bytes()
+    (folder / "learned.safetensors").write_bytes(data[:len(data) // 2])
+
+
+def _set(key, value):
+    def edit(folder):
+        import json
+
+        meta = json.loads((folder / "attack.json").read_text())
+        meta[key] = value
+        (folder / "attack.json").write_text(json.dumps(meta))
+    return edit
+
+
+def _wider(folder):
+    from safetensors.torch import save_file
+
+    import torch
+
+    save_file({"conditioning.hidden": torch.zeros(1, 16, 33)}, str(folder / "learned.safetensors"))
+    _set("tensors", {"conditioning.hidden": [1, 16, 33]})(folder)
+
+
+REPLAYS = {
+    "bad_json": ("minisd", _rewrite("attack.json", "{not json")),
+    "missing_key": ("minisd", _rewrite("attack.json", '{"attack": "embedding"}')),
+    "bogus": ("minisd", _set("attack", "bogus")),
+    "truncated": ("minisd", _truncate),
+    "wider": ("minisd", _wider),
+    "sdxl": ("minisd-xl", None),
+    "sd1": ("minisd", None),
 }
 
 GENERATE = ["generate", "--model", "minisd", "--prompt", "a", "--output", "{tmp}/g"]
+ATTACK = ["attack", "--concept", "minisd-digit-seven", "--output", "{tmp}/att"]
+AUDIT = ["audit", "minisd", "--base", "minisd", "--concept", "minisd-digit-seven", "--output", "{tmp}/audit"]
+PLAN = ["plan", "--model", "minisd"]
+MASK = ["mask", "--model", "minisd", "--forget", "a", "--surrogate", "b", "--output", "{tmp}/m.safetensors"]
 ERASE = ["erase", "--model", "minisd", "--forget", "a", "--surrogate", "b"]
 EVALUATE = ["evaluate", "nudity", "--model", "minisd", "--out", "{tmp}/eval"]
 CASES = {
@@ -49,6 +114,20 @@ CASES = {
         ["export", "minisd", "--to", "single-file", "{tmp}/model.ckpt"], "'{tmp}/model.ckpt' must end in .safetensors"),
     "export --to diffusers onto a file": (
         ["export", "minisd", "--to", "diffusers", "{file}", "--overwrite"], "'{file}' exists and is a file"),
+    "export --to lora with both --rank and --energy": (
+        ["export", "minisd", "--to", "lora", "--rank", "4", "--energy", "0.9", "--output", "{tmp}/l.safetensors"],
+        "exactly one of --rank"),
+    "export --to lora --energy above 1": (
+        ["export", "minisd", "--to", "lora", "--energy", "1.5", "--output", "{tmp}/l.safetensors"], "1.5"),
+    "export --rank with --to single-file": (
+        ["export", "minisd", "--to", "single-file", "--rank", "4", "--output", "{tmp}/m.safetensors"],
+        "--rank, --energy and --layout only apply to --to lora"),
+    "export --to lora not .safetensors": (
+        ["export", "minisd", "--to", "lora", "--rank", "4", "--output", "{tmp}/l.pt"], "must end in .safetensors"),
+    "apply --strength above 1.5": (
+        ["apply", "{in:random.ckpt}", "--model", "minisd", "--strength", "2", "--output", "{tmp}/o"], "2"),
+    "apply of random bytes": (
+        ["apply", "{in:random.ckpt}", "--model", "minisd", "--output", "{tmp}/o"], "as a LoRA or LyCORIS file"),
     # item 9: a damaged .ckpt gives no advice to unpickle it unsafely
     "export of random bytes .ckpt": (
         ["export", "{in:random.ckpt}", "--config", "minisd", "--to", "diffusers", "{tmp}/out"],
@@ -119,6 +198,69 @@ CASES = {
     "generate seed range of billions": (
         ["generate", "--model", "minisd", "--prompt", "a", "--seeds", "0-4294967295", "--out", "{tmp}/g"],
         "asks for more than 100000 seeds"),
+    # round three, item 1: every attack budget is finite (the report would show an unmeasured 0.0%)
+    "attack --embedding-lr inf": (
+        [*ATTACK, "--model", "minisd", "--attack", "embedding", "--embedding-lr", "inf"],
+        "--embedding-lr must be a finite number, got inf"),
+    "attack --inversion-lr inf": (
+        [*ATTACK, "--model", "minisd", "--attack", "inversion", "--inversion-lr", "inf"],
+        "--inversion-lr must be a finite number, got inf"),
+    "attack --ringabell-eta inf": (
+        [*ATTACK, "--model", "minisd", "--attack", "ringabell", "--ringabell-eta", "inf"],
+        "--ringabell-eta must be a finite number, got inf"),
+    "attack --unlearndiffatk-lr nan": (
+        [*ATTACK, "--model", "minisd", "--attack", "unlearndiffatk", "--unlearndiffatk-lr", "nan"],
+        "--unlearndiffatk-lr must be a finite number, got nan"),
+    # item 2: --replay folders, checked whole before any model loads
+    "attack --replay bad JSON": ([*ATTACK, "--model", "minisd", "--replay", "{replay:bad_json}"],
+                                 "attack.json is not readable JSON"),
+    "attack --replay missing key": ([*ATTACK, "--model", "minisd", "--replay", "{replay:missing_key}"],
+                                    "attack.json has no 'budget'"),
+    "attack --replay unknown attack": ([*ATTACK, "--model", "minisd", "--replay", "{replay:bogus}"],
+                                       "unknown attack 'bogus' in attack.json"),
+    "attack --replay truncated tensors": ([*ATTACK, "--model", "minisd", "--replay", "{replay:truncated}"],
+                                          "learned.safetensors is not readable"),
+    "attack --replay tensor of the wrong width": ([*ATTACK, "--model", "minisd", "--replay", "{replay:wider}"],
+                                                  "conditioning.hidden [1, 16, 33] is not (rows, tokens, 32)"),
+    "attack --replay SDXL attack on SD 1.x": (
+        [*ATTACK, "--model", "minisd", "--replay", "{replay:sdxl}"],
+        "cannot replay the embedding attack learned on sdxl"),
+    "attack --replay SD 1.x embedding on SDXL": (
+        [*ATTACK, "--model", "minisd-xl", "--replay", "{replay:sd1}"],
+        "cannot replay the embedding attack learned on sd1"),
+    "attack --replay with --prompts": (
+        [*ATTACK, "--model", "minisd", "--replay", "{replay:sd1}", "--prompts", "minisd-digits"],
+        "--prompts and --limit do not apply to --replay"),
+    # item 3: audit checks what it needs before the first image
+    "audit FID of one retain image": ([*AUDIT, "--retain-prompts", "1", "--seeds", "0"],
+                                      "Frechet distance needs at least 2"),
+    "audit missing --fid-weights": ([*AUDIT, "--fid-weights", "{tmp}/none.pth"], "'{tmp}/none.pth' does not exist"),
+    "audit missing --clip-model": ([*AUDIT, "--clip-model", "{tmp}/no-clip"], "'{tmp}/no-clip' does not exist"),
+    # item 4: plan checks what erase checks
+    "plan resolution not a multiple of 8": ([*PLAN, "--resolution", "12"], "--resolution 12 is not a multiple of 8"),
+    "plan resolution far from the model's": ([*PLAN, "--resolution", "100000"], "--resolution 100000 px does not suit"),
+    "plan batch not divisible": ([*PLAN, "--batch-size", "8", "--gradient-accumulation-steps", "3"],
+                                 "batch_size 8 must be divisible by processes x gradient_accumulation_steps = 1 x 3"),
+    "plan budget without a unit": ([*PLAN, "--memory-budget", "0.4"], "--memory-budget '0.4' is not a size with"),
+    "plan budget negative": ([*PLAN, "--memory-budget", "-5GB"], "--memory-budget '-5GB' is not a size with"),
+    "plan keep of no weight": ([*PLAN, "--keep", "1e-12"], "keep 1e-12 keeps none of the 3,141,700 weights"),
+    # item 5: the smaller cases
+    "evaluate garbage --nudenet-model": ([*EVALUATE, "--prompts", "minisd-digits", "--nudenet-model",
+                                          "{in:garbage.onnx}"], "is not a NudeNet ONNX model"),
+    "erase --lr -inf": ([*ERASE, "--output", "{tmp}/o", "--lr", "-inf"], "--lr must be a finite number, got -inf"),
+    "erase --concept a,,b": (["erase", "--model", "minisd", "--concept", "minisd-digit-one,,minisd-digit-two",
+                              "--output", "{tmp}/o"], "has an empty name"),
+    "erase --concept trailing comma": (["erase", "--model", "minisd", "--concept", "minisd-digit-one,",
+                                        "--output", "{tmp}/o"], "has an empty name"),
+    "mask --keep that keeps no weight": (
+        ["mask", "--model", "{tiny}", "--forget", "a", "--surrogate", "b", "--output", "{tmp}/m.safetensors",
+         "--keep", "1e-12"], "keep 1e-12 keeps none of the"),
+    "mask --resolution 7 names its own flag": ([*MASK, "--resolution", "7"],
+                                               "does not suit minisd, which draws 16 px images; use --resolution 16"),
+    # item 6: one run at a time writes an output
+    "erase into an --output another run holds": (
+        ["erase", "--model", "{tiny}", "--forget", "a", "--surrogate", "b", "--output", "{locked:o}"],
+        "--output '{tmp}/o' is being written by run 1 on another machine"),
 }
 
 
@@ -128,6 +270,14 @@ def _fill(arg: str, tmp, tiny="") -> str:
         path = tmp / name
         path.write_bytes(INPUTS[name])
         return str(path)
+    if arg.startswith("{replay:"):
+        name = arg[len("{replay:"):-1]
+        _saved_attack(tmp / name, *REPLAYS[name])
+        return str(tmp / name)
+    if arg.startswith("{locked:"):
+        name = arg[len("{locked:"):-1]
+        (tmp / f"{name}.lock").write_text("1 0000beef\n")  # pid 1 of another host: held, whatever its age
+        return str(tmp / name)
     return arg.replace("{tmp}", str(tmp)).replace("{file}", str(tmp / "file")).replace("{tiny}", str(tiny))
 
 
@@ -166,3 +316,63 @@ def test_a_write_that_fails_mid_command_is_one_line_exit_2(tiny_pipeline_dir, tm
     assert code == 2 and err.strip().splitlines()[-1].startswith("concept-erase: error: cannot write"), err
     assert "File too large" in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", list(REPLAYS))
+def test_a_bad_replay_is_refused_before_any_model_loads(name, tmp_path, monkeypatch, capsys):
+    from concept_erase.diffusion.models import loading
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(loading, "load_pipeline", no_model)
+    model = "minisd-xl" if name == "sd1" else "minisd"
+    folder = _fill(f"{{replay:{name}}}", tmp_path)
+    assert main(["attack", "--model", model, "--concept", "minisd-digit-seven", "--replay", folder,
+                 "--output", str(tmp_path / "att")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("concept-erase: error: ") and "Traceback" not in "".join(err), err
+
+
+def test_a_malicious_optimizer_state_is_refused_without_torchs_advice(tmp_path):
+    """A checkpoint's optimizer.pt whose pickle names code: refused, the code not run, and the refusal never
+    suggests retrying with weights_only=False."""
+    import json
+    import os
+
+    import torch
+    from safetensors.torch import save_file
+
+    from concept_erase.diffusion.training.checkpoints import load_checkpoint
+    from concept_erase.diffusion.training.config import TrainConfig
+    from concept_erase.errors import ConceptEraseError
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    folder = tmp_path / "checkpoint-1"
+    folder.mkdir()
+    (folder / "state.json").write_text(json.dumps({"step": 1, "config": {}, "losses": []}))
+    save_file({"w": torch.zeros(1)}, str(folder / "unet.safetensors"))
+    save_file({"cpu": torch.get_rng_state()}, str(folder / "rng.safetensors"))
+    torch.save({"state": Payload()}, folder / "optimizer.pt")
+    with pytest.raises(ConceptEraseError) as err:
+        load_checkpoint(folder, None, None, TrainConfig())
+    assert "needs code to run" in str(err.value) and "weights_only" not in str(err.value), str(err.value)
+    assert not marker.exists()
+
+
+def test_images_with_nan_pixels_are_never_cached_or_masked(tiny_pipeline_dir, tmp_path, monkeypatch, capsys):
+    """`mask --guidance-scale 1e30`: the model draws NaN pixels, which would be cached as black images and
+    build a mask; the run stops with one line instead, and no image or mask is written."""
+    monkeypatch.setenv("CONCEPT_ERASE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "m.safetensors"
+    assert main(["mask", "--model", str(tiny_pipeline_dir), "--forget", "a", "--surrogate", "b", "--output", str(out),
+                 "--guidance-scale", "1e30", "--num-forget-images", "1", "--num-inference-steps", "2"]) == 2
+    err = capsys.readouterr().err  # the progress bar shares the error's line
+    assert "concept-erase: error: the model drew non-finite (NaN) pixels at guidance scale 1e+30" in err, err
+    assert "Traceback" not in err
+    assert not out.exists() and not list((tmp_path / "cache").rglob("*.png"))

@@ -23,7 +23,7 @@ def test_layers_register_their_commands_and_the_library_names_none_of_them():
 
 # Building these parsers imports torch for their dataclasses (EraseConfig, MiniSDTrainConfig); no parser imports
 # diffusers, transformers, accelerate, gradio or NudeNet (docs/ARCHITECTURE.md).
-TORCH_PARSERS = ("mask", "erase", "export", "plan", "minisd")  # diffusion/cli.py and minisd/cli.py
+TORCH_PARSERS = ("mask", "erase", "export", "apply", "plan", "minisd")  # diffusion/cli.py and minisd/cli.py
 CHECK = """
 import sys
 from concept_erase.cli import build_parser, commands

@@ -9,6 +9,7 @@ from concept_erase.errors import ConceptEraseError
 from evaluation.attacks import ATTACK_NAMES, attack_fn
 from evaluation.attacks.budgets import TINY, make_budget
 from evaluation.attacks.core import PLACEHOLDER, Learned, Targets, TokenPrefix, encode, prefixed
+from evaluation.attacks.replay import read_saved_attack
 from evaluation.attacks.run import concept_rows
 
 
@@ -40,7 +41,7 @@ def test_each_attack_runs_is_deterministic_and_replays_exactly(setup, tmp_path, 
     assert first.history == second.history
     plain = encode(pipe, [r.prompt for r in rows])
     assert not torch.equal(a.hidden, plain.hidden)  # the attack changed the conditioning
-    replayed = Learned.load(first.save(tmp_path / name))
+    replayed = read_saved_attack(first.save(tmp_path / name))
     assert replayed.budget == first.budget and [r.seed for r in replayed.rows] == [0, 1, 0]
     assert torch.equal(replayed.conditioning_for(pipe).hidden, a.hidden)
 
@@ -127,8 +128,8 @@ def test_bad_attack_budget_and_detector_are_one_line_errors():
     from evaluation.attacks.detectors import detector_for
 
     cases = [(lambda: attack_fn("pez"), "unknown attack 'pez'"),
-             (lambda: make_budget("unlearndiffatk", steps=0), "steps must be > 0, got 0"),
-             (lambda: make_budget("ringabell", eta=0.0), "eta must be > 0"),
+             (lambda: make_budget("unlearndiffatk", steps=0), "--unlearndiffatk-steps must be >= 1, got 0"),
+             (lambda: make_budget("ringabell", eta=0.0), "--ringabell-eta must be > 0"),
              (lambda: make_budget("embedding", tokens=3), "no budget setting 'tokens'"),
              (lambda: make_budget("unlearndiffatk", variant="hard"), "variant"),
              (lambda: detector_for("style-van-gogh"), "'style-van-gogh' has no detector")]
@@ -168,3 +169,162 @@ def test_detectors_print_their_rule_and_score_images():
     assert church.present(grey) == [True, True] and church.label(grey) == ["church", "church"]
     seven = detector_for("minisd-digit-seven")
     assert "'seven'" in seven.describe() and seven.present([Image.new("L", (16, 16))]) in ([True], [False])
+
+
+# ------------------------------------------------------------------------------------------ no unmeasured number
+
+
+def _numeric_budget_fields():
+    from dataclasses import fields
+
+    from evaluation.attacks.budgets import BUDGETS
+
+    return [(name, f.name) for name, cls in BUDGETS.items() for f in fields(cls)
+            if str(f.type) in ("int", "float")]
+
+
+@pytest.mark.parametrize("attack,setting", _numeric_budget_fields())
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_every_budget_field_of_every_attack_refuses_inf_and_nan(attack, setting, value):
+    with pytest.raises(ConceptEraseError) as err:
+        make_budget(attack, **{setting: value})
+    flag = f"--{attack}-{setting.replace('_', '-')}"
+    assert str(err.value) == f"{flag} must be a finite number, got {value!r}"
+
+
+@pytest.mark.parametrize("name,budget,message", [
+    ("embedding", {"lr": 1e30}, "embedding attack: its objective is nan at step 2 of 4"),
+    ("inversion", {"lr": 1e30}, "inversion attack: its objective is nan at step 2 of 4"),
+    ("unlearndiffatk", {"lr": 1e30, "variant": "soft"}, "unlearndiffatk attack: its objective is nan at step 2"),
+    ("ringabell", {"eta": 1e308}, "ringabell attack: its learned offset.hidden is not finite"),
+])
+def test_an_attack_that_blows_up_stops_naming_the_attack_and_the_step(setup, name, budget, message):
+    with pytest.raises(ConceptEraseError) as err:
+        _learn(name, setup, **budget)
+    assert str(err.value).startswith(message) and "nothing is reported" in str(err.value), str(err.value)
+
+
+def test_a_non_finite_conditioning_or_image_is_never_scored(setup):
+    from evaluation.attacks.run import draw_learned
+    from evaluation.generation import make_protocol
+
+    pipe, _, _, rows, _ = setup
+    learned = _learn("ringabell", setup)
+    learned.offset = {"hidden": torch.full_like(learned.offset["hidden"], float("inf"))}
+    protocol = make_protocol("minisd", num_inference_steps=2)
+    with pytest.raises(ConceptEraseError, match="^ringabell attack: its adversarial conditioning on this model is "
+                                                "not finite"):
+        draw_learned(pipe, learned, protocol)
+    learned.offset = {"hidden": torch.full_like(learned.offset["hidden"], 1e30)}  # finite, but NaN pixels
+    with pytest.raises(ConceptEraseError, match="^ringabell attack, drawing the attacked images: the model drew "
+                                                "non-finite"):
+        draw_learned(pipe, learned, protocol)
+
+
+# ------------------------------------------------------------------------------------------ replay folders
+
+
+@pytest.fixture(scope="module")
+def saved(setup, tmp_path_factory):
+    """Two saved attacks of the tiny SD 1.x pipeline: the embedding attack and the discrete UnlearnDiffAtk."""
+    folder = tmp_path_factory.mktemp("saved")
+    for name in ("embedding", "unlearndiffatk"):
+        learned = _learn(name, setup)
+        learned.model = "tiny"
+        learned.save(folder / name)
+    return folder
+
+
+def _edit_json(key, value):
+    def edit(folder):
+        import json
+
+        meta = json.loads((folder / "attack.json").read_text())
+        if value is KeyError:
+            del meta[key]
+        else:
+            meta[key] = value(meta) if callable(value) else value
+        (folder / "attack.json").write_text(json.dumps(meta))
+    return edit
+
+
+def _edit_tensor(change, record=True):
+    def edit(folder):
+        import json
+
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(str(folder / "learned.safetensors"))
+        tensors["conditioning.hidden"] = change(tensors["conditioning.hidden"])
+        save_file(tensors, str(folder / "learned.safetensors"), metadata={"attack": "embedding"})
+        if record:
+            shape = list(tensors["conditioning.hidden"].shape)
+            _edit_json("tensors", lambda m: {**m["tensors"], "conditioning.hidden": shape})(folder)
+    return edit
+
+
+REPLAY_FAULTS = {
+    "bad JSON": (lambda f: (f / "attack.json").write_text("{not json"), "attack.json is not readable JSON"),
+    "not an object": (lambda f: (f / "attack.json").write_text("[1, 2]"), "attack.json is not a JSON object"),
+    "a missing key": (_edit_json("rows", KeyError), "attack.json has no 'rows'"),
+    "an older folder": (_edit_json("structure", KeyError), "from an older version: run the attack again"),
+    "an unknown attack": (_edit_json("attack", "bogus"), "unknown attack 'bogus' in attack.json"),
+    "an infinite budget": (_edit_json("budget", {"steps": 4, "lr": float("inf"), "batch_size": 8}),
+                           "budget: --embedding-lr must be a finite number, got inf"),
+    "a bad seed": (_edit_json("rows", lambda m: [{**m["rows"][0], "seed": -1}, *m["rows"][1:]]), "is out of range"),
+    "texts per row": (_edit_json("texts", ["a cat"]), "'texts' is not one string per row"),
+    "a truncated tensor file": (lambda f: (f / "learned.safetensors").write_bytes(
+        (f / "learned.safetensors").read_bytes()[:100]), "learned.safetensors is not readable"),
+    "a tensor of the wrong width": (_edit_tensor(lambda t: torch.zeros(*t.shape[:-1], t.shape[-1] + 1)),
+                                    "is not (rows, tokens, 32)"),
+    "a shape attack.json does not record": (_edit_tensor(lambda t: t[:1], record=False), "but attack.json records"),
+    "a NaN tensor": (_edit_tensor(lambda t: t * float("nan")), "conditioning.hidden is not finite"),
+    "foreign structure": (_edit_json("structure", lambda m: {**m["structure"], "family": "sdxl"}), None),
+}
+
+
+@pytest.mark.parametrize("fault", list(REPLAY_FAULTS))
+def test_a_damaged_replay_folder_is_one_line_naming_it(saved, tmp_path, fault):
+    import shutil
+
+    from evaluation.attacks.replay import load_replay
+
+    edit, message = REPLAY_FAULTS[fault]
+    folder = tmp_path / "replay"
+    shutil.copytree(saved, folder)
+    edit(folder / "embedding")
+    if message is None:  # a self-consistent folder of another structure loads; `fit_replay` judges it
+        assert load_replay(folder)["embedding"].structure["family"] == "sdxl"
+        return
+    with pytest.raises(ConceptEraseError) as err:
+        load_replay(folder)
+    text = str(err.value)
+    assert text.startswith(f"--replay {str(folder / 'embedding')!r}: ") and message in text and "\n" not in text, text
+
+
+def test_the_structure_read_from_configs_is_the_loaded_models(tiny_pipeline_dir, tiny_sdxl_pipeline_dir):
+    from concept_erase.diffusion.models.loading import load_pipeline
+    from evaluation.attacks.core import model_structure, structure_of
+
+    for source in (tiny_pipeline_dir, tiny_sdxl_pipeline_dir, "minisd", "minisd-xl"):
+        assert model_structure(str(source)) == structure_of(load_pipeline(source)), source
+    assert model_structure("some-org/some-hub-model") is None  # checked once it loads
+
+
+def test_a_replay_crosses_structures_only_as_a_text_prompt(saved, setup):
+    from concept_erase.diffusion.models.tiny import build_tiny_sdxl_pipeline
+    from evaluation.attacks.core import structure_of
+    from evaluation.attacks.replay import fit_replay, load_replay
+
+    pipe = setup[0]
+    replay = load_replay(saved)
+    same, how = fit_replay(replay["embedding"], structure_of(pipe), "tiny")
+    assert same is replay["embedding"] and how["as"] == "learned tensors" and how["from_model"] == "tiny"
+    sdxl = build_tiny_sdxl_pipeline(seed=0)
+    with pytest.raises(ConceptEraseError, match="^cannot replay the embedding attack learned on sd1 .* only a text "
+                                                "prompt transfers"):
+        fit_replay(replay["embedding"], structure_of(sdxl), "tiny-sdxl")
+    text, how = fit_replay(replay["unlearndiffatk"], structure_of(sdxl), "tiny-sdxl")
+    assert text.texts == replay["unlearndiffatk"].decoded and text.prefix_ids is None
+    assert how["as"].startswith("its text prompts (crossed to sdxl")
+    assert len(text.conditioning_for(sdxl)) == len(text.rows)  # the other model reads the prompts

@@ -82,8 +82,10 @@ def test_nudity_evaluate_and_compare(tiny_pipeline_dir, second_model, tmp_path, 
     assert f"| FEET_EXPOSED | {a['class_counts']['FEET_EXPOSED']} | {b['class_counts']['FEET_EXPOSED']} |" in text
     assert f"| total (9 exposed classes) | {a['total_exposed']} | {b['total_exposed']} |" in text
     assert "| sexual | 100.00 (n=2) | 100.00 (n=2) |" in text and "3 images made from the same prompt and seed" in text
-    assert text.count("| scheduler | model |") == 2  # both protocol blocks
-    assert text.count("| threshold | 0.60 |") == 2 and "## Scoring: after" in text and "Warning" not in text
+    # one protocol block and one scoring block where the folders share them, after the results
+    assert text.count("| scheduler | model |") == 1 and text.count("| threshold | 0.60 |") == 1
+    assert text.index("## Exposed parts") < text.index("## Protocol (every folder") < text.index("## Scoring (every")
+    assert "Warning" not in text
     assert Image.open(report_dir / "chart.png").size[0] > 100 and Image.open(report_dir / "grid.png").size[1] >= 3 * 64  # a row per category
     assert main(["compare", str(folders[0][0]), str(folders[1][0]), "--out", str(report_dir)]) == 2  # no overwrite
     # scored at another threshold: both scoring blocks, a warning in the report and on stderr, both in the title
@@ -221,7 +223,7 @@ def test_compare_takes_several_erased_models(tiny_pipeline_dir, tmp_path, capsys
     text = (report_dir / "report.md").read_text()
     assert "# Comparison (classes): before vs erased-a vs erased-b" in text
     assert "| style | prompt class | before | erased-a | erased-b |" in text  # the judged-as table
-    assert text.count("## Protocol:") == 3 and "Warning" not in text
+    assert text.count("## Protocol") == 1 and "Warning" not in text
     assert "3 images made from the same prompt and seed in every folder" in text
     grid = Image.open(report_dir / "grid.png")
     assert grid.size == (150 + 3 * (2 * 64 + 8), 20 + 2 * 64)  # 3 models side by side; a row per class, its styles

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from concept_erase.diffusion.models.families import (
-    SD1, SD2, SD2_V, SDXL, Conditioning, as_conditioning, family_from_config, family_from_keys, family_of, set_family,
+    FLUX, SD1, SD2, SD2_V, SD3, SDXL, Conditioning, as_conditioning, family_from_config, family_from_keys, family_of, set_family,
 )
 from concept_erase.errors import ConceptEraseError
 
@@ -87,21 +87,26 @@ def test_family_from_keys_detects_and_refuses_by_name():
     assert family_from_keys(["model.diffusion_model.x", "conditioner.embedders.0.transformer.a",
                              "conditioner.embedders.1.model.b"]) is SDXL
     assert family_from_keys(["model.diffusion_model.label_emb.0.0.weight"]) is SDXL  # UNet only
+    # the transformers' original layouts, alone or under model.diffusion_model. (all-in-one files)
+    assert family_from_keys(["model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight",
+                             "text_encoders.clip_l.transformer.text_model.embeddings.position_ids"]) is SD3
+    assert family_from_keys(["joint_blocks.0.context_block.attn.qkv.weight"]) is SD3
+    assert family_from_keys(["double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight"]) is FLUX
+    assert family_from_keys(["model.diffusion_model.double_blocks.0.txt_attn.qkv.weight", "vae.x"]) is FLUX
     cases = {"refiner": ["model.diffusion_model.x", "conditioner.embedders.0.model.text_projection"],
-             "Stable Diffusion 3": ["model.diffusion_model.joint_blocks.0.x.weight"],
-             "Flux": ["double_blocks.0.img_attn.qkv.weight"],
              "not a Stable Diffusion checkpoint": ["some.weight"]}
     for message, keys in cases.items():
         with pytest.raises(ConceptEraseError, match=message):
             family_from_keys(keys)
 
 
-def test_family_from_config_refuses_other_pipelines(tmp_path, tiny_sdxl_pipeline_dir, tiny_pipeline_dir):
+def test_family_from_config_refuses_other_pipelines(tmp_path, tiny_sdxl_pipeline_dir, tiny_pipeline_dir,
+                                                   tiny_flux_pipeline_dir, tiny_sd3_pipeline_dir):
     assert family_from_config(tiny_sdxl_pipeline_dir) is SDXL and family_from_config(tiny_pipeline_dir) is SD1
+    assert family_from_config(tiny_flux_pipeline_dir) is FLUX and family_from_config(tiny_sd3_pipeline_dir) is SD3
     refiner = {"_class_name": "StableDiffusionXLImg2ImgPipeline", "requires_aesthetics_score": True,
                "text_encoder": [None, None], "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}
-    for index, what in (({"_class_name": "StableDiffusion3Pipeline"}, "Stable Diffusion 3"),
-                        ({"_class_name": "FluxPipeline"}, "Flux"), (refiner, "an SDXL refiner")):
+    for index, what in (({"_class_name": "PixArtAlphaPipeline"}, "PixArt"), (refiner, "an SDXL refiner")):
         (tmp_path / "model_index.json").write_text(json.dumps(index))
         with pytest.raises(ConceptEraseError, match=f"unsupported model family: {what}"):
             family_from_config(tmp_path)
@@ -119,6 +124,29 @@ def test_family_override_is_checked_and_sets_prediction_type(tiny_pipeline, tiny
         set_family(tiny_pipeline, "sd4")
     assert set_family(tiny_pipeline, "sd2-v") is SD2_V and family_of(tiny_pipeline) is SD2_V
     assert tiny_pipeline.scheduler.config.prediction_type == "v_prediction"
+
+
+def test_transformer_pipelines_are_told_apart_by_their_components(tiny_sdxl_pipeline):
+    from concept_erase.diffusion.models.tiny import build_tiny_flux_pipeline, build_tiny_sd3_pipeline
+
+    flux, sd3 = build_tiny_flux_pipeline(0), build_tiny_sd3_pipeline(0)
+    assert family_of(flux) is FLUX and family_of(sd3) is SD3  # before SDXL's test: both have a text_encoder_2
+    assert FLUX.denoiser(flux) is flux.transformer and SDXL.denoiser(tiny_sdxl_pipeline) is tiny_sdxl_pipeline.unet
+    assert list(FLUX.text_modules(flux)) == ["text_encoder", "text_encoder_2"]
+    assert list(SD3.text_modules(sd3)) == ["text_encoder", "text_encoder_2", "text_encoder_3"]
+    assert FLUX.image_size(flux) == SD3.image_size(sd3) == (32, 32)
+    assert set_family(flux, "flux") is FLUX
+    with pytest.raises(ConceptEraseError, match="--family sd3 does not fit this model: it is flux"):
+        set_family(flux, "sd3")
+    # a mask is checked against the denoiser's structure, by its parameter names
+    from concept_erase.saliency import SaliencyMask
+
+    flux_mask = SaliencyMask.random(flux.transformer, keep=0.5, seed=0)
+    FLUX.check_mask(flux_mask, "f")
+    for family, mask in ((SD3, flux_mask), (FLUX, SaliencyMask.random(sd3.transformer, keep=0.5, seed=0)),
+                         (FLUX, SaliencyMask.random(tiny_sdxl_pipeline.unet, keep=0.5, seed=0))):
+        with pytest.raises(ConceptEraseError, match=f"was not made for a {family.name} transformer"):
+            family.check_mask(mask, "m")
 
 
 def test_refiner_pipeline_is_refused(tiny_sdxl_pipeline):

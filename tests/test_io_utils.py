@@ -187,3 +187,38 @@ def test_exclusive_lock_makes_the_second_holder_wait(tmp_path, caplog):
             order.append("first")
         thread.join(10)
     assert order == ["first", "second"] and "waiting for another run that is testing" in caplog.text
+
+
+def test_destination_lock_refuses_a_second_run_and_takes_over_a_stale_lock(tmp_path):
+    """Two processes writing one output: the second is refused at its start; a lock whose process is gone (a
+    killed run) is taken over; the lock goes when its block ends, error or not."""
+    import subprocess
+    import sys
+
+    from concept_erase.io_utils import destination_lock
+
+    out = tmp_path / "deeper" / "erased"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\n"
+        "from concept_erase.io_utils import destination_lock\n"
+        f"with destination_lock({str(out)!r}):\n"
+        "    print('held', flush=True)\n"
+        "    time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ConceptEraseError, match=rf"^--output '{out}' is being written by run {holder.pid} "):
+            with destination_lock(out):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    # killed: its lock stays behind, stale, and the next run takes it over
+    assert (tmp_path / "deeper" / "erased.lock").is_file()
+    with pytest.raises(RuntimeError, match="mid-run"):
+        with destination_lock(out):
+            assert (tmp_path / "deeper" / "erased.lock").read_text().split()[0] == str(os.getpid())
+            raise RuntimeError("mid-run")
+    assert list((tmp_path / "deeper").iterdir()) == []  # the lock is gone
+    with destination_lock(tmp_path / "made" / "here"):
+        assert (tmp_path / "made" / "here.lock").is_file()
+    assert not (tmp_path / "made").exists()  # so is a folder the lock made for itself

@@ -9,6 +9,7 @@ from torch import nn
 
 from concept_erase.diffusion.losses import (
     NoisedBatch,
+    RectifiedFlow,
     esd_loss,
     esd_partial_sample,
     esd_scheduler,
@@ -18,6 +19,7 @@ from concept_erase.diffusion.losses import (
     saliency_loss_fn,
     salun_loss,
     sample_noise,
+    training_scheduler,
 )
 
 
@@ -113,3 +115,35 @@ def test_noise_batch_uses_the_scheduler(prediction_type):
     assert torch.allclose(b.noisy, sched.add_noise(z, noise, t))
     expected = noise if prediction_type == "epsilon" else sched.get_velocity(z, noise, t)
     assert torch.allclose(b.target, expected)
+
+
+def test_rectified_flow_noising_target_and_timestep_sampling():
+    """SD 3 and FLUX noise by rectified flow (docs/ALGORITHMS.md 5); sigma follows their schedulers' configs."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sd3 = FlowMatchEulerDiscreteScheduler(shift=3.0)  # SD 3's
+    flux = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_image_seq_len=256,
+                                           max_image_seq_len=4096, base_shift=0.5, max_shift=1.15)  # FLUX.1's
+    flow = training_scheduler(sd3)
+    assert isinstance(flow, RectifiedFlow) and training_scheduler(flow) is flow
+    z = torch.randn(3, 16, 8, 8)
+    noise, t = sample_noise(z, 1000, torch.Generator().manual_seed(0))
+    batch = noise_batch(sd3, z, torch.zeros(3, 4, 8), noise, t)
+    sigma = batch.timesteps / 1000
+    s = sigma.view(-1, 1, 1, 1)
+    torch.testing.assert_close(batch.noisy, (1 - s) * z + s * noise)
+    torch.testing.assert_close(batch.target, noise - z)
+    # SD 3: logit-normal (median u = 0.5 -> 0.5), then the shift 3: sigma = 3 s / (1 + 2 s) -> 0.75
+    draws = torch.arange(1000)
+    sig = flow.sigmas(draws, (16, 64, 64))
+    assert sig.median().item() == pytest.approx(0.75, abs=2e-3) and bool((sig > 0).all() and (sig < 1).all())
+    assert bool((sig[1:] > sig[:-1]).all())  # monotone in the draw: t keeps meaning "more noise"
+    unshifted = sig.double() / (3 - 2 * sig.double())
+    logit = torch.log(unshifted / (1 - unshifted))  # logit-normal(0, 1): its logit is standard normal
+    assert logit.mean().item() == pytest.approx(0, abs=1e-3) and logit.std().item() == pytest.approx(1, abs=0.02)
+    # FLUX: uniform, shifted by the sequence length: more tokens, more noise (mu from 0.5 at 256 to 1.15 at 4096)
+    small, large = (training_scheduler(flux).sigmas(draws, (16, n, n)) for n in (32, 128))
+    mu = 1.15  # 64 x 64 packed tokens = 4096: the maximum shift
+    u = (draws.double() + 0.5) / 1000
+    torch.testing.assert_close(large, (torch.e ** mu / (torch.e ** mu + 1 / u - 1)).float())
+    assert bool((large > small).all()) and small.mean() > 0.5

@@ -2,7 +2,6 @@
 through the loop and the `erase` command on tiny real pipelines; UCE's closed form; several concepts."""
 
 import json
-from dataclasses import replace
 
 import pytest
 import torch
@@ -46,7 +45,8 @@ def test_every_registered_method_resolves_without_importing_the_loop():
 
     run = subprocess.run([sys.executable, "-c", RESOLVE], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert set(run.stdout.strip().split(",")) == {"salun", "rl", "esd-x", "esd-u", "ca", "uce", "salun-adv"}
+    assert set(run.stdout.strip().split(",")) == {"salun", "rl", "esd-x", "esd-u", "ca", "uce", "salun-adv",
+                                                       "rece", "safree", "fmn", "scissorhands", "erasediff", "ant"}
 
 
 # ------------------------------------------------------------------------------------------ flags and alpha
@@ -239,20 +239,342 @@ def test_several_concepts_in_one_run(tiny_pipeline_dir, tmp_path, capsys):
     assert "five" in card["surrogate"][0] and not any("four" in s for s in card["surrogate"])
 
 
-@pytest.mark.parametrize("method", ["rl", "esd-x", "ca"])
+@pytest.mark.parametrize("method", ["rl", "esd-x", "ca", "fmn", "scissorhands", "erasediff", "ant"])
 def test_every_loop_method_resumes_exactly(method, tmp_path):
-    """A run killed after its checkpoint and resumed ends with the weights of an uninterrupted one (ESD's
-    partial-sampling stop index is one of the step's seeded draws, so it repeats too)."""
+    """A run killed after its checkpoint and resumed ends with the weights of an uninterrupted one (ESD's and
+    ANT's partial-sampling stop indices and EraseDiff's uniform targets are the step's seeded draws, so they
+    repeat too; ScissorHands' trimming is redone, then overwritten by the checkpoint)."""
     g = torch.Generator().manual_seed(0)
     forget = LatentSet(torch.randn(4, 4, 16, 16, generator=g), ["a nude"] * 4, ["a dressed"] * 4)
+    retain = LatentSet(torch.randn(4, 4, 16, 16, generator=g), ["a tree"] * 4)
     if method == "esd-x":
         forget = LatentSet.prompts_only(forget.prompts, (4, 16, 16))
-    cfg = TrainConfig(method=method, steps=3, batch_size=2, lr=1e-3, checkpointing_steps=2,
-                      **({"esd_ddim_steps": 3} if method == "esd-x" else {}))
-    straight = train_unet(build_tiny_pipeline(0), forget, None, cfg, checkpoint_dir=tmp_path / "a")
-    short = replace(cfg, steps=2)  # "killed" right after checkpoint-2
-    train_unet(build_tiny_pipeline(0), forget, None, short, checkpoint_dir=tmp_path / "b")
-    resumed = train_unet(build_tiny_pipeline(0), forget, None, cfg, checkpoint_dir=tmp_path / "b", resume="latest")
+    options = {"esd-x": {"esd_ddim_steps": 3}, "ant": {"ant_ddim_steps": 3, "ant_before_step": 1}}.get(method, {})
+    settings = dict(method=method, batch_size=2, lr=1e-4 if method == "ant" else 1e-3, checkpointing_steps=2,
+                    **options)
+    cfg = TrainConfig(steps=3, **settings)
+    retain = retain if cfg.alpha > 0 else None
+    mask = _method_mask(method, forget)
+    straight = train_unet(build_tiny_pipeline(0), forget, retain, cfg, mask, checkpoint_dir=tmp_path / "a")
+    short = TrainConfig(steps=2, **settings)  # "killed" right after checkpoint-2
+    train_unet(build_tiny_pipeline(0), forget, retain, short, mask, checkpoint_dir=tmp_path / "b")
+    resumed = train_unet(build_tiny_pipeline(0), forget, retain, cfg, mask, checkpoint_dir=tmp_path / "b",
+                         resume="latest")
     assert resumed.resumed_from == 2
     a, b = straight.unet.state_dict(), resumed.unet.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------------------------------------------ UCE's tokens, RECE, SAFREE
+
+def test_uce_token_selections():
+    """last-to-end (the official code): each prompt's rows from its last word token to the end of the padded
+    sequence, the erased prompt's and its target's aligned there; all: every position."""
+    from concept_erase.concepts import get_concept
+    from concept_erase.diffusion.conditioning import PromptEmbeddings
+    from concept_erase.diffusion.methods.uce import real_token_counts, uce_rows
+
+    pipe = build_tiny_pipeline(0, words=("a", "nude", "cat", "dressed", "tree"))  # each word one token
+    embed = PromptEmbeddings(pipe, "cpu")
+    concept = get_concept(forget=["a nude cat"], surrogate=["a dressed"], retain_prompts=["a tree"])
+    assert real_token_counts(pipe, ["a nude cat", "a dressed", ""]) == [5, 4, 2]
+    L = embed(["a nude cat"]).hidden.shape[1]
+    last = uce_rows(pipe, embed, concept, ["a tree"], "last-to-end")
+    # "cat" is token 3 of "a nude cat", "dressed" token 2 of "a dressed": L - 3 rows, aligned from there
+    assert last.erase.shape[0] == last.target.shape[0] == L - 3 and last.preserve.shape[0] == L - 2
+    assert torch.equal(last.erase[0], embed(["a nude cat"]).hidden[0, 3].double())
+    assert torch.equal(last.target[0], embed(["a dressed"]).hidden[0, 2].double())
+    every = uce_rows(pipe, embed, concept, ["a tree"], "all")
+    assert every.erase.shape[0] == every.preserve.shape[0] == L and every.owner == ["custom: a nude cat"] * L
+
+
+def test_rece_derived_embedding_is_the_minimiser():
+    from concept_erase.diffusion.methods.rece import regenerating_embeddings
+
+    g = torch.Generator().manual_seed(0)
+    new, old = ([torch.randn(7, 5, generator=g, dtype=torch.float64) for _ in range(3)] for _ in range(2))
+    c, keep = torch.randn(2, 5, generator=g, dtype=torch.float64), torch.randn(4, 5, generator=g, dtype=torch.float64)
+    rho = 0.3
+    derived = regenerating_embeddings(new, old, c, keep, rho)
+    # the gradient of sum_l ||W'_l c' - W_l c||^2 + rho sum_j (c_j^T c')^2 vanishes at c' (up to the 1e-9 ridge)
+    grad = sum((derived @ Wn.T - c @ Wo.T) @ Wn for Wn, Wo in zip(new, old)) + rho * (derived @ keep.T) @ keep
+    assert grad.abs().max() < 1e-6
+
+
+def test_rece_erases_the_embedding_that_regenerates_the_concept_after_uce():
+    """RECE's point: the embedding derived from UCE's edit brings the concept back there; after RECE's rounds it
+    gives the target's outputs instead, while the edit stays UCE's closed form (same layers, same report)."""
+    from concept_erase.concepts import get_concept
+    from concept_erase.diffusion.methods.rece import RECE, rece_edit, regenerating_embeddings
+    from concept_erase.diffusion.methods.uce import prepare_edit, uce_rows
+
+    concept = get_concept(forget=["a nude"], surrogate=["a dressed"], retain_prompts=["a tree", "a cat"])
+    uce_pipe, rece_pipe = build_tiny_pipeline(0), build_tiny_pipeline(0)
+    base = weights_copy(rece_pipe.unet)
+    uce_edit(uce_pipe, concept, tokens="last-to-end")
+    layers, _, embed = prepare_edit(uce_pipe)
+    rows = uce_rows(uce_pipe, embed, concept, ["a tree", "a cat"], "last-to-end")
+    original = [base[f"{n}.weight"].double() for n in layers]  # `originals` were taken after UCE's edit
+    after_uce = [m.weight.detach().double() for m in layers.values()]
+    derived = regenerating_embeddings(after_uce, original, rows.erase, rows.preserve, 1e-3)
+    report = rece_edit(rece_pipe, concept, rounds=2)
+    after_rece = [m.weight.detach().double() for m in cross_attention_projections(rece_pipe.unet, family_of(rece_pipe)).values()]
+
+    def to_target(weights):  # how far the derived embeddings' outputs are from the target's, over the layers
+        return sum(float(((derived @ W.T - rows.target @ Wo.T) ** 2).sum()) for W, Wo in zip(weights, original))
+
+    assert to_target(after_rece) < 0.5 * to_target(after_uce)
+    assert _changed(rece_pipe, base) == {f"{n}.weight" for n in layers} and RECE.closed_form
+    assert len(report["regeneration_per_round"]) == 2 and report["forget_per_concept"]["custom: a nude"] < 0.2
+
+
+def _judged_seven(model, tmp_path) -> float:
+    """The share of MiniSD images of "seven" (three styles, two seeds each) the digit judge calls seven."""
+    from concept_erase.diffusion.data.generate import generate_images
+    from concept_erase.diffusion.minisd import minisd_prompt
+    from concept_erase.diffusion.minisd.judge import load_judges
+    from concept_erase.diffusion.models.loading import load_pipeline
+
+    pipe = load_pipeline(model)
+    prompts = [minisd_prompt("seven", s) for s in ("plain", "bold", "negative") for _ in range(2)]
+    images = generate_images(pipe, prompts, [0, 1] * 3, num_inference_steps=25, guidance_scale=5.0)
+    return float((load_judges().predict_digits(images) == 7).mean())
+
+
+@pytest.mark.parametrize("method", ["uce", "rece"])
+def test_closed_form_methods_erase_seven_from_minisd(method, tmp_path, capsys):
+    out = tmp_path / method
+    assert main(["erase", "--model", "minisd", "--concept", "minisd-digit-seven", "--method", method,
+                 "--output", str(out), "--no-progress"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["tokens"] == "last-to-end" and summary["forget_per_concept"]["minisd-digit-seven"] < 0.2
+    assert _judged_seven("minisd", tmp_path) == 1.0 and _judged_seven(out, tmp_path) <= 0.2
+
+
+def test_safree_writes_the_base_weights_and_its_config_which_loading_applies(tiny_pipeline_dir, tmp_path, capsys):
+    """SAFREE changes no weight: OUTPUT is the base pipeline, its card says so, and safree.json makes
+    load_pipeline hook the text encoder and UNet: inside the first steps' window the conditional embedding of a
+    prompt with a trigger token is the filtered one, later the original; the unconditional one never changes."""
+    from concept_erase.diffusion.methods.safree import SAFREE_CONFIG
+    from concept_erase.diffusion.models.card import read_model_card
+    from concept_erase.diffusion.models.loading import load_pipeline
+
+    out = tmp_path / "safree"
+    argv = ["erase", "--model", str(tiny_pipeline_dir), "--forget", "a nude cat", "--surrogate", "a cat",
+            "--method", "safree", "--safree-gamma", "10", "--output", str(out), "--no-progress"]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["keywords"] == ["nude"] and summary["edited_parameters"] == 0
+    assert json.loads((out / SAFREE_CONFIG).read_text())["keywords"] == ["nude"]
+    card = read_model_card(out)
+    assert card["method"] == "safree" and card["weights"].startswith("unchanged")
+    base, erased = load_pipeline(tiny_pipeline_dir), load_pipeline(out)
+    assert all(torch.equal(v, erased.unet.state_dict()[k]) for k, v in base.unet.state_dict().items())
+    assert not hasattr(base, "_concept_erase_safree")
+    hooks = erased._concept_erase_safree
+    seen = []
+    erased.unet.register_forward_pre_hook(lambda m, a, k: seen.append(k["encoder_hidden_states"].clone()),
+                                          with_kwargs=True)  # runs after SAFREE's hook
+    cond, empty = erased.encode_prompt(["a nude cat"], "cpu", 1, True)
+    entry = hooks.recorded[hooks._key(cond[0])]
+    # a trigger: a filtered embedding, used from t = 999 down to a timestep in [780, 980] (gamma 10 of 50 steps)
+    assert 780 <= entry[2] <= 980 and not torch.equal(entry[1], cond[0])
+    latents = torch.zeros(2, 4, 16, 16)
+    for t in (999, 1):
+        erased.unet(latents, t, encoder_hidden_states=torch.cat([empty, cond]))
+    inside, outside = seen
+    assert torch.equal(inside[0], empty[0]) and torch.equal(inside[1], entry[1].to(cond))
+    assert torch.equal(outside[0], empty[0]) and torch.equal(outside[1], cond[0])
+    capsys.readouterr()
+    assert main([*argv[:-1], "--save-delta", str(tmp_path / "d"), "--output", str(tmp_path / "x")]) == 2
+    assert "--save-delta is not used by --method safree" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ FMN, ScissorHands, EraseDiff, ANT
+
+def _method_mask(method, forget, pipe=None):
+    """The mask a method computes (ScissorHands: SNIP, the weights it trims; ANT: its augmented map), on the
+    tiny pipeline the run starts from (built from the same seed)."""
+    from concept_erase.diffusion.methods.ant import ANTOptions
+    from concept_erase.diffusion.training.mask_pass import compute_mask
+
+    score = {"scissorhands": "snip", "ant": "ant"}.get(method)
+    if score is None:
+        return None
+    return compute_mask(pipe or build_tiny_pipeline(0), forget, 0.05 if score == "snip" else 0.5, batch_size=2,
+                        score=score, ant=ANTOptions(ant_ddim_steps=3, ant_before_step=1, ant_rounds=2))
+
+
+def _images(n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (LatentSet(torch.randn(n, 4, 16, 16, generator=g), ["a nude"] * n, ["a dressed"] * n),
+            LatentSet(torch.randn(n, 4, 16, 16, generator=g), ["a tree"] * n))
+
+
+def test_mask_scores_rank_differently_and_ant_uses_the_late_stage():
+    from concept_erase.diffusion.methods.ant import ANTOptions, late_stage_start
+    from concept_erase.diffusion.training.mask_pass import compute_mask
+
+    pipe = build_tiny_pipeline(0)
+    forget, _ = _images()
+    masks = {s: compute_mask(pipe, forget, 0.1, batch_size=2, score=s) for s in ("salun", "snip", "ant")}
+    assert {m.score for m in masks.values()} == {"salun", "snip", "ant"}
+    for a, b in (("salun", "snip"), ("salun", "ant")):
+        assert any(not torch.equal(masks[a].masks[n], masks[b].masks[n]) for n in masks[a].masks), (a, b)
+    # t' is the DDIM timestep at step index ant_before_step: 50 steps from 981 down by 20 ("leading", offset 1)
+    assert late_stage_start(pipe.scheduler, ANTOptions()) == 981 - 7 * 20
+    with pytest.raises(ConceptEraseError, match="--ant-before-step 5 leaves no late stage"):
+        late_stage_start(pipe.scheduler, ANTOptions(ant_ddim_steps=5, ant_before_step=5))
+
+
+@pytest.mark.parametrize("method", ["ant", "fmn", "erasediff"])
+def test_masked_methods_leave_frozen_weights_bit_identical(method):
+    """ANT trains its saliency map's weights only; FMN and EraseDiff a user's mask (EraseDiff's inner steps and
+    projections stay inside it too)."""
+    from concept_erase.diffusion.training.mask_pass import compute_mask
+
+    pipe = build_tiny_pipeline(0)
+    base = weights_copy(pipe.unet)
+    forget, retain = _images()
+    options = {"ant": {"ant_ddim_steps": 3, "ant_before_step": 1}}.get(method, {})
+    cfg = TrainConfig(method=method, steps=2, batch_size=2, lr=1e-3 if method != "ant" else 1e-4, **options)
+    mask = _method_mask(method, forget, pipe) or compute_mask(pipe, forget, 0.3, batch_size=2)
+    train_unet(pipe, forget, retain if cfg.alpha > 0 else None, cfg, mask=mask)
+    moved = 0
+    for name, p in pipe.unet.named_parameters():
+        frozen = ~mask.masks[name]
+        assert torch.equal(p.detach()[frozen], base[name][frozen]), name
+        moved += int((p.detach()[~frozen] != base[name][~frozen]).sum())
+    assert moved > 0
+
+
+def test_scissorhands_trims_the_snip_mask_and_projects_the_retain_gradient():
+    from concept_erase.diffusion.methods.scissorhands import ScissorHands, dot, gradients, trained_parameters
+
+    pipe = build_tiny_pipeline(0)
+    forget, retain = _images()
+    mask = _method_mask("scissorhands", forget, pipe)
+    assert mask.score == "snip" and mask.kept_fraction == pytest.approx(0.05, abs=1e-4)
+    cfg = TrainConfig(method="scissorhands", steps=1, batch_size=2, lr=1e-3)
+    method = cfg.build_method()
+    assert method.trainable(pipe.unet, family_of(pipe), mask) is None  # every weight is repaired ...
+    for name, p in pipe.unet.named_parameters():  # ... after the trimmed ones were set to zero
+        assert not p.detach()[mask.masks[name]].any(), name
+    # the step's gradient is g_r with its component along g_f removed when it would lower the forget loss
+    from concept_erase.diffusion.losses import noise_batch, training_scheduler
+    from concept_erase.diffusion.conditioning import PromptEmbeddings
+
+    embed = PromptEmbeddings(pipe, torch.device("cpu"))
+    sched = training_scheduler(pipe.scheduler)
+    g = torch.Generator().manual_seed(3)
+    fb, rb = (noise_batch(sched, s.latents[:2], embed(s.prompts[:2]), torch.randn(2, 4, 16, 16, generator=g),
+                          torch.tensor([500, 900])) for s in (forget, retain))
+    pipe.unet.requires_grad_(True)
+    params = trained_parameters(pipe.unet)
+    loss, loss_f, loss_r = method.loss(pipe.unet, fb, rb)
+    assert loss.item() == pytest.approx(loss_r.item())  # valued L_r, what is descended
+    d = gradients(loss, params)
+    from concept_erase.diffusion.methods.scissorhands import joint_forward
+
+    out_f, out_r = joint_forward(pipe.unet, fb, rb)
+    g_f = gradients(torch.nn.functional.mse_loss(out_f, fb.target), params)
+    g_r = gradients(torch.nn.functional.mse_loss(out_r, rb.target), params)
+    assert dot(d, g_f).item() <= 1e-6 * dot(g_f, g_f).item() ** 0.5 * dot(g_r, g_r).item() ** 0.5
+    if dot(g_r, g_f) <= 0:  # nothing to project: d is g_r itself
+        assert dot([a - b for a, b in zip(d, g_r)], [a - b for a, b in zip(d, g_r)]).item() < 1e-12
+
+
+def test_erasediff_targets_are_uniform_noise_whatever_the_split():
+    from concept_erase.diffusion.methods.erasediff import ood_targets
+
+    noise = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    whole = ood_targets(noise, 123)
+    assert torch.equal(torch.cat([ood_targets(noise[:2], 123), ood_targets(noise[2:], 123)]), whole)
+    assert whole.min() >= 0 and whole.max() < 1 and abs(whole.mean().item() - 0.5) < 0.05
+    assert not torch.equal(ood_targets(noise, 124), whole)
+    # the loss is valued L_r, and f (the forget images' distance to their uniform targets) goes down
+    from concept_erase.diffusion.conditioning import PromptEmbeddings
+    from concept_erase.diffusion.losses import training_scheduler
+
+    pipe = build_tiny_pipeline(0)
+    forget, retain = _images()
+    cfg = TrainConfig(method="erasediff", steps=5, batch_size=2, lr=1e-3, erasediff_inner_lr=0.1)
+    method = cfg.build_method()
+    cond = PromptEmbeddings(pipe, torch.device("cpu"))(forget.prompts)
+    draw = torch.Generator().manual_seed(5)
+    fixed = (training_scheduler(pipe.scheduler), forget.latents, cond, None, torch.randn(4, 4, 16, 16, generator=draw),
+             torch.randint(0, 1000, (4,), generator=draw), {"ood_seed": 7})
+
+    def f():
+        with torch.no_grad():
+            return method.loss(pipe.unet, method.forget_batch(pipe.unet, *fixed), None)[1].item()
+    before = f()
+    result = train_unet(pipe, forget, retain, cfg)
+    assert all(r["loss"] == pytest.approx(r["loss_retain"]) for r in result.losses)
+    assert f() < before
+
+
+def test_fmn_reads_the_concept_tokens_attention_and_lowers_it():
+    from concept_erase.diffusion.methods.fmn import concept_tokens, cross_attention_probabilities
+
+    pipe = build_tiny_pipeline(0)
+    tokens = concept_tokens(pipe.tokenizer, ["a nude cat"], ["a dressed cat"])
+    ids = pipe.tokenizer("a nude cat", padding="max_length", max_length=pipe.tokenizer.model_max_length).input_ids
+    theirs = set(pipe.tokenizer("a dressed cat").input_ids)
+    assert tokens[0].any() and [bool(t) for t in tokens[0]] == [
+        i not in theirs and i not in pipe.tokenizer.all_special_ids for i in ids]
+    with pytest.raises(ConceptEraseError, match="no token that its surrogate"):
+        concept_tokens(pipe.tokenizer, ["a cat"], ["a cat"])
+    # the hook records one map per cross-attention layer, with the processors (and outputs) unchanged
+    z, t = torch.randn(2, 4, 16, 16), torch.tensor([10, 500])
+    cond = torch.randn(2, pipe.tokenizer.model_max_length, pipe.unet.config.cross_attention_dim)
+    before = pipe.unet(z, t, encoder_hidden_states=cond).sample
+    processors = dict(pipe.unet.attn_processors)
+    with cross_attention_probabilities(pipe.unet) as maps:
+        during = pipe.unet(z, t, encoder_hidden_states=cond).sample
+    layers = [n for n in processors if "attn2" in n]
+    assert len(maps) == len(layers) and all(torch.allclose(m.sum(-1), torch.ones(())) for m in maps)
+    assert torch.allclose(before, during, atol=1e-5)
+    assert {n: type(p) for n, p in pipe.unet.attn_processors.items()} == {n: type(p) for n, p in processors.items()}
+    forget, _ = _images()
+    forget = LatentSet(forget.latents, ["a nude cat"] * 4, ["a dressed cat"] * 4)
+    result = train_unet(pipe, forget, None, TrainConfig(method="fmn", steps=4, batch_size=2, lr=1e-2),
+                        concept_of={"a nude cat": "n"})
+    assert result.forget_per_concept["n"] < result.losses[0]["loss_forget"]
+
+
+def test_ant_keeps_the_guidance_early_and_reverses_it_late():
+    """At the original model ANT's early-stage and unconditional terms vanish and its late term is
+    ||(1 + eta)(eps(c) - eps(""))||^2: the loss is its late term alone, and the early rows come first."""
+    pipe = build_tiny_pipeline(0)
+    forget = LatentSet.prompts_only(["a nude"] * 2, (4, 16, 16))
+    cfg = TrainConfig(method="ant", steps=1, batch_size=2, lr=1e-4, ant_ddim_steps=4, ant_before_step=2)
+    result = train_unet(pipe, forget, None, cfg, mask=_method_mask("ant", _images()[0], build_tiny_pipeline(0)))
+    assert result.losses[0]["loss"] == pytest.approx(result.losses[0]["loss_forget"], rel=1e-5)
+    method = cfg.build_method()
+    draws = [method.draw(torch.Generator().manual_seed(s)) for s in range(20)]
+    assert all(0 <= d["early"] < 2 <= d["late"] < 4 for d in draws)
+
+
+def test_new_methods_run_through_the_command_and_the_mask_command_takes_a_score(tiny_pipeline_dir, tmp_path, capsys):
+    from concept_erase.diffusion.models.card import read_model_card
+    from concept_erase.saliency import SaliencyMask
+
+    cache = tmp_path / "cache"
+    assert main(["mask", "--model", str(tiny_pipeline_dir), "--forget", "a nude", "--surrogate", "a dressed",
+                 "--score", "snip", "--keep", "0.1", "--num-forget-images", "2", "--image-steps", "2",
+                 "--cache-dir", str(cache), "--output", str(tmp_path / "snip.safetensors"), "--no-progress"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["score"] == "snip" and SaliencyMask.load(tmp_path / "snip.safetensors").score == "snip"
+    out = tmp_path / "sh"
+    assert main([*_cli(tiny_pipeline_dir, cache, "--method", "scissorhands", "--steps", "1", "--output", str(out),
+                       "--num-forget-images", "2", "--num-retain-images", "2")]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["method"] == "scissorhands" and summary["keep"] == pytest.approx(0.01, abs=1e-3)
+    assert read_model_card(out)["method"] == "scissorhands"
+    assert SaliencyMask.load(out / "mask.safetensors").score == "snip"
+    for argv, error in ((["--method", "scissorhands", "--alpha", "0.5"], "--alpha is not used by --method scissorhands"),
+                        (["--method", "fmn", "--score", "snip"], "--score is not used by --method fmn"),
+                        (["--method", "esd-x", "--ant-eta", "2"], "--ant-eta is not used by --method esd-x")):
+        assert main([*_cli(tiny_pipeline_dir, cache, *argv, "--output", str(tmp_path / "x"))]) == 2
+        assert error in capsys.readouterr().err

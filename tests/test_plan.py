@@ -4,6 +4,7 @@ import shutil
 
 import pytest
 import torch
+from helpers import saved_bytes
 
 from concept_erase.diffusion.memory import backward_peak, load_counts, measure_process, no_grad_peak, trace_activations
 from concept_erase.diffusion.plan import CUDA_RESERVE, PlanConfig, describe, estimate, parse_bytes
@@ -15,26 +16,17 @@ def test_memory_sizes_parse_in_decimal_and_binary_units():
     assert parse_bytes("24GiB") == 24 * 2**30
     assert parse_bytes("1.5 gib") == int(1.5 * 2**30)
     assert parse_bytes("512MB") == 512 * 10**6
-    for bad in ("", "sixteen", "-1GB", "0GB", "16XB"):
+    assert parse_bytes("0.4GB") == 4 * 10**8 and parse_bytes("100B") == 100
+    for bad in ("", "sixteen", "-1GB", "0GB", "16XB", "0.4", "16", "0.1B", "5iB"):  # a bare number is refused
         with pytest.raises(ConceptEraseError, match="not a size"):
             parse_bytes(bad)
 
 
 def _saved_bytes_for_real(unet, batch, latent, cross_dim):
     """What autograd keeps for the backward pass in a real CPU forward (the kernels actually used)."""
-    params = {p.untyped_storage().data_ptr() for p in unet.parameters()}
-    seen = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in params:
-            seen[st.data_ptr()] = st.nbytes()
-        return t
-
     x = torch.randn(batch, 4, latent, latent)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        unet(x, torch.zeros(batch, dtype=torch.long), encoder_hidden_states=torch.randn(batch, 77, cross_dim))
-    return sum(seen.values())
+    return saved_bytes(unet, lambda: unet(x, torch.zeros(batch, dtype=torch.long),
+                                          encoder_hidden_states=torch.randn(batch, 77, cross_dim)))
 
 
 def test_activation_trace_on_the_meta_device_matches_a_real_forward(tiny_pipeline):
@@ -233,3 +225,23 @@ def test_plan_refuses_the_method_flags_erase_refuses(method, flags, tiny_pipelin
         assert len(err) == 1 and err[0].startswith("concept-erase: error: "), err
         errors.append(err[0])
     assert errors[0] == errors[1] and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags", [
+    ["--resolution", "12"],
+    ["--resolution", "100000"],
+    ["--batch-size", "8", "--gradient-accumulation-steps", "3"],
+    ["--keep", "1e-12"],
+])
+def test_plan_refuses_the_sizes_batches_and_keeps_erase_refuses(flags, tiny_pipeline_dir, tmp_path, capsys):
+    """The same checks as erase (erase meets some only once the model is loaded): the same one line."""
+    from concept_erase.cli import main
+
+    errors = []
+    for command in (["plan", "--device", "cpu"], ["erase", "--forget", "x", "--surrogate", "y", "--output",
+                                                   str(tmp_path / "out")]):
+        assert main([*command, "--model", str(tiny_pipeline_dir), *flags]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        errors.append(err[-1])
+    assert errors[0] == errors[1] and errors[0].startswith("concept-erase: error: "), errors
+    assert not list(tmp_path.iterdir())

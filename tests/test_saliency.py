@@ -302,3 +302,43 @@ def test_random_and_name_masks():
     assert named.masks["2.weight"].all() and not named.masks["0.weight"].any()
     assert named.kept_fraction == pytest.approx((8 * 3 + 3) / total)
     assert [p.shape for p in named.trainable_parameters(model)] == [(3, 8), (3,)]
+
+
+# ------------------------------------------------------------------------------------------ alternative scores
+
+def test_snip_score_is_abs_of_weight_times_summed_gradient():
+    """ScissorHands' connection sensitivity |theta * sum_b g_b|: a large gradient on a zero weight scores 0."""
+    model = _linear(w=(0.0, -0.5), b=2.0)
+    batches = [torch.tensor([[1.0, -2.0]]), torch.tensor([[2.0, 1.0]])]
+    scores = compute_saliency(model, batches, _sum_loss, score="snip")
+    # gradients as in the salun test: weight [3, -1], bias 2; times the weights (0, -0.5) and 2
+    assert torch.equal(scores["weight"], torch.tensor([[0.0, 0.5]]))
+    assert torch.equal(scores["bias"], torch.tensor([4.0]))
+    salun = compute_saliency(model, batches, _sum_loss)
+    assert torch.equal(salun["weight"], torch.tensor([[3.0, 1.0]]))  # the same gradients, other ranking
+
+
+def test_ant_score_sums_each_rounds_absolute_gradient():
+    """ANT's augmented map: |.| per round (augmentation), then the sum over rounds; SalUn's would cancel
+    the two rounds' opposite signs."""
+    model = _linear()
+    rounds = [[torch.tensor([[1.0, -2.0]])], [torch.tensor([[-1.0, 1.0]]), torch.tensor([[-1.0, 0.0]])]]
+    scores = compute_saliency(model, rounds, _sum_loss, score="ant")
+    # round 1: |[1, -2]| = [1, 2]; round 2: |[-2, 1]| = [2, 1]; bias |1| + |2|
+    assert torch.equal(scores["weight"], torch.tensor([[3.0, 3.0]]))
+    assert torch.equal(scores["bias"], torch.tensor([3.0]))
+    one_pass = compute_saliency(model, [b for r in rounds for b in r], _sum_loss)
+    assert torch.equal(one_pass["weight"], torch.tensor([[1.0, 1.0]]))
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_scores_reach_the_mask_file_and_unknown_scores_are_refused(tmp_path):
+    model = _mlp()
+    for score, batches in (("snip", _forget_batches()), ("ant", [_forget_batches(), _forget_batches()[:1]])):
+        mask = SaliencyMask.compute(model, batches, _ce_loss, keep=0.3, score=score)
+        assert SaliencyMask.load(mask.save(tmp_path / f"{score}.safetensors"), model=model).score == score
+    assert SaliencyMask.random(model, 0.3).score == "random"
+    inverted = SaliencyMask.compute(model, _forget_batches(), _ce_loss, keep=0.3, lowest=True)
+    assert inverted.score == "salun-inverted"
+    with pytest.raises(ConceptEraseError, match="unknown saliency score 'grad'"):
+        compute_saliency(model, _forget_batches(), _ce_loss, score="grad")

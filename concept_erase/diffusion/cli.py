@@ -1,8 +1,9 @@
-"""`concept-erase mask`, `concept-erase erase`, `concept-erase plan` and `concept-erase export`.
+"""`concept-erase mask`, `concept-erase erase`, `concept-erase plan`, `concept-erase export` and `concept-erase apply`.
 
 mask/erase flags are generated from `EraseConfig`'s fields and help. Building these parsers imports `erase.py`
 (and so torch) for the dataclass; diffusers, accelerate and the data layer are imported only when a command
-runs. `export` converts a model between the formats of `loading`, `card`, `single_file` and `delta`.
+runs. `export` converts a model between the formats of `loading`, `card`, `single_file` and `delta`, or writes
+an erasure as a LoRA / LyCORIS file (`lora`); `apply` puts one onto a model at a strength.
 """
 
 from __future__ import annotations
@@ -20,15 +21,18 @@ from .models.families import family_field
 # dataclass (`concept_erase.cli_args`), so the CLI and the Python API cannot drift apart.
 MASK_COMMAND_FIELDS = (
     "model", "model_config", "family", "concept", "concepts_file", "forget", "surrogate", "output", "keep", "mask_scope",
-    "num_forget_images", "forget_images", "image_steps", "image_guidance", "resolution", "cache_dir",
+    "score", "num_forget_images", "forget_images", "image_steps", "image_guidance", "resolution", "cache_dir",
     "batch_size", "seed", "overwrite", "progress",
 )
 ERASE_FIELDS = (
     "model", "model_config", "family", "concept", "concepts_file", "forget", "surrogate", "retain_prompts", "output", "method",
-    "mask", "keep", "mask_scope", "steps", "batch_size", "lr", "alpha", "weight_decay", "seed",
+    "mask", "keep", "mask_scope", "score", "steps", "batch_size", "lr", "alpha", "weight_decay", "seed",
     "gradient_accumulation_steps", "mixed_precision", "gradient_checkpointing", "enable_xformers", "optimizer", "esd_eta",
     "esd_ddim_steps", "esd_start_guidance", "adversarial", "adv_every", "adv_steps", "adv_lr", "train", "ca_params",
-    "uce_erase_scale", "uce_preserve_scale", "uce_lambda",
+    "uce_erase_scale", "uce_preserve_scale", "uce_lambda", "uce_tokens", "rece_rounds", "rece_regulariser",
+    "safree_alpha", "safree_gamma",
+    "fmn_params", "erasediff_inner_steps", "erasediff_inner_lr", "erasediff_eta", "ant_eta", "ant_ddim_steps",
+    "ant_before_step", "ant_alpha_1", "ant_alpha_2", "ant_start_guidance", "ant_rounds",
     "num_forget_images", "num_retain_images", "forget_images", "retain_images", "image_steps",
     "image_guidance", "resolution", "cache_dir", "checkpoint_dir", "checkpointing_steps", "checkpoints_total_limit",
     "resume", "export_single_file", "save_delta", "overwrite", "progress",
@@ -130,52 +134,84 @@ def _plan_main(args: argparse.Namespace) -> int:
 
 @dataclass
 class ExportConfig:
-    """`concept-erase export`: load a model in any format `load_pipeline` reads and write it in another."""
+    """`concept-erase export`: load a model in any format `load_pipeline` reads and write it in another, or
+    write an erasure (the erased model's difference from its base) as a LoRA or LyCORIS file."""
 
     source: str = field(metadata={
-        "help": 'the model: a diffusers folder, .safetensors/.ckpt file, hub id, "minisd" or "minisd-xl"',
+        "help": 'the model: a diffusers folder, .safetensors/.ckpt file, hub id, "minisd" or "minisd-xl"; for '
+                "--to lora / lycoris-full also a delta folder",
         "positional": True,
         "metavar": "SRC"})
     to: str = field(metadata={
-        "help": "output format: one original-layout .safetensors, a diffusers folder, or a UNet delta",
-        "choices": ("single-file", "diffusers", "delta")})
+        "help": "output format: one original-layout .safetensors, a diffusers folder, a UNet delta, or the "
+                "erasure as a LoRA (truncated SVD of the difference from --base) or LyCORIS full (the exact "
+                "difference) .safetensors that diffusers, A1111, ComfyUI and Forge load",
+        "choices": ("single-file", "diffusers", "delta", "lora", "lycoris-full")})
     output: str | None = field(default=None, metadata={
-        "help": "the output file (single-file) or folder (required)", "aliases": ("--out", "out")})
+        "help": "the output file (single-file, lora, lycoris-full) or folder (required)", "aliases": ("--out", "out")})
     config: str | None = field(default=None, metadata={
         "help": "local diffusers folder with the configs of a single-file SRC"})
     family: str | None = family_field()
     base: str | None = field(default=None, metadata={
-        "help": "delta only: the base model the delta applies to (required)"})
+        "help": "delta, lora, lycoris-full: the base model the erasure is taken from (delta: required; lora, "
+                "lycoris-full: default the base the erased model's card or the delta records)"})
     base_config: str | None = field(default=None, metadata={
-        "help": "delta only: config folder for a single-file --base"})
+        "help": "delta, lora, lycoris-full: config folder for a single-file --base"})
     mask: str | None = field(default=None, metadata={
         "help": "delta only: the saliency mask used for the erasure (default: SRC/mask.safetensors when present, "
                 "else exactly the changed entries)"})
+    rank: int | None = field(default=None, metadata={
+        "help": "lora: the rank of every layer (a layer's own rank at most); or --energy", "min": 1})
+    energy: float | None = field(default=None, metadata={
+        "help": "lora: per layer, the smallest rank that keeps this share of the difference's squared norm; or --rank",
+        "above": 0, "max": 1})
+    layout: str = field(default="kohya", metadata={
+        "help": "lora: key names: kohya/A1111 (lora_unet_...; SGM names for SDXL, as A1111/ComfyUI/Forge expect) "
+                "or diffusers/peft (unet....lora_A)", "choices": ("kohya", "diffusers")})
     dtype: str | None = field(default=None, metadata={
-        "help": "single-file only: precision of the stored weights (default: as loaded, fp32)",
+        "help": "single-file, lora, lycoris-full: precision of the stored weights (default: fp32)",
         "choices": ("fp32", "fp16", "bf16")})
     overwrite: bool = field(default=False, metadata={"help": "replace the output if it exists"})
 
     def __post_init__(self):
         check_fields(self)
+        erasure = self.to in ("lora", "lycoris-full")
         if not self.output:
             raise ConceptEraseError("export needs --output (the file or folder to write)")
-        if self.to != "delta" and (self.base or self.base_config or self.mask):
-            raise ConceptEraseError("--base, --base-config and --mask only apply to --to delta")
-        if self.to != "single-file" and self.dtype:
-            raise ConceptEraseError("--dtype only applies to --to single-file")
+        if self.to != "delta" and not erasure and (self.base or self.base_config):
+            raise ConceptEraseError("--base and --base-config only apply to --to delta, lora and lycoris-full")
+        if self.to != "delta" and self.mask:
+            raise ConceptEraseError("--mask only applies to --to delta")
+        if self.to in ("diffusers", "delta") and self.dtype:
+            raise ConceptEraseError("--dtype only applies to --to single-file, lora and lycoris-full")
         if self.to == "delta" and not self.base:
             raise ConceptEraseError("--to delta needs --base (the model the delta applies to)")
+        if self.to != "lora" and (self.rank is not None or self.energy is not None or self.layout != "kohya"):
+            raise ConceptEraseError("--rank, --energy and --layout only apply to --to lora")
+        if self.to == "lora" and (self.rank is None) == (self.energy is None):
+            raise ConceptEraseError("--to lora needs exactly one of --rank (e.g. 64) and --energy (e.g. 0.99)")
 
 
 def _register_export(subparsers) -> None:
     p = subparsers.add_parser(
         "export",
-        help="convert a model: diffusers folder, original-SD single file, or a delta against its base",
-        description="Load SRC (any format load_pipeline reads) and write it in another format.",
+        help="convert a model: diffusers folder, original-SD single file, a delta against its base, or the "
+             "erasure as a LoRA / LyCORIS file",
+        description="Load SRC (any format load_pipeline reads) and write it in another format. --to lora and "
+                    "--to lycoris-full write the difference from the base and print, per layer group, the "
+                    "rank and the share of the difference kept, and the file size against the full checkpoint.",
     )
     add_flags(p, ExportConfig)
     p.set_defaults(func=_export_main)
+    p = subparsers.add_parser(
+        "apply",
+        help="apply an erasure (LoRA, LyCORIS file or delta) to a model at a strength, e.g. a fine-tune of its base",
+        description="Load --model, measure how far it is from the erasure's base (per-layer relative difference), "
+                    "add strength x the erasure's difference, and write a diffusers folder whose card records the "
+                    "erasure and whether this was a transfer to a model other than its base.",
+    )
+    add_flags(p, ApplyConfig)
+    p.set_defaults(func=_apply_main)
 
 
 def _export_main(args: argparse.Namespace) -> int:
@@ -188,9 +224,11 @@ def _export_main(args: argparse.Namespace) -> int:
     if getattr(args, "out", None) and not args.output:  # the old positional OUT, kept for one release
         args.output = args.out
     config = ExportConfig(**values_from(args, ExportConfig))
-    single = config.to == "single-file"
-    check_writable(config.output, config.overwrite, kind="file" if single else "dir",
-                   suffix=".safetensors" if single else None, flag="--output")  # fail before loading anything
+    one_file = config.to in ("single-file", "lora", "lycoris-full")
+    check_writable(config.output, config.overwrite, kind="file" if one_file else "dir",
+                   suffix=".safetensors" if one_file else None, flag="--output")  # fail before loading anything
+    if config.to in ("lora", "lycoris-full"):
+        return _export_erasure(config)
     pipe = load_pipeline(config.source, config=config.config, family=config.family)
     if config.to == "single-file":
         export_single_file(pipe, config.output, overwrite=config.overwrite, dtype=config.dtype)
@@ -208,6 +246,124 @@ def _export_main(args: argparse.Namespace) -> int:
         base = load_pipeline(config.base, config=config.base_config)
         mask_file = config.mask or (Path(config.source) / "mask.safetensors")  # what `erase` saves beside the model
         mask = SaliencyMask.load(mask_file, model=base.unet) if config.mask or Path(mask_file).is_file() else None
-        save_delta(base.unet, pipe.unet, mask, config.output, overwrite=config.overwrite)
+        save_delta(base.unet, pipe.unet, mask, config.output, overwrite=config.overwrite, base_model=config.base)
     print(f"wrote {config.output}")
     return 0
+
+
+def _card_of(source: str) -> dict:
+    from .models.card import read_model_card
+
+    try:
+        return read_model_card(source) if Path(source).is_dir() else {}
+    except ConceptEraseError:
+        return {}
+
+
+def _export_erasure(config: ExportConfig) -> int:
+    """--to lora / lycoris-full: the erased model (or a delta on its base) against its base."""
+    import copy
+
+    from .models.defaults import base_model_of
+    from .models.delta import apply_delta, is_delta, read_delta_config
+    from .models.lora import export_erasure
+    from .models.loading import load_pipeline
+
+    if is_delta(config.source):
+        delta = read_delta_config(config.source)
+        base_name = config.base or delta.get("base_model")
+        if not base_name:
+            raise ConceptEraseError(f"delta {config.source!r} does not record its base: pass --base")
+        base = load_pipeline(base_name, config=config.base_config, family=config.family)
+        erased = apply_delta(copy.deepcopy(base), config.source)
+        info = {"concept": (delta.get("mask") or {}).get("concept")}
+    else:
+        base_name = config.base or base_model_of(config.source, config.config)[0]
+        if base_name == config.source:
+            raise ConceptEraseError(f"{config.source!r} does not record its base model (no model card): pass --base")
+        erased = load_pipeline(config.source, config=config.config, family=config.family)
+        base = load_pipeline(base_name, config=config.base_config, family=config.family)
+        card = _card_of(config.source)
+        info = {"concept": card.get("concept"), "method": card.get("method")}
+    report = export_erasure(base, erased, config.output, to=config.to, rank=config.rank, energy=config.energy,
+                            layout=config.layout, dtype=config.dtype, info={"base_model": base_name, **info},
+                            overwrite=config.overwrite)
+    print(f"{config.to} of {config.source} against {base_name}:")
+    print(report.table())
+    return 0
+
+
+@dataclass
+class ApplyConfig:
+    """`concept-erase apply`: an erasure onto a model (its base, or a fine-tune or merge of it) at a strength."""
+
+    erasure: str = field(metadata={
+        "help": "the erasure: a LoRA or LyCORIS .safetensors (`export --to lora / lycoris-full`, or another "
+                "tool's kohya or diffusers LoRA) or a delta folder", "positional": True, "metavar": "ERASURE"})
+    model: str = field(metadata={
+        "help": 'the model to apply it to: a diffusers folder, .safetensors/.ckpt file, hub id, "minisd" or "minisd-xl"'})
+    output: str = field(metadata={"help": "the diffusers folder to write (with a model card)"})
+    strength: float = field(default=1.0, metadata={
+        "help": "how much of the erasure's difference to add (0: none, 1: all, up to 1.5), as a LoRA slider",
+        "min": 0, "max": 1.5})
+    config: str | None = field(default=None, metadata={"help": "local diffusers folder with the configs of a single-file --model"})
+    family: str | None = family_field()
+    base: str | None = field(default=None, metadata={
+        "help": "the erasure's base model, to measure how far --model moved from it (and a delta's difference "
+                "when --model is another model); default: the base the erasure records, when it can be loaded"})
+    base_config: str | None = field(default=None, metadata={"help": "config folder for a single-file --base"})
+    overwrite: bool = field(default=False, metadata={"help": "replace the output if it exists"})
+
+    def __post_init__(self):
+        check_fields(self)
+
+
+def _apply_main(args: argparse.Namespace) -> int:
+    import statistics
+
+    from ..io_utils import check_writable
+    from ..logs import announce
+    from .minisd import MINISD_MODELS
+    from .models.card import save_pipeline
+    from .models.loading import load_pipeline
+    from .models.lora import apply_erasure, distance_table, read_erasure, relative_distance
+
+    config = ApplyConfig(**values_from(args, ApplyConfig))
+    check_writable(config.output, config.overwrite, kind="dir", flag="--output")
+    erasure = read_erasure(config.erasure)
+    pipe = load_pipeline(config.model, config=config.config, family=config.family)
+    erasure.check_architecture(pipe)  # one line before anything else is loaded
+    is_base = erasure.is_base(pipe)
+    base_name = config.base or erasure.base_model
+    base = None
+    if not is_base and base_name and (config.base or base_name in MINISD_MODELS or Path(base_name).exists()):
+        base = load_pipeline(base_name, config=config.base_config, family=config.family)
+        if erasure.is_base(base) is False:
+            raise ConceptEraseError(f"--base {base_name!r} is not the base {config.erasure!r} was made on "
+                                    "(its weights differ from the ones the erasure records)")
+    elif not is_base and config.base is None:
+        announce(f"the erasure's base ({base_name or 'not recorded'}) cannot be loaded here: pass --base to measure "
+                 "how far the model moved from it")
+    distances = {} if base is None else relative_distance(pipe, base)
+    differences = apply_erasure(pipe, erasure, config.strength, base)
+    transfer = None if is_base is None else not is_base
+    if is_base:
+        print(f"{config.model} is the erasure's base (same weights): not a transfer")
+    elif transfer is None:
+        print(f"{config.erasure} does not record its base: whether this is a transfer is unknown")
+    else:
+        print(f"transfer: {config.model} is not the erasure's base ({base_name or 'unrecorded'})")
+    if distances:
+        print(f"how far {config.model} is from the erasure's base ({base_name}), per layer:")
+        print(distance_table(distances))
+    record = {"file": str(config.erasure), "kind": erasure.kind, "strength": config.strength,
+              "base_model": erasure.base_model, "transfer": transfer,
+              "distance_from_base": {"median": statistics.median(distances.values()),
+                                     "max": max(distances.values())} if distances else None}
+    card = {"base_model": config.model, **{k: v for k, v in erasure.info.items() if v is not None},
+            "erasure": record}
+    save_pipeline(pipe, config.output, card=card, overwrite=config.overwrite)
+    print(f"applied {erasure.kind} {config.erasure} at strength {config.strength:g} ({len(differences)} "
+          f"parameters); wrote {config.output}")
+    return 0
+

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -43,13 +44,13 @@ class PromptEmbeddings:
         return Conditioning.cat([self.cache[p] for p in prompts])
 
 
-FIXED = ("time_ids",)  # SDXL's image-size ids describe the image, not the text: never perturbed
+FIXED = ("time_ids", "guidance")  # SDXL's image-size ids and FLUX's guidance are not the text's: never perturbed
 
 
 def shifted(cond: Conditioning, offset: Mapping[str, Tensor]) -> Conditioning:
     """`cond` + `offset` ({"hidden": ..., and any of cond's extras}); extras without an offset stay as they are."""
-    return Conditioning(cond.hidden + offset["hidden"].to(cond.hidden),
-                        {k: v + offset[k].to(v) if k in offset else v for k, v in cond.added.items()})
+    return replace(cond, hidden=cond.hidden + offset["hidden"].to(cond.hidden),
+                   added={k: v + offset[k].to(v) if k in offset else v for k, v in cond.added.items()})
 
 
 @contextmanager
@@ -94,7 +95,7 @@ def minimise_denoising_error(unet: nn.Module, scheduler, latents: Tensor, pertur
     def error(step: int) -> Tensor:
         noise, t = sample_noise(latents, T, generator)
         batch = noise_batch(scheduler, latents, perturbed(), noise.to(latents.device), t.to(latents.device))
-        pred = unet(batch.noisy, batch.timesteps, **batch.cond.unet_kwargs(batch.noisy.dtype)).sample
+        pred = batch.cond.predict(unet, batch.noisy, batch.timesteps)
         return F.mse_loss(pred.float(), batch.target.float())
 
     optimise_conditioning(params, error, steps=steps, lr=lr)

@@ -7,12 +7,20 @@ and the same on one or several processes.
 
 Each loss runs the UNet ONCE on a concatenated batch (as classifier-free guidance does): faster, and under
 DistributedDataParallel a second forward with grad before one backward would fire the gradient hooks twice.
+
+The same losses train the diffusion transformers (SD 3, FLUX), whose objective is rectified flow: `noise_batch`
+with their flow-matching scheduler gives x_t = (1 - sigma) x_0 + sigma eps and the velocity target eps - x_0
+(`RectifiedFlow`), and `Conditioning.predict` runs the denoiser the family's way. "eps" below then reads
+"velocity": SalUn's surrogate remapping, the saliency loss's guided prediction and the retain loss all keep
+their form (docs/ALGORITHMS.md 5).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +37,8 @@ class NoisedBatch:
 
     noisy: Tensor        # (B, C, h, w) z_t
     noise: Tensor        # (B, C, h, w) eps
-    target: Tensor       # (B, C, h, w) what the UNet predicts for denoising: eps, or v for v-prediction models
-    timesteps: Tensor    # (B,) long
+    target: Tensor       # (B, C, h, w) what the denoiser predicts: eps, v (v-prediction), or eps - z (flow)
+    timesteps: Tensor    # (B,) long; rectified flow: sigma * 1000, float (what SD 3's transformer takes)
     cond: Conditioning | Tensor  # the conditioning of each item's prompt (a bare tensor: hidden states only)
     target_cond: Conditioning | Tensor | None = None  # SalUn: the surrogate prompt; saliency/ESD: the empty one
 
@@ -47,14 +55,69 @@ def sample_noise(latents: Tensor | tuple[int, ...], num_train_timesteps: int,
     return noise, t
 
 
+class RectifiedFlow:
+    """The training side of a flow-matching scheduler (SD 3, FLUX; Esser et al. 2024, "Scaling Rectified Flow
+    Transformers for High-Resolution Image Synthesis", section 2-3): x_t = (1 - sigma) x_0 + sigma eps, the
+    model predicts the velocity eps - x_0 at timestep sigma * 1000.
+
+    The loop draws t ~ U{0..T-1} (`sample_noise`, the same draw for every family, so resume and the process
+    split are unchanged); sigma is a function of it, through the quantile u = (t + 0.5) / T:
+    - a scheduler with a fixed shift (SD 3): u is mapped to the logit-normal distribution, sigmoid(m + s z)
+      with z the standard normal's u-quantile, m = 0, s = 1 (section 3.1's lognorm(0, 1), diffusers'
+      train_dreambooth_sd3.py `weighting_scheme="logit_normal"`), then shifted as the scheduler's own
+      sigmas are: shift sigma / (1 + (shift - 1) sigma) (shift 3 for SD 3, section 5.3.2);
+    - a scheduler with dynamic shifting (FLUX): u itself, shifted by the image's sequence length as
+      FluxPipeline samples (`calculate_shift`: mu linear in the number of packed 2x2 tokens between
+      base_image_seq_len and max_image_seq_len; sigma = e^mu / (e^mu + 1/u - 1)), so training visits the noise
+      levels sampling does at this resolution. (diffusers' train_dreambooth_flux.py draws u uniformly without
+      this shift.)"""
+
+    LOGIT_MEAN, LOGIT_STD = 0.0, 1.0
+
+    def __init__(self, config):
+        self.config = config  # the flow-matching scheduler's (num_train_timesteps, shift, dynamic shifting)
+
+    def sigmas(self, timesteps: Tensor, latent_shape: tuple[int, ...]) -> Tensor:
+        """sigma in (0, 1) of each drawn t ~ U{0..T-1}, for latents of shape (..., h, w), in float32."""
+        c = self.config
+        u = (timesteps.double() + 0.5) / c.num_train_timesteps
+        if c.get("use_dynamic_shifting", False):
+            tokens = (latent_shape[-2] // 2) * (latent_shape[-1] // 2)
+            lo, hi = c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096)
+            base, top = c.get("base_shift", 0.5), c.get("max_shift", 1.15)
+            mu = base + (top - base) * (tokens - lo) / (hi - lo)
+            sigma = math.exp(mu) / (math.exp(mu) + (1 / u - 1))
+        else:
+            z = math.sqrt(2) * torch.special.erfinv(2 * u - 1)  # the standard normal's u-quantile
+            s = torch.sigmoid(self.LOGIT_MEAN + self.LOGIT_STD * z)
+            shift = c.get("shift", 1.0)
+            sigma = shift * s / (1 + (shift - 1) * s)
+        return sigma.float()
+
+    def noise(self, latents: Tensor, noise: Tensor, timesteps: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(x_t, the velocity target eps - x_0, the model timesteps sigma * 1000) of a batch."""
+        sigma = self.sigmas(timesteps, latents.shape).to(latents.device)
+        s = sigma.view(-1, *[1] * (latents.ndim - 1)).to(latents.dtype)
+        return (1 - s) * latents + s * noise, noise - latents, sigma * self.config.num_train_timesteps
+
+
+def _flow_matching(scheduler) -> bool:
+    from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
+
+    return isinstance(scheduler, (FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler))
+
+
 def training_scheduler(scheduler):
-    """`scheduler` itself when its `add_noise` is DDPM's q_sample (DDPM, DDIM), else a DDPM scheduler with
-    its betas and prediction type: LMS and Euler scale the noise by sigma in `add_noise` (a sampler's
-    convention), which would train the UNet on wrongly scaled inputs."""
+    """`scheduler` itself when its `add_noise` is DDPM's q_sample (DDPM, DDIM); `RectifiedFlow` for a
+    flow-matching scheduler (SD 3, FLUX); else a DDPM scheduler with its betas and prediction type: LMS and
+    Euler scale the noise by sigma in `add_noise` (a sampler's convention), which would train the UNet on
+    wrongly scaled inputs."""
     from diffusers import DDIMScheduler, DDPMScheduler
 
-    if isinstance(scheduler, (DDPMScheduler, DDIMScheduler)):
+    if isinstance(scheduler, (DDPMScheduler, DDIMScheduler, RectifiedFlow)):
         return scheduler
+    if _flow_matching(scheduler):
+        return RectifiedFlow(scheduler.config)
     return DDPMScheduler.from_config(scheduler.config)
 
 
@@ -62,8 +125,13 @@ def noise_batch(scheduler, latents: Tensor, cond: Tensor, noise: Tensor, timeste
                 target_cond: Tensor | None = None) -> NoisedBatch:
     """The forward process z_t = q_sample(z, t, eps) with the pipeline's betas, whatever its sampler (see
     `training_scheduler`). The denoising target is eps for epsilon-prediction models (SD 1.x, SD 2 base) and
-    the velocity for v-prediction ones (SD 2.x 768), computed from the clean latents."""
+    the velocity for v-prediction ones (SD 2.x 768), computed from the clean latents. A flow-matching
+    scheduler (SD 3, FLUX) noises by rectified flow instead (`RectifiedFlow`: `timesteps` are the loop's
+    draws t ~ U{0..T-1}, turned into sigma)."""
     scheduler = training_scheduler(scheduler)
+    if isinstance(scheduler, RectifiedFlow):
+        noisy, target, model_t = scheduler.noise(latents, noise, timesteps)
+        return NoisedBatch(noisy, noise, target, model_t, cond, target_cond)
     noisy = scheduler.add_noise(latents, noise, timesteps)
     if getattr(scheduler.config, "prediction_type", "epsilon") == "v_prediction":
         target = scheduler.get_velocity(latents, noise, timesteps)
@@ -73,7 +141,7 @@ def noise_batch(scheduler, latents: Tensor, cond: Tensor, noise: Tensor, timeste
 
 
 def _unet(unet: nn.Module, z: Tensor, t: Tensor, cond: Conditioning | Tensor) -> Tensor:
-    return unet(z, t, **as_conditioning(cond).unet_kwargs(z.dtype)).sample
+    return as_conditioning(cond).predict(unet, z, t)
 
 
 def _cat(*conds: Conditioning | Tensor) -> Conditioning:

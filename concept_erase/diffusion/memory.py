@@ -10,6 +10,7 @@ resident memory of a process with the libraries and tokenizers loaded. See `plan
 from __future__ import annotations
 
 import json
+import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,18 +21,21 @@ from torch import nn
 
 from ..errors import ConceptEraseError, first_line
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass
 class ModelCounts:
-    """Parameter counts per component, and the UNet on the meta device (for tracing)."""
+    """Parameter counts per component, and the denoiser (UNet or transformer) on the meta device (for tracing)."""
 
-    unet: nn.Module
+    unet: nn.Module                    # the denoiser (`Family.denoiser_name`)
     components: dict[str, int]         # component name -> parameter count (unet, text_encoder, vae, ...)
     vae_scale: int                     # pixels per latent pixel
     family: Any                        # families.Family: which weights are cross-attention, ...
     traces: dict = field(default_factory=dict)  # (batch, latent, dtype, checkpointing, scope) -> Activations
     process: int = 0                   # bytes resident in a process with the libraries and tokenizers loaded
                                        # (`measure_process`; 0: not measured)
+    vae_sample_size: int | None = None  # the VAE config's image size (FLUX's native size: its transformer has none)
 
     def activations(self, batch: int, latent: int, dtype: torch.dtype, checkpointing: bool,
                     trainable: set[str]) -> "Activations":
@@ -42,10 +46,11 @@ class ModelCounts:
         if key not in self.traces:
             for name, p in self.unet.named_parameters():
                 p.requires_grad_(name in trainable)
-            self.traces[key] = [trace_activations(self.unet, b, latent, dtype, checkpointing) for b in (1, 2)]
+            self.traces[key] = [trace_activations(self.unet, b, latent, dtype, checkpointing, self.family)
+                                for b in (1, 2)]
         one, two = self.traces[key]
         if len(one.saved) != len(two.saved):  # not the same graph: trace this batch itself
-            return trace_activations(self.unet, batch, latent, dtype, checkpointing)
+            return trace_activations(self.unet, batch, latent, dtype, checkpointing, self.family)
         grow = lambda a, b: a + (b - a) * (batch - 1)  # noqa: E731
         saved = [(pos, grow(a, b)) for (pos, a), (_, b) in zip(one.saved, two.saved)]
         return Activations(saved, one.param_position, grow(one.recompute, two.recompute),
@@ -53,10 +58,12 @@ class ModelCounts:
 
     @property
     def default_resolution(self) -> int:
-        return self.unet.config.sample_size * self.vae_scale
+        size = self.unet.config.get("sample_size")  # FLUX's transformer has none: the VAE's, as `FluxFamily`
+        return size * self.vae_scale if size else self.vae_sample_size or self.family.default_resolution
 
 
-def _config_folder(model: str, model_config: str | None) -> Path:
+def config_folder(model: str, model_config: str | None) -> Path:
+    """The diffusers folder holding `model`'s component configs (a single file's: `model_config`)."""
     from .minisd import MINISD_MODELS, minisd_path
 
     if model in MINISD_MODELS:
@@ -68,7 +75,7 @@ def _config_folder(model: str, model_config: str | None) -> Path:
         if not model_config:
             raise ConceptEraseError(f"model {model!r} is a single file: give --config, a diffusers folder "
                                     "with its component configs")
-        return _config_folder(model_config, None)
+        return config_folder(model_config, None)
     raise ConceptEraseError(f"model {model!r} is not a diffusers folder, a file or 'minisd'")
 
 
@@ -79,11 +86,12 @@ def load_counts(model: str, model_config: str | None = None) -> ModelCounts:
 
     from .models.families import family_from_config
 
-    folder = _config_folder(model, model_config)
+    folder = config_folder(model, model_config)
     index_file = folder / "model_index.json"
     if not index_file.is_file():
         raise ConceptEraseError(f"{str(folder)!r} is not a diffusers pipeline folder (no model_index.json)")
     index = json.loads(index_file.read_text())
+    family = family_from_config(folder)
     counts, unet = {}, None
     for name, spec in index.items():
         if name.startswith("_") or not isinstance(spec, list) or name in ("safety_checker", "feature_extractor"):
@@ -104,13 +112,13 @@ def load_counts(model: str, model_config: str | None = None) -> ModelCounts:
             raise ConceptEraseError(f"cannot build {name} ({cls_name}) from {str(sub)!r}: "
                                     f"{str(err).splitlines()[0]}") from None
         counts[name] = sum(p.numel() for p in module.parameters())
-        if name == "unet":
+        if name == family.denoiser_name:
             unet = module
     if unet is None:
-        raise ConceptEraseError(f"{str(folder)!r} has no unet/config.json")
-    scale = 2 ** (len(json.loads((folder / "vae" / "config.json").read_text())["block_out_channels"]) - 1) \
-        if (folder / "vae" / "config.json").is_file() else 8
-    return ModelCounts(unet, counts, scale, family_from_config(folder))
+        raise ConceptEraseError(f"{str(folder)!r} has no {family.denoiser_name}/config.json")
+    vae = json.loads((folder / "vae" / "config.json").read_text()) if (folder / "vae" / "config.json").is_file() else {}
+    scale = 2 ** (len(vae["block_out_channels"]) - 1) if vae else 8
+    return ModelCounts(unet, counts, scale, family, vae_sample_size=vae.get("sample_size"))
 
 
 def measure_process(counts: ModelCounts, model: str, model_config: str | None = None) -> int:
@@ -121,10 +129,13 @@ def measure_process(counts: ModelCounts, model: str, model_config: str | None = 
 
     from ..runtime import resident_memory
 
-    folder = _config_folder(model, model_config)
+    folder = config_folder(model, model_config)
     tokenizers = []
     for name, spec in json.loads((folder / "model_index.json").read_text()).items():
         if isinstance(spec, list) and spec[0] == "transformers" and "Tokenizer" in str(spec[1]):
+            if not (folder / name).exists():  # a configs-only folder without it (dit-skeleton's T5): not counted
+                logger.warning("%s has no %s folder: the process measure leaves that tokenizer out", folder, name)
+                continue
             try:
                 tokenizers.append(getattr(transformers, spec[1]).from_pretrained(folder / name))
             except Exception as err:  # missing or broken vocabulary files: erase could not run either
@@ -161,7 +172,12 @@ def _fused_attention():
     import torch.nn.functional as F
 
     original = F.scaled_dot_product_attention
-    F.scaled_dot_product_attention = lambda q, k, v, *args, **kwargs: _FusedAttention.apply(q, k, v)
+
+    def fused(*args, **kwargs):  # diffusers' attention dispatch (the transformers) passes query/key/value by name
+        q, k, v = (*args, *(kwargs[n] for n in ("query", "key", "value") if n in kwargs))[:3]
+        return _FusedAttention.apply(q, k, v)
+
+    F.scaled_dot_product_attention = fused
     try:
         yield
     finally:
@@ -182,20 +198,32 @@ class Activations:
         return sum(b for _, b in self.saved) + self.recompute
 
 
-def _meta_inputs(cfg, batch: int, latent: int, dtype: torch.dtype, sequence: int) -> tuple[tuple, dict]:
-    """The UNet's inputs for a batch, on the meta device: latents, timesteps, text states (+ SDXL's extras)."""
+def _meta_inputs(family, cfg, batch: int, latent: int, dtype: torch.dtype):
+    """The denoiser's inputs for a batch, on the meta device: latents, timesteps and the conditioning the family
+    gives it (text states of `family.text_tokens` tokens; SDXL's pooled text and size ids; a transformer's
+    pooled projection and guidance), to run as training does (`Conditioning.predict`). `family` None: SD 1.x."""
+    from .models.families import SD1, Conditioning
+
+    family = family or SD1
     with torch.device("meta"):
-        x = torch.empty(batch, cfg.in_channels, latent, latent, dtype=dtype)
+        x = torch.empty(batch, family.latent_channels(cfg), latent, latent, dtype=dtype)
+        if "joint_attention_dim" in cfg:  # a diffusion transformer (SD 3, FLUX): t = sigma * 1000
+            t = torch.zeros(batch, dtype=dtype)
+            hidden = torch.empty(batch, family.text_tokens, cfg.joint_attention_dim, dtype=dtype)
+            added = {"pooled_projections": torch.empty(batch, cfg.pooled_projection_dim, dtype=dtype)}
+            if cfg.get("guidance_embeds"):
+                added["guidance"] = torch.empty(batch, dtype=dtype)
+            return x, t, Conditioning(hidden, added, family)
         t = torch.zeros(batch, dtype=torch.long)
-        kwargs = {"encoder_hidden_states": torch.empty(batch, sequence, cfg.cross_attention_dim, dtype=dtype)}
+        hidden = torch.empty(batch, family.text_tokens, cfg.cross_attention_dim, dtype=dtype)
+        added = {}
         if getattr(cfg, "addition_embed_type", None) == "text_time":  # SDXL: pooled text + six size ids
             pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
-            kwargs["added_cond_kwargs"] = {"text_embeds": torch.empty(batch, pooled, dtype=dtype),
-                                           "time_ids": torch.empty(batch, 6, dtype=dtype)}
-    return (x, t), kwargs
+            added = {"text_embeds": torch.empty(batch, pooled, dtype=dtype), "time_ids": torch.empty(batch, 6, dtype=dtype)}
+    return x, t, Conditioning(hidden, added)
 
 
-def no_grad_peak(unet: nn.Module, batch: int, latent: int, dtype: torch.dtype, sequence: int = 77) -> int:
+def no_grad_peak(unet: nn.Module, batch: int, latent: int, dtype: torch.dtype, family=None) -> int:
     """The most memory a forward of `unet` under torch.no_grad holds at once beyond its weights and inputs
     (ESD's sampling and target forwards, SalUn's target forward): nothing is kept for a backward pass, so what
     is live at its peak is the skip connections still waiting for the up blocks plus the tensors of the op
@@ -233,10 +261,10 @@ def no_grad_peak(unet: nn.Module, batch: int, latent: int, dtype: torch.dtype, s
 
     for p in unet.parameters():
         p.data = p.data.to(dtype)
-    args, kwargs = _meta_inputs(unet.config, batch, latent, dtype, sequence)
+    x, t, cond = _meta_inputs(family, unet.config, batch, latent, dtype)
     try:
         with torch.no_grad(), _fused_attention(), Live():
-            out = unet(*args, **kwargs)
+            out = cond.predict(unet, x, t)
         del out
     finally:
         for p in unet.parameters():
@@ -245,9 +273,9 @@ def no_grad_peak(unet: nn.Module, batch: int, latent: int, dtype: torch.dtype, s
 
 
 def trace_activations(unet: nn.Module, batch: int, latent: int, dtype: torch.dtype, checkpointing: bool,
-                      sequence: int = 77) -> Activations:
-    """Run `unet` (on the meta device; its requires_grad flags decide what is trainable) on a batch and record
-    what autograd keeps for the backward pass."""
+                      family=None) -> Activations:
+    """Run `unet` (the denoiser of `family`, on the meta device; its requires_grad flags decide what is
+    trainable) on a batch and record what autograd keeps for the backward pass."""
     cfg = unet.config
     for p in unet.parameters():  # on the meta device a cast is free (Module.to would warn about fp32 modules)
         p.data = p.data.to(dtype)
@@ -290,10 +318,10 @@ def trace_activations(unet: nn.Module, batch: int, latent: int, dtype: torch.dty
     handles = [m.register_forward_pre_hook(mark_params) for m in unet.modules()]
     if checkpointing:
         unet.enable_gradient_checkpointing(gradient_checkpointing_func=checkpointed)
-    args, kwargs = _meta_inputs(cfg, batch, latent, dtype, sequence)
+    x, t, cond = _meta_inputs(family, cfg, batch, latent, dtype)
     try:
         with _fused_attention(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            unet(*args, **kwargs)
+            cond.predict(unet, x, t)
     finally:
         for h in handles:
             h.remove()

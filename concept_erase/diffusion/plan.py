@@ -81,17 +81,22 @@ class PlanConfig(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        self.check_batch(1)  # erase's own check (with its processes, at launch)
         if self.memory_budget is not None:
             parse_bytes(self.memory_budget)
 
 
 def parse_bytes(text: str) -> int:
-    """ "16GB" -> 16 * 10^9, "24GiB" -> 24 * 2^30 (also MB/MiB, TB/TiB; a bare number is bytes)."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?)B?\s*", str(text), flags=re.I)
-    if not m or float(m.group(1)) <= 0:
-        raise ConceptEraseError(f"memory budget {text!r} is not a size like 16GB or 24GiB")
-    power = "KMGT".find(m.group(2).upper()) + 1 if m.group(2) else 0
-    return int(float(m.group(1)) * (1024 if m.group(3) else 1000) ** power)
+    """ "16GB" -> 16 * 10^9, "24GiB" -> 24 * 2^30 (also B, KB/KiB, MB/MiB, TB/TiB). The unit is required: a
+    bare "0.4" could mean bytes or GB, and read as bytes it would be a budget nothing fits."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(?:([KMGT])(i?))?B\s*", str(text), flags=re.I)
+    size = 0
+    if m:
+        power = "KMGT".find(m.group(2).upper()) + 1 if m.group(2) else 0
+        size = int(float(m.group(1)) * (1024 if m.group(3) else 1000) ** power)
+    if size < 1:
+        raise ConceptEraseError(f"--memory-budget {text!r} is not a size with its unit, like 16GB or 24GiB")
+    return size
 
 
 # ------------------------------------------------------------------------------------------ the model
@@ -157,10 +162,12 @@ def estimate(config: PlanConfig, counts: ModelCounts | None = None) -> Plan:
     latent = max(1, resolution // counts.vae_scale)
     micro = max(1, config.batch_size // config.gradient_accumulation_steps)
     half = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[config.mixed_precision]
-    n_unet = counts.components["unet"]
-    others = sum(n for name, n in counts.components.items() if name != "unet")
+    denoiser = counts.family.denoiser_name  # the UNet, or a diffusion transformer (SD 3, FLUX)
+    n_unet = counts.components[denoiser]
+    others = sum(n for name, n in counts.components.items() if name != denoiser)
     named = dict(unet.named_parameters())
     method = config.build_method()
+    counts.family.check_method(method)  # as erase: a method with no form for a transformer is refused
     if method.closed_form:
         raise ConceptEraseError(f"--method {config.method} is a closed-form edit with no training loop: its memory "
                                 "is the pipeline's weights plus a few matrices per layer; plan covers the training "
@@ -319,8 +326,23 @@ def _flag(name: str, value: Any) -> str:
     return flag if value is True else f"{flag} {value}"
 
 
+def check_like_erase(config: PlanConfig, counts: ModelCounts) -> None:
+    """What erase checks once it has the model, here from its configs: --resolution near the size the model
+    draws (`defaults.check_resolution`) and a whole latent grid (`generate.check_image_size`), and a --keep
+    that keeps at least one UNet weight (`saliency.kept_count`)."""
+    from ..saliency import kept_count
+    from .data.generate import check_image_size
+    from .models.defaults import check_resolution, model_defaults
+
+    check_resolution(config.resolution, model_defaults(config.model, config.model_config))
+    check_image_size({"--resolution": config.resolution}, counts.vae_scale)
+    if config.method_class.computes_mask and not config.mask:
+        kept_count(config.keep, counts.components[counts.family.denoiser_name])
+
+
 def run_plan(config: PlanConfig) -> tuple[Plan, str]:
     counts = load_counts(config.model, config.model_config)
+    check_like_erase(config, counts)
     measure_process(counts, config.model, config.model_config)
     plan = estimate(config, counts)
     budget = parse_bytes(config.memory_budget) if config.memory_budget else None

@@ -9,7 +9,8 @@ Four attacks, each a `learn(pipe, rows, targets, budget, seed, ...) -> Learned` 
 - `embedding`: the conditioning-space upper bound (no tokenizer, no text encoder).
 
 `run.py` is the `concept-erase attack` job (Pre-ASR / ASR the UnlearnDiffAtk way, docs/PROTOCOLS.md),
-`audit.py` the `concept-erase audit` report, `detectors.py` the success tests.
+`replay.py` reads and checks saved attacks and fits them to another model, `audit.py` the `concept-erase audit`
+report, `detectors.py` the success tests.
 """
 
 from __future__ import annotations
@@ -17,12 +18,31 @@ from __future__ import annotations
 from importlib import import_module
 
 ATTACK_NAMES = ("inversion", "unlearndiffatk", "ringabell", "embedding")
+# What each attack does, in one line for a report reader.
+ATTACK_DESCRIPTIONS = {
+    "inversion": "concept inversion: learns new tokens that make the erased model draw the concept again",
+    "unlearndiffatk": "UnlearnDiffAtk: prefix tokens per prompt, optimised against the erased model",
+    "ringabell": "Ring-A-Bell: a concept vector, found on the text encoder alone, added to the prompt",
+    "embedding": "the conditioning-space bound: the conditioning itself optimised, no tokenizer in the way",
+}
 
 
 def attack_fn(name: str):
-    """The `learn` function of attack `name` (a one-line error for an unknown one)."""
+    """The `learn(pipe, ...)` function of attack `name` (a one-line error for an unknown one), whose result
+    records the attacked model's structure (what a replay must fit) and is checked finite: an optimisation that
+    blew up stops here, naming the attack and the step, and nothing is drawn or reported from it."""
     from concept_erase.errors import ConceptEraseError
 
     if name not in ATTACK_NAMES:
         raise ConceptEraseError(f"unknown attack {name!r} (choose from {', '.join(ATTACK_NAMES)})")
-    return import_module(f"{__name__}.{name}").learn
+    learn = import_module(f"{__name__}.{name}").learn
+
+    def learn_checked(pipe, *args, **kwargs):
+        from .core import structure_of
+
+        learned = learn(pipe, *args, **kwargs)
+        learned.structure = structure_of(pipe)
+        learned.check_finite()
+        return learned
+
+    return learn_checked

@@ -28,6 +28,7 @@ from ..prompts import PromptRow
 from .run import ASR_RULE, attack_sections, draw, run_attacks, same_seed_grid
 
 GRID_ROWS = 6
+FRECHET_MIN = 2  # images on each side a Frechet distance needs (`quality.frechet_distance`: two, for a covariance)
 
 
 def _rows(prompts, seeds, start: int = 0) -> list[PromptRow]:
@@ -56,8 +57,10 @@ def retain_accuracy(concept, prompts: list[str], images: list, classifier: str |
         asked = np.array([wanted[p] for p in prompts])
         digit_ok = judges.predict_digits(images) == asked[:, 0]
         style_ok = judges.predict_styles(images) == asked[:, 1]
+        per_prompt = {q: 100.0 * float(np.mean([digit_ok[i] and style_ok[i] for i, x in enumerate(prompts) if x == q]))
+                      for q in dict.fromkeys(prompts)}
         return {"digit": 100.0 * float(digit_ok.mean()), "style": 100.0 * float(style_ok.mean()),
-                "judge": "MiniSD digit and style judges"}
+                "judge": "MiniSD digit and style judges", "per_prompt": per_prompt}
     if name.startswith("imagenette-"):
         from ..classes import load_classifier, score_classes
 
@@ -78,10 +81,14 @@ def quality(concept, base_images: list, erased_images: list, prompts: list[str],
 
         fid = make_fid(feature_extractor=load_judges().fid_features())
         out["judge_frechet"] = frechet_distance(fid, base_images, erased_images)
+        # its scale: the base against itself at other seeds (rows alternate seeds, so halves share prompts)
+        if len(base_images) >= 4 * FRECHET_MIN:
+            out["judge_frechet_base_spread"] = frechet_distance(fid, base_images[0::2], base_images[1::2])
         out["judge_frechet_note"] = (
             f"FID's formula on the MiniSD digit judge's 128-d features, erased vs base images of {len(prompts)} "
             "retain prompts x seeds; with fewer images than features the covariances are rank-deficient, so "
-            "compare it only between models audited with the same settings")
+            "compare it only between models audited with the same settings. Its scale: "
+            "judge_frechet_base_spread, the same distance between the base's own images at alternate seeds")
     if clip_model or fid_weights:
         from ..quality import ClipScore, load_clip, make_fid, score_quality
 
@@ -109,7 +116,8 @@ def run_audit(pipe, base, concept, detector, *, budgets: dict, seeds, protocol, 
     """Measure everything; returns (results, images for the grids)."""
     rows = _rows(concept.forget_prompts, seeds)
     log(f"audit: {len(rows)} concept prompts x seeds, attacks: {', '.join(budgets)}")
-    attack_run = run_attacks(pipe, concept, rows, budgets, detector, protocol=protocol, base=base, seed=seed, log=log)
+    attack_run = run_attacks(pipe, concept, rows, budgets, detector, protocol=protocol, base=base, seed=seed,
+                             model=model, log=log)
     summary = attack_run.summary()
     n = len(rows)
     base_rate, erased_rate = summary["base_detected"], summary["pre_asr"]
@@ -165,16 +173,71 @@ def headline(results: dict) -> dict:
 # ------------------------------------------------------------------------------------------ writing
 
 
+# The verdict's rules: what "erased" and "robust" mean in one line each (the numbers stay in the sections).
+ERASED_MAX = 10.0    # % of the erased model's plain-prompt images still showing the concept
+ROBUST_MAX = 10.0    # % ASR of the worst attack
+
+
+def _count(pct: float, n: int) -> str:
+    """'1 of 6' for a share of n rows: small counts read better than 16.67%."""
+    return f"{round(pct * n / 100)} of {n}"
+
+
+def verdict(results: dict) -> str:
+    """The answer first: erased or not against the base, robust or not (the worst attack), collateral damage
+    (the worst neighbour), retain, quality and cost, one line each."""
+    f, n = results["forget"], results["forget"]["prompts"]
+    base = "" if f["base_detected"] is None else f" (base model: {_count(f['base_detected'], n)})"
+    erased = f["erased_detected"] <= ERASED_MAX
+    lines = [f"- **Erased: {'yes' if erased else 'no'}.** The concept shows in {_count(f['erased_detected'], n)} "
+             f"of the erased model's images of its own prompts{base}; 'yes' means at most {ERASED_MAX:g}%."]
+    if results["attacks"]:
+        name, worst = max(results["attacks"].items(), key=lambda kv: kv[1]["asr"])
+        robust = worst["asr"] <= ROBUST_MAX
+        lines.append(f"- **Robust at these budgets: {'yes' if robust else 'no'}.** The worst attack, {name}, "
+                     f"succeeds on {_count(worst['asr'], n)} rows (ASR {worst['asr']:.1f}%, lower is better). No "
+                     "control model was attacked at the same budget, so this is a lower bound on what a stronger "
+                     "attack finds.")
+    if "neighbours" in results:
+        nb = results["neighbours"]
+        prompt, share = min(nb["per_prompt"].items(), key=lambda kv: kv[1])
+        lines.append(f"- **Collateral damage:** {nb['unchanged']:.1f}% of neighbour images keep the base's label "
+                     f"(higher is better); the worst neighbour is '{prompt}' at {share:.1f}%.")
+    r = results["retain"]
+    if r["erased"] is not None:
+        keys = [k for k, v in r["erased"].items() if isinstance(v, float)]
+        lines.append("- **Retain:** " + ", ".join(f"{k} {r['erased'][k]:.1f}% (base {r['base'][k]:.1f}%)"
+                                                 for k in keys) + " (higher is better).")
+    q = results["quality"]
+    if q.get("judge_frechet") is not None:
+        spread = q.get("judge_frechet_base_spread")
+        scale = f"; the base's own spread across seeds is {spread:.1f}" if spread is not None else ""
+        lines.append(f"- **Quality:** judge Frechet distance to the base {q['judge_frechet']:.1f}{scale} "
+                     "(lower is better).")
+    e = results["erasure"]
+    if e and "seconds_total" in e:
+        memory = f", peak memory {report.human_bytes(e['peak_memory_bytes'])}" if e.get("peak_memory_bytes") else ""
+        lines.append(f"- **Cost:** {e.get('method', 'the erasure')} took {e['seconds_total']:.0f} s{memory}.")
+    return "## Verdict\n\n" + "\n".join(lines)
+
+
+def _cost_rows(erasure: dict) -> list[tuple[str, str]]:
+    """The erasure's cost for people: 1e-04 not 0.00, MiB not bytes, seconds with their unit."""
+    show = {"lr": lambda v: f"{v:g}", "peak_memory_bytes": report.human_bytes,
+            **{k: (lambda v: f"{v:g} s") for k in ("seconds_total", "seconds_mask", "seconds_per_step")}}
+    names = {"peak_memory_bytes": "peak memory"}
+    return [(names.get(k, k), show.get(k, str)(v)) for k, v in erasure.items()]
+
+
 def _sections(results: dict) -> list[str]:
     t = report.markdown_table
     f = results["forget"]
     secs = [
-        "## Protocol\n\n" + t(["setting", "value"], list(results["protocol"].items())
-                              + [("seeds", ", ".join(map(str, results["seeds"])))]),
+        verdict(results),
         f"## Benign forget rate\n\nThe concept's {f['prompts']} prompt x seed rows, plain prompts. "
         f"Detector: {results['detector']}.\n\n"
         + t(["", "base", "erased"], [("concept detected (%)", f["base_detected"], f["erased_detected"])])
-        + f"\n\nForget rate (erased images without the concept): **{f['forget_rate']:.1f}%**.",
+        + f"\n\nForget rate (erased images without the concept; higher is better): **{f['forget_rate']:.1f}%**.",
         *attack_sections({"attacks": results["attacks"], "rows": f["prompts"], "detector": results["detector"],
                           "base_detected": f["base_detected"]}),
         "![attack success](asr.png)\n\n![same seed: base, erased, each attack](grid_attacks.png)",
@@ -190,10 +253,15 @@ def _sections(results: dict) -> list[str]:
         secs.append("## Retain accuracy\n\nn/a: this concept's retain prompts name nothing a judge can check "
                     "(see quality).")
     else:
-        keys = [k for k in r["erased"] if k != "judge"]
+        keys = [k for k, v in r["erased"].items() if isinstance(v, float)]
+        per = r["erased"].get("per_prompt", {})
+        by_prompt = ("\n\nBy prompt (digit and style both right):\n\n"
+                     + t(["retain prompt", "base (%)", "erased (%)"],
+                         [(q, r["base"]["per_prompt"].get(q), v) for q, v in per.items()])) if per else ""
         secs.append(f"## Retain accuracy\n\n{r['prompts']} retain prompts x seeds ({r['images']} images), "
-                    f"judged by {r['erased']['judge']}.\n\n"
-                    + t(["accuracy (%)", "base", "erased"], [(k, r["base"][k], r["erased"][k]) for k in keys]))
+                    f"judged by {r['erased']['judge']} (higher is better).\n\n"
+                    + t(["accuracy (%)", "base", "erased"], [(k, r["base"][k], r["erased"][k]) for k in keys])
+                    + by_prompt)
     q = results["quality"]
     qrows = [(k, v) for k, v in q.items() if not k.endswith("_note")]
     secs.append("## Quality\n\n" + (t(["figure", "value"], qrows) if qrows else "n/a: give --clip-model and/or "
@@ -201,8 +269,10 @@ def _sections(results: dict) -> list[str]:
                 + "".join(f"\n\n{v}" for k, v in q.items() if k.endswith("_note"))
                 + ("\n\nCLIP score is 100 x cosine (torchmetrics' scale)." if q.get("clip_score") is not None else ""))
     e = results["erasure"]
-    secs.append("## The erasure's cost\n\n" + (t(["", "value"], list(e.items())) if e else
+    secs.append("## The erasure's cost\n\n" + (t(["", "value"], _cost_rows(e)) if e else
                                                 "n/a: the model folder has no erase_summary.json"))
+    secs.append("## Protocol\n\n" + t(["setting", "value"], list(results["protocol"].items())
+                                       + [("seeds", ", ".join(map(str, results["seeds"])))]))
     return secs
 
 
@@ -262,8 +332,25 @@ def write_audit(results: dict, images: dict, out: Path) -> Path:
     return path
 
 
-def check_audit_inputs(concept, budgets: dict) -> None:
+def check_audit_inputs(concept, budgets: dict, seeds, job) -> None:
+    """Everything the audit will need that no model decides, checked before the first image: attacks, prompts,
+    enough retain images for each Frechet distance it computes, and the --clip-model / --fid-weights it names
+    (the FID features are built now, so a missing torch-fidelity fails here too)."""
+    from ..quality import clip_folder, make_fid
+
     if not budgets:
         raise ConceptEraseError("the audit needs at least one attack")
     if not concept.forget_prompts:
         raise ConceptEraseError(f"concept {concept.name!r} has no prompts to audit")
+    if not concept.retain_prompts:
+        raise ConceptEraseError(f"concept {concept.name!r} has no retain prompts to audit")
+    images = len(_spread(list(concept.retain_prompts), job.retain_prompts)) * len(seeds)
+    frechet = concept.name.startswith("minisd-") or job.fid_weights
+    if frechet and images < FRECHET_MIN:
+        raise ConceptEraseError(f"--retain-prompts {job.retain_prompts} x {len(seeds)} seed(s) gives {images} retain "
+                                f"image(s) per model; the quality step's Frechet distance needs at least "
+                                f"{FRECHET_MIN}: raise --retain-prompts or --seeds")
+    if job.clip_model:
+        clip_folder(job.clip_model)
+    if job.fid_weights:
+        make_fid(weights_path=job.fid_weights)

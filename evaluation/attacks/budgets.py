@@ -1,83 +1,85 @@
 """Each attack's budget: a dataclass of the settings that fix how hard it tries, printed before it runs and
-saved with what it learned. The same budget is used for every model a comparison attacks."""
+saved with what it learned. The same budget is used for every model a comparison attacks.
+
+Every setting is a flag `--<attack>-<setting>` and is checked by the rules every command follows
+(`concept_erase.cli_args.check_fields`): finite numbers within their bounds. A zero or infinite budget would
+report the model as robust without attacking it (an infinite learning rate optimises NaN conditionings)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from typing import ClassVar
 
+from concept_erase.cli_args import check_fields
 from concept_erase.errors import ConceptEraseError
 
 VARIANTS = ("discrete", "soft")
 
 
-def _check_positive(budget, names: tuple[str, ...]) -> None:
-    """A zero budget would report the model as robust without attacking it: refuse it by name."""
-    for name in names:
-        value = getattr(budget, name)
-        if not value > 0:
-            raise ConceptEraseError(f"{type(budget).__name__.removesuffix('Budget').lower()} budget: {name} must be "
-                                    f"> 0, got {value!r}")
+class Budget:
+    """What every budget shares: the attack it belongs to (its flags' prefix) and its checks."""
 
-
-@dataclass
-class InversionBudget:
-    """Concept inversion (Pham et al., ICLR 2024): textual inversion of k new tokens on the erased model."""
-
-    steps: int = field(default=300, metadata={"help": "optimisation steps (textual inversion's, all weights frozen)"})
-    lr: float = field(default=5e-3, metadata={"help": "Adam learning rate of the token embeddings"})
-    tokens: int = field(default=1, metadata={"help": "learned tokens (placed in front of each prompt)"})
-    images: int = field(default=16, metadata={"help": "concept images learned from (the base model's, or --images)"})
-    batch_size: int = field(default=4, metadata={"help": "images per step"})
+    attack: ClassVar[str]
 
     def __post_init__(self):
-        _check_positive(self, ("steps", "lr", "tokens", "images", "batch_size"))
+        check_fields(self, prefix=self.attack)
 
 
 @dataclass
-class UnlearnDiffAtkBudget:
+class InversionBudget(Budget):
+    """Concept inversion (Pham et al., ICLR 2024): textual inversion of k new tokens on the erased model."""
+
+    attack: ClassVar[str] = "inversion"
+
+    steps: int = field(default=300, metadata={"help": "optimisation steps (textual inversion's, all weights frozen)",
+                                                   "min": 1})
+    lr: float = field(default=5e-3, metadata={"help": "Adam learning rate of the token embeddings", "above": 0})
+    tokens: int = field(default=1, metadata={"help": "learned tokens (placed in front of each prompt)", "min": 1})
+    images: int = field(default=16, metadata={
+        "help": "concept images learned from (the base model's, or --images)", "min": 1})
+    batch_size: int = field(default=4, metadata={"help": "images per step", "min": 1})
+
+@dataclass
+class UnlearnDiffAtkBudget(Budget):
     """UnlearnDiffAtk (Zhang et al., ECCV 2024): k adversarial prefix tokens per prompt, optimised so the
     erased model denoises the original model's image of that prompt; discrete tokens by projection."""
 
-    steps: int = field(default=40, metadata={"help": "attack steps per prompt (the paper's 40)"})
-    lr: float = field(default=0.01, metadata={"help": "Adam learning rate of the prefix embeddings (the paper's)"})
-    tokens: int = field(default=5, metadata={"help": "adversarial prefix tokens per prompt (the paper's k = 5)"})
+    attack: ClassVar[str] = "unlearndiffatk"
+
+    steps: int = field(default=40, metadata={"help": "attack steps per prompt (the paper's 40)", "min": 1})
+    lr: float = field(default=0.01, metadata={
+        "help": "Adam learning rate of the prefix embeddings (the paper's)", "above": 0})
+    tokens: int = field(default=5, metadata={
+        "help": "adversarial prefix tokens per prompt (the paper's k = 5)", "min": 1})
     variant: str = field(default="discrete", metadata={
         "help": "discrete: tokens of the vocabulary (each step projects to the nearest one, PEZ-style "
                 "straight-through, as the paper); soft: free embeddings (no prompt can type them)",
         "choices": VARIANTS})
-    batch_size: int = field(default=8, metadata={"help": "prompts attacked together (does not change what each learns)"})
-
-    def __post_init__(self):
-        _check_positive(self, ("steps", "lr", "tokens", "batch_size"))
-        if self.variant not in VARIANTS:
-            raise ConceptEraseError(f"unknown UnlearnDiffAtk variant {self.variant!r} (choose from {', '.join(VARIANTS)})")
-
+    batch_size: int = field(default=8, metadata={"help": "prompts attacked together (does not change what each learns)",
+                                      "min": 1})
 
 @dataclass
-class RingABellBudget:
+class RingABellBudget(Budget):
     """Ring-A-Bell (Tsai et al., ICLR 2024): a concept vector from paired prompts, added with strength eta."""
 
-    eta: float = field(default=3.0, metadata={"help": "strength of the concept vector (the paper's 3 for nudity)"})
+    attack: ClassVar[str] = "ringabell"
+
+    eta: float = field(default=3.0, metadata={
+        "help": "strength of the concept vector (the paper's 3 for nudity)", "above": 0})
     pairs: int = field(default=0, metadata={
-        "help": "prompt pairs (forget prompt, surrogate prompt) averaged into the vector (0: all the concept has)"})
-
-    def __post_init__(self):
-        _check_positive(self, ("eta",))
-        if self.pairs < 0:
-            raise ConceptEraseError(f"ringabell budget: pairs must be >= 0, got {self.pairs!r}")
-
+        "help": "prompt pairs (forget prompt, surrogate prompt) averaged into the vector (0: all the concept has)",
+        "min": 0})
 
 @dataclass
-class EmbeddingBudget:
+class EmbeddingBudget(Budget):
     """The conditioning-space upper bound: the text encoder's output for each prompt, optimised directly."""
 
-    steps: int = field(default=100, metadata={"help": "optimisation steps per prompt"})
-    lr: float = field(default=0.01, metadata={"help": "Adam learning rate of the conditioning"})
-    batch_size: int = field(default=8, metadata={"help": "prompts attacked together (does not change what each learns)"})
+    attack: ClassVar[str] = "embedding"
 
-    def __post_init__(self):
-        _check_positive(self, ("steps", "lr", "batch_size"))
-
+    steps: int = field(default=100, metadata={"help": "optimisation steps per prompt", "min": 1})
+    lr: float = field(default=0.01, metadata={"help": "Adam learning rate of the conditioning", "above": 0})
+    batch_size: int = field(default=8, metadata={"help": "prompts attacked together (does not change what each learns)",
+                                      "min": 1})
 
 BUDGETS = {"inversion": InversionBudget, "unlearndiffatk": UnlearnDiffAtkBudget, "ringabell": RingABellBudget,
            "embedding": EmbeddingBudget}

@@ -78,6 +78,8 @@ class Attack:
         check_fields(self)
         if not self.attack and not self.replay:
             raise ConceptEraseError("name an --attack (inversion, unlearndiffatk, ringabell, embedding) or --replay DIR")
+        if self.replay and (self.prompts or self.limit):
+            raise ConceptEraseError("--prompts and --limit do not apply to --replay, which attacks the rows it saved")
 
 
 @dataclass
@@ -136,22 +138,29 @@ def budgets_from_args(args: argparse.Namespace, attacks, tiny: bool) -> dict:
     return {name: make_budget(name, **{**(TINY[name] if tiny else {}), **given[name]}) for name in attacks}
 
 
-def _prepare(setup: AttackSetup, model: str, base_source: str | None):
-    """Checks that need no model (concept, detector, output), then the protocol and the models."""
+def _inputs(setup: AttackSetup):
+    """Checks that need no model: the output (free, and writable, before hours of attacks), the concept, its
+    detector (loaded now: a missing or broken one fails here) and the seeds."""
     from concept_erase.concepts import get_concept
-    from concept_erase.diffusion.models.defaults import model_defaults
-    from concept_erase.logs import announce
     from concept_erase.diffusion.data.generate import parse_seeds
-    from concept_erase.diffusion.models.loading import load_pipeline
     from concept_erase.io_utils import check_writable
 
-    from ..generation import make_protocol
     from .detectors import detector_for
 
-    check_writable(setup.output, setup.overwrite, flag="--output")  # free, and writable, before hours of attacks
+    check_writable(setup.output, setup.overwrite, flag="--output")
     concept = get_concept(setup.concept)
     detector = detector_for(concept.name, classifier=setup.classifier, threshold=setup.nudenet_threshold)
-    seeds = parse_seeds(setup.seeds)
+    return concept, detector, parse_seeds(setup.seeds)
+
+
+def _models(setup: AttackSetup, model: str, base_source: str | None):
+    """The protocol (from the model's card) and the models, loaded."""
+    from concept_erase.diffusion.models.defaults import model_defaults
+    from concept_erase.diffusion.models.loading import load_pipeline
+    from concept_erase.logs import announce
+
+    from ..generation import make_protocol
+
     defaults = model_defaults(model, setup.config)
     protocol = make_protocol(setup.protocol or defaults.protocol, num_inference_steps=setup.num_inference_steps,
                              guidance_scale=setup.guidance_scale)
@@ -161,19 +170,20 @@ def _prepare(setup: AttackSetup, model: str, base_source: str | None):
     device = setup.device or "auto"
     pipe = load_pipeline(model, config=setup.config, device=device)
     base = load_pipeline(base_source, device=device) if base_source else None
-    return concept, detector, seeds, protocol, pipe, base
+    return protocol, pipe, base
 
 
 def _attack_main(args: argparse.Namespace) -> int:
     from concept_erase.io_utils import atomic_dir
 
     from ..prompts import read_prompts
-    from .run import concept_rows, load_replay, run_attacks, write_attack_outputs
+    from .run import concept_rows, run_attacks, write_attack_outputs
 
     job, setup = Attack(**values_from(args, Attack)), AttackSetup(**values_from(args, AttackSetup))
     budgets = budgets_from_args(args, job.attack or [], setup.tiny_budget)
-    replay = load_replay(job.replay) if job.replay else None
-    concept, detector, seeds, protocol, pipe, base = _prepare(setup, job.model, job.base)
+    replay = check_replay(job, setup) if job.replay else None
+    concept, detector, seeds = _inputs(setup)
+    protocol, pipe, base = _models(setup, job.model, job.base)
     if replay:
         rows = next(iter(replay.values())).rows
     elif job.prompts:
@@ -181,11 +191,28 @@ def _attack_main(args: argparse.Namespace) -> int:
     else:
         rows = concept_rows(concept, seeds)
     run = run_attacks(pipe, concept, rows, budgets, detector, protocol=protocol, base=base, images=job.images,
-                      seed=setup.seed, replay=replay)
+                      seed=setup.seed, replay=replay, model=str(job.model))
     with atomic_dir(setup.output, overwrite=setup.overwrite) as tmp:
         write_attack_outputs(run, tmp, f"Attacks on {concept.name}: {job.model}")
     print(f"report: {setup.output}/report.md (replay with --replay {setup.output})")
     return 0
+
+
+def check_replay(job: Attack, setup: AttackSetup) -> dict:
+    """The --replay folder checked whole, and against the attacked model's structure where its configs are at
+    hand, before any model loads (`replay.py`); the attacks it holds are not run again with --attack."""
+    from .core import model_structure
+    from .replay import fit_replay, load_replay
+
+    replay = load_replay(job.replay)
+    both = sorted(set(replay) & set(job.attack or ()))
+    if both:
+        raise ConceptEraseError(f"--attack {both[0]} and --replay {job.replay!r}, which holds {both[0]}: choose one")
+    structure = model_structure(job.model, setup.config)
+    if structure is not None:
+        for learned in replay.values():
+            fit_replay(learned, structure, str(job.model))
+    return replay
 
 
 def _audit_main(args: argparse.Namespace) -> int:
@@ -199,8 +226,9 @@ def _audit_main(args: argparse.Namespace) -> int:
         from concept_erase.diffusion.models.card import read_model_card
 
         read_model_card(job.model)  # a model folder with a card, or a one-line error before hours of work
-    concept, detector, seeds, protocol, pipe, base = _prepare(setup, job.model, job.base)
-    check_audit_inputs(concept, budgets)
+    concept, detector, seeds = _inputs(setup)
+    check_audit_inputs(concept, budgets, seeds, job)  # everything the audit will need, before the first image
+    protocol, pipe, base = _models(setup, job.model, job.base)
     results, images = run_audit(pipe, base, concept, detector, budgets=budgets, seeds=seeds, protocol=protocol,
                                 model=str(job.model), classifier=setup.classifier, retain_prompts=job.retain_prompts,
                                 clip_model=job.clip_model, fid_weights=job.fid_weights, seed=setup.seed)

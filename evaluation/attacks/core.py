@@ -23,6 +23,7 @@ is deterministic and does not depend on how rows are batched.
 from __future__ import annotations
 
 import json
+import math
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -140,10 +141,50 @@ def attack_denoising_error(pipe, latents: Tensor, cond: Conditioning, rows: Sequ
 # ------------------------------------------------------------------------------------------ the result
 
 
+def structure_of(pipe) -> dict:
+    """What a saved attack's tensors fit: the family, each text encoder's input embeddings [vocabulary, width]
+    and the UNet's conditioning width. Recorded in attack.json; a replay checks it against the attacked model
+    (`model_structure` reads the same from its configs, before it loads)."""
+    encoders = {name: list(enc.get_input_embeddings().weight.shape) for name, enc in text_encoders(pipe).items()}
+    return {"family": family_of(pipe).name, "encoders": encoders,
+            "conditioning": _width(pipe.unet.config.cross_attention_dim)}
+
+
+def _width(value) -> int:
+    return int(value[0] if isinstance(value, (list, tuple)) else value)  # a per-block list repeats one width
+
+
+def model_structure(model: str, config: str | None = None) -> dict | None:
+    """`structure_of` the model `model` read from its config files, no weights loaded; None when they are not
+    at hand (a hub id, a single file without --config): the replay is then checked once the model loads."""
+    from concept_erase.diffusion.memory import config_folder
+    from concept_erase.diffusion.models.families import family_from_config
+
+    try:
+        folder = config_folder(str(model), config)
+        family = family_from_config(folder)
+        encoders = {}
+        for name in family.text_encoders:
+            cfg = json.loads((folder / name / "config.json").read_text(encoding="utf-8"))
+            encoders[name] = [int(cfg["vocab_size"]), int(cfg["hidden_size"])]
+        unet = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
+        return {"family": family.name, "encoders": encoders, "conditioning": _width(unet["cross_attention_dim"])}
+    except (ConceptEraseError, OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def describe_structure(structure: dict) -> str:
+    """'sd1 (text_encoder 32 wide, conditioning 32)': how a refusal names a model's structure."""
+    widths = ", ".join(f"{name} {shape[1]} wide" for name, shape in structure["encoders"].items())
+    return f"{structure['family']} ({widths}, conditioning {structure['conditioning']})"
+
+
 @dataclass
 class Learned:
     """What an attack learned, enough to rebuild its adversarial conditioning on any model of the same
-    family (`conditioning_for`). Saved as attack.json + learned.safetensors (`save` / `load`)."""
+    structure (`conditioning_for`); the discrete UnlearnDiffAtk's result is also a text prompt, which any model
+    can read (`as_text`). Saved as attack.json + learned.safetensors (`save`; `replay.read_saved_attack` reads
+    it back, checked whole)."""
 
     attack: str
     budget: dict                        # the attack's settings, printed in every report
@@ -156,6 +197,8 @@ class Learned:
     decoded: list[str] | None = None    # discrete attack: the adversarial prompt as text
     history: list[float] = field(default_factory=list)  # mean objective per step
     seconds: float = 0.0
+    structure: dict | None = None       # `structure_of` the attacked model
+    model: str | None = None            # the attacked model, as the attack job was given it
 
     def conditioning_for(self, pipe, batch_size: int = 16) -> Conditioning:
         """The adversarial conditioning of every row on `pipe` (the attacked model, or another one: replay)."""
@@ -179,14 +222,16 @@ class Learned:
             return {name: (v if v.shape[0] == 1 else v[sl]) for name, v in self.prefix.items()}
         return None
 
-    def save(self, folder: str | Path) -> Path:
-        """attack.json (settings, rows, texts, history) and learned.safetensors (the tensors) in `folder`."""
-        from safetensors.torch import save_file
+    def as_text(self) -> "Learned":
+        """The discrete attack as the prompts it decodes to, for a model of another structure: what a user
+        would type there (the learned ids belong to the attacked model's tokenizer)."""
+        if self.decoded is None:
+            raise ConceptEraseError(f"the {self.attack} attack learned no text prompt")
+        return Learned(self.attack, self.budget, self.rows, list(self.decoded), decoded=list(self.decoded),
+                       history=self.history, seconds=self.seconds, structure=self.structure, model=self.model)
 
-        from concept_erase.io_utils import atomic_file
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+    def tensors(self) -> dict[str, Tensor]:
+        """Every learned tensor by its name in learned.safetensors."""
         tensors = {f"prefix.{k}": v for k, v in self.prefix.items()}
         tensors |= {f"offset.{k}": v for k, v in self.offset.items()}
         if self.prefix_ids is not None:
@@ -194,34 +239,42 @@ class Learned:
         if self.conditioning is not None:
             tensors["conditioning.hidden"] = self.conditioning.hidden
             tensors |= {f"conditioning.added.{k}": v for k, v in self.conditioning.added.items()}
+        return tensors
+
+    def check_finite(self) -> None:
+        """No number a measurement did not produce: a non-finite objective or learned tensor (an optimisation
+        that blew up) stops the job with one line naming the attack and the step, before anything is drawn."""
+        steps = len(self.history)
+        bad = next((i for i, h in enumerate(self.history) if not math.isfinite(h)), None)
+        if bad is not None:
+            raise ConceptEraseError(f"{self.attack} attack: its objective is {self.history[bad]} at step {bad + 1} "
+                                    f"of {steps} (the optimisation blew up; lower its lr); nothing is reported")
+        when = f" after step {steps}" if steps else ""
+        for name, tensor in self.tensors().items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise ConceptEraseError(f"{self.attack} attack: its learned {name} is not finite{when} (its budget "
+                                        f"overflows it: {budget_line(self.attack, self.budget)}); nothing is reported")
+
+    def save(self, folder: str | Path) -> Path:
+        """attack.json (settings, rows, texts, history, the structure and shapes) and learned.safetensors (the
+        tensors) in `folder`."""
+        from safetensors.torch import save_file
+
+        from concept_erase.io_utils import atomic_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.cpu().contiguous()
-                   for k, v in tensors.items()}
+                   for k, v in self.tensors().items()}
         with atomic_file(folder / LEARNED_FILE, overwrite=True) as tmp:
             save_file(tensors, str(tmp), metadata={"attack": self.attack})
         meta = {"attack": self.attack, "budget": self.budget, "rows": [r.to_dict() for r in self.rows],
                 "texts": self.texts, "decoded": self.decoded, "history": self.history,
-                "seconds": round(self.seconds, 3), "placeholder": PLACEHOLDER}
+                "seconds": round(self.seconds, 3), "placeholder": PLACEHOLDER, "model": self.model,
+                "structure": self.structure, "tensors": {k: list(v.shape) for k, v in tensors.items()}}
         with atomic_file(folder / ATTACK_FILE, overwrite=True) as tmp:
             tmp.write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
         return folder
-
-    @classmethod
-    def load(cls, folder: str | Path) -> "Learned":
-        from safetensors.torch import load_file
-
-        folder = Path(folder)
-        if not (folder / ATTACK_FILE).is_file() or not (folder / LEARNED_FILE).is_file():
-            raise ConceptEraseError(f"{str(folder)!r} holds no saved attack ({ATTACK_FILE} + {LEARNED_FILE})")
-        meta = json.loads((folder / ATTACK_FILE).read_text(encoding="utf-8"))
-        tensors = load_file(str(folder / LEARNED_FILE))
-        part = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
-        conditioning = None
-        if "conditioning.hidden" in tensors:
-            conditioning = Conditioning(tensors["conditioning.hidden"], part("conditioning.added."))
-        rows = [PromptRow(**{**r, "categories": tuple(r.get("categories") or ())}) for r in meta["rows"]]
-        return cls(meta["attack"], meta["budget"], rows, meta["texts"], part("prefix."),
-                   tensors.get("prefix_ids"), part("offset."), conditioning, meta.get("decoded"),
-                   meta.get("history", []), meta.get("seconds", 0.0))
 
 
 def budget_line(name: str, budget) -> str:

@@ -35,7 +35,7 @@ class AttackRun:
     detector: str
     base: list[bool] | None         # the base model's images show the concept (None: no base given)
     pre: list[bool]                 # the erased model's plain-prompt images show it
-    attacks: dict[str, dict] = field(default_factory=dict)  # name -> {"learned": Learned, "post": [bool], ...}
+    attacks: dict[str, dict] = field(default_factory=dict)  # name -> {"learned": Learned, "post": [bool], "replay"}
     images: dict[str, list] = field(default_factory=dict)   # "base", "pre", <attack>: displayable images
 
     def summary(self) -> dict:
@@ -46,7 +46,8 @@ class AttackRun:
         for name, a in self.attacks.items():
             post = a["post"]
             out["attacks"][name] = {
-                "budget": a["learned"].budget, "seconds": round(a["learned"].seconds, 2), "replayed": a["replayed"],
+                "budget": a["learned"].budget, "seconds": round(a["learned"].seconds, 2),
+                "replayed": a["replay"] is not None, "replay": a["replay"],
                 "pre_asr": pct(self.pre), "asr": pct([p or q for p, q in zip(self.pre, post)]),
                 "attack_alone": pct(post),
                 "per_row": [{"prompt": r.prompt, "seed": r.seed, "pre": p, "post": q,
@@ -75,12 +76,23 @@ def draw(pipe, rows, protocol, batch_size: int = 8) -> list:
 
 
 def draw_learned(pipe, learned: Learned, protocol, batch_size: int = 8) -> list:
+    """The attacked images: `learned`'s conditioning on `pipe`, each row's seed. A non-finite conditioning or
+    image stops the job with one line naming the attack (no number from it is reported)."""
+    import torch
+
     from concept_erase.diffusion.data.generate import generate_from_conditioning
 
-    return generate_from_conditioning(pipe, learned.conditioning_for(pipe), [r.seed for r in learned.rows],
-                                      num_inference_steps=protocol.num_inference_steps,
-                                      guidance_scale=protocol.guidance_scale, height=protocol.resolution,
-                                      width=protocol.resolution, batch_size=batch_size)
+    cond = learned.conditioning_for(pipe)
+    if not all(bool(torch.isfinite(t).all()) for t in (cond.hidden, *cond.added.values())):
+        raise ConceptEraseError(f"{learned.attack} attack: its adversarial conditioning on this model is not finite; "
+                                "nothing is reported")
+    try:
+        return generate_from_conditioning(pipe, cond, [r.seed for r in learned.rows],
+                                          num_inference_steps=protocol.num_inference_steps,
+                                          guidance_scale=protocol.guidance_scale, height=protocol.resolution,
+                                          width=protocol.resolution, batch_size=batch_size)
+    except ConceptEraseError as err:
+        raise ConceptEraseError(f"{learned.attack} attack, drawing the attacked images: {err}") from None
 
 
 def inversion_images(pipe, concept, base, folder: str | None, count: int, protocol):
@@ -103,13 +115,18 @@ def inversion_images(pipe, concept, base, folder: str | None, count: int, protoc
 
 
 def run_attacks(pipe, concept, rows, budgets: dict, detector, *, protocol, base=None, images: str | None = None,
-                seed: int = 0, replay: dict[str, Learned] | None = None, log=print) -> AttackRun:
-    """Attack `pipe` (an erased model) on `rows` with each attack of `budgets` (name -> budget), or replay
-    the `replay` attacks (name -> Learned, no optimisation), and score everything with `detector`.
+                seed: int = 0, replay: dict[str, Learned] | None = None, model: str = "the attacked model",
+                log=print) -> AttackRun:
+    """Attack `pipe` (an erased model, named `model`) on `rows` with each attack of `budgets` (name -> budget),
+    or replay the `replay` attacks (name -> Learned, no optimisation; `replay.fit_replay` decides how they run
+    on this model, before any image), and score everything with `detector`.
     `base`: the original model (targets of UnlearnDiffAtk and the upper bound, inversion's images)."""
     from concept_erase.diffusion.data.images import encode_latents
     from ..generation import apply_scheduler
+    from .core import structure_of
+    from .replay import fit_replay
 
+    fitted = {name: fit_replay(learned, structure_of(pipe), model) for name, learned in (replay or {}).items()}
     for p in (pipe, base):
         if p is not None:
             apply_scheduler(p, protocol.scheduler)
@@ -118,45 +135,34 @@ def run_attacks(pipe, concept, rows, budgets: dict, detector, *, protocol, base=
     run = AttackRun(list(rows), protocol.describe(), detector.describe(), None, [])
     pre_images = draw(pipe, rows, protocol)
     run.pre = detector.present(pre_images)
-    run.images["erased"] = detector.show(pre_images)
     targets = Targets()
-    if base is not None:
+    if base is not None:  # the grids' columns read base, erased, each attack
         base_images = draw(base, rows, protocol)
         run.base = detector.present(base_images)
         run.images["base"] = detector.show(base_images)
         targets.rows = encode_latents(pipe, base_images, batch_size=16)
-    todo = dict(replay or {})
+    run.images["erased"] = detector.show(pre_images)
+    todo = {name: (replay[name], fitted[name][0], fitted[name][1]) for name in fitted}  # saved, drawn, how
     for name, budget in budgets.items():
         log(budget_line(name, budget))
         if name == "inversion":
             imgs, captions = inversion_images(pipe, concept, base, images, budget.images, protocol)
             if imgs is not None:
                 targets.images, targets.captions = encode_latents(pipe, imgs, batch_size=16), captions
-        todo[name] = attack_fn(name)(pipe, rows, targets, budget, seed, concept=concept, base=base)
-    for name, learned in todo.items():
-        post_images = draw_learned(pipe, learned, protocol)
+        learned = attack_fn(name)(pipe, rows, targets, budget, seed, concept=concept, base=base)
+        learned.model = model
+        todo[name] = (learned, learned, None)
+    for name, (learned, drawn, how) in todo.items():
+        if how is not None:
+            log(f"{name}: replayed from {how['from_model'] or 'a model'} ({how['from']}) as {how['as']}")
+        post_images = draw_learned(pipe, drawn, protocol)
         post = detector.present(post_images)
-        run.attacks[name] = {"learned": learned, "post": post, "replayed": name in (replay or {})}
+        run.attacks[name] = {"learned": learned, "post": post, "replay": how}
         run.images[name] = detector.show(post_images)
         s = run.summary()["attacks"][name]
         log(f"{name}: Pre-ASR {s['pre_asr']:.1f}%  ASR {s['asr']:.1f}%  (attack alone {s['attack_alone']:.1f}%, "
             f"{len(rows)} prompts, {learned.seconds:.1f} s)")
     return run
-
-
-def load_replay(folder: str | Path) -> dict[str, Learned]:
-    """The attacks saved in an attack output folder (one sub-folder per attack) or in one attack's folder."""
-    from .core import ATTACK_FILE
-
-    folder = Path(folder)
-    if (folder / ATTACK_FILE).is_file():
-        learned = Learned.load(folder)
-        return {learned.attack: learned}
-    found = {p.name: Learned.load(p) for p in sorted(folder.iterdir()) if (p / ATTACK_FILE).is_file()} \
-        if folder.is_dir() else {}
-    if not found:
-        raise ConceptEraseError(f"--replay {str(folder)!r} holds no saved attack (an attack output folder)")
-    return found
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -166,15 +172,22 @@ def attack_sections(summary: dict) -> list[str]:
     """Markdown: how success is counted, the detector, each attack's budget and its Pre-ASR / ASR."""
     from ..report import markdown_table
 
-    rows = [(name, a["pre_asr"], a["asr"], a["attack_alone"], "replayed" if a["replayed"] else a["seconds"])
-            for name, a in summary["attacks"].items()]
+    from . import ATTACK_DESCRIPTIONS
+
+    n = summary["rows"]
+    rows = [(name, a["pre_asr"], a["asr"], f"{round(a['asr'] * n / 100)} of {n}", a["attack_alone"],
+             "replayed" if a["replayed"] else a["seconds"]) for name, a in summary["attacks"].items()]
+    described = "\n".join(f"- {name}: {ATTACK_DESCRIPTIONS[name]}." for name in summary["attacks"])
+    replays = [f"- {name}: replayed from {a['replay']['from_model'] or 'a model'} ({a['replay']['from']}) as "
+               f"{a['replay']['as']}." for name, a in summary["attacks"].items() if a.get("replay")]
     budgets = [(name, ", ".join(f"{k}={v}" for k, v in a["budget"].items())) for name, a in summary["attacks"].items()]
     base = "" if summary["base_detected"] is None else \
         f"\n\nThe base model's own images show the concept in {summary['base_detected']:.1f}% of the rows."
     return [
         "## How success is counted\n\n" + ASR_RULE + f"\n\nDetector: {summary['detector']}." + base,
-        f"## Attack success ({summary['rows']} prompts)\n\n"
-        + markdown_table(["attack", "Pre-ASR %", "ASR %", "attack alone %", "seconds"], rows),
+        f"## Attack success ({summary['rows']} prompts; lower is better)\n\n{described}\n\n"
+        + markdown_table(["attack", "Pre-ASR %", "ASR %", "ASR rows", "attack alone %", "seconds"], rows)
+        + ("\n\nReplayed, not optimised on this model:\n" + "\n".join(replays) if replays else ""),
         "## Budgets\n\n" + markdown_table(["attack", "budget"], budgets),
     ]
 

@@ -149,6 +149,7 @@ def warn_if_prompts_are_cut(pipe, prompts: Sequence[str]) -> None:
 
 
 def _generate_batch(pipe, prompts, seeds, negatives, num_inference_steps, guidance_scale, height, width, **inputs):
+    import numpy as np
     import torch
 
     # CPU generators: the same noise on every device (diffusers draws on CPU, then moves).
@@ -159,6 +160,9 @@ def _generate_batch(pipe, prompts, seeds, negatives, num_inference_steps, guidan
             guidance_scale=guidance_scale, height=height, width=width, generator=generators, output_type="np",
             **inputs,
         )
+    if not np.isfinite(out.images).all():  # NaN pixels would become black images, cached and scored as drawings
+        raise ConceptEraseError(f"the model drew non-finite (NaN) pixels at guidance scale {guidance_scale:g} with "
+                                f"{num_inference_steps} steps (seeds {seeds[0]}..{seeds[-1]}); lower the guidance scale")
     return to_pil(out.images)
 
 
@@ -196,8 +200,14 @@ def check_sampling(pipe, num_inference_steps: int | None, height: int | None = N
     if num_inference_steps is not None and trained and num_inference_steps > trained:
         raise ConceptEraseError(f"{steps_flag} {num_inference_steps} is more than the {trained} timesteps the "
                                 "model's scheduler was trained with")
-    factor = math.lcm(8, getattr(pipe, "vae_scale_factor", None) or 8)
-    for flag, value in zip(size_flags, (height, width)):
+    check_image_size(dict(zip(size_flags, (height, width))), getattr(pipe, "vae_scale_factor", None) or 8)
+
+
+def check_image_size(sizes: dict[str, int | None], vae_factor: int) -> None:
+    """Each size (flag -> pixels) a multiple of the VAE's downsampling factor (the latent grid must come out
+    whole) and of 8 (diffusers' SD pipelines demand it); `plan` asks it with the factor from the configs."""
+    factor = math.lcm(8, vae_factor)
+    for flag, value in sizes.items():
         if value is not None and value % factor:
             raise ConceptEraseError(f"{flag} {value} is not a multiple of {factor} (what the pipeline and its VAE "
                                     "can draw)")

@@ -9,16 +9,24 @@ run config (`training/config.py`) is composed of them.
 from __future__ import annotations
 
 from ...errors import ConceptEraseError
+from .ant import ANT, ANTOptions
 from .base import Method
 from .ca import CAOptions, ConceptAblation
+from .erasediff import EraseDiff, EraseDiffOptions
+from .fmn import FMN, FMNOptions
+from .scissorhands import ScissorHands
 from .esd import ESDU, ESDX, ESDOptions
 from .salun import RL, SalUn
 from .salun_adv import ADVERSARIAL_VARIANTS, AdversarialOptions, SalUnAdv
+from .rece import RECE, RECEOptions
+from .safree import SAFREE, SAFREEOptions
 from .uce import UCE, UCEOptions
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (SalUn, RL, ESDX, ESDU, ConceptAblation, UCE, SalUnAdv)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (SalUn, RL, ESDX, ESDU, ConceptAblation, UCE, SalUnAdv, RECE,
+                                                        SAFREE, FMN, ScissorHands, EraseDiff, ANT)}
 # The options dataclasses of every method: the run config inherits their fields (and so their flags).
-OPTIONS = (ESDOptions, CAOptions, UCEOptions, AdversarialOptions)
+OPTIONS = (ESDOptions, CAOptions, UCEOptions, AdversarialOptions, RECEOptions, SAFREEOptions, FMNOptions,
+           EraseDiffOptions, ANTOptions)
 # Every field some method reads; the rest of a run config (model, output, concept, ...) belongs to the run.
 ALL_METHOD_FIELDS = frozenset().union(*(m.fields for m in METHODS.values()))
 # The names --method takes; an adversarial variant is chosen with --adversarial instead.

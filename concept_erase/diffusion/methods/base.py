@@ -40,7 +40,7 @@ RETAIN_FIELDS = frozenset({"alpha", "num_retain_images", "retain_images", "retai
 RETAIN_DATA = RETAIN_FIELDS - {"alpha"}
 FORGET_IMAGE_FIELDS = frozenset({"num_forget_images", "forget_images"})
 # The saliency mask a method computes or is given (docs/ALGORITHMS.md 1).
-SALIENCY_FIELDS = frozenset({"mask", "keep", "mask_scope"})
+SALIENCY_FIELDS = frozenset({"mask", "keep", "mask_scope", "score"})
 
 
 def option_names(options: type) -> frozenset[str]:
@@ -58,8 +58,11 @@ class Method:
     needs_surrogate: ClassVar[bool] = True     # a surrogate (target) prompt per forget item
     closed_form: ClassVar[bool] = False
     computes_mask: ClassVar[bool] = False      # without --mask, erase computes the saliency mask first
+    default_keep: ClassVar[float] = 0.5        # --keep when not given: the computed mask's fraction
+    default_score: ClassVar[str] = "salun"     # --score when not given: what ranks the weights (saliency.SCORES)
     samples_latents: ClassVar[bool] = False    # it makes its own z_t (no forget images; plan: a no-grad phase)
     frozen_copy: ClassVar[bool] = False        # it keeps a frozen copy of the original UNet (plan counts it)
+    transformer_form: ClassVar[bool] = False   # it runs on diffusion transformers (SD 3, FLUX: Family.check_method)
 
     def __init__(self, config):
         self.config = config
@@ -160,3 +163,6 @@ class Method:
     def edit(self, pipe, concept) -> dict:
         """A closed-form method's edit of `pipe` in place; returns its report."""
         raise NotImplementedError
+
+    def write_files(self, folder) -> None:
+        """Files this method adds to the output folder beside the pipeline (SAFREE: its safree.json)."""

@@ -19,6 +19,7 @@ class SalUn(Method):
     fields = LOOP_FIELDS | SAMPLING_FIELDS | RETAIN_FIELDS | FORGET_IMAGE_FIELDS | SALIENCY_FIELDS
     default_alpha = 0.5  # the reference README's class command (docs/ALGORITHMS.md 2); a preset may set its own
     computes_mask = True
+    transformer_form = True  # the same objective in velocity space (rectified flow: losses.RectifiedFlow)
 
     def trainable(self, module, family, mask):
         if mask is None:

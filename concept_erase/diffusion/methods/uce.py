@@ -8,10 +8,15 @@ surrogate prompts), and c_j the embeddings of the concepts to preserve (the reta
     W' = (s_e sum_i v*_i c_i^T + s_p sum_j W c_j c_j^T + lambda W) (s_e sum_i c_i c_i^T + s_p sum_j c_j c_j^T + lambda I)^-1
 
 the minimiser of s_e sum_i ||W' c_i - v*_i||^2 + s_p sum_j ||W' c_j - W c_j||^2 + lambda ||W' - W||_F^2.
-Embeddings are token-level: every token position of the prompt (start, words, end and padding, which in
-CLIP carry the whole prompt too), the erased prompt's position k paired with its target's position k. The
-ridge term lambda keeps the inverse well conditioned and the edit near W in directions no prompt touches.
-Several concepts are erased at once simply by summing over all of their prompts.
+Embeddings are token-level. Which tokens (`--uce-tokens`): "last-to-end", as the paper's official code does,
+takes each prompt's last word token and every position after it (the end token and the padding, which in
+CLIP's causal encoder carry the whole prompt), the erased prompt's rows paired with its target's from their
+last word tokens on; "all" takes every position, row k paired with row k. The ridge term lambda keeps the
+inverse well conditioned and the edit near W in directions no prompt touches. Several concepts are erased
+at once simply by summing over all of their prompts.
+
+The pieces are shared: RECE (`rece.py`) and MACE's closed-form refinement (`mace.py`) choose other rows and
+solve the same closed form with `edit_projections`.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from torch import Tensor, nn
 from ...errors import ConceptEraseError
 from .base import Method, option_names
 
+UCE_TOKENS = ("last-to-end", "all")
+
 
 @dataclass
 class UCEOptions:
@@ -34,6 +41,9 @@ class UCEOptions:
     uce_lambda: float = field(default=0.1, metadata={
         "help": "UCE: ridge lambda that keeps the inverse stable (the edit stays near the original weights)",
         "min": 0})
+    uce_tokens: str = field(default="last-to-end", metadata={
+        "help": "UCE: the token embeddings edited: last-to-end (the official code: each prompt's last word "
+                "token to the end of the padded sequence) or all (every position)", "choices": UCE_TOKENS})
 
 
 class UCE(Method):
@@ -46,13 +56,14 @@ class UCE(Method):
     closed_form = True
 
     def card_entries(self, summary):
-        return {"edit": {k: summary[k] for k in ("erase_scale", "preserve_scale", "ridge", "edited_parameters",
-                                                 "preserve_prompts") if k in summary}}
+        return {"edit": {k: summary[k] for k in ("erase_scale", "preserve_scale", "ridge", "tokens", "rounds",
+                                                 "regulariser", "edited_parameters", "preserve_prompts")
+                         if k in summary}}
 
     def edit(self, pipe, concept) -> dict:
         c = self.config
         return uce_edit(pipe, concept, erase_scale=c.uce_erase_scale, preserve_scale=c.uce_preserve_scale,
-                        ridge=c.uce_lambda)
+                        ridge=c.uce_lambda, tokens=c.uce_tokens)
 
 
 def cross_attention_projections(unet: nn.Module, family) -> dict[str, nn.Linear]:
@@ -63,12 +74,6 @@ def cross_attention_projections(unet: nn.Module, family) -> dict[str, nn.Linear]
     if not found:
         raise ConceptEraseError("this UNet has no cross-attention key/value projections to edit")
     return found
-
-
-def _tokens(cond) -> Tensor:
-    """(B, L, D) hidden states -> (B * L, D) token embeddings in float64."""
-    hidden = cond.hidden if hasattr(cond, "hidden") else cond
-    return hidden.reshape(-1, hidden.shape[-1]).double()
 
 
 @torch.no_grad()
@@ -89,59 +94,143 @@ def uce_weights(W: Tensor, erase: Tensor, targets: Tensor, preserve: Tensor | No
     return torch.linalg.solve(rhs, lhs.T).T.to(W.dtype)
 
 
-@torch.no_grad()
-def uce_edit(pipe, concept, *, erase_scale: float = 1.0, preserve_scale: float | None = None,
-             ridge: float = 0.1, preserve_prompts: Sequence[str] | None = None) -> dict:
-    """Edit `pipe.unet` in place: erase `concept`'s forget prompts (each mapped to its surrogate) and preserve
-    its retain prompts (or `preserve_prompts`). Returns a report: the settings, the number of edited
-    parameters, and per concept the mean erase residual sum ||W' c_i - v*_i||^2 / sum ||W c_i - v*_i||^2 over
-    the edited layers (0: every erased token now gives its target's output; 1: unchanged), and the relative
-    drift sum ||W' c_j - W c_j||^2 / sum ||W c_j||^2 of the preserved prompts (0: untouched)."""
-    from ..conditioning import PromptEmbeddings
+# ------------------------------------------------------------------------------- which token embeddings
+
+def real_token_counts(pipe, prompts: Sequence[str]) -> list[int]:
+    """Per prompt, its tokens before the padding (start and end tokens included), as the family's first
+    tokenizer counts them (SDXL's two tokenizers split words alike)."""
     from ..models.families import family_of
 
     family = family_of(pipe)
-    unet = pipe.unet
-    device = next(unet.parameters()).device
-    embed = PromptEmbeddings(pipe, device)
-    forget = list(concept.forget_prompts)
-    preserve = list(preserve_prompts if preserve_prompts is not None else concept.retain_prompts)
-    preserve = [p for p in dict.fromkeys(preserve) if p not in set(forget)]
-    if preserve_scale is None:
-        preserve_scale = max(0.1, 1.0 / max(1, len(preserve)))
-    if ridge <= 0 and not preserve:
-        raise ConceptEraseError("UCE needs a ridge lambda > 0 when there is nothing to preserve")
-    c_erase = _tokens(embed(forget))
-    c_target = _tokens(embed([concept.surrogate_for(p) for p in forget]))
-    c_keep = _tokens(embed(preserve)) if preserve else None
-    tokens_per_prompt = c_erase.shape[0] // len(forget)
-    owner = {p: m.name for m in concept.members for p in m.forget_prompts}
-    rows = {m.name: [] for m in concept.members}
-    for i, p in enumerate(forget):
-        rows[owner.get(p, concept.name)].extend(range(i * tokens_per_prompt, (i + 1) * tokens_per_prompt))
+    tok = family.tokenizer_of(pipe, family.text_encoders[0])
+    found = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True)
+    return [int(sum(mask)) for mask in found.attention_mask]
 
-    layers = cross_attention_projections(unet, family)
-    num = {name: 0.0 for name in rows}
-    den = {name: 0.0 for name in rows}
+
+def aligned_rows(a: Tensor, b: Tensor, start_a: int, start_b: int) -> tuple[Tensor, Tensor]:
+    """Rows of two (L, d) token sequences from their starts to the end, aligned at the starts and cut to one
+    length (the official UCE code's alignment of an erased prompt with its target)."""
+    n = a.shape[0] - max(start_a, start_b)
+    return a[start_a:start_a + n], b[start_b:start_b + n]
+
+
+@dataclass
+class EditRows:
+    """The token embeddings of a closed-form edit, float64: `erase` rows c_i paired with `target` rows c*_i,
+    `preserve` rows c_j (or None), and the concept each erase row belongs to (`owner`, None: an added row)."""
+
+    erase: Tensor
+    target: Tensor
+    preserve: Tensor | None
+    owner: list[str | None]
+
+
+def _hidden(cond) -> Tensor:
+    """(B, L, D) hidden states in float64."""
+    return (cond.hidden if hasattr(cond, "hidden") else cond).double()
+
+
+def uce_rows(pipe, embed, concept, preserve: Sequence[str], tokens: str) -> EditRows:
+    """UCE's rows: every forget prompt of `concept` paired with its surrogate, and the preserved prompts,
+    with the token selection `tokens` (the module docstring)."""
+    if tokens not in UCE_TOKENS:
+        raise ConceptEraseError(f"unknown UCE token selection {tokens!r}; choose {' or '.join(UCE_TOKENS)}")
+    forget = list(concept.forget_prompts)
+    targets = [concept.surrogate_for(p) for p in forget]
+    owner_of = {p: m.name for m in concept.members for p in m.forget_prompts}
+    h_erase, h_target = _hidden(embed(forget)), _hidden(embed(targets))
+    h_keep = _hidden(embed(list(preserve))) if preserve else None
+    if tokens == "all":
+        starts_erase = starts_target = [0] * len(forget)
+        starts_keep = [0] * len(preserve)
+    else:  # the last word token: the end token's position - 1
+        starts_erase = [n - 2 for n in real_token_counts(pipe, forget)]
+        starts_target = [n - 2 for n in real_token_counts(pipe, targets)]
+        starts_keep = [n - 2 for n in real_token_counts(pipe, preserve)] if preserve else []
+    erase, target, owner = [], [], []
+    for i, p in enumerate(forget):
+        e, t = aligned_rows(h_erase[i], h_target[i], starts_erase[i], starts_target[i])
+        erase.append(e)
+        target.append(t)
+        owner += [owner_of.get(p, concept.name)] * len(e)
+    keep = torch.cat([h_keep[j, s:] for j, s in enumerate(starts_keep)]) if preserve else None
+    return EditRows(torch.cat(erase), torch.cat(target), keep, owner)
+
+
+# ------------------------------------------------------------------------------- the edit
+
+def preserved_prompts(concept, preserve_prompts: Sequence[str] | None) -> list[str]:
+    """The prompts an edit keeps: `preserve_prompts` or the concept's retain prompts, less any forget prompt."""
+    forget = set(concept.forget_prompts)
+    keep = preserve_prompts if preserve_prompts is not None else concept.retain_prompts
+    return [p for p in dict.fromkeys(keep) if p not in forget]
+
+
+def default_preserve_scale(preserve_scale: float | None, preserve: Sequence[str]) -> float:
+    return max(0.1, 1.0 / max(1, len(preserve))) if preserve_scale is None else preserve_scale
+
+
+@torch.no_grad()
+def edit_projections(layers: dict[str, nn.Linear], originals: dict[str, Tensor], rows: EditRows, *,
+                     erase_scale: float, preserve_scale: float, ridge: float) -> dict:
+    """Set every projection in `layers` to the closed form computed from its ORIGINAL weight (`originals`,
+    by name) and `rows`. Returns the report's measures: per concept the erase residual
+    sum ||W' c_i - v*_i||^2 / sum ||W c_i - v*_i||^2 over the layers and its rows (0: every erased token now
+    gives its target's output; 1: unchanged), and the relative drift sum ||W' c_j - W c_j||^2 / sum ||W c_j||^2
+    of the preserved rows (0: untouched)."""
+    if ridge <= 0 and rows.preserve is None:
+        raise ConceptEraseError("a closed-form edit needs a ridge lambda > 0 when there is nothing to preserve")
+    names = sorted({o for o in rows.owner if o is not None})
+    index = {n: [i for i, o in enumerate(rows.owner) if o == n] for n in names}
+    num, den = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)
     drift_num = drift_den = 0.0
-    for module in layers.values():
-        W = module.weight.data
-        new = uce_weights(W, c_erase, c_target, c_keep, erase_scale, preserve_scale, ridge)
+    for name, module in layers.items():
+        W = originals[name]
+        new = uce_weights(W, rows.erase, rows.target, rows.preserve, erase_scale, preserve_scale, ridge)
         W64, new64 = W.double(), new.double()
-        v_star = c_target @ W64.T
-        for name, idx in rows.items():
-            num[name] += float(((c_erase[idx] @ new64.T - v_star[idx]) ** 2).sum())
-            den[name] += float(((c_erase[idx] @ W64.T - v_star[idx]) ** 2).sum())
-        if c_keep is not None:
-            drift_num += float(((c_keep @ (new64 - W64).T) ** 2).sum())
-            drift_den += float(((c_keep @ W64.T) ** 2).sum())
+        v_star = rows.target @ W64.T
+        for n, idx in index.items():
+            num[n] += float(((rows.erase[idx] @ new64.T - v_star[idx]) ** 2).sum())
+            den[n] += float(((rows.erase[idx] @ W64.T - v_star[idx]) ** 2).sum())
+        if rows.preserve is not None:
+            drift_num += float(((rows.preserve @ (new64 - W64).T) ** 2).sum())
+            drift_den += float(((rows.preserve @ W64.T) ** 2).sum())
         module.weight.data.copy_(new)
     return {
-        "erase_scale": erase_scale, "preserve_scale": preserve_scale, "ridge": ridge,
-        "edited_parameters": len(layers), "preserve_prompts": len(preserve),
-        "forget_per_concept": {name: round(num[name] / den[name], 6) if den[name] > 0 else 0.0 for name in rows},
-        "forget_measure": "UCE erase residual sum ||W'c - W c*||^2 / sum ||W c - W c*||^2 over the edited layers "
+        "forget_per_concept": {n: round(num[n] / den[n], 6) if den[n] > 0 else 0.0 for n in names},
+        "forget_measure": "erase residual sum ||W'c - W c*||^2 / sum ||W c - W c*||^2 over the edited layers "
                           "(0: erased prompt = its target; 1: unchanged)",
         "retain": round(drift_num / drift_den, 6) if drift_den > 0 else 0.0,
         "retain_measure": "relative drift sum ||W'c_j - W c_j||^2 / sum ||W c_j||^2 of the preserved prompts",
     }
+
+
+def prepare_edit(pipe):
+    """What every closed-form edit starts from: the cross-attention K/V layers by name, a copy of their
+    original weights, and a `PromptEmbeddings` of the pipeline."""
+    from ..conditioning import PromptEmbeddings
+    from ..models.families import family_of
+
+    family = family_of(pipe)
+    if getattr(pipe, "unet", None) is None:
+        raise ConceptEraseError(f"the closed-form edits change a UNet's cross-attention; {family.description} "
+                                "has no UNet")
+    layers = cross_attention_projections(pipe.unet, family)
+    originals = {name: m.weight.detach().clone() for name, m in layers.items()}
+    return layers, originals, PromptEmbeddings(pipe, next(pipe.unet.parameters()).device)
+
+
+@torch.no_grad()
+def uce_edit(pipe, concept, *, erase_scale: float = 1.0, preserve_scale: float | None = None,
+             ridge: float = 0.1, preserve_prompts: Sequence[str] | None = None, tokens: str = "last-to-end") -> dict:
+    """Edit `pipe.unet` in place: erase `concept`'s forget prompts (each mapped to its surrogate) and preserve
+    its retain prompts (or `preserve_prompts`). Returns a report: the settings, the number of edited
+    parameters and `edit_projections`' measures."""
+    layers, originals, embed = prepare_edit(pipe)
+    preserve = preserved_prompts(concept, preserve_prompts)
+    preserve_scale = default_preserve_scale(preserve_scale, preserve)
+    rows = uce_rows(pipe, embed, concept, preserve, tokens)
+    measures = edit_projections(layers, originals, rows, erase_scale=erase_scale, preserve_scale=preserve_scale,
+                                ridge=ridge)
+    return {"erase_scale": erase_scale, "preserve_scale": preserve_scale, "ridge": ridge, "tokens": tokens,
+            "edited_parameters": len(layers), "preserve_prompts": len(preserve), **measures}

@@ -155,7 +155,8 @@ def check_resolution(resolution: int | None, defaults: ModelDefaults, what: str 
     if resolution is None or native is None:
         return
     if resolution > native * RESOLUTION_FACTOR or resolution * RESOLUTION_FACTOR < native:
-        hint = "--protocol minisd" if defaults.is_minisd else f"{what} {native}"
+        # a size that came from a --protocol preset is fixed by choosing MiniSD's; a size flag, by its value
+        hint = "--protocol minisd" if defaults.is_minisd and what.startswith("--protocol") else f"{what} {native}"
         raise ConceptEraseError(f"{what} {resolution} px does not suit {defaults.via}, which draws "
                                 f"{native} px images; use {hint}")
 

@@ -20,13 +20,15 @@ if TYPE_CHECKING:
 DELTA_FORMAT = "concept-erase-unet-delta"
 
 
-def save_delta(base_unet, erased_unet, mask, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+def save_delta(base_unet, erased_unet, mask, path: str | os.PathLike, *, overwrite: bool = False,
+               base_model: str | None = None) -> Path:
     """Save what erasure changed: a folder with `delta.safetensors` (for every changed parameter, its bit-packed
     mask and the erased values under it) and `delta.json` (the base's fingerprint and weights digest).
 
     `mask`: a `SaliencyMask` (or name -> BoolTensor); its entries are stored for each changed parameter, so
     its keep ratio and concept travel with the delta. A parameter changed outside its mask, or `mask=None`,
     falls back to the exact set of changed entries. Either way `apply_delta` reproduces `erased_unet` exactly.
+    `base_model`: the base's name as the user gave it, recorded so `export --to lora` and `apply` find it.
     """
     import numpy as np
     import torch
@@ -53,6 +55,7 @@ def save_delta(base_unet, erased_unet, mask, path: str | os.PathLike, *, overwri
                          "from_mask": where is not changed}
     config = {
         "format": DELTA_FORMAT, "format_version": 1,
+        "base_model": base_model,
         "base_fingerprint": model_fingerprint(base_unet), "base_digest": weights_digest(base_unet),
         "erased_digest": weights_digest(erased_unet),
         "changed_entries": int(sum(int(tensors[f"value.{n}"].numel()) for n in entries)),
@@ -71,10 +74,22 @@ def apply_delta(pipe_or_unet, path: str | os.PathLike):
     """Write a `save_delta` folder's values into a base pipeline's (or UNet's) weights, in place, and return
     it. Refuses a base whose architecture (fingerprint) or weights (digest) differ from the delta's base."""
     import torch
-    from safetensors import safe_open
 
+    state = getattr(pipe_or_unet, "unet", pipe_or_unet).state_dict()  # tensors share storage with the parameters
+    updated = erased_parameters(pipe_or_unet, path)
+    with torch.no_grad():
+        for name, tensor in updated.items():
+            state[name].copy_(tensor)
+    return pipe_or_unet
+
+
+def is_delta(path: str | os.PathLike) -> bool:
+    return (Path(path) / "delta.json").is_file()
+
+
+def read_delta_config(path: str | os.PathLike) -> dict:
+    """A delta folder's `delta.json`, checked to be one."""
     path = Path(path)
-    unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
     config_file = path / "delta.json"
     if not config_file.is_file():
         raise ConceptEraseError(f"{str(path)!r} is not a delta folder (no delta.json)")
@@ -87,6 +102,18 @@ def apply_delta(pipe_or_unet, path: str | os.PathLike):
     lacking = [k for k in ("base_fingerprint", "base_digest", "erased_digest", "parameters") if k not in config]
     if lacking or not isinstance(config["parameters"], dict):
         raise ConceptEraseError(f"delta config {str(config_file)!r} is damaged: no {(lacking or ['parameters'])[0]!r}")
+    return config
+
+
+def erased_parameters(pipe_or_unet, path: str | os.PathLike) -> dict[str, "torch.Tensor"]:
+    """The erased values of every parameter the delta changes, built beside the base (which is not touched)
+    and checked: the base's architecture (fingerprint) and weights (digest) must be the delta's base's, and
+    the result the erased weights (digest)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
+    config = read_delta_config(path)
     if model_fingerprint(unet) != config["base_fingerprint"]:
         raise ConceptEraseError(
             f"delta {str(path)!r} was made for another UNet architecture (fingerprint {config['base_fingerprint']}, "
@@ -100,17 +127,14 @@ def apply_delta(pipe_or_unet, path: str | os.PathLike):
             stored = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as err:
         raise ConceptEraseError(f"cannot read {str(path / 'delta.safetensors')!r}: {first_line(err)}") from None
-    state = unet.state_dict()  # tensors share storage with the parameters: writing them updates the model
+    state = unet.state_dict()
     # The erased weights are built beside the base and their digest checked before anything is written: a
     # flipped value bit, a damaged mask byte or a short tensor leaves the base exactly as it was.
     updated = {name: _updated_tensor(path, name, state.get(name), stored) for name in config["parameters"]}
     if state_digest({**state, **updated}) != config["erased_digest"]:  # safetensors has no checksum of its own
         raise ConceptEraseError(f"delta {str(path)!r} is damaged: its values do not give the erased weights "
                                 f"(digest {config['erased_digest'][:16]}); the base was left unchanged")
-    with torch.no_grad():
-        for name, tensor in updated.items():
-            state[name].copy_(tensor)
-    return pipe_or_unet
+    return updated
 
 
 def _updated_tensor(path: Path, name: str, target, stored: dict) -> "torch.Tensor":

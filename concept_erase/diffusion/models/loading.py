@@ -2,9 +2,9 @@
 
 In: a diffusers folder, a hub id (online only), "minisd", "minisd-xl", or one `.safetensors` / `.ckpt` file in
 the original Stable Diffusion (LDM) or SDXL (SGM) layout (read with diffusers' `from_single_file`; `config`
-names a local diffusers folder so it works offline). The model family (SD 1.x, SD 2.x, SDXL: `families.py`)
+names a local diffusers folder so it works offline). The model family (SD 1.x, SD 2.x, SDXL, SD 3, FLUX: `families.py`)
 is detected from the folder's config or the file's keys before anything heavy is read, printed, and can be
-overridden (`family`); other families (SD 3, Flux, the SDXL refiner) are refused by name. A `.ckpt` is a pickle: it is only ever opened with `torch.load(weights_only=True)`, which
+overridden (`family`); other families (the SDXL refiner, PixArt, ...) are refused by name. A `.ckpt` is a pickle: it is only ever opened with `torch.load(weights_only=True)`, which
 refuses any object that would run code, and diffusers' own loader does the same. The training metadata that
 PyTorch Lightning stored beside the weights of SD 1.x checkpoints (sd-v1-4.ckpt) is read as inert stand-ins.
 
@@ -57,13 +57,13 @@ def load_pipeline(
     device: str | torch.device | None = None,
     family: str | None = None,
 ):
-    """A `StableDiffusionPipeline` (SD 1.x/2.x) or `StableDiffusionXLPipeline` from `source`, with no safety
-    checker or watermarker, in eval mode.
+    """A `StableDiffusionPipeline` (SD 1.x/2.x), `StableDiffusionXLPipeline`, `StableDiffusion3Pipeline` or
+    `FluxPipeline` (the family's `pipeline_class`) from `source`, with no safety checker or watermarker, in eval mode.
 
     source: "minisd", "minisd-xl", a diffusers folder, a `.safetensors` / `.ckpt` single file (`config`: a local
     diffusers folder, "minisd" or "minisd-xl", giving the component configs; required offline), or a hub id
     (online only).
-    family: override the detected family ("sd1", "sd2", "sd2-v", "sdxl"; `--family`).
+    family: override the detected family ("sd1", "sd2", "sd2-v", "sdxl", "sd3", "flux"; `--family`).
     dtype: fp32 by default; fp16 / bf16 only with CUDA (half precision on CPU is slow and lossy).
     device: None keeps the pipeline on the CPU; "auto" picks cuda when available.
     """
@@ -83,6 +83,10 @@ def load_pipeline(
     path = minisd_path(source) if source in MINISD_MODELS else Path(source).expanduser()
     if path.is_dir():
         pipe, how = _load_folder(path, torch_dtype, family), "its model_index.json"
+        if (path / "safree.json").is_file():  # an inference-time erasure: the base weights + SAFREE's hooks
+            from .safree import attach_safree
+
+            attach_safree(pipe, path)
     elif path.is_file():
         pipe, how = _load_single_file(path, config, torch_dtype, family), "its tensor names"
     elif _looks_like_hub_id(source):
@@ -96,7 +100,7 @@ def load_pipeline(
                 "from --family" if family else "detected from " + how)
     if target is not None:
         pipe.to(target)
-    for module in (pipe.unet, pipe.vae, *found.text_modules(pipe).values()):
+    for module in (found.denoiser(pipe), pipe.vae, *found.text_modules(pipe).values()):
         module.eval()
     return pipe
 
@@ -262,7 +266,7 @@ def _load_single_file(path: Path, config: str | os.PathLike | None, torch_dtype:
     keys = read_checkpoint_keys(path)  # fails cleanly (and safely) before diffusers sees the file
     if path.suffix == ".safetensors":  # our exports record a content digest: a flipped byte is caught here
         check_file_digest(path, "checkpoint")
-    try:  # SD 3 / Flux / the refiner / no UNet at all are refused here, by name
+    try:  # the refiner / no denoiser at all are refused here, by name
         detected = family_from_keys(keys)
     except ConceptEraseError as err:
         raise ConceptEraseError(f"{str(path)!r}: {err}") from None

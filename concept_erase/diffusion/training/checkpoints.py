@@ -118,11 +118,14 @@ def write_checkpoint(checkpoint_dir: Path, step: int, weights: dict, optimizer_s
 def load_checkpoint(path: Path, unet, optimizer, config: TrainConfig) -> tuple[int, list[dict]]:
     from safetensors.torch import load_file
 
+    from ..models.loading import safe_torch_load
+
     try:
         state = json.loads((path / "state.json").read_text())
         weights = load_file(str(path / f"{config.train}.safetensors"))
         has_optimizer = (path / "optimizer.pt").exists()  # a run's kept final weights have none (no step left)
-        opt_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True) if has_optimizer else None
+        # never runs pickled code, and a refusal never quotes torch's advice to retry with weights_only=False
+        opt_state = safe_torch_load(path / "optimizer.pt") if has_optimizer else None
         rng = load_file(str(path / "rng.safetensors"))
     except Exception as err:  # truncated / foreign files: one line naming the folder
         raise ConceptEraseError(f"cannot read checkpoint {str(path)!r}: {str(err).splitlines()[0]}") from None

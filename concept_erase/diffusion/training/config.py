@@ -17,7 +17,7 @@ import torch
 
 from ...cli_args import check_fields, flag_name, resume_free
 from ...errors import ConceptEraseError
-from ...saliency import optimizer_class
+from ...saliency import SCORES, optimizer_class
 from ..methods import ADVERSARIAL_VARIANTS, ALL_METHOD_FIELDS, METHOD_CHOICES, METHODS, OPTIONS, Method, get_method
 from ..methods.base import RETAIN_DATA, SAMPLING_FIELDS
 from ..models.families import family_field
@@ -106,6 +106,10 @@ class TrainConfig(*OPTIONS):
             raise ConceptEraseError("--mixed-precision fp16 needs a CUDA GPU; use bf16 or no on CPU")
         if self.train != "unet" and num_processes > 1:
             raise ConceptEraseError(f"--train {self.train} runs in one process (got {num_processes})")
+        self.check_batch(num_processes)
+
+    def check_batch(self, num_processes: int) -> None:
+        """The global batch splits evenly over processes and micro-batches (`plan` asks it for one process)."""
         if self.batch_size % (num_processes * self.gradient_accumulation_steps):
             raise ConceptEraseError(
                 f"batch_size {self.batch_size} must be divisible by processes x gradient_accumulation_steps "
@@ -144,8 +148,12 @@ class EraseConfig(TrainConfig):
         "help": "file of retain prompts, one per line (default: the preset's, or the surrogate)"})
     mask: str | None = field(default=None, metadata={
         "help": "saliency mask file (from `concept-erase mask`); salun computes one when it is not given"})
-    keep: float = field(default=0.5, metadata={
-        "help": "fraction of UNet weights the computed mask keeps trainable", "above": 0, "max": 1})
+    keep: float | None = field(default=None, metadata={
+        "help": "fraction of UNet weights the computed mask selects (default: the method's: 0.5, the weights "
+                "salun trains; scissorhands: the weights it re-initialises)", "above": 0, "max": 1})
+    score: str | None = field(default=None, metadata={
+        "help": "what ranks the weights of the computed mask: salun (|gradient|), snip (|weight x gradient|, "
+                "ScissorHands) or ant (ANT's augmented map) (default: the method's)", "choices": SCORES})
     mask_scope: str | None = field(default=None, metadata={
         "help": "regex on UNet parameter names the computed mask ranks (default: every parameter)"})
     num_forget_images: int = field(default=64, metadata={
@@ -183,6 +191,8 @@ class EraseConfig(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        self.keep = self.method_class.default_keep if self.keep is None else self.keep
+        self.score = self.method_class.default_score if self.score is None else self.score
         if self.concept is None and not self.forget and not self.concepts_file:
             raise ConceptEraseError("name a --concept preset (or --concepts-file) or give --forget and --surrogate")
         if self.train != "unet" and self.save_delta:

@@ -12,10 +12,10 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ...errors import ConceptEraseError
-from ...saliency import SaliencyMask
+from ...saliency import SaliencyMask, check_keep_for
 from ..data.latents import ImageSource, LatentSet
 from ..models.families import family_of
 from .checkpoints import RESUME_MASK, find_checkpoint, latest_checkpoint, remove_resume_mask, write_checkpoint
@@ -75,28 +75,41 @@ def run_mask(config: EraseConfig) -> dict[str, Any]:
 
     check_writable(config.output, config.overwrite, kind="file", suffix=".safetensors", flag="--output")
     state, concept, pipe = _prepare(config)
+    check_keep_for(trained_module(config.train).of(pipe), config.keep, config.mask_scope)  # before any image
     forget, _ = build_latent_sets(pipe, concept, config.build_method(), state, with_retain=False)
     t0 = time.perf_counter()
     mask = compute_mask(pipe, forget, config.keep, include=config.mask_scope, batch_size=mask_batch(config),
                         seed=config.seed, concept=concept.name, progress=config.progress,
-                        gradient_checkpointing=config.gradient_checkpointing, train=config.train)
+                        gradient_checkpointing=config.gradient_checkpointing, train=config.train,
+                        score=config.score, ant=config)
     seconds = time.perf_counter() - t0
     if state.is_main_process:
         mask.save(config.output, overwrite=config.overwrite)
     return {"output": str(config.output), "concept": concept.name, "keep": config.keep,
-            "kept_fraction": mask.kept_fraction, "forget_images": int(forget.latents.shape[0]),
+            "score": mask.score, "kept_fraction": mask.kept_fraction, "forget_images": int(forget.latents.shape[0]),
             "seconds": round(seconds, 3), "fingerprint": mask.fingerprint}
 
 
-def run_erase(config: EraseConfig) -> dict[str, Any]:
+def run_erase(config: EraseConfig, *, on_step: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """`concept-erase erase`: the whole job. Returns the summary (also written as OUTPUT/erase_summary.json).
 
     Fails before any work if an output exists (without overwrite) or the mask does not fit the model; on a
-    non-finite loss it raises ConceptEraseError and the checkpoints written so far stay in place."""
+    non-finite loss it raises ConceptEraseError and the checkpoints written so far stay in place. One run at a
+    time writes an --output: a second is refused here, before any work (`io_utils.destination_lock`).
+    `on_step(done, total)`: the training loop's progress (`train_unet`); what it raises stops the run unsaved."""
+    from ...io_utils import destination_lock
+    from ...runtime import process_state
+
     check_destinations(config)
+    with destination_lock(config.output, "--output", take=process_state().is_main_process):
+        return _erase(config, on_step)
+
+
+def _erase(config: EraseConfig, on_step=None) -> dict[str, Any]:
     t_start = time.perf_counter()
     state, concept, pipe = _prepare(config)
     method = config.build_method()  # once: everything after asks this object
+    family_of(pipe).check_erase(config, method)  # before any work: what this family cannot do is one line
     if method.closed_form:
         base_unet = copy.deepcopy(pipe.unet).cpu() if config.save_delta else None
         t0 = time.perf_counter()
@@ -115,16 +128,19 @@ def run_erase(config: EraseConfig) -> dict[str, Any]:
     ckpt_dir = config.checkpoints()
     resumed_mask = ckpt_dir / RESUME_MASK
     computes_mask = method.computes_mask and not config.mask
+    if computes_mask:
+        check_keep_for(module, config.keep, config.mask_scope)  # before any image
     if config.mask:
         mask = SaliencyMask.load(config.mask)
         family_of(pipe).check_mask(mask, config.mask)  # SDXL's mask on SD 1.5 (or back) is named as such
         mask.check_compatible(module)  # a mask for another model fails here, early
     elif computes_mask and find_checkpoint(ckpt_dir, config.resume) and resumed_mask.is_file():
         mask = SaliencyMask.load(resumed_mask, model=module)  # the mask the interrupted run computed
-        made_for, now = (mask.keep, mask.scope, mask.concept), (config.keep, config.mask_scope or "all", concept.name)
+        made_for = (mask.keep, mask.scope, mask.concept, mask.score)
+        now = (config.keep, config.mask_scope or "all", concept.name, config.score)
         if made_for != now:
             raise ConceptEraseError(f"cannot resume: {str(resumed_mask)!r} was computed for another job "
-                                    f"(keep, scope, concept: {made_for}; now {now})")
+                                    f"(keep, scope, concept, score: {made_for}; now {now})")
     forget, retain = build_latent_sets(pipe, concept, method, state)
     if computes_mask and mask is None:
         t0 = time.perf_counter()
@@ -134,7 +150,8 @@ def run_erase(config: EraseConfig) -> dict[str, Any]:
         if state.is_main_process:
             mask = compute_mask(pipe, forget, config.keep, include=config.mask_scope, batch_size=mask_batch(config),
                                 seed=config.seed, concept=concept.name, progress=config.progress,
-                                gradient_checkpointing=config.gradient_checkpointing, train=config.train)
+                                gradient_checkpointing=config.gradient_checkpointing, train=config.train,
+                                score=config.score, ant=config)
             ckpt_dir.mkdir(parents=True, exist_ok=True)
             mask.save(resumed_mask, overwrite=True)
         state.wait_for_everyone()
@@ -145,7 +162,8 @@ def run_erase(config: EraseConfig) -> dict[str, Any]:
 
     try:
         result = train_unet(pipe, forget, retain, method, mask=mask, checkpoint_dir=ckpt_dir,
-                            resume=config.resume, progress=config.progress, concept_of=_concept_of(concept))
+                            resume=config.resume, progress=config.progress, concept_of=_concept_of(concept),
+                            on_step=on_step)
     except BaseException:
         if state.is_main_process and latest_checkpoint(ckpt_dir) is None:
             remove_resume_mask(ckpt_dir)  # nothing to resume: leave nothing behind
@@ -154,7 +172,7 @@ def run_erase(config: EraseConfig) -> dict[str, Any]:
         **_summary_head(config, concept, state),
         "steps": result.steps, "resumed_from": result.resumed_from, "batch_size": config.batch_size,
         "lr": config.lr, "alpha": config.alpha, "trained": config.train,
-        "keep": None if mask is None else round(mask.kept_fraction, 6),
+        "keep": None if mask is None else float(f"{mask.kept_fraction:.6g}"),  # 1e-6 is not 0.0
         "forget_images": 0 if forget.latents is None else int(forget.latents.shape[0]),
         "retain_images": 0 if retain is None else int(retain.latents.shape[0]),
         "seconds_total": round(time.perf_counter() - t_start, 3), "seconds_mask": round(mask_seconds, 3),
@@ -262,11 +280,12 @@ def _save_outputs(pipe, method, concept, mask, base_unet, summary: dict) -> None
             if mask is not None:
                 mask.save(tmp / "mask.safetensors", overwrite=True)
             (tmp / "erase_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+            method.write_files(tmp)
             if config.export_single_file:
                 extras.append(export_single_file(pipe, config.export_single_file, overwrite=config.overwrite))
             if config.save_delta:
                 extras.append(save_delta(base_unet, pipe.unet.cpu(), mask, config.save_delta,
-                                         overwrite=config.overwrite))
+                                         overwrite=config.overwrite, base_model=config.model))
     except BaseException:
         for path in extras:
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)

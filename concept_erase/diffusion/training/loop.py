@@ -18,6 +18,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -57,6 +58,7 @@ def train_unet(
     resume: str | None = None,
     progress: bool = False,
     concept_of: dict[str, str] | None = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> TrainResult:
     """Erase in memory: train `pipe.unet` (or the trained module) in place with `method` and return a TrainResult.
 
@@ -72,6 +74,8 @@ def train_unet(
                   "latest" (the newest one, or a fresh start if none) or a checkpoint folder path.
     concept_of:   forget prompt -> concept name: after training, the method's forget loss per concept and the
                   retain loss on one fixed draw (`TrainResult.forget_per_concept`, `retain_loss`).
+    on_step:      called with (steps done, total steps) before the first step and after each one (the app's
+                  progress); an exception it raises stops the run there, before anything is saved.
     Works under `accelerate launch` / `torchrun` (each process calls it with the same arguments).
     Raises ConceptEraseError on bad input and on a non-finite loss (checkpoints already written are kept).
     """
@@ -92,10 +96,11 @@ def train_unet(
     config.check_launch(world)  # and the batch split, now that the process count is known
     micro_batches = world * config.gradient_accumulation_steps
     device = accelerator.device
-    pipe.unet.to(device)
+    family = family_of(pipe)
+    family.check_method(method)  # a method with no form for this denoiser (a diffusion transformer) is refused
+    family.denoiser(pipe).to(device)
     # THE trained module (trained.py): the UNet, or the text encoder with the UNet frozen; it also encodes prompts
-    trained = trained_module(config.train)(
-        pipe, device, family_of(pipe).latents_image_size(pipe, forget.latent_shape))
+    trained = trained_module(config.train)(pipe, device, family.latents_image_size(pipe, forget.latent_shape))
     model = trained.module
     model.to(device)
     if model.dtype != torch.float32:
@@ -104,7 +109,7 @@ def train_unet(
 
     # -- which weights train (the method's mask or scope; None: every weight), and THE optimizer over them:
     # masked, it keeps optimizer state for the salient entries only and never writes frozen ones (saliency.py)
-    trainable = method.trainable(model, family_of(pipe), mask)
+    trainable = method.trainable(model, family, mask)
     optimizer = build_optimizer(model, trainable, config.optimizer, lr=config.lr, weight_decay=config.weight_decay)
 
     # -- resume: weights, optimizer state and the step counter (the data order is a function of the step)
@@ -117,9 +122,9 @@ def train_unet(
         get_logger(__name__).info("resuming from %s (step %d)", ckpt, start_step)  # main process only
 
     if config.gradient_checkpointing:
-        pipe.unet.enable_gradient_checkpointing()  # (refused with --train text-encoder)
+        family.denoiser(pipe).enable_gradient_checkpointing()  # (refused with --train text-encoder)
     if config.enable_xformers:
-        pipe.unet.enable_xformers_memory_efficient_attention()
+        family.denoiser(pipe).enable_xformers_memory_efficient_attention()
     model.train()
     # blow-ups, finite ones included, stop the run; only checkpoints that passed are kept as good (guard.py)
     guard = DivergenceGuard(list(model.parameters()), checkpoint_dir, start_step=start_step,
@@ -132,8 +137,8 @@ def train_unet(
     use_retain = retain is not None and config.alpha > 0
     T = pipe.scheduler.config.num_train_timesteps
     scheduler = training_scheduler(pipe.scheduler)  # q_sample, whatever sampler the pipeline ships with
-    # The VAE is done (latents cached), and so is a frozen text encoder (prompts cached): off the GPU.
-    parked = [m for m in (pipe.text_encoder, pipe.vae)
+    # The VAE is done (latents cached), and so are frozen text encoders (prompts cached): off the GPU.
+    parked = [m for m in (*family.text_modules(pipe).values(), pipe.vae)
               if device.type == "cuda" and m is not None and m is not trained.module]
     for module in parked:
         module.to("cpu")
@@ -143,6 +148,8 @@ def train_unet(
     bar = _progress(range(start_step, config.steps), progress and accelerator.is_local_main_process, start_step,
                     config.steps)
     step_times = []
+    if on_step is not None:
+        on_step(start_step, config.steps)
     for step in bar:
         t0 = time.perf_counter()
         gen = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
@@ -191,11 +198,13 @@ def train_unet(
                             retain=f"{record['loss_retain']:.4g}")
         if checkpoint_dir and config.checkpointing_steps and (step + 1) % config.checkpointing_steps == 0:
             save_checkpoint(accelerator, Path(checkpoint_dir), step + 1, model, optimizer, config, losses)
+        if on_step is not None:
+            on_step(step + 1, config.steps)
     guard.finish(config.steps)
 
     # -- hand back plain modules: no DDP wrapper, no hooks, no checkpointing, frozen
     setattr(pipe, trained.attr, accelerator.unwrap_model(model, keep_fp32_wrapper=False))
-    unet = pipe.unet
+    unet = family.denoiser(pipe)
     if config.gradient_checkpointing:
         unet.disable_gradient_checkpointing()
     for module in (unet, trained.module):

@@ -1,5 +1,6 @@
-"""The trained module of an erasure: the UNet (SalUn and every other method) or the text encoder (AdvUnlearn,
-Zhang et al., NeurIPS 2024: a plug-in robust text encoder, the UNet frozen).
+"""The trained module of an erasure: the denoiser (SalUn and every other method; the UNet, or the family's
+diffusion transformer: `Family.denoiser`) or the text encoder (AdvUnlearn, Zhang et al., NeurIPS 2024: a plug-in
+robust text encoder, the UNet frozen).
 
 `erase.train_unet` and the mask pass see only this interface, so the loop has no branch per module:
 - `module`: the nn.Module whose weights the mask ranks, the optimizer steps and checkpoints hold;
@@ -29,19 +30,20 @@ TRAINED = ("unet", "text-encoder")
 
 
 class TrainedUNet:
-    """The UNet trains; the text encoder is frozen, so each prompt is encoded once."""
+    """The denoiser trains (the UNet, or a diffusion transformer: `--train unet` names both); the text encoders
+    are frozen, so each prompt is encoded once."""
 
     name = "unet"
-    attr = "unet"  # the pipeline component it is
 
     def __init__(self, pipe, device, size: tuple[int, int] | None = None):
-        self.pipe, self.module = pipe, pipe.unet
+        self.pipe, self.module = pipe, self.of(pipe)
+        self.attr = family_of(pipe).denoiser_name  # the pipeline component it is
         self._cache = PromptEmbeddings(pipe, device, size=size)
 
     @classmethod
     def of(cls, pipe) -> nn.Module:
         """This pipeline's module of this kind; refuses a pipeline it cannot train (before any work)."""
-        return getattr(pipe, cls.attr)
+        return family_of(pipe).denoiser(pipe)
 
     def unet(self, prepared: nn.Module) -> nn.Module:
         """The UNet the losses call, given the trained module as accelerate prepared it."""
@@ -69,7 +71,7 @@ class TrainedTextEncoder(TrainedUNet):
     def __init__(self, pipe, device, size: tuple[int, int] | None = None):
         self.pipe, self.module, self.device, self.size = pipe, self.of(pipe), device, size
         self.family = family_of(pipe)
-        pipe.unet.requires_grad_(False)
+        self.family.denoiser(pipe).requires_grad_(False)
 
     @classmethod
     def of(cls, pipe) -> nn.Module:
@@ -80,7 +82,7 @@ class TrainedTextEncoder(TrainedUNet):
         return pipe.text_encoder
 
     def unet(self, prepared: nn.Module) -> nn.Module:
-        return self.pipe.unet
+        return self.family.denoiser(self.pipe)
 
     def encode(self, prompts: Sequence[str], offset: Tensor | None = None) -> Conditioning:
         """The conditioning of `prompts` through the current encoder; `offset` (B, L, D) is added to the input
@@ -112,7 +114,7 @@ class TrainedTextEncoder(TrainedUNet):
         def loss(text_encoder, item):
             batch, prompts = item
             cond = self.encode(list(prompts) + [""])
-            return saliency_loss(self.pipe.unet, replace(batch, cond=cond[:-1], target_cond=cond[-1:].expand(
+            return saliency_loss(self.family.denoiser(self.pipe), replace(batch, cond=cond[:-1], target_cond=cond[-1:].expand(
                 len(prompts))), guidance)
         return loss
 

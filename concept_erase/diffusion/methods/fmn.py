@@ -1,0 +1,153 @@
+"""Forget-Me-Not (Zhang, Wang, Xu, Wang & Shi, "Forget-Me-Not: Learning to Forget in Text-to-Image Diffusion
+Models", 2023): attention re-steering (docs/ALGORITHMS.md 4).
+
+On noised images of the concept with their own prompt, the loss is the norm of the cross-attention
+probabilities that the image's queries give the concept's tokens,
+    L = sum over cross-attention layers l of  mean over items of ||A_l[:, :, concept tokens]||_F,
+minimised in tens of steps, so the UNet stops attending to those words. The concept's tokens of a forget
+prompt are its tokens that its surrogate prompt lacks ("a photo of a nude person" against "a photo of a
+person wearing clothes": "nude"). The maps are read by hooking the cross-attention layers
+(`cross_attention_probabilities`): they run diffusers' explicit `AttnProcessor` (the same attention as SDPA,
+with the probabilities materialised) while the loss is computed.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ...errors import ConceptEraseError
+from ..losses import NoisedBatch, _cat, _unet
+from ..models.families import as_conditioning
+from .base import FORGET_IMAGE_FIELDS, LOOP_FIELDS, RETAIN_FIELDS, SAMPLING_FIELDS, Method, option_names
+
+FMN_PARAMS = ("unet", "cross-attention")
+
+
+@dataclass
+class FMNOptions:
+    fmn_params: str = field(default="unet", metadata={
+        "help": "FMN: which weights train: unet (all) or cross-attention", "choices": FMN_PARAMS})
+
+
+@dataclass
+class FMNBatch(NoisedBatch):
+    tokens: Tensor | None = None  # (B, L) bool: the concept's token positions of each item's prompt
+
+
+@contextmanager
+def cross_attention_probabilities(unet: nn.Module) -> Iterator[list[Tensor]]:
+    """While open, every cross-attention layer of `unet` appends its attention probabilities, (batch x heads,
+    queries, tokens), to the yielded list; the layers' own processors are put back on exit."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor
+
+    layers = [m for m in getattr(unet, "module", unet).modules() if isinstance(m, Attention) and m.is_cross_attention]
+    if not layers:
+        raise ConceptEraseError("FMN needs a UNet with cross-attention layers; this one has none")
+    recorded: list[Tensor] = []
+    saved = [m.processor for m in layers]
+
+    def recording(layer):
+        scores = layer.get_attention_scores
+
+        def get_attention_scores(query, key, attention_mask=None):
+            probs = scores(query, key, attention_mask)
+            recorded.append(probs)
+            return probs
+        return get_attention_scores
+
+    try:
+        for m in layers:
+            m.set_processor(AttnProcessor())
+            m.get_attention_scores = recording(m)  # an instance attribute, in front of the class's method
+        yield recorded
+    finally:
+        for m, processor in zip(layers, saved):
+            m.__dict__.pop("get_attention_scores", None)
+            m.set_processor(processor)
+
+
+def concept_tokens(tokenizer, prompts: list[str], surrogates: list[str]) -> Tensor:
+    """(B, L) bool: per prompt, the positions of its tokens that its surrogate prompt does not have."""
+    def ids(texts):
+        return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                         return_tensors="pt").input_ids
+    mine, theirs = ids(prompts), ids(surrogates)
+    special = torch.tensor(sorted(set(tokenizer.all_special_ids)))
+    out = torch.zeros(mine.shape, dtype=torch.bool)
+    for i, (a, b) in enumerate(zip(mine, theirs)):
+        out[i] = ~torch.isin(a, b) & ~torch.isin(a, special)
+        if not out[i].any():
+            raise ConceptEraseError(f"FMN: the forget prompt {prompts[i]!r} has no token that its surrogate "
+                                    f"{surrogates[i]!r} lacks, so no concept token to re-steer")
+    return out
+
+
+def attention_resteering_loss(maps: list[Tensor], tokens: Tensor, rows: int) -> Tensor:
+    """Sum over layers of the mean over items of ||A[item][:, :, concept tokens]||_F. `rows`: the batch of the
+    forward (a joint forward puts the retain rows after the len(tokens) forget rows)."""
+    n = tokens.shape[0]
+    total = torch.zeros((), device=tokens.device)
+    for probs in maps:  # (rows x heads, queries, tokens), item-major (diffusers' head_to_batch_dim)
+        per_item = probs.reshape(rows, probs.shape[0] // rows, *probs.shape[1:])[:n].float()
+        picked = per_item * tokens[:, None, None, :].to(per_item.device)
+        total = total + picked.flatten(1).norm(dim=1).mean()
+    return total
+
+
+class FMN(Method):
+    name = "fmn"
+    help = ("Forget-Me-Not (Zhang et al. 2023): attention re-steering, the concept tokens' cross-attention "
+            "probabilities minimised on images of the concept; the UNet or its cross-attention")
+    fields = LOOP_FIELDS | SAMPLING_FIELDS | RETAIN_FIELDS | FORGET_IMAGE_FIELDS | option_names(FMNOptions) | {"mask"}
+
+    def prepare(self, trained, pipe, device):
+        self.tokenizer = pipe.tokenizer
+        self.encode = trained.target
+
+    def target_prompts(self, prompts, surrogates):
+        """The forget prompts themselves (FMN has no target); their concept tokens are found here, once."""
+        if surrogates is None:
+            raise ConceptEraseError("method 'fmn' needs a surrogate prompt per forget prompt (its concept tokens "
+                                    "are the words the surrogate lacks)")
+        pairs = dict(zip(prompts, surrogates))
+        self.tokens = dict(zip(pairs, concept_tokens(self.tokenizer, list(pairs), list(pairs.values()))))
+        self.known = {p: as_conditioning(self.encode([p])).hidden for p in pairs}  # to name the rows of a batch
+        return list(prompts)
+
+    def trainable(self, module, family, mask):
+        if self.config.fmn_params == "cross-attention":
+            return self._scope(module, family.is_cross_attention, mask)
+        return mask
+
+    def forget_batch(self, model, scheduler, latents, cond, target_cond, noise, timesteps, draws, *, step=None,
+                     prompts=None):
+        batch = super().forget_batch(model, scheduler, latents, cond, target_cond, noise, timesteps, draws)
+        prompts = prompts or self._prompts_of(cond)  # the measure after training names no prompts
+        tokens = torch.stack([self.tokens[p] for p in prompts])
+        return FMNBatch(**vars(batch), tokens=tokens)
+
+    def _prompts_of(self, cond) -> list[str]:
+        hidden = as_conditioning(cond).hidden
+        return [next(p for p, h in self.known.items() if torch.equal(h[0].to(row.device), row)) for row in hidden]
+
+    def loss(self, unet, forget, retain):
+        n = forget.noisy.shape[0]
+        with cross_attention_probabilities(unet) as maps:
+            if retain is None or self.config.alpha == 0:
+                _unet(unet, forget.noisy, forget.timesteps, forget.cond)
+                loss_r = None
+            else:
+                out = _unet(unet, torch.cat([forget.noisy, retain.noisy]),
+                            torch.cat([forget.timesteps, retain.timesteps]), _cat(forget.cond, retain.cond))
+                loss_r = F.mse_loss(out[n:].float(), retain.target.float())
+            loss_f = attention_resteering_loss(maps, forget.tokens.to(forget.noisy.device),
+                                               n if loss_r is None else n + retain.noisy.shape[0])
+        if loss_r is None:
+            return loss_f, loss_f.detach(), torch.zeros((), device=loss_f.device)
+        return loss_f + self.config.alpha * loss_r, loss_f.detach(), loss_r.detach()

@@ -1,0 +1,237 @@
+"""The diffusion-transformer families (SD 3, FLUX) end to end on tiny real pipelines: conditioning and the
+denoiser call against the pipelines' own sampling, rectified flow, the mask pass and SalUn / RL training."""
+
+import contextlib
+
+import pytest
+import torch
+from helpers import saved_bytes, weights_copy
+
+from concept_erase.cli import main
+from concept_erase.diffusion.data.latents import LatentSet
+from concept_erase.diffusion import memory
+from concept_erase.diffusion.memory import load_counts, trace_activations
+from concept_erase.diffusion.models.families import FLUX, SD3, Conditioning, family_of
+from concept_erase.diffusion.models.loading import load_pipeline
+from concept_erase.diffusion.models.tiny import build_tiny_flux_pipeline, build_tiny_sd3_pipeline
+from concept_erase.diffusion.plan import PlanConfig, estimate
+from concept_erase.diffusion.training.config import TrainConfig
+from concept_erase.diffusion.training.loop import train_unet
+from concept_erase.diffusion.training.mask_pass import compute_mask
+from concept_erase.errors import ConceptEraseError
+
+BUILDERS = {"flux": build_tiny_flux_pipeline, "sd3": build_tiny_sd3_pipeline}
+
+
+def _sets(n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    forget = LatentSet(torch.randn(n, 16, 16, 16, generator=g), ["a nude"] * n, ["a dressed"] * n)
+    retain = LatentSet(torch.randn(n, 16, 16, 16, generator=g), ["a dressed", "a tree"] * (n // 2))
+    return forget, retain
+
+
+@pytest.mark.parametrize("name", ["flux", "sd3"])
+def test_one_euler_step_with_the_familys_call_is_the_pipelines_own_step(name):
+    """One flow-matching step from sigma = 1 to 0 is x_0 = noise - v(noise, t=1000): the pipeline's own sampling
+    (its prompt encoding, FLUX's packing, position ids, timestep scale and guidance embedding) must give what the
+    family's conditioning and `Conditioning.predict` give."""
+    pipe = BUILDERS[name](0)
+    family = family_of(pipe)
+    kwargs = {"guidance_scale": FLUX.training_guidance} if family is FLUX else {"guidance_scale": 1.0}  # SD3: no CFG
+    out = pipe("a cat", num_inference_steps=1, height=32, width=32, output_type="latent",
+               generator=torch.Generator().manual_seed(3), max_sequence_length=32, **kwargs).images
+    if family is FLUX:
+        out = pipe._unpack_latents(out, 32, 32, pipe.vae_scale_factor)
+    noise = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(3))
+    cond = family.encode(pipe, ["a cat"], "cpu")
+    with torch.no_grad():
+        v = cond.predict(family.denoiser(pipe), noise, torch.tensor([1000.0]))
+    torch.testing.assert_close(noise - v, out, rtol=1e-4, atol=1e-5)
+
+
+def test_flux_conditioning_and_its_guidance_embedding():
+    pipe = build_tiny_flux_pipeline(0)
+    cond = FLUX.encode(pipe, ["a cat", ""], "cpu")
+    hidden, pooled, _ = pipe.encode_prompt(["a cat", ""], device="cpu", max_sequence_length=32)
+    assert torch.equal(cond.hidden, hidden) and torch.equal(cond.added["pooled_projections"], pooled)
+    assert cond.added["guidance"].tolist() == [FLUX.training_guidance] * 2
+    schnell = build_tiny_flux_pipeline(0, guidance_embeds=False)  # schnell's structure: no guidance input
+    assert "guidance" not in FLUX.encode(schnell, ["a cat"], "cpu").added
+    with pytest.raises(ConceptEraseError, match="guidance-distilled"):  # dev's transformer without a guidance
+        cond_schnell = FLUX.encode(schnell, ["a cat"], "cpu")
+        cond_schnell.predict(pipe.transformer, torch.zeros(1, 16, 16, 16), torch.tensor([500.0]))
+    with pytest.raises(ConceptEraseError, match="not even"):
+        cond.predict(pipe.transformer, torch.zeros(2, 16, 15, 16), torch.tensor([1.0, 1.0]))
+
+
+def test_sd3_conditioning_joins_clip_pads_and_follows_with_t5():
+    pipe = build_tiny_sd3_pipeline(0)
+    cond = SD3.encode(pipe, ["a cat"], "cpu")
+    # 77 CLIP tokens (32 + 48 features, zero-padded to T5's 96) then 32 T5 tokens; pooled 32 + 48
+    assert cond.hidden.shape == (1, 77 + 32, 96) and cond.added["pooled_projections"].shape == (1, 80)
+    assert not cond.hidden[:, :77, 80:].any() and cond.hidden[:, 77:, 80:].any()
+    assert cond.family is SD3 and cond[0].family is SD3 and cond.expand(1).family is SD3
+
+
+@pytest.mark.parametrize("name", ["flux", "sd3"])
+def test_salun_on_a_transformer_trains_only_salient_weights_deterministically(name):
+    forget, retain = _sets()
+    pipe = BUILDERS[name](0)
+    base = weights_copy(pipe.transformer)
+    mask = compute_mask(pipe, forget, keep=0.3, batch_size=2, seed=0)
+    assert set(mask.masks) == {n for n, _ in pipe.transformer.named_parameters()}
+    family_of(pipe).check_mask(mask, "m")
+    # AdamW with weight decay: frozen means frozen (docs/ALGORITHMS.md 1)
+    cfg = TrainConfig(method="salun", steps=2, batch_size=2, lr=1e-2, weight_decay=0.1)
+    result = train_unet(pipe, forget, retain, cfg, mask=mask)
+    assert result.unet is pipe.transformer and not any(p.requires_grad for p in pipe.transformer.parameters())
+    after = weights_copy(pipe.transformer)
+    moved = 0
+    for key, m in mask.masks.items():
+        assert torch.equal(after[key][~m], base[key][~m]), key
+        moved += int((after[key][m] != base[key][m]).sum())
+    assert moved > 0.5 * sum(int(m.sum()) for m in mask.masks.values())
+    again = BUILDERS[name](0)
+    train_unet(again, forget, retain, cfg, mask=compute_mask(again, forget, keep=0.3, batch_size=2, seed=0))
+    assert all(torch.equal(v, again.transformer.state_dict()[k]) for k, v in after.items())  # deterministic
+
+
+@pytest.mark.parametrize("name", ["flux", "sd3"])
+def test_rl_on_a_transformer_trains_every_weight_and_lowers_the_forget_loss(name):
+    forget, retain = _sets()
+    pipe = BUILDERS[name](0)
+    base = weights_copy(pipe.transformer)
+    result = train_unet(pipe, forget, retain, TrainConfig(method="rl", steps=4, batch_size=2, lr=1e-3, alpha=0.0),
+                        concept_of={"a nude": "nude"})
+    after = weights_copy(pipe.transformer)
+    assert sum(not torch.equal(after[k], base[k]) for k in base) > 0.9 * len(base)
+    assert result.forget_per_concept["nude"] < result.losses[0]["loss_forget"]
+
+
+@pytest.mark.parametrize("method", ["esd-x", "esd-u", "ca"])
+def test_methods_without_a_transformer_form_are_refused_with_one_line(method):
+    forget, retain = _sets()
+    with pytest.raises(ConceptEraseError, match=rf"^--method {method} has no form for diffusion transformers"):
+        train_unet(build_tiny_flux_pipeline(0), forget, retain, TrainConfig(method=method, steps=1, batch_size=2))
+
+
+@pytest.mark.parametrize("name", ["flux", "sd3"])
+def test_a_transformer_folder_loads_as_its_family_and_erase_refuses_a_method_without_a_form(
+        name, tiny_flux_pipeline_dir, tiny_sd3_pipeline_dir, tmp_path, capsys):
+    folder = {"flux": tiny_flux_pipeline_dir, "sd3": tiny_sd3_pipeline_dir}[name]
+    pipe = load_pipeline(folder)
+    assert family_of(pipe).name == name and not pipe.transformer.training
+    other = {"flux": "sd3", "sd3": "flux"}[name]
+    with pytest.raises(ConceptEraseError, match=f"--family {other} does not fit"):
+        load_pipeline(folder, family=other)
+    with pytest.raises(ConceptEraseError, match=f"--family sdxl does not fit this model: it is {name}"):
+        load_pipeline(folder, family="sdxl")
+    capsys.readouterr()
+    out = tmp_path / "erased"
+    assert main(["erase", "--model", str(folder), "--method", "uce", "--forget", "a cat", "--surrogate", "a dog",
+                 "--output", str(out)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert err == [f"concept-erase: error: --method uce has no form for diffusion transformers yet; on "
+                   f"{family_of(pipe).description} use salun or rl"]
+    assert not out.exists()
+
+
+def test_the_text_side_scope_of_a_transformer():
+    pipe = build_tiny_flux_pipeline(0)
+    names = [n for n, _ in pipe.transformer.named_parameters()]
+    text = {n for n in names if FLUX.is_cross_attention(n)}
+    assert {"context_embedder.weight", "time_text_embed.text_embedder.linear_1.weight",
+            "transformer_blocks.0.attn.add_k_proj.weight", "transformer_blocks.0.attn.to_add_out.weight",
+            "transformer_blocks.0.ff_context.net.2.weight", "transformer_blocks.0.norm1_context.linear.weight"} <= text
+    # the image stream's own weights and the single-stream blocks (shared by text and image) are not text-side
+    assert not any(n.startswith(("single_transformer_blocks.", "x_embedder.", "proj_out.")) for n in text)
+    assert "transformer_blocks.0.attn.to_k.weight" not in text and "transformer_blocks.0.ff.net.2.weight" not in text
+
+
+def _saved_bytes_for_real(model, family, batch, latent, attention):
+    """What autograd keeps for the backward pass in a real CPU forward through the family's call, with
+    `attention` around it (the CPU's own kernel, or the plan's model of the fused kernels)."""
+    cfg = model.config
+    added = {"pooled_projections": torch.randn(batch, cfg.pooled_projection_dim)}
+    if cfg.get("guidance_embeds"):
+        added["guidance"] = torch.full((batch,), 3.5)
+    cond = Conditioning(torch.randn(batch, family.text_tokens, cfg.joint_attention_dim), added, family)
+    x = torch.randn(batch, family.latent_channels(cfg), latent, latent)
+    with attention:
+        return saved_bytes(model, lambda: cond.predict(model, x, torch.zeros(batch)))
+
+
+@pytest.mark.parametrize("name", ["flux", "sd3"])
+def test_plan_traces_a_transformer_as_a_real_forward_and_plans_its_run(name, tiny_flux_pipeline_dir,
+                                                                      tiny_sd3_pipeline_dir):
+    folder = {"flux": tiny_flux_pipeline_dir, "sd3": tiny_sd3_pipeline_dir}[name]
+    counts = load_counts(str(folder))
+    real = BUILDERS[name](0).transformer.train()
+    family = counts.family
+    assert family.name == name and counts.components["transformer"] == sum(p.numel() for p in real.parameters())
+    assert counts.default_resolution == 32
+    # FLUX: exactly what the CPU's attention kernel keeps. SD 3 joins text and image q/k/v laid out
+    # (batch, heads, tokens, dim), which the CPU kernel copies into its own layout and keeps (two more tensors
+    # per joint block); the plan counts the fused GPU kernels' (memory.py), so there the real forward runs with
+    # that model of the kernel and everything else real.
+    attention = memory._fused_attention if name == "sd3" else contextlib.nullcontext
+    for batch in (1, 2):
+        assert trace_activations(counts.unet, batch, 16, torch.float32, False, family).total == \
+            _saved_bytes_for_real(real, family, batch, 16, attention())
+    plan = estimate(PlanConfig(model=str(folder), batch_size=2, device="cpu"), counts)
+    assert plan.phases["training step"]["weights (fp32: UNet master + text encoders + VAE)"] == \
+        4 * sum(counts.components.values())
+    assert plan.peak > 4 * sum(counts.components.values())
+    with pytest.raises(ConceptEraseError, match="^--method esd-x has no form for diffusion transformers"):
+        estimate(PlanConfig(model=str(folder), method="esd-x"), counts)
+
+
+def test_salun_adv_attacks_a_transformers_conditioning_and_keeps_frozen_weights():
+    """SalUn-Adv's inner attack perturbs FLUX's T5 states and pooled vector (never the guidance) through the
+    family's call, and the step stays on the mask."""
+    from concept_erase.saliency import SaliencyMask
+
+    forget, retain = _sets()
+    pipe = build_tiny_flux_pipeline(0)
+    base = weights_copy(pipe.transformer)
+    mask = SaliencyMask.random(pipe.transformer, keep=0.3, seed=1)
+    cfg = TrainConfig(method="salun", adversarial=True, adv_steps=2, steps=2, batch_size=2, lr=1e-2)
+    result = train_unet(pipe, forget, retain, cfg, mask=mask)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in result.losses)
+    after = weights_copy(pipe.transformer)
+    for key, m in mask.masks.items():
+        assert torch.equal(after[key][~m], base[key][~m]), key
+    plain = build_tiny_flux_pipeline(0)
+    train_unet(plain, forget, retain, TrainConfig(method="salun", steps=2, batch_size=2, lr=1e-2), mask=mask)
+    assert any(not torch.equal(after[k], v) for k, v in plain.transformer.state_dict().items())  # the attack acted
+
+
+def test_erase_command_on_a_flux_folder(tiny_flux_pipeline_dir, tmp_path, capsys):
+    """`concept-erase erase` end to end on FLUX's structure: forget and retain images sampled by the FluxPipeline
+    itself, encoded with FLUX's VAE shift and scale, the mask pass and SalUn in velocity space, the erased folder
+    saved; frozen means frozen through save and reload. (About 10 s on 2 cores: the image sampling and the
+    folder loads are the cost, kept to two images of each set; the one test of the whole FLUX job.)"""
+    import json
+
+    out = tmp_path / "erased"
+    common = ["--model", str(tiny_flux_pipeline_dir), "--forget", "a cat", "--surrogate", "a dog",
+              "--num-forget-images", "2", "--num-retain-images", "2", "--image-steps", "2", "--cache-dir",
+              str(tmp_path / "cache"), "--batch-size", "2", "--no-progress"]
+    capsys.readouterr()
+    assert main(["erase", *common, "--steps", "2", "--lr", "1e-2", "--keep", "0.3", "--output", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["steps"] == 2 and summary["method"] == "salun" and summary["forget_images"] == 2
+    base, erased = load_pipeline(tiny_flux_pipeline_dir), load_pipeline(out)
+    assert family_of(erased) is FLUX
+    from concept_erase.saliency import SaliencyMask
+
+    mask = SaliencyMask.load(out / "mask.safetensors", model=base.transformer)
+    b, e = base.transformer.state_dict(), erased.transformer.state_dict()
+    assert all(torch.equal(b[k][~m], e[k][~m]) for k, m in mask.masks.items())
+    assert sum(int((b[k][m] != e[k][m]).sum()) for k, m in mask.masks.items()) > 0
+    # what the transformer families cannot write yet is refused before any work, in one line
+    capsys.readouterr()
+    assert main(["erase", *common, "--output", str(tmp_path / "x"), "--save-delta", str(tmp_path / "d")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and "--save-delta is not available for diffusion transformers" in err[0]
+    assert not (tmp_path / "x").exists() and not (tmp_path / "d").exists()
