@@ -53,7 +53,7 @@ from concept_erase.diffusion.conditioning import PromptEmbeddings
 from concept_erase.diffusion.training.config import TrainConfig
 from concept_erase.diffusion.training.loop import train_unet
 from concept_erase.diffusion.training.mask_pass import compute_mask, saliency_batches
-from concept_erase.diffusion.models.families import Conditioning
+from concept_erase.diffusion.models.family import Conditioning
 from concept_erase.diffusion.models.loading import load_pipeline
 from concept_erase.diffusion.losses import noise_batch, salun_loss, saliency_loss, sample_noise
 from concept_erase.diffusion.minisd import DIGITS, MINISD_MODELS, STYLES

@@ -34,7 +34,8 @@ from concept_erase.diffusion.methods.uce import uce_edit
 from concept_erase.diffusion.minisd.experiment import MASK_BATCH_SIZE, make_latent_sets
 from concept_erase.diffusion.minisd.judge import load_judges
 from concept_erase.diffusion.models.loading import load_pipeline
-from concept_erase.diffusion.models.lora import apply_erasure, export_erasure, read_erasure
+from concept_erase.diffusion.models.apply import apply_erasure, read_erasure
+from concept_erase.diffusion.models.lora import export_erasure
 from concept_erase.diffusion.training.loop import train_unet
 from concept_erase.diffusion.training.mask_pass import compute_mask
 

@@ -144,7 +144,7 @@ def make_batches(skeleton: Path, resolution: int):
     from diffusers import DDPMScheduler
 
     from concept_erase.diffusion.losses import noise_batch
-    from concept_erase.diffusion.models.families import Conditioning
+    from concept_erase.diffusion.models.family import Conditioning
 
     scheduler = DDPMScheduler.from_pretrained(skeleton / "scheduler")
     side = resolution // 8

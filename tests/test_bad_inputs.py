@@ -36,7 +36,7 @@ def _saved_attack(folder, learned_on="minisd", edit=None):
     loading the model), then `edit(folder)`."""
     import torch
 
-    from concept_erase.diffusion.models.families import Conditioning
+    from concept_erase.diffusion.models.family import Conditioning
     from evaluation.attacks.core import Learned, model_structure
     from evaluation.prompts import PromptRow
 

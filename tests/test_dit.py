@@ -11,7 +11,8 @@ from concept_erase.cli import main
 from concept_erase.diffusion.data.latents import LatentSet
 from concept_erase.diffusion import memory
 from concept_erase.diffusion.memory import load_counts, trace_activations
-from concept_erase.diffusion.models.families import FLUX, SD3, Conditioning, family_of
+from concept_erase.diffusion.models.family import Conditioning
+from concept_erase.diffusion.models.families import FLUX, SD3, family_of
 from concept_erase.diffusion.models.loading import load_pipeline
 from concept_erase.diffusion.models.tiny import build_tiny_flux_pipeline, build_tiny_sd3_pipeline
 from concept_erase.diffusion.plan import PlanConfig, estimate

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from concept_erase.diffusion.models.families import (
-    FLUX, SD1, SD2, SD2_V, SD3, SDXL, Conditioning, as_conditioning, family_from_config, family_from_keys, family_of, set_family,
+    FLUX, SD1, SD2, SD2_V, SD3, SDXL, family_from_config, family_from_keys, family_of, set_family,
 )
+from concept_erase.diffusion.models.family import Conditioning, as_conditioning
 from concept_erase.errors import ConceptEraseError
 
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from concept_erase.cli import main
-from concept_erase.diffusion.models.lora import (_factor, _sgm_module_names, apply_erasure, components,
-                                                 export_erasure, read_erasure)
+from concept_erase.diffusion.models.apply import apply_erasure, read_erasure
+from concept_erase.diffusion.models.lora import _factor, _sgm_module_names, components, export_erasure
 
 
 def _perturbed(pipe, seed: int = 0, scale: float = 0.01):

@@ -326,7 +326,7 @@ def _apply_main(args: argparse.Namespace) -> int:
     from .minisd import MINISD_MODELS
     from .models.card import save_pipeline
     from .models.loading import load_pipeline
-    from .models.lora import apply_erasure, distance_table, read_erasure, relative_distance
+    from .models.apply import apply_erasure, distance_table, read_erasure, relative_distance
 
     config = ApplyConfig(**values_from(args, ApplyConfig))
     check_writable(config.output, config.overwrite, kind="dir", flag="--output")

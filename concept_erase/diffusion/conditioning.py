@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .losses import noise_batch, sample_noise
-from .models.families import Conditioning, as_conditioning, family_of
+from .models.family import Conditioning, as_conditioning
+from .models.families import family_of
 
 
 class PromptEmbeddings:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .models.families import Conditioning, as_conditioning
+from .models.family import Conditioning, as_conditioning
 
 SALIENCY_GUIDANCE = 7.5  # w in docs/ALGORITHMS.md 1: MSE(eps, (1 + w) eps(x_t, c_f) - w eps(x_t, "")), as the reference
 

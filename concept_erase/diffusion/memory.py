@@ -31,7 +31,7 @@ class ModelCounts:
     unet: nn.Module                    # the denoiser (`Family.denoiser_name`)
     components: dict[str, int]         # component name -> parameter count (unet, text_encoder, vae, ...)
     vae_scale: int                     # pixels per latent pixel
-    family: Any                        # families.Family: which weights are cross-attention, ...
+    family: Any                        # family.Family: which weights are cross-attention, ...
     traces: dict = field(default_factory=dict)  # (batch, latent, dtype, checkpointing, scope) -> Activations
     process: int = 0                   # bytes resident in a process with the libraries and tokenizers loaded
                                        # (`measure_process`; 0: not measured)
@@ -202,7 +202,8 @@ def _meta_inputs(family, cfg, batch: int, latent: int, dtype: torch.dtype):
     """The denoiser's inputs for a batch, on the meta device: latents, timesteps and the conditioning the family
     gives it (text states of `family.text_tokens` tokens; SDXL's pooled text and size ids; a transformer's
     pooled projection and guidance), to run as training does (`Conditioning.predict`). `family` None: SD 1.x."""
-    from .models.families import SD1, Conditioning
+    from .models.family import Conditioning
+    from .models.families import SD1
 
     family = family or SD1
     with torch.device("meta"):

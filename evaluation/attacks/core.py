@@ -2,7 +2,7 @@
 (optimised by `concept_erase.diffusion.conditioning.optimise_conditioning`, the one Adam loop in conditioning
 space, which SalUn-Adv's inner attack uses too).
 
-Every attack ends in UNet conditioning (`concept_erase.diffusion.models.families.Conditioning`) for each attacked
+Every attack ends in UNet conditioning (`concept_erase.diffusion.models.family.Conditioning`) for each attacked
 row (a prompt and its seed), reached in one of three ways, all stored in `Learned` so any of them can be
 replayed on another model (a transfer attack):
 
@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from concept_erase.diffusion.conditioning import edited_token_embeddings, shifted
-from concept_erase.diffusion.models.families import Conditioning, family_of
+from concept_erase.diffusion.models.family import Conditioning
+from concept_erase.diffusion.models.families import family_of
 from concept_erase.errors import ConceptEraseError
 
 from ..prompts import PromptRow

@@ -17,7 +17,7 @@ from dataclasses import asdict
 import torch
 
 from concept_erase.diffusion.conditioning import FIXED, optimise_conditioning
-from concept_erase.diffusion.models.families import Conditioning
+from concept_erase.diffusion.models.family import Conditioning
 from concept_erase.errors import ConceptEraseError
 
 from .budgets import EmbeddingBudget

@@ -23,7 +23,9 @@ from pathlib import Path
 
 import torch
 
-from concept_erase.diffusion.models.families import FAMILIES, Conditioning
+from concept_erase.diffusion.models.family import Conditioning
+
+from concept_erase.diffusion.models.families import FAMILIES
 from concept_erase.errors import ConceptEraseError, first_line
 from concept_erase.validate import parse_seed
 

@@ -169,7 +169,7 @@ def _generate_batch(pipe, prompts, seeds, negatives, num_inference_steps, guidan
 def generate_from_conditioning(pipe, cond, seeds: Sequence[int], *, num_inference_steps: int = 25,
                                guidance_scale: float = 7.5, height: int | None = None, width: int | None = None,
                                batch_size: int = 8) -> list["Image.Image"]:
-    """`generate_images` for UNet conditioning instead of prompt text (`families.Conditioning`, one item per
+    """`generate_images` for UNet conditioning instead of prompt text (`family.Conditioning`, one item per
     seed): what an attack's adversarial embeddings draw. The negative side is the empty prompt, as usual."""
     seeds = [int(s) for s in seeds]
     if len(cond) != len(seeds):

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ...errors import ConceptEraseError
 from ..losses import NoisedBatch, _cat, _unet, esd_partial_sample, esd_scheduler
-from ..models.families import Conditioning, as_conditioning
+from ..models.family import Conditioning, as_conditioning
 from .base import FORGET_IMAGE_FIELDS, LOOP_FIELDS, SALIENCY_FIELDS, SAMPLING_FIELDS, Method, option_names
 
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..losses import _unet
-from ..models.families import as_conditioning
+from ..models.family import as_conditioning
 from .base import FORGET_IMAGE_FIELDS, LOOP_FIELDS, RETAIN_DATA, SAMPLING_FIELDS, Method, option_names
 from .scissorhands import dot, gradients, joint_forward, trained_parameters
 

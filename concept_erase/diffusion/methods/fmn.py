@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ...errors import ConceptEraseError
 from ..losses import NoisedBatch, _cat, _unet
-from ..models.families import as_conditioning
+from ..models.family import as_conditioning
 from .base import FORGET_IMAGE_FIELDS, LOOP_FIELDS, RETAIN_FIELDS, SAMPLING_FIELDS, Method, option_names
 
 FMN_PARAMS = ("unet", "cross-attention")

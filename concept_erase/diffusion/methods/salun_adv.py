@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..models.families import Conditioning, as_conditioning
+from ..models.family import Conditioning, as_conditioning
 from ..training.trained import TRAINED
 from .base import option_names
 from .salun import SalUn

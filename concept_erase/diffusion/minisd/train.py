@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from ...cli_args import check_fields
 from ...errors import ConceptEraseError
 from ...io_utils import atomic_dir
-from ..models.families import Conditioning, family_of
+from ..models.family import Conditioning
+from ..models.families import family_of
 from . import minisd_prompt, DIGITS, STYLES
 from .data import load_digit_images
 from .model import BUILDERS, count_parameters

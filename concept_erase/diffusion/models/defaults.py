@@ -17,7 +17,8 @@ from pathlib import Path
 
 from ...errors import ConceptEraseError
 from ..minisd import MINISD_GUIDANCE, MINISD_MODELS, MINISD_STEPS, minisd_path
-from .families import SD1, Family, family_from_config
+from .family import Family
+from .families import SD1, family_from_config
 
 # The judge of class prompt sets for every model but MiniSD (evaluation.classes.load_classifier).
 IMAGENET_CLASSIFIER = "microsoft/resnet-50"

@@ -26,7 +26,8 @@ from ...errors import ConceptEraseError, first_line
 from ...fingerprints import check_file_digest
 from ...runtime import resolve_device
 from ..minisd import MINISD_MODELS, minisd_path
-from .families import Family, family_from_config, family_from_keys, get_family, set_family
+from .family import Family
+from .families import family_from_config, family_from_keys, get_family, set_family
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,8 @@ from torch import Tensor, nn
 from ...errors import ConceptEraseError
 from ..conditioning import PromptEmbeddings, adversarial_conditioning, edited_token_embeddings, minimise_denoising_error
 from ..losses import saliency_loss
-from ..models.families import Conditioning, family_of
+from ..models.family import Conditioning
+from ..models.families import family_of
 
 TRAINED = ("unet", "text-encoder")
 

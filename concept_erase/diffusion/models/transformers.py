@@ -1,0 +1,160 @@
+"""The diffusion-transformer families, SD 3 and FLUX (docs/ALGORITHMS.md 5): rectified flow, a transformer as
+the denoiser, 16-channel latents, and the text stream's own weights as the text-side scope."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from ...errors import ConceptEraseError
+from .family import Conditioning, Family
+
+
+class TransformerFamily(Family):
+    """A diffusion transformer trained with rectified flow (SD 3, FLUX; docs/ALGORITHMS.md 5): the denoiser is
+    `pipe.transformer`, the scheduler FlowMatchEulerDiscreteScheduler (the losses noise with it:
+    `losses.RectifiedFlow`), the VAE has 16 channels with a shift and a scale. There is no cross-attention: the
+    text tokens have their own projections in the joint (double-stream) blocks and attend together with the image
+    tokens, so the text-side scope (`is_cross_attention`) is those projections plus the embedders of the text."""
+
+    default_resolution = 1024
+    denoiser_name = "transformer"
+    pipeline_kwargs: dict = {}
+    sampling_steps = 28         # diffusers' SD 3 and FLUX pipelines' default
+    # the text stream's own weights in the joint blocks (the analogue of cross-attention), and the embedders that
+    # carry the text into the stream (`context_embedder`) and into the modulation (`time_text_embed.text_embedder`)
+    TEXT_SIDE = (".add_q_proj.", ".add_k_proj.", ".add_v_proj.", ".to_add_out.", ".ff_context.", ".norm1_context.",
+                 ".norm_added_q.", ".norm_added_k.")
+    TEXT_EMBEDDERS = ("context_embedder.", "time_text_embed.text_embedder.")
+    config_marker: str          # a key only this family's transformer config has (detection from a pipeline)
+    single_stream = False       # single-stream blocks after the joint ones (FLUX)
+    max_sequence_length: int    # T5 tokens the pipeline encodes by default (capped by the tokenizer's maximum)
+
+    def is_cross_attention(self, name: str) -> bool:
+        return name.startswith(self.TEXT_EMBEDDERS) or any(part in name for part in self.TEXT_SIDE)
+
+    def check_method(self, method) -> None:
+        if not method.transformer_form:
+            raise ConceptEraseError(f"--method {method.name} has no form for diffusion transformers yet; on "
+                                    f"{self.description} use salun or rl")
+
+    def check_erase(self, config, method) -> None:
+        super().check_erase(config, method)
+        for flag, value in (("--export-single-file", config.export_single_file), ("--save-delta", config.save_delta)):
+            if value:
+                raise ConceptEraseError(f"{flag} is not available for diffusion transformers yet ({self.description}); "
+                                        "the erased model is written as a diffusers folder")
+
+    def check_mask(self, mask, source) -> None:
+        """Refuse a mask made for a UNet (or the other transformer) by its parameter names."""
+        names = [name for name, _ in mask.model_shapes]
+        single_stream = any(n.startswith("single_transformer_blocks.") for n in names)
+        if not any(n.startswith("transformer_blocks.") for n in names) or single_stream != self.single_stream:
+            raise ConceptEraseError(f"mask {str(source)!r} was not made for a {self.name} transformer "
+                                    f"({self.description})")
+
+    def image_size(self, pipe) -> tuple[int, int]:
+        size = self.latent_sample_size(pipe) * self.vae_factor(pipe)
+        return size, size
+
+    def latent_sample_size(self, pipe) -> int:
+        raise NotImplementedError
+
+    def t5_length(self, pipe, tokenizer: str) -> int:
+        """The T5 sequence length to encode: the pipeline's default, at most the tokenizer's maximum."""
+        return min(self.max_sequence_length, getattr(pipe, tokenizer).model_max_length)
+
+
+class SD3Family(TransformerFamily):
+    """Stable Diffusion 3 and 3.5 (Esser et al. 2024, "Scaling Rectified Flow Transformers for High-Resolution
+    Image Synthesis", section 2 and 5.2): an MMDiT with joint blocks on 16-channel latents in 2x2 patches; three
+    text encoders."""
+
+    name = "sd3"
+    description = "Stable Diffusion 3 / 3.5 (MMDiT; CLIP-L + OpenCLIP bigG + T5-XXL, rectified flow)"
+    latent_scaling = 1.5305     # the released VAE's scaling_factor; latents are (x - 0.0609) * 1.5305
+    pipeline_class = "StableDiffusion3Pipeline"
+    text_encoders = ("text_encoder", "text_encoder_2", "text_encoder_3")
+    sampling_guidance = 7.0     # diffusers' StableDiffusion3Pipeline default
+    config_marker = "pos_embed_max_size"
+    max_sequence_length = 256   # StableDiffusion3Pipeline's default
+    text_tokens = 77 + max_sequence_length  # CLIP's tokens, then T5's
+
+    def encode(self, pipe, prompts: Sequence[str], device, size: tuple[int, int] | None = None) -> Conditioning:
+        """hidden: CLIP-L's and bigG's penultimate states joined on the feature axis (768 + 1280), zero-padded to
+        T5's width (4096) and followed on the sequence axis by T5's states (77 + 256 tokens); pooled_projections:
+        both CLIP encoders' projected pooled embeddings joined (768 + 1280 = 2048). As the pipeline encodes."""
+        hidden, _, pooled, _ = pipe.encode_prompt(
+            prompt=list(prompts), prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=1,
+            do_classifier_free_guidance=False, max_sequence_length=self.t5_length(pipe, "tokenizer_3"))
+        return Conditioning(hidden.float(), {"pooled_projections": pooled.float()}, self)
+
+    def denoise(self, model, z, t, cond):
+        """SD3Transformer2DModel takes the latents unpacked (it patches them itself) and t = sigma * 1000."""
+        return model(hidden_states=z, timestep=t, encoder_hidden_states=cond.hidden.to(z.dtype),
+                     pooled_projections=cond.added["pooled_projections"].to(z.dtype)).sample
+
+    def latent_sample_size(self, pipe) -> int:
+        return pipe.transformer.config.sample_size
+
+class FluxFamily(TransformerFamily):
+    """FLUX.1 dev and schnell (Black Forest Labs 2024; described in Labs et al., "FLUX.1 Kontext", arXiv
+    2506.15742): double-stream blocks (text and image tokens with their own weights, joint attention) then
+    single-stream blocks on 2x2-packed latents, RoPE over (text, row, column) position ids; dev is
+    guidance-distilled (the guidance scale is an input embedding, no unconditional pass when sampling)."""
+
+    name = "flux"
+    description = "FLUX.1 (double/single-stream transformer; CLIP-L pooled + T5-XXL, rectified flow)"
+    latent_scaling = 0.3611     # the released VAE's scaling_factor; latents are (x - 0.1159) * 0.3611
+    pipeline_class = "FluxPipeline"
+    text_encoders = ("text_encoder", "text_encoder_2")
+    sampling_guidance = 3.5     # FLUX.1 dev's distilled guidance, diffusers' FluxPipeline default
+    config_marker = "axes_dims_rope"
+    single_stream = True
+    max_sequence_length = 512   # FluxPipeline's default (dev)
+    # The guidance a guidance-distilled transformer is trained and measured at (its conditioning's `guidance`):
+    # diffusers' train_dreambooth_flux.py default, FLUX.1 dev's sampling guidance.
+    training_guidance = 3.5
+
+    def encode(self, pipe, prompts: Sequence[str], device, size: tuple[int, int] | None = None) -> Conditioning:
+        """hidden: T5's states (512 x 4096 for dev); pooled_projections: CLIP-L's pooled output (768);
+        guidance (guidance-distilled models only): `training_guidance` per item. The text position ids are
+        zeros and the image ids follow the latent grid: both are made when the transformer runs (`denoise`)."""
+        import torch
+
+        hidden, pooled, _ = pipe.encode_prompt(prompt=list(prompts), prompt_2=None, device=device,
+                                               num_images_per_prompt=1,
+                                               max_sequence_length=self.t5_length(pipe, "tokenizer_2"))
+        added = {"pooled_projections": pooled.float()}
+        if pipe.transformer.config.guidance_embeds:
+            added["guidance"] = torch.full((len(prompts),), self.training_guidance, device=hidden.device)
+        return Conditioning(hidden.float(), added, self)
+
+    def denoise(self, model, z, t, cond):
+        """FluxTransformer2DModel on z (B, 16, h, w) packed into (B, h/2 * w/2, 64) tokens with their (0, row,
+        column) ids, t = sigma (the model multiplies by 1000), and the guidance embedding where the model has one;
+        the output unpacked to z's shape. As FluxPipeline calls it."""
+        from diffusers import FluxPipeline
+
+        b, c, h, w = z.shape
+        if h % 2 or w % 2:
+            raise ConceptEraseError(f"FLUX packs 2x2 latent patches: a {h}x{w} latent grid is not even")
+        tokens = FluxPipeline._pack_latents(z, b, c, h, w)
+        guidance = cond.added.get("guidance")
+        if model.config.guidance_embeds and guidance is None:
+            raise ConceptEraseError("this FLUX transformer is guidance-distilled: its conditioning needs a guidance")
+        out = model(hidden_states=tokens, timestep=t.to(z.dtype) / 1000,
+                    guidance=guidance.to(z.dtype) if model.config.guidance_embeds else None,
+                    encoder_hidden_states=cond.hidden.to(z.dtype),
+                    pooled_projections=cond.added["pooled_projections"].to(z.dtype),
+                    txt_ids=z.new_zeros(cond.hidden.shape[1], 3),
+                    img_ids=FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, z.device, z.dtype)).sample
+        return FluxPipeline._unpack_latents(out, h, w, 1)
+
+    text_tokens = max_sequence_length
+
+    def latent_channels(self, denoiser_config) -> int:
+        return denoiser_config.in_channels // 4  # 2x2 patches packed into the channels
+
+    def latent_sample_size(self, pipe) -> int:
+        # the transformer's config has no size; the VAE's sample_size is the image size (FLUX.1: 1024)
+        return pipe.vae.config.sample_size // self.vae_factor(pipe)
