@@ -109,6 +109,43 @@ def test_rl_on_a_transformer_trains_every_weight_and_lowers_the_forget_loss(name
     assert result.forget_per_concept["nude"] < result.losses[0]["loss_forget"]
 
 
+@pytest.mark.parametrize("name", ["flux", "sd3"])
+def test_uce_on_a_transformer_is_the_minimiser_on_its_text_side_layers_only(name):
+    """UCE's transformer form: `context_embedder` and every joint block's text K/V take the closed form, each
+    from the inputs it sees in the original transformer (`uce.transformer_rows`); the gradient of UCE's
+    objective vanishes there, nothing else moves, and the erased prompt's velocity comes nearer its target's."""
+    from concept_erase.concepts import get_concept
+    from concept_erase.diffusion.methods.uce import text_stream_projections, transformer_rows, uce_edit
+
+    pipe = BUILDERS[name](0)
+    family = family_of(pipe)
+    base = weights_copy(pipe.transformer)
+    concept = get_concept(forget=["a nude"], surrogate=["a dressed"], retain_prompts=["a tree", "a cat"])
+    layers = text_stream_projections(pipe.transformer)
+    rows = transformer_rows(pipe, layers, concept, ["a tree", "a cat"])
+    cond = family.encode(pipe, ["a nude", "a dressed"], "cpu")
+    noise = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(5)).expand(2, -1, -1, -1)
+
+    def gap():
+        with torch.no_grad():
+            v = cond.predict(pipe.transformer, noise, torch.full((2,), 500.0))
+        return float((v[0] - v[1]).norm())
+
+    before = gap()
+    report = uce_edit(pipe, concept, ridge=0.1, preserve_scale=0.5)
+    after = weights_copy(pipe.transformer)
+    changed = {k for k in base if not torch.equal(base[k], after[k])}
+    assert changed == {f"{n}.weight" for n in layers} and all(family.is_cross_attention(k) for k in changed)
+    assert len(layers) == 1 + 2 * len(pipe.transformer.transformer_blocks) == report["edited_parameters"]
+    for n, r in rows.items():
+        W, new = base[f"{n}.weight"].double(), after[f"{n}.weight"].double()
+        grad = (new @ r.erase.T - W @ r.target.T) @ r.erase + 0.5 * ((new - W) @ r.preserve.T) @ r.preserve \
+            + 0.1 * (new - W)
+        assert grad.abs().max() < 1e-4 * ((W @ r.target.T) @ r.erase).abs().max(), n
+    assert report["forget_per_concept"]["custom: a nude"] < 0.9 and report["retain"] < 0.05
+    assert gap() < before
+
+
 @pytest.mark.parametrize("method", ["esd-x", "esd-u", "ca"])
 def test_methods_without_a_transformer_form_are_refused_with_one_line(method):
     forget, retain = _sets()
@@ -129,10 +166,10 @@ def test_a_transformer_folder_loads_as_its_family_and_erase_refuses_a_method_wit
         load_pipeline(folder, family="sdxl")
     capsys.readouterr()
     out = tmp_path / "erased"
-    assert main(["erase", "--model", str(folder), "--method", "uce", "--forget", "a cat", "--surrogate", "a dog",
+    assert main(["erase", "--model", str(folder), "--method", "rece", "--forget", "a cat", "--surrogate", "a dog",
                  "--output", str(out)]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
-    assert err == [f"concept-erase: error: --method uce has no form for diffusion transformers yet; on "
+    assert err == [f"concept-erase: error: --method rece has no form for diffusion transformers yet; on "
                    f"{family_of(pipe).description} use salun or rl"]
     assert not out.exists()
 
@@ -236,3 +273,48 @@ def test_erase_command_on_a_flux_folder(tiny_flux_pipeline_dir, tmp_path, capsys
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert len(err) == 1 and "--save-delta is not available for diffusion transformers" in err[0]
     assert not (tmp_path / "x").exists() and not (tmp_path / "d").exists()
+
+
+def test_erase_uce_on_sd3_exports_a_single_file_diffusers_reads_back(tiny_sd3_pipeline_dir, tiny_flux_pipeline_dir,
+                                                                     tmp_path, capsys):
+    """`erase --export-single-file` on a transformer: the MMDiT file diffusers' SD3 reader gives back as the
+    erased folder's transformer, every tensor; `export --to single-file` writes FLUX's BFL names."""
+    from diffusers import SD3Transformer2DModel
+    from safetensors import safe_open
+
+    out, single = tmp_path / "erased", tmp_path / "erased.safetensors"
+    assert main(["erase", "--model", str(tiny_sd3_pipeline_dir), "--method", "uce", "--forget", "a cat",
+                 "--surrogate", "a dog", "--output", str(out), "--export-single-file", str(single)]) == 0
+    erased = load_pipeline(out).transformer.state_dict()
+    loaded = SD3Transformer2DModel.from_single_file(str(single), config=str(tiny_sd3_pipeline_dir),
+                                                    subfolder="transformer", local_files_only=True).state_dict()
+    assert loaded.keys() == erased.keys() and all(torch.equal(loaded[k], erased[k]) for k in erased)
+    assert not torch.equal(erased["context_embedder.weight"],
+                           load_pipeline(tiny_sd3_pipeline_dir).transformer.state_dict()["context_embedder.weight"])
+    flux_file = tmp_path / "flux.safetensors"
+    assert main(["export", str(tiny_flux_pipeline_dir), "--to", "single-file", "--output", str(flux_file)]) == 0
+    with safe_open(str(flux_file), framework="pt") as f:
+        assert "double_blocks.0.txt_attn.qkv.weight" in f.keys() and "single_blocks.0.linear1.weight" in f.keys()
+
+
+def test_masks_and_deltas_refuse_a_base_of_another_family(tmp_path):
+    """A saliency mask or a delta made on one family is refused, in one line, on another's model."""
+    import copy
+
+    from concept_erase.diffusion.models.delta import apply_delta, save_delta
+    from concept_erase.diffusion.models.tiny import build_tiny_pipeline
+    from concept_erase.saliency import SaliencyMask
+
+    sd, flux, sd3 = build_tiny_pipeline(0), build_tiny_flux_pipeline(0), build_tiny_sd3_pipeline(0)
+    for made_on, used_on in ((sd.unet, FLUX), (sd3.transformer, FLUX), (flux.transformer, SD3)):
+        with pytest.raises(ConceptEraseError, match="was not made for a"):
+            used_on.check_mask(SaliencyMask.random(made_on, keep=0.5, seed=0), "m")
+    with pytest.raises(ConceptEraseError):
+        SaliencyMask.random(flux.transformer, keep=0.5, seed=0).check_compatible(sd.unet)
+    erased = copy.deepcopy(sd.unet)
+    with torch.no_grad():
+        next(erased.parameters()).add_(1.0)
+    delta = save_delta(sd.unet, erased, None, tmp_path / "delta")
+    for other in (flux, sd3):
+        with pytest.raises(ConceptEraseError, match="was made for another UNet architecture"):
+            apply_delta(other, delta)

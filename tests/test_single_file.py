@@ -144,3 +144,122 @@ def test_a_flipped_byte_in_an_export_is_reported_on_load(tmp_path, tiny_pipeline
     path.write_bytes(bytes(data))
     with pytest.raises(ConceptEraseError, match=r"checkpoint '.*model\.safetensors' is damaged: its content digest"):
         load_pipeline(path, config=tiny_pipeline_dir)
+
+
+# ------------------------------------------------------------------------------- diffusion transformers
+
+def _same_state(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_sd3_single_file_in_the_mmdit_layout_loads_back_exactly(tmp_path, tiny_sd3_pipeline_dir, capsys):
+    """SD 3's transformer alone under `model.diffusion_model.` in Stability AI's MMDiT names: diffusers' own
+    reader (`SD3Transformer2DModel.from_single_file`) and load_pipeline give back every tensor, with configs
+    from a folder holding OTHER weights (whose text encoders and VAE load_pipeline takes)."""
+    from diffusers import SD3Transformer2DModel
+    from safetensors import safe_open
+
+    from concept_erase.diffusion.models.tiny import build_tiny_sd3_pipeline
+
+    other = build_tiny_sd3_pipeline(seed=1)
+    path = export_single_file(other, tmp_path / "sd3.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+        qkv = f.get_tensor("model.diffusion_model.joint_blocks.0.context_block.attn.qkv.weight")
+    assert all(k.startswith("model.diffusion_model.") for k in keys)
+    assert {"model.diffusion_model.pos_embed", "model.diffusion_model.x_embedder.proj.weight",
+            "model.diffusion_model.y_embedder.mlp.0.weight", "model.diffusion_model.final_layer.linear.weight",
+            "model.diffusion_model.joint_blocks.1.x_block.attn.proj.weight"} <= keys
+    attn = other.transformer.transformer_blocks[0].attn  # the text stream's q, k, v fused in that order
+    assert torch.equal(qkv, torch.cat([attn.add_q_proj.weight, attn.add_k_proj.weight, attn.add_v_proj.weight]))
+    loaded = SD3Transformer2DModel.from_single_file(str(path), config=str(tiny_sd3_pipeline_dir),
+                                                    subfolder="transformer", local_files_only=True)
+    _same_state(loaded.state_dict(), other.transformer.state_dict())
+    capsys.readouterr()
+    again = load_pipeline(path, config=tiny_sd3_pipeline_dir)
+    assert "model family: sd3" in capsys.readouterr().err
+    _same_state(again.transformer.state_dict(), other.transformer.state_dict())
+    base = load_pipeline(tiny_sd3_pipeline_dir)
+    _same_state(again.vae.state_dict(), base.vae.state_dict())
+    _same_state(again.text_encoder_3.state_dict(), base.text_encoder_3.state_dict())
+    with pytest.raises(ConceptEraseError, match="needs --config"):  # its text encoders and VAE
+        load_pipeline(path)
+
+
+def test_sd35_qk_norm_and_dual_attention_map_back_through_diffusers_converter():
+    """SD 3.5's variants of the MMDiT: RMS q/k norms (`ln_q`, `ln_k`; Large) and the image-only second attention
+    of the first blocks (`attn2`; Medium): diffusers' converter maps the names back to the same tensors."""
+    from diffusers import SD3Transformer2DModel
+    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
+
+    from concept_erase.diffusion.models.single_file import sd3_to_mmdit
+
+    model = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=4,
+                                  num_attention_heads=2, joint_attention_dim=8, caption_projection_dim=8,
+                                  pooled_projection_dim=6, out_channels=4, pos_embed_max_size=8,
+                                  qk_norm="rms_norm", dual_attention_layers=(0, 1))
+    state = model.state_dict()
+    original = sd3_to_mmdit(state)
+    assert {"joint_blocks.0.x_block.attn2.qkv.weight", "joint_blocks.2.context_block.attn.ln_k.weight"} <= set(original)
+    back = convert_sd3_transformer_checkpoint_to_diffusers({"model.diffusion_model." + k: v for k, v in original.items()})
+    _same_state(back, state)
+
+
+@pytest.mark.parametrize("guidance", [True, False])
+def test_flux_bfl_layout_maps_back_through_diffusers_converter_at_flux1_width(guidance):
+    """FLUX.1's original layout (`flux1-dev.safetensors`), alone and under `model.diffusion_model.`: diffusers'
+    converter gives back every tensor. Its converter only reads FLUX.1's width (it hard-codes 3072 and MLP ratio
+    4 to split `single_blocks.N.linear1`), so the model is FLUX.1-dev's (two blocks of each kind, guidance
+    embedding or schnell's none) with each weight matrix cut to one column: the output axis, which every fused
+    q/k/v and swapped modulation is laid along, is whole, and the values are distinct per row."""
+    from accelerate import init_empty_weights
+    from diffusers import FluxTransformer2DModel
+    from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
+
+    from concept_erase.diffusion.models.families import FLUX, family_from_keys
+    from concept_erase.diffusion.models.single_file import flux_to_bfl
+
+    with init_empty_weights():
+        shapes = FluxTransformer2DModel(num_layers=2, num_single_layers=2, guidance_embeds=guidance).state_dict()
+    g = torch.Generator().manual_seed(0)
+    state = {k: torch.randn(v.shape[0], *(1,) * (v.ndim - 1), generator=g) for k, v in shapes.items()}
+    bfl = flux_to_bfl(state)
+    assert {"img_in.weight", "txt_in.bias", "time_in.in_layer.weight", "vector_in.out_layer.weight",
+            "double_blocks.1.img_attn.qkv.weight", "double_blocks.0.txt_mod.lin.weight",
+            "double_blocks.0.txt_attn.norm.key_norm.scale", "double_blocks.1.txt_mlp.2.bias",
+            "single_blocks.1.linear1.weight", "single_blocks.0.modulation.lin.bias",
+            "final_layer.adaLN_modulation.1.weight"} <= set(bfl)
+    assert any(k.startswith("guidance_in.") for k in bfl) == guidance
+    assert bfl["single_blocks.0.linear1.weight"].shape[0] == 3 * 3072 + 4 * 3072
+    for prefix in ("", "model.diffusion_model."):
+        named = {prefix + k: v for k, v in bfl.items()}
+        assert family_from_keys(named) is FLUX
+        _same_state(convert_flux_transformer_checkpoint_to_diffusers(dict(named)), state)
+
+
+def test_flux_export_writes_the_transformer_alone_in_bfl_names(tmp_path):
+    """A FLUX pipeline's export holds its transformer alone, with no prefix, as FLUX's own files do; its
+    tensors are the transformer's, fused and swapped as `flux_to_bfl` says (checked against diffusers'
+    converter above; diffusers cannot read this toy width back, ComfyUI reads the width from `img_in`)."""
+    from safetensors.torch import load_file
+
+    from concept_erase.diffusion.models.single_file import flux_to_bfl
+    from concept_erase.diffusion.models.tiny import build_tiny_flux_pipeline
+
+    pipe = build_tiny_flux_pipeline(seed=1)
+    path = export_single_file(pipe, tmp_path / "flux.safetensors", dtype="bf16")
+    stored = load_file(str(path))
+    expected = flux_to_bfl(pipe.transformer.state_dict())
+    assert stored.keys() == expected.keys() and "double_blocks.0.img_attn.qkv.weight" in stored
+    assert all(v.dtype == torch.bfloat16 and torch.equal(v, expected[k].bfloat16()) for k, v in stored.items())
+
+
+def test_a_parameter_without_an_original_name_is_refused():
+    from concept_erase.diffusion.models.single_file import flux_to_bfl, sd3_to_mmdit
+
+    with pytest.raises(ConceptEraseError, match="cannot export FLUX transformer parameter 'extra.weight'"):
+        flux_to_bfl({"x_embedder.weight": torch.zeros(2, 2), "extra.weight": torch.zeros(1)})
+    with pytest.raises(ConceptEraseError, match="cannot export SD 3 transformer parameter 'transformer_blocks.0.x.w'"):
+        sd3_to_mmdit({"transformer_blocks.0.x.w": torch.zeros(1)})

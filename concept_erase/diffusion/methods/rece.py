@@ -46,6 +46,7 @@ class RECE(UCE):
     help = ("RECE (Gong et al. 2024): UCE, then rounds of deriving in closed form the embedding that still "
             "regenerates the concept in the edited model and erasing it too; seconds, no images")
     fields = UCE.fields | option_names(RECEOptions)
+    transformer_form = False  # its derived embeddings are a UNet's cross-attention inputs
 
     def edit(self, pipe, concept) -> dict:
         c = self.config

@@ -15,6 +15,16 @@ last word tokens on; "all" takes every position, row k paired with row k. The ri
 inverse well conditioned and the edit near W in directions no prompt touches. Several concepts are erased
 at once simply by summing over all of their prompts.
 
+On a diffusion transformer (SD 3, FLUX; docs/ALGORITHMS.md 5) there is no cross-attention: the text enters
+through `context_embedder` (T5 states, SD 3's joined CLIP + T5, into the stream) and is read by the text
+stream's own key/value projections (`attn.add_k_proj`, `attn.add_v_proj`) of every joint (double-stream) block,
+the edit the official UCE code makes for FLUX. The same closed form edits each of these layers with its own
+inputs: `context_embedder` takes the conditioning itself; a block's projections take what the text stream
+carries there, captured from the original transformer at `TRANSFORMER_SIGMAS` on seeded noise shared by each
+erased prompt and its target (the stream depends on the noise level and, through joint attention, the image).
+Every token position is a row (T5 is not causal: no position carries the whole prompt alone). Biases stay: they
+cancel from every residual.
+
 The pieces are shared: RECE (`rece.py`) and MACE's closed-form refinement (`mace.py`) choose other rows and
 solve the same closed form with `edit_projections`.
 """
@@ -22,7 +32,7 @@ solve the same closed form with `edit_projections`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -50,6 +60,7 @@ class UCE(Method):
     """The closed form below as a method: no images, no loop."""
 
     name = "uce"
+    transformer_form = True  # context_embedder and the text stream's K/V (`transformer_uce_edit`)
     help = ("UCE (Gandikota et al. 2024): closed-form edit of the cross-attention K/V projections mapping each "
             "forget prompt to its surrogate while keeping the retain prompts; seconds, no images")
     fields = option_names(UCEOptions) | {"retain_prompts"}
@@ -171,21 +182,24 @@ def default_preserve_scale(preserve_scale: float | None, preserve: Sequence[str]
 
 
 @torch.no_grad()
-def edit_projections(layers: dict[str, nn.Linear], originals: dict[str, Tensor], rows: EditRows, *,
-                     erase_scale: float, preserve_scale: float, ridge: float) -> dict:
+def edit_projections(layers: dict[str, nn.Linear], originals: dict[str, Tensor],
+                     rows: EditRows | Mapping[str, EditRows], *, erase_scale: float, preserve_scale: float,
+                     ridge: float) -> dict:
     """Set every projection in `layers` to the closed form computed from its ORIGINAL weight (`originals`,
-    by name) and `rows`. Returns the report's measures: per concept the erase residual
+    by name) and `rows` (one set for every layer, or per layer name: a transformer's layers each see their own
+    inputs). Returns the report's measures: per concept the erase residual
     sum ||W' c_i - v*_i||^2 / sum ||W c_i - v*_i||^2 over the layers and its rows (0: every erased token now
     gives its target's output; 1: unchanged), and the relative drift sum ||W' c_j - W c_j||^2 / sum ||W c_j||^2
     of the preserved rows (0: untouched)."""
-    if ridge <= 0 and rows.preserve is None:
+    per_layer = rows if isinstance(rows, Mapping) else dict.fromkeys(layers, rows)
+    if ridge <= 0 and any(r.preserve is None for r in per_layer.values()):
         raise ConceptEraseError("a closed-form edit needs a ridge lambda > 0 when there is nothing to preserve")
-    names = sorted({o for o in rows.owner if o is not None})
-    index = {n: [i for i, o in enumerate(rows.owner) if o == n] for n in names}
+    names = sorted({o for r in per_layer.values() for o in r.owner if o is not None})
     num, den = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)
     drift_num = drift_den = 0.0
     for name, module in layers.items():
-        W = originals[name]
+        W, rows = originals[name], per_layer[name]
+        index = {n: [i for i, o in enumerate(rows.owner) if o == n] for n in names}
         new = uce_weights(W, rows.erase, rows.target, rows.preserve, erase_scale, preserve_scale, ridge)
         W64, new64 = W.double(), new.double()
         v_star = rows.target @ W64.T
@@ -225,7 +239,11 @@ def uce_edit(pipe, concept, *, erase_scale: float = 1.0, preserve_scale: float |
              ridge: float = 0.1, preserve_prompts: Sequence[str] | None = None, tokens: str = "last-to-end") -> dict:
     """Edit `pipe.unet` in place: erase `concept`'s forget prompts (each mapped to its surrogate) and preserve
     its retain prompts (or `preserve_prompts`). Returns a report: the settings, the number of edited
-    parameters and `edit_projections`' measures."""
+    parameters and `edit_projections`' measures. A diffusion transformer (no `unet`) is edited in its
+    transformer form (`transformer_uce_edit`)."""
+    if getattr(pipe, "unet", None) is None:
+        return transformer_uce_edit(pipe, concept, erase_scale=erase_scale, preserve_scale=preserve_scale,
+                                    ridge=ridge, preserve_prompts=preserve_prompts)
     layers, originals, embed = prepare_edit(pipe)
     preserve = preserved_prompts(concept, preserve_prompts)
     preserve_scale = default_preserve_scale(preserve_scale, preserve)
@@ -233,4 +251,78 @@ def uce_edit(pipe, concept, *, erase_scale: float = 1.0, preserve_scale: float |
     measures = edit_projections(layers, originals, rows, erase_scale=erase_scale, preserve_scale=preserve_scale,
                                 ridge=ridge)
     return {"erase_scale": erase_scale, "preserve_scale": preserve_scale, "ridge": ridge, "tokens": tokens,
+            "edited_parameters": len(layers), "preserve_prompts": len(preserve), **measures}
+
+
+# ------------------------------------------------------------------------------- the transformer form
+
+# the noise levels (rectified flow's sigma) at which the text stream's inputs are captured: early, middle, late
+TRANSFORMER_SIGMAS = (0.25, 0.5, 0.75)
+
+
+def text_stream_projections(transformer: nn.Module) -> dict[str, nn.Linear]:
+    """`context_embedder` and the text stream's key/value projections of every joint (double-stream) block."""
+    found = {name: module for name, module in transformer.named_modules() if isinstance(module, nn.Linear)
+             and (name == "context_embedder" or name.endswith((".attn.add_k_proj", ".attn.add_v_proj")))}
+    if "context_embedder" not in found:
+        raise ConceptEraseError(f"this {type(transformer).__name__} has no context_embedder to edit")
+    return found
+
+
+@torch.no_grad()
+def stream_inputs(pipe, layers: dict[str, nn.Linear], cond) -> dict[str, Tensor]:
+    """Per layer, its inputs (float64 rows: noise level, then prompt, then token) when the transformer runs on
+    `cond` at each of `TRANSFORMER_SIGMAS`, on noise seeded per batch position: prompt k of two calls of one
+    length sees the same noise, so an erased prompt's rows pair with its target's."""
+    from ..models.families import family_of
+
+    family = family_of(pipe)
+    transformer = family.denoiser(pipe)
+    device = next(transformer.parameters()).device
+    h, w = (side // family.vae_factor(pipe) for side in family.image_size(pipe))
+    noise = torch.randn(len(cond), family.latent_channels(transformer.config), h, w,
+                        generator=torch.Generator().manual_seed(0)).to(device)
+    found: dict[str, list[Tensor]] = {name: [] for name in layers}
+    hooks = [module.register_forward_pre_hook(lambda m, args, name=name: found[name].append(args[0]))
+             for name, module in layers.items()]
+    try:
+        for sigma in TRANSFORMER_SIGMAS:
+            cond.to(device).predict(transformer, noise, torch.full((len(cond),), sigma * 1000, device=device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {name: torch.cat([x.reshape(-1, x.shape[-1]) for x in xs]).double() for name, xs in found.items()}
+
+
+def transformer_rows(pipe, layers: dict[str, nn.Linear], concept, preserve: Sequence[str]) -> dict[str, EditRows]:
+    """UCE's rows for each of a transformer's `layers`: the inputs under every forget prompt paired with those
+    under its surrogate, and the inputs under the preserved prompts."""
+    from ..conditioning import PromptEmbeddings
+
+    embed = PromptEmbeddings(pipe, next(layers["context_embedder"].parameters()).device)
+    forget = list(concept.forget_prompts)
+    owner_of = {p: m.name for m in concept.members for p in m.forget_prompts}
+    erase = stream_inputs(pipe, layers, embed(forget))
+    target = stream_inputs(pipe, layers, embed([concept.surrogate_for(p) for p in forget]))
+    keep = stream_inputs(pipe, layers, embed(list(preserve))) if preserve else None
+    tokens = next(iter(erase.values())).shape[0] // (len(TRANSFORMER_SIGMAS) * len(forget))
+    owner = [owner_of.get(p, concept.name) for p in forget for _ in range(tokens)] * len(TRANSFORMER_SIGMAS)
+    return {name: EditRows(erase[name], target[name], keep[name] if keep else None, owner) for name in layers}
+
+
+@torch.no_grad()
+def transformer_uce_edit(pipe, concept, *, erase_scale: float = 1.0, preserve_scale: float | None = None,
+                         ridge: float = 0.1, preserve_prompts: Sequence[str] | None = None) -> dict:
+    """UCE on a diffusion transformer, in place (the module docstring): `context_embedder` and the joint blocks'
+    `add_k_proj` / `add_v_proj`, each from its own captured inputs. Returns the report `uce_edit` does."""
+    from ..models.families import family_of
+
+    layers = text_stream_projections(family_of(pipe).denoiser(pipe))
+    originals = {name: m.weight.detach().clone() for name, m in layers.items()}
+    preserve = preserved_prompts(concept, preserve_prompts)
+    preserve_scale = default_preserve_scale(preserve_scale, preserve)
+    rows = transformer_rows(pipe, layers, concept, preserve)
+    measures = edit_projections(layers, originals, rows, erase_scale=erase_scale, preserve_scale=preserve_scale,
+                                ridge=ridge)
+    return {"erase_scale": erase_scale, "preserve_scale": preserve_scale, "ridge": ridge, "tokens": "all",
             "edited_parameters": len(layers), "preserve_prompts": len(preserve), **measures}

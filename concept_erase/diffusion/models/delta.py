@@ -75,11 +75,21 @@ def apply_delta(pipe_or_unet, path: str | os.PathLike):
     it. Refuses a base whose architecture (fingerprint) or weights (digest) differ from the delta's base."""
     import torch
 
-    state = getattr(pipe_or_unet, "unet", pipe_or_unet).state_dict()  # tensors share storage with the parameters
+    state = _denoiser(pipe_or_unet).state_dict()  # tensors share storage with the parameters
     updated = erased_parameters(pipe_or_unet, path)
     with torch.no_grad():
         for name, tensor in updated.items():
             state[name].copy_(tensor)
+    return pipe_or_unet
+
+
+def _denoiser(pipe_or_unet):
+    """The model a delta applies to: a pipeline's denoiser (its family's UNet or transformer, whose fingerprint
+    then refuses a delta of another family), or the model itself."""
+    if hasattr(pipe_or_unet, "components"):
+        from .families import family_of
+
+        return family_of(pipe_or_unet).denoiser(pipe_or_unet)
     return pipe_or_unet
 
 
@@ -112,7 +122,7 @@ def erased_parameters(pipe_or_unet, path: str | os.PathLike) -> dict[str, "torch
     from safetensors import safe_open
 
     path = Path(path)
-    unet = getattr(pipe_or_unet, "unet", pipe_or_unet)
+    unet = _denoiser(pipe_or_unet)
     config = read_delta_config(path)
     if model_fingerprint(unet) != config["base_fingerprint"]:
         raise ConceptEraseError(

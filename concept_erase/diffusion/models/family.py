@@ -95,6 +95,8 @@ class Family:
     override_sets_prediction = False
     # single-file (original LDM/SGM) key prefixes of each component, as A1111/ComfyUI read them
     single_file_prefixes: dict = {"vae": "first_stage_model.", "unet": "model.diffusion_model."}
+    # a diffusion transformer's original key layout (`single_file.TRANSFORMER_LAYOUTS`), written alone; None: LDM/SGM
+    single_file_layout: str | None = None
     # the text encoders the original layout stores with OpenCLIP names (fused q/k/v `in_proj`,
     # `transformer.resblocks.N`): SD 2.x's ViT-H and SDXL's ViT-bigG; the others keep transformers' names
     openclip_text_encoders: tuple[str, ...] = ()

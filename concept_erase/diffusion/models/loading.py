@@ -279,7 +279,26 @@ def _load_single_file(path: Path, config: str | os.PathLike | None, torch_dtype:
     kwargs = {"config": config_dir, "local_files_only": True} if config_dir else {}
     try:
         with _lightning_stand_ins():  # diffusers reads the file again with weights_only=True
+            if family.single_file_layout is not None and not any(k.startswith("first_stage_model.") for k in keys):
+                return _transformer_alone(path, family, config_dir, torch_dtype)
             return _pipeline_class(family).from_single_file(
                 str(path), dtype=torch_dtype, **family.pipeline_kwargs, **kwargs)
     except Exception as err:
         raise ConceptEraseError(f"cannot load checkpoint {str(path)!r}: {first_line(err)}") from None
+
+
+def _transformer_alone(path: Path, family: Family, config_dir: str | None, torch_dtype: torch.dtype):
+    """A file holding a diffusion transformer alone (FLUX's own files, `export_single_file`'s): the transformer
+    through diffusers' single-file reader, every other component from the config folder."""
+    import json
+
+    import diffusers
+
+    if config_dir is None:
+        raise ConceptEraseError(f"{str(path)!r} holds a {family.name} transformer alone: pass --config <a diffusers "
+                                "folder of the model> for its text encoders and VAE")
+    name = json.loads((Path(config_dir) / "model_index.json").read_text())[family.denoiser_name][1]
+    denoiser = getattr(diffusers, name).from_single_file(str(path), config=config_dir, subfolder=family.denoiser_name,
+                                                         dtype=torch_dtype, local_files_only=True)
+    return _pipeline_class(family).from_pretrained(config_dir, dtype=torch_dtype, local_files_only=True,
+                                                   **{family.denoiser_name: denoiser}, **family.pipeline_kwargs)

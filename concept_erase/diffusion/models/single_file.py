@@ -163,14 +163,151 @@ def clip_to_openclip(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+# ------------------------------------------------------------------------------- diffusion transformers
+# The inverse of diffusers' `convert_flux_transformer_checkpoint_to_diffusers` and
+# `convert_sd3_transformer_checkpoint_to_diffusers` (diffusers/loaders/single_file_utils.py): per block, diffusers
+# module -> original module, with the q/k/v projections that the original layouts fuse (concatenated on the output
+# axis in this order) and the final modulation whose halves the original stores as (shift, scale), diffusers as
+# (scale, shift). A parameter without an original name is refused, so nothing is silently dropped.
+
+_FLUX_TOP = {"time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+             "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+             "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+             "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+             "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+             "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+             "context_embedder": "txt_in", "x_embedder": "img_in", "proj_out": "final_layer.linear"}
+_FLUX_DOUBLE = {"norm1.linear": "img_mod.lin", "norm1_context.linear": "txt_mod.lin",
+                "attn.norm_q": "img_attn.norm.query_norm", "attn.norm_k": "img_attn.norm.key_norm",
+                "attn.norm_added_q": "txt_attn.norm.query_norm", "attn.norm_added_k": "txt_attn.norm.key_norm",
+                "attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj",
+                "ff.net.0.proj": "img_mlp.0", "ff.net.2": "img_mlp.2",
+                "ff_context.net.0.proj": "txt_mlp.0", "ff_context.net.2": "txt_mlp.2"}
+_FLUX_SINGLE = {"norm.linear": "modulation.lin", "attn.norm_q": "norm.query_norm", "attn.norm_k": "norm.key_norm",
+                "proj_out": "linear2"}
+_FLUX_FUSED = {"img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+               "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")}
+# a single-stream block's one input projection: q, k, v and the MLP's input, side by side
+_FLUX_SINGLE_FUSED = {"linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")}
+
+_SD3_TOP = {"pos_embed.proj": "x_embedder.proj",
+            "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
+            "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
+            "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
+            "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2",
+            "context_embedder": "context_embedder", "proj_out": "final_layer.linear"}
+_SD3_JOINT = {"norm1.linear": "x_block.adaLN_modulation.1", "norm1_context.linear": "context_block.adaLN_modulation.1",
+              "attn.norm_q": "x_block.attn.ln_q", "attn.norm_k": "x_block.attn.ln_k",
+              "attn.norm_added_q": "context_block.attn.ln_q", "attn.norm_added_k": "context_block.attn.ln_k",
+              "attn.to_out.0": "x_block.attn.proj", "attn.to_add_out": "context_block.attn.proj",
+              # SD 3.5 medium's second (image-only) attention in the first blocks (MMDiT-X)
+              "attn2.norm_q": "x_block.attn2.ln_q", "attn2.norm_k": "x_block.attn2.ln_k",
+              "attn2.to_out.0": "x_block.attn2.proj",
+              "ff.net.0.proj": "x_block.mlp.fc1", "ff.net.2": "x_block.mlp.fc2",
+              "ff_context.net.0.proj": "context_block.mlp.fc1", "ff_context.net.2": "context_block.mlp.fc2"}
+_SD3_FUSED = {"x_block.attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+              "context_block.attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+              "x_block.attn2.qkv": ("attn2.to_q", "attn2.to_k", "attn2.to_v")}
+
+
+def _swap_halves(weight: torch.Tensor) -> torch.Tensor:
+    """(scale, shift) <-> (shift, scale) on the output axis: diffusers' `swap_scale_shift`, its own inverse."""
+    import torch
+
+    first, second = weight.chunk(2, dim=0)
+    return torch.cat([second, first])
+
+
+def _blocks_to_original(state: dict[str, torch.Tensor], blocks: dict[str, tuple[str, str, dict, dict]],
+                        top: dict[str, str], norm_param: str, what: str) -> dict[str, torch.Tensor]:
+    """Rename `state` by module: `top` (outside the blocks) and, per block prefix in `blocks` (diffusers prefix ->
+    (original prefix, renames, fused)), each block's renames and fused q/k/v; norm weights take `norm_param`'s
+    name (FLUX's RMSNorm `scale`). The final modulation's halves are swapped."""
+    import torch
+
+    out, used = {}, set()
+
+    def put(new_module: str, param: str, value):
+        if param == "weight" and new_module.split(".")[-1] in ("query_norm", "key_norm", "ln_q", "ln_k"):
+            param = norm_param
+        out[f"{new_module}.{param}"] = value
+
+    for key, value in state.items():
+        module, _, param = key.rpartition(".")
+        if module in top:
+            put(top[module], param, value)
+            used.add(key)
+        elif module == "norm_out.linear":
+            out[f"final_layer.adaLN_modulation.1.{param}"] = _swap_halves(value)
+            used.add(key)
+    for block_prefix, (original, renames, fused) in blocks.items():
+        for diffusers_module, original_module in renames.items():
+            for param in ("weight", "bias"):
+                key = f"{block_prefix}.{diffusers_module}.{param}"
+                if key in state:
+                    put(f"{original}.{original_module}", param, state[key])
+                    used.add(key)
+        for original_module, parts in fused.items():
+            for param in ("weight", "bias"):
+                keys = [f"{block_prefix}.{p}.{param}" for p in parts]
+                if all(k in state for k in keys):
+                    out[f"{original}.{original_module}.{param}"] = torch.cat([state[k] for k in keys])
+                    used.update(keys)
+    left = [k for k in state if k not in used]
+    if left:
+        raise ConceptEraseError(f"cannot export {what} parameter {left[0]!r}: it has no original single-file name")
+    return out
+
+
+def _block_indices(state: dict[str, torch.Tensor], prefix: str) -> list[int]:
+    return sorted({int(m.group(1)) for k in state if (m := re.match(rf"{re.escape(prefix)}\.(\d+)\.", k))})
+
+
+def flux_to_bfl(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers FluxTransformer2DModel keys -> Black Forest Labs' original FLUX.1 keys (`flux1-dev.safetensors`:
+    `double_blocks.N.img_attn.qkv`, `single_blocks.N.linear1`, `img_in`, `txt_in`, ...)."""
+    blocks = {f"transformer_blocks.{i}": (f"double_blocks.{i}", _FLUX_DOUBLE, _FLUX_FUSED)
+              for i in _block_indices(state, "transformer_blocks")}
+    blocks |= {f"single_transformer_blocks.{i}": (f"single_blocks.{i}", _FLUX_SINGLE, _FLUX_SINGLE_FUSED)
+               for i in _block_indices(state, "single_transformer_blocks")}
+    return _blocks_to_original(state, blocks, _FLUX_TOP, "scale", "FLUX transformer")
+
+
+def sd3_to_mmdit(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers SD3Transformer2DModel keys -> Stability AI's original MMDiT keys (`sd3_medium.safetensors`
+    without its `model.diffusion_model.` prefix: `joint_blocks.N.{x_block,context_block}`, `x_embedder`, ...).
+    The last joint block keeps only the text stream's modulation (`context_pre_only`), whose halves diffusers
+    swaps like the final layer's."""
+    indices = _block_indices(state, "transformer_blocks")
+    blocks = {f"transformer_blocks.{i}": (f"joint_blocks.{i}", _SD3_JOINT, _SD3_FUSED) for i in indices}
+    out = _blocks_to_original({k: v for k, v in state.items() if k != "pos_embed.pos_embed"}, blocks, _SD3_TOP,
+                              "weight", "SD 3 transformer")
+    if "pos_embed.pos_embed" in state:
+        out["pos_embed"] = state["pos_embed.pos_embed"]
+    if indices:
+        for param in ("weight", "bias"):
+            key = f"joint_blocks.{indices[-1]}.context_block.adaLN_modulation.1.{param}"
+            out[key] = _swap_halves(out[key])
+    return out
+
+
+# what each transformer family's `single_file_layout` names
+TRANSFORMER_LAYOUTS = {"bfl": flux_to_bfl, "mmdit": sd3_to_mmdit}
+
+
 def to_original_state_dict(pipe) -> dict[str, torch.Tensor]:
     """The pipeline's UNet, VAE and text encoder(s) under the original checkpoint names of its family:
     the family's key prefixes, and OpenCLIP names for the encoders it lists in `openclip_text_encoders`
-    (SD 2.x: cond_stage_model.model.*; SDXL: conditioner.embedders.1.model.*)."""
+    (SD 2.x: cond_stage_model.model.*; SDXL: conditioner.embedders.1.model.*). A diffusion transformer
+    (SD 3, FLUX) is written alone, in its family's `single_file_layout` under its prefix, as the files people
+    load it from are: what erasure changes is the transformer, and the text encoders and VAE stay the base's."""
     from .families import family_of
 
     family = family_of(pipe)
     prefixes = family.single_file_prefixes
+    if family.single_file_layout is not None:
+        state = TRANSFORMER_LAYOUTS[family.single_file_layout](family.denoiser(pipe).state_dict())
+        return {prefixes[family.denoiser_name] + k: v.detach().cpu().contiguous() for k, v in state.items()}
     layers = pipe.unet.config.layers_per_block
     unet = unet_to_ldm(pipe.unet.state_dict(), layers if isinstance(layers, int) else _same(layers))
     vae = vae_to_ldm(pipe.vae.state_dict(), len(pipe.vae.config.block_out_channels))

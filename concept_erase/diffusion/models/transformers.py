@@ -39,10 +39,9 @@ class TransformerFamily(Family):
 
     def check_erase(self, config, method) -> None:
         super().check_erase(config, method)
-        for flag, value in (("--export-single-file", config.export_single_file), ("--save-delta", config.save_delta)):
-            if value:
-                raise ConceptEraseError(f"{flag} is not available for diffusion transformers yet ({self.description}); "
-                                        "the erased model is written as a diffusers folder")
+        if config.save_delta:
+            raise ConceptEraseError(f"--save-delta is not available for diffusion transformers yet ({self.description}); "
+                                    "the erased model is written as a diffusers folder (--export-single-file: one file)")
 
     def check_mask(self, mask, source) -> None:
         """Refuse a mask made for a UNet (or the other transformer) by its parameter names."""
@@ -76,6 +75,10 @@ class SD3Family(TransformerFamily):
     text_encoders = ("text_encoder", "text_encoder_2", "text_encoder_3")
     sampling_guidance = 7.0     # diffusers' StableDiffusion3Pipeline default
     config_marker = "pos_embed_max_size"
+    # Stability AI's MMDiT names under the all-in-one files' prefix (`sd3_medium.safetensors`), as ComfyUI and
+    # diffusers' SD3Transformer2DModel.from_single_file read them
+    single_file_layout = "mmdit"
+    single_file_prefixes = {"transformer": "model.diffusion_model."}
     max_sequence_length = 256   # StableDiffusion3Pipeline's default
     text_tokens = 77 + max_sequence_length  # CLIP's tokens, then T5's
 
@@ -109,6 +112,9 @@ class FluxFamily(TransformerFamily):
     text_encoders = ("text_encoder", "text_encoder_2")
     sampling_guidance = 3.5     # FLUX.1 dev's distilled guidance, diffusers' FluxPipeline default
     config_marker = "axes_dims_rope"
+    # Black Forest Labs' names with no prefix, as `flux1-dev.safetensors` holds the transformer alone
+    single_file_layout = "bfl"
+    single_file_prefixes = {"transformer": ""}
     single_stream = True
     max_sequence_length = 512   # FluxPipeline's default (dev)
     # The guidance a guidance-distilled transformer is trained and measured at (its conditioning's `guidance`):
