@@ -1,6 +1,7 @@
 """The `concept-erase app` subcommand: load the named models, then serve the Gradio app.
 
-With no arguments it opens on MiniSD and its erased demo model, so it works right after install, offline.
+With no arguments it opens on MiniSD and its erased demo model, so it works right after install, offline. The
+Erase tab adds models while it runs (`app/erase.py`), within the limits of `AppConfig`.
 Safe defaults: binds 127.0.0.1 unless --host says otherwise; no public share link unless --share.
 """
 
@@ -70,6 +71,12 @@ def launch(args: argparse.Namespace, *, block: bool = True):
 
     Serve(**values_from(args, Serve))  # checks the port, before any model loads
     config = AppConfig(**values_from(args, AppConfig))
+    if config.max_erasures:  # where the Erase tab writes, checked before any model loads
+        from concept_erase.io_utils import check_writable
+
+        from .erase import erase_root
+
+        check_writable(erase_root(config), flag="--erase-output", into=True)
     erased, names = list(args.erased or []), None
     if not erased:
         if args.base != DEFAULT_BASE:
@@ -83,8 +90,10 @@ def launch(args: argparse.Namespace, *, block: bool = True):
     demo = build_app(registry, config)
     # max_file_size: an Evaluate CSV of a few hundred rows is far below it; anything larger is refused.
     try:
+        # show_error: a malformed raw API call gets its reason back, not {"error": null} (the handlers' own
+        # refusals are gr.Error already; the server is loopback unless --host says otherwise)
         demo.launch(server_name=args.host, server_port=args.port or None, share=args.share, inbrowser=False,
-                    prevent_thread_lock=True, max_file_size="2mb", quiet=True)
+                    prevent_thread_lock=True, max_file_size="2mb", quiet=True, show_error=True)
     except OSError as err:  # gradio: "Cannot find empty port in range ..." or a bad --host
         if "empty port" in str(err):
             raise ConceptEraseError(f"port {args.port} on {args.host} is in use; choose another with --port") from None

@@ -80,11 +80,13 @@ def erase_defaults(registry: ModelRegistry, config, preset) -> dict[str, int]:
 def preset_summary(registry: ModelRegistry, preset) -> str:
     """What a preset erases, into what, and its recipe (Markdown); for custom prompts, what they get."""
     from concept_erase.concepts import describe_recipe, get_concept
+    from concept_erase.diffusion.training.config import EraseConfig
 
     preset = _check_preset(registry, preset)
     if preset is None:
+        default = {f.name: f.default for f in fields(EraseConfig)}
         return ("Type what to forget and the surrogate it becomes; it runs with `erase`'s defaults "
-                "(lr 1e-5, batch 8) and the steps and images below.")
+                f"(lr {default['lr']:g}, batch {default['batch_size']}) and the steps and images below.")
     concept = get_concept(preset)
     few = lambda prompts: "; ".join(f"“{p}”" for p in prompts[:3]) + (" …" if len(prompts) > 3 else "")  # noqa: E731
     return (f"**{preset}** forgets {few(concept.forget_prompts)}, each steered to {few(concept.surrogate_prompts)}, "
@@ -130,12 +132,16 @@ def check_erase_request(registry: ModelRegistry, config, preset, forget, surroga
     return EraseRequest(preset, forget, surrogate, steps, num_forget_images, num_retain_images)
 
 
-def output_folder(config, request: EraseRequest) -> Path:
-    """A folder for the erased model that nothing has taken: `<slug>`, else `<slug>-2`, ... under
-    --erase-output (default: the cache folder's `app-erased/`)."""
+def erase_root(config) -> Path:
+    """Where the Erase tab's models go: --erase-output, else the cache folder's `app-erased/`."""
     from concept_erase.runtime import cache_root
 
-    root = Path(config.erase_output) if config.erase_output else cache_root() / ERASED_FOLDER
+    return Path(config.erase_output) if config.erase_output else cache_root() / ERASED_FOLDER
+
+
+def output_folder(config, request: EraseRequest) -> Path:
+    """A folder for the erased model that nothing has taken: `<slug>`, else `<slug>-2`, ... under `erase_root`."""
+    root = erase_root(config)
     slug = re.sub(r"[^a-z0-9]+", "-", request.model_name.lower()).strip("-")[:60] or "erased"
     taken = lambda p: any(q.exists() or q.is_symlink() for q in  # noqa: E731
                           (p, p.with_name(p.name + ".lock"), p.with_name(p.name + ".checkpoints")))

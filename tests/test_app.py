@@ -81,6 +81,30 @@ def launched(tmp_path_factory):
         demo.close()
 
 
+def _raw_call(url: str, endpoint: str, data: list) -> str:
+    """The raw HTTP API, as a script without gradio_client calls it: POST the inputs, read the event stream."""
+    import json as _json
+    import urllib.request
+
+    post = urllib.request.Request(f"{url.rstrip('/')}/gradio_api/call/{endpoint}", method="POST",
+                                  data=_json.dumps({"data": data}).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(post, timeout=60) as answer:
+        event = _json.loads(answer.read())["event_id"]
+    with urllib.request.urlopen(f"{url.rstrip('/')}/gradio_api/call/{endpoint}/{event}", timeout=120) as stream:
+        return stream.read().decode()
+
+
+def test_a_malformed_raw_api_call_gets_its_reason(launched):
+    """Malformed inputs (a seed that is not a number, a missing argument) are answered with why, never with
+    {"error": null}."""
+    _, client = launched
+    for data in (["a handwritten digit seven", "", "five", 2, 5.0, 1, None, True], ["a handwritten digit seven"]):
+        answer = _raw_call(client.src, "generate", data)
+        assert "event: error" in answer, answer
+        payload = answer.split("event: error", 1)[1].split("data:", 1)[1].strip().splitlines()[0]
+        assert payload not in ("null", "") and "null" != payload.strip(), answer
+
+
 def _generate(client, prompt, models, seed=5, steps=STEPS, n=2, safe=True):
     return client.predict(prompt, "", seed, steps, GUIDANCE, n, models, safe, api_name="/generate")
 
@@ -97,8 +121,10 @@ def test_cli_defaults_are_safe():
     assert args.erase_output is None  # the cache folder's app-erased/
 
 
-def test_cli_refuses_missing_models(tmp_path, tiny_pipeline_dir, capsys):
+def test_cli_refuses_missing_models(tmp_path, tiny_pipeline_dir, capsys, monkeypatch):
     from concept_erase.cli import main
+
+    monkeypatch.setenv("CONCEPT_ERASE_CACHE", str(tmp_path / "cache"))  # what --erase-output defaults under
 
     missing = tmp_path / "nope"
     assert main(["app", "--base", str(tiny_pipeline_dir), "--erased", str(missing)]) == 2
@@ -109,6 +135,10 @@ def test_cli_refuses_missing_models(tmp_path, tiny_pipeline_dir, capsys):
     assert main(["app", "--base", str(tiny_pipeline_dir), "--erased", str(tiny_pipeline_dir),
                  "--max-erase-steps", "0"]) == 2
     assert "--max-erase-steps must be >= 1, got 0" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("not a folder")
+    assert main(["app", "--base", str(tiny_pipeline_dir), "--erased", str(tiny_pipeline_dir),
+                 "--erase-output", str(tmp_path / "a-file" / "models")]) == 2
+    assert "--erase-output" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------ the library
@@ -290,16 +320,18 @@ def test_concept_over_api(launched):
     assert "Saliency mask: 50.0% of the UNet's weights were trainable" in text and Image.open(chart).size[0] > 300
 
 
-def test_the_evaluate_tab_does_not_import_the_ui():
-    """No app/ui.py <-> app/evaluate.py cycle: app.evaluate imports nothing from app.ui, anywhere in it."""
+def test_the_tabs_do_not_import_the_ui():
+    """No app/ui.py <-> app/evaluate.py (or app/erase.py) cycle: neither imports anything from app.ui, anywhere."""
     import ast
 
+    import app.erase
     import app.evaluate
 
-    tree = ast.parse(open(app.evaluate.__file__, encoding="utf-8").read())
-    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    imported |= {a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
-    assert "checks" in imported and not imported & {"ui", "app.ui"}
+    for module in (app.evaluate, app.erase):
+        tree = ast.parse(open(module.__file__, encoding="utf-8").read())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        imported |= {a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
+        assert "checks" in imported and not imported & {"ui", "app.ui"}
 
 
 def test_each_gallery_fills_under_its_own_progress(tiny_registry):
@@ -328,7 +360,7 @@ def test_card_surrogate_once_and_mask_names_as_written(tiny_registry):
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["conv_in.weight", "down_blocks.0"]
 
 
-def test_app_compares_sdxl_models(tmp_path, tiny_sdxl_pipeline_dir):
+def test_app_compares_sdxl_models(tmp_path, tiny_sdxl_pipeline_dir, monkeypatch):
     """`concept-erase app --base <sdxl> --erased <sdxl-erased folder> --erased <its single file>`: the CLI
     path serves it, and the same prompt and seed run through every SDXL pipeline."""
     from app.cli import launch
@@ -345,6 +377,7 @@ def test_app_compares_sdxl_models(tmp_path, tiny_sdxl_pipeline_dir):
     SaliencyMask.random(pipe.unet, keep=0.5, seed=0).save(folder / "mask.safetensors")
     single = export_single_file(pipe, tmp_path / "xl-no-cat.safetensors")
     args = ["--base", str(tiny_sdxl_pipeline_dir), "--erased", str(folder), "--erased", str(single)]
+    monkeypatch.setenv("CONCEPT_ERASE_CACHE", str(tmp_path / "cache"))  # what --erase-output defaults under
     demo = launch(app_args(*args, "--port", str(free_port())), block=False)
     demo.close()
     registry = ModelRegistry.load(str(tiny_sdxl_pipeline_dir), [str(folder), str(single)])

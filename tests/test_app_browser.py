@@ -177,6 +177,9 @@ def test_erase_in_browser_then_compare(page, app, erased_dir, tmp_path):
 
     page.get_by_role("tab", name="Compare").click()
     page.locator("#gallery-2").wait_for(state="visible", timeout=TIMEOUT_MS)
+    page.locator("#examples").get_by_text("a handwritten digit three in bold strokes").click()  # MiniSD's wording
+    page.wait_for_function("document.querySelector('#prompt textarea').value.endsWith('in bold strokes')",
+                           timeout=TIMEOUT_MS)
     page.locator("#prompt textarea").fill("a handwritten digit three")
     page.locator("#prompt textarea").press("Enter")
     for gallery in ("#gallery-0", "#gallery-1", "#gallery-2"):  # base, the demo model, the new model
@@ -190,6 +193,9 @@ def test_erase_in_browser_then_compare(page, app, erased_dir, tmp_path):
 
     page.get_by_role("tab", name="Erase").click()
     page.locator("#erase").click()
+    # Cancel once the erase shows its progress (so it has been taken): its images are cached by now, and it
+    # stops as training starts, seconds before the 8 steps could finish.
+    page.locator("#erase-status").get_by_text(re.compile("making|SalUn step")).first.wait_for(timeout=TIMEOUT_MS)
     page.locator("#erase-cancel").click()
     page.locator("#erase-status").get_by_text("nothing was written").wait_for(timeout=2 * TIMEOUT_MS)
     assert [p.name for p in erased_dir.iterdir()] == ["without-minisd-digit-three"]

@@ -46,7 +46,8 @@ def test_every_registered_method_resolves_without_importing_the_loop():
     run = subprocess.run([sys.executable, "-c", RESOLVE], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert set(run.stdout.strip().split(",")) == {"salun", "rl", "esd-x", "esd-u", "ca", "uce", "salun-adv",
-                                                       "rece", "safree", "fmn", "scissorhands", "erasediff", "ant"}
+                                                       "rece", "safree", "fmn", "scissorhands", "erasediff", "ant",
+                                                       "mace"}
 
 
 # ------------------------------------------------------------------------------------------ flags and alpha
@@ -578,3 +579,81 @@ def test_new_methods_run_through_the_command_and_the_mask_command_takes_a_score(
                         (["--method", "esd-x", "--ant-eta", "2"], "--ant-eta is not used by --method esd-x")):
         assert main([*_cli(tiny_pipeline_dir, cache, *argv, "--output", str(tmp_path / "x"))]) == 2
         assert error in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ MACE
+
+def test_mace_refinement_pairs_the_shared_tokens_and_the_fusion_is_the_minimiser():
+    from concept_erase.concepts import get_concept
+    from concept_erase.diffusion.conditioning import PromptEmbeddings
+    from concept_erase.diffusion.methods.mace import fused_weights, shared_token_rows
+    from concept_erase.diffusion.models.loading import load_pipeline
+
+    pipe = load_pipeline("minisd")  # every word one token
+    embed = PromptEmbeddings(pipe, "cpu")
+    seven, without = "a handwritten digit seven in bold strokes", "a handwritten digit in bold strokes"
+    erase, target, owner = shared_token_rows(pipe, embed, get_concept(forget=[seven], surrogate=[without]))
+    h_f, h_t = (embed([p]).hidden[0].double() for p in (seven, without))
+    # "<start> a handwritten digit" in front, "in bold strokes <end>" and the padding aligned from the end;
+    # "seven" itself is left to the LoRA
+    assert torch.equal(erase, torch.cat([h_f[:4], h_f[5:]])) and torch.equal(target, h_t[:-1])
+    assert owner == [f"custom: {seven}"] * (h_f.shape[0] - 1)
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    rows = [torch.randn(3, 5, generator=g, dtype=torch.float64) for _ in range(2)]
+    adapted = [(r, W + torch.randn(6, 5, generator=g, dtype=torch.float64)) for r in rows]
+    keep = torch.randn(4, 5, generator=g, dtype=torch.float64)
+    new = fused_weights(W, adapted, keep, 0.3, 0.1)
+    # the gradient of sum_i ||W* E_i - W_i E_i||^2 + s_p ||(W* - W) C||^2 + lambda ||W* - W||^2 vanishes at W*
+    grad = sum(((new - Wi) @ r.T) @ r for r, Wi in adapted) + 0.3 * ((new - W) @ keep.T) @ keep + 0.1 * (new - W)
+    assert grad.abs().max() < 1e-10
+
+
+def test_mace_edits_only_cross_attention_kv_deterministically_and_lowers_the_concept_attention():
+    from concept_erase.concepts import get_concept
+    from concept_erase.diffusion.methods.mace import MACE, mace_edit
+    from concept_erase.diffusion.models.tiny import build_tiny_flux_pipeline
+
+    concept = get_concept(forget=["a nude"], surrogate=["a dressed"], retain_prompts=["a tree"])
+    latents = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+
+    def run():
+        pipe = build_tiny_pipeline(0)
+        base = weights_copy(pipe.unet)
+        report = mace_edit(pipe, concept, latents, ["a nude"] * 4, ["a dressed"] * 4, ridge=0.1, steps=6, lr=0.1,
+                           batch_size=2, preserve_scale=0.5)
+        return pipe, base, report
+
+    pipe, base, report = run()
+    layers = cross_attention_projections(pipe.unet, family_of(pipe))
+    assert _changed(pipe, base) == {f"{name}.weight" for name in layers}
+    assert all(p.requires_grad for p in pipe.unet.parameters())  # put back as it was
+    assert report["forget_per_concept"]["custom: a nude"] < 0.9 and report["preserve_prompts"] == 1
+    losses = report["lora_losses"]["custom: a nude"]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    again, _, _ = run()
+    assert all(torch.equal(a, b) for a, b in zip(pipe.unet.state_dict().values(), again.unet.state_dict().values()))
+    with pytest.raises(ConceptEraseError, match="^--method mace has no form for diffusion transformers"):
+        family_of(build_tiny_flux_pipeline(0)).check_method(MACE(TrainConfig(method="mace")))
+
+
+def test_mace_region_is_where_the_concept_words_draw_attention():
+    from concept_erase.diffusion.methods.mace import concept_region
+
+    words = torch.tensor([[False, True, False]])
+    coarse = torch.zeros(1, 4, 3)  # one head, a 2x2 layer
+    coarse[0, 0, 1] = 1.0          # its top-left query looks at the word
+    fine = torch.zeros(1, 16, 3)   # a 4x4 layer that agrees
+    fine[0, [0, 1, 4, 5], 1] = 1.0
+    region = concept_region([coarse, fine], words, 1, (4, 4))
+    assert region.shape == (1, 4, 4) and region[0, :2, :2].all() and not region[0, 2:, :].any()
+
+
+def test_mace_erases_seven_from_minisd(tmp_path, capsys):
+    out = tmp_path / "mace"
+    assert main(["erase", "--model", "minisd", "--concept", "minisd-digit-seven", "--method", "mace",
+                 "--num-forget-images", "6", "--steps", "10", "--cache-dir", str(tmp_path / "cache"),
+                 "--output", str(out), "--no-progress"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["method"] == "mace" and summary["edited_parameters"] > 0
+    assert _judged_seven("minisd", tmp_path) == 1.0 and _judged_seven(out, tmp_path) <= 0.2

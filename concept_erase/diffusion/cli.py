@@ -33,6 +33,7 @@ ERASE_FIELDS = (
     "safree_alpha", "safree_gamma",
     "fmn_params", "erasediff_inner_steps", "erasediff_inner_lr", "erasediff_eta", "ant_eta", "ant_ddim_steps",
     "ant_before_step", "ant_alpha_1", "ant_alpha_2", "ant_start_guidance", "ant_rounds",
+    "mace_rank", "mace_lambda", "mace_preserve_scale",
     "num_forget_images", "num_retain_images", "forget_images", "retain_images", "image_steps",
     "image_guidance", "resolution", "cache_dir", "checkpoint_dir", "checkpointing_steps", "checkpoints_total_limit",
     "resume", "export_single_file", "save_delta", "overwrite", "progress",

@@ -14,6 +14,7 @@ from .base import Method
 from .ca import CAOptions, ConceptAblation
 from .erasediff import EraseDiff, EraseDiffOptions
 from .fmn import FMN, FMNOptions
+from .mace import MACE, MACEOptions
 from .scissorhands import ScissorHands
 from .esd import ESDU, ESDX, ESDOptions
 from .salun import RL, SalUn
@@ -23,10 +24,10 @@ from .safree import SAFREE, SAFREEOptions
 from .uce import UCE, UCEOptions
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (SalUn, RL, ESDX, ESDU, ConceptAblation, UCE, SalUnAdv, RECE,
-                                                        SAFREE, FMN, ScissorHands, EraseDiff, ANT)}
+                                                        SAFREE, FMN, ScissorHands, EraseDiff, ANT, MACE)}
 # The options dataclasses of every method: the run config inherits their fields (and so their flags).
 OPTIONS = (ESDOptions, CAOptions, UCEOptions, AdversarialOptions, RECEOptions, SAFREEOptions, FMNOptions,
-           EraseDiffOptions, ANTOptions)
+           EraseDiffOptions, ANTOptions, MACEOptions)
 # Every field some method reads; the rest of a run config (model, output, concept, ...) belongs to the run.
 ALL_METHOD_FIELDS = frozenset().union(*(m.fields for m in METHODS.values()))
 # The names --method takes; an adversarial variant is chosen with --adversarial instead.

@@ -13,6 +13,7 @@ with the probabilities materialised) while the loss is computed.
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -88,16 +89,28 @@ def concept_tokens(tokenizer, prompts: list[str], surrogates: list[str]) -> Tens
     return out
 
 
-def attention_resteering_loss(maps: list[Tensor], tokens: Tensor, rows: int) -> Tensor:
-    """Sum over layers of the mean over items of ||A[item][:, :, concept tokens]||_F. `rows`: the batch of the
-    forward (a joint forward puts the retain rows after the len(tokens) forget rows)."""
+def attention_resteering_loss(maps: list[Tensor], tokens: Tensor, rows: int, region: Tensor | None = None) -> Tensor:
+    """Sum over layers of the mean over items of ||A[item][:, queries, concept tokens]||_F. `rows`: the batch of
+    the forward (a joint forward puts the retain rows after the len(tokens) forget rows); `region`: (n, h, w)
+    bool per item, the latent positions whose queries count (MACE: the concept's region, `region_queries`),
+    None: every query (FMN)."""
     n = tokens.shape[0]
     total = torch.zeros((), device=tokens.device)
     for probs in maps:  # (rows x heads, queries, tokens), item-major (diffusers' head_to_batch_dim)
         per_item = probs.reshape(rows, probs.shape[0] // rows, *probs.shape[1:])[:n].float()
         picked = per_item * tokens[:, None, None, :].to(per_item.device)
+        if region is not None:
+            picked = picked * region_queries(region, probs.shape[1]).to(per_item.device)[:, None, :, None]
         total = total + picked.flatten(1).norm(dim=1).mean()
     return total
+
+
+def region_queries(region: Tensor, queries: int) -> Tensor:
+    """(n, h, w) bool at latent resolution -> (n, queries) float at a layer's own resolution (the UNet halves
+    both sides per level), resized by nearest neighbour as MACE resizes its masks."""
+    h, w = region.shape[-2:]
+    f = round(math.sqrt(h * w / queries))
+    return F.interpolate(region[:, None].float(), size=(h // f, w // f), mode="nearest").flatten(1)
 
 
 class FMN(Method):
