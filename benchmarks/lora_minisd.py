@@ -55,6 +55,19 @@ def erase(pipe, method: str, forget, retain, concept, args) -> None:
     train_unet(pipe, forget, retain, config, mask=mask)
 
 
+def add_recipe_flags(p: argparse.ArgumentParser) -> None:
+    """The erasure recipe's flags (what `erase` reads), shared with `lora_transfer_minisd.py`."""
+    p.add_argument("--concept", default="minisd-digit-seven", help="MiniSD digit preset (default minisd-digit-seven)")
+    p.add_argument("--steps", type=int, default=50, help="erasure steps (default 50)")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--alpha", type=float, default=0.5, help="retain weight of SalUn/RL (ESD: 0)")
+    p.add_argument("--esd-ddim-steps", type=int, default=10)
+    p.add_argument("--num-forget", type=int, default=48)
+    p.add_argument("--num-retain", type=int, default=216)
+    p.add_argument("--seed", type=int, default=0)
+
+
 def with_lora(base, path: Path, strength: float = 1.0):
     """MiniSD with the LoRA file fused through diffusers, as a diffusers user loads it."""
     pipe = copy.deepcopy(base)
@@ -66,22 +79,14 @@ def with_lora(base, path: Path, strength: float = 1.0):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--concept", default="minisd-digit-seven", help="MiniSD digit preset (default minisd-digit-seven)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of: " + ", ".join(METHODS))
     p.add_argument("--ranks", default="4,16,64,256", help="LoRA ranks (default 4,16,64,256)")
     p.add_argument("--energies", default="0.9,0.99", help="LoRA energies (default 0.9,0.99)")
     p.add_argument("--strengths", default="0,0.5,1,1.5", help="strengths of the rank-64 LoRA (default 0,0.5,1,1.5)")
     p.add_argument("--strength-rank", type=int, default=64, help="the LoRA rank of the strength sweep (default 64)")
-    p.add_argument("--steps", type=int, default=50, help="erasure steps (default 50)")
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--alpha", type=float, default=0.5, help="retain weight of SalUn/RL (ESD: 0)")
-    p.add_argument("--esd-ddim-steps", type=int, default=10)
-    p.add_argument("--num-forget", type=int, default=48)
-    p.add_argument("--num-retain", type=int, default=216)
+    add_recipe_flags(p)
     p.add_argument("--eval-forget", type=int, default=15, help="judged forget-prompt images (default 15)")
     p.add_argument("--eval-retain-seeds", type=int, default=1, help="judged images per retain prompt (default 1)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results/lora_minisd.md", help="Markdown output (replaced)")
     args = p.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",")]

@@ -168,6 +168,41 @@ def test_apply_at_a_strength_and_a_delta_on_its_base_bit_for_bit(tiny_pipeline, 
         torch.testing.assert_close(value, expected, atol=1e-6, rtol=0)
 
 
+def test_a_transfer_onto_a_merge_adds_the_same_difference_and_its_distance_scales(tiny_pipeline, tmp_path):
+    """A weighted merge (A1111's weighted sum) of a fine-tune with the base: `relative_distance` from the base is
+    the merge weight times the fine-tune's, layer by layer, and the LyCORIS file and the delta (against its
+    base) put the same difference onto it."""
+    from concept_erase.diffusion.models.apply import relative_distance
+    from concept_erase.diffusion.models.delta import save_delta
+
+    base = tiny_pipeline
+    tuned = _perturbed(base, seed=1, scale=0.02)
+    merged = copy.deepcopy(base)
+    tuned_unet = tuned.unet.state_dict()
+    merged.unet.load_state_dict({k: torch.lerp(v, tuned_unet[k], 0.25) for k, v in base.unet.state_dict().items()})
+    full, merge_distance = relative_distance(tuned, base), relative_distance(merged, base)
+    assert {k for k, v in full.items() if v > 0 and k.startswith("unet.")} == {
+        k for k, v in merge_distance.items() if v > 0}
+    assert any(k.startswith("text_encoder.") and v > 0 for k, v in full.items())  # not in the merge: UNet only
+    for layer, d in merge_distance.items():
+        assert d == pytest.approx(0.25 * full[layer] if layer.startswith("unet.") else 0.0, rel=1e-4, abs=1e-9), layer
+    erased = copy.deepcopy(base)
+    erased.unet.load_state_dict(_perturbed(base, seed=2).unet.state_dict())
+    lycoris = tmp_path / "full.safetensors"
+    export_erasure(base, erased, lycoris, to="lycoris-full")
+    delta = save_delta(base.unet, erased.unet, None, tmp_path / "delta")
+    results = []
+    for erasure in (lycoris, delta):
+        pipe = copy.deepcopy(merged)
+        apply_erasure(pipe, read_erasure(erasure), 1.0, base_pipe=base)
+        results.append(pipe.unet.state_dict())
+    before, erased_unet, base_unet = merged.unet.state_dict(), erased.unet.state_dict(), base.unet.state_dict()
+    for name, value in results[0].items():
+        expected = before[name] + (erased_unet[name] - base_unet[name])
+        torch.testing.assert_close(value, expected, atol=1e-6, rtol=0, msg=name)
+        torch.testing.assert_close(results[1][name], expected, atol=1e-6, rtol=0, msg=name)
+
+
 def test_export_and_apply_commands_record_a_transfer(tiny_pipeline, tmp_path, capsys):
     """`export --to lora` from an erased folder (its card names the base) and `apply` onto a fine-tune: the
     per-group table, the distance from the base, and the card's record of the transfer; an SDXL erasure on an
