@@ -9,7 +9,10 @@ A config is a dataclass whose fields carry their command-line facts in `field(me
     flag         the flag's name when it is not the field's (`image_steps` -> "num-inference-steps")
     aliases      old spellings, accepted but hidden from --help (kept for one release)
     positional   True: a positional argument instead of a flag
-    metavar      the value's name in --help
+    metavar      the value's name in --help (default: the flag's own spelling, `--num-inference-steps
+                 NUM_INFERENCE_STEPS`; a prefixed flag's without its prefix, `--inversion-steps STEPS`)
+    required     True: a required flag whose default is None because another spelling may give it (export's
+                 old positional OUT); a field without a default is required anyway. Usage shows both as required
     resume_free  True: a resumed run may change it (how long it runs, where it writes, how it shows)
     cli          False: not a flag at all (a value the code fills in)
 
@@ -49,6 +52,25 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
         self._negative_number_matcher = NEGATIVE_VALUE
 
+    def format_usage(self):
+        return self._showing_required(super().format_usage)
+
+    def format_help(self):
+        return self._showing_required(super().format_help)
+
+    def _showing_required(self, format_text):
+        """Usage shows a required flag as required even where argparse cannot enforce it (a hidden alias or an
+        old positional may give it instead, and `values_from` checks it): `--output OUTPUT`, not `[--output
+        OUTPUT]`. argparse's usage formatter reads `required` alone, so it is set while the text is made."""
+        shown = [a for a in self._actions if getattr(a, "shown_required", False) and not a.required]
+        for action in shown:
+            action.required = True
+        try:
+            return format_text()
+        finally:
+            for action in shown:
+                action.required = False
+
     def parse_known_args(self, args=None, namespace=None):
         late = any(a.option_strings == [] and a.nargs in ("?", "*") for a in self._actions)
         if self._intermixing or not late:
@@ -72,6 +94,16 @@ def _kind(f: Field) -> str:
         if text in (kind, f"<class '{kind}'>"):
             return kind
     return "list" if text.startswith(("list", "tuple")) else "str"
+
+
+def _metavar(f: Field) -> str:
+    """The value's name in --help: the field's `metavar`, else the flag's own spelling (without a prefix: the
+    prefix is in the flag already), never the internal field name (`image_steps` is `--num-inference-steps`)."""
+    return f.metadata.get("metavar", f.metadata.get("flag", f.name).replace("-", "_").upper())
+
+
+def _required(f: Field) -> bool:
+    return _default(f) is MISSING or bool(f.metadata.get("required"))
 
 
 def _default(f: Field):
@@ -104,16 +136,15 @@ def add_flags(parser, cls, names=None, *, suppress_defaults: bool = False, help_
         kwargs: dict = {"dest": _dest(f, prefix)}
         if kind == "bool":
             kwargs["action"] = argparse.BooleanOptionalAction
-        elif kind == "list":
-            kwargs.update(action="append", metavar=m.get("metavar", "VALUE"))
-            if "choices" in m:
-                kwargs["choices"] = m["choices"]
         else:
-            kwargs["type"] = {"int": int, "float": float}.get(kind, str)
+            if kind == "list":
+                kwargs["action"] = "append"
+            else:
+                kwargs["type"] = {"int": int, "float": float}.get(kind, str)
             if "choices" in m:
                 kwargs["choices"] = m["choices"]
-            if "metavar" in m:
-                kwargs["metavar"] = m["metavar"]
+            if "metavar" in m or "choices" not in m:  # argparse shows choices as {a,b}
+                kwargs["metavar"] = _metavar(f)
         if default is MISSING:
             # argparse would demand this exact spelling and refuse an alias: `values_from` checks it instead
             kwargs["required"] = not m.get("aliases")
@@ -133,7 +164,8 @@ def add_flags(parser, cls, names=None, *, suppress_defaults: bool = False, help_
                 kwargs["nargs"] = "?"
             parser.add_argument(f.name, **kwargs)
         else:
-            parser.add_argument(flag_name(f, prefix), **kwargs)
+            action = parser.add_argument(flag_name(f, prefix), **kwargs)
+            action.shown_required = _required(f)  # `Parser` shows it so where argparse does not enforce it
         for alias in m.get("aliases", ()):
             add_hidden_alias(parser, alias, kwargs["dest"], kwargs)
 
@@ -157,7 +189,7 @@ def values_from(args: argparse.Namespace, cls, names=None, *, prefix: str | None
     A required flag that is missing (given by none of its spellings) is a one-line error."""
     chosen = cli_fields(cls, names)
     missing = [flag_name(f, prefix) for f in chosen
-               if _default(f) is MISSING and getattr(args, _dest(f, prefix), None) is None]
+               if _required(f) and getattr(args, _dest(f, prefix), None) is None]
     if missing:
         raise ConceptEraseError(f"{missing[0]} is required")
     return {f.name: getattr(args, _dest(f, prefix)) for f in chosen if hasattr(args, _dest(f, prefix))}

@@ -109,7 +109,7 @@ def test_classify_hf_folder_with_resnet18(tmp_path, capsys):
         (["--keep", "0"], "--keep"),
         (["--keep", "1.5"], "--keep"),
         (["--lr-grid", "0.1,abc"], "--lr-grid"),
-        (["--seeds", "0"], "--seeds"),
+        (["--seeds", "0"], "--num-seeds"),
         (["--dataset", "no/such/folder"], "no/such/folder"),
         (["--mask", "MISSING"], "mask file"),
         (["--mask", "GARBAGE"], "mask file"),

@@ -2,6 +2,7 @@
 every command speaks one vocabulary."""
 
 import argparse
+import importlib.util
 from dataclasses import dataclass, field
 
 import pytest
@@ -42,6 +43,21 @@ def test_fields_become_flags_with_types_defaults_and_hidden_aliases():
     assert "--out " not in shown and "--n " not in shown  # old spellings work but are not advertised
     _, args = parse(["--output", "o"], suppress=True)
     assert values_from(args, Example) == {"output": "o"}  # suppressed: only what was typed
+
+
+def test_usage_shows_a_required_flag_as_required_even_with_a_hidden_alias_and_names_values_by_their_flag():
+    @dataclass
+    class Budget:
+        steps: int = field(default=1, metadata={"help": "steps"})
+        image_steps: int = field(default=1, metadata={"help": "steps", "flag": "num-inference-steps"})
+
+    parser, _ = parse(["--output", "o"])
+    add_flags(parser, Budget, prefix="inversion")
+    usage = " ".join(parser.format_usage().split())
+    assert " --output OUTPUT " in usage and "[--output" not in usage  # `--out` may give it, so argparse cannot
+    assert "[--prompt PROMPT]" in usage  # a list's value is named by its flag, not "VALUE"
+    assert "[--inversion-steps STEPS]" in usage and "[--inversion-num-inference-steps NUM_INFERENCE_STEPS]" in usage
+    assert parse(["--out", "o"])[1].output == "o"  # the alias still satisfies it
 
 
 def test_a_required_flag_given_by_none_of_its_spellings_is_a_one_line_error():
@@ -102,10 +118,65 @@ def test_one_flag_vocabulary_across_commands():
     assert {"--output", "--num-inference-steps", "--guidance-scale", "--num-forget-images"} <= seen
 
 
+# Plain nouns a metavar may use when the flag's own words would say less (`--prompts FILE`, `--erased PATH`).
+METAVAR_NOUNS = {"PROMPT", "FILE", "DIR", "PATH"}
+
+
+def _every_leaf():
+    if importlib.util.find_spec("gradio") is None:
+        pytest.skip("the app's parser needs gradio")
+    return list(_leaf_parsers(build_parser()))
+
+
+def test_every_parser_names_values_readably_and_shows_required_flags_as_required():
+    """Walks every command's parser: no metavar is an internal name (`INVERSION__STEPS`, `IMAGE_STEPS` for
+    --num-inference-steps, `MODEL_CONFIG` for --config) or a placeholder (`VALUE`), and the usage line shows every
+    required flag without brackets (argparse enforces some; `values_from` the ones an old spelling may give)."""
+    for prog, leaf in _every_leaf():
+        usage = " ".join(leaf.format_usage().split())
+        for action in leaf._actions:
+            if action.help == argparse.SUPPRESS or action.nargs == 0:
+                continue
+            metavar = action.metavar
+            if metavar is None and action.choices is not None and action.option_strings:
+                continue  # shown as {a,b,c}
+            assert metavar and "__" not in metavar and metavar == metavar.upper(), (prog, action.dest, metavar)
+            for flag in action.option_strings:
+                words = set(flag.lstrip("-").upper().split("-"))
+                assert set(metavar.split("_")) <= words or metavar in METAVAR_NOUNS, (prog, flag, metavar)
+                required = action.required or getattr(action, "shown_required", False)
+                assert (f"[{flag} " not in usage and f" {flag} " in usage) if required else f"[{flag} " in usage, (
+                    prog, flag, usage)
+    shown = {prog: " ".join(leaf.format_usage().split()) for prog, leaf in _every_leaf()}
+    for prog in ("erase", "mask", "export", "generate", "evaluate nudity", "attack", "compare", "minisd train"):
+        assert " --output OUTPUT " in shown[f"concept-erase {prog}"], prog  # the issue's example: never optional
+
+
+def test_each_flag_name_means_one_kind_of_value_across_commands():
+    """A flag spelled alike takes the same kind of value everywhere: `--retain-prompts` is a file (erase),
+    so audit's count is `--num-retain-prompts`; `--seeds` is a seed list (generate, attack, audit), so the
+    counts of classify and `minisd check` are `--num-seeds`. The old spellings still parse, hidden."""
+    kinds: dict[str, dict[str, str]] = {}
+    for prog, leaf in _every_leaf():
+        for action in leaf._actions:
+            if action.help == argparse.SUPPRESS:
+                continue
+            kind = "switch" if action.nargs == 0 else getattr(action.type, "__name__", "str")
+            for flag in action.option_strings:
+                kinds.setdefault(flag, {})[prog] = kind
+    mixed = {flag: by for flag, by in kinds.items() if len(set(by.values())) > 1}
+    assert not mixed, mixed
+    parser = build_parser()
+    assert parser.parse_args(["audit", "m", "--base", "b", "--concept", "c", "--output", "o",
+                              "--retain-prompts", "3"]).retain_prompts == 3
+    assert parser.parse_args(["classify", "--seeds", "2"]).seeds == 2
+    assert parser.parse_args(["minisd", "check", "--seeds", "2"]).seeds == 2
+
+
 def test_export_keeps_its_old_positional_output(tmp_path, tiny_pipeline_dir, capsys):
     for argv in (["--to", "diffusers", str(tmp_path / "a")], [str(tmp_path / "b"), "--to", "diffusers"],
                  ["--to", "diffusers", "--out", str(tmp_path / "c")], ["--to", "diffusers", "--output", str(tmp_path / "d")]):
         assert main(["export", str(tiny_pipeline_dir), *argv]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c", "d"]
     assert main(["export", str(tiny_pipeline_dir), "--to", "diffusers"]) == 2
-    assert capsys.readouterr().err.strip().endswith("export needs --output (the file or folder to write)")
+    assert capsys.readouterr().err.strip().endswith("--output is required")

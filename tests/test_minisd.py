@@ -115,7 +115,7 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
     (tmp_path / "taken").mkdir()
     for argv, named in ((["train", "--output", str(tmp_path / "taken")], "already exists"),
-                        (["check", "--seeds", "0"], "--seeds must be >= 1, got 0"),
+                        (["check", "--seeds", "0"], "--num-seeds must be >= 1, got 0"),
                         (["train-judges", "--output", str(tmp_path / "j"), "--epochs", "0"], "--epochs must be >= 1"),
                         (["check", "--guidance-scale", "nan"], "--guidance-scale must be a finite number, got nan")):
         assert main(["minisd", *argv]) == 2

@@ -68,7 +68,7 @@ def test_layer_scoped_methods_count_the_scope_and_state_the_loop_really_holds(ti
         train = estimate(config, counts).phases["training step"]
         assert train["optimizer state"] + train["layer scope (bool, 1 byte per UNet weight)"] == real
         assert "layer scope (bool, 1 byte per UNet weight)" in estimate(
-            PlanConfig(model=str(tiny_pipeline_dir), batch_size=2, method=method), counts).host
+            PlanConfig(model=str(tiny_pipeline_dir), batch_size=2, method=method, device="cuda"), counts).host
 
 
 def test_checkpointing_and_half_precision_shrink_the_activations(tiny_pipeline):
@@ -245,3 +245,50 @@ def test_plan_refuses_the_sizes_batches_and_keeps_erase_refuses(flags, tiny_pipe
         errors.append(err[-1])
     assert errors[0] == errors[1] and errors[0].startswith("concept-erase: error: "), errors
     assert not list(tmp_path.iterdir())
+
+
+def test_plan_defaults_to_minisd_on_the_device_erase_would_use(monkeypatch):
+    """No CUDA context is counted on a machine without a GPU, and a GPU machine plans for its GPU; --device says
+    otherwise."""
+    for cuda, device in ((False, "cpu"), (True, "cuda")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        config = PlanConfig()
+        assert (config.model, config.device) == ("minisd", device)
+        assert PlanConfig(device="cpu").device == "cpu"
+
+
+def test_a_concept_preset_plans_the_recipe_erase_runs():
+    from concept_erase.diffusion.minisd.presets import MINISD_RECIPE
+    from concept_erase.diffusion.training.config import EraseConfig
+
+    config = PlanConfig.for_concept(concept="minisd-digit-three")
+    erase = EraseConfig.for_concept(model="minisd", concept="minisd-digit-three", output="o")
+    assert (config.batch_size, config.num_forget_images, config.alpha) == (
+        MINISD_RECIPE["batch_size"], MINISD_RECIPE["num_forget_images"], MINISD_RECIPE["alpha"])
+    assert (config.batch_size, config.num_forget_images, config.alpha, config.keep) == (
+        erase.batch_size, erase.num_forget_images, erase.alpha, erase.keep)
+    assert config.batch_size != PlanConfig().batch_size  # the preset, not the dataclass's default
+    assert PlanConfig.for_concept(concept="minisd-digit-three", batch_size=4).batch_size == 4  # a typed flag wins
+    esd = PlanConfig.for_concept(concept="minisd-digit-three", method="esd-u")  # no retain term: the recipe's alpha
+    assert esd.alpha == EraseConfig.for_concept(model="minisd", concept="minisd-digit-three", output="o",
+                                                method="esd-u").alpha == 0
+
+
+def test_plan_command_plans_the_default_model_and_states_the_budget_in_both_units(capsys):
+    from concept_erase.cli import main
+
+    assert main(["plan", "--concept", "minisd-digit-three", "--memory-budget", "16GB"]) == 0
+    out = capsys.readouterr().out
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert out.startswith("Memory plan: salun on minisd for minisd-digit-three (") and f"; device {device}\n" in out
+    assert "batch 16 forget + 16 retain" in out
+    verdict = out.strip().splitlines()[-1]
+    assert verdict.startswith(f"budget 16GB = {16e9 / 2**30:.2f} GiB (GB: 10^9 bytes; GiB") and ": fits" in verdict
+    assert main(["plan", "--concept", "nudity"]) == 2  # a preset for Stable Diffusion, as erase refuses it
+    assert "written for Stable Diffusion checkpoints" in capsys.readouterr().err
+
+
+def test_a_binary_budget_is_shown_as_written(tiny_pipeline_dir):
+    counts = load_counts(str(tiny_pipeline_dir))
+    plan = estimate(PlanConfig(model=str(tiny_pipeline_dir), batch_size=2, device="cpu", memory_budget="24GiB"), counts)
+    assert "budget 24GiB (24.00 GiB): fits" in describe(plan, parse_bytes("24GiB"), counts)

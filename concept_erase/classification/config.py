@@ -110,7 +110,8 @@ class ClassifyConfig:
         "help": "What to forget: class:N (one whole class) or random:F (a random fraction F of the training set)."})
     methods: str = field(default="all", metadata={
         "help": f"'all' or a comma list of {', '.join(ALL_METHODS)}; retrain always runs (the reference row)."})
-    seeds: int = field(default=5, metadata={"help": "Number of seeds (0..N-1): model init and batch order.", "min": 1})
+    seeds: int = field(default=5, metadata={"help": "Number of seeds (0..N-1): model init and batch order.", "min": 1,
+                                            "flag": "num-seeds", "aliases": ("--seeds",)})
     model: str = field(default="auto", metadata={
         "help": "cnn (small CNN), resnet18 (CIFAR ResNet-18), or auto: cnn for digits, resnet18 otherwise.",
         "choices": ("auto", *MODEL_CHOICES)})

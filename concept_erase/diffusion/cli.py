@@ -38,9 +38,10 @@ ERASE_FIELDS = (
     "image_guidance", "resolution", "cache_dir", "checkpoint_dir", "checkpointing_steps", "checkpoints_total_limit",
     "resume", "export_single_file", "save_delta", "overwrite", "progress",
 )
-# `plan` takes erase's flags that decide the memory, plus where the run goes and the budget.
+# `plan` takes erase's flags that decide the memory (a preset's recipe among them), plus where the run goes and
+# the budget.
 PLAN_FIELDS = (
-    "model", "model_config", "method", "mask", "keep", "num_forget_images", "resolution", "batch_size", "alpha",
+    "model", "model_config", "concept", "method", "mask", "keep", "num_forget_images", "resolution", "batch_size", "alpha",
     "gradient_accumulation_steps", "mixed_precision", "gradient_checkpointing", "optimizer",
     "device", "memory_budget",
 )
@@ -79,8 +80,9 @@ def register(subparsers) -> None:
         description="Builds the pipeline from its configs on PyTorch's meta device (no weights read, nothing "
                     "computed) and walks the run: the mask pass, the training step's backward pass, the optimizer "
                     "step. Takes erase's training flags; --memory-budget says whether the run fits and which "
-                    "settings (gradient checkpointing, bf16, 8-bit Adam, gradient accumulation) would make it fit.")
-    add_flags(p, PlanConfig, PLAN_FIELDS)
+                    "settings (gradient checkpointing, bf16, 8-bit Adam, gradient accumulation) would make it fit. "
+                    "Without --model it plans minisd; a --concept preset brings its recipe, as in erase.")
+    add_flags(p, PlanConfig, PLAN_FIELDS, suppress_defaults=True)  # a --concept's recipe fills what is not typed
     p.set_defaults(func=_plan_main)
 
 
@@ -128,7 +130,7 @@ def _erase_main(args: argparse.Namespace) -> int:
 def _plan_main(args: argparse.Namespace) -> int:
     from .plan import PlanConfig, run_plan
 
-    _, text = run_plan(PlanConfig(**values_from(args, PlanConfig, PLAN_FIELDS)))
+    _, text = run_plan(PlanConfig.for_concept(**values_from(args, PlanConfig, PLAN_FIELDS)))
     print(text)
     return 0
 
@@ -149,7 +151,8 @@ class ExportConfig:
                 "difference) .safetensors that diffusers, A1111, ComfyUI and Forge load",
         "choices": ("single-file", "diffusers", "delta", "lora", "lycoris-full")})
     output: str | None = field(default=None, metadata={
-        "help": "the output file (single-file, lora, lycoris-full) or folder (required)", "aliases": ("--out", "out")})
+        "help": "the output file (single-file, lora, lycoris-full) or folder", "aliases": ("--out", "out"),
+        "required": True})
     config: str | None = field(default=None, metadata={
         "help": "local diffusers folder with the configs of a single-file SRC"})
     family: str | None = family_field()

@@ -35,7 +35,7 @@ from __future__ import annotations
 import itertools
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -56,14 +56,18 @@ BNB_BLOCK, BNB_MIN_SIZE = 256, 4096
 
 @dataclass(kw_only=True)
 class PlanConfig(TrainConfig):
-    """What the memory of an erasure run depends on: the model and the training settings."""
+    """What the memory of an erasure run depends on: the model and the training settings. `for_concept` builds
+    it as erase builds its run (a preset's recipe under the user's flags)."""
 
-    model: str = field(metadata={
-        "help": 'the model: a diffusers folder (configs are enough, weights are not read), "minisd", or a '
-                "single file with --config"})
+    model: str = field(default="minisd", metadata={
+        "help": 'the model: a diffusers folder (configs are enough, weights are not read), "minisd", "minisd-xl", '
+                "or a single file with --config"})
     model_config: str | None = field(default=None, metadata={
         "help": "local diffusers folder with the component configs of a single-file --model",
         "flag": "config", "aliases": ("--model-config",)})
+    concept: str | None = field(default=None, metadata={
+        "help": "the preset concept erase will be given (or several, separated by commas): its recipe's batch "
+                "size, image counts and alpha apply where no flag says otherwise, as in erase"})
     keep: float = field(default=0.5, metadata={"help": "SalUn: fraction of UNet weights the mask keeps trainable",
                                                 "above": 0, "max": 1})
     mask: str | None = field(default=None, metadata={
@@ -72,18 +76,35 @@ class PlanConfig(TrainConfig):
         "help": "forget images of the mask pass (erase's default: 64)", "min": 1})
     resolution: int | None = field(default=None, metadata={"help": "image size in pixels (default: the model's)",
                                                            "min": 8})
-    device: str = field(default="cuda", metadata={
-        "help": "plan for a GPU run (cuda) or a CPU run (cpu: host memory, the bool mask included)",
+    device: str | None = field(default=None, metadata={
+        "help": "plan for a GPU run (cuda) or a CPU run (cpu: host memory, the bool mask included); default: the "
+                "device erase would use here, cuda when PyTorch sees a CUDA GPU, else cpu",
         "choices": ("cuda", "cpu")})
     memory_budget: str | None = field(default=None, metadata={
         "help": 'memory available, e.g. "16GB" (10^9 bytes) or "24GiB"; says whether the run fits and which '
                 "settings would make it fit"})
 
     def __post_init__(self):
+        if self.device is None:  # as erase's accelerate run: the GPU when there is one (no CUDA context made)
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
         super().__post_init__()
         self.check_batch(1)  # erase's own check (with its processes, at launch)
         if self.memory_budget is not None:
             parse_bytes(self.memory_budget)
+
+    @classmethod
+    def for_concept(cls, **values) -> "PlanConfig":
+        """The plan of the run erase would make from these flags: with a --concept preset, the settings come from
+        the `EraseConfig` that erase builds (`EraseConfig.for_concept`: the recipe's fields the method reads,
+        the user's flags on top), so a MiniSD preset plans its batch 16, not the dataclass's 8."""
+        if not values.get("concept"):
+            return cls(**values)
+        from .training.config import EraseConfig
+
+        shared = {f.name for f in fields(EraseConfig) if f.init} & {f.name for f in fields(cls) if f.init}
+        typed = {"model": cls.model, **{k: v for k, v in values.items() if k in shared}}
+        erase = EraseConfig.for_concept(output="", **typed)
+        return cls(**{**{k: getattr(erase, k) for k in shared}, **values})
 
 
 def parse_bytes(text: str) -> int:
@@ -283,7 +304,8 @@ def describe(plan: Plan, budget: int | None = None, counts: ModelCounts | None =
     c = plan.config
     gib = lambda b: f"{b / GiB:.2f} GiB" if b >= GiB else f"{b / 2**20:.1f} MiB"  # noqa: E731
     resolution = c.resolution or (counts.default_resolution if counts else "model's")
-    lines = [f"Memory plan: {c.method} on {c.model} ({', '.join(f'{k} {v / 1e6:.4g}M' for k, v in plan.components.items())} "
+    lines = [f"Memory plan: {c.method} on {c.model}" + (f" for {c.concept}" if c.concept else "")
+             + f" ({', '.join(f'{k} {v / 1e6:.4g}M' for k, v in plan.components.items())} "
              f"parameters), {resolution} px, batch {c.batch_size} forget"
              + (f" + {c.batch_size} retain" if c.alpha > 0 else "")
              + f", {c.gradient_accumulation_steps} micro-batch(es); precision {c.mixed_precision} (fp32 master "
@@ -309,7 +331,8 @@ def describe(plan: Plan, budget: int | None = None, counts: ModelCounts | None =
         lines.append(f"\nestimated peak: {gib(plan.peak)} of tensors")
     if budget is not None:
         verdict = "fits" if plan.fits(budget) else "does NOT fit"
-        lines.append(f"budget {gib(budget)}: {verdict}")
+        lines.append(f"budget {_as_written(c.memory_budget, budget, gib)}: {verdict} (the run needs "
+                     f"{gib(plan.resident)})")
         if not plan.fits(budget) and counts is not None:
             fixes = suggestions(c, budget, counts)
             if not fixes:
@@ -321,28 +344,51 @@ def describe(plan: Plan, budget: int | None = None, counts: ModelCounts | None =
     return "\n".join(lines)
 
 
+def _as_written(text: str | None, budget: int, gib) -> str:
+    """The budget as the user wrote it and in GiB, every figure of the plan's unit: "16GB" is 14.90 GiB."""
+    if not text:
+        return gib(budget)
+    if re.search(r"[KMGT]iB", text, flags=re.I):
+        return f"{text.strip()} ({gib(budget)})"
+    return f"{text.strip()} = {gib(budget)} (GB: 10^9 bytes; GiB, the plan's unit: 2^30)"
+
+
 def _flag(name: str, value: Any) -> str:
     flag = "--" + name.replace("_", "-")
     return flag if value is True else f"{flag} {value}"
 
 
-def check_like_erase(config: PlanConfig, counts: ModelCounts) -> None:
-    """What erase checks once it has the model, here from its configs: --resolution near the size the model
-    draws (`defaults.check_resolution`) and a whole latent grid (`generate.check_image_size`), and a --keep
-    that keeps at least one UNet weight (`saliency.kept_count`)."""
+def check_like_erase(config: PlanConfig) -> None:
+    """What erase checks, from the model's config files, before the pipeline is built on the meta device (that
+    imports diffusers: seconds): a preset for this kind of model (`defaults.check_concept_fits`), --resolution
+    near the size the model draws (`defaults.check_resolution`) and a multiple of 8 (`generate.check_image_size`;
+    `check_built` adds the VAE's own factor)."""
+    from ..concepts import get_concepts
+    from .data.generate import check_image_size
+    from .models.defaults import check_concept_fits, check_resolution, model_defaults
+
+    defaults = model_defaults(config.model, config.model_config)
+    if config.concept:  # a preset for the other world (Stable Diffusion's nudity on MiniSD), as erase refuses it
+        check_concept_fits(get_concepts(config.concept), defaults)
+    check_resolution(config.resolution, defaults)
+    check_image_size({"--resolution": config.resolution}, 8)
+
+
+def check_built(config: PlanConfig, counts: ModelCounts) -> None:
+    """What erase checks once it has the model, here from the meta-device build: a whole latent grid for the
+    VAE's factor (`generate.check_image_size`) and a --keep that keeps at least one weight (`saliency.kept_count`)."""
     from ..saliency import kept_count
     from .data.generate import check_image_size
-    from .models.defaults import check_resolution, model_defaults
 
-    check_resolution(config.resolution, model_defaults(config.model, config.model_config))
     check_image_size({"--resolution": config.resolution}, counts.vae_scale)
     if config.method_class.computes_mask and not config.mask:
         kept_count(config.keep, counts.components[counts.family.denoiser_name])
 
 
 def run_plan(config: PlanConfig) -> tuple[Plan, str]:
+    check_like_erase(config)
     counts = load_counts(config.model, config.model_config)
-    check_like_erase(config, counts)
+    check_built(config, counts)
     measure_process(counts, config.model, config.model_config)
     plan = estimate(config, counts)
     budget = parse_bytes(config.memory_budget) if config.memory_budget else None

@@ -88,7 +88,8 @@ class Audit:
     base: str = field(metadata={"help": "the original model"})
     attack: list[str] | None = field(default=None, metadata={
         "help": "attacks to run (default: all four)", "choices": ATTACK_NAMES, "metavar": "ATTACK"})
-    retain_prompts: int = field(default=9, metadata={"help": "retain prompts drawn (spread over the list)", "min": 1})
+    retain_prompts: int = field(default=9, metadata={"help": "retain prompts drawn (spread over the list)", "min": 1,
+                                                     "flag": "num-retain-prompts", "aliases": ("--retain-prompts",)})
     clip_model: str | None = field(default=None, metadata={"help": "local CLIP folder for the CLIP score"})
     fid_weights: str | None = field(default=None, metadata={"help": "torch-fidelity Inception weights file for FID"})
     update_card: bool = field(default=False, metadata={

@@ -34,7 +34,8 @@ class JudgeTraining:
 @dataclass
 class Check:
     model: str = field(default="minisd", metadata={"help": '"minisd" or a diffusers folder of a MiniSD model'})
-    seeds: int = field(default=10, metadata={"help": "images per (digit, style) prompt", "min": 1})
+    seeds: int = field(default=10, metadata={"help": "images per (digit, style) prompt (seeds 0..N-1)", "min": 1,
+                                             "flag": "num-seeds", "aliases": ("--seeds",)})
     num_inference_steps: int = field(default=MINISD_STEPS, metadata={
         "help": "DDIM steps", "min": 1, "aliases": ("--steps",)})
     guidance_scale: float = field(default=MINISD_GUIDANCE, metadata={
