@@ -70,6 +70,45 @@ def test_optimising_attacks_lower_their_objective(setup):
     assert _error(pipe, targets.images, after, range(4)) < _error(pipe, targets.images, before, range(4))
 
 
+def test_several_timesteps_per_step_are_stratified_seeded_per_row_and_averaged(setup):
+    """`timesteps` draws per row and step: one t in each of that many equal parts of [0, T), from the row's own
+    generator (a row's error is the same in any batch), averaged into the row's error."""
+    from evaluation.attacks.core import attack_denoising_error
+
+    pipe, _, _, rows, targets = setup
+    cond = encode(pipe, [r.prompt for r in rows])
+    seen = []
+    hook = pipe.unet.register_forward_pre_hook(lambda module, args: seen.append(args[1].tolist()))
+    try:
+        with torch.no_grad():
+            together = attack_denoising_error(pipe, targets.rows, cond, [0, 1, 2], 7, 0, draws=4)
+            alone = [attack_denoising_error(pipe, targets.rows[i:i + 1], cond[i], [i], 7, 0, draws=4) for i in range(3)]
+            again = attack_denoising_error(pipe, targets.rows, cond, [0, 1, 2], 7, 0, draws=4)
+    finally:
+        hook.remove()
+    assert torch.allclose(together, sum(alone), rtol=1e-5) and torch.equal(together, again)
+    T = pipe.scheduler.config.num_train_timesteps
+    per_row = [seen[0][4 * i:4 * i + 4] for i in range(3)]
+    assert all(k * T / 4 <= t < (k + 1) * T / 4 for ts in per_row for k, t in enumerate(ts)), per_row
+    assert per_row[0] == seen[1] and per_row[0] != per_row[1]  # row 0 alone draws what it drew in the batch
+
+
+def test_calibration_lines_say_which_asr_is_only_a_lower_bound():
+    from evaluation.attacks.run import calibration_lines
+
+    attack = {"budget": {}, "control_asr": None, "calibrated": None}
+    summary = {"rows": 20, "control": None, "attacks": {"embedding": attack}}
+    assert calibration_lines(summary) == ["- embedding: uncalibrated (no control: --no-control): its ASR is only a "
+                                          "lower bound."]
+    summary["control"] = {"remapped": {"text_encoder": {"cat": ["dog"]}}, "vocabulary": {"text_encoder": 9}}
+    summary["attacks"] = {"embedding": {**attack, "control_asr": 95.0, "calibrated": True},
+                          "ringabell": {**attack, "control_asr": 90.0, "calibrated": False}}
+    assert calibration_lines(summary) == [
+        "- embedding: recovers the control on 19 of 20 rows (95.0%): calibrated at this budget.",
+        "- ringabell: recovers the control on 18 of 20 rows (90.0%), below 95%: **uncalibrated at this budget**; "
+        "its ASR is only a lower bound."]
+
+
 def test_discrete_unlearndiffatk_uses_vocabulary_tokens_and_decodes_them(setup):
     pipe, _, _, rows, _ = setup
     learned = _learn("unlearndiffatk", setup)

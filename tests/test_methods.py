@@ -47,7 +47,7 @@ def test_every_registered_method_resolves_without_importing_the_loop():
     assert run.returncode == 0, run.stderr[-2000:]
     assert set(run.stdout.strip().split(",")) == {"salun", "rl", "esd-x", "esd-u", "ca", "uce", "salun-adv",
                                                        "rece", "safree", "fmn", "scissorhands", "erasediff", "ant",
-                                                       "mace"}
+                                                       "remap", "mace"}
 
 
 # ------------------------------------------------------------------------------------------ flags and alpha
@@ -167,6 +167,36 @@ def test_uce_on_sdxl_edits_its_cross_attention_through_the_family():
     layers = cross_attention_projections(pipe.unet, family_of(pipe))
     assert family_of(pipe).name == "sdxl" and _changed(pipe, base) == {f"{name}.weight" for name in layers}
     assert report["forget_per_concept"]["custom: a nude"] < 0.2
+
+
+def test_remap_changes_only_the_concept_token_rows_of_each_text_encoder():
+    """The remap control: the UNet and VAE bit-identical, in each of SDXL's two text encoders exactly the
+    concept token's row changed, now its surrogate's, so the forget prompt encodes as the surrogate."""
+    from concept_erase.concepts import get_concept
+    from concept_erase.diffusion.methods.remap import remapped_copy, token_targets
+    from concept_erase.diffusion.models.tiny import build_tiny_sdxl_pipeline
+
+    pipe = build_tiny_sdxl_pipeline(0)
+    before = {name: weights_copy(m) for name, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
+    # one-letter words: one token each in the tiny tokenizers (a longer word is spelled letter by letter)
+    concept = get_concept(forget=["a x"], surrogate=["a z"], retain_prompts=["a tree"])
+    control, report = remapped_copy(pipe, concept)
+    assert control.unet is pipe.unet and control.vae is pipe.vae
+    for name, module in pipe.components.items():  # the base itself is untouched
+        if name in before:
+            assert all(torch.equal(v, before[name][k]) for k, v in module.state_dict().items()), name
+    for name in ("text_encoder", "text_encoder_2"):
+        tok = family_of(pipe).tokenizer_of(pipe, name)
+        (x,), (z,) = (tok(w, add_special_tokens=False).input_ids for w in ("x", "z"))
+        assert token_targets(tok, concept) == {x: [[z]]}
+        new = getattr(control, name).get_input_embeddings().weight
+        old = getattr(pipe, name).get_input_embeddings().weight
+        assert (new != old).any(1).nonzero().flatten().tolist() == [x] and torch.equal(new[x], old[z])
+        changed = [k for k, v in getattr(control, name).state_dict().items() if not torch.equal(v, before[name][k])]
+        assert changed == ["text_model.embeddings.token_embedding.weight"], changed
+    assert report["forget_per_concept"] == {"custom: a x": 0.0} and report["retain"] == 0.0
+    with pytest.raises(ConceptEraseError, match="only drops words of 'a x b'"):
+        remapped_copy(pipe, get_concept(forget=["a x b"], surrogate=["a b"]))
 
 
 # ------------------------------------------------------------------------------------------ the command

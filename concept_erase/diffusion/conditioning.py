@@ -69,19 +69,24 @@ def edited_token_embeddings(edits: Mapping[nn.Module, Callable[[Tensor, Tensor],
 
 
 def optimise_conditioning(params: Sequence[Tensor], objective: Callable[[int], Tensor], *, steps: int,
-                          lr: float) -> list[Tensor]:
+                          lr: float, cosine: bool = False) -> list[Tensor]:
     """Adam on `params`, whatever they perturb (a conditioning delta, input token embeddings, the conditioning
     itself), for `steps` steps minimising `objective(step)`, a denoising error of the conditioning they give.
     Gradients by `torch.autograd.grad` on `params` only: the model's own gradients (and DDP's hooks) are never
-    touched. Returns each step's objective, detached (no device sync)."""
+    touched. `cosine`: the learning rate decays from `lr` to 0 on a cosine, so a noisy objective (one random
+    timestep per step) settles instead of wandering at the last step (the attacks' calibration). Returns each
+    step's objective, detached (no device sync)."""
     params = list(params)
     opt = torch.optim.Adam(params, lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) if cosine else None
     history = []
     for step in range(steps):
         loss = objective(step)
         for p, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True)):
             p.grad = g  # None for a tensor the objective did not use: Adam skips it, as after backward()
         opt.step()
+        if schedule is not None:
+            schedule.step()
         history.append(loss.detach())
     return history
 

@@ -117,10 +117,12 @@ def special_ids(pipe) -> list[int]:
 
 
 def attack_denoising_error(pipe, latents: Tensor, cond: Conditioning, rows: Sequence[int], step: int,
-                           seed: int) -> Tensor:
+                           seed: int, draws: int = 1) -> Tensor:
     """The attacks' objective: the per-row denoising error MSE(eps_theta(z_t, c), eps), summed over rows (each
     row's parameters get the gradient of its own error only). Noise and t of row r at `step` come from a
-    generator seeded with (seed, r, step): independent of batching."""
+    generator seeded with (seed, r, step): independent of batching. `draws` > 1: that many (noise, t) pairs
+    per row, t stratified (one in each of `draws` equal parts of [0, T)), their errors averaged: the same
+    expectation with a far less noisy gradient, which is what lets a per-prompt attack converge in few steps."""
     from concept_erase.diffusion.losses import noise_batch, sample_noise, training_scheduler
 
     scheduler = training_scheduler(pipe.scheduler)
@@ -128,15 +130,21 @@ def attack_denoising_error(pipe, latents: Tensor, cond: Conditioning, rows: Sequ
     noises, ts = [], []
     for r in rows:
         gen = torch.Generator().manual_seed((seed * 1_000_003 + r) * 10_007 + step)
-        n, t = sample_noise(latents[:1], T, gen)
+        if draws == 1:
+            n, t = sample_noise(latents[:1], T, gen)
+        else:
+            n = torch.randn((draws, *latents.shape[1:]), generator=gen)
+            t = ((torch.arange(draws) + torch.rand(draws, generator=gen)) * T / draws).long().clamp(max=T - 1)
         noises.append(n)
         ts.append(t)
     device = pipe.unet.device
-    batch = noise_batch(scheduler, latents.to(device), cond.hidden, torch.cat(noises).to(device),
+    each = torch.arange(len(rows)).repeat_interleave(draws)  # row i's draws side by side
+    cond = cond[each.to(cond.hidden.device)] if draws > 1 else cond
+    batch = noise_batch(scheduler, latents[each].to(device), cond.hidden, torch.cat(noises).to(device, latents.dtype),
                         torch.cat(ts).to(device))
     pred = pipe.unet(batch.noisy, batch.timesteps, **cond.unet_kwargs(batch.noisy.dtype)).sample
-    per_row = F.mse_loss(pred.float(), batch.target.float(), reduction="none").flatten(1).mean(1)
-    return per_row.sum()
+    per_draw = F.mse_loss(pred.float(), batch.target.float(), reduction="none").flatten(1).mean(1)
+    return per_draw.view(len(rows), draws).mean(1).sum()
 
 
 # ------------------------------------------------------------------------------------------ the result

@@ -39,10 +39,12 @@ def learn(pipe, rows, targets: Targets, budget: EmbeddingBudget, seed: int = 0, 
             params = [hidden, *(v for k, v in added.items() if k not in FIXED)]
 
             def objective(step):
-                return attack_denoising_error(pipe, targets.rows[rids], Conditioning(hidden, added), rids, step, seed)
+                return attack_denoising_error(pipe, targets.rows[rids], Conditioning(hidden, added), rids, step, seed,
+                                              budget.timesteps)
 
             steps = [loss.item() / len(rids)
-                     for loss in optimise_conditioning(params, objective, steps=budget.steps, lr=budget.lr)]
+                     for loss in optimise_conditioning(params, objective, steps=budget.steps, lr=budget.lr,
+                                                       cosine=budget.cosine)]
             history = [h + s * len(rids) / len(rows) for h, s in zip(history or [0.0] * len(steps), steps)]
             out.append(Conditioning(hidden.detach().cpu(), {k: v.detach().cpu() for k, v in added.items()}))
     return Learned("embedding", asdict(budget), list(rows), [r.prompt for r in rows], conditioning=Conditioning.cat(out),

@@ -65,10 +65,11 @@ def learn(pipe, rows, targets: Targets, budget: UnlearnDiffAtkBudget, seed: int 
 
             def objective(step):
                 cond = encode(pipe, texts[lo:lo + len(rids)], vectors())
-                return attack_denoising_error(pipe, targets.rows[rids], cond, rids, step, seed)
+                return attack_denoising_error(pipe, targets.rows[rids], cond, rids, step, seed, budget.timesteps)
 
             steps = [loss.item() / len(rids)
-                     for loss in optimise_conditioning(params.values(), objective, steps=budget.steps, lr=budget.lr)]
+                     for loss in optimise_conditioning(params.values(), objective, steps=budget.steps, lr=budget.lr,
+                                                       cosine=budget.cosine)]
             history = [h + s * len(rids) / len(rows) for h, s in zip(history or [0.0] * len(steps), steps)]
             if discrete:
                 ids_out.append(nearest_ids(params[first], vocab[first], allowed))

@@ -20,11 +20,12 @@ from .esd import ESDU, ESDX, ESDOptions
 from .salun import RL, SalUn
 from .salun_adv import ADVERSARIAL_VARIANTS, AdversarialOptions, SalUnAdv
 from .rece import RECE, RECEOptions
+from .remap import Remap
 from .safree import SAFREE, SAFREEOptions
 from .uce import UCE, UCEOptions
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (SalUn, RL, ESDX, ESDU, ConceptAblation, UCE, SalUnAdv, RECE,
-                                                        SAFREE, FMN, ScissorHands, EraseDiff, ANT, MACE)}
+                                                        SAFREE, FMN, ScissorHands, EraseDiff, ANT, Remap, MACE)}
 # The options dataclasses of every method: the run config inherits their fields (and so their flags).
 OPTIONS = (ESDOptions, CAOptions, UCEOptions, AdversarialOptions, RECEOptions, SAFREEOptions, FMNOptions,
            EraseDiffOptions, ANTOptions, MACEOptions)
