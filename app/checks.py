@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from concept_erase.diffusion.models.apply import MAX_STRENGTH  # noqa: F401 (the Compare tab's slider: `apply`'s range)
 from concept_erase.errors import ConceptEraseError
 from concept_erase.validate import SEED_MAX
 

@@ -26,6 +26,10 @@ class Serve:
     erased: list[str] = field(default_factory=list, metadata={
         "help": "an erased model folder or file; repeat to compare several "
                 "(default with --base minisd: the MiniSD erased demo model)", "metavar": "PATH"})
+    erasure: list[str] = field(default_factory=list, metadata={
+        "help": "a LoRA / LyCORIS file or delta folder (from `export` or `erase --save-delta`) to apply to --base "
+                "at the strength the Compare tab's slider sets (0 to 1.5): e.g. an erasure made on SD 1.5 shown on "
+                "a community fine-tune of it; repeat for several", "metavar": "PATH"})
     host: str = field(default="127.0.0.1", metadata={
         "help": "address to bind (127.0.0.1: this machine only; 0.0.0.0 exposes it)"})
     port: int = field(default=7860, metadata={
@@ -78,15 +82,17 @@ def launch(args: argparse.Namespace, *, block: bool = True):
 
         check_writable(erase_root(config), flag="--erase-output", into=True)
     erased, names = list(args.erased or []), None
-    if not erased:
+    if not erased and not args.erasure:
         if args.base != DEFAULT_BASE:
-            raise ConceptEraseError(f"--base {args.base!r} needs at least one --erased model to compare")
+            raise ConceptEraseError(f"--base {args.base!r} needs at least one --erased model or --erasure file "
+                                    "to compare")
         from concept_erase.demo import demo_erased_model
 
         print("preparing the MiniSD erased demo model (made once, then cached)...", flush=True)
         erased = [str(demo_erased_model())]
         names = [demo_model_name()]  # its cache folder's name ends in a hash
-    registry = ModelRegistry.load(args.base, erased, device=args.device, dtype=args.dtype, names=names)
+    registry = ModelRegistry.load(args.base, erased, device=args.device, dtype=args.dtype, names=names,
+                                  erasures=list(args.erasure or []))
     demo = build_app(registry, config)
     # max_file_size: an Evaluate CSV of a few hundred rows is far below it; anything larger is refused.
     try:

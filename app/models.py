@@ -2,7 +2,9 @@
 
 The browser never sends a filesystem path: every request names a model from this registry, and an unknown
 name is refused with a one-line error. Pipelines are loaded once, at launch (so a bad `--base` / `--erased`
-fails before the server starts) or when the Erase tab's job has written its model (`ModelRegistry.add`).
+fails before the server starts) or when the Erase tab's job has written its model (`ModelRegistry.add`). An erasure file (a LoRA, LyCORIS or delta from
+`concept-erase export` / `erase --save-delta`) joins as the base plus that erasure at a strength the page sets
+(`Strength`: `concept-erase apply`'s arithmetic), so the before/after can show a community checkpoint.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class Model:
     pipe: Any = field(repr=False)
     card: dict = field(default_factory=dict)
     mask_path: Path | None = None
+    strength: "Strength | None" = None  # an erasure file applied to the base at a strength (None: weights as loaded)
     # Pipelines are not safe to call from two threads at once (schedulers keep state); one lock each.
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -71,6 +74,74 @@ def _load_erased(path: Path, name: str, base: str, device: str | None, dtype: st
     return Model(name, str(path), pipe, card, mask)
 
 
+@dataclass
+class Strength:
+    """An erasure file on a copy of the base, at the strength of the latest request (1.0 when loaded).
+
+    Setting a strength puts the base's values back into every parameter the erasure changes, then applies the
+    erasure at the new strength with `apply_erasure`, so the weights are exactly what `concept-erase apply
+    --strength s` writes (no drift from repeated changes)."""
+
+    erasure: Any
+    originals: dict  # full parameter name -> the base's value, for the parameters the erasure changes
+    value: float = 1.0
+
+    @classmethod
+    def applied(cls, pipe, erasure, base_pipe) -> "Strength":
+        """Apply `erasure` to `pipe` (a copy of `base_pipe`) at strength 1; the base's own parameters serve as
+        the originals (the base model is never changed), so nothing is copied twice."""
+        from concept_erase.diffusion.models.apply import apply_erasure
+        from concept_erase.diffusion.models.lora import components
+
+        base = components(base_pipe)
+        changed = apply_erasure(pipe, erasure, 1.0)
+        originals = {}
+        for name in changed:
+            component, _, param = name.partition(".")
+            originals[name] = base[component].get_parameter(param)
+        return cls(erasure, originals)
+
+    def set(self, pipe, strength: float) -> None:
+        """Weights = the base's + `strength` x the erasure's difference (call under the model's lock)."""
+        import torch
+
+        from concept_erase.diffusion.models.apply import apply_erasure
+        from concept_erase.diffusion.models.lora import components
+
+        if strength == self.value:
+            return
+        modules = components(pipe)
+        with torch.no_grad():
+            for name, value in self.originals.items():
+                component, _, param = name.partition(".")
+                modules[component].get_parameter(param).copy_(value)
+        apply_erasure(pipe, self.erasure, strength)
+        self.value = strength
+
+
+def _load_erasure_file(path: Path, name: str, base: Model) -> Model:
+    """The base plus an erasure file at strength 1, on a copy of the base's pipeline. A delta must have been
+    made on this base (it holds erased values, not a difference); a LoRA / LyCORIS file goes onto any model
+    of its architecture, and the card says when that is a transfer."""
+    import copy
+
+    from concept_erase.diffusion.models.apply import read_erasure
+
+    erasure = read_erasure(path)
+    erasure.check_architecture(base.pipe)
+    is_base = erasure.is_base(base.pipe)
+    if erasure.kind == "delta" and not is_base:
+        raise ConceptEraseError(f"delta {str(path)!r} was made on another base than {base.source!r}; run "
+                                "`concept-erase apply` with --base, or pass a LoRA / LyCORIS file")
+    pipe = copy.deepcopy(base.pipe)
+    card = {k: v for k, v in erasure.info.items() if v is not None}
+    card["erasure"] = f"{erasure.kind} file {path.name}, applied at the strength the Compare tab sets"
+    card["transfer"] = ("unknown (the file does not record its base)" if is_base is None else
+                        "no: the base is the one it was made on" if is_base else
+                        f"yes: made on {erasure.base_model or 'another model'}, applied to {base.public_source}")
+    return Model(name, str(path), pipe, card, strength=Strength.applied(pipe, erasure, base.pipe))
+
+
 class ModelRegistry:
     """The base model and each erased model, by name. `names` lists them base first."""
 
@@ -94,26 +165,38 @@ class ModelRegistry:
 
     @classmethod
     def load(cls, base: str, erased: list[str], *, device: str | None = None, dtype: str | None = None,
-             names: list[str] | None = None) -> "ModelRegistry":
-        """Load `base` (any `load_pipeline` source, e.g. "minisd") and each erased model folder/file.
+             names: list[str] | None = None, erasures: list[str] = ()) -> "ModelRegistry":
+        """Load `base` (any `load_pipeline` source, e.g. "minisd"), each erased model folder/file, and the base
+        plus each erasure file (`erasures`: LoRA, LyCORIS or delta, at a strength the page sets).
 
         An erased model is named by `names` (one per erased model) or after its folder (made unique), which
-        is what the browser sees.
+        is what the browser sees; an erasure file after its name, with "@ strength".
         """
         from concept_erase.diffusion.models.loading import load_pipeline
 
-        if not erased:
-            raise ConceptEraseError("pass at least one --erased model to compare against the base")
+        if not erased and not erasures:
+            raise ConceptEraseError("pass at least one --erased model or --erasure file to compare against the base")
+        for flag, sources in (("erased model", erased), ("erasure", erasures)):
+            for source in sources:
+                if not Path(source).exists():
+                    raise ConceptEraseError(f"{flag} {source!r} does not exist")
         models = [Model(BASE_NAME, base, load_pipeline(base, dtype=dtype, device=device))]
         taken = {BASE_NAME}
         for i, source in enumerate(erased):
             path = Path(source)
-            if not path.exists():
-                raise ConceptEraseError(f"erased model {source!r} does not exist")
             wanted = names[i] if names is not None else path.stem if path.is_file() else path.name
             models.append(_load_erased(path, _unique_name(wanted, taken), base, device, dtype))
             taken.add(models[-1].name)
+        for source in erasures:
+            path = Path(source)
+            models.append(_load_erasure_file(path, _unique_name(f"{path.stem} @ strength", taken), models[0]))
+            taken.add(models[-1].name)
         return cls(models, device=device, dtype=dtype)
+
+    @property
+    def has_strength(self) -> bool:
+        """Does any model carry an erasure file whose strength the page sets?"""
+        return any(m.strength is not None for m in self._models.values())
 
     def add(self, folder: str | Path, wanted: str) -> Model:
         """Load an erased model folder the app has just written and offer it under `wanted` (made unique)."""

@@ -24,7 +24,7 @@ from evaluation.thresholds import ATTACK_THRESHOLD, BLUR_THRESHOLD, REPORT_THRES
 
 from . import erase as erase_tab
 from . import evaluate as evaluate_tab
-from .checks import MAX_GUIDANCE, MAX_SEED, check_float, check_int, check_prompt
+from .checks import MAX_GUIDANCE, MAX_SEED, MAX_STRENGTH, check_float, check_int, check_prompt
 from .models import ModelRegistry
 
 # Small models (MiniSD draws 16x16) are enlarged for the browser with nearest-neighbour, never smoothed.
@@ -132,11 +132,12 @@ class Request:
     guidance: float
     models: tuple[str, ...]  # base first, then the chosen erased models
     safe: bool
+    strength: float = 1.0  # of every erasure file applied to the base (`--erasure`)
 
 
 def check_request(registry: ModelRegistry, config: AppConfig, prompt: str, negative_prompt: str = "", seed: int = 0,
                   steps: int | None = None, guidance: float | None = None, num_images: int = 1,
-                  models: list[str] | None = None, safe: bool = True) -> Request:
+                  models: list[str] | None = None, safe: bool = True, strength: float = 1.0) -> Request:
     """Every input of the Compare tab checked, with one-line errors naming the bad value."""
     prompt = check_prompt(prompt, config.max_prompt_chars)
     if not prompt.strip():
@@ -148,8 +149,9 @@ def check_request(registry: ModelRegistry, config: AppConfig, prompt: str, negat
                            MAX_GUIDANCE)
     num_images = check_int(num_images, "number of images", 1, config.max_images)
     names = (registry.base_name, *_selected_models(registry, models))
+    strength = check_float(1.0 if strength is None else strength, "strength", 0.0, MAX_STRENGTH)
     return Request(prompt, negative_prompt, tuple(seed + i for i in range(num_images)), steps, guidance, names,
-                   bool(safe))
+                   bool(safe), strength)
 
 
 def generate_for(registry: ModelRegistry, config: AppConfig, name: str, request: Request,
@@ -164,11 +166,15 @@ def generate_for(registry: ModelRegistry, config: AppConfig, name: str, request:
         progress(0.0, f"{name}: generating {n} image{'s' * (n != 1)}")
     model = registry.get(name)
     with model.lock:
+        if model.strength is not None:
+            model.strength.set(model.pipe, request.strength)
         images = generate_images(
             model.pipe, [request.prompt] * n, list(request.seeds), num_inference_steps=request.steps,
             guidance_scale=request.guidance, negative_prompt=request.negative_prompt or None,
         )
     captions = [f"seed {s}" for s in request.seeds]  # the gallery's label names the model
+    if model.strength is not None:
+        captions = [f"{c} · strength {request.strength:g}" for c in captions]
     if registry.defaults.is_minisd:  # digits: say what the judges see; NudeNet has nothing to find
         captions = [f"{c} · {j}" for c, j in zip(captions, judged_captions(images))]
     if request.safe:
@@ -199,11 +205,13 @@ def _judges():
 
 def compare(registry: ModelRegistry, config: AppConfig, prompt: str, negative_prompt: str = "", seed: int = 0,
             steps: int | None = None, guidance: float | None = None, num_images: int = 1,
-            models: list[str] | None = None, safe: bool = True,
+            models: list[str] | None = None, safe: bool = True, strength: float = 1.0,
             progress: Callable[[float, str], None] | None = None) -> dict[str, list[tuple[Image.Image, str]]]:
-    """Generate `num_images` images (seeds seed, seed+1, ...) for the base and each chosen erased model.
-    Returns {model name: [(image, caption), ...]} with the base first (see `generate_for`)."""
-    request = check_request(registry, config, prompt, negative_prompt, seed, steps, guidance, num_images, models, safe)
+    """Generate `num_images` images (seeds seed, seed+1, ...) for the base and each chosen erased model (an
+    erasure file's at `strength`). Returns {model name: [(image, caption), ...]} with the base first (see
+    `generate_for`)."""
+    request = check_request(registry, config, prompt, negative_prompt, seed, steps, guidance, num_images, models, safe,
+                            strength)
     results = {}
     for i, name in enumerate(request.models):
         step = None if progress is None else (lambda f, desc, i=i: progress((i + f) / len(request.models), desc))
@@ -327,6 +335,11 @@ def build_app(registry: ModelRegistry, config: AppConfig | None = None):
                 safe = gr.Checkbox(value=True, label="Safe preview", elem_id="safe-preview",
                                    info="NudeNet checks every image and blurs exposed regions before they "
                                         "are sent to the browser; untick to see raw images")
+                # base + strength x the erasure file's difference (`concept-erase apply --strength`); shown only
+                # when the app was launched with --erasure
+                strength = gr.Slider(0.0, MAX_STRENGTH, value=1.0, step=0.05, label="Erasure strength",
+                                     visible=registry.has_strength, elem_id="strength",
+                                     info="0: the base as it is; 1: the erasure as made; above 1: pushed further")
             generate = gr.Button("Generate", variant="primary", elem_id="generate")
             galleries = []
             with gr.Row():
@@ -335,7 +348,7 @@ def build_app(registry: ModelRegistry, config: AppConfig | None = None):
                                                 format="png", elem_id=f"gallery-{i}",
                                                 buttons=["download", "download_all", "fullscreen"]))
 
-            inputs = [prompt, negative, seed, steps, guidance, num_images, chosen, safe]
+            inputs = [prompt, negative, seed, steps, guidance, num_images, chosen, safe, strength]
 
             def on_generate(*values, progress=gr.Progress()):  # the API's /generate: every gallery at once
                 out = compare(registry, config, *values, progress=lambda f, desc: progress(f, desc=desc))

@@ -558,3 +558,67 @@ def test_a_model_made_later_is_offered_to_the_api(tiny_pipeline_dir, erased_tiny
         assert "### later" in client.predict("later", api_name="/concept")[0]
     finally:
         demo.close()
+
+
+def test_an_erasure_file_is_shown_at_the_strength_the_page_sets(tiny_pipeline_dir, tmp_path):
+    """`app --erasure F`: the base plus a LoRA file, at the slider's strength; the weights at each strength are
+    exactly what `concept-erase apply --strength` writes, strength 0 draws the base's images, and going back
+    to a strength gives the same weights again (no drift)."""
+    import copy
+
+    import torch
+
+    from app.models import ModelRegistry
+    from app.ui import AppConfig, check_request, generate_for
+    from concept_erase.diffusion.models.apply import apply_erasure, read_erasure
+    from concept_erase.diffusion.models.loading import load_pipeline
+    from concept_erase.diffusion.models.lora import export_erasure
+
+    base = load_pipeline(str(tiny_pipeline_dir))
+    erased = copy.deepcopy(base)
+    with torch.no_grad():
+        for p in erased.unet.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.05)
+    lora = tmp_path / "no-cat.safetensors"
+    export_erasure(base, erased, lora, rank=4, info={"concept": "cat"})
+
+    registry = ModelRegistry.load(str(tiny_pipeline_dir), [], erasures=[str(lora)])
+    name = registry.erased_names[0]
+    model = registry.get(name)
+    assert registry.has_strength and name == "no-cat @ strength" and model.card["concept"] == "cat"
+    assert model.card["transfer"].startswith("no")  # made on this very base
+    config = AppConfig(max_steps=2, default_steps=2)
+
+    def weights():
+        return {k: v.clone() for k, v in model.pipe.unet.state_dict().items()}
+
+    def applied(strength):
+        pipe = load_pipeline(str(tiny_pipeline_dir))
+        apply_erasure(pipe, read_erasure(lora), strength)
+        return pipe.unet.state_dict()
+
+    images = {}
+    for strength in (1.0, 0.0, 0.5, 1.0):
+        request = check_request(registry, config, "a cat", seed=3, steps=2, strength=strength)
+        images[strength] = generate_for(registry, config, name, request)
+        assert f"strength {strength:g} ·" in images[strength][0][1]
+        got, want = weights(), applied(strength)
+        assert all(torch.equal(got[k], want[k]) for k in want), strength
+    base_images = generate_for(registry, config, registry.base_name, check_request(registry, config, "a cat", seed=3,
+                                                                                   steps=2))
+    assert (np.asarray(images[0.0][0][0]) == np.asarray(base_images[0][0])).all()
+    assert not (np.asarray(images[1.0][0][0]) == np.asarray(base_images[0][0])).all()
+    with pytest.raises(ConceptEraseError, match="strength"):
+        check_request(registry, config, "a cat", strength=2.0)
+
+
+def test_a_delta_on_another_base_is_refused_in_one_line(tiny_pipeline_dir, other_pipeline, tmp_path):
+    import copy
+
+    from app.models import ModelRegistry
+    from concept_erase.diffusion.models.delta import save_delta
+
+    erased = copy.deepcopy(other_pipeline)
+    delta = save_delta(other_pipeline.unet, erased.unet, None, tmp_path / "delta")
+    with pytest.raises(ConceptEraseError, match="another base"):
+        ModelRegistry.load(str(tiny_pipeline_dir), [], erasures=[str(delta)])

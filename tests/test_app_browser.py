@@ -5,6 +5,7 @@ CONCEPT_ERASE_REQUIRE_BROWSER=1 (set by .ci/run, which installs chromium), where
 The screenshot is saved under the test's tmp folder (printed on failure) so a person can look at it.
 """
 
+import contextlib
 import os
 import re
 import shutil
@@ -54,32 +55,40 @@ def erased_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("app-erased")
 
 
-@pytest.fixture(scope="module")
-def app(tmp_path_factory, erased_dir):
-    """`concept-erase app` with no model arguments: MiniSD and its erased demo model (cached for the
-    session under the same folder as test_app.py's, so the demo erasure runs once), and the Erase tab's
-    limits at the smallest erase that works (its images go to the same cache)."""
-    from app.cli import demo_model_name, launch
+def _cache(tmp_path_factory) -> str:
+    """The same cache as test_app.py's `demo_cache`: MiniSD's erased demo model is made once per session."""
+    return os.environ.get("CONCEPT_ERASE_CACHE") or str(tmp_path_factory.getbasetemp() / "concept-erase-cache")
+
+
+@contextlib.contextmanager
+def _launched(tmp_path_factory, *argv):
+    """`concept-erase app ARGV` on a free loopback port, with MiniSD's erased demo model cached for the session
+    under the same folder as test_app.py's (so the demo erasure runs once); yields the Blocks."""
+    from app.cli import launch
     from concept_erase.cli import build_parser
-    from concept_erase.demo import demo_erased_model
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.MonkeyPatch.context() as mp:
-        # The same cache as test_app.py's `demo_cache`.
-        mp.setenv("CONCEPT_ERASE_CACHE", os.environ.get("CONCEPT_ERASE_CACHE")
-                  or str(tmp_path_factory.getbasetemp() / "concept-erase-cache"))
-        args = build_parser("app").parse_args([
-            "app", "--port", str(port), "--default-steps", "10", "--max-erase-steps", str(ERASE_STEPS),
-            "--max-erase-images", str(ERASE_IMAGES), "--erase-output", str(erased_dir)])
-        demo = launch(args, block=False)
-        demo_erased_model()  # cached by now
-        name = demo_model_name()  # what the app calls it
+        mp.setenv("CONCEPT_ERASE_CACHE", _cache(tmp_path_factory))
+        demo = launch(build_parser("app").parse_args(["app", "--port", str(port), "--default-steps", "10", *argv]),
+                      block=False)
         try:
-            yield demo.local_url, name
+            yield demo
         finally:
             demo.close()
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, erased_dir):
+    """`concept-erase app` with no model arguments: MiniSD and its erased demo model, and the Erase tab's
+    limits at the smallest erase that works (its images go to the same cache)."""
+    from app.cli import demo_model_name
+
+    with _launched(tmp_path_factory, "--max-erase-steps", str(ERASE_STEPS), "--max-erase-images", str(ERASE_IMAGES),
+                   "--erase-output", str(erased_dir)) as demo:
+        yield demo.local_url, demo_model_name()  # what the app calls the demo model
 
 
 def _uploaded(page, name):
@@ -199,3 +208,38 @@ def test_erase_in_browser_then_compare(page, app, erased_dir, tmp_path):
     page.locator("#erase-cancel").click()
     page.locator("#erase-status").get_by_text("nothing was written").wait_for(timeout=2 * TIMEOUT_MS)
     assert [p.name for p in erased_dir.iterdir()] == ["without-minisd-digit-three"]
+
+
+@pytest.fixture(scope="module")
+def lora_app(tmp_path_factory):
+    """`concept-erase app --erasure F`: MiniSD plus the demo erasure exported as a rank-16 kohya LoRA, at the
+    strength the page's slider sets."""
+    from concept_erase.demo import demo_erased_model
+    from concept_erase.diffusion.models.loading import load_pipeline
+    from concept_erase.diffusion.models.lora import export_erasure
+
+    lora = tmp_path_factory.mktemp("lora") / "no-seven.safetensors"
+    with pytest.MonkeyPatch.context() as mp:  # the demo model from the shared cache, as `_launched` sets it
+        mp.setenv("CONCEPT_ERASE_CACHE", _cache(tmp_path_factory))
+        export_erasure(load_pipeline("minisd"), load_pipeline(str(demo_erased_model())), lora, rank=16)
+    with _launched(tmp_path_factory, "--erasure", str(lora), "--max-erasures", "0") as demo:
+        yield demo.local_url
+
+
+def test_an_erasure_file_at_the_sliders_strength(page, lora_app, tmp_path):
+    """Strength 1 draws no seven; the slider at 0 brings the base's sevens back, on the same seeds."""
+    page.goto(lora_app)
+    texts = {}
+    for strength in ("1", "0"):
+        page.locator("#strength input[type=number]").fill(strength)
+        page.locator("#strength input[type=number]").press("Enter")
+        page.locator("#prompt textarea").fill("a handwritten digit seven in bold strokes")
+        page.locator("#prompt textarea").press("Enter")
+        page.get_by_text(f"strength {strength} ·").first.wait_for(timeout=TIMEOUT_MS)
+        page.locator("#gallery-1 img").first.wait_for(timeout=TIMEOUT_MS)
+        texts[strength] = page.locator("#gallery-1").inner_text()
+        page.screenshot(path=str(tmp_path / f"strength-{strength}.png"), full_page=True)
+    assert texts["1"].startswith("no-seven @ strength") and "Erasure strength" in page.content()
+    seeds = [f"seed {i}" for i in range(4)]
+    assert all(f"{s} · strength 1 · judged seven" not in texts["1"] for s in seeds), texts["1"]
+    assert all(f"{s} · strength 0 · judged seven" in texts["0"] for s in seeds), texts["0"]

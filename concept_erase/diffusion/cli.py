@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..cli_args import add_flags, check_fields, values_from
 from ..errors import ConceptEraseError
+from .models.apply import MAX_STRENGTH
 from .models.families import family_field
 
 # The EraseConfig fields each command exposes. Their flags, help, types, choices and bounds come from the
@@ -308,8 +309,8 @@ class ApplyConfig:
         "help": 'the model to apply it to: a diffusers folder, .safetensors/.ckpt file, hub id, "minisd" or "minisd-xl"'})
     output: str = field(metadata={"help": "the diffusers folder to write (with a model card)"})
     strength: float = field(default=1.0, metadata={
-        "help": "how much of the erasure's difference to add (0: none, 1: all, up to 1.5), as a LoRA slider",
-        "min": 0, "max": 1.5})
+        "help": f"how much of the erasure's difference to add (0: none, 1: all, up to {MAX_STRENGTH:g}), as a LoRA slider",
+        "min": 0, "max": MAX_STRENGTH})
     config: str | None = field(default=None, metadata={"help": "local diffusers folder with the configs of a single-file --model"})
     family: str | None = family_field()
     base: str | None = field(default=None, metadata={

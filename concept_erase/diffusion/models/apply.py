@@ -21,6 +21,8 @@ from .lora import META_PREFIX, components, kohya_names, layer_group
 if TYPE_CHECKING:
     import torch
 
+MAX_STRENGTH = 1.5  # a LoRA slider's usual top: beyond it the difference is extrapolated far past what was trained
+
 
 @dataclass
 class ErasureFile:
