@@ -14,7 +14,7 @@ prompts judged as their digit and style; FID on the digit judge's 128-d features
 against MiniSD's on the same seeds (only comparable within this table); energy = the share of the difference's
 squared norm the file holds; size = the file against the full checkpoint (UNet, VAE, text encoder at fp16).
 
-    HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 python benchmarks/lora_minisd.py --out benchmarks/results/lora_minisd.md
+    HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 python benchmarks/lora_minisd.py [--model minisd-xl]   # -> results/lora_<model>.md
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import torch
 
 from concept_erase.concepts import get_concept
 from concept_erase.diffusion.methods.uce import uce_edit
+from concept_erase.diffusion.minisd import MINISD_MODELS
 from concept_erase.diffusion.minisd.experiment import MASK_BATCH_SIZE, make_latent_sets
 from concept_erase.diffusion.minisd.judge import load_judges
 from concept_erase.diffusion.models.loading import load_pipeline
@@ -68,8 +69,12 @@ def add_recipe_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def model_name(args) -> str:
+    return "MiniSD-XL" if args.model == "minisd-xl" else "MiniSD"
+
+
 def with_lora(base, path: Path, strength: float = 1.0):
-    """MiniSD with the LoRA file fused through diffusers, as a diffusers user loads it."""
+    """The base with the LoRA file fused through diffusers, as a diffusers user loads it."""
     pipe = copy.deepcopy(base)
     pipe.load_lora_weights(str(path))
     pipe.fuse_lora(lora_scale=strength)
@@ -87,8 +92,12 @@ def main(argv=None) -> int:
     add_recipe_flags(p)
     p.add_argument("--eval-forget", type=int, default=15, help="judged forget-prompt images (default 15)")
     p.add_argument("--eval-retain-seeds", type=int, default=1, help="judged images per retain prompt (default 1)")
-    p.add_argument("--out", default="benchmarks/results/lora_minisd.md", help="Markdown output (replaced)")
+    p.add_argument("--model", default="minisd", choices=MINISD_MODELS,
+                   help="minisd (SD 1.x architecture) or minisd-xl (SDXL: two text encoders, SGM LoRA names)")
+    p.add_argument("--out", default=None, help="Markdown output (replaced; default "
+                                                "benchmarks/results/lora_<model>.md)")
     args = p.parse_args(argv)
+    args.out = args.out or f"benchmarks/results/lora_{args.model.replace('-', '_')}.md"
     methods = [m.strip() for m in args.methods.split(",")]
     ranks = [int(r) for r in args.ranks.split(",")]
     energies = [float(e) for e in args.energies.split(",")]
@@ -96,10 +105,10 @@ def main(argv=None) -> int:
 
     start = time.perf_counter()
     concept = get_concept(args.concept)
-    base = load_pipeline("minisd")
+    base = load_pipeline(args.model)
     evaluate = Evaluator(base, concept, load_judges(), args.eval_forget, args.eval_retain_seeds)
     forget, retain = make_latent_sets(base, concept, args.num_forget, args.num_retain, seed=args.seed)
-    rows = [{"method": "MiniSD", "file": "none", **evaluate(base)}]
+    rows = [{"method": model_name(args), "file": "none", **evaluate(base)}]
     print(json.dumps(rows[-1]), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         for name in methods:
@@ -138,7 +147,7 @@ def main(argv=None) -> int:
 
 def tables(args, command: str, rows: list[dict], seconds: float) -> list[str]:
     pct = lambda v: f"{100 * v:.0f}"  # noqa: E731
-    lines = ["# Erasure as a LoRA on MiniSD", "", f"Command: `{command}`", "",
+    lines = [f"# Erasure as a LoRA on {model_name(args)}", "", f"Command: `{command}`", "",
              f"Concept {args.concept}; erasures: {args.steps} steps, lr {args.lr:g}, batch {args.batch_size} + "
              f"{args.batch_size}, alpha {args.alpha:g} (ESD: 0, {args.esd_ddim_steps} DDIM steps), UCE closed form; "
              f"{args.num_forget} forget / {args.num_retain} retain images; seed {args.seed}. Evaluation: 25 DDIM "
@@ -148,7 +157,7 @@ def tables(args, command: str, rows: list[dict], seconds: float) -> list[str]:
              f"apply`'s code. One seed: a difference of a few images (3 points of forget) is noise. torch "
              f"{torch.__version__}, {torch.get_num_threads()} thread(s), {seconds / 60:.1f} min in all.", ""]
     original = rows[0]
-    lines += [f"MiniSD itself: forget {pct(original['forget_acc'])}%, retain {pct(original['retain_acc'])}%.", "",
+    lines += [f"{model_name(args)} itself: forget {pct(original['forget_acc'])}%, retain {pct(original['retain_acc'])}%.", "",
               "## Rank and energy", "",
               "| method | file | mean rank | energy kept | size (% of the fp16 checkpoint) | forget % | retain % | FID |",
               "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
