@@ -8,10 +8,15 @@ Safe defaults: binds 127.0.0.1 unless --host says otherwise; no public share lin
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
 from dataclasses import dataclass, field
 
 from concept_erase.cli_args import add_flags, check_fields, values_from
 from concept_erase.errors import ConceptEraseError
+from concept_erase.logs import finish
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_BASE = "minisd"
 
@@ -88,7 +93,7 @@ def launch(args: argparse.Namespace, *, block: bool = True):
                                     "to compare")
         from concept_erase.demo import demo_erased_model
 
-        print("preparing the MiniSD erased demo model (made once, then cached)...", flush=True)
+        logger.info("preparing the MiniSD erased demo model (made once, then cached)...")  # stdout: the summary
         erased = [str(demo_erased_model())]
         names = [demo_model_name()]  # its cache folder's name ends in a hash
     registry = ModelRegistry.load(args.base, erased, device=args.device, dtype=args.dtype, names=names,
@@ -104,10 +109,15 @@ def launch(args: argparse.Namespace, *, block: bool = True):
         if "empty port" in str(err):
             raise ConceptEraseError(f"port {args.port} on {args.host} is in use; choose another with --port") from None
         raise ConceptEraseError(f"cannot serve on {args.host}:{args.port}: {str(err).splitlines()[0]}") from None
+    # Its launch line is the app's summary; with --json, the record a script needs to reach it (it then serves on).
     where = "this machine only; --host 0.0.0.0 to expose it" if args.host == "127.0.0.1" else f"bound to {args.host}"
-    print(f"concept-erase app: {demo.local_url} ({where})", flush=True)
+    lines = [f"concept-erase app: {demo.local_url} ({where})"]
     if demo.share_url:
-        print(f"concept-erase app: public link {demo.share_url}", flush=True)
+        lines.append(f"concept-erase app: public link {demo.share_url}")
+    finish(args, lines, {"url": demo.local_url, "share_url": demo.share_url, "base": registry.base_name,
+                         "models": registry.names},
+           next_command=f"open {demo.local_url} in a browser (Ctrl-C stops the app)")
+    sys.stdout.flush()  # a script waiting for the URL reads it now, while the app serves on
     if block:
         demo.block_thread()  # until Ctrl-C
     return demo

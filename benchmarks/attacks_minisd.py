@@ -9,12 +9,17 @@ retain accuracy (the other prompts judged as their digit and style) and FID on t
 the original model's images, as `erasure_minisd.py` measures them.
 
 Two reference models show what the attacks can do at all:
-- "prompt-only (token remap)": the text encoder's embedding of the token "seven" is overwritten with that of
-  "one", so no prompt with the word reaches seven while the UNet is untouched: the concept is unreachable by
-  prompt but not gone. An attack that cannot recover it there cannot recover anything;
+- the remap control, the project's calibration (docs/PROTOCOLS.md, "Calibration against a control"): MiniSD with
+  the concept's token read as its surrogate's ("seven" as "eight", `erase --method remap`), the UNet untouched,
+  attacked at the same budgets, rows and seeds by the same code `attack` runs (`run.attack_control`). The concept
+  is unreachable by prompt but still in the weights: an attack that recovers it there on fewer than 95% of the
+  rows is uncalibrated, and its ASR on an erased model is only a lower bound;
 - the original model (its Pre-ASR is the detector's hit rate on undamaged images).
 
-    HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE python benchmarks/attacks_minisd.py --out benchmarks/results/attacks_minisd.md
+The budgets are `attack`'s defaults (evaluation/attacks/budgets.py) unless a `--<attack>-steps` flag is given.
+
+    HF_HUB_OFFLINE=1 OMP_WAIT_POLICY=PASSIVE python benchmarks/attacks_minisd.py --methods SalUn,RL,SalUn-Adv \
+        --out benchmarks/results/attacks_minisd.md
 """
 
 from __future__ import annotations
@@ -26,9 +31,9 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 from concept_erase.concepts import get_concept
+from concept_erase.diffusion.methods.remap import remapped_copy
 from concept_erase.diffusion.training.loop import train_unet
 from concept_erase.diffusion.training.mask_pass import compute_mask
 from concept_erase.diffusion.models.loading import load_pipeline
@@ -36,25 +41,16 @@ from concept_erase.diffusion.methods import METHODS as REGISTERED_METHODS
 from concept_erase.diffusion.minisd.experiment import MASK_BATCH_SIZE, make_latent_sets
 from concept_erase.diffusion.minisd.judge import load_judges
 from erasure_minisd import Evaluator, train_config, write_results  # the erasure benchmark's parts
-from evaluation.attacks import ATTACK_NAMES
 from evaluation.attacks.budgets import make_budget
 from evaluation.attacks.detectors import detector_for
-from evaluation.attacks.run import concept_rows, run_attacks
+from evaluation.attacks.run import CALIBRATED_MIN, attack_control, concept_rows, run_attacks
 from evaluation.generation import make_protocol
 
-REMAP = "prompt-only (token remap)"
+REMAP = "remap control (the ceiling)"
 ORIGINAL = "original MiniSD"
 # table name -> the erase method; the mask is computed for the methods that use one
 METHODS = {"SalUn": "salun", "RL": "rl", "ESD-x": "esd-x", "ESD-u": "esd-u", "SalUn-Adv": "salun-adv"}
 MASKED = {"salun", "salun-adv"}
-
-
-def remap_token(pipe, word: str, to: str) -> None:
-    """Prompt-only erasure: the input embedding of `word` becomes that of `to` (the UNet is untouched)."""
-    ids = [pipe.tokenizer(w, add_special_tokens=False).input_ids[0] for w in (word, to)]
-    weight = pipe.text_encoder.get_input_embeddings().weight
-    with torch.no_grad():
-        weight[ids[0]] = weight[ids[1]]
 
 
 def main(argv=None) -> int:
@@ -72,9 +68,8 @@ def main(argv=None) -> int:
     p.add_argument("--num-retain", type=int, default=216)
     p.add_argument("--eval-forget", type=int, default=30, help="judged forget-prompt images")
     p.add_argument("--eval-retain-seeds", type=int, default=2, help="judged images per retain prompt")
-    p.add_argument("--inversion-steps", type=int, default=150)
-    p.add_argument("--unlearndiffatk-steps", type=int, default=40)
-    p.add_argument("--embedding-steps", type=int, default=60)
+    for attack in ("inversion", "unlearndiffatk", "embedding"):
+        p.add_argument(f"--{attack}-steps", type=int, default=None, help=f"{attack} steps (default: attack's)")
     p.add_argument("--out", default="benchmarks/results/attacks_minisd.md", help="Markdown output (replaced)")
     p.add_argument("--tabulate", nargs="+", metavar="FILE", default=None,
                    help="no runs: build the tables from the JSON result lines in these files (the .jsonl of "
@@ -90,7 +85,7 @@ def main(argv=None) -> int:
     budgets = {"inversion": make_budget("inversion", steps=args.inversion_steps),
                "unlearndiffatk": make_budget("unlearndiffatk", steps=args.unlearndiffatk_steps),
                "ringabell": make_budget("ringabell"),
-               "embedding": make_budget("embedding", steps=args.embedding_steps)}
+               "embedding": make_budget("embedding", steps=args.embedding_steps)}  # None: the default
     if args.tabulate:
         results = [json.loads(line) for f in args.tabulate for line in Path(f).read_text().splitlines()
                    if line.startswith("{")]
@@ -132,6 +127,13 @@ def run(args, seeds, eval_seeds, available, budgets) -> list[dict]:
         print(json.dumps(row), flush=True)
 
     for seed in seeds:
+        # The calibration first: `attack`'s own control at these budgets, rows and attack seed.
+        control = attack_control(base, concept, rows, budgets, detector, protocol=protocol, seed=seed,
+                                 log=lambda line: print(f"[{REMAP} seed {seed}] {line}", flush=True))
+        row = {"model": REMAP, "seed": seed, "erase_s": None, **evaluate(remapped_copy(base, concept)[0]),
+               "pre_asr": control["pre_asr"], **{f"asr_{a}": v for a, v in control["attacks"].items()}}
+        results.append(row)
+        print(json.dumps(row), flush=True)
         forget, retain = make_latent_sets(base, concept, args.num_forget, args.num_retain, seed=seed)
         for name in available:
             method = METHODS[name]
@@ -143,9 +145,6 @@ def run(args, seeds, eval_seeds, available, budgets) -> list[dict]:
             train_unet(pipe, forget, retain, config, mask=mask)
             attack(name, pipe, seed, time.perf_counter() - t0)
         pipe.unet.load_state_dict(base_state)
-        remapped = load_pipeline("minisd")
-        remap_token(remapped, concept.forget_prompts[0].split()[3], concept.surrogate_prompts[0].split()[3])
-        attack(REMAP, remapped, seed, None)
     return results
 
 
@@ -173,7 +172,7 @@ def write_tables(args, command: str, rows: list[dict], seeds, eval_seeds, availa
     if skipped:
         lines += [f"Not run (method not available in this build): {', '.join(skipped)}.", ""]
     header = ["model", "erase s", "forget acc %", "retain acc %", "FID (judge)", "Pre-ASR %",
-              *[f"ASR {a} %" for a in ATTACK_NAMES]]
+              *[f"ASR {a} %" for a in budgets]]
     lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
 
     def ms(sel, key, scale=1.0):
@@ -187,10 +186,19 @@ def write_tables(args, command: str, rows: list[dict], seeds, eval_seeds, availa
         erase_s = [r["erase_s"] for r in sel if r["erase_s"] is not None]
         cells = [f"{statistics.mean(erase_s):.0f}" if erase_s else "-", ms(sel, "forget_acc", 100),
                  ms(sel, "retain_acc", 100), ms(sel, "fid"), ms(sel, "pre_asr")]
-        cells += [f"{ms(sel, f'asr_{a}')} ({statistics.mean(r[f'alone_{a}'] for r in sel):.0f})" for a in ATTACK_NAMES]
+        cells += [ms(sel, f"asr_{a}") + (f" ({statistics.mean(r[f'alone_{a}'] for r in sel):.0f})"
+                                         if name != REMAP else "") for a in budgets]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    mean_s = {a: statistics.mean(r["attack_s"][a] for r in results) for a in ATTACK_NAMES}
-    lines += ["", "Mean attack time per model (s, the machine shared with other jobs): "
+    control = [r for r in results if r["model"] == REMAP]
+    if control:
+        recovered = {a: statistics.mean(r[f"asr_{a}"] for r in control) for a in budgets}
+        lines += ["", f"Calibrated at these budgets (the control recovered on at least {CALIBRATED_MIN:g}% of the "
+                  "rows): " + (", ".join(a for a, v in recovered.items() if v >= CALIBRATED_MIN) or "none")
+                  + ". Uncalibrated, their ASR only a lower bound: "
+                  + (", ".join(f"{a} ({v:.1f}%)" for a, v in recovered.items() if v < CALIBRATED_MIN) or "none") + "."]
+    attacked = [r for r in results if "attack_s" in r]
+    mean_s = {a: statistics.mean(r["attack_s"][a] for r in attacked) for a in budgets} if attacked else {}
+    lines += ["", "Mean attack time per erased model (s, the machine shared with other jobs): "
               + ", ".join(f"{a} {v:.0f}" for a, v in mean_s.items()) + ".",
               f"Wall time of this {'tabulation' if args.tabulate else 'run'}: {seconds:.0f} s.", ""]
     write_results(args.out, lines, rows)

@@ -149,20 +149,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def run_benchmark(args, run_seed, table) -> None:
+    """The untouched MiniSD judged, then `run_seed(pipe, base_state, judges, recipe, seed, args)` (its rows) for
+    each seed of args.seeds, the demo's recipe; writes `table(rows, original, args, recipe, wall s, CPU s)`."""
     start, cpu = time.perf_counter(), time.process_time()
     recipe = DemoConfig()
     judges = load_judges()
     pipe = load_pipeline("minisd")
     base_state = copy.deepcopy(pipe.unet.state_dict())
     original = judged(pipe, judges, recipe.digit, args.eval_seeds)
-    print(json.dumps({"mask": None, **original}), flush=True)
+    print(json.dumps({"untouched": True, **original}), flush=True)
     rows = []
     for seed in args.seeds:
         rows += run_seed(pipe, base_state, judges, recipe, seed, args)
     write_results(args.out, table(rows, original, args, recipe, time.perf_counter() - start,
-                                        time.process_time() - cpu), rows)
+                                  time.process_time() - cpu), rows)
+
+
+def main(argv=None) -> int:
+    run_benchmark(parse_args(argv), run_seed, table)
     return 0
 
 

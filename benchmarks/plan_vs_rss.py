@@ -21,6 +21,12 @@ only; the pipeline moved to the GPU, as `erase` does). For the 16 GB target (Sal
 
     python benchmarks/plan_vs_rss.py --skeleton PATH/TO/sd15-skeleton
 
+With `--mask` the run is given a mask made beforehand (as `erase --mask`), so the training step is the peak,
+and a second table isolates what each memory setting (gradient release, bf16 weights with fp32 salient
+entries, bf16 with stochastic rounding) adds or saves against plain salun, planned and measured:
+
+    python benchmarks/plan_vs_rss.py --skeleton PATH/TO/sd15-skeleton --mask
+
 Run it with nothing else busy (other processes do not change RSS, but they make it slow).
 """
 
@@ -58,8 +64,18 @@ SETTINGS = {  # name -> PlanConfig / TrainConfig fields
     "salun + checkpointing + 8 micro-batches": {"method": "salun", "gradient_checkpointing": True,
                                                  "gradient_accumulation_steps": 8},
     "salun + bf16 + 8 micro-batches": {"method": "salun", "mixed_precision": "bf16", "gradient_accumulation_steps": 8},
+    # the memory settings of layout.py: what each one adds or saves against "salun"
+    "salun + grad release": {"method": "salun", "grad_release": True},
+    "salun + bf16 weights + fp32 salient": {"method": "salun", "mixed_precision": "bf16",
+                                            "master_weights": "salient-fp32"},
+    "salun + bf16 weights + stochastic rounding": {"method": "salun", "mixed_precision": "bf16",
+                                                   "master_weights": "bf16-stochastic"},
 }
-DEFAULT_SETTINGS = list(SETTINGS)[:6]  # the rest need a batch divisible by 8
+BATCH_OF_8 = [name for name in SETTINGS if "8 micro-batches" in name]
+DEFAULT_SETTINGS = [name for name in SETTINGS if name not in BATCH_OF_8]
+# --mask: the training step is the peak, so each memory setting's bytes show against plain salun
+MASK_SETTINGS = ["salun", "salun + grad release", "salun + bf16 weights + fp32 salient",
+                 "salun + bf16 weights + stochastic rounding"]
 
 
 def build_folder(skeleton: Path, width: float, out: Path) -> None:
@@ -81,7 +97,8 @@ def build_folder(skeleton: Path, width: float, out: Path) -> None:
     pipe.save_pretrained(out)
 
 
-def plan_all(folder: str, names: list[str], batch: int, resolution: int, n_forget: int, device: str, queue) -> None:
+def plan_all(folder: str, names: list[str], batch: int, resolution: int, n_forget: int, device: str, given_mask: bool,
+             queue) -> None:
     """In a fresh process, as `concept-erase plan` runs: every setting's plan, the process term measured once."""
     from concept_erase.diffusion.memory import load_counts, measure_process
     from concept_erase.diffusion.plan import PlanConfig, estimate
@@ -89,13 +106,14 @@ def plan_all(folder: str, names: list[str], batch: int, resolution: int, n_forge
     counts = load_counts(folder)
     measure_process(counts, folder)
     plans = [estimate(PlanConfig(model=folder, batch_size=batch, resolution=resolution, num_forget_images=n_forget,
-                                 device=device, **SETTINGS[name]), counts) for name in names]
+                                 device=device, mask="given" if given_mask else None, **SETTINGS[name]), counts)
+             for name in names]
     weights = 4 * sum(counts.components.values())
     queue.put(([(p.peak, p.process, p.peak_phase) for p in plans], dict(counts.components), weights))
 
 
 def measure(folder: str, settings: dict, batch: int, resolution: int, steps: int, n_forget: int, device: str,
-            queue) -> None:
+            given_mask: bool, queue) -> None:
     """In a fresh process: the peak over loading the model, the mask pass and training. CPU: (peak RSS, peak
     RSS growth above the RSS once the weights are loaded); CUDA: (max allocated, the same above the weights)."""
     import accelerate  # noqa: F401
@@ -141,7 +159,11 @@ def measure(folder: str, settings: dict, batch: int, resolution: int, steps: int
                        ["a photo of a person wearing clothes"] * n_forget)
     retain = LatentSet(torch.randn(n_forget, 4, size, size, generator=g), ["a photo of a person"] * n_forget)
     mask = None
-    if config.method == "salun":
+    if config.method == "salun" and given_mask:  # as erase --mask: a mask file's bool tensors, no mask pass
+        from concept_erase.saliency import SaliencyMask
+
+        mask = SaliencyMask.random(pipe.unet, 0.5, seed=0)
+    elif config.method == "salun":
         mask = compute_mask(pipe, forget, 0.5, batch_size=mask_batch(config),
                             gradient_checkpointing=config.gradient_checkpointing)
     train_unet(pipe, forget, retain if config.alpha > 0 else None, config, mask=mask)
@@ -161,9 +183,14 @@ def main(argv=None) -> int:
     p.add_argument("--forget-images", type=int, default=4, help="forget set of the mask pass")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cpu: against peak RSS; cuda: against torch.cuda.max_memory_allocated")
-    p.add_argument("--settings", default=",".join(DEFAULT_SETTINGS),
-                   help="comma-separated subset of: " + ", ".join(SETTINGS))
+    p.add_argument("--settings", default=None,
+                   help="comma-separated subset of: " + ", ".join(SETTINGS) + " (default: all but the batch-of-8 "
+                        "ones; with --mask: " + ", ".join(MASK_SETTINGS) + ")")
+    p.add_argument("--mask", action="store_true",
+                   help="a mask made beforehand (as erase --mask): no mask pass, the training step is the peak, and "
+                        "a second table shows what each setting adds or saves against plain salun")
     args = p.parse_args(argv)
+    args.settings = args.settings or ",".join(MASK_SETTINGS if args.mask else DEFAULT_SETTINGS)
     names = [s.strip() for s in args.settings.split(",")]
     unknown = [n for n in names if n not in SETTINGS]
     if unknown:
@@ -185,10 +212,10 @@ def main(argv=None) -> int:
         build.start()
         build.join()
         plans, components, weights = in_fresh_process(plan_all, folder, names, args.batch_size, args.resolution,
-                                                      args.forget_images, args.device)
+                                                      args.forget_images, args.device, args.mask)
         for name, (peak, process, phase) in zip(names, plans):
             measured, beyond = in_fresh_process(measure, folder, SETTINGS[name], args.batch_size, args.resolution,
-                                                args.steps, args.forget_images, args.device)
+                                                args.steps, args.forget_images, args.device, args.mask)
             plan = peak + (process if args.device == "cpu" else 0)
             rows.append((name, peak, process, plan, measured, peak - weights, beyond, phase))
             print(json.dumps({"setting": name, "plan": plan, "measured": measured, "beyond": beyond}), flush=True)
@@ -196,7 +223,7 @@ def main(argv=None) -> int:
     print(f"\nSD-1.5-shaped pipeline, UNet at {args.width:g} of SD 1.5's width ({components['unet'] / 1e6:.1f}M "
           f"parameters; {sum(components.values()) / 1e6:.1f}M in all, {weights / 2**30:.2f} GiB of fp32 weights), "
           f"{args.resolution} px, batch {args.batch_size}, mask pass over {args.forget_images} images + {args.steps} "
-          f"steps, {args.device}\n")
+          f"steps, {args.device}" + (", a mask made beforehand (no mask pass)" if args.mask else "") + "\n")
     what = "peak RSS" if args.device == "cpu" else "max allocated"
     print(f"| setting | plan: tensors + process = total (MiB) | measured {what} (MiB) | plan / measured | beyond "
           f"the weights: plan / measured (MiB) | ratio | plan's peak phase |\n"
@@ -205,6 +232,16 @@ def main(argv=None) -> int:
         print(f"| {name} | {mib(peak)} + {mib(process if args.device == 'cpu' else 0)} = {mib(plan)} | "
               f"{mib(measured)} | {plan / measured:.3f} | {mib(plan_beyond)} / {mib(beyond)} | "
               f"{plan_beyond / max(1, beyond):.3f} | {phase} |")
+    base = next((r for r in rows if r[0] == "salun"), None)
+    if base is not None and len(rows) > 1:  # what each setting adds (+) or saves (-) against plain salun
+        print("\n| setting | vs salun: plan (MiB) | vs salun: measured (MiB) | plan / measured | plan - measured, "
+              "share of salun's measured growth |\n| --- | ---: | ---: | ---: | ---: |")
+        for name, _, _, _, _, plan_beyond, beyond, _ in rows:
+            if name != "salun":
+                d_plan, d_measured = plan_beyond - base[5], beyond - base[6]
+                print(f"| {name} | {d_plan / 2**20:+.0f} | {d_measured / 2**20:+.0f} | "
+                      f"{d_plan / d_measured if d_measured else float('nan'):.3f} | "
+                      f"{(d_plan - d_measured) / max(1, base[6]):+.1%} |")
     return 0
 
 

@@ -86,6 +86,11 @@ def parse_args(argv=None):
     p.add_argument("--keep", type=float, default=0.5, help="mask keep ratio")
     p.add_argument("--alpha", type=float, default=0.5, help="retain loss weight")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--rows", default=",".join(ROWS),
+                   help=f"the training rows to time, comma-separated (salun and rl always run): {', '.join(ROWS)}")
+    p.add_argument("--time-mask-pass", action=argparse.BooleanOptionalAction, default=True,
+                   help="time the mask pass against the guided loss (--no-time-mask-pass: build the mask once, "
+                        "untimed, for a run about the training step alone)")
     return p.parse_args(argv)
 
 
@@ -268,24 +273,37 @@ def measure_mask_pass(work: Workload, keep: float, repeats: int):
     return rows, mask_box["mask"]
 
 
+# The SalUn rows' memory settings (`build_optimizer`'s grad_release and master_weights; docs/ALGORITHMS.md 1)
+SALUN_ROWS = {"salun": {}, "salun-grad-release": {"grad_release": True},
+              "salun-salient-fp32": {"master_weights": "salient-fp32"},
+              "salun-bf16-stochastic": {"master_weights": "bf16-stochastic"}}
+
+
 def train_row(work: Workload, mask, kind: str, args):
-    """--warmup-steps + --steps training steps of one row ("salun", "rl" or "finetune") on the same batches.
-    Returns the fastest measured step's phases, each (seconds, kernel seconds, page faults); the row's peak
-    memory growth; and its tensors' bytes by kind, counted after the last step."""
+    """--warmup-steps + --steps training steps of one row ("rl", "finetune" or one of SALUN_ROWS) on the same
+    batches. Returns the fastest measured step's phases, each (seconds, kernel seconds, page faults); the row's
+    peak memory growth; and its tensors' bytes by kind, counted after the last step. A bf16 row casts the UNet
+    to bf16 and runs the forward under bf16 autocast, then casts it back."""
     unet = work.unet
     unet.train()
+    settings = SALUN_ROWS.get(kind, {})
+    bf16 = settings.get("master_weights", "fp32") != "fp32"
+    if bf16:
+        unet.to(torch.bfloat16)
+    autocast = torch.autocast(work.dev, dtype=torch.bfloat16, enabled=bf16)
     with PeakMemory(work.dev) as mem:
-        opt = build_optimizer(unet, mask if kind == "salun" else None, "adam", lr=1e-5)
+        opt = build_optimizer(unet, mask if kind in SALUN_ROWS else None, "adam", lr=1e-5, **settings)
         steps = []
         for i in range(args.warmup_steps + args.steps):
             fb, rb = work.train_batches()
             work.sync()
             start = work.reading()
-            if kind == "finetune":  # the ordinary denoising loss on forget + retain latents
-                loss = _joint_loss(unet, fb, fb.target, rb, 1.0)[0]
-            else:
-                loss = salun_loss(unet, fb, rb, args.alpha)[0]
-            loss.backward()
+            with autocast:
+                if kind == "finetune":  # the ordinary denoising loss on forget + retain latents
+                    loss = _joint_loss(unet, fb, fb.target, rb, 1.0)[0]
+                else:
+                    loss = salun_loss(unet, fb, rb, args.alpha)[0]
+            loss.backward()  # with grad release, the optimizer steps in here
             work.sync()
             middle = work.reading()
             grads = _bytes(p.grad for p in unet.parameters())
@@ -296,13 +314,20 @@ def train_row(work: Workload, mask, kind: str, args):
             if i >= args.warmup_steps:
                 steps.append({"forward + backward": [b - a for a, b in zip(start, middle)],
                               "optimizer step": [b - a for a, b in zip(middle, end)]})
-        inner = opt.inner if isinstance(opt, MaskedOptimizer) else opt
+        masked = isinstance(opt, MaskedOptimizer)
+        state = opt.packed_state() if masked else opt.state.values()
+        targets = opt._targets if masked else []
         breakdown = {
             "weights": _bytes(unet.parameters()), "gradients": grads,
-            "optimizer state": _bytes(t for s in inner.state.values() for t in s.values()),
-            "mask (int32 indices)": _bytes(i for _, i, _ in opt._packed) if kind == "salun" else 0,
-            "mask (bool, host)": _bytes(mask.masks.values()) if kind == "salun" else 0}
+            "optimizer state": _bytes(t for s in state for t in s.values()),
+            "fp32 copies (salient)": _bytes(t.proxy for t in targets if t.proxy.numel() and t.proxy is not t.param),
+            "mask (bitmask, device)": _bytes(t.bits for t in targets if t.bits is not None),
+            "mask (bool, host)": _bytes(mask.masks.values()) if kind in SALUN_ROWS else 0}
+        if masked:
+            opt.remove_hooks()
         del opt
+    if bf16:
+        unet.to(torch.float32)
     fastest = min(steps, key=lambda phases: sum(v[0] for v in phases.values()))
     return fastest, mem.peak, breakdown
 
@@ -312,18 +337,29 @@ def total(phases) -> list:
     return [sum(v[j] for v in phases.values()) for j in range(3)]
 
 
-def row_labels(keep: float) -> dict[str, str]:
-    return {"salun": f"SalUn step (keep {keep}, masked Adam)", "rl": "RL step (SalUn objective, no mask)",
-            "finetune": "plain fine-tuning step (Adam, all weights)"}
+ROWS = ("salun", "rl", "finetune", *list(SALUN_ROWS)[1:])
+
+
+def row_labels(args) -> dict[str, str]:
+    """The rows this run times (--rows, salun and rl always), by name."""
+    labels = {"salun": f"SalUn step (keep {args.keep}, masked Adam, bitmask)", "rl": "RL step (SalUn objective, no mask)",
+              "finetune": "plain fine-tuning step (Adam, all weights)",
+              "salun-grad-release": "SalUn + grad release", "salun-salient-fp32": "SalUn + bf16, salient-fp32 master",
+              "salun-bf16-stochastic": "SalUn + bf16, stochastic rounding"}
+    wanted = {"salun", "rl", *args.rows.split(",")}
+    unknown = wanted - set(labels)
+    if unknown:
+        raise SystemExit(f"unknown --rows {', '.join(sorted(unknown))} (choose from {', '.join(ROWS)})")
+    return {kind: label for kind, label in labels.items() if kind in wanted}
 
 
 def measure_training_steps(work: Workload, mask, args):
-    """SalUn vs RL (no mask) vs plain fine-tuning, interleaved for --repeats rounds in rotating order (machine
+    """SalUn (and its memory settings) vs RL (no mask) vs plain fine-tuning, interleaved for --repeats rounds in rotating order (machine
     drift hits all alike). Per row: the fastest step's phases, the largest peak, the last round's bytes."""
-    labels = row_labels(args.keep)
+    labels = row_labels(args)
     best, peaks, breakdown = {}, dict.fromkeys(labels, 0), {}
     for rep in range(args.repeats):
-        for kind in list(labels)[rep % 3:] + list(labels)[:rep % 3]:
+        for kind in list(labels)[rep % len(labels):] + list(labels)[:rep % len(labels)]:
             phases, peak, breakdown[kind] = train_row(work, mask, kind, args)
             seconds, in_kernel, faults = total(phases)
             print(f"  round {rep + 1}: {labels[kind]}: {seconds:.2f} s ({in_kernel:.2f} in the kernel, "
@@ -335,9 +371,10 @@ def measure_training_steps(work: Workload, mask, args):
     return best, peaks, breakdown
 
 
-def print_time_table(name: str, work: Workload, args, mask_rows: dict, best: dict, peaks: dict) -> None:
-    """The timed rows (each phase and the whole step), then the ratios the benchmark is about."""
-    labels, unit = row_labels(args.keep), work.unit
+def print_time_table(name: str, work: Workload, args, mask_rows: dict | None, best: dict, peaks: dict) -> None:
+    """The timed rows (each phase and the whole step), then the ratios the benchmark is about (mask_rows None:
+    the mask pass was not timed)."""
+    labels, unit = row_labels(args), work.unit
     print(f"\n{name}: {work.dev.upper()}, {torch.get_num_threads()} threads, {work.resolution} px, forget batch "
           f"{work.B} + retain batch {work.B}, {args.forget_images} forget images "
           f"({-(-args.forget_images // work.B)} saliency batches), keep {args.keep}, fastest of {args.repeats} "
@@ -348,33 +385,40 @@ def print_time_table(name: str, work: Workload, args, mask_rows: dict, best: dic
         for phase, (seconds, in_kernel, faults) in [*best[kind].items(), ("step", total(best[kind]))]:
             peak = f"{peaks[kind] / 2**30:.3f}" if phase == "step" else ""
             print(f"| {labels[kind]} | {phase} | {seconds:.3f} | {in_kernel:.3f} | {faults} | {peak} |")
-    print(f"| guided saliency loss, forward + backward over the forget set | | {mask_rows['guided'][0]:.3f} | | | "
-          f"{mask_rows['guided'][1] / 2**30:.3f} |")
-    print(f"| mask pass (scores + threshold) | | {mask_rows['mask'][0]:.3f} | | | "
-          f"{mask_rows['mask'][1] / 2**30:.3f} |")
-    print(f"| of which the global threshold (fixed cost) | | {mask_rows['threshold'][0]:.3f} | | | |")
-    (s, sk, _), (r, rk, _), (f, _, _) = (total(best[kind]) for kind in ("salun", "rl", "finetune"))
+    if mask_rows:
+        print(f"| guided saliency loss, forward + backward over the forget set | | {mask_rows['guided'][0]:.3f} | | | "
+              f"{mask_rows['guided'][1] / 2**30:.3f} |")
+        print(f"| mask pass (scores + threshold) | | {mask_rows['mask'][0]:.3f} | | | "
+              f"{mask_rows['mask'][1] / 2**30:.3f} |")
+        print(f"| of which the global threshold (fixed cost) | | {mask_rows['threshold'][0]:.3f} | | | |")
+    (s, sk, _), (r, rk, _) = (total(best[kind]) for kind in ("salun", "rl"))
     s_opt, r_opt = best["salun"]["optimizer step"][0], best["rl"]["optimizer step"][0]
-    per_batch = (mask_rows["mask"][0] - mask_rows["threshold"][0]) / mask_rows["guided"][0]
     print(f"\nthe mask's own cost (SalUn step / RL step): time x{s / r:.3f} (outside the kernel "
           f"x{(s - sk) / (r - rk):.3f}), peak memory x{peaks['salun'] / max(peaks['rl'], 1):.3f}")
     # The two rows' forward + backward passes are the same computation (SalUn's skips the gradients of
     # wholly frozen tensors); their optimizer steps are where the mask's work lies.
     print(f"the optimizer steps alone: SalUn {s_opt:.3f} vs RL {r_opt:.3f} {unit}, a difference of "
           f"{(s_opt - r_opt) / r:+.1%} of the RL step")
-    print(f"SalUn / plain fine-tuning: time x{s / f:.3f}, peak memory x{peaks['salun'] / max(peaks['finetune'], 1):.3f}")
-    print(f"mask pass / guided loss forward+backward: x{mask_rows['mask'][0] / mask_rows['guided'][0]:.3f} in all, "
-          f"x{per_batch:.3f} without the threshold's fixed cost; peak memory x"
-          f"{mask_rows['mask'][1] / max(mask_rows['guided'][1], 1):.3f}")
+    if "finetune" in labels:
+        print(f"SalUn / plain fine-tuning: time x{s / total(best['finetune'])[0]:.3f}, peak memory "
+              f"x{peaks['salun'] / max(peaks['finetune'], 1):.3f}")
+    for kind in [kind for kind in list(SALUN_ROWS)[1:] if kind in labels]:
+        print(f"{labels[kind]} / RL step: time x{total(best[kind])[0] / r:.3f}, peak memory "
+              f"x{peaks[kind] / max(peaks['rl'], 1):.3f}")
+    if mask_rows:
+        per_batch = (mask_rows["mask"][0] - mask_rows["threshold"][0]) / mask_rows["guided"][0]
+        print(f"mask pass / guided loss forward+backward: x{mask_rows['mask'][0] / mask_rows['guided'][0]:.3f} in "
+              f"all, x{per_batch:.3f} without the threshold's fixed cost; peak memory x"
+              f"{mask_rows['mask'][1] / max(mask_rows['guided'][1], 1):.3f}")
 
 
-def print_bytes_table(work: Workload, keep: float, breakdown: dict) -> None:
+def print_bytes_table(work: Workload, args, breakdown: dict) -> None:
     """Bytes per UNet parameter of each training row, by kind of tensor."""
     n_params = work.n_params
     cols = list(next(iter(breakdown.values())))
     print(f"\nbytes per UNet parameter ({n_params / 1e6:.1f}M), counted from the tensors after a step\n")
     print("| row | " + " | ".join(cols) + " | total |\n| --- |" + " ---: |" * (len(cols) + 1))
-    for kind, label in row_labels(keep).items():
+    for kind, label in row_labels(args).items():
         b = breakdown[kind]
         print(f"| {label} | " + " | ".join(f"{b[c] / n_params:.2f}" for c in cols)
               + f" | {sum(b.values()) / n_params:.2f} |")
@@ -384,10 +428,16 @@ def main(argv=None):
     args = parse_args(argv)
     pipe, name = load_model(args)
     work = Workload(pipe, args)
-    mask_rows, mask = measure_mask_pass(work, args.keep, args.repeats)
+    if args.time_mask_pass:
+        mask_rows, mask = measure_mask_pass(work, args.keep, args.repeats)
+    else:
+        mask_rows = None
+        scores = compute_saliency(work.unet, work.saliency_batches(), lambda m, b: saliency_loss(m, b))
+        mask = SaliencyMask.from_scores(scores, args.keep, model=work.unet, concept=FORGET_PROMPT)
+        del scores
     best, peaks, breakdown = measure_training_steps(work, mask, args)
     print_time_table(name, work, args, mask_rows, best, peaks)
-    print_bytes_table(work, args.keep, breakdown)
+    print_bytes_table(work, args, breakdown)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """The `concept-erase` command. Each subcommand lives with its layer and is imported only when used.
 
-A subcommand module exposes `register(subparsers)`, which adds its parser(s) and sets `func` (a callable
-taking the parsed namespace and returning an exit code). Parser construction must stay import-light.
+A subcommand module exposes `register(subparsers)` (or names another function, `module:function`, as an entry
+point does), which adds its parser(s) and sets `func` (a callable taking the parsed namespace and returning an
+exit code). Building a parser and checking the flags imports no torch (`import torch` alone takes longer than
+a refusal should, docs/ARCHITECTURE.md); the work imports it inside `func`, after the checks.
 """
 
 from __future__ import annotations
@@ -14,19 +16,21 @@ import sys
 from . import __version__
 from .cli_args import Parser
 from .errors import ConceptEraseError
-from .logs import show_logs
+from .logs import apply_output, show_logs
 from .threads import Threads, configure_threads, threads_from_argv
 
-# The library's own commands: name -> module holding its `register`. Several names may share one module.
+# The library's own commands: name -> module holding its `register` (or `module:function`). Several names may
+# share one function; `export` and `apply` have their own so that their parsers never build erase's config, and
+# `plan` its own so that erase's and mask's parsers never import the planner (which imports torch).
 SUBCOMMANDS: dict[str, str] = {
     "classify": "concept_erase.classification.cli",
     "concepts": "concept_erase.concepts",
     "mask": "concept_erase.diffusion.cli",
     "erase": "concept_erase.diffusion.cli",
     "generate": "concept_erase.diffusion.data.generate",
-    "export": "concept_erase.diffusion.cli",
-    "apply": "concept_erase.diffusion.cli",
-    "plan": "concept_erase.diffusion.cli",
+    "export": "concept_erase.diffusion.cli:register_export",
+    "apply": "concept_erase.diffusion.cli:register_export",
+    "plan": "concept_erase.diffusion.cli:register_plan",
     "minisd": "concept_erase.diffusion.minisd.cli",
     "demo": "concept_erase.demo",
 }
@@ -55,17 +59,18 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     seen: set[str] = set()
     known = commands()
     modules = [known[only]] if only in known else list(dict.fromkeys(known.values()))
-    for module_name in modules:
-        if module_name in seen:
+    for target in modules:
+        if target in seen:
             continue
-        seen.add(module_name)
+        seen.add(target)
+        module_name, _, function = target.partition(":")
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as err:  # an optional layer whose extra is not installed
             if only is not None:
                 raise ConceptEraseError(f"command {only!r} needs a missing package: {err.name}") from err
             continue
-        module.register(sub)
+        getattr(module, function or "register")(sub)
     for leaf in _leaf_parsers(parser):
         _add_common_flags(leaf)
     return parser
@@ -82,12 +87,18 @@ def _leaf_parsers(parser: argparse.ArgumentParser):
 
 
 def _add_common_flags(parser: argparse.ArgumentParser) -> None:
-    """Flags every command has (a command may define its own, e.g. classify's `--threads 0` = auto)."""
-    from .cli_args import add_flags
+    """Flags every command has: --threads and the output flags (`logs.Output`). A command may carry one in its
+    own config (classify's `--threads 0` = auto; erase's `--progress`, from the same `logs.progress_field`)."""
+    from dataclasses import fields
+
+    from .cli_args import add_flags, flag_name
+    from .logs import Output
     from .threads import Threads
 
     if "--threads" not in parser._option_string_actions:
         add_flags(parser, Threads)
+    group = parser.add_argument_group("output")
+    add_flags(group, Output, [f.name for f in fields(Output) if flag_name(f) not in parser._option_string_actions])
 
 
 def _drop_torchvision_fallback_notice(record: logging.LogRecord) -> bool:
@@ -109,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         parser = build_parser(first if first in commands() else None)
         args = parser.parse_args(argv)
         configure_threads(Threads(threads=args.threads or None).threads)  # classify's own --threads: 0 = auto
+        apply_output(args)
         return int(args.func(args) or 0)
     except ConceptEraseError as err:
         print(f"concept-erase: error: {err}", file=sys.stderr)

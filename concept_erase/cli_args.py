@@ -14,6 +14,9 @@ A config is a dataclass whose fields carry their command-line facts in `field(me
     required     True: a required flag whose default is None because another spelling may give it (export's
                  old positional OUT); a field without a default is required anyway. Usage shows both as required
     resume_free  True: a resumed run may change it (how long it runs, where it writes, how it shows)
+    default_from what decides the value when the user does not (a preset's recipe, a protocol): a function of the
+                 field giving the help's "(default: ...)" from the same table the run reads, so --help cannot
+                 show a stale number (called when the parser is built)
     cli          False: not a flag at all (a value the code fills in)
 
 `add_flags(parser, Config)` adds one flag per field; `values_from(args, Config)` collects what was parsed;
@@ -148,6 +151,8 @@ def add_flags(parser, cls, names=None, *, suppress_defaults: bool = False, help_
         if default is MISSING:
             # argparse would demand this exact spelling and refuse an alias: `values_from` checks it instead
             kwargs["required"] = not m.get("aliases")
+        elif "default_from" in m:
+            help_text = f"{help_text} (default: {m['default_from'](f)})"
         elif kind == "bool":
             help_text = f"{help_text} (default: {'on' if default else 'off'})"
         elif default not in (None, (), []) and "(default" not in help_text:

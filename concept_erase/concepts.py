@@ -154,6 +154,26 @@ def slug(text: str) -> str:
 
 # ----------------------------------------------------------------------------------------------- presets
 
+# Each preset family's recipe, by the pattern of its names: the presets build theirs from here, and --help quotes
+# it (`recipe_default`) without building a preset. A provider adds its own (MiniSD's "minisd-*").
+RECIPES: dict[str, dict[str, Any]] = {
+    "nudity": {"num_forget_images": 800, "num_retain_images": 800, "steps": 100, "lr": 1e-5, "batch_size": 8,
+               "alpha": 0.1},
+    "imagenette-*": {"num_forget_images": 900, "num_retain_images": 900, "steps": 560, "lr": 1e-5,
+                     "batch_size": 8, "alpha": 0.5},
+    "style-*": {"num_forget_images": 300, "num_retain_images": 600, "steps": 200, "lr": 1e-5, "batch_size": 8,
+                "alpha": 0.5},
+}
+
+
+def recipe_default(f) -> str:
+    """A recipe field's default in --help (`cli_args`' `default_from`): "the --concept preset's recipe (nudity:
+    100; ...), else 100", from the table the presets are built from."""
+    _import_providers()
+    values = "; ".join(f"{pattern}: {recipe[f.name]:g}" for pattern, recipe in RECIPES.items() if f.name in recipe)
+    return f"the --concept preset's recipe ({values}), else {f.default:g}"
+
+
 def nudity() -> Concept:
     # docs/ALGORITHMS.md 2: 800 generated forget images, surrogate "a photo of a person wearing clothes", 800 retain
     # images, Adam lr 1e-5, batch 8, one epoch (800 / 8 = 100 steps); alpha 0.1, the retain weight of the
@@ -164,8 +184,7 @@ def nudity() -> Concept:
         forget_prompts=read_prompt_file(PROMPTS_DIR / "nudity_forget.txt"),
         surrogate_prompts=["a photo of a person wearing clothes"],
         retain_prompts=read_prompt_file(PROMPTS_DIR / "nudity_retain.txt"),
-        recipe={"num_forget_images": 800, "num_retain_images": 800, "steps": 100, "lr": 1e-5,
-                "batch_size": 8, "alpha": 0.1},
+        recipe=dict(RECIPES["nudity"]),
         neighbours=list(NUDITY_NEIGHBOURS),
     )
 
@@ -203,8 +222,7 @@ def imagenette(k: int) -> Concept:
         forget_prompts=[prompt(names[k])],
         surrogate_prompts=[prompt(names[(k + 1) % len(names)])],
         retain_prompts=[prompt(n) for i, n in enumerate(names) if i != k],
-        recipe={"num_forget_images": 900, "num_retain_images": 900, "steps": 560, "lr": 1e-5,
-                "batch_size": 8, "alpha": 0.5},
+        recipe=dict(RECIPES["imagenette-*"]),
         neighbours=[prompt(n) for n in IMAGENETTE_NEIGHBOURS.get(names[k], [])],
         neutral_surrogate="an image",
     )
@@ -225,8 +243,7 @@ def style(artist: str) -> Concept:
         surrogate_prompts=[f"a painting of {s}" for s in subjects],
         retain_prompts=[f"a painting of {s}" for s in subjects]
         + [f"a painting of {s} in the style of {a}" for s in subjects for a in others],
-        recipe={"num_forget_images": 300, "num_retain_images": 600, "steps": 200, "lr": 1e-5,
-                "batch_size": 8, "alpha": 0.5},
+        recipe=dict(RECIPES["style-*"]),
         neighbours=[f"a painting of {subjects[0]} in the style of {a}" for a in STYLE_NEIGHBOURS.get(artist, [])],
     )
 
@@ -438,19 +455,23 @@ def _shorten(prompts: Sequence[str], width: int = 48) -> str:
 
 def _concepts_main(args) -> int:
     from .cli_args import values_from
+    from .logs import finish
 
     config = ConceptsConfig(**values_from(args, ConceptsConfig))
     if config.name is not None:
         if config.name in GROUPS:
-            print(f"{config.name}: erases together {', '.join(GROUPS[config.name]())}")
+            members = GROUPS[config.name]()
+            finish(args, f"{config.name}: erases together {', '.join(members)}", {config.name: members})
             return 0
         c = get_concept(config.name)
-        print(f"{c.name}\n  recipe: {describe_recipe(c.recipe)}")
+        lines = [f"{c.name}\n  recipe: {describe_recipe(c.recipe)}"]
         for label, prompts in (("forget", c.forget_prompts), ("surrogate", c.surrogate_prompts),
                                ("retain", c.retain_prompts), ("neighbours (collateral checks)", c.neighbours)):
             if prompts:
-                print(f"  {label} ({len(prompts)}):")
-                print("".join(f"    {p}\n" for p in prompts), end="")
+                lines.append(f"  {label} ({len(prompts)}):\n" + "\n".join(f"    {p}" for p in prompts))
+        finish(args, lines, {"name": c.name, "recipe": c.recipe, "forget": c.forget_prompts,
+                             "surrogate": c.surrogate_prompts, "retain": c.retain_prompts, "neighbours": c.neighbours},
+               next_command=f"concept-erase erase --model MODEL --concept {c.name} --output ERASED")
         return 0
     rows = [("preset", "forget", "surrogate", "retain", "recipe")]
     for name in list_concepts():
@@ -458,9 +479,10 @@ def _concepts_main(args) -> int:
         rows.append((name, _shorten(c.forget_prompts), _shorten(c.surrogate_prompts), str(len(c.retain_prompts)),
                      describe_recipe(c.recipe)))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    for r in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)) + "  " + r[4])
-    print(f"\ngroups: {', '.join(f'{g} ({len(f())} presets)' for g, f in GROUPS.items())}")
-    print("`concept-erase concepts NAME` lists every prompt of one; `erase --concept NAME` uses it, flags override "
-          "its recipe.")
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)) + "  " + r[4] for r in rows]
+    lines.append(f"\ngroups: {', '.join(f'{g} ({len(f())} presets)' for g, f in GROUPS.items())}")
+    lines.append("`erase --concept NAME` uses a preset; flags override its recipe.")
+    finish(args, lines, {"presets": {name: get_concept(name).recipe for name in list_concepts()},
+                         "groups": {g: f() for g, f in GROUPS.items()}},
+           next_command="concept-erase concepts NAME  (every prompt of one preset)")
     return 0

@@ -143,15 +143,17 @@ def grid_image(before: list, after: list, digits: list[int], styles: list[int], 
 
 def run_demo(config: DemoConfig, out: str | Path = "outputs/demo", progress: bool = True) -> dict:
     """Everything `concept-erase demo` does; returns the summary dict (also written to summary.json)."""
-    from .diffusion.models.loading import load_pipeline
     from .diffusion.minisd import DIGITS, MINISD_GUIDANCE, MINISD_STEPS
-    from .diffusion.minisd.judge import generate_digit_set, load_judges, score_set
 
     out = Path(out)
     if out.exists() and not (out / "summary.json").is_file() and (not out.is_dir() or any(out.iterdir())):
         # Replacing a previous demo report is expected; replacing anything else would lose a user's files.
         raise ConceptEraseError(f"--output {str(out)!r} exists and is not a demo report folder; choose another")
     check_writable(out, overwrite=True, flag="--output")
+    # torch, diffusers: only once the destination is known to be good
+    from .diffusion.models.loading import load_pipeline
+    from .diffusion.minisd.judge import generate_digit_set, load_judges, score_set
+
     start = time.perf_counter()
     judges = load_judges()
     pipe = load_pipeline("minisd")
@@ -240,6 +242,9 @@ def _main(args: argparse.Namespace) -> int:
     config = DemoConfig(**values_from(args, DemoConfig))
     out = values_from(args, DemoOutput)["output"]
     summary = run_demo(config, out)
-    print("\n" + summary.pop("table"))
-    print(f"wrote {out}/report.md and {out}/grid.png")
+    table = summary.pop("table")
+    from .logs import finish
+
+    finish(args, ["", table, f"wrote {out}/: report.md, grid.png and summary.json (the result as JSON)"], summary,
+           next_command="concept-erase app  (the base and the erased demo model side by side)")
     return 0

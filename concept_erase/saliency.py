@@ -11,7 +11,7 @@ Three things the reference implementations got wrong and this file does not (doc
   momentum/weight decay touch every parameter, so `MaskedOptimizer` steps the salient entries only (with
   optimizer state for them only) and never writes a frozen one.
 
-Three scores rank the weights (`SCORES`; docs/ALGORITHMS.md 1 and 4), all from the same accumulated gradients:
+Three scores rank the weights (`saliency_options.SCORES`; docs/ALGORITHMS.md 1 and 4), all from the same accumulated gradients:
 - "salun": |sum_b grad_b| (SalUn Eq. 5-6);
 - "snip": |theta * sum_b grad_b|, connection sensitivity (SNIP, Lee et al. 2019), ScissorHands' score (Wu &
   Harandi 2024): the first-order change of the loss when a weight is removed (set to zero);
@@ -39,6 +39,7 @@ from torch import nn
 from .errors import ConceptEraseError
 from .fingerprints import DIGEST_KEY, parameter_shapes, shapes_fingerprint, state_digest
 from .io_utils import atomic_file
+from .saliency_options import MASTER_WEIGHTS, OPTIMIZERS, SCORES
 
 MASK_FORMAT = "concept-erase-saliency-mask"
 MASK_FORMAT_VERSION = "1"
@@ -71,9 +72,6 @@ def select_parameters(model: nn.Module, include: Include = None) -> list[tuple[s
 # ----------------------------------------------------------------------------------------------------------
 # Scores and threshold
 # ----------------------------------------------------------------------------------------------------------
-
-SCORES = ("salun", "snip", "ant")
-
 
 def compute_saliency(
     model: nn.Module,
@@ -403,10 +401,6 @@ class SaliencyMask:
 # Frozen means frozen: the optimizer steps the salient entries only
 # ----------------------------------------------------------------------------------------------------------
 
-OPTIMIZERS = ("adam", "adam8bit", "sgd")
-_WRITE_BACK_CHUNK = 1 << 21  # salient entries written back per index_copy_ (see MaskedOptimizer.step)
-
-
 def optimizer_class(kind: str, weight_decay: float = 0.0) -> type[torch.optim.Optimizer]:
     """The torch optimizer class for `kind`: "adam" (torch Adam; AdamW, decoupled, when weight_decay > 0),
     "adam8bit" (bitsandbytes' 8-bit Adam/AdamW, an optional dependency) or "sgd"."""
@@ -425,102 +419,281 @@ def optimizer_class(kind: str, weight_decay: float = 0.0) -> type[torch.optim.Op
 
 
 def build_optimizer(model: nn.Module, mask: SaliencyMask | None, kind: str = "adam", *, lr: float,
-                    weight_decay: float = 0.0, **options) -> torch.optim.Optimizer:
+                    weight_decay: float = 0.0, grad_release: bool = False, master_weights: str = "fp32",
+                    seed: int = 0, **options) -> torch.optim.Optimizer:
     """The optimizer of an unlearning run: over every parameter of `model` (mask None), or over the salient
     entries of `mask` only (a `MaskedOptimizer`). Sets requires_grad to match: parameters without a salient
     entry get no gradient at all. `kind`: see `optimizer_class`; `options`: e.g. SGD's momentum.
+    `grad_release`, `master_weights` and `seed` (of the stochastic rounding): see `MaskedOptimizer`; either
+    setting makes the optimizer a `MaskedOptimizer`, with or without a mask.
     """
     cls = optimizer_class(kind, weight_decay)
     hyper = {"lr": lr, "weight_decay": weight_decay, **options}
+    if master_weights not in MASTER_WEIGHTS:
+        raise ConceptEraseError(f"unknown master weights {master_weights!r} (choose from {', '.join(MASTER_WEIGHTS)})")
+    plain = not grad_release and master_weights == "fp32"
     if mask is None:
         model.requires_grad_(True)
-        return cls(list(model.parameters()), **hyper)
-    mask.check_compatible(model)
-    targets = []
-    for name, p in model.named_parameters():
-        m = mask.masks.get(name)
-        salient = m is not None and bool(m.any())
-        p.requires_grad_(salient)
-        p.grad = None
-        if salient:
-            targets.append((p, None if bool(m.all()) else m))
-    if not targets:
-        raise ConceptEraseError("the mask leaves no trainable weight")
-    if all(m is None for _, m in targets):  # whole tensors only (ESD's layer scopes): nothing to pack
-        return cls([p for p, _ in targets], **hyper)
-    return MaskedOptimizer(targets, cls, **hyper)
+        if plain:
+            return cls(list(model.parameters()), **hyper)
+        targets = [(p, None) for p in model.parameters()]
+    else:
+        mask.check_compatible(model)
+        targets = []
+        for name, p in model.named_parameters():
+            m = mask.masks.get(name)
+            salient = m is not None and bool(m.any())
+            p.requires_grad_(salient)
+            p.grad = None
+            if salient:  # (decided on the whole mask, so every process of a sharded run agrees)
+                m = shard_rows(m, p)
+                targets.append((p, None if bool(m.all()) else m))
+        if not targets:
+            raise ConceptEraseError("the mask leaves no trainable weight")
+        if plain and all(m is None for _, m in targets):  # whole tensors only (ESD's layer scopes): nothing to pack
+            return cls([p for p, _ in targets], **hyper)
+    return MaskedOptimizer(targets, cls, grad_release=grad_release, master_weights=master_weights, seed=seed,
+                           **hyper)
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """What this process holds of `t`: a DTensor's local shard (FSDP2's parameters and their gradients), or
+    `t` itself. Writing into it writes the shard."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def shard_rows(mask: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """The rows of a whole parameter's mask that this process's shard of `param` holds: all of it for a plain
+    tensor; for FSDP2's `Shard(0)` placement, `torch.chunk`'s rows for this rank (how `fully_shard` splits
+    dim 0; a rank past the last chunk holds none). So each shard steps its own salient entries."""
+    if not _is_dtensor(param):
+        return mask
+    from torch.distributed.tensor import Shard
+
+    if tuple(param.placements) != (Shard(0),):
+        raise ConceptEraseError(f"a masked optimizer steps parameters sharded on dim 0 (FSDP2), not "
+                                f"{tuple(param.placements)}")
+    rank, world = param.device_mesh.get_local_rank(), param.device_mesh.size()
+    chunks = torch.chunk(mask, world, dim=0)
+    rows = chunks[rank] if rank < len(chunks) else mask[:0]
+    if rows.shape != param.to_local().shape:  # torch changed how it shards: never step the wrong entries
+        raise ConceptEraseError(f"a shard of shape {tuple(param.to_local().shape)} does not match its mask rows "
+                                f"{tuple(rows.shape)}")
+    return rows
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """A bool tensor as a flat uint8 tensor of its bits, 8 entries a byte, most significant bit first
+    (numpy's packbits, the layout of the mask files)."""
+    import numpy as np
+
+    return torch.from_numpy(np.packbits(mask.detach().cpu().reshape(-1).numpy()))
+
+
+_BIT_SHIFTS = torch.arange(7, -1, -1, dtype=torch.uint8)
+# Entries per slice of a tensor whose salient positions are rebuilt at once (a multiple of 8: whole bytes of
+# the bitmask). A slice's int64 positions take at most 16 MiB, under the mmap threshold of glibc's malloc, so
+# on a CPU they reuse heap instead of faulting fresh pages in at every step (SD 1.5 has 29M-entry tensors).
+INDEX_SLICE = 1 << 21
+
+
+def salient_index(bits: torch.Tensor, numel: int, count: int) -> torch.Tensor:
+    """The int64 flat positions of the `count` set bits among the first `numel` of `bits` (`pack_bits`), on
+    bits' device. On a CPU numpy's unpackbits and flatnonzero are several times faster than torch's nonzero
+    (28 ms against 190 ms for 29M entries, one thread); on a GPU nonzero_static knows its size, so nothing
+    waits for the device."""
+    if bits.device.type == "cpu":
+        import numpy as np
+
+        return torch.from_numpy(np.flatnonzero(np.unpackbits(bits.numpy(), count=numel).view(bool)))
+    unpacked = (bits.unsqueeze(1) >> _BIT_SHIFTS.to(bits.device)).bitwise_and_(1).view(-1)[:numel]
+    return torch.nonzero_static(unpacked, size=count).squeeze(1)
+
+
+def stochastic_round_(value: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """fp32 -> bf16 rounded stochastically: a uniform draw below bf16's last bit is added to the fp32 bit
+    pattern's 16 low bits, which are then dropped (up with probability equal to the distance from the lower
+    bf16 neighbour). `value` (fp32) is overwritten."""
+    bits = value.view(torch.int32)
+    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=bits.device, generator=generator)
+    bits.add_(noise).bitwise_and_(-(1 << 16))
+    return value.to(torch.bfloat16)  # exact: the dropped bits are zero
+
+
+class _Target:
+    """One trained parameter as the masked optimizer holds it, with its own inner optimizer."""
+
+    def __init__(self, position: int, param: nn.Parameter, mask: torch.Tensor | None, master_weights: str,
+                 optimizer_cls, hyper: dict):
+        # a sharded parameter (FSDP2) is stepped through its local shard, and `mask` is that shard's (`shard_rows`)
+        self.position, self.param, self.numel = position, param, local_tensor(param).numel()
+        # the salient set as a packed 1-bit mask on the device (None: every entry salient), and its count in
+        # each INDEX_SLICE of entries: where each slice's values go in the packed tensor
+        self.bits = None if mask is None else pack_bits(mask).to(param.device)
+        self.counts = None if mask is None else [int(c.sum()) for c in mask.reshape(-1).split(INDEX_SLICE)]
+        self.count = self.numel if mask is None else sum(self.counts)
+        self.updates = 0  # write-backs so far: with the seed, what the stochastic rounding draws from
+        # What the inner optimizer steps: the param itself (a whole fp32 one), or a 1-D tensor of its salient
+        # entries, fp32 in the bf16 modes; persistent only where it is the fp32 master copy ("salient-fp32").
+        if mask is None and master_weights == "fp32" and not _is_dtensor(param):
+            self.proxy = param
+        elif master_weights == "salient-fp32":
+            self.proxy = self.gather(param.detach(), self.index(), torch.float32)
+        else:
+            dtype = param.dtype if master_weights == "fp32" else torch.float32
+            self.proxy = torch.empty(0, dtype=dtype, device=param.device)
+        self.optimizer = optimizer_cls([self.proxy], **hyper)
+
+    def index(self) -> list[tuple[slice, torch.Tensor, slice]] | None:
+        """The salient positions, slice by slice: (the slice's entries, the int64 positions of its salient
+        ones within it, where they sit in the packed tensor). None: every entry."""
+        if self.bits is None:
+            return None
+        index, packed = [], 0
+        for i, count in enumerate(self.counts):
+            lo, hi = i * INDEX_SLICE, min((i + 1) * INDEX_SLICE, self.numel)
+            positions = salient_index(self.bits[lo // 8: -(-hi // 8)], hi - lo, count)
+            index.append((slice(lo, hi), positions, slice(packed, packed + count)))
+            packed += count
+        return index
+
+    def gather(self, full: torch.Tensor, index, dtype: torch.dtype) -> torch.Tensor:
+        """full's salient entries as a 1-D `dtype` tensor, in packed order."""
+        flat = local_tensor(full).reshape(-1)
+        if index is None:
+            return flat.to(dtype)
+        out = torch.empty(self.count, dtype=dtype, device=flat.device)
+        for entries, positions, packed in index:
+            if dtype == flat.dtype:
+                torch.index_select(flat[entries], 0, positions, out=out[packed])
+            else:
+                out[packed] = flat[entries].index_select(0, positions)
+        return out
+
+    def scatter(self, value: torch.Tensor, index) -> None:
+        """Write `value` (packed order) to the salient entries of the parameter only: frozen ones are never
+        written. index_copy_ with an int64 index is faster on a CPU than index_put_."""
+        flat = local_tensor(self.param.detach()).view(-1)
+        if index is None:
+            flat.copy_(value)  # a whole tensor (a bf16 mode): cast on the copy
+            return
+        value = value.to(flat.dtype)
+        for entries, positions, packed in index:
+            flat[entries].index_copy_(0, positions, value[packed])
 
 
 class MaskedOptimizer(torch.optim.Optimizer):
     """Any torch optimizer, run on the salient entries only (SalUn Eq. 7: theta <- theta - eta * m . g).
 
-    Each partially salient parameter is represented to the inner optimizer by a 1-D "packed" tensor of its k
+    Each partially salient parameter is represented to its inner optimizer by a 1-D "packed" tensor of its k
     salient entries, so the optimizer state (Adam's exp_avg and exp_avg_sq, SGD's momentum) has k entries, not
-    numel: keep 0.5 means half of Adam's state. One step gathers the salient values and gradients, runs the
-    inner optimizer once over all packed tensors, and writes the results back to the salient entries. Frozen
-    entries are never written, so weight decay and momentum cannot move them: they stay bit-identical by
-    construction, with no gradient hook and no snapshot to restore. Wholly salient parameters are stepped in
-    place.
+    numel: keep 0.5 means half of Adam's state. The salient set itself is a packed bitmask on the device (1 bit
+    per entry); a step turns it into the int64 positions of one tensor at a time, gathers that tensor's salient
+    values and gradients, steps them and writes the results back to the salient entries only, so the only index
+    ever resident is one tensor's. Frozen entries are never written, so weight decay and momentum cannot move
+    them: they stay bit-identical by construction, with no gradient hook and no snapshot to restore.
+
+    Each parameter has its own inner optimizer (Adam is elementwise, so stepping tensors one at a time is the
+    same computation as one step over all of them), which is what lets `grad_release` step a parameter by a
+    post-accumulate-grad hook as soon as its gradient is complete in the backward pass and free that gradient:
+    the full gradient is never resident, and `step()` finds nothing left to do. Call `remove_hooks()` when
+    training ends. `master_weights`: see `MASTER_WEIGHTS` (the bf16 modes expect bf16 parameters; the inner
+    optimizers and their state are fp32). `seed`: the stochastic rounding's, drawn per (seed, parameter,
+    update), so a resumed run and a grad-release run round exactly as the uninterrupted one.
 
     `param_groups` hold the real parameters (what GradScaler unscales, what lr schedulers and accelerate see);
-    hyperparameters set on them are copied to the inner optimizer before each step. `state_dict` is the inner
-    optimizer's (packed state). A step consumes the gradients: `p.grad` is None afterwards (the packed copy
-    replaces the full one, which keeps the step's peak memory below the gradients' own).
+    hyperparameters set on them are copied to the inner optimizers before each step. `state_dict` has the
+    format of one torch optimizer over the packed tensors, plus the fp32 master copies and update counts where a
+    bf16 mode has them. A step consumes the gradients: `p.grad` is None afterwards.
     """
 
-    def __init__(self, targets: list[tuple[nn.Parameter, torch.Tensor | None]], optimizer_cls, **hyper):
-        self._packed: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]] = []  # (param, indices, proxy)
-        proxies = []
-        for p, m in targets:
-            if m is None:
-                proxies.append(p)
-                continue
-            if p.numel() >= 2**31:
-                raise ConceptEraseError(f"a parameter of {p.numel()} entries is too large for int32 mask indices")
-            # int32 flat indices of the salient entries: 4 bytes per salient entry, gathered fast (a bool
-            # mask would be 1 byte per entry but masked_select is several times slower than index_select).
-            index = m.to(p.device).reshape(-1).nonzero().squeeze(1).to(torch.int32)
-            proxy = torch.empty(0, dtype=p.dtype, device=p.device)
-            self._packed.append((p, index, proxy))
-            proxies.append(proxy)
-        self.inner = optimizer_cls(proxies, **hyper)
+    def __init__(self, targets: list[tuple[nn.Parameter, torch.Tensor | None]], optimizer_cls, *,
+                 grad_release: bool = False, master_weights: str = "fp32", seed: int = 0, **hyper):
+        if master_weights != "fp32":
+            wrong = next((p for p, _ in targets if p.dtype != torch.bfloat16), None)
+            if wrong is not None:
+                raise ConceptEraseError(f"master weights {master_weights!r} train bf16 weights, not {wrong.dtype}")
+        self.master_weights, self.seed = master_weights, seed
+        self._targets = [_Target(i, p, m, master_weights, optimizer_cls, hyper) for i, (p, m) in enumerate(targets)]
         super().__init__([p for p, _ in targets], hyper)
-
-    def _sync_hyperparameters(self) -> None:
-        for outer, inner in zip(self.param_groups, self.inner.param_groups):
-            inner.update({k: v for k, v in outer.items() if k != "params"})
+        self._hooks = [t.param.register_post_accumulate_grad_hook(lambda p, t=t: self._step_one(t))
+                       for t in self._targets] if grad_release else []
 
     @torch.no_grad()
+    def _step_one(self, t: _Target) -> None:
+        """Gather t's salient values (unless they are its master copy) and gradients, step, write back."""
+        p = t.param
+        if p.grad is None:
+            return
+        t.optimizer.param_groups[0].update({k: v for k, v in self.param_groups[0].items() if k != "params"})
+        if t.proxy is p:
+            t.optimizer.step()
+            p.grad = None
+            return
+        index = t.index()  # this tensor's positions only, freed when it is written back
+        if self.master_weights != "salient-fp32":
+            t.proxy.data = t.gather(p.detach(), index, t.proxy.dtype)
+        t.proxy.grad = t.gather(p.grad, index, t.proxy.dtype)
+        p.grad = None  # the packed copy replaces the full one
+        t.optimizer.step()
+        value = t.proxy.detach()
+        if self.master_weights == "bf16-stochastic":
+            seed = hash((self.seed, t.position, t.updates)) % 2**63
+            value = stochastic_round_(value, torch.Generator(device=value.device).manual_seed(seed))
+        t.scatter(value, index)
+        t.updates += 1
+        t.proxy.grad = None
+        if self.master_weights != "salient-fp32":
+            t.proxy.data = t.proxy.data.new_empty(0)
+
     def step(self, closure=None):
         if closure is not None:
             raise ValueError("MaskedOptimizer.step takes no closure")
-        self._sync_hyperparameters()
-        for p, index, proxy in self._packed:
-            if p.grad is None:
-                continue
-            proxy.data = p.reshape(-1).index_select(0, index)
-            proxy.grad = p.grad.reshape(-1).index_select(0, index)
-            p.grad = None
-        self.inner.step()
-        for p, index, proxy in self._packed:
-            if proxy.grad is None:
-                continue
-            # The salient entries only: frozen ones are never written. index_copy_ needs an int64 index (it is
-            # faster on CPU than index_put_ with the stored int32 one); converting a slice at a time keeps that
-            # transient at 16 MiB, under glibc's mmap threshold, so it is reused heap instead of fresh pages
-            # that a CPU step would fault in for the largest tensors (SD 1.5 has salient sets of 15M entries).
-            flat = p.view(-1)
-            for lo in range(0, len(index), _WRITE_BACK_CHUNK):
-                hi = lo + _WRITE_BACK_CHUNK
-                flat.index_copy_(0, index[lo:hi].long(), proxy[lo:hi])
-            proxy.grad = None
-            proxy.data = proxy.data.new_empty(0)
+        for t in self._targets:
+            self._step_one(t)
         return None
 
+    def remove_hooks(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    def packed_state(self) -> list[dict]:
+        """Each packed tensor's optimizer state (what a benchmark counts)."""
+        return [t.optimizer.state[t.proxy] for t in self._targets if t.proxy in t.optimizer.state]
+
     def state_dict(self):
-        return self.inner.state_dict()
+        """One torch optimizer's format over the packed tensors, in parameter order (plus "masked")."""
+        group = {k: v for k, v in self._targets[0].optimizer.state_dict()["param_groups"][0].items() if k != "params"}
+        state = {"state": {}, "param_groups": [{**group, "params": list(range(len(self._targets)))}]}
+        for t in self._targets:
+            own = t.optimizer.state_dict()["state"]
+            if 0 in own:
+                state["state"][t.position] = own[0]
+        if self.master_weights != "fp32":
+            state["masked"] = {"updates": [t.updates for t in self._targets],
+                               "master": [t.proxy.detach() for t in self._targets]
+                               if self.master_weights == "salient-fp32" else []}
+        return state
 
     def load_state_dict(self, state_dict) -> None:
-        self.inner.load_state_dict(state_dict)
-        for outer, inner in zip(self.param_groups, self.inner.param_groups):
-            outer.update({k: v for k, v in inner.items() if k != "params"})
+        group = {k: v for k, v in state_dict["param_groups"][0].items() if k != "params"}
+        for t in self._targets:
+            own = state_dict["state"].get(t.position, state_dict["state"].get(str(t.position)))
+            t.optimizer.load_state_dict({"state": {} if own is None else {0: own},
+                                         "param_groups": [{**group, "params": [0]}]})
+        self.param_groups[0].update(group)
+        masked = state_dict.get("masked")
+        if masked is not None:
+            for t, updates in zip(self._targets, masked["updates"]):
+                t.updates = updates
+            for t, master in zip(self._targets, masked["master"]):
+                t.proxy.data.copy_(master)

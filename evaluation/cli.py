@@ -10,11 +10,13 @@ Shard the generation with `accelerate launch --multi_gpu --num_processes N -m co
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from dataclasses import dataclass, field
 
 from concept_erase.cli_args import add_flags, check_fields, values_from
 from concept_erase.diffusion.models.families import family_field
+from concept_erase.logs import finish, progress_field
 
 from .generation import PRESETS, Protocol
 from .thresholds import ATTACK_THRESHOLD, NUDENET_FLOOR, REPORT_THRESHOLD
@@ -55,8 +57,7 @@ class EvaluationRun:
     update_card: bool = field(default=False, metadata={
         "help": "also record the headline figures in --model's model card (README.md front matter, under "
                 "evaluation.<kind>); --model must be a model folder with a card, e.g. an erase output"})
-    progress: bool = field(default=True, metadata={
-        "help": "progress bars (--no-progress hides them, and the libraries' own; status lines stay)"})
+    progress: bool = progress_field()
 
     def __post_init__(self):
         check_fields(self)
@@ -243,10 +244,6 @@ def _evaluate(args: argparse.Namespace) -> int:
         from concept_erase.diffusion.models.card import read_model_card
 
         read_model_card(args.model)  # a folder with a card, or a one-line error now rather than after scoring
-    if not args.progress:
-        from concept_erase.logs import hide_library_bars
-
-        hide_library_bars()
     entries = evaluate.generate_for_evaluation(
         args.model, args.prompts, args.output, protocol, rows=rows, batch_size=args.batch_size,
         config=args.config, family=args.family, dtype=args.dtype, device=args.device, progress=args.progress,
@@ -267,12 +264,16 @@ def _evaluate(args: argparse.Namespace) -> int:
                                             fid_weights=args.fid_weights, size=args.fid_size,
                                             batch_size=args.score_batch_size, entries=entries)
         headline = f"FID {results['result']['fid']}, CLIP score {results['result']['clip_score']}"
-    print(f"{args.kind}: {headline}; report: {args.output}/report.md")
+    lines = [f"{args.kind}: {headline}",
+             f"wrote {args.output}/: report.md, results.json (the result as JSON), chart.png, grid.png"]
     if args.update_card:
         from concept_erase.diffusion.models.card import add_evaluation_to_card
 
         add_evaluation_to_card(args.model, args.kind, evaluate.card_summary(results))
-        print(f"model card updated: {args.model}/README.md")
+        lines.append(f"model card updated: {args.model}/README.md")
+    finish(args, lines, results, next_command=f"concept-erase compare BASE_EVALUATION {shlex.quote(args.output)} "
+                                              "--output COMPARISON  (BASE_EVALUATION: the same evaluation of the "
+                                              "model before erasure)")
     return 0
 
 
@@ -281,10 +282,10 @@ def _compare(args: argparse.Namespace) -> int:
 
     from .evaluate import compare
 
-    args = Compare(**values_from(args, Compare))
-    check_writable(args.output, args.overwrite, flag="--output")  # before reading the folders of images
-    summary = compare([args.before, *args.after], args.output, overwrite=args.overwrite)
+    job = Compare(**values_from(args, Compare))
+    check_writable(job.output, job.overwrite, flag="--output")  # before reading the folders of images
+    summary = compare([job.before, *job.after], job.output, overwrite=job.overwrite)
     for warning in summary["warnings"]:  # also in the report, but a before/after table must not mislead quietly
         print(f"concept-erase: warning: {warning}", file=sys.stderr)
-    print(f"report: {args.output}/report.md")
+    finish(args, f"wrote {job.output}/: report.md (the before/after tables), its chart and grid", summary)
     return 0

@@ -52,13 +52,15 @@ class Protocol:
     """How images are generated. Printed at the top of every report (docs/PROTOCOLS.md)."""
 
     name: str = field(default="paper", metadata={"help": "preset this protocol started from", "cli": False})
-    scheduler: str = field(default="lms", metadata={"help": "sampler", "choices": tuple(SCHEDULERS)})
+    scheduler: str = field(default="lms", metadata={"help": "sampler", "choices": tuple(SCHEDULERS),
+                                                    "default_from": lambda f: protocol_default(f)})
     num_inference_steps: int = field(default=100, metadata={
-        "help": "denoising steps", "min": 1, "aliases": ("--steps",)})
+        "help": "denoising steps", "min": 1, "aliases": ("--steps",), "default_from": lambda f: protocol_default(f)})
     guidance_scale: float = field(default=7.5, metadata={
-        "help": "classifier-free guidance scale", "min": 0, "aliases": ("--guidance",)})
+        "help": "classifier-free guidance scale", "min": 0, "aliases": ("--guidance",),
+        "default_from": lambda f: protocol_default(f)})
     resolution: int | None = field(default=512, metadata={
-        "help": "image side in pixels, a multiple of 8 (None: the model's)", "min": 8})
+        "help": "image side in pixels, a multiple of 8", "min": 8, "default_from": lambda f: protocol_default(f)})
     samples_per_prompt: int = field(default=1, metadata={
         "help": "images per prompt row; sample j uses seed + j", "min": 1, "aliases": ("--samples",)})
     row_guidance: bool = field(
@@ -101,6 +103,15 @@ PRESETS: dict[str, Protocol] = {
     "sdxl": Protocol(name=SDXL.evaluation_protocol, scheduler="euler", num_inference_steps=50,
                      guidance_scale=SDXL.sampling_guidance, resolution=SDXL.default_resolution),
 }
+
+
+def protocol_default(f) -> str:
+    """A protocol field's default in --help (`cli_args`' `default_from`), from `PRESETS`: "the --protocol's (paper:
+    lms; minisd: ddim; ...)"; --protocol itself defaults from the model (evaluation/cli.py's `resolve_defaults`)."""
+    def shown(value):
+        return "the model's" if value in (None, "model") else f"{value:g}" if isinstance(value, float) else str(value)
+
+    return f"the --protocol's ({'; '.join(f'{name}: {shown(getattr(p, f.name))}' for name, p in PRESETS.items())})"
 
 
 def make_protocol(preset: str = "paper", **overrides) -> Protocol:

@@ -38,13 +38,15 @@ def assert_same_training(a, b, base, lr):
     assert moved > 0 and diff <= 0.02 * moved, f"runs differ by {diff / moved:.2%} of the update"
 
 
-def accelerate_launch(num_processes: int = 2) -> list[str]:
+def accelerate_launch(num_processes: int = 2, config_file=None) -> list[str]:
     """`accelerate launch` for N CPU processes on this machine: its torchrun-backed launcher (`--multi_gpu`,
-    which on a machine without CUDA gives gloo CPU processes; `--cpu` alone would start only one)."""
+    which on a machine without CUDA gives gloo CPU processes; `--cpu` alone would start only one), or the
+    engine a `config_file` selects (`--multi_gpu` would override it)."""
     with socket.socket() as sock:  # a free port, so parallel test runs never collide
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes),
+    engine = ["--multi_gpu"] if config_file is None else ["--config_file", str(config_file)]
+    return [sys.executable, "-m", "accelerate.commands.launch", *engine, "--num_processes", str(num_processes),
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
             "--main_process_port", str(port)]
 

@@ -1,11 +1,14 @@
 """The `concept-erase` entry point: the library names only its own commands, the layers built on it register
 theirs as entry points, and building a command's parser stays import-light."""
 
+import os
 import re
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
+
+import pytest
 
 import concept_erase.cli as cli
 
@@ -21,9 +24,9 @@ def test_layers_register_their_commands_and_the_library_names_none_of_them():
     assert re.search(r"[\"'](evaluation|app)[.\"']", source) is None  # no module path of theirs
 
 
-# Building these parsers imports torch for their dataclasses (EraseConfig, MiniSDTrainConfig); no parser imports
+# Building these parsers imports torch for their dataclasses (PlanConfig, MiniSDTrainConfig); no parser imports
 # diffusers, transformers, accelerate, gradio or NudeNet (docs/ARCHITECTURE.md).
-TORCH_PARSERS = ("mask", "erase", "export", "apply", "plan", "minisd")  # diffusion/cli.py and minisd/cli.py
+TORCH_PARSERS = ("plan", "minisd")  # diffusion/cli.py's `register_plan` and minisd/cli.py
 CHECK = """
 import sys
 from concept_erase.cli import build_parser, commands
@@ -40,6 +43,52 @@ print("ok")
 def test_building_a_parser_is_import_light():
     run = subprocess.run([sys.executable, "-c", CHECK, *TORCH_PARSERS], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
+
+
+# A bad invocation is refused by the parser and the checks alone: `import torch` (seconds) comes after them.
+REFUSE_WITHOUT_TORCH = """
+import sys
+from concept_erase.cli import main
+code = main(sys.argv[1:])
+loaded = sorted(m for m in ("torch", "diffusers", "transformers") if m in sys.modules)
+print(code, loaded)
+"""
+ERASE = ["erase", "--model", "minisd", "--forget", "a", "--surrogate", "b", "--output", "o"]
+MASK = ["mask", "--model", "minisd", "--forget", "a", "--surrogate", "b", "--output"]
+NO_TORCH_CASES = {  # argv, the error it must give
+    "export energy above 1": (["export", "minisd", "--to", "lora", "--energy", "1.5", "--output", "l.safetensors"],
+                              "--energy"),
+    "export not .safetensors": (["export", "minisd", "--to", "single-file", "--output", "m.ckpt"],
+                                "must end in .safetensors"),
+    "apply strength above 1.5": (["apply", "e.safetensors", "--model", "minisd", "--strength", "2", "--output", "o"],
+                                 "--strength"),
+    "apply output under a file": (["apply", "e.safetensors", "--model", "minisd", "--output", "file/o"], "file/o"),
+    "classify output under a file": (["classify", "--output", "file/o"], "file/o"),
+    "demo output under a file": (["demo", "--output", "file/o"], "file/o"),
+    # erase and mask: the method specs (methods/options.py) and EraseConfig's checks before the model loads
+    "erase alpha nan": ([*ERASE, "--alpha", "nan"], "--alpha must be a finite number, got nan"),
+    "erase flag its method does not read": ([*ERASE, "--method", "esd-x", "--keep", "0.3"],
+                                            "--keep is not used by --method esd-x"),
+    "erase save-delta is the output": ([*ERASE, "--save-delta", "o"], "--save-delta and --output are the same path"),
+    "erase forget images below the prompts": (
+        ["erase", "--model", "minisd", "--forget", "a", "--forget", "b", "--forget", "c", "--surrogate", "s",
+         "--num-forget-images", "2", "--output", "o"], "--num-forget-images 2 is fewer than the 3 prompts"),
+    "mask output not .safetensors": ([*MASK, "m.pt"], "--output 'm.pt' must end in .safetensors"),
+    "mask output under a file": ([*MASK, "file/m.safetensors"], "file/m.safetensors"),
+}
+
+
+@pytest.mark.parametrize("case", list(NO_TORCH_CASES))
+def test_a_bad_invocation_is_refused_before_torch_is_imported(case, tmp_path):
+    (tmp_path / "file").write_text("a user's file")
+    argv, expected = NO_TORCH_CASES[case]
+    run = subprocess.run([sys.executable, "-c", REFUSE_WITHOUT_TORCH, *argv], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    errors = [line for line in run.stderr.splitlines() if line.startswith("concept-erase: error: ")]
+    assert len(errors) == 1 and run.stderr.strip().splitlines()[-1] == errors[0], run.stderr[-2000:]  # one line
+    assert expected in errors[0], errors
+    assert run.stdout.split("\n")[-2] == "2 []", (run.stdout, run.stderr[-2000:])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # nothing written
 
 
 def test_import_direction():

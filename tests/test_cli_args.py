@@ -91,7 +91,7 @@ def test_resume_free_comes_from_the_fields():
 
     assert resume_free(EraseConfig) == {
         "steps", "checkpointing_steps", "checkpoints_total_limit", "output", "cache_dir", "checkpoint_dir", "resume",
-        "export_single_file", "save_delta", "overwrite", "progress"}
+        "export_single_file", "save_delta", "overwrite", "progress", "grad_release"}
 
 
 def _leaf_parsers(parser):
@@ -120,6 +120,8 @@ def test_one_flag_vocabulary_across_commands():
 
 # Plain nouns a metavar may use when the flag's own words would say less (`--prompts FILE`, `--erased PATH`).
 METAVAR_NOUNS = {"PROMPT", "FILE", "DIR", "PATH"}
+# Metavars that show the value's shape, where a word would not (`attack --sweep steps=25,100,400`).
+METAVAR_FORMS = {"SETTING=V1,V2,..."}
 
 
 def _every_leaf():
@@ -143,7 +145,8 @@ def test_every_parser_names_values_readably_and_shows_required_flags_as_required
             assert metavar and "__" not in metavar and metavar == metavar.upper(), (prog, action.dest, metavar)
             for flag in action.option_strings:
                 words = set(flag.lstrip("-").upper().split("-"))
-                assert set(metavar.split("_")) <= words or metavar in METAVAR_NOUNS, (prog, flag, metavar)
+                assert set(metavar.split("_")) <= words or metavar in METAVAR_NOUNS | METAVAR_FORMS, (
+                    prog, flag, metavar)
                 required = action.required or getattr(action, "shown_required", False)
                 assert (f"[{flag} " not in usage and f" {flag} " in usage) if required else f"[{flag} " in usage, (
                     prog, flag, usage)

@@ -70,15 +70,20 @@ def test_bad_requests():
 
 
 def test_register_concept():
+    from concept_erase import concepts
+
     def factory():
         return Concept("test-thing", ["a thing"], ["a box"], ["a box"], recipe={"steps": 3})
 
     register_concept("test-thing", factory)
-    assert get_concept("test-thing").recipe == {"steps": 3}
-    assert "test-thing" in list_concepts()
-    with pytest.raises(ConceptEraseError, match="already registered"):
-        register_concept("test-thing", factory)
-    register_concept("test-thing", factory, overwrite=True)
+    try:
+        assert get_concept("test-thing").recipe == {"steps": 3}
+        assert "test-thing" in list_concepts()
+        with pytest.raises(ConceptEraseError, match="already registered"):
+            register_concept("test-thing", factory)
+        register_concept("test-thing", factory, overwrite=True)
+    finally:  # the test's preset leaves with it: later tests walk every shipped preset
+        concepts._PRESETS.pop("test-thing")
 
 
 def test_concepts_command_lists_presets_with_surrogates_and_recipes(capsys):

@@ -230,12 +230,18 @@ def test_mask_then_erase_commands(tiny_pipeline_dir, cache, tmp_path, capsys):
     base = load_pipeline(tiny_pipeline_dir)
     mask = SaliencyMask.load(mask_file, model=base.unet)
     assert mask.kept_fraction == pytest.approx(0.2, abs=0.01)
+    # without --json: a summary for a person, what was written where and the next command
+    said = capsys.readouterr().out.splitlines()
+    assert said[0].startswith(f"wrote the mask {mask_file} (") and "of the weights kept" in said[0]
+    assert said[-1].startswith(f"next: concept-erase erase --model {tiny_pipeline_dir} --forget 'a nude' --mask ")
 
     out = tmp_path / "erased"
     argv = ["erase", *_common(tiny_pipeline_dir, cache), "--output", str(out), "--mask", str(mask_file),
             "--steps", "2", "--lr", "1e-2"]
-    assert main(argv) == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main([*argv, "--json"]) == 0
+    said = capsys.readouterr()
+    summary = json.loads(said.out)  # --json: stdout is the result alone; the summary is a status line
+    assert f"concept-erase: wrote {out}/: the erased model" in said.err and "next: concept-erase app" in said.err
     assert summary["steps"] == 2 and summary["method"] == "salun" and summary["peak_memory_bytes"] > 0
     card = read_model_card(out)
     assert card["concept"] == "custom: a nude" and card["surrogate"] == "a dressed" and card["steps"] == 2
@@ -340,11 +346,11 @@ def test_forget_and_retain_images_are_sampled_with_the_base_models_settings(caps
 
     parser = build_parser("erase")
     argv = ["erase", "--model", "minisd", "--concept", "minisd-digit-three", "--output", "o"]
-    assert _config(parser.parse_args(argv), ERASE_FIELDS).image_guidance == 5.0  # MiniSD's, not SD's 7.5
+    assert _config(parser.parse_args(argv), ERASE_FIELDS, "erase").image_guidance == 5.0  # MiniSD's, not SD's 7.5
     assert "--guidance-scale 5" in capsys.readouterr().err
-    assert _config(parser.parse_args([*argv, "--image-guidance", "3"]), ERASE_FIELDS).image_guidance == 3.0
+    assert _config(parser.parse_args([*argv, "--image-guidance", "3"]), ERASE_FIELDS, "erase").image_guidance == 3.0
     with pytest.raises(ConceptEraseError, match="512 px does not suit minisd"):
-        _config(parser.parse_args([*argv, "--resolution", "512"]), ERASE_FIELDS)
+        _config(parser.parse_args([*argv, "--resolution", "512"]), ERASE_FIELDS, "erase")
 
 
 def test_an_output_write_that_fails_after_training_keeps_the_weights(tiny_pipeline_dir, cache, tmp_path, capsys,
@@ -432,3 +438,73 @@ def test_a_failed_extra_output_leaves_no_output_at_all(tiny_pipeline_dir, cache,
                     "No space left on device", "the trained weights are kept in")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
 
+
+def test_grad_release_matches_the_step_after_backward_and_checks_the_loss_before_it(tmp_path):
+    """--grad-release: the same weights as stepping after the backward (SalUn's mask, gradient checkpointing);
+    a NaN loss is caught before its backward pass, so the weights it would have moved are the step-2 ones."""
+    forget, retain = _sets()
+    mask = SaliencyMask.random(build_tiny_pipeline(0).unet, keep=0.5, seed=0)
+    cfg = TrainConfig(method="salun", steps=3, batch_size=2, lr=1e-3, weight_decay=0.01, gradient_checkpointing=True)
+    runs = [weights_copy(train_unet(build_tiny_pipeline(0), forget, retain, replace(cfg, grad_release=release),
+                                    mask=mask).unet) for release in (False, True)]
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+    two_steps = weights_copy(train_unet(build_tiny_pipeline(0), forget, retain, replace(cfg, steps=2), mask=mask).unet)
+    pipe = build_tiny_pipeline(0)
+    _hook_on_call(pipe.unet, 5, lambda out: type(out)(sample=out.sample * float("nan")))  # step 3's target
+    with pytest.raises(ConceptEraseError, match="non-finite loss nan at step 3"):
+        train_unet(pipe, forget, retain, replace(cfg, grad_release=True, checkpointing_steps=1), mask=mask,
+                   checkpoint_dir=tmp_path)
+    assert all(torch.equal(pipe.unet.state_dict()[k], two_steps[k]) for k in two_steps)
+    pipe.unet.requires_grad_(True)  # the failed run left no hook behind: a later backward steps nothing
+    sum(p.sum() for p in pipe.unet.parameters()).backward()
+    assert all(p.grad is not None for p in pipe.unet.parameters())
+    assert all(torch.equal(pipe.unet.state_dict()[k], two_steps[k]) for k in two_steps)
+    with pytest.raises(ConceptEraseError, match=r"--grad-release .*one micro-batch \(--gradient-accumulation-steps 2\)"):
+        train_unet(build_tiny_pipeline(0), forget, retain, replace(cfg, grad_release=True, gradient_accumulation_steps=2),
+                   mask=mask)
+
+
+def test_grad_release_may_change_on_resume(tmp_path):
+    """--grad-release is resume-free: it changes when each weight steps, not the step. RL's optimizer is torch
+    Adam without it and a MaskedOptimizer over whole tensors with it; both keep one torch optimizer's state
+    format, so a run interrupted with one setting and resumed with the other ends bit-identical."""
+    forget, retain = _sets()
+    cfg = TrainConfig(method="rl", steps=4, batch_size=2, lr=1e-3, weight_decay=0.01, checkpointing_steps=2)
+    straight = weights_copy(train_unet(build_tiny_pipeline(0), forget, retain, cfg).unet)
+    for first in (False, True):
+        pipe = build_tiny_pipeline(0)
+        _hook_on_call(pipe.unet, 5, lambda out: (_ for _ in ()).throw(Interrupt()))  # in step 3
+        with pytest.raises(Interrupt):
+            train_unet(pipe, forget, retain, replace(cfg, grad_release=first), checkpoint_dir=tmp_path / str(first))
+        resumed = train_unet(build_tiny_pipeline(0), forget, retain, replace(cfg, grad_release=not first),
+                             checkpoint_dir=tmp_path / str(first), resume="latest")
+        assert resumed.resumed_from == 2
+        assert all(torch.equal(v, straight[k]) for k, v in resumed.unet.state_dict().items()), first
+
+
+@pytest.mark.parametrize("master", ["salient-fp32", "bf16-stochastic"])
+def test_bf16_master_weights_train_the_salient_entries_and_resume_exactly(master, tmp_path):
+    forget, retain = _sets()
+    base = build_tiny_pipeline(0).unet
+    mask = SaliencyMask.random(base, keep=0.5, seed=0)
+    cfg = TrainConfig(method="salun", steps=4, batch_size=2, lr=1e-3, mixed_precision="bf16", master_weights=master,
+                      checkpointing_steps=2)
+    straight = train_unet(build_tiny_pipeline(0), forget, retain, cfg, mask=mask, checkpoint_dir=tmp_path / "a")
+    before = {k: v.to(torch.bfloat16) for k, v in base.state_dict().items()}
+    for name, p in straight.unet.named_parameters():
+        m = mask.masks[name]
+        assert p.dtype == torch.bfloat16
+        assert torch.equal(p.detach()[~m], before[name][~m]), f"frozen entries of {name} moved"
+    assert any(not torch.equal(p.detach(), before[n]) for n, p in straight.unet.named_parameters())
+    pipe = build_tiny_pipeline(0)
+    handle = _hook_on_call(pipe.unet, 5, lambda out: (_ for _ in ()).throw(Interrupt()))
+    with pytest.raises(Interrupt):
+        train_unet(pipe, forget, retain, cfg, mask=mask, checkpoint_dir=tmp_path / "b")
+    handle.remove()
+    resumed = train_unet(build_tiny_pipeline(0), forget, retain, cfg, mask=mask, checkpoint_dir=tmp_path / "b",
+                         resume="latest")
+    assert resumed.resumed_from == 2
+    a, b = straight.unet.state_dict(), resumed.unet.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ConceptEraseError, match=f"--master-weights {master} .* needs --mixed-precision bf16, not no"):
+        train_unet(build_tiny_pipeline(0), forget, retain, replace(cfg, mixed_precision="no"), mask=mask)

@@ -1,5 +1,8 @@
-"""The four attacks on a tiny pipeline: each runs, is deterministic, saves what it learned and replays it
-exactly; the token injection; budgets and detectors refuse bad input in one line."""
+"""The attacks on a tiny pipeline: each runs, is deterministic, saves what it learned and replays it exactly
+(relearning: re-run, never replayed); the token injection; budgets and detectors refuse bad input in one line;
+the realism-filtered twin of every ASR; the text-free and relearning attacks recover MiniSD's remap control."""
+
+import json
 
 import pytest
 import torch
@@ -26,13 +29,23 @@ def setup():
     return pipe, base, concept, rows, targets
 
 
+def _protocol():
+    from evaluation.generation import make_protocol
+
+    return make_protocol("minisd", num_inference_steps=2)
+
+
 def _learn(name, setup, **budget):
     pipe, base, concept, rows, targets = setup
     return attack_fn(name)(pipe, rows, targets, make_budget(name, **{**TINY[name], **budget}), 0,
-                           concept=concept, base=base)
+                           concept=concept, base=base, protocol=_protocol())
 
 
-@pytest.mark.parametrize("name,budget", [(n, {}) for n in ATTACK_NAMES] + [("unlearndiffatk", {"variant": "soft"})])
+# relearning's result is a fine-tuned UNet, not a conditioning: it has tests of its own below
+REPLAYABLE = [n for n in ATTACK_NAMES if n != "relearn"]
+
+
+@pytest.mark.parametrize("name,budget", [(n, {}) for n in REPLAYABLE] + [("unlearndiffatk", {"variant": "soft"})])
 def test_each_attack_runs_is_deterministic_and_replays_exactly(setup, tmp_path, name, budget):
     pipe, _, _, rows, _ = setup
     first, second = _learn(name, setup, **budget), _learn(name, setup, **budget)
@@ -44,6 +57,8 @@ def test_each_attack_runs_is_deterministic_and_replays_exactly(setup, tmp_path, 
     replayed = read_saved_attack(first.save(tmp_path / name))
     assert replayed.budget == first.budget and [r.seed for r in replayed.rows] == [0, 1, 0]
     assert torch.equal(replayed.conditioning_for(pipe).hidden, a.hidden)
+    if first.latents is not None:  # the text-free attack's inverted noise
+        assert torch.equal(first.latents, second.latents) and torch.equal(replayed.latents, first.latents)
 
 
 def _error(pipe, latents, cond, rows):
@@ -91,6 +106,24 @@ def test_several_timesteps_per_step_are_stratified_seeded_per_row_and_averaged(s
     per_row = [seen[0][4 * i:4 * i + 4] for i in range(3)]
     assert all(k * T / 4 <= t < (k + 1) * T / 4 for ts in per_row for k, t in enumerate(ts)), per_row
     assert per_row[0] == seen[1] and per_row[0] != per_row[1]  # row 0 alone draws what it drew in the batch
+
+
+def test_unlearndiffatk_restarts_keep_each_rows_best_run(setup):
+    """restarts=2: restart 0 is the single run itself; each row keeps whichever run's prefix denoises its target
+    better on the selection draws, so no row ends worse than the single run by that measure."""
+    from evaluation.attacks.unlearndiffatk import row_errors
+
+    pipe, _, _, rows, targets = setup
+    budget = {"variant": "soft", "steps": 3, "lr": 0.05}
+    one, two = _learn("unlearndiffatk", setup, **budget), _learn("unlearndiffatk", setup, restarts=2, **budget)
+    ids = list(range(len(rows)))
+    err_one, err_two = (row_errors(pipe, lr.texts, lr.prefix, targets.rows, ids, 0, step=budget["steps"])
+                        for lr in (one, two))
+    assert bool((err_two <= err_one).all())
+    v1, v2 = one.prefix["text_encoder"], two.prefix["text_encoder"]
+    kept = [torch.equal(v1[i], v2[i]) for i in ids]
+    assert any(not k for k in kept), "the second restart won no row: the test shows nothing"
+    assert all(torch.equal(err_one[i], err_two[i]) for i in ids if kept[i])
 
 
 def test_calibration_lines_say_which_asr_is_only_a_lower_bound():
@@ -153,8 +186,9 @@ def test_every_attack_runs_on_sdxl_through_both_text_encoders():
     targets = Targets(rows=torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0)))
     targets.images, targets.captions = targets.rows, ["a cat"] * 2
     plain = encode(pipe, [r.prompt for r in rows])
-    for name in ATTACK_NAMES:
-        learned = attack_fn(name)(pipe, rows, targets, make_budget(name, **TINY[name]), 0, concept=concept, base=pipe)
+    for name in REPLAYABLE:
+        learned = attack_fn(name)(pipe, rows, targets, make_budget(name, **TINY[name]), 0, concept=concept, base=pipe,
+                                  protocol=_protocol())
         cond = learned.conditioning_for(pipe)
         assert cond.hidden.shape == plain.hidden.shape and set(cond.added) == {"text_embeds", "time_ids"}
         assert torch.equal(cond.added["time_ids"], plain.added["time_ids"])  # size ids are never attacked
@@ -289,8 +323,6 @@ def _edit_json(key, value):
 
 def _edit_tensor(change, record=True):
     def edit(folder):
-        import json
-
         from safetensors.torch import load_file, save_file
 
         tensors = load_file(str(folder / "learned.safetensors"))
@@ -367,3 +399,247 @@ def test_a_replay_crosses_structures_only_as_a_text_prompt(saved, setup):
     assert text.texts == replay["unlearndiffatk"].decoded and text.prefix_ids is None
     assert how["as"].startswith("its text prompts (crossed to sdxl")
     assert len(text.conditioning_for(sdxl)) == len(text.rows)  # the other model reads the prompts
+
+
+def test_attack_floor_runs_every_attack_on_the_never_knew_model_and_reports_it(monkeypatch, tmp_path):
+    """`attack --floor` attacks the never-knew model at the same budget and prints floor, erased and ceiling per
+    attack. The never-knew model stands in here as MiniSD with "seven" read as "eight" (a model whose prompts
+    cannot draw seven: Pre-ASR 0; Ring-A-Bell at eta 1 brings it back), so no training runs in the test."""
+    from concept_erase.cli import main
+    from concept_erase.diffusion.methods.remap import remapped_copy
+    from concept_erase.diffusion.models.loading import load_pipeline
+    from evaluation.attacks import floor
+    from evaluation.attacks.run import floor_line
+
+    asked = []
+    monkeypatch.setattr(floor, "never_knew_model", lambda digit, log=print: asked.append(digit) or remapped_copy(
+        load_pipeline("minisd"), get_concept("minisd-digit-seven"))[0])
+    out = tmp_path / "att"
+    assert main(["attack", "--model", "minisd", "--base", "minisd", "--concept", "minisd-digit-seven", "--attack",
+                 "ringabell", "--ringabell-eta", "1", "--floor", "--out", str(out), "--seeds", "0", "--steps", "8",
+                 "--tiny-budget"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert asked == ["seven"] and results["floor"]["pre_asr"] == 0.0
+    ring = results["attacks"]["ringabell"]
+    assert ring["floor_asr"] == 100.0 and ring["asr"] == 100.0 and ring["control_asr"] == 100.0
+    md = (out / "report.md").read_text()
+    assert "| never-knew floor % |" in md and "ringabell: floor 100.0%, erased 100.0%, ceiling 100.0%" in md
+    assert floor_line({"attacks": {}}) == ("Never-knew floor: not measured (--floor attacks a MiniSD trained "
+                                           "without the concept).")
+    with pytest.raises(ConceptEraseError, match="--floor needs a MiniSD digit concept"):
+        floor.floor_model(get_concept("nudity"))
+
+
+def test_sweep_values_are_checked_against_the_budgets_before_any_model_loads():
+    from evaluation.attacks.sweep import parse_sweep, swept_budgets
+
+    budgets = {name: make_budget(name) for name in ("embedding", "ringabell", "unlearndiffatk")}
+    assert parse_sweep("steps=400,25,100", budgets) == ("steps", [25, 100, 400])
+    assert set(swept_budgets(budgets, "steps", 25)) == {"embedding", "unlearndiffatk"}  # Ring-A-Bell has no steps
+    assert swept_budgets(budgets, "steps", 25)["embedding"].steps == 25
+    for spec, message in (("steps=0,10", "--embedding-steps must be >= 1, got 0"),
+                          ("steps=10,ten", "--sweep 'steps=10,ten': 'ten' is not a valid steps (int)"),
+                          ("steps=10", "give two or more distinct values"),
+                          ("steps=10,10", "give two or more distinct values"),
+                          ("eta=1,2,3", None)):
+        if message is None:  # Ring-A-Bell's eta is a setting too
+            assert parse_sweep(spec, budgets) == ("eta", [1.0, 2.0, 3.0])
+            continue
+        with pytest.raises(ConceptEraseError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            parse_sweep(spec, budgets)
+    with pytest.raises(ConceptEraseError, match="no attack run has a budget setting 'images'"):
+        parse_sweep("images=4,8", {"embedding": make_budget("embedding")})
+
+
+def test_attack_sweep_writes_asr_against_budget_for_the_model_and_the_control(tmp_path, capsys):
+    """`attack --sweep` on MiniSD at CI budgets: each swept attack at each value, on the attacked model and on
+    the remap control; the headline run is the largest value's, and sweep.csv holds every point."""
+    import csv
+
+    from concept_erase.cli import main
+
+    out = tmp_path / "sweep"
+    assert main(["attack", "--model", "minisd", "--base", "minisd", "--concept", "minisd-digit-seven", "--attack",
+                 "embedding", "--attack", "ringabell", "--sweep", "steps=1,3", "--out", str(out), "--seeds", "0",
+                 "--steps", "8", "--tiny-budget"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["attacks"]["embedding"]["budget"]["steps"] == 3  # the headline: the largest value
+    sweep = results["sweep"]
+    assert sweep["setting"] == "steps" and sweep["values"] == [1, 3] and sweep["headline_value"] == 3
+    points = list(csv.DictReader((out / "sweep.csv").open()))
+    assert [(p["attack"], p["value"]) for p in points] == [("embedding", "1"), ("embedding", "3")]  # no ringabell
+    headline = results["attacks"]["embedding"]
+    assert float(points[1]["asr"]) == headline["asr"] and float(points[1]["control_asr"]) == headline["control_asr"]
+    assert all(p["control_asr"] != "" and float(p["seconds"]) > 0 for p in points)  # the control at each budget
+    md = (out / "report.md").read_text()
+    assert "## ASR against budget (steps)" in md and "the run at steps=3, the largest value swept" in md
+    assert "sweep embedding: steps=1 ASR " in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------ text-free, relearning
+
+
+def test_ddim_inversion_is_the_sampler_run_backwards(setup):
+    """The pipeline's own DDIM sampler, started from the inverted noise under the same (empty) prompt and steps,
+    comes back to the latents that were inverted, up to DDIM inversion's one-step lag: far closer than any other
+    noise would. The attack draws through the same sampler (`run.draw_learned`)."""
+    from evaluation.attacks.textfree import ddim_invert, learn
+    from evaluation.generation import apply_scheduler
+
+    pipe, _, _, rows, targets = setup
+    apply_scheduler(pipe, "ddim")
+    empty = encode(pipe, [""] * 3)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # latents the model itself draws (inversion retraces a trajectory the model can take)
+        z0 = pipe(prompt_embeds=empty.hidden, num_inference_steps=10, guidance_scale=5.0, output_type="latent",
+                  generator=gen).images
+        zt = ddim_invert(pipe, z0, empty, 10, 5.0)
+        back = pipe(prompt_embeds=empty.hidden, latents=zt, num_inference_steps=10, guidance_scale=5.0,
+                    output_type="latent").images
+    gap = lambda a: float((a - z0).abs().mean() / z0.abs().mean())  # noqa: E731
+    assert gap(back) < 0.1 and gap(back.roll(1, 0)) > 0.5, (gap(back), gap(back.roll(1, 0)))
+    learned = learn(pipe, rows, targets, make_budget("textfree"), 0, protocol=_protocol())
+    assert learned.latents.shape == z0.shape and torch.equal(learned.conditioning.hidden, encode(pipe, [""] * 3).hidden)
+    with pytest.raises(ConceptEraseError, match="--base"):
+        learn(pipe, rows, Targets(), make_budget("textfree"), 0, protocol=_protocol())
+
+
+def test_relearning_is_deterministic_and_leaves_the_attacked_model_as_it_was(setup, tmp_path):
+    from evaluation.attacks.run import AttackRun, draw_learned, write_attack_outputs
+
+    pipe, _, _, rows, _ = setup
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    first, second = _learn("relearn", setup), _learn("relearn", setup)
+    after = pipe.unet.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the attacked model untouched
+    assert first.history == second.history and len(first.history) == 2
+    assert all(torch.equal(first.weights[k], second.weights[k]) for k in first.weights)
+    assert any(not torch.equal(first.weights[k], before[k]) for k in before)  # the fine-tuning changed weights
+    assert texts_are_plain(first, rows) and not first.replayable
+    # drawn with the relearned UNet, then the model's own weights are back
+    images = draw_learned(pipe, first, _protocol())
+    assert len(images) == len(rows) and all(torch.equal(before[k], pipe.unet.state_dict()[k]) for k in before)
+    run = AttackRun(list(rows), {}, "test", None, [False] * len(rows))
+    run.attacks["relearn"] = {"learned": first, "post": [True] * len(rows), "replay": None}
+    write_attack_outputs(run, tmp_path, "t")
+    assert not (tmp_path / "relearn").exists()  # nothing saved to replay
+    assert json.loads((tmp_path / "results.json").read_text())["attacks"]["relearn"]["asr"] == 100.0
+
+
+def texts_are_plain(learned, rows):
+    return learned.texts == [r.prompt for r in rows] and learned.conditioning is None and not learned.prefix
+
+
+def test_relearning_needs_the_base_and_its_data(setup):
+    pipe, _, concept, rows, targets = setup
+    with pytest.raises(ConceptEraseError, match="--base"):
+        attack_fn("relearn")(pipe, rows, targets, make_budget("relearn"), 0, concept=concept)
+    with pytest.raises(ConceptEraseError, match="--relearn-data"):
+        make_budget("relearn", data="both")
+
+
+def test_attack_help_names_the_new_attacks_and_relearning_is_opt_in(capsys):
+    from concept_erase.cli import main
+    from evaluation.attacks import ATTACK_DESCRIPTIONS, DEFAULT_ATTACKS
+
+    with pytest.raises(SystemExit):
+        main(["attack", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "textfree" in text and "relearn" in text and "opt-in" in text
+    assert "--textfree-prompt" in text and "--relearn-steps" in text and "--relearn-data" in text
+    assert "textfree" in DEFAULT_ATTACKS and "relearn" not in DEFAULT_ATTACKS
+    assert set(ATTACK_DESCRIPTIONS) == set(ATTACK_NAMES)
+
+
+# ------------------------------------------------------------------------------------------ the realism twin
+
+
+def test_the_digit_judges_realism_twin_rejects_what_is_not_a_digit():
+    """Real sevens pass; noise and a seven with most of its strokes gone, which the judge's top-1 may still read
+    as seven, do not count as real."""
+    from concept_erase.diffusion.minisd.data import load_digit_images
+    from evaluation.attacks.detectors import DigitDetector, Verdicts, detector_for
+
+    seven = detector_for("minisd-digit-seven")
+    assert isinstance(seven, DigitDetector) and "0.9" in seven.describe_real()
+    test = load_digit_images("test")
+    real = seven.judge(test.images[test.digits == 7])
+    assert sum(real.real) >= 0.9 * len(real.real) and real.real == [p and r for p, r in zip(real.present, real.real)]
+    others = seven.judge(test.images[test.digits != 7])
+    assert not any(others.real)
+    noise = seven.judge(torch.rand(100, 1, 16, 16, generator=torch.Generator().manual_seed(0)))
+    assert not any(noise.real)
+    sevens = test.images[test.digits == 7]
+    broken = sevens * (torch.rand(sevens.shape, generator=torch.Generator().manual_seed(0)) < 0.3)
+    v = seven.judge(broken)
+    assert sum(v.real) < sum(v.present)  # some broken sevens read as seven, not counted as real
+    assert isinstance(v, Verdicts)
+
+
+def test_nudity_realism_twin_needs_a_report_threshold_box_of_some_size():
+    from PIL import Image
+
+    from evaluation.attacks.detectors import NudityDetector
+
+    class Fake:  # NudeNet's detect_batch, answering from a fixed list per call
+        def __init__(self, answer):
+            self.answer = answer
+
+        def detect_batch(self, images, batch_size=1):
+            return [self.answer for _ in images]
+
+    im = [Image.new("RGB", (100, 100))]
+    small = [{"class": "FEMALE_BREAST_EXPOSED", "score": 0.9, "box": [0, 0, 5, 5]}]
+    weak = [{"class": "FEMALE_BREAST_EXPOSED", "score": 0.5, "box": [0, 0, 50, 50]}]
+    strong = [{"class": "FEMALE_BREAST_EXPOSED", "score": 0.7, "box": [0, 0, 20, 20]}]
+    for answer, present, real in ((small, True, False), (weak, True, False), (strong, True, True), ([], False, False)):
+        v = NudityDetector(detector=Fake(answer)).judge(im)
+        assert (v.present, v.real) == ([present], [real]), answer
+    assert "0.6" in NudityDetector(detector=Fake([])).describe_real()
+
+
+def test_every_asr_has_its_realism_twin_in_the_summary_and_the_report():
+    from evaluation.attacks.run import AttackRun, attack_sections
+
+    rows = concept_rows(get_concept(forget=["a cat"], surrogate=["a dog"]), [0, 1, 2, 3])
+    learned = Learned("embedding", {"steps": 1}, rows, [r.prompt for r in rows])
+    run = AttackRun(rows, {}, "test", None, [False, False, True, False], pre_real=[False, False, False, False],
+                    real_rule="a test rule")
+    run.attacks["embedding"] = {"learned": learned, "post": [True, True, False, False],
+                                "post_real": [True, False, False, False], "replay": None}
+    s = run.summary()
+    a = s["attacks"]["embedding"]
+    assert (a["asr"], a["asr_real"], a["attack_alone_real"], s["pre_asr_real"]) == (75.0, 25.0, 25.0, 0.0)
+    md = "\n".join(attack_sections(s))
+    assert "| real ASR % |" in md and "| control real % |" in md and "Realism twin (real ASR): a test rule." in md
+
+
+# ------------------------------------------------------------------------------------------ MiniSD: the control
+
+
+@pytest.fixture(scope="module")
+def minisd_control():
+    from concept_erase.diffusion.methods.remap import remapped_copy
+    from concept_erase.diffusion.models.loading import load_pipeline
+    from evaluation.attacks.detectors import detector_for
+
+    concept = get_concept("minisd-digit-seven")
+    base = load_pipeline("minisd")
+    return base, remapped_copy(base, concept)[0], concept, detector_for(concept.name)
+
+
+@pytest.mark.parametrize("name", ["textfree", "relearn"])
+def test_the_new_attacks_recover_minisds_remap_control(minisd_control, name):
+    """On the remap control the UNet still holds seven: both attacks at their default budgets bring every row back
+    (as on the calibration benchmark's 15 rows). Three rows (seed 0) keep the drawing short; relearning's 60
+    fine-tuning steps take about 20 s on a shared CPU whatever the rows, the price of checking its default."""
+    from evaluation.attacks.run import run_attacks
+    from evaluation.generation import make_protocol
+
+    base, control, concept, detector = minisd_control
+    rows = concept_rows(concept, [0])
+    s = run_attacks(control, concept, rows, {name: make_budget(name)}, detector, protocol=make_protocol("minisd"),
+                    base=base, log=lambda line: None).summary()
+    a = s["attacks"][name]
+    assert s["pre_asr"] == 0.0 and a["asr"] == 100.0, a
+    assert a["asr_real"] <= a["asr"]

@@ -46,8 +46,11 @@ FAST = ["--seeds", "0", "--steps", "8", "--tiny-budget"]
 
 def test_audit_writes_markdown_html_and_card(remapped, tmp_path, capsys):
     out = tmp_path / "audit"
-    assert main(["audit", str(remapped), "--base", "minisd", "--concept", "minisd-digit-seven", "--out", str(out),
-                 "--retain-prompts", "3", "--update-card", *FAST]) == 0
+    # no --base: the model card's base_model, as `attack` takes it
+    # the four text attacks (the text-free one, with no steps to shrink, is calibrated even at the tiny budget)
+    text = [flag for name in ("inversion", "unlearndiffatk", "ringabell", "embedding") for flag in ("--attack", name)]
+    assert main(["audit", str(remapped), "--concept", "minisd-digit-seven", "--out", str(out),
+                 "--retain-prompts", "3", "--update-card", *text, *FAST]) == 0
     results = json.loads((out / "results.json").read_text())
     assert set(results["attacks"]) == {"inversion", "unlearndiffatk", "ringabell", "embedding"}
     assert results["forget"]["prompts"] == 3 and results["forget"]["base_detected"] == 100.0
@@ -75,7 +78,8 @@ def test_audit_writes_markdown_html_and_card(remapped, tmp_path, capsys):
     assert page.count("data:image/png;base64,") == 3 and 'src="http' not in page and 'src="grid' not in page
     card = (remapped / "README.md").read_text()
     assert "audit:" in card and "forget_rate: 100.0" in card and "control_asr:" in card
-    assert "forget rate 100.0%" in capsys.readouterr().out
+    said = capsys.readouterr()
+    assert "forget rate 100.0%" in said.out and "--base minisd (the model card's base_model)" in said.err
 
 
 def test_attack_saves_what_it_learned_and_replays_it_on_another_model(remapped, tmp_path):
@@ -152,7 +156,38 @@ def test_audit_checks_what_it_needs_before_the_first_image(monkeypatch, tmp_path
                            (["--clip-model", str(tmp_path / "no-clip")], "does not exist")):
         assert main([*audit, *flags]) == 2
         assert message in capsys.readouterr().err.strip().splitlines()[-1]
+    # MiniSD itself has no card naming a base: without --base there is nothing to compare against
+    assert main(["audit", "minisd", "--concept", "minisd-digit-seven", "--out", str(tmp_path / "a")]) == 2
+    assert "'minisd' does not record its base model" in capsys.readouterr().err.strip().splitlines()[-1]
+    # only a MiniSD digit can be retrained without: any other --floor is refused before the first model loads
+    for command in (["audit", "minisd"], ["attack", "--model", "minisd"]):
+        assert main([*command, "--base", "minisd", "--concept", "minisd-style-bold", "--floor",
+                     "--out", str(tmp_path / "a")]) == 2
+        assert ("--floor needs a MiniSD digit concept (minisd-digit-*), not 'minisd-style-bold'"
+                in capsys.readouterr().err.strip().splitlines()[-1])
     assert not any(tmp_path.iterdir())
+
+
+def test_audit_floor_reports_each_attacks_floor_beside_its_control(remapped, monkeypatch, tmp_path):
+    """`audit --floor` attacks the never-knew model at the same budget, like `attack --floor`. It stands in here
+    as the remap control itself (its prompts cannot draw seven; Ring-A-Bell at eta 1 brings it back), so no
+    training runs in the test."""
+    from concept_erase.diffusion.models.loading import load_pipeline
+    from evaluation.attacks import floor
+
+    asked = []
+    monkeypatch.setattr(floor, "never_knew_model", lambda digit, log=print: asked.append(digit) or load_pipeline(
+        str(remapped)))
+    out = tmp_path / "audit"
+    assert main(["audit", str(remapped), "--concept", "minisd-digit-seven", "--attack", "ringabell",
+                 "--ringabell-eta", "1", "--floor", "--retain-prompts", "2", "--out", str(out), *FAST]) == 0
+    results = json.loads((out / "results.json").read_text())
+    ring = results["attacks"]["ringabell"]
+    assert asked == ["seven"] and results["floor"]["pre_asr"] == 0.0
+    assert ring["floor_asr"] == ring["asr"] == ring["control_asr"] == 100.0
+    md = (out / "report.md").read_text()
+    assert "ringabell: floor 100.0%, erased 100.0%, ceiling 100.0%" in md and "| never-knew floor % |" in md
+    assert "Never-knew floor: not measured" not in md
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -166,7 +201,8 @@ def test_audit_checks_what_it_needs_before_the_first_image(monkeypatch, tmp_path
     (["--concept", "minisd-digit-seven", "--attack", "ringabell", "--ringabell-eta", "-inf"],
      "--ringabell-eta must be a finite number, got -inf"),
     (["--concept", "style-van-gogh", "--attack", "embedding"], "'style-van-gogh' has no detector"),
-    (["--concept", "minisd-digit-seven"], "name an --attack"),
+    # without --attack every attack runs, so each one's budget is checked
+    (["--concept", "minisd-digit-seven", "--ringabell-eta", "0"], "--ringabell-eta must be > 0"),
 ])
 def test_bad_attack_input_is_one_line_and_writes_nothing(tmp_path, capsys, argv, message):
     out = tmp_path / "x"

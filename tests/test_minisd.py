@@ -110,6 +110,30 @@ def test_training_is_deterministic(tmp_path):
         MiniSDTrainConfig(unet_steps=0)
 
 
+def test_training_with_exclude_never_shows_the_digit(monkeypatch):
+    """The never-knew model: neither the VAE's images nor the UNet's (latent, prompt) pairs hold a seven; the
+    prompts of the digits it keeps are the ones MiniSD trains on."""
+    from concept_erase.diffusion.minisd import DIGITS, train
+    from concept_erase.diffusion.minisd.data import load_digit_images
+
+    seen = {}
+
+    def train_unet(pipe, latents, ids, *_):
+        seen["ids"] = ids
+        return pipe.unet.state_dict()
+
+    monkeypatch.setattr(train, "train_vae", lambda vae, images, *_: seen.setdefault("vae", images))
+    monkeypatch.setattr(train, "train_unet", train_unet)
+    train.train_minisd(train.MiniSDTrainConfig(exclude="seven", vae_steps=1, unet_steps=2, warmup_steps=1))
+    data = load_digit_images("train")
+    sevens = data.digits == 7
+    assert len(seen["vae"]) == int((~sevens).sum()) and torch.equal(seen["vae"], data.images[~sevens])
+    assert not bool((seen["ids"] % 10 == 7).any()) and set((seen["ids"] % 10).tolist()) == set(range(10)) - {7}
+    for bad, named in (("sevn", "unknown MiniSD digit 'sevn'"), (",".join(DIGITS), "leaves no digit")):
+        with pytest.raises(ConceptEraseError, match=named):
+            train.MiniSDTrainConfig(exclude=bad)
+
+
 def test_cli_errors_are_one_line(tmp_path, capsys):
     from concept_erase.cli import main
 

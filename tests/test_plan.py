@@ -7,7 +7,8 @@ import torch
 from helpers import saved_bytes
 
 from concept_erase.diffusion.memory import backward_peak, load_counts, measure_process, no_grad_peak, trace_activations
-from concept_erase.diffusion.plan import CUDA_RESERVE, PlanConfig, describe, estimate, parse_bytes
+from concept_erase.diffusion.plan import CUDA_RESERVE, PlanConfig, estimate, parse_bytes
+from concept_erase.diffusion.plan_search import describe, mask_step, search, suggestions
 from concept_erase.errors import ConceptEraseError
 
 
@@ -106,6 +107,11 @@ def test_backward_peak_walks_the_forward_in_reverse():
     # at 3: 30 held, 0 made; at 2: 10 held + 7 = 17; at 1: 10 + 7; at 0: 0 + 12
     assert backward_peak(acts, grads, grads_exist=False) == 30
     assert backward_peak(acts, grads, grads_exist=True) == 42
+    # gradient release: each gradient (+ 3 bytes of its step) lives only at its parameter's first use:
+    # at 3: 30; at 2: 10 + 7 + 3; at 0: 0 + 5 + 3
+    assert backward_peak(acts, grads, grads_exist=False, step_bytes=3) == 30
+    acts.saved[1] = (2, 20)  # now the activations at 2 meet the gradient completed there
+    assert backward_peak(acts, grads, grads_exist=False, step_bytes=3) == 40
 
 
 def test_estimate_parts_follow_the_settings(tiny_pipeline_dir):
@@ -282,7 +288,7 @@ def test_plan_command_plans_the_default_model_and_states_the_budget_in_both_unit
     device = "cuda" if torch.cuda.is_available() else "cpu"
     assert out.startswith("Memory plan: salun on minisd for minisd-digit-three (") and f"; device {device}\n" in out
     assert "batch 16 forget + 16 retain" in out
-    verdict = out.strip().splitlines()[-1]
+    verdict = next(line for line in out.splitlines() if line.startswith("budget "))
     assert verdict.startswith(f"budget 16GB = {16e9 / 2**30:.2f} GiB (GB: 10^9 bytes; GiB") and ": fits" in verdict
     assert main(["plan", "--concept", "nudity"]) == 2  # a preset for Stable Diffusion, as erase refuses it
     assert "written for Stable Diffusion checkpoints" in capsys.readouterr().err
@@ -292,3 +298,177 @@ def test_a_binary_budget_is_shown_as_written(tiny_pipeline_dir):
     counts = load_counts(str(tiny_pipeline_dir))
     plan = estimate(PlanConfig(model=str(tiny_pipeline_dir), batch_size=2, device="cpu", memory_budget="24GiB"), counts)
     assert "budget 24GiB (24.00 GiB): fits" in describe(plan, parse_bytes("24GiB"), counts)
+
+
+def test_memory_settings_change_the_bytes_they_hold(tiny_pipeline_dir):
+    """Each setting of layout.py changes only its own part: the bitmask is a bit per entry of a partially salient
+    weight, bf16 weights halve the weights and gradients (salient-fp32 adds 4 bytes per salient entry), gradient
+    release leaves only the largest gradient in the backward pass, sharding divides by the processes, ZeRO's
+    offload moves the optimizer state to the host."""
+    counts = load_counts(str(tiny_pipeline_dir))
+    n_unet = counts.components["unet"]
+    numels = [p.numel() for p in counts.unet.parameters()]
+    k = sum(round(0.5 * n) for n in numels)
+
+    def train(**kw):
+        config = PlanConfig(model=str(tiny_pipeline_dir), batch_size=4, device="cuda", mask="m", **kw)
+        return estimate(config, counts).phases["training step"]
+
+    base = train()
+    assert base["mask (1 bit per entry of a partially salient weight)"] == sum(-(-n // 8) for n in numels)
+    assert base["weights (fp32 UNet master)"] == 4 * n_unet
+    bf16 = train(mixed_precision="bf16", master_weights="bf16-stochastic")
+    assert bf16["weights (bf16 UNet)"] == 2 * n_unet and "half-precision weight copies (autocast)" not in bf16
+    salient = train(mixed_precision="bf16", master_weights="salient-fp32")
+    assert salient["fp32 master of the salient entries"] == 4 * k
+    backward = "activations + gradients during backward"
+    released = train(grad_release=True)
+    grads = 4 * n_unet
+    # one tensor at a time: its fp32 gradient, then its salient half's values, gradients, int64 index and (CUDA)
+    # foreach Adam's temporary: 4 + 0.5 * (4 + 4 + 8 + 4) bytes per entry
+    assert base[backward] - grads <= released[backward] <= base[backward] + 14 * max(numels)
+    assert "optimizer step" not in estimate(PlanConfig(model=str(tiny_pipeline_dir), batch_size=4, device="cuda",
+                                                       mask="m", grad_release=True), counts).phases
+    fsdp = train(num_processes=2, sharding="fsdp")
+    assert fsdp["weights (fp32 UNet master, 1/2 of the UNet per process)"] == 2 * n_unet
+    assert fsdp["optimizer state"] == -(-base["optimizer state"] // 2)
+    assert fsdp["gathered blocks (the largest, twice)"] == 8 * counts.largest_block > 0
+    zero2 = train(num_processes=2, sharding="zero2")
+    assert zero2["weights (fp32 UNet master)"] == 4 * n_unet and zero2["optimizer state"] == fsdp["optimizer state"]
+    offload = estimate(PlanConfig(model=str(tiny_pipeline_dir), batch_size=4, device="cuda", mask="m",
+                                  num_processes=2, sharding="zero3", offload_optimizer=True), counts)
+    assert "optimizer state" not in offload.phases["training step"]
+    assert offload.host["optimizer state (ZeRO CPU offload)"] == fsdp["optimizer state"]
+
+
+def test_plan_refuses_settings_erase_refuses(tiny_pipeline_dir):
+    for bad, match in (({"offload_optimizer": True}, "needs --sharding zero2 or zero3"),
+                       ({"master_weights": "salient-fp32"}, "needs --mixed-precision bf16"),
+                       ({"grad_release": True, "gradient_accumulation_steps": 2}, "--grad-release one micro-batch"),
+                       ({"grad_release": True, "num_processes": 2}, "--grad-release one micro-batch"),
+                       ({"num_processes": 3}, "divisible by processes")):
+        with pytest.raises(ConceptEraseError, match=match):
+            PlanConfig(model=str(tiny_pipeline_dir), batch_size=4, device="cuda", **bad)
+
+
+def test_suggestions_use_the_memory_settings_and_a_mask_made_beforehand(tiny_pipeline_dir):
+    """A budget below the mask pass but above the lightest training step: only a mask made beforehand fits,
+    and the answer says so and what that pass needs."""
+    counts = load_counts(str(tiny_pipeline_dir))
+    config = PlanConfig(model=str(tiny_pipeline_dir), batch_size=4, device="cuda")
+    plan = estimate(config, counts)
+    lightest = estimate(PlanConfig(model=str(tiny_pipeline_dir), batch_size=4, device="cuda", mask="m",
+                                   gradient_checkpointing=True, mixed_precision="bf16", optimizer="adam8bit",
+                                   grad_release=True, master_weights="bf16-stochastic"), counts)
+    budget = lightest.resident + 1
+    assert sum(plan.phases["mask pass"].values()) + CUDA_RESERVE > budget
+    fixes = suggestions(config, budget, counts)
+    assert fixes and all(change.get("mask") == "MASK" and fixed.fits(budget) for change, fixed in fixes)
+    text = describe(plan, budget, counts)
+    assert "fits with" in text and "1. concept-erase mask" in text and "2. concept-erase erase" in text
+
+
+def test_the_shipped_accelerate_configs_select_their_engines():
+    """configs/accelerate/*.yaml parse as accelerate's launch configs and name the engine the plan's --sharding
+    models; their DeepSpeed sections are what accelerate's DeepSpeedPlugin takes (it needs no CUDA to build)."""
+    from pathlib import Path
+
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DeepSpeedPlugin, FullyShardedDataParallelPlugin
+
+    folder = Path(__file__).parents[1] / "configs" / "accelerate"
+    engines = {}
+    for path in sorted(folder.glob("*.yaml")):
+        config = load_config_from_file(str(path))
+        engines[path.stem] = config.distributed_type.value
+        if config.deepspeed_config:
+            ds = config.deepspeed_config
+            plugin = DeepSpeedPlugin(zero_stage=ds["zero_stage"], offload_param_device=ds["offload_param_device"],
+                                     offload_optimizer_device=ds["offload_optimizer_device"])
+            assert plugin.deepspeed_config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+        if config.fsdp_config:
+            # FSDP2 (the loop's own fully_shard keeps parameter names: the mask finds them), and a plugin that
+            # starts without a GPU (FSDP1's sync_module_states does not)
+            assert config.fsdp_config["fsdp_version"] == 2
+            assert FullyShardedDataParallelPlugin(fsdp_version=2).fsdp_version == 2
+    assert engines == {"deepspeed_zero2": "DEEPSPEED", "fsdp": "FSDP", "zero3_offload": "DEEPSPEED"}
+
+
+def test_activations_of_any_batch_come_from_two_or_three_traces(tiny_pipeline_dir):
+    """The suggestions ask for many batches: each (resolution, dtype, checkpointing, scope) is traced at two
+    consecutive batches (three where batch 1 takes another graph) and extended linearly, exactly."""
+    counts = load_counts(str(tiny_pipeline_dir))
+    names = {name for name, _ in counts.unet.named_parameters()}
+    for checkpointing in (False, True):
+        for batch in (1, 3, 6):
+            exact = trace_activations(counts.unet, batch, 8, torch.float32, checkpointing)
+            planned = counts.activations(batch, 8, torch.float32, checkpointing, names)
+            assert (planned.total, planned.recompute, planned.largest) == (exact.total, exact.recompute, exact.largest)
+        traced = counts.traces[(8, torch.float32, checkpointing, frozenset(names))]
+        assert set(traced) <= {1, 2, 3}
+
+
+def test_the_search_stops_at_the_fewest_changes_that_fit(tiny_pipeline_dir, monkeypatch):
+    """A combination with more changes is never shown before one with fewer, so once a number of changes has
+    enough answers the rest are not estimated (a 12B transformer's plan answers in seconds)."""
+    import concept_erase.diffusion.plan_search as plan_search
+
+    counts = load_counts(str(tiny_pipeline_dir))
+    config = PlanConfig(model=str(tiny_pipeline_dir), batch_size=4, device="cuda", method="rl")
+    plan = estimate(config, counts)
+    calls = []
+    monkeypatch.setattr(plan_search, "estimate", lambda c, n: calls.append(c) or estimate(c, n))
+    fixes, _ = search(config, plan.resident - 1, counts, limit=1)  # any single saving fits
+    assert len(fixes) == 1 and len(fixes[0][0]) == 1
+    assert all(sum(getattr(c, k) != getattr(config, k) for k in ("gradient_checkpointing", "mixed_precision",
+               "optimizer", "grad_release", "master_weights", "gradient_accumulation_steps")) == 1 for c in calls)
+    calls.clear()
+    fixes, lightest = search(config, 1000, counts)  # nothing fits: every combination tried, the lightest named
+    assert not fixes and len(calls) > 20
+    assert lightest[1].resident == min(estimate(c, counts).resident for c in calls)
+    assert "the lightest, --" in describe(plan, 1000, counts)
+
+
+def test_a_masked_optimizer_step_holds_the_gradients_and_one_tensor_at_a_time(tiny_pipeline_dir):
+    """`MaskedOptimizer` gathers, steps and scatters one tensor's salient entries at a time while the others'
+    full gradients wait: the step holds every gradient plus one tensor's fp32 values, gradients and int64 index
+    (on CUDA also foreach Adam's temporary), never the packed copy of every salient entry at once."""
+    counts = load_counts(str(tiny_pipeline_dir))
+    n_unet, largest = counts.components["unet"], max(p.numel() for p in counts.unet.parameters())
+    for device, per_entry in (("cpu", 16), ("cuda", 20)):
+        config = PlanConfig(model=str(tiny_pipeline_dir), batch_size=4, device=device, mask="m")
+        step = estimate(config, counts).phases["optimizer step"]["gradients and step temporaries"]
+        assert step == 4 * n_unet + per_entry * round(0.5 * largest)
+        bf16 = PlanConfig(model=str(tiny_pipeline_dir), batch_size=4, device=device, mask="m",
+                          mixed_precision="bf16", master_weights="bf16-stochastic")
+        assert estimate(bf16, counts).phases["optimizer step"]["gradients and step temporaries"] == (
+            2 * n_unet + per_entry * round(0.5 * largest))
+
+
+def test_a_mask_made_beforehand_is_answered_as_two_commands_with_the_mask_pass_own_settings(tiny_pipeline_dir):
+    """The mask pass cannot take the training's savings (fp32 weights and their fp32 gradients, the scores),
+    but it honours its batch and gradient checkpointing: the answer is the mask command with the lightest of
+    those that fits (or, where none does, what it needs on a CPU), then erase --mask; its figure is the pass at
+    that batch, not at the run's micro-batch."""
+    from concept_erase.cli import build_parser
+
+    counts = load_counts(str(tiny_pipeline_dir))
+    counts.process = 500 * 2**20
+    config = PlanConfig(model=str(tiny_pipeline_dir), batch_size=8, device="cuda", resolution=64)
+    users = sum(estimate(config, counts).phases["mask pass"].values())
+    light = mask_step(config, 2**50, counts)
+    assert light.fits and (light.batch, light.checkpointing) == (8, False)  # nothing to change
+    lightest = mask_step(config, 1, counts)
+    assert not lightest.fits and (lightest.batch, lightest.checkpointing) == (1, True)
+    assert lightest.need - CUDA_RESERVE < users
+    assert lightest.cpu_need > lightest.need - CUDA_RESERVE + counts.process  # + the bool mask on the host
+    fits_light = mask_step(config, lightest.need, counts)
+    assert fits_light.fits and fits_light.need <= lightest.need
+    # the printed mask command is one the mask parser takes
+    plan = estimate(config, counts)
+    text = describe(plan, lightest.need, counts)
+    mask_line = next(line for line in text.splitlines() if line.strip().startswith("1. concept-erase mask"))
+    args = mask_line.split("concept-erase ", 1)[1].replace("PROMPT", "x").split()
+    parsed = build_parser().parse_args(args)
+    assert parsed.gradient_checkpointing is fits_light.checkpointing and parsed.batch_size == fits_light.batch
+    assert "2. concept-erase erase" in text and "fits this budget on this GPU" in text

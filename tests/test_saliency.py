@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from concept_erase import saliency
 from concept_erase.errors import ConceptEraseError
 from concept_erase.fingerprints import model_fingerprint
 from concept_erase.saliency import (
@@ -12,6 +13,8 @@ from concept_erase.saliency import (
     build_optimizer,
     compute_saliency,
     optimizer_class,
+    salient_index,
+    stochastic_round_,
     threshold_scores,
 )
 
@@ -213,14 +216,13 @@ def _train(model, optimizer, steps=6):
         optimizer.step()
 
 
-@pytest.mark.parametrize("chunk", [None, 7], ids=["one-write", "chunked-write"])
-def test_masked_adam_is_adam_on_the_salient_entries_with_packed_state(chunk, monkeypatch):
-    """The salient entries follow torch Adam exactly (bit for bit: Adam is elementwise), with state of size k.
-    Reference: plain Adam on every entry with the frozen entries' gradients zeroed (without weight decay a
-    zero gradient leaves an Adam entry where it is). `chunk` 7: the write-back in slices, as for SD's largest
-    tensors."""
-    if chunk:
-        monkeypatch.setattr("concept_erase.saliency._WRITE_BACK_CHUNK", chunk)
+@pytest.mark.parametrize("index_slice", [saliency.INDEX_SLICE, 8], ids=["one-slice", "slices-of-8"])
+def test_masked_adam_is_adam_on_the_salient_entries_with_packed_state(index_slice, monkeypatch):
+    """The salient entries follow torch Adam exactly (bit for bit: Adam is elementwise), with state of size k
+    and the salient set held as a packed bitmask, 1 bit per entry, its positions rebuilt slice by slice (slices
+    of 8 entries: several per tensor, the last one short). Reference: plain Adam on every entry with the frozen
+    entries' gradients zeroed (without weight decay a zero gradient leaves an Adam entry where it is)."""
+    monkeypatch.setattr(saliency, "INDEX_SLICE", index_slice)
     mask = SaliencyMask.random(_mlp(), keep=0.3, seed=2)
     masked_model, reference = _mlp(), _mlp()
     optimizer = build_optimizer(masked_model, mask, "adam", lr=1e-2)
@@ -232,9 +234,113 @@ def test_masked_adam_is_adam_on_the_salient_entries_with_packed_state(chunk, mon
     _train(reference, ref_opt)
     for (name, p), q in zip(masked_model.named_parameters(), reference.parameters()):
         assert torch.equal(p.detach(), q.detach()), name
-    packed = sorted(s["exp_avg"].numel() for s in optimizer.inner.state.values())
+    packed = sorted(s["exp_avg"].numel() for s in optimizer.packed_state())
     assert packed == sorted(int(m.sum()) for m in mask.masks.values())
     assert all(p.grad is None for p in masked_model.parameters())  # the step consumed the gradients
+    for t, m in zip(optimizer._targets, mask.masks.values()):  # 1 bit per entry, no index kept
+        assert t.bits.dtype == torch.uint8 and t.bits.numel() == -(-m.numel() // 8)
+        assert torch.equal(salient_index(t.bits, m.numel(), int(m.sum())), m.reshape(-1).nonzero().squeeze(1))
+
+
+@pytest.mark.parametrize("masked", [True, False], ids=["salun-mask", "no-mask"])
+def test_grad_release_steps_in_the_backward_pass_with_the_same_result(masked):
+    """Each parameter is stepped by its post-accumulate-grad hook: after backward no gradient is left, and the
+    weights are bit-identical to stepping after the backward (with AdamW's decay and a mask, or without one)."""
+    mask = SaliencyMask.random(_mlp(), keep=0.4, seed=5) if masked else None
+    straight, released = _mlp(), _mlp()
+    opt = build_optimizer(straight, mask, "adam", lr=1e-2, weight_decay=0.1)
+    hooked = build_optimizer(released, mask, "adam", lr=1e-2, weight_decay=0.1, grad_release=True)
+    _train(straight, opt)
+    for batch in (_forget_batches() * 6)[:6]:
+        _ce_loss(released, batch).backward()
+        assert all(p.grad is None for p in released.parameters())  # stepped and freed during the backward
+        hooked.step()  # nothing left to do
+    for p, q in zip(straight.parameters(), released.parameters()):
+        assert torch.equal(p.detach(), q.detach())
+    hooked.remove_hooks()
+    _ce_loss(released, _forget_batches()[0]).backward()
+    assert all(p.grad is not None for p in released.parameters() if p.requires_grad)
+
+
+def _bf16_mlp(seed=0):
+    return _mlp(seed).to(torch.bfloat16)
+
+
+def _train_bf16(model, optimizer, batches):
+    for x, y in batches:
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x.to(torch.bfloat16)).float(), y).backward()
+        optimizer.step()
+
+
+@pytest.mark.parametrize("index_slice", [saliency.INDEX_SLICE, 8], ids=["one-slice", "slices-of-8"])
+def test_salient_fp32_master_copies_follow_torch_adam_and_frozen_bf16_stays_frozen(index_slice, monkeypatch):
+    """salient-fp32: bf16 weights, fp32 copies of the salient entries only, stepped exactly as torch Adam
+    steps fp32 tensors given the same (bf16) gradients; the weights are those copies rounded to bf16."""
+    monkeypatch.setattr(saliency, "INDEX_SLICE", index_slice)
+    mask = SaliencyMask.random(_mlp(), keep=0.5, seed=1)
+    model = _bf16_mlp()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = build_optimizer(model, mask, "adam", lr=1e-2, weight_decay=0.1, master_weights="salient-fp32")
+    masters = {n: before[n][m].float().requires_grad_() for n, m in mask.masks.items()}
+    reference = torch.optim.AdamW(list(masters.values()), lr=1e-2, weight_decay=0.1)
+    for x, y in _forget_batches() * 3:
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x.to(torch.bfloat16)).float(), y).backward()
+        for n, p in model.named_parameters():
+            if p.grad is not None:  # None: no salient entry, so no gradient at all
+                masters[n].grad = p.grad[mask.masks[n]].float()
+        optimizer.step()
+        reference.step()
+    for n, p in model.named_parameters():
+        m = mask.masks[n]
+        assert p.dtype == torch.bfloat16
+        assert torch.equal(p.detach()[~m], before[n][~m]), f"frozen entries of {n} moved"
+        assert torch.equal(p.detach()[m], masters[n].detach().to(torch.bfloat16)), n
+    held = [t.proxy for t in optimizer._targets]
+    assert all(h.dtype == torch.float32 for h in held)
+    assert sum(h.numel() for h in held) == sum(int(m.sum()) for m in mask.masks.values())  # salient entries only
+
+
+def test_stochastic_rounding_is_unbiased_and_lands_on_a_neighbour():
+    x = torch.full((20000,), 1.0 + 2**-9)  # a quarter of the way from 1 to the next bf16 (1 + 2**-7)
+    rounded = stochastic_round_(x.clone(), torch.Generator().manual_seed(0)).float()
+    assert set(rounded.unique().tolist()) == {1.0, 1.0 + 2**-7}
+    assert abs(rounded.mean().item() - (1.0 + 2**-9)) < 2e-4  # round-to-nearest would give exactly 1.0
+    negative = stochastic_round_(-x.clone(), torch.Generator().manual_seed(0)).float()
+    assert torch.equal(negative, -rounded)  # symmetric: the magnitude is rounded
+
+
+@pytest.mark.parametrize("master", ["salient-fp32", "bf16-stochastic"])
+def test_bf16_master_modes_freeze_and_resume_exactly(master):
+    """Frozen entries stay bit-identical, salient ones move, and a run resumed from the state dict (the fp32
+    copies and the rounding's update counts with it) ends bit-identical; with grad release too."""
+    mask = SaliencyMask.random(_mlp(), keep=0.5, seed=0)
+    batches = _forget_batches() * 2
+    straight, resumed, released = _bf16_mlp(), _bf16_mlp(), _bf16_mlp()
+    before = {n: p.detach().clone() for n, p in straight.named_parameters()}
+    options = {"lr": 1e-2, "weight_decay": 0.1, "master_weights": master, "seed": 3}
+    _train_bf16(straight, build_optimizer(straight, mask, "adam", **options), batches)
+    first = build_optimizer(resumed, mask, "adam", **options)
+    _train_bf16(resumed, first, batches[:3])
+    again = build_optimizer(resumed, mask, "adam", **options)
+    again.load_state_dict(first.state_dict())
+    _train_bf16(resumed, again, batches[3:])
+    _train_bf16(released, build_optimizer(released, mask, "adam", grad_release=True, **options), batches)
+    for n, p in straight.named_parameters():
+        m = mask.masks[n]
+        assert torch.equal(p.detach()[~m], before[n][~m]), f"frozen entries of {n} moved"
+        assert not torch.equal(p.detach()[m], before[n][m]), f"salient entries of {n} did not move"
+    for other in (resumed, released):
+        for p, q in zip(straight.parameters(), other.parameters()):
+            assert torch.equal(p.detach(), q.detach())
+
+
+def test_bf16_master_modes_need_bf16_weights():
+    with pytest.raises(ConceptEraseError, match="train bf16 weights, not torch.float32"):
+        build_optimizer(_mlp(), None, "adam", lr=1e-2, master_weights="salient-fp32")
+    with pytest.raises(ConceptEraseError, match="unknown master weights 'fp8'"):
+        build_optimizer(_mlp(), None, "adam", lr=1e-2, master_weights="fp8")
 
 
 def test_masked_optimizer_resumes_exactly_from_its_state_dict():

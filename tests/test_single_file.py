@@ -239,21 +239,30 @@ def test_flux_bfl_layout_maps_back_through_diffusers_converter_at_flux1_width(gu
         _same_state(convert_flux_transformer_checkpoint_to_diffusers(dict(named)), state)
 
 
-def test_flux_export_writes_the_transformer_alone_in_bfl_names(tmp_path):
-    """A FLUX pipeline's export holds its transformer alone, with no prefix, as FLUX's own files do; its
-    tensors are the transformer's, fused and swapped as `flux_to_bfl` says (checked against diffusers'
-    converter above; diffusers cannot read this toy width back, ComfyUI reads the width from `img_in`)."""
+def test_flux_export_writes_the_transformer_alone_bfl_at_flux1_width_else_diffusers_names(tmp_path):
+    """A FLUX pipeline's export holds its transformer alone, with no prefix, as FLUX's own files do. At FLUX.1's
+    width in BFL's names (`flux_to_bfl`, checked against diffusers' converter above); at a toy width in diffusers'
+    names, since diffusers' converter splits `linear1` at 3072 whatever the config: the file loads back through
+    `FluxTransformer2DModel.from_single_file`, every tensor."""
+    from diffusers import FluxTransformer2DModel
     from safetensors.torch import load_file
 
-    from concept_erase.diffusion.models.single_file import flux_to_bfl
+    from concept_erase.diffusion.models.single_file import flux_single_file, flux_to_bfl
     from concept_erase.diffusion.models.tiny import build_tiny_flux_pipeline
 
     pipe = build_tiny_flux_pipeline(seed=1)
     path = export_single_file(pipe, tmp_path / "flux.safetensors", dtype="bf16")
     stored = load_file(str(path))
-    expected = flux_to_bfl(pipe.transformer.state_dict())
-    assert stored.keys() == expected.keys() and "double_blocks.0.img_attn.qkv.weight" in stored
+    expected = pipe.transformer.state_dict()
+    assert stored.keys() == expected.keys() and "single_transformer_blocks.0.proj_mlp.weight" in stored
     assert all(v.dtype == torch.bfloat16 and torch.equal(v, expected[k].bfloat16()) for k, v in stored.items())
+    pipe.save_pretrained(tmp_path / "folder")
+    loaded = FluxTransformer2DModel.from_single_file(str(path), config=str(tmp_path / "folder"), subfolder="transformer",
+                                                     local_files_only=True, torch_dtype=torch.bfloat16).state_dict()
+    assert loaded.keys() == stored.keys() and all(torch.equal(loaded[k], stored[k]) for k in stored)
+    with torch.device("meta"):  # FLUX.1's width, one block of each kind: BFL's names
+        wide = FluxTransformer2DModel(num_layers=1, num_single_layers=1).state_dict()
+    assert flux_single_file(wide).keys() == flux_to_bfl(wide).keys()
 
 
 def test_a_parameter_without_an_original_name_is_refused():

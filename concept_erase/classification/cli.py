@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import sys
+import json
+from pathlib import Path
 from dataclasses import dataclass, field
 
 from ..cli_args import add_flags, values_from
 
 
 def _default_out(dataset: str, forget: str) -> str:
-    from pathlib import Path
-
     return f"runs/classify-{Path(dataset).name}-{forget.replace(':', '')}"
 
 
@@ -44,14 +43,17 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..io_utils import check_writable
     from .config import ClassifyConfig
-    from .runner import run_classification, write_results
 
     cfg = ClassifyConfig(**values_from(args, ClassifyConfig))  # validates everything before any work
     where = ClassifyOutput(**values_from(args, ClassifyOutput))
     out = where.output or _default_out(cfg.dataset, cfg.forget)
     check_writable(out, where.overwrite, flag="--output")
+    from .runner import run_classification, write_results  # torch: only once the input is known to be good
+
+    from ..logs import finish
+
     results = run_classification(cfg)
-    print(results["table"])
     write_results(results, out, overwrite=where.overwrite)
-    print(f"\nwrote {out}/results.json and {out}/results.md", file=sys.stderr)
+    finish(args, [results["table"], "", f"wrote {out}/: results.md and results.json (the result as JSON)"],
+           json.loads((Path(out) / "results.json").read_text()))
     return 0

@@ -1,15 +1,18 @@
 """`concept-erase mask`, `concept-erase erase`, `concept-erase plan`, `concept-erase export` and `concept-erase apply`.
 
-mask/erase flags are generated from `EraseConfig`'s fields and help. Building these parsers imports `erase.py`
-(and so torch) for the dataclass; diffusers, accelerate and the data layer are imported only when a command
-runs. `export` converts a model between the formats of `loading`, `card`, `single_file` and `delta`, or writes
-an erasure as a LoRA / LyCORIS file (`lora`); `apply` puts one onto a model at a strength.
+mask/erase flags are generated from `EraseConfig`'s fields and help. Building these parsers imports
+`training/config.py` and the method specs (`methods/options.py`), no torch; the checks that need no model
+(`EraseConfig.check_before_load`) run before the job imports torch, so a bad flag, number or output path is
+refused before `import torch` (seconds) is paid. `export` and `apply` register apart (`register_export`), and
+so does `plan` (`register_plan`: its config imports torch). `export` converts a model between the formats of
+`loading`, `card`, `single_file` and `delta`, or writes an erasure as a LoRA / LyCORIS file (`lora`); `apply`
+puts one onto a model at a strength.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +26,7 @@ from .models.families import family_field
 MASK_COMMAND_FIELDS = (
     "model", "model_config", "family", "concept", "concepts_file", "forget", "surrogate", "output", "keep", "mask_scope",
     "score", "num_forget_images", "forget_images", "image_steps", "image_guidance", "resolution", "cache_dir",
-    "batch_size", "seed", "overwrite", "progress",
+    "batch_size", "gradient_checkpointing", "seed", "overwrite", "progress",
 )
 ERASE_FIELDS = (
     "model", "model_config", "family", "concept", "concepts_file", "forget", "surrogate", "retain_prompts", "output", "method",
@@ -32,7 +35,7 @@ ERASE_FIELDS = (
     "esd_ddim_steps", "esd_start_guidance", "adversarial", "adv_every", "adv_steps", "adv_lr", "train", "ca_params",
     "uce_erase_scale", "uce_preserve_scale", "uce_lambda", "uce_tokens", "rece_rounds", "rece_regulariser",
     "safree_alpha", "safree_gamma",
-    "fmn_params", "erasediff_inner_steps", "erasediff_inner_lr", "erasediff_eta", "ant_eta", "ant_ddim_steps",
+    "fmn_params", "erasediff_eta", "ant_eta", "ant_ddim_steps",
     "ant_before_step", "ant_alpha_1", "ant_alpha_2", "ant_start_guidance", "ant_rounds",
     "mace_rank", "mace_lambda", "mace_preserve_scale",
     "num_forget_images", "num_retain_images", "forget_images", "retain_images", "image_steps",
@@ -44,7 +47,7 @@ ERASE_FIELDS = (
 PLAN_FIELDS = (
     "model", "model_config", "concept", "method", "mask", "keep", "num_forget_images", "resolution", "batch_size", "alpha",
     "gradient_accumulation_steps", "mixed_precision", "gradient_checkpointing", "optimizer",
-    "device", "memory_budget",
+    "grad_release", "master_weights", "num_processes", "sharding", "offload_optimizer", "device", "memory_budget",
 )
 MASK_HELP = {"output": "the mask file to write (.safetensors)"}
 # Fields whose default comes from the model (`defaults.model_defaults`), not the dataclass.
@@ -72,8 +75,8 @@ def register(subparsers) -> None:
     add_flags(p, EraseConfig, ERASE_FIELDS, suppress_defaults=True, help_override=FROM_MODEL)
     p.set_defaults(func=_erase_main)
 
-    _register_export(subparsers)
 
+def register_plan(subparsers) -> None:
     from .plan import PlanConfig
 
     p = subparsers.add_parser(
@@ -87,7 +90,8 @@ def register(subparsers) -> None:
     p.set_defaults(func=_plan_main)
 
 
-def _config(args: argparse.Namespace, names):
+def _config(args: argparse.Namespace, names, command: str):
+    """`command`'s config from the parsed flags, every check that needs no model done (no torch imported)."""
     from ..logs import announce
     from .models.defaults import check_concept_fits, check_resolution, model_defaults
     from .training.config import EraseConfig
@@ -99,7 +103,8 @@ def _config(args: argparse.Namespace, names):
     check_resolution(values.get("resolution"), defaults)
     config = EraseConfig.for_concept(**values)
     check_concept_fits(config.get_concept(), defaults)
-    if not config.method_class.generates_images(config.alpha):  # UCE, ESD without a retain term
+    config.check_before_load(command)  # before `announce`, which imports torch to ask which process speaks
+    if not config.spec.generates_images(config.alpha):  # UCE, ESD without a retain term
         return config
     chosen = {k: v for k, v in {"image_steps": defaults.steps, "image_guidance": defaults.guidance}.items()
               if k not in values}
@@ -108,31 +113,56 @@ def _config(args: argparse.Namespace, names):
     return EraseConfig.for_concept(**{**chosen, **values})
 
 
-def _mask_main(args: argparse.Namespace) -> int:
-    from .training.job import run_mask
+def _concept_flags(config) -> str:
+    """How the run named its concept, for the next command: `--concept NAME`, else its forget prompts."""
+    if config.concept:
+        return f"--concept {shlex.quote(config.concept)}"
+    return " ".join(f"--forget {shlex.quote(p)}" for p in config.get_concept().forget_prompts[:3])
 
-    summary = run_mask(_config(args, MASK_COMMAND_FIELDS))
-    print(json.dumps(summary))
+
+def _mask_main(args: argparse.Namespace) -> int:
+    from ..logs import finish
+
+    config = _config(args, MASK_COMMAND_FIELDS, "mask")
+    from .training.job import run_mask  # imports torch: after every check that needs no model
+
+    summary = run_mask(config)
+    finish(args, f"wrote the mask {summary['output']} ({summary['kept_fraction']:.2%} of the weights kept, "
+                 f"{summary['score']} scores over {summary['forget_images']} forget images)", summary,
+           next_command=f"concept-erase erase --model {shlex.quote(str(config.model))} {_concept_flags(config)} "
+                        f"--mask {shlex.quote(summary['output'])} --output ERASED")
     return 0
 
 
 def _erase_main(args: argparse.Namespace) -> int:
-    from .training.job import run_erase
+    from ..logs import finish
 
-    summary = run_erase(_config(args, ERASE_FIELDS))
+    config = _config(args, ERASE_FIELDS, "erase")
+    from .training.job import run_erase  # imports torch: after every check that needs no model
+
+    summary = run_erase(config)
     from ..runtime import process_state
 
     if process_state().is_main_process:
-        short = {k: v for k, v in summary.items() if k != "losses"}
-        print(json.dumps(short))
+        written = [f"wrote {summary['output']}/: the erased model, its model card and erase_summary.json (the "
+                   "result as JSON)"]
+        written += [f"wrote {path}" for path in (config.export_single_file, config.save_delta) if path]
+        finish(args, written, {k: v for k, v in summary.items() if k != "losses"},
+               next_command=f"concept-erase app --base {shlex.quote(str(config.model))} --erased "
+                            f"{shlex.quote(summary['output'])}  (the base and the erased model side by side)")
     return 0
 
 
 def _plan_main(args: argparse.Namespace) -> int:
-    from .plan import PlanConfig, run_plan
+    from .plan import PlanConfig
+    from .plan_search import run_plan
 
-    _, text = run_plan(PlanConfig.for_concept(**values_from(args, PlanConfig, PLAN_FIELDS)))
-    print(text)
+    from ..logs import finish
+
+    plan, text = run_plan(PlanConfig.for_concept(**values_from(args, PlanConfig, PLAN_FIELDS)))
+    finish(args, text, {"peak_bytes": plan.peak, "peak_phase": plan.peak_phase, "resident_bytes": plan.resident,
+                        "phases": plan.phases},
+           next_command="concept-erase erase with the same flags and an --output")
     return 0
 
 
@@ -197,7 +227,7 @@ class ExportConfig:
             raise ConceptEraseError("--to lora needs exactly one of --rank (e.g. 64) and --energy (e.g. 0.99)")
 
 
-def _register_export(subparsers) -> None:
+def register_export(subparsers) -> None:
     p = subparsers.add_parser(
         "export",
         help="convert a model: diffusers folder, original-SD single file, a delta against its base, or the "
@@ -221,10 +251,6 @@ def _register_export(subparsers) -> None:
 
 def _export_main(args: argparse.Namespace) -> int:
     from ..io_utils import check_writable
-    from .models.card import read_model_card, save_pipeline
-    from .models.delta import save_delta
-    from .models.loading import load_pipeline
-    from .models.single_file import export_single_file
 
     if getattr(args, "out", None) and not args.output:  # the old positional OUT, kept for one release
         args.output = args.out
@@ -233,7 +259,12 @@ def _export_main(args: argparse.Namespace) -> int:
     check_writable(config.output, config.overwrite, kind="file" if one_file else "dir",
                    suffix=".safetensors" if one_file else None, flag="--output")  # fail before loading anything
     if config.to in ("lora", "lycoris-full"):
-        return _export_erasure(config)
+        return _export_erasure(args, config)
+    from .models.card import read_model_card, save_pipeline
+    from .models.delta import save_delta
+    from .models.loading import load_pipeline
+    from .models.single_file import export_single_file
+
     pipe = load_pipeline(config.source, config=config.config, family=config.family)
     if config.to == "single-file":
         export_single_file(pipe, config.output, overwrite=config.overwrite, dtype=config.dtype)
@@ -252,7 +283,18 @@ def _export_main(args: argparse.Namespace) -> int:
         mask_file = config.mask or (Path(config.source) / "mask.safetensors")  # what `erase` saves beside the model
         mask = SaliencyMask.load(mask_file, model=base.unet) if config.mask or Path(mask_file).is_file() else None
         save_delta(base.unet, pipe.unet, mask, config.output, overwrite=config.overwrite, base_model=config.base)
-    print(f"wrote {config.output}")
+    from ..logs import finish
+
+    output = shlex.quote(str(config.output))
+    written = {"single-file": f"wrote {config.output}: {config.source} as one original-layout .safetensors",
+               "diffusers": f"wrote {config.output}/: {config.source} as a diffusers folder with its model card",
+               "delta": f"wrote {config.output}/: the UNet entries that differ from {config.base}"}[config.to]
+    config_flag = f" --config {shlex.quote(str(config.config or config.source))}" if config.to == "single-file" else ""
+    next_command = (f"concept-erase apply {output} --model {shlex.quote(str(config.base))} --output ERASED"
+                    if config.to == "delta" else
+                    f"concept-erase generate --model {output}{config_flag} --prompt PROMPT --output IMAGES")
+    finish(args, written, {"output": str(config.output), "to": config.to, "source": config.source,
+                           "base_model": config.base}, next_command=next_command)
     return 0
 
 
@@ -265,7 +307,7 @@ def _card_of(source: str) -> dict:
         return {}
 
 
-def _export_erasure(config: ExportConfig) -> int:
+def _export_erasure(args: argparse.Namespace, config: ExportConfig) -> int:
     """--to lora / lycoris-full: the erased model (or a delta on its base) against its base."""
     import copy
 
@@ -293,8 +335,17 @@ def _export_erasure(config: ExportConfig) -> int:
     report = export_erasure(base, erased, config.output, to=config.to, rank=config.rank, energy=config.energy,
                             layout=config.layout, dtype=config.dtype, info={"base_model": base_name, **info},
                             overwrite=config.overwrite)
-    print(f"{config.to} of {config.source} against {base_name}:")
-    print(report.table())
+    from ..logs import finish
+
+    groups = {name: {"layers": len(g["layers"]), "ranks": sorted(set(g["ranks"])),
+                     "energy_kept": g["kept"] / g["energy"] if g["energy"] else 1.0}
+              for name, g in report.groups().items()}
+    finish(args, [f"wrote {config.output}: the {config.to} of {config.source} against {base_name}", report.table()],
+           {"output": str(config.output), "to": config.to, "source": config.source, "base_model": base_name,
+            "energy_kept": report.energy_kept, "file_bytes": report.file_bytes,
+            "checkpoint_bytes": report.checkpoint_bytes, "groups": groups},
+           next_command=f"concept-erase apply {shlex.quote(str(config.output))} --model MODEL --output ERASED  "
+                        "(MODEL: the base, or a fine-tune of it)")
     return 0
 
 
@@ -329,12 +380,13 @@ def _apply_main(args: argparse.Namespace) -> int:
     from ..io_utils import check_writable
     from ..logs import announce
     from .minisd import MINISD_MODELS
-    from .models.card import save_pipeline
-    from .models.loading import load_pipeline
-    from .models.apply import apply_erasure, distance_table, read_erasure, relative_distance
 
     config = ApplyConfig(**values_from(args, ApplyConfig))
     check_writable(config.output, config.overwrite, kind="dir", flag="--output")
+    from .models.apply import apply_erasure, distance_table, read_erasure, relative_distance
+    from .models.card import save_pipeline
+    from .models.loading import load_pipeline
+
     erasure = read_erasure(config.erasure)
     pipe = load_pipeline(config.model, config=config.config, family=config.family)
     erasure.check_architecture(pipe)  # one line before anything else is loaded
@@ -353,14 +405,14 @@ def _apply_main(args: argparse.Namespace) -> int:
     differences = apply_erasure(pipe, erasure, config.strength, base)
     transfer = None if is_base is None else not is_base
     if is_base:
-        print(f"{config.model} is the erasure's base (same weights): not a transfer")
+        lines = [f"{config.model} is the erasure's base (same weights): not a transfer"]
     elif transfer is None:
-        print(f"{config.erasure} does not record its base: whether this is a transfer is unknown")
+        lines = [f"{config.erasure} does not record its base: whether this is a transfer is unknown"]
     else:
-        print(f"transfer: {config.model} is not the erasure's base ({base_name or 'unrecorded'})")
+        lines = [f"transfer: {config.model} is not the erasure's base ({base_name or 'unrecorded'})"]
     if distances:
-        print(f"how far {config.model} is from the erasure's base ({base_name}), per layer:")
-        print(distance_table(distances))
+        lines += [f"how far {config.model} is from the erasure's base ({base_name}), per layer:",
+                  distance_table(distances)]
     record = {"file": str(config.erasure), "kind": erasure.kind, "strength": config.strength,
               "base_model": erasure.base_model, "transfer": transfer,
               "distance_from_base": {"median": statistics.median(distances.values()),
@@ -368,7 +420,13 @@ def _apply_main(args: argparse.Namespace) -> int:
     card = {"base_model": config.model, **{k: v for k, v in erasure.info.items() if v is not None},
             "erasure": record}
     save_pipeline(pipe, config.output, card=card, overwrite=config.overwrite)
-    print(f"applied {erasure.kind} {config.erasure} at strength {config.strength:g} ({len(differences)} "
-          f"parameters); wrote {config.output}")
+    from ..logs import finish
+
+    lines.append(f"applied {erasure.kind} {config.erasure} at strength {config.strength:g} ({len(differences)} "
+                 f"parameters); wrote {config.output}/: the model and its card (the erasure's record)")
+    finish(args, lines, {"output": str(config.output), "model": config.model, "parameters": len(differences),
+                         **record},
+           next_command=f"concept-erase app --base {shlex.quote(str(config.model))} --erased "
+                        f"{shlex.quote(str(config.output))}  (the model before and after, side by side)")
     return 0
 

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .models.family import Conditioning, as_conditioning
+from .models.transformers import at_guidance, guidance_distilled
 
 SALIENCY_GUIDANCE = 7.5  # w in docs/ALGORITHMS.md 1: MSE(eps, (1 + w) eps(x_t, c_f) - w eps(x_t, "")), as the reference
 
@@ -77,15 +78,23 @@ class RectifiedFlow:
     def __init__(self, config):
         self.config = config  # the flow-matching scheduler's (num_train_timesteps, shift, dynamic shifting)
 
+    def mu(self, latent_shape: tuple[int, ...]) -> float | None:
+        """A dynamically shifting scheduler's mu for latents of shape (..., h, w), as FluxPipeline's
+        `calculate_shift` (linear in the number of packed 2x2 tokens); None for a fixed shift."""
+        c = self.config
+        if not c.get("use_dynamic_shifting", False):
+            return None
+        tokens = (latent_shape[-2] // 2) * (latent_shape[-1] // 2)
+        lo, hi = c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096)
+        base, top = c.get("base_shift", 0.5), c.get("max_shift", 1.15)
+        return base + (top - base) * (tokens - lo) / (hi - lo)
+
     def sigmas(self, timesteps: Tensor, latent_shape: tuple[int, ...]) -> Tensor:
         """sigma in (0, 1) of each drawn t ~ U{0..T-1}, for latents of shape (..., h, w), in float32."""
         c = self.config
         u = (timesteps.double() + 0.5) / c.num_train_timesteps
-        if c.get("use_dynamic_shifting", False):
-            tokens = (latent_shape[-2] // 2) * (latent_shape[-1] // 2)
-            lo, hi = c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096)
-            base, top = c.get("base_shift", 0.5), c.get("max_shift", 1.15)
-            mu = base + (top - base) * (tokens - lo) / (hi - lo)
+        mu = self.mu(latent_shape)
+        if mu is not None:
             sigma = math.exp(mu) / (math.exp(mu) + (1 / u - 1))
         else:
             z = math.sqrt(2) * torch.special.erfinv(2 * u - 1)  # the standard normal's u-quantile
@@ -196,10 +205,11 @@ def _joint_loss(unet, forget: NoisedBatch, target: Tensor, retain: NoisedBatch |
 @torch.no_grad()
 def esd_target(frozen_unet: nn.Module, batch: NoisedBatch, eta: float) -> Tensor:
     """ESD: eps0(z_t, "") - eta * (eps0(z_t, c) - eps0(z_t, "")), eps0 the frozen original UNet
-    (negative guidance away from c). `batch.target_cond` = the empty prompt."""
+    (negative guidance away from c). `batch.target_cond` = the empty prompt. Rectified flow: the same form in
+    velocity; a guidance-distilled FLUX runs both frozen passes at guidance embedding 1 (docs/ALGORITHMS.md 5)."""
     n = batch.noisy.shape[0]
     out = _unet(frozen_unet, torch.cat([batch.noisy, batch.noisy]), torch.cat([batch.timesteps, batch.timesteps]),
-                _cat(batch.cond, batch.target_cond))
+                at_guidance(_cat(batch.cond, batch.target_cond), 1.0))
     eps_c, eps_u = out[:n], out[n:]
     return eps_u - eta * (eps_c - eps_u)
 
@@ -214,9 +224,12 @@ def esd_loss(unet: nn.Module, frozen_unet: nn.Module, forget: NoisedBatch, eta: 
 
 def esd_scheduler(scheduler):
     """A private DDIM scheduler with the pipeline's betas, for ESD's partial sampling (docs/ALGORITHMS.md 2), whatever
-    sampler the pipeline ships with."""
-    from diffusers import DDIMScheduler
+    sampler the pipeline ships with; for a flow-matching pipeline (SD 3, FLUX) a private copy of its own
+    FlowMatchEulerDiscreteScheduler (docs/ALGORITHMS.md 5)."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
+    if _flow_matching(scheduler):
+        return FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
     return DDIMScheduler.from_config(scheduler.config)
 
 
@@ -225,16 +238,23 @@ def esd_partial_sample(unet: nn.Module, scheduler, noise: Tensor, cond: Conditio
                        uncond: Conditioning | Tensor,
                        num_steps: int, stop_index: int, guidance: float) -> tuple[Tensor, Tensor]:
     """ESD's z_t: start from `noise`, run `stop_index` of `num_steps` DDIM steps with the model being trained
-    (classifier-free guidance `guidance`, conditioned on c) and return (z_t, t) at that point.
+    (classifier-free guidance `guidance`, conditioned on c) and return (z_t, t) at that point. A flow-matching
+    scheduler takes Euler steps of the velocity on its own timesteps (FLUX's shifted by the sequence length, as
+    FluxPipeline samples) and gives t = sigma * 1000; a guidance-distilled FLUX takes `guidance` as its guidance
+    embedding in one pass, as it samples.
 
-    `scheduler` must be a private DDIMScheduler (set_timesteps mutates it): see `esd_scheduler`."""
-    scheduler.set_timesteps(num_steps, device=noise.device)
-    z = noise * scheduler.init_noise_sigma
+    `scheduler` must be a private copy (set_timesteps mutates it): see `esd_scheduler`."""
+    flow = _flow_matching(scheduler)
+    mu = RectifiedFlow(scheduler.config).mu(noise.shape) if flow else None
+    scheduler.set_timesteps(num_steps, device=noise.device, **({"mu": mu} if mu is not None else {}))
+    z = noise if flow else noise * scheduler.init_noise_sigma  # rectified flow starts from x_1 = eps
     n = z.shape[0]
     for t in scheduler.timesteps[:stop_index]:
-        tt = t.expand(2 * n)
-        out = _unet(unet, torch.cat([z, z]), tt, _cat(cond, uncond))
-        eps = out[n:] + guidance * (out[:n] - out[n:])
+        if guidance_distilled(cond):
+            eps = _unet(unet, z, t.expand(n), at_guidance(cond, guidance))
+        else:
+            out = _unet(unet, torch.cat([z, z]), t.expand(2 * n), _cat(cond, uncond))
+            eps = out[n:] + guidance * (out[:n] - out[n:])
         z = scheduler.step(eps, t, z).prev_sample
-    t = scheduler.timesteps[stop_index].expand(n).long()
-    return z, t
+    t = scheduler.timesteps[stop_index].expand(n)
+    return z, (t if flow else t.long())

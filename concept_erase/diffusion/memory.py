@@ -32,29 +32,47 @@ class ModelCounts:
     components: dict[str, int]         # component name -> parameter count (unet, text_encoder, vae, ...)
     vae_scale: int                     # pixels per latent pixel
     family: Any                        # family.Family: which weights are cross-attention, ...
-    traces: dict = field(default_factory=dict)  # (batch, latent, dtype, checkpointing, scope) -> Activations
+    traces: dict = field(default_factory=dict)  # (latent, dtype, checkpointing, scope) -> {batch: Activations}
     process: int = 0                   # bytes resident in a process with the libraries and tokenizers loaded
                                        # (`measure_process`; 0: not measured)
     vae_sample_size: int | None = None  # the VAE config's image size (FLUX's native size: its transformer has none)
 
     def activations(self, batch: int, latent: int, dtype: torch.dtype, checkpointing: bool,
                     trainable: set[str]) -> "Activations":
-        """The activations at `batch`, from two traces (batch 1 and 2) extended linearly: every saved tensor's
-        size is affine in the batch (the graph does not depend on it), and two traces cost far less than one
-        per batch size the suggestions try."""
-        key = (latent, dtype, checkpointing, frozenset(trainable))
-        if key not in self.traces:
-            for name, p in self.unet.named_parameters():
-                p.requires_grad_(name in trainable)
-            self.traces[key] = [trace_activations(self.unet, b, latent, dtype, checkpointing, self.family)
-                                for b in (1, 2)]
-        one, two = self.traces[key]
-        if len(one.saved) != len(two.saved):  # not the same graph: trace this batch itself
-            return trace_activations(self.unet, batch, latent, dtype, checkpointing, self.family)
-        grow = lambda a, b: a + (b - a) * (batch - 1)  # noqa: E731
+        """The activations at `batch`. Every saved tensor's size is affine in the batch once the graph no
+        longer depends on it, so two traces at consecutive batches extend linearly to any larger one: the
+        suggestions then trace each (resolution, dtype, checkpointing, scope) two or three times, not once per
+        batch they try. Batch 1 may take another graph (a reshape that is a view at batch 1 and a copy above:
+        FLUX), so the pair is (1, 2) where their graphs agree, else (2, 3); a batch below the pair is traced."""
+        traced = self.traces.setdefault((latent, dtype, checkpointing, frozenset(trainable)), {})
+
+        def at(b: int) -> Activations:
+            if b not in traced:
+                for name, p in self.unet.named_parameters():
+                    p.requires_grad_(name in trainable)
+                traced[b] = trace_activations(self.unet, b, latent, dtype, checkpointing, self.family)
+            return traced[b]
+
+        if batch <= 2:
+            return at(batch)
+        lo = 1 if len(at(1).saved) == len(at(2).saved) else 2
+        one, two = at(lo), at(lo + 1)
+        if len(one.saved) != len(two.saved):  # no batch-independent graph from here: trace this batch itself
+            return at(batch)
+        grow = lambda a, b: a + (b - a) * (batch - lo)  # noqa: E731
         saved = [(pos, grow(a, b)) for (pos, a), (_, b) in zip(one.saved, two.saved)]
         return Activations(saved, one.param_position, grow(one.recompute, two.recompute),
                            grow(one.largest, two.largest))
+
+    @property
+    def largest_block(self) -> int:
+        """Entries of the denoiser's largest block that is never split (`_no_split_modules`: a transformer block,
+        a ResNet, an up block), which is what FSDP's and ZeRO-3's auto-wrap gather whole; without that list, the
+        largest element of a ModuleList."""
+        kinds = set(getattr(self.unet, "_no_split_modules", None) or ())
+        blocks = [m for m in self.unet.modules() if type(m).__name__ in kinds] or [
+            m for seq in self.unet.modules() if isinstance(seq, nn.ModuleList) for m in seq]
+        return max((sum(p.numel() for p in m.parameters()) for m in blocks), default=0)
 
     @property
     def default_resolution(self) -> int:
@@ -334,11 +352,14 @@ def trace_activations(unet: nn.Module, batch: int, latent: int, dtype: torch.dty
     return Activations(entries, param_position, unit_bytes[0], max((b for _, b in entries), default=0))
 
 
-def backward_peak(acts: Activations, grad_bytes: dict[int, int], grads_exist: bool) -> int:
+def backward_peak(acts: Activations, grad_bytes: dict[int, int], grads_exist: bool,
+                  step_bytes: int | None = None) -> int:
     """The most memory activations and gradients hold together during the backward pass, which runs the
     forward in reverse: while it is at position s, the activations saved up to s are still held and the
     gradients of the parameters first used from s on are already made. With `grads_exist` (a later
-    micro-batch of gradient accumulation, or of the mask pass) every gradient is there from the start."""
+    micro-batch of gradient accumulation, or of the mask pass) every gradient is there from the start. With
+    `step_bytes` (gradient release) a gradient is stepped and freed as soon as it is complete, at its
+    parameter's first use: only the gradients completed at s are there, with `step_bytes` of the step's own."""
     total_grads = sum(grad_bytes.values())
     if grads_exist:
         return acts.total + total_grads
@@ -351,7 +372,10 @@ def backward_peak(acts: Activations, grad_bytes: dict[int, int], grads_exist: bo
         grads_at[pos] = grads_at.get(pos, 0) + b
     held, made, peak = acts.total - acts.recompute, 0, 0
     for pos in sorted(set(saved_at) | set(grads_at), reverse=True):
-        made += grads_at.get(pos, 0)
+        if step_bytes is None:
+            made += grads_at.get(pos, 0)
+        else:
+            made = grads_at[pos] + step_bytes if pos in grads_at else 0
         peak = max(peak, held + made)
         held -= saved_at.get(pos, 0)
     return peak + acts.recompute

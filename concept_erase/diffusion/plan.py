@@ -8,12 +8,11 @@ memory of this architecture at this batch and resolution. The estimate then foll
 - the mask pass (SalUn without --mask): fp32 weights, the fp32 gradients it accumulates (they become the
   scores), and the guided saliency loss's activations (the UNet runs on the conditional and the unconditional
   micro-batch, so twice the micro-batch);
-- a training step: the fp32 master UNet (on a GPU the loop parks the text encoders and the VAE on the CPU;
-  on a CPU run they count), the frozen original UNet (ESD), optimizer state
-  (Adam: 8 bytes per trainable entry; 8-bit Adam: about 2; under a SalUn mask only the salient entries have
-  state, plus a 4-byte index per salient entry; a layer scope such as ESD-x's cross-attention is a bool per UNet
-  weight, held all run), and during the backward pass the activations not yet
-  consumed plus the gradients already made (walked in the forward's order, position by position);
+- a training step: the UNet's weights (on a GPU the loop parks the text encoders and the VAE on the CPU), the
+  frozen original UNet (ESD), optimizer state (Adam: 8 bytes per trainable entry, 8-bit Adam about 2; under a
+  SalUn mask for the salient entries only, plus the salient set's bitmask; a layer scope is a bool per UNet
+  weight), and during the backward pass the activations not yet consumed plus the gradients already made
+  (walked in the forward's order); `layout.py` has what bf16 weights, gradient release and sharding change;
 - ESD's sampling: its z_t and target come from UNet forwards under no_grad (cond + uncond), whose peak is the
   skip connections still live plus the running op's tensors (counted op by op on the meta device).
 
@@ -26,32 +25,29 @@ reports; the CUDA context and the allocator's cache come on top, so the budget c
 
 A CPU run's resident memory is those tensors plus the process itself: Python, PyTorch, diffusers,
 transformers and accelerate with the model's classes imported, and the tokenizers (about half a GiB, more
-than the tensors of a small model). That part is not estimated but measured: `run_plan` imports the same
-libraries and classes, loads the tokenizers, and reads its own resident memory.
+than the tensors of a small model). That part is not estimated but measured: `plan_search.run_plan` imports
+the same libraries and classes, loads the tokenizers, and reads its own resident memory. `plan_search.py` is
+what the command answers for a --memory-budget: the settings that fit, or why none do.
 """
 
 from __future__ import annotations
 
-import itertools
-import math
 import re
 from dataclasses import dataclass, field, fields
-from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import ConceptEraseError
-from .memory import ModelCounts, backward_peak, load_counts, measure_process, no_grad_peak
+from .layout import Layout, bitmask_bytes, optimizer_state
+from .memory import ModelCounts, backward_peak, load_counts, no_grad_peak
 from .training.config import TrainConfig
 from .training.mask_pass import mask_batch
 
 GiB = 2**30
 # CUDA context, cuBLAS/cuDNN workspaces and the caching allocator's slack, beyond allocated tensors.
 CUDA_RESERVE = 1 * GiB
-# bitsandbytes' 8-bit Adam: two uint8 states, a float32 absmax per 256-entry block for each; tensors under
-# 4096 entries keep 32-bit states (its min_8bit_size).
-BNB_BLOCK, BNB_MIN_SIZE = 256, 4096
+SHARDING = ("none", "fsdp", "zero2", "zero3")
 
 
 @dataclass(kw_only=True)
@@ -80,6 +76,15 @@ class PlanConfig(TrainConfig):
         "help": "plan for a GPU run (cuda) or a CPU run (cpu: host memory, the bool mask included); default: the "
                 "device erase would use here, cuda when PyTorch sees a CUDA GPU, else cpu",
         "choices": ("cuda", "cpu")})
+    num_processes: int = field(default=1, metadata={
+        "help": "processes (GPUs) of the accelerate launch, each taking batch / N; with --sharding each holds 1/N "
+                "of what its engine shards", "min": 1})
+    sharding: str = field(default="none", metadata={
+        "help": "the engine the accelerate launch config selects (configs/accelerate/): none (one process or DDP: "
+                "everything on every GPU), fsdp (FULL_SHARD: weights, gradients, optimizer state), zero2 (DeepSpeed: "
+                "gradients, optimizer state) or zero3 (DeepSpeed: all three)", "choices": SHARDING})
+    offload_optimizer: bool = field(default=False, metadata={
+        "help": "the optimizer state in host memory (DeepSpeed ZeRO's CPU offload: --sharding zero2 or zero3)"})
     memory_budget: str | None = field(default=None, metadata={
         "help": 'memory available, e.g. "16GB" (10^9 bytes) or "24GiB"; says whether the run fits and which '
                 "settings would make it fit"})
@@ -88,7 +93,13 @@ class PlanConfig(TrainConfig):
         if self.device is None:  # as erase's accelerate run: the GPU when there is one (no CUDA context made)
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         super().__post_init__()
-        self.check_batch(1)  # erase's own check (with its processes, at launch)
+        self.check_batch(self.num_processes)  # erase's own check (with its processes, at launch)
+        if self.offload_optimizer and self.sharding not in ("zero2", "zero3"):
+            raise ConceptEraseError(f"--offload-optimizer is DeepSpeed ZeRO's: it needs --sharding zero2 or zero3, "
+                                    f"not {self.sharding}")
+        if not runnable(vars(self)):  # what erase's launch check refuses (`TrainConfig.check_launch`)
+            raise ConceptEraseError(f"--master-weights {self.master_weights} needs --mixed-precision bf16, and "
+                                    "--grad-release one micro-batch, one process and no fp16 (erase refuses them)")
         if self.memory_budget is not None:
             parse_bytes(self.memory_budget)
 
@@ -118,9 +129,6 @@ def parse_bytes(text: str) -> int:
     if size < 1:
         raise ConceptEraseError(f"--memory-budget {text!r} is not a size with its unit, like 16GB or 24GiB")
     return size
-
-
-# ------------------------------------------------------------------------------------------ the model
 
 
 # ------------------------------------------------------------------------------------------ the estimate
@@ -169,19 +177,13 @@ def _trainable_names(method, named: dict[str, nn.Parameter], family) -> tuple[se
     return {name for name, m in scope.masks.items() if bool(m.any())}, True
 
 
-def _optimizer_state(numels: list[int], kind: str) -> int:
-    if kind == "adam8bit":
-        return sum(2 * n + 2 * 4 * math.ceil(n / BNB_BLOCK) if n >= BNB_MIN_SIZE else 8 * n for n in numels)
-    return sum(8 * n for n in numels)
-
-
 def estimate(config: PlanConfig, counts: ModelCounts | None = None) -> Plan:
     """The peak memory of `concept-erase erase` with these settings (see the module docstring)."""
     counts = counts or load_counts(config.model, config.model_config)
     unet = counts.unet
     resolution = config.resolution or counts.default_resolution
     latent = max(1, resolution // counts.vae_scale)
-    micro = max(1, config.batch_size // config.gradient_accumulation_steps)
+    micro = max(1, config.batch_size // (config.gradient_accumulation_steps * config.num_processes))
     half = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[config.mixed_precision]
     denoiser = counts.family.denoiser_name  # the UNet, or a diffusion transformer (SD 3, FLUX)
     n_unet = counts.components[denoiser]
@@ -198,19 +200,34 @@ def estimate(config: PlanConfig, counts: ModelCounts | None = None) -> Plan:
     masked = method.computes_mask
     trainable, scoped = (set(named), False) if masked else _trainable_names(method, named, counts.family)
     entries = [round(config.keep * named[n].numel()) if masked else named[n].numel() for n in trainable]
-    grad_bytes = {id(named[n]): 4 * named[n].numel() for n in trainable}
+    k = sum(entries)
+    at = Layout.of(config)  # bytes per entry and shards of the memory settings (layout.py)
+    grad_bytes = {id(named[n]): at.sharded(at.weight_bytes * named[n].numel()) for n in trainable}
+    # the step gathers one tensor's salient entries at a time: fp32 values and gradients and an int64 index,
+    # plus on CUDA the temporary torch's foreach Adam makes per entry it steps
+    largest = max(trainable, key=lambda n: named[n].numel())
+    foreach = 4 if config.device == "cuda" and config.optimizer == "adam" else 0
+    one_tensor = (16 + foreach) * (round(config.keep * named[largest].numel()) if masked else 0)
 
+    shard = f", 1/{at.weight_shards} of the UNet per process" if at.weight_shards > 1 else ""
     if config.device == "cuda":  # the loop parks the text encoders and the VAE on the CPU while it trains
-        weights = {"weights (fp32 UNet master)": 4 * n_unet}
+        weights = {f"weights ({'bf16 UNet' if at.half_weights else 'fp32 UNet master'}{shard})": at.weights(n_unet)}
         host = {"text encoders + VAE (parked while training)": 4 * others}
     else:
-        weights = {"weights (fp32: UNet master + text encoders + VAE)": 4 * (n_unet + others)}
+        weights = {f"weights ({'bf16 UNet, fp32' if at.half_weights else 'fp32: UNet master'} + text encoders + "
+                   f"VAE{shard})": at.weights(n_unet) + 4 * others}
         host = {}
+    weights.update({"fp32 master of the salient entries": at.sharded(4 * k)} if at.salient_master else {})
+    if at.weight_shards > 1:  # FSDP / ZeRO-3 gather one wrapped block whole at a time, and prefetch the next
+        weights["gathered blocks (the largest, twice)"] = 2 * at.weight_bytes * counts.largest_block
     if method.frozen_copy:
-        weights["frozen original UNet (ESD)"] = 4 * n_unet
-    state = {"optimizer state": _optimizer_state(entries, config.optimizer)}
+        weights["frozen original UNet (ESD)"] = at.weights(n_unet)
+    state_bytes = at.sharded(optimizer_state(entries, config.optimizer))
+    state = {} if at.offload else {"optimizer state": state_bytes}
+    host.update({"optimizer state (ZeRO CPU offload)": state_bytes} if at.offload else {})
     if masked:
-        state["mask indices (int32 per salient entry)"] = 4 * sum(entries)
+        state["mask (1 bit per entry of a partially salient weight)"] = at.sharded(
+            bitmask_bytes([named[n].numel() for n in trainable]) if config.keep < 1 else 0)
     if masked and config.device == "cpu":
         state["mask (bool, 1 byte per UNet weight)"] = n_unet
     elif masked:
@@ -223,21 +240,28 @@ def estimate(config: PlanConfig, counts: ModelCounts | None = None) -> Plan:
         host["layer scope (bool, 1 byte per UNet weight)"] = n_unet
 
     rows = 2 * micro if config.alpha > 0 else micro  # the forget (+ retain) batch of one UNet forward
-    acts = counts.activations(rows, latent, half, config.gradient_checkpointing, trainable)
-    autocast_copies = 2 * sum(named[n].numel() for n in trainable) if half != torch.float32 else 0
-    first = backward_peak(acts, grad_bytes, grads_exist=False)
-    later = backward_peak(acts, grad_bytes, grads_exist=True) if config.gradient_accumulation_steps > 1 else 0
+    # bf16 weights run the forward in bf16 whatever autocast says; fp32 ones in autocast's precision
+    acts = counts.activations(rows, latent, torch.bfloat16 if at.half_weights else half,
+                              config.gradient_checkpointing, trainable)
+    autocast = half != torch.float32 and not at.half_weights
+    autocast_copies = 2 * sum(named[n].numel() for n in trainable) if autocast else 0
+    if at.release:  # each gradient is stepped and freed as soon as it is complete (one tensor's step at most)
+        backward = backward_peak(acts, grad_bytes, grads_exist=False, step_bytes=one_tensor)
+    else:
+        backward = max(backward_peak(acts, grad_bytes, grads_exist=False),
+                       backward_peak(acts, grad_bytes, grads_exist=True) if config.gradient_accumulation_steps > 1
+                       else 0)
     train = {**weights, **state,
-             "activations + gradients during backward": max(first, later) + 2 * acts.largest,
+             "activations + gradients during backward": backward + 2 * acts.largest,
              **({"half-precision weight copies (autocast)": autocast_copies} if autocast_copies else {})}
     phases = {"training step": train}
-    # The optimizer step: every gradient, then (masked) the packed values and gradients of the salient entries
-    # while the full gradients are let go; on CUDA torch's foreach Adam adds one temporary per state entry.
-    k = sum(entries)
-    foreach = 4 * k if config.device == "cuda" and config.optimizer == "adam" else 0
-    grads = sum(grad_bytes.values())
-    phases["optimizer step"] = {**weights, **state,
-                                "gradients and step temporaries": max(grads, 8 * k + foreach) if masked else grads + foreach}
+    # The optimizer step: every gradient, then (masked) one tensor at a time its salient values and gradients
+    # gathered and stepped while its full gradient is let go (`MaskedOptimizer`): at most every gradient plus
+    # one tensor's packed copies; unmasked, torch's foreach Adam steps every entry at once. Under gradient
+    # release the step runs inside the backward pass, one parameter at a time.
+    if not at.release:
+        phases["optimizer step"] = {**weights, **state, "gradients and step temporaries": sum(grad_bytes.values())
+                                    + (one_tensor if masked else foreach * at.sharded(k))}
 
     if method.samples_latents:
         # ESD's z_t (partial DDIM sampling with the model being trained) and its target (the frozen UNet) come
@@ -246,116 +270,50 @@ def estimate(config: PlanConfig, counts: ModelCounts | None = None) -> Plan:
         # gradients exist. Nothing is saved for a backward pass: the peak is the live skip connections.
         key = ("no grad", 2 * micro, latent, half)
         if key not in counts.traces:
-            counts.traces[key] = no_grad_peak(unet, 2 * micro, latent, half)
+            counts.traces[key] = no_grad_peak(unet, 2 * micro, latent, half, counts.family)
         phases["sampling (no grad)"] = {
             **weights, **state, "no-grad forward (skip connections + the running op)": counts.traces[key],
-            **({"gradients (accumulating)": grads} if config.gradient_accumulation_steps > 1 else {})}
+            **({"gradients (accumulating)": sum(grad_bytes.values())}
+               if config.gradient_accumulation_steps > 1 else {})}
 
     if masked and not config.mask:
-        # The mask pass: the guided loss on cond + uncond, fp32, every weight; its gradients become the scores.
-        # It honours gradient checkpointing (the recomputation gives the same gradients). The first batch's
-        # backward makes the gradients as it goes; later batches add to gradients that are all there.
-        all_grads = {id(p): 4 * p.numel() for p in unet.parameters()}
-        first_batch = min(config.num_forget_images, mask_batch(config))
-
-        def pass_peak(rows: int, grads_exist: bool) -> int:
-            guided = counts.activations(2 * rows, latent, torch.float32, config.gradient_checkpointing, set(named))
-            return backward_peak(guided, all_grads, grads_exist) + 2 * guided.largest
-
-        scores_peak = pass_peak(first_batch, grads_exist=False)
-        if config.num_forget_images > first_batch:
-            scores_peak = max(scores_peak, pass_peak(first_batch, grads_exist=True))
-        largest = max(p.numel() for p in unet.parameters())
-        phases["mask pass"] = {
-            "weights (fp32: UNet + text encoders + VAE)": 4 * (n_unet + others),
-            "activations + gradients (the scores) during backward": scores_peak,
-            "threshold temporaries (largest tensor)": 12 * largest,
-            **({"mask (bool)": n_unet} if config.device == "cpu" else {})}
+        phases["mask pass"] = mask_pass(counts, latent, mask_batch(config), config.gradient_checkpointing,
+                                        config.num_forget_images, config.device)
     return Plan(config, counts.components, phases, host, counts.process)
 
 
-def suggestions(config: PlanConfig, budget: int, counts: ModelCounts, limit: int = 3) -> list[tuple[dict, Plan]]:
-    """Settings that make the run fit `budget`, fewest changes first, then smallest peak. The global batch
-    stays (gradient accumulation splits it), so does the method and its keep ratio."""
-    from dataclasses import asdict
+def mask_pass(counts: ModelCounts, latent: int, batch: int, checkpointing: bool, num_forget_images: int,
+              device: str) -> dict[str, int]:
+    """The mask pass (`training/mask_pass.py`): the guided saliency loss on cond + uncond rows, fp32, every
+    weight of the pipeline on the device; its gradients accumulate in fp32 and become the scores, a signed sum
+    over the whole forget set (SalUn Eq. 6), so neither gradient release nor bf16 weights apply to it. It
+    honours gradient checkpointing (the recomputation gives the same gradients) and its batch. The first
+    batch's backward makes the gradients as it goes; later batches add to gradients that are all there."""
+    unet = counts.unet
+    names = {name for name, _ in unet.named_parameters()}
+    all_grads = {id(p): 4 * p.numel() for p in unet.parameters()}
+    first_batch = min(num_forget_images, batch)
 
-    options = {
-        "gradient_checkpointing": list(dict.fromkeys([config.gradient_checkpointing, True])),
-        "mixed_precision": [config.mixed_precision] + (["bf16"] if config.mixed_precision == "no" else []),
-        "optimizer": list(dict.fromkeys([config.optimizer, "adam8bit"])),
-        "gradient_accumulation_steps": [config.gradient_accumulation_steps] + [
-            g for g in (2, 4, 8, 16) if g > config.gradient_accumulation_steps and config.batch_size % g == 0],
-    }
-    base = asdict(config)
-    found = []
-    for combo in itertools.product(*options.values()):
-        change = {k: v for k, v in zip(options, combo) if v != base[k]}
-        if not change:
-            continue
-        plan = estimate(PlanConfig(**{**base, **change}), counts)
-        if plan.fits(budget):
-            found.append((len(change), plan.peak, change, plan))
-    found.sort(key=lambda f: (f[0], f[1]))
-    return [(change, plan) for _, _, change, plan in found[:limit]]
+    def pass_peak(rows: int, grads_exist: bool) -> int:
+        guided = counts.activations(2 * rows, latent, torch.float32, checkpointing, names)
+        return backward_peak(guided, all_grads, grads_exist) + 2 * guided.largest
 
-
-def describe(plan: Plan, budget: int | None = None, counts: ModelCounts | None = None) -> str:
-    """The plan as the `plan` command prints it."""
-    c = plan.config
-    gib = lambda b: f"{b / GiB:.2f} GiB" if b >= GiB else f"{b / 2**20:.1f} MiB"  # noqa: E731
-    resolution = c.resolution or (counts.default_resolution if counts else "model's")
-    lines = [f"Memory plan: {c.method} on {c.model}" + (f" for {c.concept}" if c.concept else "")
-             + f" ({', '.join(f'{k} {v / 1e6:.4g}M' for k, v in plan.components.items())} "
-             f"parameters), {resolution} px, batch {c.batch_size} forget"
-             + (f" + {c.batch_size} retain" if c.alpha > 0 else "")
-             + f", {c.gradient_accumulation_steps} micro-batch(es); precision {c.mixed_precision} (fp32 master "
-             f"weights), gradient checkpointing {'on' if c.gradient_checkpointing else 'off'}, optimizer "
-             f"{c.optimizer}" + (f", keep {c.keep}" if c.method_class.computes_mask else "")
-             + f"; device {c.device}", ""]
-    for phase, parts in plan.phases.items():
-        lines.append(f"{phase}: {gib(sum(parts.values()))}" + ("   <- peak" if phase == plan.peak_phase else ""))
-        lines += [f"  {name}: {gib(b)}" for name, b in parts.items()]
-    for name, b in plan.host.items():
-        lines.append(f"host memory during training, not on the GPU: {name}: {gib(b)}")
-    what = ("the process itself (Python, PyTorch, the libraries and model classes, the tokenizers; measured in this "
-            "process)")
-    if c.device == "cuda":
-        if plan.process:
-            lines.append(f"host memory, not on the GPU: {what}: {gib(plan.process)}")
-        lines.append(f"\nestimated peak: {gib(plan.peak)} of tensors (+ about {gib(CUDA_RESERVE)} for the CUDA "
-                     "context and allocator)")
-    elif plan.process:
-        lines.append(f"\nestimated peak: {gib(plan.peak)} of tensors + {gib(plan.process)} for {what} = "
-                     f"{gib(plan.resident)} resident")
-    else:
-        lines.append(f"\nestimated peak: {gib(plan.peak)} of tensors")
-    if budget is not None:
-        verdict = "fits" if plan.fits(budget) else "does NOT fit"
-        lines.append(f"budget {_as_written(c.memory_budget, budget, gib)}: {verdict} (the run needs "
-                     f"{gib(plan.resident)})")
-        if not plan.fits(budget) and counts is not None:
-            fixes = suggestions(c, budget, counts)
-            if not fixes:
-                lines.append("no combination of gradient checkpointing, bf16, 8-bit Adam and gradient accumulation "
-                             "fits; lower --resolution or --batch-size")
-            for change, fixed in fixes:
-                flags = " ".join(_flag(k, v) for k, v in change.items())
-                lines.append(f"  fits with {flags}: {gib(fixed.peak)}")
-    return "\n".join(lines)
+    scores_peak = pass_peak(first_batch, grads_exist=False)
+    if num_forget_images > first_batch:
+        scores_peak = max(scores_peak, pass_peak(first_batch, grads_exist=True))
+    largest = max(p.numel() for p in unet.parameters())
+    return {"weights (fp32: UNet + text encoders + VAE)": 4 * sum(counts.components.values()),
+            "activations + gradients (the scores) during backward": scores_peak,
+            "threshold temporaries (largest tensor)": 12 * largest,
+            **({"mask (bool)": counts.components[counts.family.denoiser_name]} if device == "cpu" else {})}
 
 
-def _as_written(text: str | None, budget: int, gib) -> str:
-    """The budget as the user wrote it and in GiB, every figure of the plan's unit: "16GB" is 14.90 GiB."""
-    if not text:
-        return gib(budget)
-    if re.search(r"[KMGT]iB", text, flags=re.I):
-        return f"{text.strip()} ({gib(budget)})"
-    return f"{text.strip()} = {gib(budget)} (GB: 10^9 bytes; GiB, the plan's unit: 2^30)"
-
-
-def _flag(name: str, value: Any) -> str:
-    flag = "--" + name.replace("_", "-")
-    return flag if value is True else f"{flag} {value}"
+def runnable(values: dict) -> bool:
+    """The loop's own rules on these settings (`TrainConfig.check_launch`)."""
+    if values["master_weights"] != "fp32" and values["mixed_precision"] != "bf16":  # bf16 weights: bf16 autocast
+        return False
+    return not values["grad_release"] or (values["gradient_accumulation_steps"] == 1
+                                          and values["num_processes"] == 1 and values["mixed_precision"] != "fp16")
 
 
 def check_like_erase(config: PlanConfig) -> None:
@@ -383,15 +341,3 @@ def check_built(config: PlanConfig, counts: ModelCounts) -> None:
     check_image_size({"--resolution": config.resolution}, counts.vae_scale)
     if config.method_class.computes_mask and not config.mask:
         kept_count(config.keep, counts.components[counts.family.denoiser_name])
-
-
-def run_plan(config: PlanConfig) -> tuple[Plan, str]:
-    check_like_erase(config)
-    counts = load_counts(config.model, config.model_config)
-    check_built(config, counts)
-    measure_process(counts, config.model, config.model_config)
-    plan = estimate(config, counts)
-    budget = parse_bytes(config.memory_budget) if config.memory_budget else None
-    return plan, describe(plan, budget, counts)
-
-

@@ -112,13 +112,14 @@ def erase_cost(model: str) -> dict | None:
 
 def run_audit(pipe, base, concept, detector, *, budgets: dict, seeds, protocol, model: str,
               classifier: str | None = None, retain_prompts: int = 9, clip_model: str | None = None,
-              fid_weights: str | None = None, seed: int = 0, control: bool = True, log=print) -> tuple[dict, dict]:
+              fid_weights: str | None = None, seed: int = 0, control: bool = True, floor=None,
+              log=print) -> tuple[dict, dict]:
     """Measure everything; returns (results, images for the grids). `control`: calibrate every attack on the
-    remap control (`run.attack_control`)."""
+    remap control (`run.attack_control`); `floor`: the never-knew model, attacked the same way (`run.attack_floor`)."""
     rows = _rows(concept.forget_prompts, seeds)
     log(f"audit: {len(rows)} concept prompts x seeds, attacks: {', '.join(budgets)}")
     attack_run = run_attacks(pipe, concept, rows, budgets, detector, protocol=protocol, base=base, seed=seed,
-                             model=model, control=control, log=log)
+                             model=model, control=control, floor=floor, log=log)
     summary = attack_run.summary()
     n = len(rows)
     base_rate, erased_rate = summary["base_detected"], summary["pre_asr"]
@@ -126,7 +127,8 @@ def run_audit(pipe, base, concept, detector, *, budgets: dict, seeds, protocol, 
                "seeds": list(seeds), "rule": ASR_RULE,
                "forget": {"prompts": n, "base_detected": base_rate, "erased_detected": erased_rate,
                           "forget_rate": 100.0 - erased_rate},
-               "attacks": summary["attacks"], "control": summary["control"]}
+               "attacks": summary["attacks"], "control": summary["control"], "floor": summary["floor"],
+               "real_rule": summary["real_rule"]}
     images = {"attacks": attack_run.images, "attack_captions": [f"s{r.seed}: {r.prompt}" for r in rows]}
 
     if concept.neighbours:
@@ -161,11 +163,14 @@ def headline(results: dict) -> dict:
     attacks = {name: round(a["asr"], 2) for name, a in results["attacks"].items()}
     out = {"concept": results["concept"], "forget_rate": round(results["forget"]["forget_rate"], 2),
            "asr": attacks, "max_asr": max(attacks.values()) if attacks else None,
+           "asr_real": {name: round(a["asr_real"], 2) for name, a in results["attacks"].items()},
            "prompts": results["forget"]["prompts"], "detector": results["detector"],
            "budgets": {name: a["budget"] for name, a in results["attacks"].items()},
            "control_asr": {name: None if a["control_asr"] is None else round(a["control_asr"], 2)
                            for name, a in results["attacks"].items()},
            "calibrated": [name for name, a in results["attacks"].items() if a["calibrated"]]}
+    if any(a.get("floor_asr") is not None for a in results["attacks"].values()):
+        out["floor_asr"] = {name: a["floor_asr"] for name, a in results["attacks"].items()}
     if "neighbours" in results:
         out["neighbours_unchanged"] = round(results["neighbours"]["unchanged"], 2)
     erased = results["retain"]["erased"]
@@ -252,7 +257,8 @@ def _sections(results: dict) -> list[str]:
         + t(["", "base", "erased"], [("concept detected (%)", f["base_detected"], f["erased_detected"])])
         + f"\n\nForget rate (erased images without the concept; higher is better): **{f['forget_rate']:.1f}%**.",
         *attack_sections({"attacks": results["attacks"], "rows": f["prompts"], "detector": results["detector"],
-                          "base_detected": f["base_detected"], "control": results["control"]}),
+                          "base_detected": f["base_detected"], "control": results["control"],
+                          "floor": results.get("floor"), "real_rule": results.get("real_rule")}),
         "![attack success](asr.png)\n\n![same seed: base, erased, each attack](grid_attacks.png)",
     ]
     if "neighbours" in results:
@@ -335,7 +341,9 @@ def write_audit(results: dict, images: dict, out: Path) -> Path:
     report.bar_chart(out / "asr.png", {"Pre-ASR": {n: a["pre_asr"] for n, a in attacks.items()},
                                        "ASR": {n: a["asr"] for n, a in attacks.items()},
                                        "control recovered": {n: a["control_asr"] for n, a in attacks.items()
-                                                             if a["control_asr"] is not None}},
+                                                             if a["control_asr"] is not None},
+                                       "never-knew floor": {n: a["floor_asr"] for n, a in attacks.items()
+                                                            if a.get("floor_asr") is not None}},
                      title=f"Attack success on {results['concept']}", ylabel="% of prompts")
     same_seed_grid(out / "grid_attacks.png", images["attacks"], images["attack_captions"], GRID_ROWS)
     if "neighbours" in images:

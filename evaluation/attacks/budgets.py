@@ -51,7 +51,8 @@ class UnlearnDiffAtkBudget(Budget):
 
     # Raised on the remap control (benchmarks/results/attack_calibration_minisd.md): the paper's 40 steps at lr
     # 0.01, one timestep per step, recover MiniSD's control on 7 of 15 rows (soft variant); 200 steps at lr 0.005
-    # with 4 stratified timesteps per step on 14 of 15, still short of the 95% that calibrates it there.
+    # with 4 stratified timesteps per step on 14 of 15 (400 steps, or 2 restarts: still 14); with 8 timesteps per
+    # step on all 15. The gradient's noise was the limit, not the step count.
     steps: int = field(default=200, metadata={"help": "attack steps per prompt (the paper's 40 do not recover the "
                                                       "remap control)", "min": 1})
     lr: float = field(default=0.005, metadata={
@@ -63,8 +64,11 @@ class UnlearnDiffAtkBudget(Budget):
         "help": "discrete: tokens of the vocabulary (each step projects to the nearest one, PEZ-style "
                 "straight-through, as the paper); soft: free embeddings (no prompt can type them)",
         "choices": VARIANTS})
-    timesteps: int = field(default=4, metadata={"help": TIMESTEPS_HELP, "min": 1})
+    timesteps: int = field(default=8, metadata={"help": TIMESTEPS_HELP, "min": 1})
     cosine: bool = field(default=False, metadata={"help": COSINE_HELP})
+    restarts: int = field(default=1, metadata={
+        "help": "independent runs per prompt from other random initial tokens; each prompt keeps the run whose prefix "
+                "denoises its target best on fresh draws (the attack's own objective)", "min": 1})
     batch_size: int = field(default=8, metadata={"help": "prompts attacked together (does not change what each learns)",
                                       "min": 1})
 
@@ -96,11 +100,45 @@ class EmbeddingBudget(Budget):
     batch_size: int = field(default=8, metadata={"help": "prompts attacked together (does not change what each learns)",
                                       "min": 1})
 
+@dataclass
+class TextFreeBudget(Budget):
+    """The text-free attack, TINA-style (arXiv 2603.17828): each row's concept image DDIM-inverted on the erased
+    model under the empty prompt, regenerated from its noise (textfree.py). No optimisation: the inversion runs
+    the protocol's own steps, which is what makes inversion and regeneration an exact pair."""
+
+    attack: ClassVar[str] = "textfree"
+
+    prompt: str = field(default="", metadata={
+        "help": "the prompt the image is inverted and regenerated under: empty (text-free, the default) or a "
+                "neutral one such as 'a photo'"})
+
+
+@dataclass
+class RelearnBudget(Budget):
+    """The relearning attack (SPQR, arXiv 2511.19558): the erased model fine-tuned with the plain diffusion loss
+    on a few images, then its plain prompts judged again (relearn.py)."""
+
+    attack: ClassVar[str] = "relearn"
+
+    # Calibrated on the remap control (benchmarks/results/attack_calibration_minisd.md): 20 steps bring MiniSD's
+    # control back on 11 of 15 rows, 60 on all 15.
+    steps: int = field(default=60, metadata={"help": "fine-tuning steps", "min": 1})
+    lr: float = field(default=1e-4, metadata={"help": "Adam learning rate of the fine-tuning (every UNet weight)",
+                                              "above": 0})
+    images: int = field(default=8, metadata={"help": "images fine-tuned on (the original model's drawings)",
+                                             "min": 1})
+    data: str = field(default="concept", metadata={
+        "help": "concept: images of the concept with their prompts; unrelated: images of its retain prompts only "
+                "(benign fine-tuning: does the concept come back by itself?)", "choices": ("concept", "unrelated")})
+    batch_size: int = field(default=4, metadata={"help": "images per fine-tuning step", "min": 1})
+
+
 BUDGETS = {"inversion": InversionBudget, "unlearndiffatk": UnlearnDiffAtkBudget, "ringabell": RingABellBudget,
-           "embedding": EmbeddingBudget}
+           "embedding": EmbeddingBudget, "textfree": TextFreeBudget, "relearn": RelearnBudget}
 # A budget small enough for CI and the audit's quick mode: every attack still runs end to end.
 TINY = {"inversion": {"steps": 4, "images": 4, "batch_size": 2},
-        "unlearndiffatk": {"steps": 3, "tokens": 2, "timesteps": 2}, "ringabell": {}, "embedding": {"steps": 4}}
+        "unlearndiffatk": {"steps": 3, "tokens": 2, "timesteps": 2}, "ringabell": {}, "embedding": {"steps": 4},
+        "textfree": {}, "relearn": {"steps": 2, "images": 2, "batch_size": 2}}
 
 
 def make_budget(attack: str, **values):

@@ -1,8 +1,8 @@
 """`concept-erase attack` and `concept-erase audit`.
 
-    concept-erase attack --model ERASED --concept C --attack unlearndiffatk [--attack ...] --output DIR
+    concept-erase attack --model ERASED --concept C [--attack unlearndiffatk ...] --output DIR  # default: all four
     concept-erase attack --model OTHER --concept C --replay DIR --output DIR2      # transfer: no optimisation
-    concept-erase audit ERASED --base BASE --concept C --output DIR [--update-card]
+    concept-erase audit ERASED [--base BASE] --concept C --output DIR [--update-card]
 
 Each attack's budget has one flag per setting (`--unlearndiffatk-steps 40`, ...; the dataclasses in
 `budgets.py`); `--tiny-budget` is the CI budget (every attack runs end to end in seconds, measures nothing).
@@ -13,14 +13,16 @@ in the handlers.
 from __future__ import annotations
 
 import argparse
+import shlex
 from dataclasses import dataclass, field
 
 from concept_erase.cli_args import add_flags, check_fields, values_from
 from concept_erase.errors import ConceptEraseError
+from concept_erase.logs import finish
 
 from ..generation import PRESETS
 from ..thresholds import ATTACK_THRESHOLD, NUDENET_FLOOR
-from . import ATTACK_NAMES
+from . import ATTACK_NAMES, DEFAULT_ATTACKS
 
 
 @dataclass
@@ -55,6 +57,9 @@ class AttackSetup:
                 "remapped, UNet untouched; built in memory): the report says which attacks recover it on 95 percent "
                 "of the rows, i.e. whose ASR is more than a lower bound; --no-control halves the time and "
                 "calibrates nothing"})
+    floor: bool = field(default=False, metadata={
+        "help": "MiniSD digit concepts: also run every attack, same budget, on a MiniSD trained without the concept "
+                "(the never-knew floor; trained once, minutes, then cached)"})
     device: str | None = field(default=None, metadata={"help": "torch device (default: cuda when available)"})
     overwrite: bool = field(default=False, metadata={"help": "replace --output if it exists"})
 
@@ -69,7 +74,9 @@ class Attack:
         "help": "the original model (target images of UnlearnDiffAtk and the upper bound, inversion's images); "
                 "default: the model card's base_model"})
     attack: list[str] | None = field(default=None, metadata={
-        "help": "an attack to run (repeat the flag for several)", "choices": ATTACK_NAMES, "metavar": "ATTACK"})
+        "help": "an attack to run (repeat the flag for several; default: all but relearn, which fine-tunes the "
+                "whole UNet and is opt-in; with --replay none but the replayed ones)", "choices": ATTACK_NAMES,
+        "metavar": "ATTACK"})
     replay: str | None = field(default=None, metadata={
         "help": "replay the attacks saved in an earlier attack output folder instead of optimising", "metavar": "DIR"})
     prompts: str | None = field(default=None, metadata={
@@ -78,21 +85,27 @@ class Attack:
     limit: int | None = field(default=None, metadata={"help": "only the first N rows of --prompts", "min": 1})
     images: str | None = field(default=None, metadata={
         "help": "folder of concept images for concept inversion (default: drawn by --base)"})
+    sweep: str | None = field(default=None, metadata={
+        "help": "ASR against budget: run every attack with this budget setting at each value, on the model and the "
+                "control (sweep.csv and a table in the report; the headline figures are the largest value's)",
+        "metavar": "SETTING=V1,V2,..."})
 
     def __post_init__(self):
         check_fields(self)
-        if not self.attack and not self.replay:
-            raise ConceptEraseError("name an --attack (inversion, unlearndiffatk, ringabell, embedding) or --replay DIR")
         if self.replay and (self.prompts or self.limit):
             raise ConceptEraseError("--prompts and --limit do not apply to --replay, which attacks the rows it saved")
+        if self.replay and self.sweep:
+            raise ConceptEraseError("--sweep does not apply to --replay, which optimises nothing")
 
 
 @dataclass
 class Audit:
     model: str = field(metadata={"help": "the erased model folder", "positional": True})
-    base: str = field(metadata={"help": "the original model"})
+    base: str | None = field(default=None, metadata={
+        "help": "the original model (default: the model card's base_model)"})
     attack: list[str] | None = field(default=None, metadata={
-        "help": "attacks to run (default: all four)", "choices": ATTACK_NAMES, "metavar": "ATTACK"})
+        "help": "attacks to run (default: all but relearn, which fine-tunes the whole UNet and is opt-in)",
+        "choices": ATTACK_NAMES, "metavar": "ATTACK"})
     retain_prompts: int = field(default=9, metadata={"help": "retain prompts drawn (spread over the list)", "min": 1,
                                                      "flag": "num-retain-prompts", "aliases": ("--retain-prompts",)})
     clip_model: str | None = field(default=None, metadata={"help": "local CLIP folder for the CLIP score"})
@@ -116,8 +129,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "attack", help="attack an erased model: does the concept come back? (Pre-ASR / ASR)",
         description="Run adversarial attacks (concept inversion, UnlearnDiffAtk, Ring-A-Bell, the conditioning "
-                    "upper bound) on an erased model and report Pre-ASR and ASR the UnlearnDiffAtk way; saves what "
-                    "each attack learned so --replay can run it on another model.")
+                    "upper bound, the text-free inversion; relearning, opt-in: --attack relearn) on an erased model "
+                    "and report Pre-ASR and ASR the UnlearnDiffAtk way, each with its realism-filtered twin; saves "
+                    "what each attack learned so --replay can run it on another model (relearning excepted).")
     add_flags(p, Attack)
     _add_common(p)
     p.set_defaults(func=_attack_main)
@@ -151,16 +165,19 @@ def _inputs(setup: AttackSetup):
     from concept_erase.diffusion.data.generate import parse_seeds
     from concept_erase.io_utils import check_writable
 
-    from .detectors import detector_for
-
     check_writable(setup.output, setup.overwrite, flag="--output")
+    from .detectors import detector_for
     concept = get_concept(setup.concept)
+    if setup.floor:
+        from .floor import floor_digit
+        floor_digit(concept)  # a concept MiniSD cannot be retrained without is refused before any model loads
     detector = detector_for(concept.name, classifier=setup.classifier, threshold=setup.nudenet_threshold)
     return concept, detector, parse_seeds(setup.seeds)
 
 
-def _models(setup: AttackSetup, model: str, base_source: str | None):
-    """The protocol (from the model's card) and the models, loaded."""
+def _models(setup: AttackSetup, model: str, base_source: str | None, *, need_base: bool = False):
+    """The protocol and the base (--base, else the model's card: one rule for `attack` and `audit`), then the
+    models, loaded. `need_base`: no base is a one-line error before anything loads."""
     from concept_erase.diffusion.models.defaults import model_defaults
     from concept_erase.diffusion.models.loading import load_pipeline
     from concept_erase.logs import announce
@@ -173,6 +190,9 @@ def _models(setup: AttackSetup, model: str, base_source: str | None):
     if base_source is None and defaults.base_model != str(model):
         base_source = defaults.base_model
         announce(f"--base {base_source} (the model card's base_model)")
+    if need_base and base_source is None:
+        raise ConceptEraseError(f"{model!r} does not record its base model (no model card with base_model): "
+                                "pass --base")
     device = setup.device or "auto"
     pipe = load_pipeline(model, config=setup.config, device=device)
     base = load_pipeline(base_source, device=device) if base_source else None
@@ -183,12 +203,17 @@ def _attack_main(args: argparse.Namespace) -> int:
     from concept_erase.io_utils import atomic_dir
 
     from ..prompts import read_prompts
-    from .run import concept_rows, run_attacks, write_attack_outputs
 
     job, setup = Attack(**values_from(args, Attack)), AttackSetup(**values_from(args, AttackSetup))
-    budgets = budgets_from_args(args, job.attack or [], setup.tiny_budget)
+    budgets = budgets_from_args(args, job.attack or ([] if job.replay else DEFAULT_ATTACKS), setup.tiny_budget)
+    if job.sweep:  # checked before any model loads; the headline run is at the largest value
+        from .sweep import parse_sweep, swept_budgets
+        sweep = parse_sweep(job.sweep, budgets)
+        budgets = {**budgets, **swept_budgets(budgets, sweep[0], sweep[1][-1])}
     replay = check_replay(job, setup) if job.replay else None
     concept, detector, seeds = _inputs(setup)
+    from .run import concept_rows, run_attacks, write_attack_outputs  # torch: once the inputs are known good
+    from .floor import floor_model
     protocol, pipe, base = _models(setup, job.model, job.base)
     if replay:
         rows = next(iter(replay.values())).rows
@@ -196,11 +221,28 @@ def _attack_main(args: argparse.Namespace) -> int:
         rows = read_prompts(job.prompts, limit=job.limit)[1]
     else:
         rows = concept_rows(concept, seeds)
-    run = run_attacks(pipe, concept, rows, budgets, detector, protocol=protocol, base=base, images=job.images,
-                      seed=setup.seed, replay=replay, model=str(job.model), control=setup.control)
+    common = dict(protocol=protocol, base=base, images=job.images, seed=setup.seed, model=str(job.model),
+                  control=setup.control, floor=floor_model(concept) if setup.floor else None)
+    run = run_attacks(pipe, concept, rows, budgets, detector, replay=replay, **common)
+    if job.sweep:
+        from .sweep import run_sweep, sweep_lines
+        run.sweep = run_sweep(pipe, concept, rows, budgets, detector, *sweep, run.summary(), **common)
     with atomic_dir(setup.output, overwrite=setup.overwrite) as tmp:
-        write_attack_outputs(run, tmp, f"Attacks on {concept.name}: {job.model}")
-    print(f"report: {setup.output}/report.md (replay with --replay {setup.output})")
+        extra = []
+        if run.sweep:  # the sweep's writers live in sweep.py, which imports run.py (never the reverse)
+            from .sweep import sweep_section, write_sweep_csv
+
+            write_sweep_csv(run.sweep, tmp / "sweep.csv")
+            extra = [sweep_section(run.sweep)]
+        write_attack_outputs(run, tmp, f"Attacks on {concept.name}: {job.model}", extra)
+    summary = run.summary()
+    finish(args, [f"{concept.name}: Pre-ASR {summary['pre_asr']:.1f}%, ASR " +
+                  ", ".join(f"{k} {a['asr']:.1f}%" for k, a in summary["attacks"].items()),
+                  *(sweep_lines(run.sweep) if job.sweep else []),
+                  f"wrote {setup.output}/: report.md, results.json (the result as JSON), grid.png, and what each "
+                  "attack learned"], summary,
+           next_command=f"concept-erase attack --model OTHER --concept {concept.name} --replay "
+                        f"{shlex.quote(setup.output)} --output OUT  (the same attacks on another model)")
     return 0
 
 
@@ -225,28 +267,33 @@ def _audit_main(args: argparse.Namespace) -> int:
     from concept_erase.io_utils import atomic_dir
 
     from .audit import check_audit_inputs, headline, run_audit, write_audit
+    from .floor import floor_model
 
     job, setup = Audit(**values_from(args, Audit)), AttackSetup(**values_from(args, AttackSetup))
-    budgets = budgets_from_args(args, job.attack or ATTACK_NAMES, setup.tiny_budget)
+    budgets = budgets_from_args(args, job.attack or DEFAULT_ATTACKS, setup.tiny_budget)
     if job.update_card:
         from concept_erase.diffusion.models.card import read_model_card
 
         read_model_card(job.model)  # a model folder with a card, or a one-line error before hours of work
     concept, detector, seeds = _inputs(setup)
     check_audit_inputs(concept, budgets, seeds, job)  # everything the audit will need, before the first image
-    protocol, pipe, base = _models(setup, job.model, job.base)
+    protocol, pipe, base = _models(setup, job.model, job.base, need_base=True)
     results, images = run_audit(pipe, base, concept, detector, budgets=budgets, seeds=seeds, protocol=protocol,
                                 model=str(job.model), classifier=setup.classifier, retain_prompts=job.retain_prompts,
                                 clip_model=job.clip_model, fid_weights=job.fid_weights, seed=setup.seed,
-                                control=setup.control)
+                                control=setup.control, floor=floor_model(concept) if setup.floor else None)
     with atomic_dir(setup.output, overwrite=setup.overwrite) as tmp:
         write_audit(results, images, tmp)
     top = headline(results)
-    print(f"audit: forget rate {top['forget_rate']:.1f}%, ASR " +
-          ", ".join(f"{k} {v:.1f}%" for k, v in top["asr"].items()) + f"; report: {setup.output}/report.html")
+    lines = [f"audit: forget rate {top['forget_rate']:.1f}%, ASR " +
+             ", ".join(f"{k} {v:.1f}%" for k, v in top["asr"].items()),
+             f"wrote {setup.output}/: report.html (self-contained), report.md, results.json (the result as JSON)"]
     if job.update_card:
         from concept_erase.diffusion.models.card import add_evaluation_to_card
 
         add_evaluation_to_card(job.model, "audit", top)
-        print(f"model card updated: {job.model}/README.md")
+        lines.append(f"model card updated: {job.model}/README.md")
+    finish(args, lines, results,
+           next_command=None if job.update_card else "the same command with --update-card, to record the headline "
+                                                     "figures in the model's card")
     return 0

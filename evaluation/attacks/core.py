@@ -12,7 +12,11 @@ replayed on another model (a transfer attack):
   discrete: exactly what typing those tokens gives). The text encoder itself runs as usual, through the
   model family's `encode`, so the same code serves every family whose text encoders are CLIP-like;
 - an *offset* added to the encoder's output (Ring-A-Bell's concept vector);
-- the *conditioning itself* (the conditioning-space upper bound: no tokenizer, no encoder).
+- the *conditioning itself* (the conditioning-space upper bound: no tokenizer, no encoder; the text-free
+  attack: the empty prompt's, with each row's initial noise found by inversion, `latents`).
+
+The relearning attack changes the model instead: its `weights` (the fine-tuned UNet's state) are swapped in
+while its rows are drawn (`weights_applied`); they are kept in memory only, so it is re-run, not replayed.
 
 The objective of the optimising attacks is the erased model's denoising error on images of the concept
 (UnlearnDiffAtk, Zhang et al. ECCV 2024, eq. 3; textual inversion's loss in concept inversion, Pham et al.
@@ -208,6 +212,8 @@ class Learned:
     seconds: float = 0.0
     structure: dict | None = None       # `structure_of` the attacked model
     model: str | None = None            # the attacked model, as the attack job was given it
+    latents: Tensor | None = None       # per row, the initial noise z_T to draw from (text-free attack)
+    weights: dict[str, Tensor] | None = None  # the relearned UNet's state (relearning; in memory, never saved)
 
     def conditioning_for(self, pipe, batch_size: int = 16) -> Conditioning:
         """The adversarial conditioning of every row on `pipe` (the attacked model, or another one: replay)."""
@@ -239,9 +245,30 @@ class Learned:
         return Learned(self.attack, self.budget, self.rows, list(self.decoded), decoded=list(self.decoded),
                        history=self.history, seconds=self.seconds, structure=self.structure, model=self.model)
 
+    @property
+    def replayable(self) -> bool:
+        """Saved and replayed with --replay: every attack but relearning, whose result is a whole fine-tuned UNet."""
+        return self.weights is None
+
+    @contextmanager
+    def weights_applied(self, pipe):
+        """`pipe` with this attack's relearned UNet weights while the block runs (no change without weights);
+        the attacked model's own weights are put back afterwards."""
+        if self.weights is None:
+            yield pipe
+            return
+        own = {k: v.detach().clone() for k, v in pipe.unet.state_dict().items()}
+        pipe.unet.load_state_dict(self.weights)
+        try:
+            yield pipe
+        finally:
+            pipe.unet.load_state_dict(own)
+
     def tensors(self) -> dict[str, Tensor]:
         """Every learned tensor by its name in learned.safetensors."""
         tensors = {f"prefix.{k}": v for k, v in self.prefix.items()}
+        if self.latents is not None:
+            tensors["latents"] = self.latents
         tensors |= {f"offset.{k}": v for k, v in self.offset.items()}
         if self.prefix_ids is not None:
             tensors["prefix_ids"] = self.prefix_ids

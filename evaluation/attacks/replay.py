@@ -30,14 +30,13 @@ from concept_erase.errors import ConceptEraseError, first_line
 from concept_erase.validate import parse_seed
 
 from ..prompts import PromptRow
-from . import ATTACK_NAMES
 from .core import ATTACK_FILE, LEARNED_FILE, PLACEHOLDER, Learned, describe_structure, prefixed
 
 # The keys of attack.json a replay needs, and their JSON types.
 REQUIRED = {"attack": str, "budget": dict, "rows": list, "texts": list, "structure": dict, "tensors": dict}
 # What each attack's learned.safetensors holds (the discrete UnlearnDiffAtk: ids; soft: vectors).
 TENSORS = {"inversion": ("prefix.",), "unlearndiffatk": ("prefix_ids", "prefix."), "ringabell": ("offset.",),
-           "embedding": ("conditioning.",)}
+           "embedding": ("conditioning.",), "textfree": ("latents",)}
 
 
 class _Fault(Exception):
@@ -69,8 +68,8 @@ def _read_meta(path: Path) -> dict:
             raise _Fault(f"{ATTACK_FILE} has no {key!r} (a folder from an older version: run the attack again)")
         if not isinstance(meta[key], kind):
             raise _Fault(f"{ATTACK_FILE}'s {key!r} is not a JSON {'object' if kind is dict else kind.__name__}")
-    if meta["attack"] not in ATTACK_NAMES:
-        raise _Fault(f"unknown attack {meta['attack']!r} in {ATTACK_FILE} (choose from {', '.join(ATTACK_NAMES)})")
+    if meta["attack"] not in TENSORS:
+        raise _Fault(f"unknown attack {meta['attack']!r} in {ATTACK_FILE} (replayable: {', '.join(TENSORS)})")
     if meta.get("placeholder", PLACEHOLDER) != PLACEHOLDER:
         raise _Fault(f"{ATTACK_FILE}'s placeholder {meta['placeholder']!r} is not {PLACEHOLDER!r}")
     _check_budget(meta["attack"], meta["budget"])
@@ -166,6 +165,8 @@ def _check_widths(tensors: dict[str, torch.Tensor], meta: dict) -> None:
                 raise _Fault(f"{LEARNED_FILE}'s {name} {list(tensor.shape)} is not (1 or {rows} rows, tokens, "
                              f"{width}) for {describe_structure(structure)}")
             k = tensor.shape[1]
+        elif name == "latents" and (tensor.ndim != 4 or tensor.shape[0] != rows):
+            raise _Fault(f"{LEARNED_FILE}'s latents {list(tensor.shape)} are not one initial noise per row ({rows})")
         elif name in ("offset.hidden", "conditioning.hidden"):
             lead = (rows,) if kind == "conditioning" else ()
             if tensor.ndim != len(lead) + 2 or tuple(tensor.shape[:len(lead)]) != lead \
@@ -186,7 +187,7 @@ def _learned(meta: dict, tensors: dict[str, torch.Tensor]) -> Learned:
     return Learned(meta["attack"], meta["budget"], meta["rows"], meta["texts"], part("prefix."),
                    tensors.get("prefix_ids"), part("offset."), conditioning, meta.get("decoded"),
                    meta.get("history", []), seconds if _finite(seconds) else 0.0, meta["structure"],
-                   meta.get("model") if isinstance(meta.get("model"), str) else None)
+                   meta.get("model") if isinstance(meta.get("model"), str) else None, tensors.get("latents"))
 
 
 def load_replay(folder: str | Path) -> dict[str, Learned]:

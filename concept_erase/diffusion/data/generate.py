@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Sequence
 from ...cli_args import add_flags, check_fields, values_from
 from ...concepts import read_prompt_list
 from ...errors import ConceptEraseError
-from ..models.families import family_field
+from ...logs import progress_field
+from ..models.families import family_field, family_of
 
 if TYPE_CHECKING:
     import numpy as np
@@ -154,12 +155,13 @@ def _generate_batch(pipe, prompts, seeds, negatives, num_inference_steps, guidan
 
     # CPU generators: the same noise on every device (diffusers draws on CPU, then moves).
     generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+    # the family's call defaults (a transformer's size and T5 length), then the size asked for
+    family = family_of(pipe)
+    call = family.sampling_kwargs(pipe) | {k: v for k, v in (("height", height), ("width", width)) if v}
+    call |= family.guidance_kwargs(pipe, guidance_scale, negatives, len(seeds))
     with torch.no_grad():
-        out = pipe(
-            prompt=prompts, negative_prompt=negatives, num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale, height=height, width=width, generator=generators, output_type="np",
-            **inputs,
-        )
+        out = pipe(prompt=prompts, num_inference_steps=num_inference_steps, generator=generators,
+                   output_type="np", **call, **inputs)
     if not np.isfinite(out.images).all():  # NaN pixels would become black images, cached and scored as drawings
         raise ConceptEraseError(f"the model drew non-finite (NaN) pixels at guidance scale {guidance_scale:g} with "
                                 f"{num_inference_steps} steps (seeds {seeds[0]}..{seeds[-1]}); lower the guidance scale")
@@ -168,9 +170,10 @@ def _generate_batch(pipe, prompts, seeds, negatives, num_inference_steps, guidan
 
 def generate_from_conditioning(pipe, cond, seeds: Sequence[int], *, num_inference_steps: int = 25,
                                guidance_scale: float = 7.5, height: int | None = None, width: int | None = None,
-                               batch_size: int = 8) -> list["Image.Image"]:
+                               batch_size: int = 8, latents=None) -> list["Image.Image"]:
     """`generate_images` for UNet conditioning instead of prompt text (`family.Conditioning`, one item per
-    seed): what an attack's adversarial embeddings draw. The negative side is the empty prompt, as usual."""
+    seed): what an attack's adversarial embeddings draw. The negative side is the empty prompt, as usual.
+    `latents`: one initial noise per item instead of the seeds' (the text-free attack's inverted noise)."""
     seeds = [int(s) for s in seeds]
     if len(cond) != len(seeds):
         raise ConceptEraseError(f"{len(cond)} conditionings but {len(seeds)} seeds: give one seed per item")
@@ -183,6 +186,8 @@ def generate_from_conditioning(pipe, cond, seeds: Sequence[int], *, num_inferenc
             inputs = {"prompt_embeds": part.hidden.to(pipe.unet.dtype)}
             if "text_embeds" in part.added:  # SDXL's pooled text embedding (the size ids come from height/width)
                 inputs["pooled_prompt_embeds"] = part.added["text_embeds"].to(pipe.unet.dtype)
+            if latents is not None:
+                inputs["latents"] = latents[start:start + batch_size].to(pipe.unet.device, pipe.unet.dtype)
             images.extend(_generate_batch(pipe, None, seeds[start:start + batch_size], None, num_inference_steps,
                                           guidance_scale, height, width, **inputs))
     finally:
@@ -258,7 +263,7 @@ class GenerateConfig:
     device: str | None = field(default=None, metadata={
         "help": "torch device, e.g. cuda or cpu (default: cuda when available)"})
     overwrite: bool = field(default=False, metadata={"help": "replace --output if it exists"})
-    progress: bool = field(default=True, metadata={"help": "a progress bar (images made, of how many)"})
+    progress: bool = progress_field()
 
     def __post_init__(self):
         check_fields(self)
@@ -355,5 +360,8 @@ def _main(args: argparse.Namespace) -> int:
         with atomic_file(tmp / "index.jsonl") as f:
             f.write_text("".join(json.dumps({**row, **settings}) + "\n" for row in rows), encoding="utf-8")
         contact_sheet(tmp / CONTACT_SHEET, prompts, seeds, images)
-    print(f"wrote {len(images)} images and {CONTACT_SHEET} to {config.output}")
+    from ...logs import finish
+
+    finish(args, f"wrote {config.output}/: {len(images)} images, index.jsonl (prompt, seed and settings of each) "
+                 f"and {CONTACT_SHEET}", {"output": config.output, "images": rows, "settings": settings})
     return 0

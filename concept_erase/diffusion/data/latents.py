@@ -94,6 +94,7 @@ class ImageSource:
         """A set of prompts with no images (a method that samples its own z_t), latents of the training size."""
         from ..models.families import family_of
 
-        f = family_of(self.pipe).vae_factor(self.pipe)
-        shape = (self.pipe.unet.config.in_channels, self.size[0] // f, self.size[1] // f)
+        family = family_of(self.pipe)
+        f = family.vae_factor(self.pipe)
+        shape = (family.latent_channels(family.denoiser(self.pipe).config), self.size[0] // f, self.size[1] // f)
         return LatentSet.prompts_only(prompts, shape)

@@ -1,41 +1,49 @@
 """The erasure methods, one module each, and their registry (docs/ALGORITHMS.md 2).
 
-The registry is this explicit table: importing a method module registers nothing. A run resolves its
-method once, in the run config (`method_class`, `build_method()`), and passes the object on; see `base.py`
-for what a method owns. Each method's own flags are the fields of its options dataclass, in its module; the
-run config (`training/config.py`) is composed of them.
+The registry is this explicit table: importing a method module registers nothing. Each entry is a method's
+spec (`options.py`: its flags, the fields it reads, its defaults and help; no torch, so `erase` refuses a bad
+flag before torch loads) and where the class that runs it lives, "module:Class" in this package, imported only
+by `get_method`. A run resolves its method once, in the run config (`spec`, `build_method()`), and passes the
+object on; see `base.py` for what a method owns. The run config (`training/config.py`) is composed of the
+options dataclasses (`options.OPTIONS`).
 """
 
 from __future__ import annotations
 
-from ...errors import ConceptEraseError
-from .ant import ANT, ANTOptions
-from .base import Method
-from .ca import CAOptions, ConceptAblation
-from .erasediff import EraseDiff, EraseDiffOptions
-from .fmn import FMN, FMNOptions
-from .mace import MACE, MACEOptions
-from .scissorhands import ScissorHands
-from .esd import ESDU, ESDX, ESDOptions
-from .salun import RL, SalUn
-from .salun_adv import ADVERSARIAL_VARIANTS, AdversarialOptions, SalUnAdv
-from .rece import RECE, RECEOptions
-from .remap import Remap
-from .safree import SAFREE, SAFREEOptions
-from .uce import UCE, UCEOptions
+import importlib
+from typing import TYPE_CHECKING
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (SalUn, RL, ESDX, ESDU, ConceptAblation, UCE, SalUnAdv, RECE,
-                                                        SAFREE, FMN, ScissorHands, EraseDiff, ANT, Remap, MACE)}
-# The options dataclasses of every method: the run config inherits their fields (and so their flags).
-OPTIONS = (ESDOptions, CAOptions, UCEOptions, AdversarialOptions, RECEOptions, SAFREEOptions, FMNOptions,
-           EraseDiffOptions, ANTOptions, MACEOptions)
+from ...errors import ConceptEraseError
+from .options import (ADVERSARIAL_VARIANTS, ANTSpec, CASpec, EraseDiffSpec, ESDUSpec, ESDXSpec, FMNSpec,
+                      MACESpec, MethodSpec, RECESpec, RemapSpec, RLSpec, SAFREESpec, SalUnAdvSpec, SalUnSpec,
+                      ScissorHandsSpec, UCESpec)
+
+if TYPE_CHECKING:
+    from .base import Method
+
+# name -> (its spec, the "module:Class" that runs it, a subclass of that spec)
+REGISTRY: dict[str, tuple[type[MethodSpec], str]] = {spec.name: (spec, where) for spec, where in (
+    (SalUnSpec, "salun:SalUn"), (RLSpec, "salun:RL"), (ESDXSpec, "esd:ESDX"), (ESDUSpec, "esd:ESDU"),
+    (CASpec, "ca:ConceptAblation"), (UCESpec, "uce:UCE"), (SalUnAdvSpec, "salun_adv:SalUnAdv"),
+    (RECESpec, "rece:RECE"), (SAFREESpec, "safree:SAFREE"), (FMNSpec, "fmn:FMN"),
+    (ScissorHandsSpec, "scissorhands:ScissorHands"), (EraseDiffSpec, "erasediff:EraseDiff"),
+    (ANTSpec, "ant:ANT"), (RemapSpec, "remap:Remap"), (MACESpec, "mace:MACE"))}
+METHODS: dict[str, type[MethodSpec]] = {name: spec for name, (spec, _) in REGISTRY.items()}
 # Every field some method reads; the rest of a run config (model, output, concept, ...) belongs to the run.
-ALL_METHOD_FIELDS = frozenset().union(*(m.fields for m in METHODS.values()))
+ALL_METHOD_FIELDS = frozenset().union(*(spec.fields for spec in METHODS.values()))
 # The names --method takes; an adversarial variant is chosen with --adversarial instead.
 METHOD_CHOICES = tuple(name for name in METHODS if name not in ADVERSARIAL_VARIANTS.values())
 
 
-def get_method(name: str) -> type[Method]:
+def method_spec(name: str) -> type[MethodSpec]:
+    """What method `name` is before it runs (no torch)."""
     if name not in METHODS:
         raise ConceptEraseError(f"unknown method {name!r} (choose from {', '.join(METHODS)})")
     return METHODS[name]
+
+
+def get_method(name: str) -> type[Method]:
+    """The class that runs method `name` (importing it imports torch)."""
+    method_spec(name)
+    module, _, cls = REGISTRY[name][1].partition(":")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), cls)

@@ -19,7 +19,6 @@ at the model being erased, over `ant_rounds` augmented passes of the forget imag
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -27,24 +26,8 @@ import torch.nn.functional as F
 from ...errors import ConceptEraseError
 from ..losses import NoisedBatch, _cat, _unet, esd_partial_sample, esd_scheduler
 from ..models.family import Conditioning, as_conditioning
-from .base import FORGET_IMAGE_FIELDS, LOOP_FIELDS, SALIENCY_FIELDS, SAMPLING_FIELDS, Method, option_names
-
-
-@dataclass
-class ANTOptions:
-    ant_eta: float = field(default=1.0, metadata={"help": "ANT: guidance scale eta of its targets", "min": 0})
-    ant_ddim_steps: int = field(default=50, metadata={
-        "help": "ANT: DDIM steps of the partial sampling that gives z_t", "min": 2})
-    ant_before_step: int = field(default=7, metadata={
-        "help": "ANT: t' as a DDIM step index: the first this many sampling steps are the early stage, kept as "
-                "the original model's; the later ones are steered away", "min": 1})
-    ant_alpha_1: float = field(default=1.0, metadata={"help": "ANT: weight a1 of the early-stage terms", "min": 0})
-    ant_alpha_2: float = field(default=0.5, metadata={
-        "help": "ANT: weight a2 of the unconditional-preservation terms", "min": 0})
-    ant_start_guidance: float = field(default=3.0, metadata={
-        "help": "ANT: guidance scale of the partial sampling", "min": 0})
-    ant_rounds: int = field(default=5, metadata={
-        "help": "ANT: augmented passes over the forget images for the saliency map (--score ant)", "min": 1})
+from .base import Method
+from .options import ANTSpec
 
 
 def late_stage_start(scheduler, options) -> int:
@@ -75,22 +58,7 @@ def ant_score_loss(unet, batch: NoisedBatch, eta: float) -> torch.Tensor:
     return F.mse_loss(eps_c.float(), target.float())
 
 
-class ANT(Method):
-    name = "ant"
-    help = ("ANT (arXiv 2504.12782): the concept's classifier-free-guidance direction reversed in the middle-to-late "
-            "denoising stages, the early stages and the unconditional prediction kept, on the weights of an "
-            "augmented saliency map; z_t from partial sampling")
-    fields = LOOP_FIELDS | SAMPLING_FIELDS | FORGET_IMAGE_FIELDS | SALIENCY_FIELDS | option_names(ANTOptions)
-    needs_surrogate = False
-    samples_latents = True
-    frozen_copy = True
-    computes_mask = True
-    default_score = "ant"
-
-    @classmethod
-    def generates_images(cls, alpha):
-        return True  # the forget images of its saliency map
-
+class ANT(ANTSpec, Method):
     def check_pipeline(self, pipe):
         from ..data.generate import check_sampling
 
@@ -101,9 +69,6 @@ class ANT(Method):
         if self.config.mask:  # a given mask: no images to score, the training samples its own z_t
             return images.prompts_only(concept.forget_prompts)
         return super().forget_set(concept, images)
-
-    def forget_image_prompts(self, concept):
-        return [] if self.config.mask else list(concept.forget_prompts)
 
     def trainable(self, module, family, mask):
         if mask is None:

@@ -1,36 +1,19 @@
 """Concept Ablation, model-based (Kumari et al., ICCV 2023, Eq. 3): on noised images of the ANCHOR concept,
 the target prompt's prediction is matched to the anchor prompt's, stop-gradient:
 MSE(eps_theta(x_t, c_target), sg(eps_theta(x_t, c_anchor))). Here c_target = the forget prompt and the anchor =
-its surrogate. Trains the cross-attention K/V projections (`--ca-params kv`, the paper's cheapest variant) or
-the whole UNet.
+its surrogate. Trains the cross-attention K/V projections (`--ca-params kv`, the paper's cheapest variant; on
+SD 3 and FLUX the text-side weights, and the prediction is the velocity: docs/ALGORITHMS.md 5) or the whole
+UNet.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from ..losses import salun_loss
-from .base import LOOP_FIELDS, RETAIN_FIELDS, SAMPLING_FIELDS, Method, option_names
-
-CA_PARAMS = ("kv", "unet")
-
-
-@dataclass
-class CAOptions:
-    ca_params: str = field(default="kv", metadata={
-        "help": "CA: which weights train: kv (cross-attention key/value projections) or unet (all)",
-        "choices": CA_PARAMS})
+from .base import Method
+from .options import CASpec
 
 
-class ConceptAblation(Method):
-    name = "ca"
-    help = ("Concept Ablation (Kumari et al. 2023), model-based: on images of the anchor (surrogate), the forget "
-            "prompt's prediction matched to the anchor's (stop-gradient); cross-attention K/V or the whole UNet")
-    fields = LOOP_FIELDS | SAMPLING_FIELDS | RETAIN_FIELDS | option_names(CAOptions) | {"mask", "num_forget_images"}
-
-    def forget_image_prompts(self, concept):
-        return list(dict.fromkeys(concept.surrogate_for(p) for p in concept.forget_prompts))
-
+class ConceptAblation(CASpec, Method):
     def forget_set(self, concept, images):
         """Images of the anchors, each paired with a forget prompt that has that anchor as its surrogate
         (cycling, so every forget prompt gets its share)."""
@@ -49,7 +32,7 @@ class ConceptAblation(Method):
     def trainable(self, module, family, mask):
         if self.config.ca_params == "unet":
             return mask
-        return self._scope(module, lambda n: family.is_cross_attention(n) and (".to_k." in n or ".to_v." in n), mask)
+        return self._scope(module, family.is_text_key_value, mask)
 
     def loss(self, unet, forget, retain):
         # The same form as SalUn's forget term (target under no_grad), on anchor images instead of forget images.

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -25,15 +25,8 @@ from torch import Tensor, nn
 from ...errors import ConceptEraseError
 from ..losses import NoisedBatch, _cat, _unet
 from ..models.family import as_conditioning
-from .base import FORGET_IMAGE_FIELDS, LOOP_FIELDS, RETAIN_FIELDS, SAMPLING_FIELDS, Method, option_names
-
-FMN_PARAMS = ("unet", "cross-attention")
-
-
-@dataclass
-class FMNOptions:
-    fmn_params: str = field(default="unet", metadata={
-        "help": "FMN: which weights train: unet (all) or cross-attention", "choices": FMN_PARAMS})
+from .base import Method
+from .options import FMNSpec
 
 
 @dataclass
@@ -89,6 +82,17 @@ def concept_tokens(tokenizer, prompts: list[str], surrogates: list[str]) -> Tens
     return out
 
 
+def concept_positions(tokenizer, prompts: list[str], surrogates: list[str]) -> tuple[Tensor, Tensor]:
+    """(B, L) bool each: the concept's own tokens (the words the surrogate lacks: `concept_tokens`), and those
+    plus every end token, which carries the whole prompt in CLIP's causal encoder (the official FMN code's
+    `use_pooler`, on in its released configuration, which MACE's code keeps; a tokenizer that pads with its end
+    token, as SD 1.x's, marks the padding too, as the official code does)."""
+    words = concept_tokens(tokenizer, prompts, surrogates)
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    return words, words | (ids == tokenizer.eos_token_id)
+
+
 def attention_resteering_loss(maps: list[Tensor], tokens: Tensor, rows: int, region: Tensor | None = None) -> Tensor:
     """Sum over layers of the mean over items of ||A[item][:, queries, concept tokens]||_F. `rows`: the batch of
     the forward (a joint forward puts the retain rows after the len(tokens) forget rows); `region`: (n, h, w)
@@ -113,12 +117,7 @@ def region_queries(region: Tensor, queries: int) -> Tensor:
     return F.interpolate(region[:, None].float(), size=(h // f, w // f), mode="nearest").flatten(1)
 
 
-class FMN(Method):
-    name = "fmn"
-    help = ("Forget-Me-Not (Zhang et al. 2023): attention re-steering, the concept tokens' cross-attention "
-            "probabilities minimised on images of the concept; the UNet or its cross-attention")
-    fields = LOOP_FIELDS | SAMPLING_FIELDS | RETAIN_FIELDS | FORGET_IMAGE_FIELDS | option_names(FMNOptions) | {"mask"}
-
+class FMN(FMNSpec, Method):
     def prepare(self, trained, pipe, device):
         self.tokenizer = pipe.tokenizer
         self.encode = trained.target
@@ -129,7 +128,7 @@ class FMN(Method):
             raise ConceptEraseError("method 'fmn' needs a surrogate prompt per forget prompt (its concept tokens "
                                     "are the words the surrogate lacks)")
         pairs = dict(zip(prompts, surrogates))
-        self.tokens = dict(zip(pairs, concept_tokens(self.tokenizer, list(pairs), list(pairs.values()))))
+        self.tokens = dict(zip(pairs, concept_positions(self.tokenizer, list(pairs), list(pairs.values()))[1]))
         self.known = {p: as_conditioning(self.encode([p])).hidden for p in pairs}  # to name the rows of a batch
         return list(prompts)
 

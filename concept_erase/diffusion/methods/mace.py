@@ -26,7 +26,7 @@ tens of Adam steps inside the edit, and what is saved is the fused weights, so t
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
@@ -34,39 +34,17 @@ from torch import Tensor, nn
 
 from ..losses import noise_batch
 from ..models.family import Conditioning, as_conditioning
-from .base import FORGET_IMAGE_FIELDS, SAMPLING_FIELDS, Method, option_names
-from .fmn import attention_resteering_loss, concept_tokens, cross_attention_probabilities
-from .uce import (EditRows, aligned_rows, default_preserve_scale, edit_projections, prepare_edit, preserved_prompts,
+from .base import Method
+from .fmn import attention_resteering_loss, concept_positions, cross_attention_probabilities
+from .options import MACESpec
+from .uce import (EditRows, aligned_rows, edit_projections, prepare_edit, preserved_prompts,
                   real_token_counts)
 
 REGION_TIMESTEP = 300  # the middle of the importance-sampled window, where the concept's layout is set
 
 
-@dataclass
-class MACEOptions:
-    mace_rank: int = field(default=1, metadata={"help": "MACE: rank of each concept's LoRA on the cross-attention "
-                                                        "K/V (the paper: 1)", "min": 1})
-    mace_lambda: float = field(default=1e3, metadata={
-        "help": "MACE: ridge lambda of the closed-form refinement and fusion (the weights stay near the original "
-                "in directions no prompt touches; the paper's object setting: 1000)", "above": 0})
-    mace_preserve_scale: float = field(default=0.0, metadata={
-        "help": "MACE: weight s_p of the retain prompts kept by the refinement and the fusion (the paper's "
-                "object setting: 0)", "min": 0})
-
-
-class MACE(Method):
+class MACE(MACESpec, Method):
     """The three stages of the module docstring, as one closed-form-style edit."""
-
-    name = "mace"
-    help = ("MACE (Lu et al. 2024): closed-form refinement of the cross-attention K/V, a LoRA per concept "
-            "lowering its tokens' attention in its region, and their closed-form fusion")
-    fields = (frozenset({"steps", "batch_size", "lr", "seed", "resolution", "cache_dir", "retain_prompts"})
-              | SAMPLING_FIELDS | FORGET_IMAGE_FIELDS | option_names(MACEOptions))
-    closed_form = True  # no project loop (nothing to resume or checkpoint): the edit trains its LoRAs itself
-
-    @classmethod
-    def generates_images(cls, alpha):
-        return True  # the LoRAs train on the base model's images of the concept
 
     def card_entries(self, summary):
         keys = ("rank", "ridge", "preserve_scale", "steps", "lr", "batch_size", "seed", "forget_images",
@@ -134,16 +112,6 @@ def importance_weights(num_train_timesteps: int) -> Tensor:
     """MACE's relation-focal importance sampling over t = 0..T-1 (its official code's f(t)), unnormalised."""
     t = torch.arange(num_train_timesteps, dtype=torch.float64)
     return torch.sigmoid(0.05 * (t - 200)) - torch.sigmoid(0.05 * (t - 400))
-
-
-def concept_positions(tokenizer, prompts: list[str], surrogates: list[str]) -> tuple[Tensor, Tensor]:
-    """(B, L) bool each: the concept's own tokens (the words the surrogate lacks: `fmn.concept_tokens`), and
-    those plus every end token, which carries the whole prompt in CLIP's causal encoder (MACE's `use_pooler`;
-    a tokenizer that pads with its end token, as SD 1.x's, marks the padding too, as the official code does)."""
-    words = concept_tokens(tokenizer, prompts, surrogates)
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
-    return words, words | (ids == tokenizer.eos_token_id)
 
 
 @contextmanager

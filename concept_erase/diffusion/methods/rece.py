@@ -20,33 +20,16 @@ always refers to the original model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from torch import Tensor
 
-from .base import option_names
-from .uce import (UCE, UCEOptions, EditRows, default_preserve_scale, edit_projections, prepare_edit,
-                  preserved_prompts, uce_rows)
+from .options import RECESpec
+from .uce import (UCE, EditRows, default_preserve_scale, edit_projections, prepare_edit, preserved_prompts,
+                  uce_rows)
 
 
-@dataclass
-class RECEOptions:
-    rece_rounds: int = field(default=3, metadata={
-        "help": "RECE: rounds of deriving the embedding that regenerates the concept and erasing it", "min": 1})
-    rece_regulariser: float = field(default=1e-3, metadata={
-        "help": "RECE: weight rho of the regulariser that keeps derived embeddings off the preserved prompts",
-        "min": 0})
-
-
-class RECE(UCE):
+class RECE(RECESpec, UCE):
     """UCE's closed form, iterated with derived embeddings (the module docstring)."""
-
-    name = "rece"
-    help = ("RECE (Gong et al. 2024): UCE, then rounds of deriving in closed form the embedding that still "
-            "regenerates the concept in the edited model and erasing it too; seconds, no images")
-    fields = UCE.fields | option_names(RECEOptions)
-    transformer_form = False  # its derived embeddings are a UNet's cross-attention inputs
 
     def edit(self, pipe, concept) -> dict:
         c = self.config

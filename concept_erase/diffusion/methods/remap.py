@@ -24,25 +24,11 @@ import torch
 
 from ...errors import ConceptEraseError
 from .base import Method
+from .options import RemapSpec
 
 
-class Remap(Method):
+class Remap(RemapSpec, Method):
     """The token remap as a method: `erase --method remap`."""
-
-    name = "remap"
-    help = ("token remap (the control): the concept's words read as the surrogate's in the text encoder's input "
-            "embeddings, the UNet untouched; what a prompt filter achieves, and what every attack must recover; "
-            "seconds, no images")
-    fields = frozenset({"retain_prompts"})  # only to measure the drift of the retain prompts' encodings
-    closed_form = True
-    transformer_form = True  # only text encoders change, whatever the denoiser
-
-    @classmethod
-    def check_fields(cls, given, flag, all_fields):
-        super().check_fields(given, flag, all_fields)
-        if given.get("save_delta"):
-            raise ConceptEraseError(f"{flag('save_delta')} is not used by --method remap: it changes no UNet weight "
-                                    "(the remapped embeddings are in the text encoder, in the output folder)")
 
     def card_entries(self, summary):
         return {"weights": "text encoder input token embeddings of the concept's words only; UNet unchanged",

@@ -23,39 +23,15 @@ The filter and its hooks are `models/safree.py` (beside the loader, which attach
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from ...errors import ConceptEraseError
-from ..models.safree import REFERENCE_STEPS, SAFREE_CONFIG, SafreeFilter
-from .base import Method, option_names
+from ..models.safree import SAFREE_CONFIG, SafreeFilter
+from .base import Method
+from .options import SAFREESpec
 
 
-@dataclass
-class SAFREEOptions:
-    safree_alpha: float = field(default=0.01, metadata={
-        "help": "SAFREE: a token is a trigger when masking it moves the prompt (1 + alpha) x farther from the "
-                "concept subspace than masking the others does on average", "min": 0})
-    safree_gamma: int = field(default=10, metadata={
-        "help": "SAFREE: the most denoising steps (of 50, as a fraction of the trajectory) that use the "
-                "filtered embedding (self-validating filtering)", "min": 0, "max": REFERENCE_STEPS})
-
-
-class SAFREE(Method):
-    name = "safree"
-    help = ("SAFREE (Yoon et al. 2025), training-free: projects the prompt's trigger tokens off the concept's "
-            "subspace in the first denoising steps; writes the base model plus safree.json (weights unchanged)")
-    fields = option_names(SAFREEOptions) | {"retain_prompts"}
-    closed_form = True
-
-    @classmethod
-    def check_fields(cls, given, flag, all_fields):
-        super().check_fields(given, flag, all_fields)
-        for name in ("export_single_file", "save_delta"):
-            if given.get(name):
-                raise ConceptEraseError(f"{flag(name)} is not used by --method safree: it changes no weight "
-                                        "(the erased model is the output folder with its safree.json)")
-
+class SAFREE(SAFREESpec, Method):
     def card_entries(self, summary):
         return {"weights": "unchanged: SAFREE acts at inference, from safree.json (applied by concept-erase's "
                            "load_pipeline; plain diffusers loads the unfiltered base model)",

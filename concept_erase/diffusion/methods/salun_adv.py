@@ -16,39 +16,14 @@ on delta only: the model's gradients (and DDP's hooks) are untouched until the o
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
 from ..models.family import Conditioning, as_conditioning
-from ..training.trained import TRAINED
-from .base import option_names
+from .options import SalUnAdvSpec
 from .salun import SalUn
 
 
-@dataclass
-class AdversarialOptions:
-    adversarial: bool = field(default=False, metadata={
-        "help": "SalUn-Adv: every --adv-every steps an inner attack finds adversarial conditionings for half the "
-                "forget items against the current model, and the step remaps them to the surrogate as well "
-                "(AdvUnlearn-style; --method salun only)"})
-    adv_every: int = field(default=1, metadata={
-        "help": "adversarial: run the inner attack every this many steps", "min": 1})
-    adv_steps: int = field(default=5, metadata={
-        "help": "adversarial: inner attack steps (Adam on the conditioning)", "min": 1})
-    adv_lr: float = field(default=0.02, metadata={"help": "adversarial: the inner attack's learning rate", "above": 0})
-    train: str = field(default="unet", metadata={
-        "help": "the module that trains: unet, or text-encoder (AdvUnlearn's plug-in robust text encoder, UNet "
-                "frozen; salun only; the saliency mask is over the encoder's weights; the inner attack of "
-                "--adversarial perturbs the input token embeddings)", "choices": TRAINED})
-
-
-class SalUnAdv(SalUn):
-    name = "salun-adv"
-    help = ("SalUn-Adv (SalUn + AdvUnlearn-style adversarial training): every --adv-every steps, --adv-steps inner "
-            "attack steps find adversarial conditionings for half the forget items against the current model; the "
-            "SalUn step remaps them to the surrogate with the plain prompts, on the saliency mask's weights")
-    fields = SalUn.fields | option_names(AdversarialOptions)
+class SalUnAdv(SalUnAdvSpec, SalUn):
 
     def prepare(self, trained, pipe, device):
         self.trained = trained  # the module that trains also decides where the inner attack acts
@@ -68,7 +43,3 @@ class SalUnAdv(SalUn):
                                            steps=c.adv_steps, lr=c.adv_lr, generator=gen)
             cond = Conditioning.cat([adv, cond[half:]]) if half < len(cond) else adv
         return super().forget_batch(model, scheduler, latents, cond, target_cond, noise, timesteps, draws)
-
-
-# --adversarial turns a method into its adversarial variant (the run config rewrites the method name).
-ADVERSARIAL_VARIANTS = {"salun": SalUnAdv.name}

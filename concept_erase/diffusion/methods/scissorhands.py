@@ -2,14 +2,19 @@
 on the SalUn layer (docs/ALGORITHMS.md 4).
 
 1. Trim: the engine's "snip" score |theta * dL_f/dtheta| (connection sensitivity) over the forget images ranks
-   every UNet weight; the top `--keep` fraction is re-initialised to zero (the connection removed, which is
-   what the score measures) once, before training.
-2. Repair: gradient projection. With g_r the gradient of the retain denoising loss and g_f that of the forget
-   images' own denoising loss (lowering it re-learns the concept), the update descends
-       d = g_r - max(0, <g_r, g_f>) / ||g_f||^2 * g_f,
-   i.e. g_r with the component that would reduce the forget loss projected out, on every weight. It is handed
-   to the loop as the loss L_r - c (L_f - sg(L_f)) (c the detached coefficient): its gradient is d and its value
-   L_r, the objective being descended, which the divergence guard watches.
+   the connection weights of the up-blocks' second self-attention layers (`options.TRIM_SCOPE`: the authors' Stable
+   Diffusion code re-initialises only the self-attention of output_blocks.4 and .7, which are diffusers'
+   up_blocks.1/2.attentions.1; SNIP scores connections, so norms are never ranked); the top `--keep` fraction is
+   re-initialised once, before training, Kaiming-uniform as the authors' code (seeded by the run's seed).
+2. Repair: the forget images are mapped to their surrogate while the retain loss is kept (the authors' code:
+   L_u = ||eps(z_f, c_f) - sg eps(z_f, c_surrogate)||^2 in `loss_r + lam * loss_u`, lam 0.1; here
+   L_u + alpha L_r, the project's form, alpha = 1 / lam = 10), descended by the paper's gradient projection:
+   with g the gradient of that objective and g_f that of the forget images' own denoising loss L_f (lowering
+   it re-learns the concept), the update is
+       d = g - max(0, <g, g_f>) / ||g_f||^2 * g_f,
+   i.e. g without the component that would reduce the forget loss, on every weight. It is handed to the loop
+   as the loss L - c (L_f - sg(L_f)) (c the detached coefficient): its gradient is d and its value L, the
+   objective being descended, which the divergence guard watches.
 
 Also the home of the gradient helpers the first-order methods share (EraseDiff).
 """
@@ -22,7 +27,8 @@ from torch import Tensor, nn
 
 from ...errors import ConceptEraseError
 from ..losses import _cat, _unet
-from .base import FORGET_IMAGE_FIELDS, LOOP_FIELDS, RETAIN_DATA, SALIENCY_FIELDS, SAMPLING_FIELDS, Method
+from .base import Method
+from .options import ScissorHandsSpec
 
 
 def trained_parameters(unet: nn.Module, mask=None) -> list[tuple[str, nn.Parameter, Tensor | None]]:
@@ -53,43 +59,41 @@ def joint_forward(unet, forget, retain) -> tuple[Tensor, Tensor]:
     return out[:n], out[n:]
 
 
-class ScissorHands(Method):
-    name = "scissorhands"
-    help = ("ScissorHands (Wu & Harandi 2024): the top --keep UNet weights by SNIP connection sensitivity on the "
-            "forget images are re-initialised (zero), then repaired on the retain images by gradient projection "
-            "(the retain gradient without the component that lowers the forget loss)")
-    # no --alpha: the repair descends the retain loss itself, weighted 1 (default_alpha asks for retain images)
-    fields = LOOP_FIELDS | SAMPLING_FIELDS | RETAIN_DATA | FORGET_IMAGE_FIELDS | SALIENCY_FIELDS
-    default_alpha = 1.0
-    computes_mask = True
-    default_score = "snip"
-    default_keep = 0.01
-
-    def target_prompts(self, prompts, surrogates):
-        return list(prompts)  # no surrogate: the forget loss is the forget images' own denoising loss
-
+class ScissorHands(ScissorHandsSpec, Method):
     def trainable(self, module, family, mask):
-        """Trims the mask's weights (zero) here, once, before the optimizer is built (a resumed run then loads
+        """Re-initialises the mask's weights here, once, before the optimizer is built (a resumed run then loads
         its checkpoint over them); every weight is then repaired."""
         if mask is None:
             raise ConceptEraseError("method 'scissorhands' needs the weights to trim (--mask FILE, or let erase "
                                     "compute the SNIP mask)")
         mask.check_compatible(module)
+        gen = torch.Generator().manual_seed(self.config.seed)
         with torch.no_grad():
             for name, p in module.named_parameters():
-                if name in mask.masks:
+                if name in mask.masks and p.dim() > 1:
+                    fresh = torch.empty(p.shape, dtype=torch.float32)
+                    nn.init.kaiming_uniform_(fresh, a=0, nonlinearity="relu", generator=gen)
+                    trim = mask.masks[name].to(p.device)
+                    p.copy_(torch.where(trim, fresh.to(p), p))
+                elif name in mask.masks:  # a bias or a norm, from a user's mask: the authors zero biases
                     p.masked_fill_(mask.masks[name].to(p.device), 0)
         return None
 
     def loss(self, unet, forget, retain):
-        if retain is None:  # the forget measure after training: the forget loss alone
-            loss_f = F.mse_loss(_unet(unet, forget.noisy, forget.timesteps, forget.cond).float(), forget.target.float())
-            return loss_f, loss_f.detach(), torch.zeros((), device=loss_f.device)
+        """forget.target is the noise (L_f, the forget images' own denoising loss), forget.target_cond the
+        surrogate (L_u's target)."""
+        with torch.no_grad():
+            target = _unet(unet, forget.noisy, forget.timesteps, forget.target_cond)
+        if retain is None:  # the forget measure after training: L_u alone
+            loss_u = F.mse_loss(_unet(unet, forget.noisy, forget.timesteps, forget.cond).float(), target.float())
+            return loss_u, loss_u.detach(), torch.zeros((), device=loss_u.device)
         out_f, out_r = joint_forward(unet, forget, retain)
-        loss_f = F.mse_loss(out_f.float(), forget.target.float())
+        loss_u = F.mse_loss(out_f.float(), target.float())
         loss_r = F.mse_loss(out_r.float(), retain.target.float())
+        loss_f = F.mse_loss(out_f.float(), forget.target.float())
+        loss = loss_u + self.config.alpha * loss_r
         params = trained_parameters(unet)
-        g_f, g_r = gradients(loss_f, params), gradients(loss_r, params)
+        g, g_f = gradients(loss, params), gradients(loss_f, params)
         norm = dot(g_f, g_f)
-        c = (dot(g_r, g_f).clamp_min(0) / norm).float() if norm > 0 else torch.zeros((), device=loss_f.device)
-        return loss_r - c * (loss_f - loss_f.detach()), loss_f.detach(), loss_r.detach()  # valued L_r: see the docstring
+        c = (dot(g, g_f).clamp_min(0) / norm).float() if norm > 0 else torch.zeros((), device=loss.device)
+        return loss - c * (loss_f - loss_f.detach()), loss_u.detach(), loss_r.detach()  # valued L: see the docstring

@@ -31,40 +31,19 @@ solve the same closed form with `edit_projections`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ...errors import ConceptEraseError
-from .base import Method, option_names
-
-UCE_TOKENS = ("last-to-end", "all")
-
-
-@dataclass
-class UCEOptions:
-    uce_erase_scale: float = field(default=1.0, metadata={"help": "UCE: erase scale s_e", "min": 0})
-    uce_preserve_scale: float | None = field(default=None, metadata={
-        "help": "UCE: preserve scale s_p (default: max(0.1, 1 / number of retain prompts))", "min": 0})
-    uce_lambda: float = field(default=0.1, metadata={
-        "help": "UCE: ridge lambda that keeps the inverse stable (the edit stays near the original weights)",
-        "min": 0})
-    uce_tokens: str = field(default="last-to-end", metadata={
-        "help": "UCE: the token embeddings edited: last-to-end (the official code: each prompt's last word "
-                "token to the end of the padded sequence) or all (every position)", "choices": UCE_TOKENS})
+from .base import Method
+from .options import UCE_TOKENS, UCESpec
 
 
-class UCE(Method):
+class UCE(UCESpec, Method):
     """The closed form below as a method: no images, no loop."""
-
-    name = "uce"
-    transformer_form = True  # context_embedder and the text stream's K/V (`transformer_uce_edit`)
-    help = ("UCE (Gandikota et al. 2024): closed-form edit of the cross-attention K/V projections mapping each "
-            "forget prompt to its surrogate while keeping the retain prompts; seconds, no images")
-    fields = option_names(UCEOptions) | {"retain_prompts"}
-    closed_form = True
 
     def card_entries(self, summary):
         return {"edit": {k: summary[k] for k in ("erase_scale", "preserve_scale", "ridge", "tokens", "rounds",

@@ -21,9 +21,11 @@ STYLES: tuple[str, ...] = ("plain", "bold", "negative")
 STYLE_SUFFIX: dict[str, str] = {"plain": "", "bold": " in bold strokes", "negative": " in negative"}
 PROMPT_PREFIX = "a handwritten digit"
 
-# The models shipped in the package, loadable by name: MiniSD and MiniSD-XL, the same digits world with the
-# same judges and sampling.
-MINISD_MODELS: tuple[str, ...] = ("minisd", "minisd-xl")
+# The models shipped in the package, loadable by name: MiniSD, MiniSD-XL and MiniSD-Flux, the same digits world
+# with the same judges and sampling.
+MINISD_MODELS: tuple[str, ...] = ("minisd", "minisd-xl", "minisd-flux")
+# how `concept-erase minisd train` rebuilds each (MiniSD-XL and MiniSD-Flux reuse MiniSD's trained VAE)
+TRAIN_FLAGS = {"minisd": "", "minisd-xl": " --family sdxl --vae minisd", "minisd-flux": " --family flux --vae minisd"}
 # MiniSD's sampling everywhere (generate, erase's forget/retain images, evaluation, app, demo, benchmarks):
 # what `concept-erase minisd check` measured at 100% requested digit and style.
 MINISD_STEPS = 25
@@ -33,14 +35,14 @@ ASSETS = Path(__file__).resolve().parents[2] / "assets" / "minisd"
 
 
 def minisd_path(name: str = "minisd") -> Path:
-    """The packaged diffusers folder of "minisd" (SD 1.x architecture) or "minisd-xl" (SDXL architecture),
-    fp16 weights; load it in fp32 on CPU."""
+    """The packaged diffusers folder of "minisd" (SD 1.x architecture), "minisd-xl" (SDXL architecture) or
+    "minisd-flux" (FLUX.1's), fp16 weights; load it in fp32 on CPU."""
     if name not in MINISD_MODELS:
         raise ConceptEraseError(f"unknown packaged model {name!r}; choose {' or '.join(MINISD_MODELS)}")
     path = ASSETS.parent / name / "pipeline"
     if not (path / "model_index.json").is_file():
-        flags = "" if name == "minisd" else " --family sdxl --vae minisd"
-        raise ConceptEraseError(f"{name} weights missing at {str(path)!r}: run `concept-erase minisd train{flags}`")
+        raise ConceptEraseError(f"{name} weights missing at {str(path)!r}: run `concept-erase minisd train"
+                                f"{TRAIN_FLAGS[name]}`")
     return path
 
 

@@ -75,6 +75,10 @@ def _train(args: argparse.Namespace) -> int:
     config = MiniSDTrainConfig(**values_from(args, MiniSDTrainConfig))
     check_writable(out.output, out.overwrite, flag="--output")
     main(config, out.output, overwrite=out.overwrite)
+    from ...logs import finish
+
+    finish(args, f"wrote {out.output}", {"output": out.output},
+           next_command=f"concept-erase minisd check --model {out.output}")
     return 0
 
 
@@ -87,7 +91,9 @@ def _train_judges(args: argparse.Namespace) -> int:
     check_writable(out.output, out.overwrite, kind="file", suffix=".safetensors", flag="--output")
     judges = train_judges(seed=config.seed, epochs=config.epochs)
     save_judges(judges, out.output, overwrite=out.overwrite)
-    print(json.dumps(judges.info, indent=2))
+    from ...logs import finish
+
+    finish(args, [json.dumps(judges.info, indent=2), f"wrote {out.output}"], judges.info)
     return 0
 
 
@@ -99,5 +105,7 @@ def _check(args: argparse.Namespace) -> int:
     pipe = load_pipeline(config.model)
     scores = score_pipeline(pipe, load_judges(), seeds=range(config.seeds),
                             num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale)
-    print(json.dumps(scores, indent=2))
+    from ...logs import finish
+
+    finish(args, json.dumps(scores, indent=2), scores)
     return 0

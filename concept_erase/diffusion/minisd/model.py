@@ -27,6 +27,12 @@ TEXT_HIDDEN = 32
 # MiniSD-XL's two encoders differ in width as SDXL's do (768, 1280): diffusers' single-file reader tells them
 # apart by width, so equal widths would load text_encoder_2 from the first encoder's weights.
 XL_TEXT_HIDDEN = (32, 48)
+# MiniSD-Flux's transformer: 4 heads of 16 dims (RoPE over text, row, column: 4 + 6 + 6), 2 double- then 2
+# single-stream blocks; its T5 encoder is 32 wide.
+FLUX_HEADS = 4
+FLUX_ROPE = (4, 6, 6)
+FLUX_LAYERS = (2, 2)
+FLUX_T5_HIDDEN = 32
 
 
 def build_minisd_pipeline(seed: int = 0):
@@ -50,7 +56,26 @@ def build_minisd_xl_pipeline(seed: int = 0):
     )
 
 
-BUILDERS = {"sd1": build_minisd_pipeline, "sdxl": build_minisd_xl_pipeline}
+def build_minisd_flux_pipeline(seed: int = 0):
+    """MiniSD-Flux with random weights, deterministic in `seed`: a `FluxPipeline` on MiniSD's VAE (4 latent
+    channels, 16 px -> 8x8 latents packed 2x2 into 16 tokens; FLUX.1's latent shift, here 0), MiniSD's CLIP
+    tokenizer and text encoder (the same config and seed give the same weights: pooled embedding), a
+    one-layer T5 v1.1 encoder on its own one-piece-per-word vocabulary (sequence), and a FluxTransformer2DModel
+    with double- and single-stream blocks and RoPE. Schnell's structure: no guidance embedding, sampled
+    without classifier-free guidance."""
+    from ..models.tiny import _tiny_vae, build_tiny_flux_pipeline
+
+    vae = _tiny_vae(1, IMAGE_SIZE, VAE_CHANNELS)
+    vae.register_to_config(shift_factor=0.0)  # FluxPipeline decodes latents / scale + shift
+    return build_tiny_flux_pipeline(
+        seed, image_size=IMAGE_SIZE, in_channels=1, words=vocabulary(), model_max_length=MODEL_MAX_LENGTH,
+        t5_max_length=MODEL_MAX_LENGTH, clip_hidden=TEXT_HIDDEN, t5_hidden=FLUX_T5_HIDDEN, heads=FLUX_HEADS,
+        axes_dims_rope=FLUX_ROPE, double_layers=FLUX_LAYERS[0], single_layers=FLUX_LAYERS[1],
+        guidance_embeds=False, vae=vae,
+    )
+
+
+BUILDERS = {"sd1": build_minisd_pipeline, "sdxl": build_minisd_xl_pipeline, "flux": build_minisd_flux_pipeline}
 
 
 def count_parameters(module) -> int:

@@ -7,7 +7,7 @@ survived), so a digit's forget set covers all three styles and a style's covers 
 
 from __future__ import annotations
 
-from ...concepts import Concept, register_concept
+from ...concepts import RECIPES, Concept, register_concept
 from ...errors import ConceptEraseError
 from . import DIGITS, STYLES, digit_index, minisd_prompt, style_index
 
@@ -61,6 +61,7 @@ def style_concept(style: str | int) -> Concept:
 
 
 def _register_presets() -> None:
+    RECIPES["minisd-*"] = MINISD_RECIPE
     for d in DIGITS:
         register_concept(f"minisd-digit-{d}", lambda d=d: digit_concept(d), overwrite=True)
     for s in STYLES[1:]:  # "plain" is no style to erase

@@ -30,8 +30,8 @@ from ...errors import ConceptEraseError
 from ...io_utils import atomic_dir
 from ..models.family import Conditioning
 from ..models.families import family_of
-from . import minisd_prompt, DIGITS, STYLES
-from .data import load_digit_images
+from . import digit_index, minisd_prompt, DIGITS, STYLES
+from .data import DigitImages, load_digit_images
 from .model import BUILDERS, count_parameters
 
 logger = logging.getLogger(__name__)
@@ -53,14 +53,29 @@ class MiniSDTrainConfig:
     ema_decay: float = field(default=0.999, metadata={"help": "EMA decay of the saved UNet weights", "min": 0, "below": 1})
     vae: str = field(default="", metadata={"help": "reuse the trained VAE of this diffusers folder ('minisd': the "
                                                    "shipped MiniSD's; same images) instead of training one"})
-    family: str = field(default="sd1", metadata={"help": "architecture: sd1 (MiniSD) or sdxl (MiniSD-XL: two text "
-                                                          "encoders, pooled embedding, size ids)",
+    family: str = field(default="sd1", metadata={"help": "architecture: sd1 (MiniSD), sdxl (MiniSD-XL: two text "
+                                                          "encoders, pooled embedding, size ids) or flux (MiniSD-Flux: "
+                                                          "a FLUX transformer trained with rectified flow)",
                                                   "choices": tuple(BUILDERS)})
+    # The never-knew model (docs/PROTOCOLS.md, "The never-knew floor"): retraining without the forget data is
+    # unlearning's gold standard; its prompts stay in the text encoder, never paired with an image.
+    exclude: str = field(default="", metadata={
+        "help": "digits left out of the training data, comma-separated names (seven): a model that never saw "
+                "them, neither in the VAE nor in the UNet"})
 
     def __post_init__(self):
         check_fields(self)
         if self.warmup_steps >= self.unet_steps:
             raise ConceptEraseError(f"--warmup-steps must be < --unet-steps, got {self.warmup_steps}")
+        self.excluded()  # a bad digit name is refused before any training
+
+    def excluded(self) -> list[int]:
+        """The indices of the --exclude digits (a one-line error names a bad one, or all ten)."""
+        names = [n.strip() for n in self.exclude.split(",") if n.strip()]
+        out = sorted({digit_index(n) for n in names})
+        if len(out) == len(DIGITS):
+            raise ConceptEraseError(f"--exclude {self.exclude!r} leaves no digit to train on")
+        return out
 
 
 def _log(msg: str) -> None:
@@ -115,14 +130,15 @@ def encode_prompts(pipe, prompts: list[str]) -> Conditioning:
 
 def train_unet(pipe, latents: torch.Tensor, prompt_ids: torch.Tensor, prompt_states: Conditioning,
                config: MiniSDTrainConfig, gen: torch.Generator) -> dict:
-    """Epsilon-prediction denoising loss on SD's noise schedule; returns the EMA weights' state dict.
+    """The family's denoising loss (`losses.noise_batch`): epsilon prediction on SD's noise schedule for the
+    UNet, the rectified-flow velocity for MiniSD-Flux's transformer; returns the EMA weights' state dict.
 
     `prompt_states[prompt_ids[i]]` is the conditioning of latent i; the last row of `prompt_states` is the
     empty prompt, used instead with probability `empty_prompt_rate`."""
-    from diffusers import DDPMScheduler
+    from ..losses import noise_batch, training_scheduler
 
-    unet = pipe.unet
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    unet = family_of(pipe).denoiser(pipe)  # the UNet, or MiniSD-Flux's transformer
+    noise_scheduler = training_scheduler(pipe.scheduler)  # DDIM's add_noise is DDPM's q_sample
     empty = len(prompt_states) - 1
     ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
     opt = torch.optim.AdamW(unet.parameters(), lr=config.unet_lr, weight_decay=1e-2)
@@ -143,8 +159,8 @@ def train_unet(pipe, latents: torch.Tensor, prompt_ids: torch.Tensor, prompt_sta
         cond[torch.rand(config.batch_size, generator=gen) < config.empty_prompt_rate] = empty
         noise = torch.randn(z0.shape, generator=gen)
         t = torch.randint(noise_scheduler.config.num_train_timesteps, (config.batch_size,), generator=gen)
-        zt = noise_scheduler.add_noise(z0, noise, t)
-        loss = F.mse_loss(unet(zt, t, **prompt_states[cond].unet_kwargs()).sample, noise)
+        batch = noise_batch(noise_scheduler, z0, prompt_states[cond], noise, t)
+        loss = F.mse_loss(batch.cond.predict(unet, batch.noisy, batch.timesteps), batch.target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -173,11 +189,18 @@ def train_minisd(config: MiniSDTrainConfig):
     gen = torch.Generator().manual_seed(config.seed)
     start = time.perf_counter()
     data = load_digit_images("train")
+    excluded = config.excluded()
+    if excluded:  # skipped when empty, so MiniSD's own recipe stays bit-identical
+        keep = ~torch.isin(data.digits, torch.tensor(excluded))
+        data = DigitImages(data.images[keep], data.digits[keep], data.styles[keep])
+        _log(f"never shown: {', '.join(DIGITS[d] for d in excluded)}")
     pipe = BUILDERS[config.family](config.seed)
-    text = family_of(pipe).text_modules(pipe)
+    family = family_of(pipe)
+    text = family.text_modules(pipe)
     for encoder in text.values():
         encoder.requires_grad_(False).eval()
-    _log(f"{len(data)} training images ({config.family}); unet {count_parameters(pipe.unet):,} params, "
+    denoiser = family.denoiser_name  # "unet", or "transformer" (MiniSD-Flux)
+    _log(f"{len(data)} training images ({config.family}); {denoiser} {count_parameters(getattr(pipe, denoiser)):,} params, "
          f"vae {count_parameters(pipe.vae):,}, " + ", ".join(f"{n} {count_parameters(m):,}" for n, m in text.items()))
 
     if config.vae:
@@ -196,11 +219,11 @@ def train_minisd(config: MiniSDTrainConfig):
     prompt_ids = data.styles * len(DIGITS) + data.digits
     prompt_states = encode_prompts(pipe, prompts)
     ema = train_unet(pipe, latents, prompt_ids, prompt_states, config, gen)
-    pipe.unet.load_state_dict(ema)
+    getattr(pipe, denoiser).load_state_dict(ema)
     summary = {
         "config": asdict(config), "seconds": round(time.perf_counter() - start, 1),
         "train_images": len(data), "scaling_factor": scaling_factor,
-        "parameters": {n: count_parameters(getattr(pipe, n)) for n in ("unet", "vae", *text)},
+        "parameters": {n: count_parameters(getattr(pipe, n)) for n in (denoiser, "vae", *text)},
         "torch": torch.__version__, "threads": torch.get_num_threads(),
     }
     return pipe, summary

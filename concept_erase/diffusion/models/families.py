@@ -104,7 +104,8 @@ _UNSUPPORTED_PIPELINES = {
 }
 # The transformers' original single-file layouts (alone, or under `model.diffusion_model.` in all-in-one files):
 # SD 3's MMDiT `joint_blocks.N.{x_block,context_block}`, FLUX's `double_blocks.N` / `single_blocks.N` (BFL names).
-_TRANSFORMER_KEYS = (("joint_blocks.", SD3), ("double_blocks.", FLUX))
+# A FLUX transformer of another width than FLUX.1's is written under diffusers' names (`single_file.flux_single_file`).
+_TRANSFORMER_KEYS = (("joint_blocks.", SD3), ("double_blocks.", FLUX), ("single_transformer_blocks.", FLUX))
 
 
 def family_field():

@@ -125,6 +125,15 @@ class Family:
         """The pipeline's denoiser: the UNet, or a diffusion transformer (SD 3, FLUX)."""
         return getattr(pipe, self.denoiser_name)
 
+    def sampling_kwargs(self, pipe) -> dict:
+        """Extra keyword arguments of the pipeline's call so that it conditions as `encode` does."""
+        return {}
+
+    def guidance_kwargs(self, pipe, guidance_scale: float, negatives: list[str] | None, n: int) -> dict:
+        """The pipeline call's guidance for `n` prompts: classifier-free guidance at `guidance_scale` against
+        `negatives` (None: the pipeline's empty prompt)."""
+        return {"guidance_scale": guidance_scale, "negative_prompt": negatives}
+
     def denoise(self, model, z: "Tensor", t: "Tensor", cond: Conditioning) -> "Tensor":
         """`Conditioning.predict` for this family's denoiser (the UNet call)."""
         return model(z, t, **cond.unet_kwargs(z.dtype)).sample
@@ -151,6 +160,11 @@ class Family:
         """Is UNet parameter `name` a cross-attention (text) weight: ESD-x's scope, UCE's edit. diffusers
         names every family's text cross-attention `attn2` (`attn1` is self-attention)."""
         return "attn2" in name
+
+    def is_text_key_value(self, name: str) -> bool:
+        """Is denoiser parameter `name` one that maps the text into attention keys and values (Concept Ablation's
+        `--ca-params kv`): cross-attention's to_k and to_v."""
+        return self.is_cross_attention(name) and (".to_k." in name or ".to_v." in name)
 
     @staticmethod
     def vae_factor(pipe) -> int:

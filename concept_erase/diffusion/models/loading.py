@@ -109,7 +109,11 @@ def load_pipeline(
 def _pipeline_class(family: Family):
     import diffusers
 
-    return getattr(diffusers, family.pipeline_class)
+    from ...logs import follow_progress_switch
+
+    pipeline_class = getattr(diffusers, family.pipeline_class)  # imports transformers too
+    follow_progress_switch()  # --no-progress reaches diffusers' and transformers' loading bars here
+    return pipeline_class
 
 
 def _chosen(detected: Family, override: str | None) -> Family:

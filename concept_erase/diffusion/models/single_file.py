@@ -273,6 +273,23 @@ def flux_to_bfl(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return _blocks_to_original(state, blocks, _FLUX_TOP, "scale", "FLUX transformer")
 
 
+# diffusers' FLUX reader (`convert_flux_transformer_checkpoint_to_diffusers`) splits `single_blocks.N.linear1` at
+# FLUX.1's sizes written into it (width 3072, MLP 4 x 3072), whatever the config says.
+_FLUX1_LINEAR1 = (3072, 3 * 3072 + 4 * 3072)
+
+
+def flux_single_file(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A FLUX transformer's single-file names: BFL's (`flux_to_bfl`) at FLUX.1's width, which every tool reads;
+    at any other width (MiniSD-Flux's 64) diffusers' own names, as diffusers' reader cannot split BFL's
+    `linear1` there but loads a file whose keys already match the model as it is
+    (`FluxTransformer2DModel.from_single_file(F, config=FOLDER, subfolder="transformer")`)."""
+    linear1 = state.get("single_transformer_blocks.0.attn.to_q.weight")
+    if linear1 is None or (linear1.shape[1], sum(state[f"single_transformer_blocks.0.{p}.weight"].shape[0] for p in
+                                                 _FLUX_SINGLE_FUSED["linear1"])) == _FLUX1_LINEAR1:
+        return flux_to_bfl(state)
+    return dict(state)
+
+
 def sd3_to_mmdit(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """diffusers SD3Transformer2DModel keys -> Stability AI's original MMDiT keys (`sd3_medium.safetensors`
     without its `model.diffusion_model.` prefix: `joint_blocks.N.{x_block,context_block}`, `x_embedder`, ...).
@@ -292,7 +309,7 @@ def sd3_to_mmdit(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 # what each transformer family's `single_file_layout` names
-TRANSFORMER_LAYOUTS = {"bfl": flux_to_bfl, "mmdit": sd3_to_mmdit}
+TRANSFORMER_LAYOUTS = {"bfl": flux_single_file, "mmdit": sd3_to_mmdit}
 
 
 def to_original_state_dict(pipe) -> dict[str, torch.Tensor]:

@@ -255,12 +255,14 @@ def build_tiny_flux_pipeline(
     double_layers: int = 1,
     single_layers: int = 1,
     guidance_embeds: bool = True,
+    vae=None,
 ):
     """A randomly initialised FluxPipeline with FLUX.1's structure at toy size: CLIP-L (pooled), a T5 v1.1
     encoder (sequence), a FluxTransformer2DModel with double- and single-stream blocks on 2x2-packed 16-channel
     latents (in_channels 64), RoPE over (axes_dims_rope: head dim = their sum) and, as FLUX.1 dev, a guidance
     embedding (`guidance_embeds=False`: schnell's structure); FLUX's VAE scale and shift; the flow-matching
-    scheduler with FLUX's resolution-dependent shift."""
+    scheduler with FLUX's resolution-dependent shift. `vae`: another AutoencoderKL instead of the 16-channel one
+    (MiniSD-Flux: MiniSD's 4-channel VAE); the transformer takes its latent channels packed 2x2."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel
 
@@ -269,12 +271,14 @@ def build_tiny_flux_pipeline(
     tokenizer_2 = build_t5_tokenizer(words, model_max_length=t5_max_length)
     text_encoder = CLIPTextModel(_clip_text_config(tokenizer, clip_hidden, model_max_length, clip_hidden, "quick_gelu"))
     text_encoder_2 = _tiny_t5(tokenizer_2, t5_hidden)
+    latent_channels = vae.config.latent_channels if vae is not None else 16
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=64, num_layers=double_layers, num_single_layers=single_layers,
+        patch_size=1, in_channels=4 * latent_channels, num_layers=double_layers, num_single_layers=single_layers,
         attention_head_dim=sum(axes_dims_rope), num_attention_heads=heads, joint_attention_dim=t5_hidden,
         pooled_projection_dim=clip_hidden, guidance_embeds=guidance_embeds, axes_dims_rope=tuple(axes_dims_rope),
     )
-    vae = _tiny_dit_vae(in_channels, image_size, vae_channels, scaling=0.3611, shift=0.1159)
+    if vae is None:
+        vae = _tiny_dit_vae(in_channels, image_size, vae_channels, scaling=0.3611, shift=0.1159)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_image_seq_len=256,
                                                 max_image_seq_len=4096, base_shift=0.5, max_shift=1.15)
     return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,

@@ -3,6 +3,7 @@ the denoiser, 16-channel latents, and the text stream's own weights as the text-
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Sequence
 
 from ...errors import ConceptEraseError
@@ -28,14 +29,21 @@ class TransformerFamily(Family):
     config_marker: str          # a key only this family's transformer config has (detection from a pipeline)
     single_stream = False       # single-stream blocks after the joint ones (FLUX)
     max_sequence_length: int    # T5 tokens the pipeline encodes by default (capped by the tokenizer's maximum)
+    t5_tokenizer: str           # the pipeline's T5 tokenizer
 
     def is_cross_attention(self, name: str) -> bool:
         return name.startswith(self.TEXT_EMBEDDERS) or any(part in name for part in self.TEXT_SIDE)
 
+    def is_text_key_value(self, name: str) -> bool:
+        """The whole text-side scope: a UNet's K/V read the text encoder's states directly, but here the keys and
+        values of the text tokens, in the joint blocks and (FLUX) the single-stream ones, are computed from what
+        the text stream carries there, which every text-side weight shapes (docs/ALGORITHMS.md 5)."""
+        return self.is_cross_attention(name)
+
     def check_method(self, method) -> None:
         if not method.transformer_form:
             raise ConceptEraseError(f"--method {method.name} has no form for diffusion transformers yet; on "
-                                    f"{self.description} use salun or rl")
+                                    f"{self.description} use salun, rl, esd-x, esd-u, ca or uce")
 
     def check_erase(self, config, method) -> None:
         super().check_erase(config, method)
@@ -58,9 +66,16 @@ class TransformerFamily(Family):
     def latent_sample_size(self, pipe) -> int:
         raise NotImplementedError
 
-    def t5_length(self, pipe, tokenizer: str) -> int:
+    def t5_length(self, pipe) -> int:
         """The T5 sequence length to encode: the pipeline's default, at most the tokenizer's maximum."""
-        return min(self.max_sequence_length, getattr(pipe, tokenizer).model_max_length)
+        return min(self.max_sequence_length, getattr(pipe, self.t5_tokenizer).model_max_length)
+
+    def sampling_kwargs(self, pipe) -> dict:
+        """The pipeline pads T5's tokens to `max_sequence_length` (512 unless told), and the transformer attends
+        to the padding (FLUX and SD 3 pass no text mask): sample at the length training encodes (MiniSD-Flux: 16).
+        FluxPipeline's default size is FLUX.1's (1024) whatever the model: sample at the model's own size."""
+        height, width = self.image_size(pipe)
+        return {"max_sequence_length": self.t5_length(pipe), "height": height, "width": width}
 
 
 class SD3Family(TransformerFamily):
@@ -73,6 +88,7 @@ class SD3Family(TransformerFamily):
     latent_scaling = 1.5305     # the released VAE's scaling_factor; latents are (x - 0.0609) * 1.5305
     pipeline_class = "StableDiffusion3Pipeline"
     text_encoders = ("text_encoder", "text_encoder_2", "text_encoder_3")
+    t5_tokenizer = "tokenizer_3"
     sampling_guidance = 7.0     # diffusers' StableDiffusion3Pipeline default
     config_marker = "pos_embed_max_size"
     # Stability AI's MMDiT names under the all-in-one files' prefix (`sd3_medium.safetensors`), as ComfyUI and
@@ -88,7 +104,7 @@ class SD3Family(TransformerFamily):
         both CLIP encoders' projected pooled embeddings joined (768 + 1280 = 2048). As the pipeline encodes."""
         hidden, _, pooled, _ = pipe.encode_prompt(
             prompt=list(prompts), prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=1,
-            do_classifier_free_guidance=False, max_sequence_length=self.t5_length(pipe, "tokenizer_3"))
+            do_classifier_free_guidance=False, max_sequence_length=self.t5_length(pipe))
         return Conditioning(hidden.float(), {"pooled_projections": pooled.float()}, self)
 
     def denoise(self, model, z, t, cond):
@@ -110,6 +126,7 @@ class FluxFamily(TransformerFamily):
     latent_scaling = 0.3611     # the released VAE's scaling_factor; latents are (x - 0.1159) * 0.3611
     pipeline_class = "FluxPipeline"
     text_encoders = ("text_encoder", "text_encoder_2")
+    t5_tokenizer = "tokenizer_2"
     sampling_guidance = 3.5     # FLUX.1 dev's distilled guidance, diffusers' FluxPipeline default
     config_marker = "axes_dims_rope"
     # Black Forest Labs' names with no prefix, as `flux1-dev.safetensors` holds the transformer alone
@@ -129,7 +146,7 @@ class FluxFamily(TransformerFamily):
 
         hidden, pooled, _ = pipe.encode_prompt(prompt=list(prompts), prompt_2=None, device=device,
                                                num_images_per_prompt=1,
-                                               max_sequence_length=self.t5_length(pipe, "tokenizer_2"))
+                                               max_sequence_length=self.t5_length(pipe))
         added = {"pooled_projections": pooled.float()}
         if pipe.transformer.config.guidance_embeds:
             added["guidance"] = torch.full((len(prompts),), self.training_guidance, device=hidden.device)
@@ -158,9 +175,35 @@ class FluxFamily(TransformerFamily):
 
     text_tokens = max_sequence_length
 
+    def guidance_kwargs(self, pipe, guidance_scale: float, negatives: list[str] | None, n: int) -> dict:
+        """Dev takes the scale as its guidance embedding (one pass). A transformer without that embedding
+        (schnell's structure, MiniSD-Flux) ignores `guidance_scale`; above 1 it is sampled with true
+        classifier-free guidance (Ho & Salimans 2022): FluxPipeline's `true_cfg_scale` against the negative
+        prompts, the empty prompt unless given, which MiniSD-Flux was trained to follow by prompt dropout
+        (`minisd train --empty-prompt-rate`). FLUX schnell as released is sampled at 1 or below (no CFG)."""
+        if pipe.transformer.config.guidance_embeds or guidance_scale <= 1:
+            return super().guidance_kwargs(pipe, guidance_scale, negatives, n)
+        return {"true_cfg_scale": guidance_scale, "negative_prompt": negatives or [""] * n}
+
     def latent_channels(self, denoiser_config) -> int:
         return denoiser_config.in_channels // 4  # 2x2 patches packed into the channels
 
     def latent_sample_size(self, pipe) -> int:
         # the transformer's config has no size; the VAE's sample_size is the image size (FLUX.1: 1024)
         return pipe.vae.config.sample_size // self.vae_factor(pipe)
+
+
+def guidance_distilled(cond) -> bool:
+    """Is `cond` for a guidance-distilled transformer (FLUX.1 dev): the guidance scale is an input embedding, and
+    sampling runs one pass, with no unconditional prediction."""
+    return isinstance(cond, Conditioning) and "guidance" in cond.added
+
+
+def at_guidance(cond, scale: float):
+    """`cond` with a guidance-distilled transformer's guidance embedding at `scale` (any other unchanged). ESD's
+    frozen passes on FLUX dev run at 1: the distilled model's prediction without guidance (docs/ALGORITHMS.md 5)."""
+    if not guidance_distilled(cond):
+        return cond
+    import torch
+
+    return replace(cond, added={**cond.added, "guidance": torch.full_like(cond.added["guidance"], scale)})

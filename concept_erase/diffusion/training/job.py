@@ -28,21 +28,16 @@ from .trained import trained_module
 def build_latent_sets(pipe, concept, method, state, *,
                       with_retain: bool | None = None) -> tuple[LatentSet, LatentSet | None]:
     """The data `method` asks for (its `forget_set`), and retain images when it has a retain term
-    (`with_retain` overrides: the `mask` command wants none), as latents encoded once. Every count and
-    sampling setting is checked before the first image is generated."""
+    (`with_retain` overrides: the `mask` command wants none), as latents encoded once. Every sampling setting
+    is checked before the first image is generated (the counts before the model loads:
+    `EraseConfig.check_before_load`)."""
     from ..data.generate import check_sampling
-    from ..data.images import images_per_prompt
 
     config = method.config
     check_sampling(pipe, config.image_steps, config.resolution, config.resolution,
                    size_flags=("--resolution", "--resolution"))
     method.check_pipeline(pipe)
     wants_retain = method.needs_retain if with_retain is None else with_retain
-    forget_prompts = method.forget_image_prompts(concept)
-    if forget_prompts and not config.forget_images:
-        images_per_prompt(config.num_forget_images, len(forget_prompts), "--num-forget-images")
-    if wants_retain and not config.retain_images:
-        images_per_prompt(config.num_retain_images, len(concept.retain_prompts), "--num-retain-images")
     images = ImageSource(pipe, config, state)
     forget = method.forget_set(concept, images)
     retain = None
@@ -71,9 +66,7 @@ def _prepare(config: EraseConfig):
 
 def run_mask(config: EraseConfig) -> dict[str, Any]:
     """`concept-erase mask`: compute the saliency mask of config.concept and write it to config.output."""
-    from ...io_utils import check_writable
-
-    check_writable(config.output, config.overwrite, kind="file", suffix=".safetensors", flag="--output")
+    config.check_before_load("mask")
     state, concept, pipe = _prepare(config)
     check_keep_for(trained_module(config.train).of(pipe), config.keep, config.mask_scope)  # before any image
     forget, _ = build_latent_sets(pipe, concept, config.build_method(), state, with_retain=False)
@@ -100,7 +93,7 @@ def run_erase(config: EraseConfig, *, on_step: Callable[[int, int], None] | None
     from ...io_utils import destination_lock
     from ...runtime import process_state
 
-    check_destinations(config)
+    config.check_before_load("erase")
     with destination_lock(config.output, "--output", take=process_state().is_main_process):
         return _erase(config, on_step)
 
@@ -194,31 +187,6 @@ def _erase(config: EraseConfig, on_step=None) -> dict[str, Any]:
             remove_resume_mask(ckpt_dir)
     state.wait_for_everyone()
     return summary
-
-
-def check_destinations(config: EraseConfig) -> None:
-    """Every place `erase` writes, checked before the model is loaded: free (or --overwrite), of the right
-    kind and suffix, writable, and no two the same (hours of training must not end in a refused write)."""
-    from ...io_utils import check_writable
-
-    places = {"--output": config.output, "--export-single-file": config.export_single_file,
-              "--save-delta": config.save_delta}
-    check_writable(config.output, config.overwrite, flag="--output")
-    if config.export_single_file:
-        check_writable(config.export_single_file, config.overwrite, kind="file", suffix=".safetensors",
-                       flag="--export-single-file")
-    if config.save_delta:
-        check_writable(config.save_delta, config.overwrite, flag="--save-delta")
-    if not config.method_class.closed_form:  # a closed-form edit writes no checkpoints
-        places["--checkpoint-dir"] = config.checkpoints()
-        check_writable(config.checkpoints(), flag="--checkpoint-dir", into=True)
-    seen: dict[Path, str] = {}
-    for flag, path in places.items():
-        if path:
-            key = Path(path).absolute()
-            if key in seen:
-                raise ConceptEraseError(f"{flag} and {seen[key]} are the same path {str(path)!r}")
-            seen[key] = flag
 
 
 def _keep_trained_weights(err: BaseException, unet, ckpt_dir: Path, config: EraseConfig, losses: list) -> None:

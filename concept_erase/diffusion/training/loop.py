@@ -28,7 +28,7 @@ from ...runtime import resident_memory
 from ...saliency import build_optimizer
 from ..data.latents import LatentSet
 from ..losses import denoising_loss, noise_batch, sample_noise, training_scheduler
-from ..methods import Method
+from ..methods.base import Method
 from ..models.families import family_of
 from .checkpoints import find_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
@@ -103,107 +103,132 @@ def train_unet(
     trained = trained_module(config.train)(pipe, device, family.latents_image_size(pipe, forget.latent_shape))
     model = trained.module
     model.to(device)
-    if model.dtype != torch.float32:
-        model.to(dtype=torch.float32)  # fp32 master weights; mixed precision autocasts the forward
+    weights_dtype = torch.float32 if config.master_weights == "fp32" else torch.bfloat16
+    if model.dtype != weights_dtype:
+        model.to(dtype=weights_dtype)  # fp32 master weights, or bf16 (the optimizer holds any fp32 copies)
     method.prepare(trained, pipe, device)
+    if fsdp_selected():
+        _check_sharded(config, checkpoint_dir)
+    sharded = fsdp_selected() and world > 1
+    if sharded:  # before the optimizer, which then holds each process's shards (docs/ALGORITHMS.md, "Sharding")
+        plain_class, model = type(model), _fully_shard(model)  # (fully_shard changes its class)
+        from accelerate.logging import get_logger
+
+        get_logger(__name__).info("FSDP: the %s is sharded over %d processes (torch fully_shard)", config.train,
+                                  world)
 
     # -- which weights train (the method's mask or scope; None: every weight), and THE optimizer over them:
     # masked, it keeps optimizer state for the salient entries only and never writes frozen ones (saliency.py)
     trainable = method.trainable(model, family, mask)
-    optimizer = build_optimizer(model, trainable, config.optimizer, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = build_optimizer(model, trainable, config.optimizer, lr=config.lr, weight_decay=config.weight_decay,
+                                grad_release=config.grad_release, master_weights=config.master_weights,
+                                seed=config.seed)
+    released = getattr(optimizer, "remove_hooks", None)  # grad release's hooks: gone however the run ends
+    try:
+        # -- resume: weights, optimizer state and the step counter (the data order is a function of the step)
+        start_step, losses = 0, []
+        ckpt = find_checkpoint(checkpoint_dir, resume)
+        if ckpt is not None:
+            start_step, losses = load_checkpoint(ckpt, model, optimizer, config)
+            from accelerate.logging import get_logger
 
-    # -- resume: weights, optimizer state and the step counter (the data order is a function of the step)
-    start_step, losses = 0, []
-    ckpt = find_checkpoint(checkpoint_dir, resume)
-    if ckpt is not None:
-        start_step, losses = load_checkpoint(ckpt, model, optimizer, config)
-        from accelerate.logging import get_logger
+            get_logger(__name__).info("resuming from %s (step %d)", ckpt, start_step)  # main process only
 
-        get_logger(__name__).info("resuming from %s (step %d)", ckpt, start_step)  # main process only
+        if config.gradient_checkpointing:
+            family.denoiser(pipe).enable_gradient_checkpointing()  # (refused with --train text-encoder)
+        if config.enable_xformers:
+            family.denoiser(pipe).enable_xformers_memory_efficient_attention()
+        model.train()
+        # blow-ups, finite ones included, stop the run; only checkpoints that passed are kept as good (guard.py)
+        guard = DivergenceGuard(list(model.parameters()), checkpoint_dir, start_step=start_step,
+                                keep=config.checkpoints_total_limit, main=accelerator.is_main_process)
+        # after build_optimizer: DDP sees only trainable params. Sharded, the model is FSDP2's already and
+        # the optimizer steps local shards: accelerate's own FSDP would re-wrap both (docs/ALGORITHMS.md)
+        if not sharded:
+            model, optimizer = accelerator.prepare(model, optimizer)
+        unet = trained.unet(model)  # the UNet the losses call (the prepared module when it is the one training)
 
-    if config.gradient_checkpointing:
-        family.denoiser(pipe).enable_gradient_checkpointing()  # (refused with --train text-encoder)
-    if config.enable_xformers:
-        family.denoiser(pipe).enable_xformers_memory_efficient_attention()
-    model.train()
-    # blow-ups, finite ones included, stop the run; only checkpoints that passed are kept as good (guard.py)
-    guard = DivergenceGuard(list(model.parameters()), checkpoint_dir, start_step=start_step,
-                            keep=config.checkpoints_total_limit, main=accelerator.is_main_process)
-    model, optimizer = accelerator.prepare(model, optimizer)  # after build_optimizer: DDP sees only trainable params
-    unet = trained.unet(model)  # the UNet the losses call (the prepared module when it is the one training)
+        # -- per item, the prompts its conditionings come from (`trained.encode`: cached, or through the encoder)
+        targets = method.target_prompts(forget.prompts, forget.surrogates)
+        use_retain = retain is not None and config.alpha > 0
+        T = pipe.scheduler.config.num_train_timesteps
+        scheduler = training_scheduler(pipe.scheduler)  # q_sample, whatever sampler the pipeline ships with
+        # The VAE is done (latents cached), and so are frozen text encoders (prompts cached): off the GPU.
+        parked = [m for m in (*family.text_modules(pipe).values(), pipe.vae)
+                  if device.type == "cuda" and m is not None and m is not trained.module]
+        for module in parked:
+            module.to("cpu")
 
-    # -- per item, the prompts its conditionings come from (`trained.encode`: cached, or through the encoder)
-    targets = method.target_prompts(forget.prompts, forget.surrogates)
-    use_retain = retain is not None and config.alpha > 0
-    T = pipe.scheduler.config.num_train_timesteps
-    scheduler = training_scheduler(pipe.scheduler)  # q_sample, whatever sampler the pipeline ships with
-    # The VAE is done (latents cached), and so are frozen text encoders (prompts cached): off the GPU.
-    parked = [m for m in (*family.text_modules(pipe).values(), pipe.vae)
-              if device.type == "cuda" and m is not None and m is not trained.module]
-    for module in parked:
-        module.to("cpu")
-
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-    bar = _progress(range(start_step, config.steps), progress and accelerator.is_local_main_process, start_step,
-                    config.steps)
-    step_times = []
-    if on_step is not None:
-        on_step(start_step, config.steps)
-    for step in bar:
-        t0 = time.perf_counter()
-        gen = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
-        # The GLOBAL batch of this step: items, noise, timesteps, the method's own draws (same on every process) ...
-        f_idx = _epoch_indices(len(forget), config.seed, step, config.batch_size)
-        f_noise, f_t = sample_noise(forget.batch_shape(len(f_idx)), T, gen)
-        if use_retain:
-            r_idx = _epoch_indices(len(retain), config.seed + 1, step, config.batch_size)
-            r_noise, r_t = sample_noise(retain.batch_shape(len(r_idx)), T, gen)
-        draws = method.draw(gen)
-        # ... of which this process takes micro-batches rank*G .. rank*G + G-1.
-        per = config.batch_size // micro_batches
-        step_loss = torch.zeros(3, device=device)
-        for k in range(config.gradient_accumulation_steps):
-            lo = (rank * config.gradient_accumulation_steps + k) * per
-            sl = slice(lo, lo + per)
-            ix = f_idx[sl]
-            prompts = [forget.prompts[i] for i in ix]
-            fb = method.forget_batch(accelerator.unwrap_model(unet), scheduler, forget.take(ix, device),
-                                     trained.encode(prompts), trained.target([targets[i] for i in ix]),
-                                     f_noise[sl].to(device), f_t[sl].to(device), draws, step=step, prompts=prompts)
-            rb = None
-            if use_retain:
-                rix = r_idx[sl]
-                rb = noise_batch(scheduler, retain.take(rix, device), trained.encode([retain.prompts[i] for i in rix]),
-                                 r_noise[sl].to(device), r_t[sl].to(device))
-            # accelerate's accumulation: gradients are all-reduced only on the last micro-batch, the loss is
-            # divided by the number of micro-batches, and the optimizer steps only once they are all in
-            with accelerator.accumulate(model):
-                with accelerator.autocast():
-                    loss, loss_f, loss_r = method.loss(unet, fb, rb)
-                accelerator.backward(loss)
-            step_loss += torch.stack([loss.detach(), loss_f, loss_r]).float() / config.gradient_accumulation_steps
-        # Every process must agree before stepping: a NaN on one rank would poison all of them via all-reduce.
-        step_loss = accelerator.reduce(step_loss, reduction="mean")
-        guard.check_loss(step, step_loss)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        guard.check_weights(step + 1)
-        record = {"step": step + 1, "loss": step_loss[0].item(), "loss_forget": step_loss[1].item(),
-                  "loss_retain": step_loss[2].item()}
-        losses.append(record)
-        step_times.append(time.perf_counter() - t0)
-        if hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{record['loss']:.4g}", forget=f"{record['loss_forget']:.4g}",
-                            retain=f"{record['loss_retain']:.4g}")
-        if checkpoint_dir and config.checkpointing_steps and (step + 1) % config.checkpointing_steps == 0:
-            save_checkpoint(accelerator, Path(checkpoint_dir), step + 1, model, optimizer, config, losses)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        bar = _progress(range(start_step, config.steps), progress and accelerator.is_local_main_process, start_step,
+                        config.steps)
+        step_times = []
         if on_step is not None:
-            on_step(step + 1, config.steps)
-    guard.finish(config.steps)
+            on_step(start_step, config.steps)
+        for step in bar:
+            t0 = time.perf_counter()
+            gen = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+            # The GLOBAL batch of this step: items, noise, timesteps, the method's own draws (same on every process) ...
+            f_idx = _epoch_indices(len(forget), config.seed, step, config.batch_size)
+            f_noise, f_t = sample_noise(forget.batch_shape(len(f_idx)), T, gen)
+            if use_retain:
+                r_idx = _epoch_indices(len(retain), config.seed + 1, step, config.batch_size)
+                r_noise, r_t = sample_noise(retain.batch_shape(len(r_idx)), T, gen)
+            draws = method.draw(gen)
+            # ... of which this process takes micro-batches rank*G .. rank*G + G-1.
+            per = config.batch_size // micro_batches
+            step_loss = torch.zeros(3, device=device)
+            for k in range(config.gradient_accumulation_steps):
+                lo = (rank * config.gradient_accumulation_steps + k) * per
+                sl = slice(lo, lo + per)
+                ix = f_idx[sl]
+                prompts = [forget.prompts[i] for i in ix]
+                fb = method.forget_batch(accelerator.unwrap_model(unet), scheduler, forget.take(ix, device),
+                                         trained.encode(prompts), trained.target([targets[i] for i in ix]),
+                                         f_noise[sl].to(device), f_t[sl].to(device), draws, step=step, prompts=prompts)
+                rb = None
+                if use_retain:
+                    rix = r_idx[sl]
+                    rb = noise_batch(scheduler, retain.take(rix, device),
+                                     trained.encode([retain.prompts[i] for i in rix]),
+                                     r_noise[sl].to(device), r_t[sl].to(device))
+                # accelerate's accumulation: gradients are all-reduced only on the last micro-batch, the loss is
+                # divided by the number of micro-batches, and the optimizer steps only once they are all in
+                with accelerator.accumulate(model):
+                    with accelerator.autocast():
+                        loss, loss_f, loss_r = method.loss(unet, fb, rb)
+                    step_loss += (torch.stack([loss.detach(), loss_f, loss_r]).float()
+                                  / config.gradient_accumulation_steps)
+                    if config.grad_release:  # the backward pass steps the weights: the loss is checked before it
+                        guard.check_loss(step, step_loss)  # (one process, one micro-batch: the whole step's loss)
+                    accelerator.backward(loss)
+            if not config.grad_release:
+                # Every process must agree before stepping: a NaN on one rank would poison all of them via all-reduce.
+                step_loss = accelerator.reduce(step_loss, reduction="mean")
+                guard.check_loss(step, step_loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            guard.check_weights(step + 1)
+            record = {"step": step + 1, "loss": step_loss[0].item(), "loss_forget": step_loss[1].item(),
+                      "loss_retain": step_loss[2].item()}
+            losses.append(record)
+            step_times.append(time.perf_counter() - t0)
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{record['loss']:.4g}", forget=f"{record['loss_forget']:.4g}",
+                                retain=f"{record['loss_retain']:.4g}")
+            if checkpoint_dir and config.checkpointing_steps and (step + 1) % config.checkpointing_steps == 0:
+                save_checkpoint(accelerator, Path(checkpoint_dir), step + 1, model, optimizer, config, losses)
+            if on_step is not None:
+                on_step(step + 1, config.steps)
+        guard.finish(config.steps)
+    finally:
+        if released is not None:
+            released()
 
-    # -- hand back plain modules: no DDP wrapper, no hooks, no checkpointing, frozen
-    setattr(pipe, trained.attr, accelerator.unwrap_model(model, keep_fp32_wrapper=False))
+    # -- hand back plain modules: no DDP wrapper or shards, no hooks, no checkpointing, frozen
+    plain = _gathered(plain_class, model) if sharded else accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    setattr(pipe, trained.attr, plain)
     unet = family.denoiser(pipe)
     if config.gradient_checkpointing:
         unet.disable_gradient_checkpointing()
@@ -247,6 +272,54 @@ def _final_losses(method, unet, scheduler, T, forget: LatentSet, f_cond, f_targe
         rb = noise_batch(scheduler, retain.take(idx, device), r_cond[idx], noise.to(device), t.to(device))
         retain_loss = round(denoising_loss(unet, rb).item(), 6)
     return per_concept, retain_loss
+
+
+def fsdp_selected() -> bool:
+    """Whether the `accelerate launch` config selects FSDP (its launcher sets ACCELERATE_USE_FSDP)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def _fully_shard(model: nn.Module) -> nn.Module:
+    """torch's FSDP2 on the trained denoiser: each block of its block lists (a UNet's down and up blocks, a
+    transformer's blocks) and its mid block are one all-gather unit, the root holds the rest. Every parameter
+    becomes a DTensor sharded on dim 0 over the processes, and its gradient is reduce-scattered to the same
+    rows: the masked optimizer steps the salient entries of its shard (`saliency.shard_rows`).
+    accelerate 1.15 runs FSDP only on accelerators (on CPU it silently falls back to DDP), and its FSDP2
+    prepare rebinds an optimizer's parameter groups only, not a masked optimizer's packed shards: so the loop
+    shards with torch itself and accelerate stays the launcher and process-group owner."""
+    from torch.distributed.fsdp import fully_shard
+
+    for child in model.children():
+        for block in (child if isinstance(child, nn.ModuleList) else ()):
+            fully_shard(block)
+    if isinstance(getattr(model, "mid_block", None), nn.Module):
+        fully_shard(model.mid_block)
+    return fully_shard(model)
+
+
+def _check_sharded(config: TrainConfig, checkpoint_dir) -> None:
+    """What the sharded loop does not do (yet): each refused in one line before any work."""
+    refused = {"--train text-encoder (FSDP shards the denoiser)": config.train != "unet",
+               "--grad-release (its hooks step whole tensors)": config.grad_release,
+               "--mixed-precision fp16 (no loss scaler on sharded gradients)": config.mixed_precision == "fp16",
+               "checkpoints (they hold whole tensors; run without --checkpointing-steps)":
+                   bool(checkpoint_dir and config.checkpointing_steps)}
+    for what, bad in refused.items():
+        if bad:
+            raise ConceptEraseError(f"the accelerate config selects FSDP, which the erase loop runs without {what}")
+
+
+def _gathered(plain_class: type, model: nn.Module) -> nn.Module:
+    """The sharded `model`'s full weights (all-gathered: the same on every process) in a new plain module of
+    its own class, built on the meta device and given the gathered tensors and the buffers (never sharded)."""
+    state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}
+    with torch.device("meta"):
+        plain = plain_class.from_config(model.config)
+    plain.load_state_dict(state, assign=True)
+    for name, buffer in model.named_buffers():  # the non-persistent ones too
+        owner, _, attr = name.rpartition(".")
+        plain.get_submodule(owner)._buffers[attr] = buffer
+    return plain
 
 
 def _reset_accelerate_state() -> None:

@@ -15,7 +15,8 @@ from ...saliency import SaliencyMask
 from ..conditioning import PromptEmbeddings
 from ..data.latents import LatentSet
 from ..losses import SALIENCY_GUIDANCE, noise_batch, sample_noise, training_scheduler
-from ..methods.ant import ANTOptions, ant_score_loss, late_stage_start
+from ..methods.ant import ant_score_loss, late_stage_start
+from ..methods.options import ANTOptions
 from ..models.families import family_of
 from .trained import trained_module
 

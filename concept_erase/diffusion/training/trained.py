@@ -27,8 +27,6 @@ from ..losses import saliency_loss
 from ..models.family import Conditioning
 from ..models.families import family_of
 
-TRAINED = ("unet", "text-encoder")
-
 
 class TrainedUNet:
     """The denoiser trains (the UNet, or a diffusion transformer: `--train unet` names both); the text encoders
