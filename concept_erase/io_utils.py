@@ -311,23 +311,47 @@ def destination_lock(path: str | os.PathLike, flag: str = "--output", *, take: b
         _remove_created(created)
 
 
+def check_unlocked(path: str | os.PathLike, flag: str = "--output") -> None:
+    """Refuse `path` if another run holds its lock (`destination_lock`), without taking it: `erase` asks this
+    before the job's imports (seconds), so a second run is refused at once; the job still takes the lock."""
+    path = Path(path)
+    lock = path.with_name(path.name + ".lock")
+    holder = _holder(lock) if lock.exists() else None
+    if holder is not None:
+        _refuse_held(lock, path, flag, holder)
+
+
+def _holder(lock: Path) -> tuple[int | None, str | None] | None:
+    """(pid, host) of the run holding an existing `lock` (None, None: unreadable, held all the same), or None
+    when the lock is stale: written on this host by a process that is gone."""
+    try:
+        pid, host = lock.read_text(encoding="utf-8").split()
+        pid = int(pid)
+    except (OSError, ValueError):  # being written this instant, or not ours: held
+        return None, None
+    if host == _HOST and pid != os.getpid() and not _process_alive(pid):
+        return None
+    return pid, host
+
+
+def _refuse_held(lock: Path, path: Path, flag: str, holder: tuple[int | None, str | None]) -> None:
+    pid, host = holder
+    who = f"run {pid}" + ("" if host == _HOST else " on another machine") if pid else "another run"
+    raise ConceptEraseError(f"{flag} {str(path)!r} is being written by {who} (lock {str(lock)!r}); wait "
+                            "for it to finish, or remove the lock if no run is writing there") from None
+
+
 def _take_lock(lock: Path, path: Path, flag: str) -> None:
     for _ in range(2):  # a stale lock is removed once, then taken
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            try:
-                pid, host = lock.read_text(encoding="utf-8").split()
-                pid = int(pid)
-            except (OSError, ValueError):  # being written this instant, or not ours: held
-                pid, host = None, None
-            if pid is not None and host == _HOST and pid != os.getpid() and not _process_alive(pid):
-                log.warning("removed the lock %s of run %d, which is gone", lock, pid)
+            holder = _holder(lock)
+            if holder is None:
+                log.warning("removed the lock %s of a run that is gone", lock)
                 lock.unlink(missing_ok=True)
                 continue
-            holder = f"run {pid}" + ("" if host == _HOST else " on another machine") if pid else "another run"
-            raise ConceptEraseError(f"{flag} {str(path)!r} is being written by {holder} (lock {str(lock)!r}); wait "
-                                    "for it to finish, or remove the lock if no run is writing there") from None
+            _refuse_held(lock, path, flag, holder)
         except OSError as err:
             raise ConceptEraseError(f"cannot lock {flag} {str(path)!r}: {describe_os_error(err)}") from None
         with os.fdopen(fd, "w", encoding="utf-8") as handle:

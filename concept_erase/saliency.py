@@ -39,7 +39,7 @@ from torch import nn
 from .errors import ConceptEraseError
 from .fingerprints import DIGEST_KEY, parameter_shapes, shapes_fingerprint, state_digest
 from .io_utils import atomic_file
-from .saliency_options import MASTER_WEIGHTS, OPTIMIZERS, SCORES
+from .saliency_options import MASTER_WEIGHTS, OPTIMIZERS, SCORES, check_keep, kept_count
 
 MASK_FORMAT = "concept-erase-saliency-mask"
 MASK_FORMAT_VERSION = "1"
@@ -210,22 +210,6 @@ def threshold_scores(scores: dict[str, torch.Tensor], keep: float, lowest: bool 
     return masks
 
 
-def _check_keep(keep: float) -> None:
-    if not (isinstance(keep, (int, float)) and 0 < keep <= 1) or math.isnan(keep):
-        raise ConceptEraseError(f"keep must be in (0, 1], got {keep!r}")
-
-
-def kept_count(keep: float, total: int) -> int:
-    """How many of `total` ranked entries `keep` keeps: round(keep * total). A keep that rounds to none is
-    refused (training one weight instead, as a floor of 1 would, is not what a user asking for 1e-12 expects)."""
-    _check_keep(keep)
-    k = min(total, int(round(keep * total)))
-    if k < 1:
-        raise ConceptEraseError(f"keep {keep!r} keeps none of the {total:,} weights it ranks; the smallest keep "
-                                f"that keeps one is {1 / total:.3g}")
-    return k
-
-
 def check_keep_for(model: nn.Module, keep: float, include: Include = None) -> int:
     """`kept_count` over the parameters `include` selects in `model`: a run checks its keep before the mask pass."""
     return kept_count(keep, sum(p.numel() for _, p in select_parameters(model, include)))
@@ -248,7 +232,7 @@ class SaliencyMask:
     score: str = field(default="salun", metadata={"help": "What ranked the weights: one of SCORES, or a control."})
 
     def __post_init__(self):
-        _check_keep(self.keep)
+        check_keep(self.keep)
         self.model_shapes = [(n, tuple(s)) for n, s in self.model_shapes]
 
     @property

@@ -24,6 +24,8 @@ from torchmetrics import Metric
 
 from concept_erase.errors import ConceptEraseError
 
+from .model_files import local_folder
+
 
 def load_image_processor(path: str | Path):
     """The image processor saved in `path`, PIL backend. transformers 5's AutoImageProcessor refuses to
@@ -193,18 +195,6 @@ def load_classifier(name: str, device: str | torch.device = "cpu"):
     except ConceptEraseError as err:  # e.g. the default ImageNet classifier, offline and not cached
         raise ConceptEraseError(f"{err}; --classifier takes a transformers image-classifier folder, a cached hub "
                                 "id, 'torchvision', 'minisd-digits' or 'minisd-styles'") from None
-
-
-def local_folder(name: str | Path) -> Path:
-    """A model folder: `name` itself, or a hub id resolved through the local cache / the hub when online."""
-    if Path(name).is_dir() or "/" not in str(name) or str(name).startswith((".", "/")):
-        return Path(name)
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(str(name), allow_patterns=["*.json", "*.safetensors", "*.txt"]))
-    except Exception as err:  # offline and not cached, unknown id
-        raise ConceptEraseError(f"cannot get model {str(name)!r} ({type(err).__name__}); give a local folder") from None
 
 
 class ClassAccuracy(Metric):

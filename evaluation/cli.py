@@ -149,14 +149,23 @@ def register(subparsers) -> None:
 
 
 def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill what the user left out from the model's own defaults (`concept_erase.diffusion.models.defaults`): an
-    erased MiniSD is evaluated as MiniSD (its protocol and digit judge), any other model with the paper's
-    protocol at its native size and an ImageNet classifier. Prints what it chose; refuses a resolution
-    that cannot suit the model (the paper's 512 px on 16 px MiniSD)."""
-    from concept_erase.diffusion.models.defaults import check_resolution, model_defaults
+    """`default_choices`, and the line saying what it chose printed."""
     from concept_erase.logs import announce
 
-    from .generation import PRESETS
+    chosen = default_choices(args)
+    if chosen:
+        announce(chosen)
+    return args
+
+
+def default_choices(args: argparse.Namespace) -> str | None:
+    """Fill what the user left out from the model's own defaults (`concept_erase.diffusion.models.defaults`): an
+    erased MiniSD is evaluated as MiniSD (its protocol and digit judge), any other model with the paper's
+    protocol at its native size and an ImageNet classifier. Returns the line saying what it chose (None: nothing),
+    for the caller to `announce` once the checks that need no torch have passed (announcing asks accelerate
+    which process speaks, which imports torch); refuses a resolution that cannot suit the model (the paper's
+    512 px on 16 px MiniSD)."""
+    from concept_erase.diffusion.models.defaults import check_resolution, model_defaults
 
     defaults = model_defaults(args.model, args.config)
     chosen = []
@@ -176,21 +185,18 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     resolution = args.resolution if args.resolution is not None else PRESETS[args.protocol].resolution
     check_resolution(resolution, defaults, "--resolution" if args.resolution is not None
                      else f"--protocol {args.protocol}'s resolution")
-    if chosen:
-        announce(defaults.describe(*chosen))
-    return args
+    return defaults.describe(*chosen) if chosen else None
 
 
 def check_scoring(args: argparse.Namespace, prompt_kind: str, rows: list, samples: int) -> None:
-    """Every scoring option, checked before generating (with the paper's protocol, hours of it) by the same
-    functions that score: a bad one stops the command before --output is created."""
+    """The scoring options checked by the functions that score (the detector, the classifier, the FID features
+    loaded; after `check_scoring_flags`), before generating (with the paper's protocol, hours of it): a bad one
+    stops the command before --output is created."""
     from concept_erase.errors import ConceptEraseError
 
-    SCORING[args.kind](**values_from(args, SCORING[args.kind]))  # the numbers' bounds
     if args.kind == "nudity":
-        from .nudity import check_threshold, load_detector
+        from .nudity import load_detector
 
-        check_threshold(args.threshold)
         load_detector(args.nudenet_model)  # cached: scoring reuses it
     elif args.kind == "classes":
         from .classes import load_classifier, prompt_classes
@@ -200,17 +206,31 @@ def check_scoring(args: argparse.Namespace, prompt_kind: str, rows: list, sample
                                     "a class evaluation needs one")
         labels = load_classifier(args.classifier).labels
         prompt_classes([r.label for r in rows], labels, targets=[r.target for r in rows], forget=args.forget)
-    else:
+    elif args.reference is not None:
         from .evaluate import reference_images
-        from .quality import clip_folder, make_fid
+        from .quality import make_fid
 
+        reference_images(args.reference, {(r.index, s) for r in rows for s in range(samples)})
+        make_fid(weights_path=args.fid_weights)  # Inception (and its weights) usable here, not hours later
+
+
+def check_scoring_flags(args: argparse.Namespace) -> None:
+    """The scoring options checked from the flags and the files they name alone, before torch loads: the
+    numbers' bounds, a NudeNet file that is no ONNX model, a missing CLIP folder or Inception weights file."""
+    from concept_erase.errors import ConceptEraseError
+
+    from .model_files import check_fid_weights, check_onnx_model, clip_folder
+
+    SCORING[args.kind](**values_from(args, SCORING[args.kind]))  # the numbers' bounds
+    if args.kind == "nudity" and args.nudenet_model is not None:
+        check_onnx_model(args.nudenet_model)
+    elif args.kind == "quality":
         if args.reference is None and args.clip_model is None:
             raise ConceptEraseError("quality needs --reference (for FID) and/or --clip-model (for CLIP score)")
         if args.fid_weights is not None and args.reference is None:
             raise ConceptEraseError(f"--fid-weights {args.fid_weights!r} is used only with --reference (FID)")
-        if args.reference is not None:
-            reference_images(args.reference, {(r.index, s) for r in rows for s in range(samples)})
-            make_fid(weights_path=args.fid_weights)  # Inception (and its weights) usable here, not hours later
+        if args.fid_weights is not None:
+            check_fid_weights(args.fid_weights)
         if args.clip_model is not None:
             clip_folder(args.clip_model)
 
@@ -228,22 +248,34 @@ def check_destinations(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from . import evaluate
-    from concept_erase.runtime import process_state
+    from concept_erase.diffusion.data.generate import check_sampling
+    from concept_erase.diffusion.models.facts import model_facts
+    from concept_erase.logs import announce
 
     from .generation import make_protocol
     from .prompts import read_prompts
 
     EvaluationRun(**values_from(args, EvaluationRun))  # required flags and bounds, before anything runs
     check_destinations(args)
-    resolve_defaults(args)
-    protocol = make_protocol(args.protocol, **values_from(args, Protocol))  # only the flags the user typed
+    # what needs no torch first (the prompt set, the defaults, the protocol's numbers, the scoring flags and
+    # files), so that a bad input is refused at once; then torch, the scorers' own checks and the model
     prompt_kind, rows = read_prompts(args.prompts, limit=args.limit)
+    check_scoring_flags(args)
+    chosen = default_choices(args)
+    protocol = make_protocol(args.protocol, **values_from(args, Protocol))  # only the flags the user typed
+    check_sampling(model_facts(args.model, args.config), protocol.num_inference_steps, protocol.resolution,
+                   protocol.resolution, size_flags=("--resolution", "--resolution"))  # from its config files
+    if chosen:
+        announce(chosen)
     check_scoring(args, prompt_kind, rows, protocol.samples_per_prompt)  # in every process: none is left waiting
     if args.update_card:
         from concept_erase.diffusion.models.card import read_model_card
 
         read_model_card(args.model)  # a folder with a card, or a one-line error now rather than after scoring
+    from concept_erase.runtime import process_state
+
+    from . import evaluate
+
     entries = evaluate.generate_for_evaluation(
         args.model, args.prompts, args.output, protocol, rows=rows, batch_size=args.batch_size,
         config=args.config, family=args.family, dtype=args.dtype, device=args.device, progress=args.progress,

@@ -30,7 +30,7 @@ from concept_erase.diffusion.data.folder import ImageFolder, shard_manifest
 from concept_erase.fingerprints import pipeline_digest
 from concept_erase.runtime import process_state
 from concept_erase.diffusion.minisd import MINISD_GUIDANCE, MINISD_STEPS
-from concept_erase.diffusion.models.families import SDXL
+from concept_erase.diffusion.models.families import FLUX, SDXL
 from concept_erase.logs import announce, rough_duration
 from concept_erase.errors import ConceptEraseError
 from concept_erase.io_utils import atomic_file
@@ -96,12 +96,23 @@ PRESETS: dict[str, Protocol] = {
     # MiniSD and tiny pipelines: their native size, the DDIM schedule they were trained and checked with.
     "minisd": Protocol(name="minisd", scheduler="ddim", num_inference_steps=MINISD_STEPS,
                        guidance_scale=MINISD_GUIDANCE, resolution=None),
+    # MiniSD-Flux: the same steps and guidance (true classifier-free guidance) on its own flow-matching scheduler
+    # (a DDPM-family scheduler cannot sample a rectified-flow model).
+    "minisd-flux": Protocol(name="minisd-flux", scheduler="model", num_inference_steps=MINISD_STEPS,
+                            guidance_scale=MINISD_GUIDANCE, resolution=None),
     "quick": Protocol(name="quick", scheduler="model", num_inference_steps=4, resolution=None),
     # SDXL base as released: its own scheduler (Euler discrete, scheduler_config.json of stable-diffusion-xl-base-1.0)
     # and diffusers' StableDiffusionXLPipeline defaults (50 steps, guidance 5.0, 1024 px = sample_size 128 x 8);
     # the SDXL report (Podell et al. 2023) samples at 1024 px.
     "sdxl": Protocol(name=SDXL.evaluation_protocol, scheduler="euler", num_inference_steps=50,
                      guidance_scale=SDXL.sampling_guidance, resolution=SDXL.default_resolution),
+    # FLUX.1 on its own flow-matching scheduler at the model's size (FLUX.1: 1024 px), T5 at the family's length
+    # (`FluxFamily.t5_length`): dev at diffusers' FluxPipeline defaults (28 steps, guidance 3.5); schnell as
+    # diffusers' Flux docs sample it (4 steps, guidance 0).
+    "flux": Protocol(name=FLUX.evaluation_protocol, scheduler="model", num_inference_steps=FLUX.sampling_steps,
+                     guidance_scale=FLUX.sampling_guidance, resolution=None),
+    "flux-schnell": Protocol(name=FLUX.schnell_protocol, scheduler="model", num_inference_steps=FLUX.schnell_steps,
+                             guidance_scale=FLUX.schnell_guidance, resolution=None),
 }
 
 
@@ -128,6 +139,10 @@ def apply_scheduler(pipe, name: str) -> None:
     cls_name = SCHEDULERS[name]
     if cls_name is None or type(pipe.scheduler).__name__ == cls_name:
         return
+    if type(pipe.scheduler).__name__.startswith("FlowMatch"):
+        raise ConceptEraseError(f"scheduler {name!r} cannot sample a rectified-flow model ({type(pipe).__name__}); "
+                                "use a protocol that keeps the model's own scheduler (minisd-flux, flux, "
+                                "flux-schnell, quick) or --scheduler model")
     import diffusers
 
     pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.scheduler.config)

@@ -21,6 +21,7 @@ from torchmetrics import Metric
 
 from concept_erase.errors import ConceptEraseError, first_line
 
+from .model_files import check_onnx_model
 from .prompts import I2P_CATEGORIES
 from .thresholds import BLUR_THRESHOLD, NUDENET_FLOOR, REPORT_THRESHOLD
 
@@ -89,10 +90,7 @@ def load_detector(model_path: str | None = None, resolution: int | None = None):
 
     `resolution` defaults to 320, or 640 when the file name contains "640"."""
     if model_path is not None:
-        from pathlib import Path
-
-        if not Path(model_path).is_file():
-            raise ConceptEraseError(f"NudeNet model file {model_path!r} does not exist")
+        check_onnx_model(model_path)  # without onnxruntime: a missing or foreign file, by name
     try:
         from nudenet import NudeDetector
     except ImportError:

@@ -20,6 +20,8 @@ from torchmetrics import Metric
 
 from concept_erase.errors import ConceptEraseError
 
+from .model_files import check_fid_weights, clip_folder
+
 
 def images_to_uint8(images: Sequence, size: int | None = None) -> torch.Tensor:
     """PIL images -> [N, 3, H, W] uint8 (the input torchmetrics' Inception expects; no float rescaling)."""
@@ -41,8 +43,8 @@ def make_fid(feature_extractor: torch.nn.Module | None = None, weights_path: str
 
     if feature_extractor is not None:
         return FrechetInceptionDistance(feature=feature_extractor, **metric_kwargs)
-    if weights_path is not None and not Path(weights_path).is_file():
-        raise ConceptEraseError(f"Inception weights file {weights_path!r} does not exist")
+    if weights_path is not None:
+        check_fid_weights(weights_path)
     try:
         return FrechetInceptionDistance(feature=2048,
                                         feature_extractor_weights_path=weights_path, **metric_kwargs)
@@ -52,16 +54,6 @@ def make_fid(feature_extractor: torch.nn.Module | None = None, weights_path: str
             "they need torch-fidelity with a working torchvision and its weights (pass --fid-weights "
             "pt_inception-2015-12-05-6726825d.pth offline)"
         ) from None
-
-
-def clip_folder(path: str | Path) -> Path:
-    """The local folder of a CLIP model (a folder, or a hub id through the cache / the hub when online)."""
-    from .classes import local_folder
-
-    folder = local_folder(path)
-    if not folder.is_dir():
-        raise ConceptEraseError(f"CLIP model folder {str(path)!r} does not exist (offline: give a local folder)")
-    return folder
 
 
 def load_clip(path: str | Path):

@@ -37,7 +37,8 @@ def _saved_attack(folder, learned_on="minisd", edit=None):
     import torch
 
     from concept_erase.diffusion.models.family import Conditioning
-    from evaluation.attacks.core import Learned, model_structure
+    from evaluation.attacks.core import Learned
+    from evaluation.attacks.structure import model_structure
     from evaluation.prompts import PromptRow
 
     structure = model_structure(learned_on)
@@ -298,6 +299,41 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(case, tmp_path, monkey
     assert _fill(expected, tmp_path) in errors[0] and "weights_only" not in err
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written
     assert (tmp_path / "file").read_text() == "a user's file"
+
+
+# The evaluation stack's cases, refused from the flags and the files they name before torch, diffusers or
+# transformers is imported (`import torch` alone takes seconds; benchmarks/refusal_latency.py).
+REFUSED_BEFORE_TORCH = (
+    "CSV not UTF-8", "CSV binary", "CSV seed 1.7", "CSV seed huge", "CSV seed negative", "CSV repeated column",
+    "CSV guidance nan", "evaluate guidance nan", "evaluate garbage --nudenet-model", "audit FID of one retain image",
+    "audit missing --fid-weights", "audit missing --clip-model", "attack --replay bad JSON",
+    "attack --replay missing key", "attack --replay unknown attack", "attack --replay truncated tensors",
+    "attack --replay tensor of the wrong width", "attack --replay SDXL attack on SD 1.x",
+    "attack --replay SD 1.x embedding on SDXL")
+REFUSE = """
+import sys
+from concept_erase.cli import main
+code = main(sys.argv[1:])
+print(code, sorted(m for m in ("torch", "diffusers", "transformers", "onnxruntime") if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize("case", REFUSED_BEFORE_TORCH)
+def test_the_evaluation_stack_refuses_before_torch_is_imported(case, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    argv, expected = CASES[case]
+    argv = [_fill(a, tmp_path) for a in argv]
+    before = sorted(tmp_path.rglob("*"))
+    run = subprocess.run([sys.executable, "-c", REFUSE, *argv], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    errors = [line for line in run.stderr.splitlines() if line.startswith("concept-erase: error: ")]
+    assert len(errors) == 1 and run.stderr.strip().splitlines()[-1] == errors[0], run.stderr[-2000:]
+    assert _fill(expected, tmp_path) in errors[0], errors
+    assert run.stdout.splitlines()[-1] == "2 []", (run.stdout, run.stderr[-2000:])
+    assert sorted(tmp_path.rglob("*")) == before  # nothing written
 
 
 def test_a_write_that_fails_mid_command_is_one_line_exit_2(tiny_pipeline_dir, tmp_path, monkeypatch, capsys):

@@ -24,9 +24,9 @@ def test_layers_register_their_commands_and_the_library_names_none_of_them():
     assert re.search(r"[\"'](evaluation|app)[.\"']", source) is None  # no module path of theirs
 
 
-# Building these parsers imports torch for their dataclasses (PlanConfig, MiniSDTrainConfig); no parser imports
-# diffusers, transformers, accelerate, gradio or NudeNet (docs/ARCHITECTURE.md).
-TORCH_PARSERS = ("plan", "minisd")  # diffusion/cli.py's `register_plan` and minisd/cli.py
+# No parser imports torch, diffusers, transformers, accelerate, gradio or NudeNet (docs/ARCHITECTURE.md); a
+# command named here may import torch when its parser is built.
+TORCH_PARSERS: tuple[str, ...] = ()
 CHECK = """
 import sys
 from concept_erase.cli import build_parser, commands
@@ -75,12 +75,38 @@ NO_TORCH_CASES = {  # argv, the error it must give
          "--num-forget-images", "2", "--output", "o"], "--num-forget-images 2 is fewer than the 3 prompts"),
     "mask output not .safetensors": ([*MASK, "m.pt"], "--output 'm.pt' must end in .safetensors"),
     "mask output under a file": ([*MASK, "file/m.safetensors"], "file/m.safetensors"),
+    # what the model's files say (models/facts.py: its configs and safetensors headers, no weights read)
+    "mask keep of no weight": ([*MASK, "m.safetensors", "--keep", "1e-12"], "keeps none of the 3,141,700 weights"),
+    "erase resolution not a multiple of 8": ([*ERASE, "--resolution", "12"], "--resolution 12 is not a multiple of 8"),
+    "erase esd steps above the scheduler's": ([*ERASE, "--method", "esd-x", "--esd-ddim-steps", "5000"],
+                                              "--esd-ddim-steps 5000 is more than the 1000 timesteps"),
+    "generate steps above the scheduler's": (["generate", "--model", "minisd-xl", "--prompt", "a", "--output", "g",
+                                              "--num-inference-steps", "5000"], "more than the 1000 timesteps"),
+    "generate height not a multiple of 8": (["generate", "--model", "minisd", "--prompt", "a", "--output", "g",
+                                             "--height", "20", "--width", "16"], "--height 20 is not a multiple of 8"),
+    "erase into a locked output": (["erase", "--model", "minisd", "--forget", "a", "--surrogate", "b", "--output",
+                                    "held"], "--output 'held' is being written by run 1 on another machine"),
+    "export of random bytes": (["export", "random.ckpt", "--config", "minisd", "--to", "diffusers", "out"],
+                               "is not a checkpoint (or is damaged): unreadable pickle data"),
+    # plan: its config is torch-free (plan_config.py), its estimate imports torch after the checks
+    "plan resolution not a multiple of 8": (["plan", "--resolution", "12"], "--resolution 12 is not a multiple of 8"),
+    "plan keep of no weight": (["plan", "--keep", "1e-12"], "keeps none of the 3,141,700 weights"),
+    "plan budget without a unit": (["plan", "--memory-budget", "0.4"], "--memory-budget '0.4' is not a size"),
+    "minisd train-judges not .safetensors": (["minisd", "train-judges", "--output", "j.pt"], "must end in .safetensors"),
+    # a MiniSD digit preset builds without torch (its neighbours are a table, minisd/presets.py)
+    "bad flag beside a minisd digit preset": (["erase", "--model", "minisd", "--concept", "minisd-digit-seven",
+                                               "--output", "o", "--alpha", "nan"], "--alpha must be a finite number"),
 }
+# Files a case finds in its folder beside `file` (and leaves as they were).
+CASE_FILES = {"held.lock": "1 0000beef\n",  # pid 1 of another host: held, whatever its age
+              "random.ckpt": bytes(range(7, 247))}  # neither a zip archive nor a pickle
 
 
 @pytest.mark.parametrize("case", list(NO_TORCH_CASES))
 def test_a_bad_invocation_is_refused_before_torch_is_imported(case, tmp_path):
     (tmp_path / "file").write_text("a user's file")
+    for name, content in CASE_FILES.items():
+        (tmp_path / name).write_bytes(content.encode() if isinstance(content, str) else content)
     argv, expected = NO_TORCH_CASES[case]
     run = subprocess.run([sys.executable, "-c", REFUSE_WITHOUT_TORCH, *argv], cwd=tmp_path,
                          capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -88,7 +114,7 @@ def test_a_bad_invocation_is_refused_before_torch_is_imported(case, tmp_path):
     assert len(errors) == 1 and run.stderr.strip().splitlines()[-1] == errors[0], run.stderr[-2000:]  # one line
     assert expected in errors[0], errors
     assert run.stdout.split("\n")[-2] == "2 []", (run.stdout, run.stderr[-2000:])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # nothing written
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["file", *CASE_FILES])  # nothing written
 
 
 def test_import_direction():

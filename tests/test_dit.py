@@ -455,3 +455,44 @@ def test_masks_and_deltas_refuse_a_base_of_another_family(tmp_path):
     for other in (flux, sd3):
         with pytest.raises(ConceptEraseError, match="was made for another UNet architecture"):
             apply_delta(other, delta)
+
+
+def test_flux_schnell_gets_its_own_sampling_defaults_and_minisd_flux_keeps_minisds(tiny_flux_pipeline_dir,
+                                                                                   tmp_path, capsys):
+    """A FLUX folder whose transformer has no guidance embedding (FLUX.1 schnell's structure) is sampled as
+    diffusers' Flux docs sample schnell: 4 steps, guidance 0, T5 at 256 tokens, the flux-schnell protocol; dev
+    keeps FluxPipeline's 28 steps, guidance 3.5, 512 tokens; MiniSD-Flux (schnell's structure) keeps MiniSD's
+    sampling. `generate` run with no sampling flags on the schnell folder uses those defaults."""
+    import json
+
+    from concept_erase.diffusion.models.defaults import model_defaults
+    from evaluation.generation import apply_scheduler, make_protocol
+
+    schnell_dir = tmp_path / "schnell"
+    schnell = build_tiny_flux_pipeline(0, guidance_embeds=False, t5_max_length=512)
+    schnell.save_pretrained(schnell_dir)
+    dev, minisd_flux = model_defaults(tiny_flux_pipeline_dir), model_defaults("minisd-flux")
+    fast = model_defaults(schnell_dir)
+    assert (dev.steps, dev.guidance, dev.protocol) == (28, 3.5, "flux")
+    assert (fast.steps, fast.guidance, fast.protocol) == (4, 0.0, "flux-schnell")
+    assert (minisd_flux.steps, minisd_flux.guidance, minisd_flux.protocol) == (25, 5.0, "minisd-flux")
+    for defaults in (dev, fast, minisd_flux):  # evaluate's protocol samples as the defaults say, on FLUX's scheduler
+        protocol = make_protocol(defaults.protocol)
+        assert (protocol.num_inference_steps, protocol.guidance_scale, protocol.scheduler) == (
+            defaults.steps, defaults.guidance, "model")
+
+    with pytest.raises(ConceptEraseError, match="scheduler 'ddim' cannot sample a rectified-flow model"):
+        apply_scheduler(schnell, "ddim")  # MiniSD's DDIM protocol on a flow model: refused, not a crash mid-run
+
+    # T5's length: schnell's 256, dev's 512 (both tokenizers here read 512), MiniSD-Flux's tokenizer's 16
+    dev_pipe = build_tiny_flux_pipeline(0, t5_max_length=512)
+    assert FLUX.sampling_kwargs(schnell)["max_sequence_length"] == FLUX.t5_length(schnell) == 256
+    assert FLUX.encode(schnell, ["a cat"], "cpu").hidden.shape[1] == 256
+    assert FLUX.sampling_kwargs(dev_pipe)["max_sequence_length"] == 512
+    assert FLUX.t5_length(load_pipeline("minisd-flux")) == 16
+
+    out = tmp_path / "images"
+    assert main(["generate", "--model", str(schnell_dir), "--prompt", "a cat", "--seeds", "0", "--output", str(out),
+                 "--json", "--no-progress"]) == 0
+    settings = json.loads(capsys.readouterr().out)["settings"]
+    assert (settings["steps"], settings["guidance"]) == (4, 0.0)

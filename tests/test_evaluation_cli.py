@@ -70,8 +70,9 @@ BAD = {  # id -> (kind, prompt file, options, what the one-line error must name)
 def test_bad_scoring_options_fail_before_generating(kind, prompts, options, named, files, classifier_dir, capsys):
     out = files / "out"
     options = [o.format(tmp=files, clf=classifier_dir) for o in options]
-    # The model does not exist: had generation started, the error would name it instead.
-    code = main(["evaluate", kind, "--model", str(files / "no-such-model"), "--prompts", str(files / prompts),
+    # The model is an empty folder: had loading started, the error would say it is no pipeline instead.
+    (files / "not-a-pipeline").mkdir()
+    code = main(["evaluate", kind, "--model", str(files / "not-a-pipeline"), "--prompts", str(files / prompts),
                  "--out", str(out), *options])
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("concept-erase: error")]
     assert code == 2 and len(errors) == 1 and named in errors[0], errors
@@ -86,7 +87,7 @@ def test_minisd_defaults_to_its_protocol_and_judge():
     args = resolve_defaults(parser.parse_args(["evaluate", "classes", "--model", "minisd", "--protocol", "quick",
                                                "--classifier", "minisd-styles", *common]))
     assert (args.protocol, args.classifier) == ("quick", "minisd-styles")  # what the user asked for wins
-    args = resolve_defaults(parser.parse_args(["evaluate", "classes", "--model", "sd15", *common]))
+    args = resolve_defaults(parser.parse_args(["evaluate", "classes", "--model", "some-org/sd15", *common]))
     assert (args.protocol, args.classifier) == ("paper", "microsoft/resnet-50")
     args = resolve_defaults(parser.parse_args(["evaluate", "nudity", "--model", "minisd", *common]))
     assert args.protocol == "minisd" and not hasattr(args, "classifier")
@@ -116,7 +117,8 @@ def test_an_erased_minisd_is_evaluated_as_minisd_and_says_so(tmp_path, capsys):
     assert (args.protocol, args.classifier) == ("minisd", "minisd-digits")
     assert "model card base_model: minisd): --protocol minisd, --classifier minisd-digits" in capsys.readouterr().err
     # the paper's 512 px protocol on a 16 px model is refused before anything runs
-    assert main(["evaluate", "classes", "--model", str(erased), "--protocol", "paper", *common]) == 2
+    assert main(["evaluate", "classes", "--model", str(erased), "--protocol", "paper", "--prompts", "minisd-digits",
+                 "--out", str(tmp_path / "o")]) == 2
     assert "512 px does not suit" in capsys.readouterr().err
 
 

@@ -71,3 +71,46 @@ def test_evaluate_help_gives_each_protocol_the_settings_its_run_uses(kind):
             expected = "the model's" if used in (None, "model") else f"{used:g}" if isinstance(used, float) \
                 else str(used)
             assert _shown(help_text, name) == expected, (kind, field, name)
+
+
+def test_generate_and_erase_help_give_the_sampling_each_model_resolves(tiny_flux_pipeline_dir, tiny_pipeline_dir,
+                                                                      tmp_path):
+    """The sampling steps and guidance `generate` and `erase` take from the model: --help shows, for MiniSD, SD
+    1.x, FLUX.1 dev and FLUX.1 schnell's structure (a tiny FLUX saved without a guidance embedding), what
+    `model_defaults` resolves from those models' folders."""
+    from concept_erase.diffusion.models.defaults import model_defaults
+    from concept_erase.diffusion.models.tiny import build_tiny_flux_pipeline
+
+    schnell = tmp_path / "schnell"
+    build_tiny_flux_pipeline(0, guidance_embeds=False).save_pretrained(schnell)
+    models = {"minisd*": "minisd", "sd1": tiny_pipeline_dir, "flux": tiny_flux_pipeline_dir, "flux-schnell": schnell}
+    for command in (["generate"], ["erase"]):
+        steps_help, guidance_help = _help_of(command, "--num-inference-steps"), _help_of(command, "--guidance-scale")
+        for key, model in models.items():
+            defaults = model_defaults(model)
+            assert _shown(steps_help, key) == f"{defaults.steps:g}", (command, key)
+            assert _shown(guidance_help, key) == f"{defaults.guidance:g}", (command, key)
+    assert _shown(steps_help, "flux-schnell") == "4" and _shown(guidance_help, "flux") == "3.5"
+
+
+def test_a_real_erase_run_records_the_recipe_the_help_shows(tmp_path, monkeypatch, capsys):
+    """Not the function a run calls but a run: `erase --concept minisd-digit-seven --json` on MiniSD, with the
+    preset's own optimizer settings (only the image counts and their sampling steps, which this test does not
+    compare, are cut to keep it short), records in its summary the steps, lr and batch size --help prints for
+    that preset. Its 50 optimizer steps of 16 make it the slowest test here (about 25 s of CPU; a minute on a
+    loaded 2-core machine): a real run is what this test is for."""
+    import json
+
+    from concept_erase.cli import main
+
+    monkeypatch.setenv("CONCEPT_ERASE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "erased"
+    assert main(["erase", "--model", "minisd", "--concept", "minisd-digit-seven", "--output", str(out), "--json",
+                 "--num-forget-images", "3", "--num-retain-images", "27", "--num-inference-steps", "4",
+                 "--no-progress"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    recorded = json.loads((out / "erase_summary.json").read_text())
+    for field in ("steps", "lr", "batch_size"):
+        assert printed[field] == recorded[field], field  # the --json result is the folder's summary
+        help_text = _help_of(["erase"], RECIPE_FLAGS[field])
+        assert _shown(help_text, _recipe_pattern(help_text, "minisd-digit-seven")) == f"{recorded[field]:g}", field

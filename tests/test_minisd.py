@@ -96,6 +96,18 @@ def test_judges_accurate_on_held_out_real_digits():
     assert judges.fid_features()(images_to_uint8(images[:5])).shape == (5, 128)
 
 
+def test_the_digit_presets_neighbours_are_the_judges_confusions():
+    """The presets' torch-free table (so a preset builds without torch) is what the packaged judge measures;
+    retraining the judges without updating the table fails here."""
+    from concept_erase.concepts import get_concept
+    from concept_erase.diffusion.minisd import minisd_prompt
+    from concept_erase.diffusion.minisd.judge import confusable_digits
+    from concept_erase.diffusion.minisd.presets import CONFUSABLE_DIGITS
+
+    assert CONFUSABLE_DIGITS == {d: confusable_digits(d) for d in range(10)}
+    assert minisd_prompt(CONFUSABLE_DIGITS[7][0], "bold") in get_concept("minisd-digit-seven").neighbours
+
+
 def test_training_is_deterministic(tmp_path):
     from concept_erase.diffusion.minisd.train import MiniSDTrainConfig, save_minisd, train_minisd
 

@@ -7,7 +7,8 @@ import torch
 from helpers import saved_bytes
 
 from concept_erase.diffusion.memory import backward_peak, load_counts, measure_process, no_grad_peak, trace_activations
-from concept_erase.diffusion.plan import CUDA_RESERVE, PlanConfig, estimate, parse_bytes
+from concept_erase.diffusion.plan import CUDA_RESERVE, estimate
+from concept_erase.diffusion.plan_config import PlanConfig, parse_bytes
 from concept_erase.diffusion.plan_search import describe, mask_step, search, suggestions
 from concept_erase.errors import ConceptEraseError
 
@@ -259,8 +260,8 @@ def test_plan_defaults_to_minisd_on_the_device_erase_would_use(monkeypatch):
     for cuda, device in ((False, "cpu"), (True, "cuda")):
         monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
         config = PlanConfig()
-        assert (config.model, config.device) == ("minisd", device)
-        assert PlanConfig(device="cpu").device == "cpu"
+        assert (config.model, config.device) == ("minisd", None)  # chosen after the checks, which need no torch
+        assert (config.on_device().device, PlanConfig(device="cpu").on_device().device) == (device, "cpu")
 
 
 def test_a_concept_preset_plans_the_recipe_erase_runs():

@@ -1,12 +1,13 @@
 """`concept-erase mask`, `concept-erase erase`, `concept-erase plan`, `concept-erase export` and `concept-erase apply`.
 
 mask/erase flags are generated from `EraseConfig`'s fields and help. Building these parsers imports
-`training/config.py` and the method specs (`methods/options.py`), no torch; the checks that need no model
-(`EraseConfig.check_before_load`) run before the job imports torch, so a bad flag, number or output path is
-refused before `import torch` (seconds) is paid. `export` and `apply` register apart (`register_export`), and
-so does `plan` (`register_plan`: its config imports torch). `export` converts a model between the formats of
-`loading`, `card`, `single_file` and `delta`, or writes an erasure as a LoRA / LyCORIS file (`lora`); `apply`
-puts one onto a model at a strength.
+`training/config.py` and the method specs (`methods/options.py`), no torch; the checks that need no loaded
+model (`EraseConfig.check_before_load`: flags, outputs, and what the model's files say, `models/facts.py`) run
+before the job imports torch, so a bad flag, number or output path is refused before `import torch` (seconds)
+is paid. `export` and `apply` register apart (`register_export`), and so does `plan` (`register_plan`: its
+config, `plan_config.py`, is torch-free; its estimate imports torch). `export` converts a model between the
+formats of `loading`, `card`, `single_file` and `delta`, or writes an erasure as a LoRA / LyCORIS file (`lora`);
+`apply` puts one onto a model at a strength.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from ..cli_args import add_flags, check_fields, values_from
 from ..errors import ConceptEraseError
 from .models.apply import MAX_STRENGTH
+from .models.defaults import sampling_default
 from .models.families import family_field
 
 # The EraseConfig fields each command exposes. Their flags, help, types, choices and bounds come from the
@@ -51,9 +53,8 @@ PLAN_FIELDS = (
 )
 MASK_HELP = {"output": "the mask file to write (.safetensors)"}
 # Fields whose default comes from the model (`defaults.model_defaults`), not the dataclass.
-FROM_MODEL = {"image_steps": "denoising steps when generating forget/retain images (default: the base model's: 25)",
-              "image_guidance": "guidance scale when generating them (default: the base model's: 5 for MiniSD and "
-                                "models erased from it, else 7.5)"}
+FROM_MODEL = {"image_steps": f"denoising steps when generating forget/retain images (default: {sampling_default(0)})",
+              "image_guidance": f"guidance scale when generating them (default: {sampling_default(1)})"}
 
 
 def register(subparsers) -> None:
@@ -77,7 +78,7 @@ def register(subparsers) -> None:
 
 
 def register_plan(subparsers) -> None:
-    from .plan import PlanConfig
+    from .plan_config import PlanConfig
 
     p = subparsers.add_parser(
         "plan", help="estimate the peak memory of an erase run before anything runs, and what makes it fit",
@@ -154,12 +155,14 @@ def _erase_main(args: argparse.Namespace) -> int:
 
 
 def _plan_main(args: argparse.Namespace) -> int:
-    from .plan import PlanConfig
-    from .plan_search import run_plan
-
     from ..logs import finish
+    from .plan_config import PlanConfig, check_like_erase
 
-    plan, text = run_plan(PlanConfig.for_concept(**values_from(args, PlanConfig, PLAN_FIELDS)))
+    config = PlanConfig.for_concept(**values_from(args, PlanConfig, PLAN_FIELDS))
+    check_like_erase(config)
+    from .plan_search import run_plan  # imports torch: after every check that needs no model
+
+    plan, text = run_plan(config)
     finish(args, text, {"peak_bytes": plan.peak, "peak_phase": plan.peak_phase, "resident_bytes": plan.resident,
                         "phases": plan.phases},
            next_command="concept-erase erase with the same flags and an --output")
@@ -258,6 +261,11 @@ def _export_main(args: argparse.Namespace) -> int:
     one_file = config.to in ("single-file", "lora", "lycoris-full")
     check_writable(config.output, config.overwrite, kind="file" if one_file else "dir",
                    suffix=".safetensors" if one_file else None, flag="--output")  # fail before loading anything
+    from .models.facts import check_pickle_header
+    from .models.loading import PICKLE_SUFFIXES
+
+    if Path(config.source).suffix in PICKLE_SUFFIXES and Path(config.source).is_file():
+        check_pickle_header(config.source)  # random bytes are refused before torch loads
     if config.to in ("lora", "lycoris-full"):
         return _export_erasure(args, config)
     from .models.card import read_model_card, save_pipeline

@@ -22,8 +22,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .memory import ModelCounts, load_counts, measure_process
-from .plan import (CUDA_RESERVE, GiB, Plan, PlanConfig, check_built, check_like_erase, estimate, mask_pass,
-                   parse_bytes, runnable)
+from .plan import CUDA_RESERVE, GiB, Plan, check_built, estimate, mask_pass
+from .plan_config import PlanConfig, check_like_erase, parse_bytes, runnable
 from .training.mask_pass import mask_batch
 
 
@@ -195,7 +195,8 @@ def _flags(change: dict[str, Any]) -> str:
 
 
 def run_plan(config: PlanConfig) -> tuple[Plan, str]:
-    check_like_erase(config)
+    check_like_erase(config)  # the CLI has asked it before torch loaded; again for the Python API
+    config.on_device()
     counts = load_counts(config.model, config.model_config)
     check_built(config, counts)
     measure_process(counts, config.model, config.model_config)

@@ -47,7 +47,7 @@ def attack_fn(name: str):
     learn = import_module(f"{__name__}.{name}").learn
 
     def learn_checked(pipe, *args, **kwargs):
-        from .core import structure_of
+        from .structure import structure_of
 
         learned = learn(pipe, *args, **kwargs)
         learned.structure = structure_of(pipe)

@@ -25,7 +25,6 @@ from concept_erase.errors import ConceptEraseError
 
 from .. import report
 from ..prompts import PromptRow
-from .run import ASR_RULE, CALIBRATED_MIN, attack_sections, draw, run_attacks, same_seed_grid
 
 GRID_ROWS = 6
 FRECHET_MIN = 2  # images on each side a Frechet distance needs (`quality.frechet_distance`: two, for a covariance)
@@ -116,6 +115,8 @@ def run_audit(pipe, base, concept, detector, *, budgets: dict, seeds, protocol, 
               log=print) -> tuple[dict, dict]:
     """Measure everything; returns (results, images for the grids). `control`: calibrate every attack on the
     remap control (`run.attack_control`); `floor`: the never-knew model, attacked the same way (`run.attack_floor`)."""
+    from .run import ASR_RULE, draw, run_attacks  # torch: the audit's work, not its checks
+
     rows = _rows(concept.forget_prompts, seeds)
     log(f"audit: {len(rows)} concept prompts x seeds, attacks: {', '.join(budgets)}")
     attack_run = run_attacks(pipe, concept, rows, budgets, detector, protocol=protocol, base=base, seed=seed,
@@ -195,6 +196,8 @@ def _count(pct: float, n: int) -> str:
 def verdict(results: dict) -> str:
     """The answer first: erased or not against the base, robust or not (the worst attack), collateral damage
     (the worst neighbour), retain, quality and cost, one line each."""
+    from .run import CALIBRATED_MIN
+
     f, n = results["forget"], results["forget"]["prompts"]
     base = "" if f["base_detected"] is None else f" (base model: {_count(f['base_detected'], n)})"
     erased = f["erased_detected"] <= ERASED_MAX
@@ -248,6 +251,8 @@ def _cost_rows(erasure: dict) -> list[tuple[str, str]]:
 
 
 def _sections(results: dict) -> list[str]:
+    from .run import attack_sections
+
     t = report.markdown_table
     f = results["forget"]
     secs = [
@@ -337,6 +342,8 @@ def write_audit(results: dict, images: dict, out: Path) -> Path:
     """report.md, report.html, results.json, asr.png, grid_attacks.png, grid_neighbours.png in `out`."""
     from concept_erase.io_utils import atomic_file
 
+    from .run import same_seed_grid
+
     attacks = results["attacks"]
     report.bar_chart(out / "asr.png", {"Pre-ASR": {n: a["pre_asr"] for n, a in attacks.items()},
                                        "ASR": {n: a["asr"] for n, a in attacks.items()},
@@ -357,9 +364,10 @@ def write_audit(results: dict, images: dict, out: Path) -> Path:
 
 def check_audit_inputs(concept, budgets: dict, seeds, job) -> None:
     """Everything the audit will need that no model decides, checked before the first image: attacks, prompts,
-    enough retain images for each Frechet distance it computes, and the --clip-model / --fid-weights it names
-    (the FID features are built now, so a missing torch-fidelity fails here too)."""
-    from ..quality import clip_folder, make_fid
+    enough retain images for each Frechet distance it computes, and the --clip-model / --fid-weights it names,
+    all before torch loads (`model_files`); then the FID features are built, so a missing torch-fidelity or
+    unloadable weights fail here too."""
+    from ..model_files import check_fid_weights, clip_folder
 
     if not budgets:
         raise ConceptEraseError("the audit needs at least one attack")
@@ -376,4 +384,7 @@ def check_audit_inputs(concept, budgets: dict, seeds, job) -> None:
     if job.clip_model:
         clip_folder(job.clip_model)
     if job.fid_weights:
+        check_fid_weights(job.fid_weights)
+        from ..quality import make_fid
+
         make_fid(weights_path=job.fid_weights)

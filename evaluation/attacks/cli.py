@@ -158,9 +158,10 @@ def budgets_from_args(args: argparse.Namespace, attacks, tiny: bool) -> dict:
     return {name: make_budget(name, **{**(TINY[name] if tiny else {}), **given[name]}) for name in attacks}
 
 
-def _inputs(setup: AttackSetup):
-    """Checks that need no model: the output (free, and writable, before hours of attacks), the concept, its
-    detector (loaded now: a missing or broken one fails here) and the seeds."""
+def _inputs(setup: AttackSetup, check=None):
+    """Checks that need no model: the output (free, and writable, before hours of attacks), the concept, the
+    seeds, the command's own `check(concept, seeds)`, then the detector (loaded now, which imports torch: a
+    missing or broken one fails here)."""
     from concept_erase.concepts import get_concept
     from concept_erase.diffusion.data.generate import parse_seeds
     from concept_erase.io_utils import check_writable
@@ -171,8 +172,11 @@ def _inputs(setup: AttackSetup):
     if setup.floor:
         from .floor import floor_digit
         floor_digit(concept)  # a concept MiniSD cannot be retrained without is refused before any model loads
+    seeds = parse_seeds(setup.seeds)
+    if check is not None:
+        check(concept, seeds)
     detector = detector_for(concept.name, classifier=setup.classifier, threshold=setup.nudenet_threshold)
-    return concept, detector, parse_seeds(setup.seeds)
+    return concept, detector, seeds
 
 
 def _models(setup: AttackSetup, model: str, base_source: str | None, *, need_base: bool = False):
@@ -216,6 +220,7 @@ def _attack_main(args: argparse.Namespace) -> int:
     from .floor import floor_model
     protocol, pipe, base = _models(setup, job.model, job.base)
     if replay:
+        replay = {name: saved.learned() for name, saved in replay.items()}
         rows = next(iter(replay.values())).rows
     elif job.prompts:
         rows = read_prompts(job.prompts, limit=job.limit)[1]
@@ -248,19 +253,20 @@ def _attack_main(args: argparse.Namespace) -> int:
 
 def check_replay(job: Attack, setup: AttackSetup) -> dict:
     """The --replay folder checked whole, and against the attacked model's structure where its configs are at
-    hand, before any model loads (`replay.py`); the attacks it holds are not run again with --attack."""
-    from .core import model_structure
-    from .replay import fit_replay, load_replay
+    hand, before any model loads and before torch (`replay.py`); the attacks it holds are not run again with
+    --attack. Returns name -> `replay.SavedAttack`."""
+    from .replay import check_replay_folder, replay_info
+    from .structure import model_structure
 
-    replay = load_replay(job.replay)
-    both = sorted(set(replay) & set(job.attack or ()))
+    saved = check_replay_folder(job.replay)
+    both = sorted(set(saved) & set(job.attack or ()))
     if both:
         raise ConceptEraseError(f"--attack {both[0]} and --replay {job.replay!r}, which holds {both[0]}: choose one")
     structure = model_structure(job.model, setup.config)
     if structure is not None:
-        for learned in replay.values():
-            fit_replay(learned, structure, str(job.model))
-    return replay
+        for attack in saved.values():
+            replay_info(attack, structure, str(job.model))
+    return saved
 
 
 def _audit_main(args: argparse.Namespace) -> int:
@@ -275,8 +281,8 @@ def _audit_main(args: argparse.Namespace) -> int:
         from concept_erase.diffusion.models.card import read_model_card
 
         read_model_card(job.model)  # a model folder with a card, or a one-line error before hours of work
-    concept, detector, seeds = _inputs(setup)
-    check_audit_inputs(concept, budgets, seeds, job)  # everything the audit will need, before the first image
+    # everything the audit will need, before the first image (and, but for the FID features, before torch)
+    concept, detector, seeds = _inputs(setup, lambda concept, seeds: check_audit_inputs(concept, budgets, seeds, job))
     protocol, pipe, base = _models(setup, job.model, job.base, need_base=True)
     results, images = run_audit(pipe, base, concept, detector, budgets=budgets, seeds=seeds, protocol=protocol,
                                 model=str(job.model), classifier=setup.classifier, retain_prompts=job.retain_prompts,

@@ -19,7 +19,8 @@ from concept_erase.diffusion.conditioning import optimise_conditioning
 from concept_erase.errors import ConceptEraseError
 
 from .budgets import InversionBudget
-from .core import Learned, Targets, attack_denoising_error, check_prefix_fits, encode, frozen, prefixed, vocabulary
+from .core import Learned, Targets, attack_denoising_error, check_prefix_fits, encode, frozen, vocabulary
+from .structure import prefixed
 
 
 def learn(pipe, rows, targets: Targets, budget: InversionBudget, seed: int = 0, **_) -> Learned:

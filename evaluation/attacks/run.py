@@ -151,7 +151,7 @@ def run_attacks(pipe, concept, rows, budgets: dict, detector, *, protocol, base=
     (`attack_floor`)."""
     from concept_erase.diffusion.data.images import encode_latents
     from ..generation import apply_scheduler
-    from .core import structure_of
+    from .structure import structure_of
     from .replay import fit_replay
 
     fitted = {name: fit_replay(learned, structure_of(pipe), model) for name, learned in (replay or {}).items()}

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from concept_erase.diffusion.conditioning import optimise_conditioning
 
 from .budgets import UnlearnDiffAtkBudget
-from .core import (Learned, Targets, attack_denoising_error, check_prefix_fits, encode, frozen, prefixed, special_ids,
-                   vocabulary)
+from .core import Learned, Targets, attack_denoising_error, check_prefix_fits, encode, frozen, special_ids, vocabulary
+from .structure import prefixed
 
 
 def nearest_ids(vectors, vocab, allowed) -> torch.Tensor:

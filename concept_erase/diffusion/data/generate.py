@@ -20,6 +20,7 @@ from ...cli_args import add_flags, check_fields, values_from
 from ...concepts import read_prompt_list
 from ...errors import ConceptEraseError
 from ...logs import progress_field
+from ..models.defaults import sampling_default
 from ..models.families import family_field, family_of
 
 if TYPE_CHECKING:
@@ -198,14 +199,22 @@ def generate_from_conditioning(pipe, cond, seeds: Sequence[int], *, num_inferenc
 def check_sampling(pipe, num_inference_steps: int | None, height: int | None = None, width: int | None = None, *,
                    steps_flag: str = "--num-inference-steps", size_flags: tuple[str, str] = ("--height", "--width"),
                    ) -> None:
-    """What only the loaded model can tell, checked before any image or folder is made: no more denoising steps
-    than the timesteps its scheduler was trained with, and an image size that is a multiple of the VAE's
-    downsampling factor (the latent grid must come out whole) and of 8 (diffusers' SD pipelines demand it)."""
-    trained = getattr(pipe.scheduler.config, "num_train_timesteps", None)
+    """What only the model can tell, checked before any image or folder is made: no more denoising steps than
+    the timesteps its scheduler was trained with, and an image size that is a multiple of the VAE's
+    downsampling factor (the latent grid must come out whole) and of 8 (diffusers' SD pipelines demand it).
+    `pipe`: the loaded pipeline, or before it loads the model's `facts.ModelFacts` (what it leaves unsaid, a
+    hub id's, waits for the loaded pipeline)."""
+    from ..models.facts import ModelFacts
+
+    if isinstance(pipe, ModelFacts):
+        trained, factor = pipe.timesteps, pipe.vae_factor
+    else:
+        trained = getattr(pipe.scheduler.config, "num_train_timesteps", None)
+        factor = getattr(pipe, "vae_scale_factor", None)
     if num_inference_steps is not None and trained and num_inference_steps > trained:
         raise ConceptEraseError(f"{steps_flag} {num_inference_steps} is more than the {trained} timesteps the "
                                 "model's scheduler was trained with")
-    check_image_size(dict(zip(size_flags, (height, width))), getattr(pipe, "vae_scale_factor", None) or 8)
+    check_image_size(dict(zip(size_flags, (height, width))), factor or 8)
 
 
 def check_image_size(sizes: dict[str, int | None], vae_factor: int) -> None:
@@ -289,16 +298,17 @@ def register(subparsers) -> None:
 
 # The sampling flags whose default comes from the model (`defaults.model_defaults`), not the dataclass.
 FROM_MODEL = {
-    "num_inference_steps": "denoising steps per image (default: the base model's: 25)",
-    "guidance_scale": "classifier-free guidance scale (default: the base model's: 5 for MiniSD and models erased "
-                      "from it, else 7.5)"}
+    "num_inference_steps": f"denoising steps per image (default: {sampling_default(0)})",
+    "guidance_scale": f"classifier-free guidance scale (default: {sampling_default(1)})"}
 
 
 def _sampling(args: argparse.Namespace, config: GenerateConfig):
     """The user's sampling flags; steps and guidance they did not give come from the model's base
-    (`defaults.model_defaults`), printed. A size the model cannot draw is refused before it is loaded."""
+    (`defaults.model_defaults`), printed. A size or a step count the model cannot draw with is refused before
+it is loaded (`models/facts.py`)."""
     from ...logs import announce
     from ..models.defaults import check_resolution, model_defaults
+    from ..models.facts import model_facts
 
     values = values_from(args, SamplingSettings)
     SamplingSettings(**values)  # the user's numbers, checked before the model's defaults are looked up
@@ -307,6 +317,9 @@ def _sampling(args: argparse.Namespace, config: GenerateConfig):
               if k not in values}
     check_resolution(values.get("height"), defaults, "--height")
     check_resolution(values.get("width"), defaults, "--width")
+    # what the model's files say, before `announce` (which imports torch) and the load (checked again on it)
+    check_sampling(model_facts(config.model, config.config), *(values.get(k) for k in ("num_inference_steps",
+                                                                                       "height", "width")))
     if chosen:
         announce(defaults.describe(*(f"--{k.replace('_', '-')} {v:g}" for k, v in chosen.items())))
     return SamplingSettings(**chosen, **values)

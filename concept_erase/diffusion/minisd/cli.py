@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from ...cli_args import add_flags, check_fields, values_from
 from . import MINISD_GUIDANCE, MINISD_STEPS
+from .config import MiniSDTrainConfig
 
 
 @dataclass
@@ -50,8 +51,6 @@ def register(subparsers) -> None:
                               description="The embedded MiniSD model (docs/MINISD.md).")
     sub = p.add_subparsers(dest="minisd_command", metavar="ACTION", required=True)
 
-    from .train import MiniSDTrainConfig
-
     t = sub.add_parser("train", help="train MiniSD from scratch (deterministic) into a diffusers folder")
     add_flags(t, Output, help_override={"output": "output diffusers folder (must not exist unless --overwrite)"})
     add_flags(t, MiniSDTrainConfig)
@@ -69,11 +68,12 @@ def register(subparsers) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from ...io_utils import check_writable
-    from .train import MiniSDTrainConfig, main
 
     out = Output(**values_from(args, Output))
     config = MiniSDTrainConfig(**values_from(args, MiniSDTrainConfig))
     check_writable(out.output, out.overwrite, flag="--output")
+    from .train import main  # imports torch: after the checks
+
     main(config, out.output, overwrite=out.overwrite)
     from ...logs import finish
 
@@ -84,11 +84,12 @@ def _train(args: argparse.Namespace) -> int:
 
 def _train_judges(args: argparse.Namespace) -> int:
     from ...io_utils import check_writable
-    from .judge import save_judges, train_judges
 
     out = Output(**values_from(args, Output))
     config = JudgeTraining(**values_from(args, JudgeTraining))
     check_writable(out.output, out.overwrite, kind="file", suffix=".safetensors", flag="--output")
+    from .judge import save_judges, train_judges  # imports torch: after the checks
+
     judges = train_judges(seed=config.seed, epochs=config.epochs)
     save_judges(judges, out.output, overwrite=out.overwrite)
     from ...logs import finish

@@ -18,6 +18,7 @@ cross-attention on the others), linear attention projections, the empty prompt a
 from __future__ import annotations
 
 from . import vocabulary
+from .config import TRAIN_FAMILIES
 from .data import IMAGE_SIZE
 
 MODEL_MAX_LENGTH = 16
@@ -75,7 +76,8 @@ def build_minisd_flux_pipeline(seed: int = 0):
     )
 
 
-BUILDERS = {"sd1": build_minisd_pipeline, "sdxl": build_minisd_xl_pipeline, "flux": build_minisd_flux_pipeline}
+# keyed by the names `minisd train --family` offers (config.py holds them without torch, for the parser)
+BUILDERS = dict(zip(TRAIN_FAMILIES, (build_minisd_pipeline, build_minisd_xl_pipeline, build_minisd_flux_pipeline)))
 
 
 def count_parameters(module) -> int:

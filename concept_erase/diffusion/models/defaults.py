@@ -17,8 +17,8 @@ from pathlib import Path
 
 from ...errors import ConceptEraseError
 from ..minisd import MINISD_GUIDANCE, MINISD_MODELS, MINISD_STEPS, minisd_path
-from .family import Family
-from .families import SD1, family_from_config
+from .facts import check_model_source
+from .families import FAMILIES, FLUX, SD1, family_from_config
 
 # The judge of class prompt sets for every model but MiniSD (evaluation.classes.load_classifier).
 IMAGENET_CLASSIFIER = "microsoft/resnet-50"
@@ -125,29 +125,47 @@ def native_resolution(source: str, config: str | None = None) -> int | None:
 def model_defaults(source: str | os.PathLike, config: str | os.PathLike | None = None) -> ModelDefaults:
     """The defaults for `source` (any `load_pipeline` source) from its base model and configs."""
     source, config = str(source), None if config is None else str(config)
+    check_model_source(source)  # before any default is said
     base, via = base_model_of(source, config)
     resolution = native_resolution(source, config)
     if resolution is None and base != source:
         resolution = native_resolution(base)
     if base in MINISD_MODELS:
-        return ModelDefaults(base, resolution, "minisd", "minisd-digits", MINISD_STEPS, MINISD_GUIDANCE, via)
+        protocol = "minisd-flux" if base == "minisd-flux" else "minisd"  # its own flow-matching scheduler
+        return ModelDefaults(base, resolution, protocol, "minisd-digits", MINISD_STEPS, MINISD_GUIDANCE, via)
     # a hub id or a single file without configs says nothing before loading: SD 1.x's defaults
-    family = _folder_family(source, config) or _folder_family(base) or SD1
-    return ModelDefaults(base, resolution, family.evaluation_protocol, IMAGENET_CLASSIFIER, family.sampling_steps,
-                         family.sampling_guidance, via)
+    steps, guidance, protocol = (_folder_defaults(source, config) or _folder_defaults(base)
+                                 or SD1.sampling_defaults({}))
+    return ModelDefaults(base, resolution, protocol, IMAGENET_CLASSIFIER, steps, guidance, via)
 
 
-def _folder_family(source: str, config: str | None = None) -> Family | None:
-    """The family of `source` (or of the config folder of a single file) from its model_index.json alone;
-    None when there is no such folder or it cannot be read."""
+def sampling_default(index: int) -> str:
+    """A sampling flag's default in --help, from what `model_defaults` resolves: "the base model's (minisd*: 25;
+    sd1: 25; ...; flux: 28; flux-schnell: 4)" for index 0 (steps), the guidance for index 1. Keys: the shipped
+    MiniSD models, each --family, and FLUX.1 schnell's structure (a transformer without a guidance embedding)."""
+    values = {"minisd*": (MINISD_STEPS, MINISD_GUIDANCE)}
+    values |= {name: family.sampling_defaults({}) for name, family in FAMILIES.items()}
+    values[FLUX.schnell_protocol] = FLUX.sampling_defaults({"guidance_embeds": False})
+    return "the base model's (" + "; ".join(f"{key}: {v[index]:g}" for key, v in values.items()) + ")"
+
+
+def _folder_defaults(source: str, config: str | None = None) -> tuple[int, float, str] | None:
+    """`Family.sampling_defaults` of `source` (or of the config folder of a single file): its family from its
+    model_index.json, its denoiser's config.json (FLUX.1 schnell's structure has its own); None when there is
+    no such folder or it cannot be read."""
     path = Path(str(source)).expanduser()
     folder = path if path.is_dir() else Path(config).expanduser() if config and path.is_file() else None
     if folder is None or not (folder / "model_index.json").is_file():
         return None
     try:
-        return family_from_config(folder)
+        family = family_from_config(folder)
     except (ConceptEraseError, OSError, ValueError):
         return None
+    try:
+        denoiser = json.loads((folder / family.denoiser_name / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        denoiser = {}
+    return family.sampling_defaults(denoiser if isinstance(denoiser, dict) else {})
 
 
 def check_resolution(resolution: int | None, defaults: ModelDefaults, what: str = "--resolution") -> None:

@@ -121,6 +121,12 @@ class Family:
     def __repr__(self) -> str:
         return f"<family {self.name}>"
 
+    def sampling_defaults(self, denoiser_config: dict) -> tuple[int, float, str]:
+        """(steps, guidance, evaluation protocol) for a model of this family whose denoiser's config.json says
+        `denoiser_config` ({} when unread): the class's `sampling_steps`, `sampling_guidance` and
+        `evaluation_protocol`, unless the structure says otherwise (FLUX.1 schnell's)."""
+        return self.sampling_steps, self.sampling_guidance, self.evaluation_protocol
+
     def denoiser(self, pipe):
         """The pipeline's denoiser: the UNet, or a diffusion transformer (SD 3, FLUX)."""
         return getattr(pipe, self.denoiser_name)

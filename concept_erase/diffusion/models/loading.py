@@ -26,6 +26,7 @@ from ...errors import ConceptEraseError, first_line
 from ...fingerprints import check_file_digest
 from ...runtime import resolve_device
 from ..minisd import MINISD_MODELS, minisd_path
+from .facts import PICKLE_SUFFIXES, check_model_source, check_pickle_header
 from .family import Family
 from .families import family_from_config, family_from_keys, get_family, set_family
 
@@ -37,7 +38,6 @@ if TYPE_CHECKING:
 # torch is imported inside the functions: `concept-erase export --help` must not pay for it (cli.py)
 DTYPES: dict[str, str] = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
                           "half": "float16", "bf16": "bfloat16", "bfloat16": "bfloat16"}
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
@@ -90,12 +90,9 @@ def load_pipeline(
             attach_safree(pipe, path)
     elif path.is_file():
         pipe, how = _load_single_file(path, config, torch_dtype, family), "its tensor names"
-    elif _looks_like_hub_id(source):
-        pipe, how = _load_hub(source, torch_dtype, family), "its model_index.json"
     else:
-        raise ConceptEraseError(
-            f"model {source!r} does not exist (expected a diffusers folder, a .safetensors/.ckpt file, "
-            f"a hub id or one of {', '.join(MINISD_MODELS)})")
+        check_model_source(source)  # a hub id, or a one-line error
+        pipe, how = _load_hub(source, torch_dtype, family), "its model_index.json"
     found = set_family(pipe, family)
     logger.info("model family: %s, %s (%s)", found.name, found.description,
                 "from --family" if family else "detected from " + how)
@@ -123,11 +120,6 @@ def _chosen(detected: Family, override: str | None) -> Family:
     family = get_family(override)
     family.check_fits(detected)
     return family
-
-
-def _looks_like_hub_id(source: str) -> bool:
-    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", source) is not None and not source.endswith(
-        (".safetensors",) + PICKLE_SUFFIXES)
 
 
 def _load_folder(path: Path, torch_dtype: torch.dtype, override: str | None):
@@ -224,6 +216,7 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
     import torch
 
     path = Path(path)
+    check_pickle_header(path)  # random bytes are named from their first ones (the CLI asks before torch loads)
     try:
         with _lightning_stand_ins():
             return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))

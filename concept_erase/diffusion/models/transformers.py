@@ -128,6 +128,14 @@ class FluxFamily(TransformerFamily):
     text_encoders = ("text_encoder", "text_encoder_2")
     t5_tokenizer = "tokenizer_2"
     sampling_guidance = 3.5     # FLUX.1 dev's distilled guidance, diffusers' FluxPipeline default
+    evaluation_protocol = "flux"  # FluxPipeline's own scheduler and defaults (evaluation.generation.PRESETS)
+    # FLUX.1 schnell, a transformer without `guidance_embeds` (timestep-distilled, not guidance-distilled), as
+    # diffusers' Flux pipeline docs sample it: 4 steps, guidance 0 (none), T5 at 256 tokens (its most there).
+    # MiniSD-Flux has schnell's structure but its own sampling (25 steps, true CFG 5: `defaults.model_defaults`).
+    schnell_steps = 4
+    schnell_guidance = 0.0
+    schnell_protocol = "flux-schnell"
+    schnell_max_sequence_length = 256
     config_marker = "axes_dims_rope"
     # Black Forest Labs' names with no prefix, as `flux1-dev.safetensors` holds the transformer alone
     single_file_layout = "bfl"
@@ -174,6 +182,23 @@ class FluxFamily(TransformerFamily):
         return FluxPipeline._unpack_latents(out, h, w, 1)
 
     text_tokens = max_sequence_length
+
+    @staticmethod
+    def is_schnell(denoiser_config) -> bool:
+        """FLUX.1 schnell's structure: the transformer's config (a loaded one, or its config.json) says it has no
+        guidance embedding. A config that does not say (unread) is dev's, the family's defaults."""
+        return denoiser_config.get("guidance_embeds") is False
+
+    def sampling_defaults(self, denoiser_config: dict) -> tuple[int, float, str]:
+        if self.is_schnell(denoiser_config):
+            return self.schnell_steps, self.schnell_guidance, self.schnell_protocol
+        return super().sampling_defaults(denoiser_config)
+
+    def t5_length(self, pipe) -> int:
+        """Dev's 512 T5 tokens, schnell's 256 (each at most the tokenizer's maximum: MiniSD-Flux's 16)."""
+        if self.is_schnell(pipe.transformer.config):
+            return min(self.schnell_max_sequence_length, super().t5_length(pipe))
+        return super().t5_length(pipe)
 
     def guidance_kwargs(self, pipe, guidance_scale: float, negatives: list[str] | None, n: int) -> dict:
         """Dev takes the scale as its guidance embedding (one pass). A transformer without that embedding

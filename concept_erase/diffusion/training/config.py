@@ -276,11 +276,29 @@ class EraseConfig(TrainConfig):
         does: the places it writes and the image counts (the job checks again, for the Python API)."""
         self._check_destinations(command)
         self._check_image_counts(with_retain=None if command == "erase" else False)
+        self._check_model(computes_mask=command == "mask" or (self.spec.computes_mask and not self.mask))
+
+    def _check_model(self, computes_mask: bool) -> None:
+        """What the model's configs and safetensors headers say (`models/facts.py`, no weights read): the
+        sampling steps against the scheduler's timesteps, --resolution against the VAE's factor, and a --keep
+        that keeps a weight of the UNet. The job checks them again on the loaded model (and a hub id only there)."""
+        from ...saliency_options import kept_count
+        from ..data.generate import check_sampling
+        from ..models.facts import model_facts
+
+        facts = model_facts(self.model, self.model_config)
+        check_sampling(facts, self.image_steps, self.resolution, self.resolution,
+                       size_flags=("--resolution", "--resolution"))
+        for name in sorted(self.spec.fields & {"esd_ddim_steps", "ant_ddim_steps"}):  # their partial sampling
+            check_sampling(facts, getattr(self, name), steps_flag=self.flag(name))
+        total = facts.parameters(self.mask_scope) if computes_mask and self.train == "unet" else None
+        if total:
+            kept_count(self.keep, total)
 
     def _check_destinations(self, command: str) -> None:
         """Every place the command writes: free (or --overwrite), of the right kind and suffix, writable, and no
         two the same (hours of training must not end in a refused write). `mask` writes one mask file."""
-        from ...io_utils import check_writable
+        from ...io_utils import check_unlocked, check_writable
 
         if command == "mask":
             check_writable(self.output, self.overwrite, kind="file", suffix=".safetensors", flag="--output")
@@ -288,6 +306,7 @@ class EraseConfig(TrainConfig):
         places = {"--output": self.output, "--export-single-file": self.export_single_file,
                   "--save-delta": self.save_delta}
         check_writable(self.output, self.overwrite, flag="--output")
+        check_unlocked(self.output, "--output")  # another run's (the job takes the lock itself)
         if self.export_single_file:
             check_writable(self.export_single_file, self.overwrite, kind="file", suffix=".safetensors",
                            flag="--export-single-file")
