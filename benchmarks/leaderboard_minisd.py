@@ -36,7 +36,8 @@ from erasure_minisd import Evaluator, write_results  # noqa: E402  (benchmarks/ 
 # method -> the flags added to the preset's recipe (docs/ALGORITHMS.md section 4 says why each differs)
 RECIPES = {
     "salun": [], "rl": [], "salun-adv": ["--method", "salun", "--adversarial"], "esd-x": [], "esd-u": [], "ca": [],
-    "uce": [], "rece": [], "mace": [], "safree": [], "fmn": [], "scissorhands": ["--alpha", "10"],
+    "uce": [], "rece": [], "mace": [], "safree": [], "fmn": ["--alpha", "300", "--lr", "3e-4", "--steps", "100"],
+    "scissorhands": ["--alpha", "10"],
     "erasediff": [], "ant": ["--lr", "2e-4"], "remap": [],
 }
 
@@ -100,12 +101,26 @@ def main(argv=None) -> int:
     return 0
 
 
-def table(args, command: str, rows: list[dict], seconds: float) -> list[str]:
-    def cell(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
-        values = [scale * v for v in values]
-        spread = f" +- {statistics.stdev(values):.{digits}f}" if len(values) > 1 else ""
-        return f"{statistics.mean(values):.{digits}f}{spread}"
+def cell(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
+    """Mean +- sample std of `values` times `scale` (the mean alone for one value)."""
+    values = [scale * v for v in values]
+    spread = f" +- {statistics.stdev(values):.{digits}f}" if len(values) > 1 else ""
+    return f"{statistics.mean(values):.{digits}f}{spread}"
 
+
+def method_rows(rows: list[dict], flags) -> list[str]:
+    """One table row per method of `rows` (in order): its flags (`flags(method)`), runs, forget, retain, FID and
+    erase seconds over its seeds."""
+    lines = []
+    for method in dict.fromkeys(r["method"] for r in rows):
+        runs = [r for r in rows if r["method"] == method]
+        lines.append(f"| {method} | {flags(method) or '-'} | {len(runs)} | "
+                     f"{cell([r['forget_acc'] for r in runs])} | {cell([r['retain_acc'] for r in runs])} | "
+                     f"{cell([r['fid'] for r in runs], 1.0, 0)} | {statistics.mean(r['erase_s'] for r in runs):.0f} |")
+    return lines
+
+
+def table(args, command: str, rows: list[dict], seconds: float) -> list[str]:
     lines = [f"# The leaderboard on MiniSD: {args.concept}", "", f"Command: `{command}`", "",
              "Every method through `concept-erase erase --model minisd --concept " + args.concept + "` with the "
              "preset's recipe plus the flags below (docs/ALGORITHMS.md section 4); judged on "
@@ -115,12 +130,7 @@ def table(args, command: str, rows: list[dict], seconds: float) -> list[str]:
              f"MiniSD itself: forget {100 * rows[0]['forget_acc']:.0f}%, retain {100 * rows[0]['retain_acc']:.0f}%.",
              "", "| method | extra flags | seeds | forget % (lower is better) | retain % | FID (judge) | erase s |",
              "| --- | --- | ---: | --- | --- | --- | ---: |"]
-    for method in dict.fromkeys(r["method"] for r in rows[1:]):
-        runs = [r for r in rows[1:] if r["method"] == method]
-        lines.append(f"| {method} | {' '.join(RECIPES[method]) or '-'} | {len(runs)} | "
-                     f"{cell([r['forget_acc'] for r in runs])} | {cell([r['retain_acc'] for r in runs])} | "
-                     f"{cell([r['fid'] for r in runs], 1.0, 0)} | {statistics.mean(r['erase_s'] for r in runs):.0f} |")
-    return lines
+    return lines + method_rows(rows[1:], lambda method: " ".join(RECIPES[method]))
 
 
 if __name__ == "__main__":

@@ -52,13 +52,19 @@ GB = 1e9
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--skeleton", type=Path, required=True, help="the SDXL base config folder (no weights needed)")
+    add_run_args(p, min_free_gb=13.0)
+    return p.parse_args(argv)
+
+
+def add_run_args(p: argparse.ArgumentParser, min_free_gb: float) -> None:
+    """The flags every real-scale benchmark shares: the size of the timed passes, the mask and loss, the memory
+    it waits for and where the table goes."""
     p.add_argument("--resolution", type=int, default=128, help="image side in pixels for the timed passes")
     p.add_argument("--keep", type=float, default=0.5, help="mask keep ratio (random mask for the SalUn step)")
     p.add_argument("--alpha", type=float, default=0.5, help="retain loss weight")
-    p.add_argument("--min-free-gb", type=float, default=13.0,
-                   help="refuse to build the bf16 UNet unless this much memory is available (shared machine)")
+    p.add_argument("--min-free-gb", type=float, default=min_free_gb,
+                   help="refuse to build the bf16 model unless this much memory is available (shared machine)")
     p.add_argument("--out", type=Path, default=None, help="write the table here (Markdown) as well as stdout")
-    return p.parse_args(argv)
 
 
 def available_gb() -> float:
@@ -94,14 +100,15 @@ def count_on_meta(skeleton: Path) -> dict[str, int]:
 
 
 def mask_file_size(shapes, keep: float, folder: Path) -> tuple[int, float]:
-    """Write a whole-UNet mask with the library's own writer; return its size and the seconds it took."""
+    """Write a random mask over `shapes` (name, shape) with the library's own writer; return its size and the
+    seconds it took."""
     from concept_erase.saliency import SaliencyMask
 
     gen = torch.Generator().manual_seed(0)
     masks = {n: torch.rand(s, generator=gen) < keep for n, s in shapes}
     mask = SaliencyMask(masks, keep, shapes, "all", "benchmark: random")
     t0 = time.perf_counter()
-    path = mask.save(folder / "sdxl-mask.safetensors")
+    path = mask.save(folder / "mask.safetensors")
     seconds = time.perf_counter() - t0
     size = path.stat().st_size
     del masks, mask
@@ -127,15 +134,16 @@ def measure_sizes(skeleton: Path, keep: float) -> tuple[list[tuple[str, str]], i
     return rows, n
 
 
-def build_bf16_unet(skeleton: Path):
-    """The UNet with random weights, built directly in bf16 (5.1 GB, never 10.3 GB of fp32); and the seconds."""
-    from diffusers import UNet2DConditionModel
-
+def build_bf16(cls, config: dict):
+    """A diffusers model of class `cls` with random weights, built directly in bf16 (never its fp32 copy); and
+    the seconds it took."""
     torch.set_default_dtype(torch.bfloat16)
     t0 = time.perf_counter()
-    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(skeleton / "unet"))
-    torch.set_default_dtype(torch.float32)
-    return unet, time.perf_counter() - t0
+    try:
+        model = cls.from_config(config)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    return model, time.perf_counter() - t0
 
 
 def make_batches(skeleton: Path, resolution: int):
@@ -143,7 +151,6 @@ def make_batches(skeleton: Path, resolution: int):
     forget batch (target: the empty prompt), then the steps' forget batch (target: a surrogate) and retain batch."""
     from diffusers import DDPMScheduler
 
-    from concept_erase.diffusion.losses import noise_batch
     from concept_erase.diffusion.models.family import Conditioning
 
     scheduler = DDPMScheduler.from_pretrained(skeleton / "scheduler")
@@ -160,6 +167,14 @@ def make_batches(skeleton: Path, resolution: int):
     c_empty = Conditioning(torch.zeros(1, 77, 2048), {"text_embeds": torch.zeros(1, 1280),
                                                       "time_ids": c_forget.added["time_ids"]})
     z_f, z_r = torch.randn(1, 4, side, side, generator=gen), torch.randn(1, 4, side, side, generator=gen)
+    return noised_batches(scheduler, z_f, z_r, c_forget, c_surrogate, c_retain, c_empty)
+
+
+def noised_batches(scheduler, z_forget, z_retain, forget, surrogate, retain, empty):
+    """bf16 NoisedBatches at t = 500 (of U{0..999}) with the same noise: the mask pass's forget batch (target:
+    the empty prompt), then the steps' forget batch (target: the surrogate) and retain batch."""
+    from concept_erase.diffusion.losses import noise_batch
+
     t = torch.tensor([500])
 
     def batch(z, c, target=None):
@@ -167,7 +182,7 @@ def make_batches(skeleton: Path, resolution: int):
         return noise_batch(scheduler, z.bfloat16(), c.to(torch.bfloat16), noise.bfloat16(), t,
                            None if target is None else target.to(torch.bfloat16))
 
-    return batch(z_f, c_forget, c_empty), batch(z_f, c_forget, c_surrogate), batch(z_r, c_retain)
+    return batch(z_forget, forget, empty), batch(z_forget, forget, surrogate), batch(z_retain, retain)
 
 
 def timed(info: dict, label: str, fn) -> float:
@@ -183,26 +198,34 @@ def timed(info: dict, label: str, fn) -> float:
     return seconds
 
 
-def measure_passes(unet, args, info: dict) -> dict:
-    """One mask pass, then SalUn and RL steps alternately, twice each, on the same batches (SGD, lr 1e-5): the
-    seconds of the mask pass and of each kind's fastest step, and the process's peak RSS after them."""
+def measure_passes(model, batches, keep: float, alpha: float, info: dict) -> dict:
+    """One mask pass, then SalUn and RL steps alternately, twice each, on the same `batches` (mask pass's forget,
+    steps' forget, retain; SGD, lr 1e-5): the seconds of the mask pass and of each kind's fastest step (and of
+    that step's forward + backward and update apart), the bytes per parameter of the tensors a masked step
+    holds (weights, gradients, the bit-packed mask), and the process's peak RSS after them."""
     from concept_erase.diffusion.losses import saliency_loss, salun_loss
 
-    forget_for_mask, forget, retain = make_batches(args.skeleton, args.resolution)
-    unet.train()
+    forget_for_mask, forget, retain = batches
+    model.train()
 
     def mask_pass():
-        saliency_loss(unet, forget_for_mask).backward()
-        for p in unet.parameters():
+        saliency_loss(model, forget_for_mask).backward()
+        for p in model.parameters():
             p.grad = None
 
-    masks = packed_random_masks(unet, args.keep)
+    masks = packed_random_masks(model, keep)
+    held = {"weights": sum(p.numel() * p.element_size() for p in model.parameters()),
+            "mask": sum(packed.nbytes for packed, _ in masks.values())}
+    split = {}  # label -> (forward + backward seconds, update seconds)
 
-    def step(masked: bool):
-        loss, _, _ = salun_loss(unet, forget, retain, args.alpha)
+    def step(label: str, masked: bool):
+        t0 = time.perf_counter()
+        loss, _, _ = salun_loss(model, forget, retain, alpha)
         loss.backward()
+        t1 = time.perf_counter()
+        held["grads"] = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
         with torch.no_grad():
-            for name, p in unet.named_parameters():
+            for name, p in model.named_parameters():
                 g = p.grad
                 if masked:  # SalUn Eq. 7: theta <- theta - eta * (m . g), the mask unpacked one tensor at a time
                     packed, shape = masks[name]
@@ -210,25 +233,49 @@ def measure_passes(unet, args, info: dict) -> dict:
                     g.mul_(m)
                 p.sub_(g, alpha=1e-5)
                 p.grad = None
+        split[label] = (t1 - t0, time.perf_counter() - t1)
 
     mask_s = timed(info, "mask pass (1 forget latent)", mask_pass)
-    salun_s = timed(info, "SalUn step", lambda: step(True))
-    rl_s = timed(info, "RL step", lambda: step(False))
-    salun2_s = timed(info, "SalUn step (again)", lambda: step(True))
-    rl2_s = timed(info, "RL step (again)", lambda: step(False))
-    return {"mask_s": mask_s, "salun_s": min(salun_s, salun2_s), "rl_s": min(rl_s, rl2_s), "peak_gb": peak_rss_gb()}
+    for label, masked in (("SalUn step", True), ("RL step", False), ("SalUn step (again)", True),
+                          ("RL step (again)", False)):
+        timed(info, label, lambda label=label, masked=masked: step(label, masked))
+        info[label]["forward + backward s"], info[label]["update s"] = (round(x, 1) for x in split[label])
+    salun = min(("SalUn step", "SalUn step (again)"), key=lambda k: info[k]["seconds"])
+    rl = min(("RL step", "RL step (again)"), key=lambda k: info[k]["seconds"])
+    n = sum(p.numel() for p in model.parameters())
+    return {"mask_s": mask_s, "salun_s": info[salun]["seconds"], "rl_s": info[rl]["seconds"],
+            "rl_forward_backward_s": split[rl][0], "rl_update_s": split[rl][1], "salun_update_s": split[salun][1],
+            "bytes_per_param": {k: v / n for k, v in held.items()}, "peak_gb": peak_rss_gb()}
 
 
-def measured_rows(args, m: dict, weights_gb: float, base_rss: float) -> list[tuple[str, str]]:
+def measured_rows(resolution: int, m: dict, weights_gb: float, base_rss: float,
+                  scope: str = "") -> list[tuple[str, str]]:
+    """The measured rows; `scope` (e.g. a reduced depth) is said in each."""
+    b = m["bytes_per_param"]
     return [
-        (f"mask pass, 1 forget latent, {args.resolution} px, bf16", f"{m['mask_s']:.1f} s"),
-        (f"SalUn step, batch 1 + 1, {args.resolution} px, bf16, masked SGD", f"{m['salun_s']:.1f} s (fastest of 2)"),
-        ("RL step, same batches, SGD on every weight", f"{m['rl_s']:.1f} s (fastest of 2)"),
-        ("SalUn / RL step time", f"{m['salun_s'] / m['rl_s']:.2f}x (here the bit-packed mask is unpacked with numpy, "
-                                 f"tensor by tensor, every step: a fixed cost per weight)"),
-        ("peak resident memory of this process", f"{m['peak_gb']:.1f} GB (model {weights_gb:.1f} GB + bf16 grads "
-                                                  f"{weights_gb:.1f} GB + activations; started at {base_rss:.1f} GB)"),
+        (f"mask pass, 1 forget latent, {resolution} px, bf16{scope}", f"{m['mask_s']:.1f} s"),
+        (f"SalUn step, batch 1 + 1, {resolution} px, bf16, masked SGD{scope}", f"{m['salun_s']:.1f} s (fastest of 2)"),
+        (f"RL step, same batches, SGD on every weight{scope}", f"{m['rl_s']:.1f} s (fastest of 2)"),
+        (f"SalUn / RL step time{scope}", f"{m['salun_s'] / m['rl_s']:.2f}x (here the bit-packed mask is unpacked with "
+                                         f"numpy, tensor by tensor, every step: a fixed cost per weight)"),
+        (f"bytes per parameter held by a SalUn step, bf16{scope}",
+         f"{sum(b.values()):.3f} (weights {b['weights']:.3f} + gradients {b['grads']:.3f} + bit-packed mask "
+         f"{b['mask']:.3f}; summed over the tensors)"),
+        (f"peak resident memory of this process{scope}", f"{m['peak_gb']:.1f} GB (model {weights_gb:.1f} GB + bf16 "
+                                                          f"grads {weights_gb:.1f} GB + activations; started at "
+                                                          f"{base_rss:.1f} GB)"),
     ]
+
+
+def adam_rows(n: int, keep: float, what: str) -> list[tuple[str, str]]:
+    """ESTIMATE rows: fp32 weights + gradients + Adam's moments for `n` parameters, on every weight (RL) or on
+    the salient ones only (SalUn: masked Adam state plus the bit-packed mask)."""
+    rl_bytes = 4 + 4 + 8  # fp32 weights, fp32 grads, Adam's two fp32 moments
+    salun_bytes = 4 + 4 + 8 * keep + 1 / 8
+    return [(f"ESTIMATE fp32 + Adam, RL: bytes per {what} parameter", f"{rl_bytes} -> {rl_bytes * n / GB:.1f} GB "
+                                                                      f"+ activations"),
+            (f"ESTIMATE fp32 + Adam, SalUn (keep {keep}): bytes per {what} parameter",
+             f"{salun_bytes:.3f} -> {salun_bytes * n / GB:.1f} GB + activations")]
 
 
 def estimate_rows(args, n: int, m: dict, info: dict, weights_gb: float) -> list[tuple[str, str]]:
@@ -237,14 +284,8 @@ def estimate_rows(args, n: int, m: dict, info: dict, weights_gb: float) -> list[
     activations = max(0.0, info["mask pass (1 forget latent)"]["rss_growth_gb"] - weights_gb)
     rl_best, update_s = m["rl_s"], max(0.0, m["salun_s"] - m["rl_s"])  # the masked update: per weight, not per pixel
     scale = (1024 / args.resolution) ** 2  # activations and convolution FLOPs grow with the pixel count
-    rl_bytes = 4 + 4 + 8  # fp32 weights, fp32 grads, Adam's two fp32 moments
-    salun_bytes = 4 + 4 + 8 * args.keep + 1 / 8  # Adam state on the salient entries only, + the bit-packed mask
     act_1024 = activations * scale * 2  # x pixels, x 2 for fp32 over the measured bf16
-    return [
-        ("ESTIMATE fp32 + Adam, RL: bytes per UNet parameter", f"{rl_bytes} -> {rl_bytes * n / GB:.1f} GB "
-                                                               f"+ activations"),
-        (f"ESTIMATE fp32 + Adam, SalUn (keep {args.keep}): bytes per UNet parameter",
-         f"{salun_bytes:.3f} -> {salun_bytes * n / GB:.1f} GB + activations"),
+    return adam_rows(n, args.keep, "UNet") + [
         ("ESTIMATE activations at 1024 px, batch 2",
          f"{act_1024:.0f} GB (the mask pass's growth beyond its bf16 gradients, {activations:.2f} GB at "
          f"{args.resolution} px, x {scale:.0f} pixels, x 2 for fp32; without memory-efficient attention the "
@@ -257,21 +298,21 @@ def estimate_rows(args, n: int, m: dict, info: dict, weights_gb: float) -> list[
     ]
 
 
-def write_report(args, info: dict, rows: list[tuple[str, str]]) -> None:
-    """The table with its header to stdout, and to --out if given."""
+def write_report(out: Path | None, title: str, command: str, info: dict, rows: list[tuple[str, str]]) -> None:
+    """The table under `title` with the `command` that made it, to stdout, and to `out` if given."""
     header = ("| measure | value |\n|---|---|\n" + "".join(f"| {a} | {b} |\n" for a, b in rows))
-    text = (f"# SDXL at real scale (random weights from the SDXL base configs)\n\n"
-            f"`python benchmarks/sdxl_real_scale.py --skeleton <sdxl-skeleton> --resolution {args.resolution}`; "
+    text = (f"# {title}\n\n"
+            f"`{command}`; "
             f"torch {info['torch']}, {info['threads']} threads, CPU. Wall-clock timings on a machine shared with "
             f"other jobs (load average {info['load average at start']:.1f} at the start): compare the SalUn and RL "
             f"rows with each other (run alternately on the same batches), not with other machines. Rows marked "
             f"ESTIMATE are computed from the measured ones, not measured.\n\n{header}\n"
             f"Raw: `{json.dumps(info)}`\n")
     print(text)
-    if args.out:
+    if out:
         from concept_erase.io_utils import atomic_file
 
-        with atomic_file(args.out, overwrite=True) as tmp:
+        with atomic_file(out, overwrite=True) as tmp:
             tmp.write_text(text, encoding="utf-8")
 
 
@@ -286,13 +327,17 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     base_rss = rss_gb()
-    unet, build_s = build_bf16_unet(args.skeleton)
+    from diffusers import UNet2DConditionModel
+
+    unet, build_s = build_bf16(UNet2DConditionModel, UNet2DConditionModel.load_config(args.skeleton / "unet"))
     weights_gb = sum(p.numel() * p.element_size() for p in unet.parameters()) / GB
     rows.append(("bf16 UNet built with random weights", f"{weights_gb:.2f} GB in {build_s:.0f} s"))
-    measured = measure_passes(unet, args, info)
-    rows += measured_rows(args, measured, weights_gb, base_rss)
+    measured = measure_passes(unet, make_batches(args.skeleton, args.resolution), args.keep, args.alpha, info)
+    rows += measured_rows(args.resolution, measured, weights_gb, base_rss)
     rows += estimate_rows(args, n, measured, info, weights_gb)
-    write_report(args, info, rows)
+    write_report(args.out, "SDXL at real scale (random weights from the SDXL base configs)",
+                 f"python benchmarks/sdxl_real_scale.py --skeleton <sdxl-skeleton> --resolution {args.resolution}",
+                 info, rows)
     return 0
 
 

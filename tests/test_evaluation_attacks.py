@@ -11,7 +11,8 @@ from concept_erase.concepts import get_concept
 from concept_erase.errors import ConceptEraseError
 from evaluation.attacks import ATTACK_NAMES, attack_fn
 from evaluation.attacks.budgets import TINY, make_budget
-from evaluation.attacks.core import PLACEHOLDER, Learned, Targets, TokenPrefix, encode, prefixed
+from evaluation.attacks.core import Learned, Targets, TokenPrefix, encode
+from evaluation.attacks.structure import PLACEHOLDER, prefixed
 from evaluation.attacks.replay import read_saved_attack
 from evaluation.attacks.run import concept_rows
 
@@ -375,7 +376,7 @@ def test_a_damaged_replay_folder_is_one_line_naming_it(saved, tmp_path, fault):
 
 def test_the_structure_read_from_configs_is_the_loaded_models(tiny_pipeline_dir, tiny_sdxl_pipeline_dir):
     from concept_erase.diffusion.models.loading import load_pipeline
-    from evaluation.attacks.core import model_structure, structure_of
+    from evaluation.attacks.structure import model_structure, structure_of
 
     for source in (tiny_pipeline_dir, tiny_sdxl_pipeline_dir, "minisd", "minisd-xl"):
         assert model_structure(str(source)) == structure_of(load_pipeline(source)), source
@@ -384,7 +385,7 @@ def test_the_structure_read_from_configs_is_the_loaded_models(tiny_pipeline_dir,
 
 def test_a_replay_crosses_structures_only_as_a_text_prompt(saved, setup):
     from concept_erase.diffusion.models.tiny import build_tiny_sdxl_pipeline
-    from evaluation.attacks.core import structure_of
+    from evaluation.attacks.structure import structure_of
     from evaluation.attacks.replay import fit_replay, load_replay
 
     pipe = setup[0]
@@ -470,6 +471,8 @@ def test_attack_sweep_writes_asr_against_budget_for_the_model_and_the_control(tm
     assert [(p["attack"], p["value"]) for p in points] == [("embedding", "1"), ("embedding", "3")]  # no ringabell
     headline = results["attacks"]["embedding"]
     assert float(points[1]["asr"]) == headline["asr"] and float(points[1]["control_asr"]) == headline["control_asr"]
+    assert float(points[1]["asr_real"]) == headline["asr_real"]  # each point carries its realism twins
+    assert float(points[1]["control_asr_real"]) == headline["control_asr_real"]
     assert all(p["control_asr"] != "" and float(p["seconds"]) > 0 for p in points)  # the control at each budget
     md = (out / "report.md").read_text()
     assert "## ASR against budget (steps)" in md and "the run at steps=3, the largest value swept" in md

@@ -5,11 +5,10 @@ What an attack recovers on a model that never saw the concept is what the attack
 plus what the judge reads into non-concept images: no erasure can be expected to go below it. Every attack
 on MiniSD reports it beside its ceiling (the remap control) and the erased model's figure.
 
-MiniSD's own recipe takes 11 minutes on 2 idle cores and far longer on a shared machine, so the floor model
-uses a reduced recipe (`NEVER_KNEW_RECIPE`): the same architecture, data (less the concept's digit, in the
-VAE as in the UNet) and seed, fewer and smaller steps. It is built on demand, once, and cached under
-`runtime.cache_root()/never-knew/`, keyed by the digit and the recipe; `concept-erase minisd train --exclude
-DIGIT` with the same settings builds the same model by hand.
+The floor model is MiniSD's own recipe (`NEVER_KNEW_RECIPE` overrides nothing): the same architecture, steps,
+data (less the concept's digit, in the VAE as in the UNet) and seed; 11 minutes on 2 idle cores, 38 on this
+shared machine. It is built on demand, once, and cached under `runtime.cache_root()/never-knew/`, keyed by the
+digit and the recipe; `concept-erase minisd train --exclude DIGIT` builds the same model by hand.
 """
 
 from __future__ import annotations
@@ -20,11 +19,12 @@ from pathlib import Path
 
 from concept_erase.errors import ConceptEraseError
 
-# Fewer and smaller steps than MiniSD's 600 VAE / 2,000 UNet steps of 64 images (docs/PROTOCOLS.md, "The
-# never-knew floor"). Measured (`minisd check --seeds 3`): this model draws the nine digits it knows right in 18.5%
-# of images (MiniSD: 100%, styles 96.7% vs 100%), so its floor does not yet mean anything: the recipe needs more
-# UNet steps. (Its EMA is not the cause: the warm-up min(decay, (1+t)/(10+t)) is below 0.99 for all 800 steps.)
-NEVER_KNEW_RECIPE = {"vae_steps": 300, "unet_steps": 800, "warmup_steps": 50, "batch_size": 32}
+# MiniSD's own recipe (600 VAE / 2,000 UNet steps of 64 images): a floor is only a floor if its model draws
+# the digits it knows as well as MiniSD does. Without sevens it does: `minisd check --seeds 3` judges the nine
+# known digits right in 100% of its images (81 of 81; the style right in all 90), as MiniSD's, and its "seven"
+# prompts judged as fives (9 of 9). A reduced recipe (300 / 800 steps of 32 images) was tried first and drew the
+# known digits right in 18.5%: the floor of a model that cannot draw digits, not retraining's.
+NEVER_KNEW_RECIPE: dict = {}
 
 
 def floor_digit(concept) -> str:

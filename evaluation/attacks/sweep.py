@@ -17,8 +17,8 @@ from dataclasses import fields, replace
 from concept_erase.errors import ConceptEraseError
 
 # One line per (attack, value) in sweep.csv and the report's table.
-COLUMNS = ("attack", "setting", "value", "asr", "attack_alone", "pre_asr", "control_asr", "calibrated", "floor_asr",
-           "seconds")
+COLUMNS = ("attack", "setting", "value", "asr", "asr_real", "attack_alone", "pre_asr", "control_asr",
+           "control_asr_real", "calibrated", "floor_asr", "floor_asr_real", "seconds")
 
 
 def _parse_value(text: str, setting: str, default, spec: str):
@@ -64,9 +64,8 @@ def points(summary: dict, setting: str, value, names) -> list[dict]:
     out = []
     for name in names:
         a = summary["attacks"][name]
-        out.append({"attack": name, "setting": setting, "value": value, "asr": a["asr"],
-                    "attack_alone": a["attack_alone"], "pre_asr": a["pre_asr"], "control_asr": a["control_asr"],
-                    "calibrated": a["calibrated"], "floor_asr": a["floor_asr"], "seconds": a["seconds"]})
+        out.append({"setting": setting, "value": value, "attack": name,
+                    **{k: a.get(k) for k in COLUMNS if k not in ("attack", "setting", "value")}})
     return out
 
 
