@@ -314,6 +314,8 @@ def destination_lock(path: str | os.PathLike, flag: str = "--output", *, take: b
 def check_unlocked(path: str | os.PathLike, flag: str = "--output") -> None:
     """Refuse `path` if another run holds its lock (`destination_lock`), without taking it: `erase` asks this
     before the job's imports (seconds), so a second run is refused at once; the job still takes the lock."""
+    if os.environ.get("RANK", "0") != "0":
+        return  # a launch's other processes (torch's RANK, set before torch loads) share the main one's lock
     path = Path(path)
     lock = path.with_name(path.name + ".lock")
     holder = _holder(lock) if lock.exists() else None

@@ -42,7 +42,7 @@ def test_inner_attack_lowers_the_denoising_error_and_leaves_the_weights_alone():
     assert _error(pipe.unet, scheduler, latents, adv) < _error(pipe.unet, scheduler, latents, cond)
 
 
-def _train(adversarial: bool, steps: int = 3):
+def _train(adversarial: bool, steps: int = 3, **options):
     pipe = build_tiny_pipeline(seed=0)
     g = torch.Generator().manual_seed(0)
     forget = LatentSet(torch.randn(4, 4, 16, 16, generator=g), ["a cat"] * 4, ["a dog"] * 4)
@@ -50,7 +50,7 @@ def _train(adversarial: bool, steps: int = 3):
     mask = SaliencyMask.random(pipe.unet, keep=0.5, seed=0)
     before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
     config = TrainConfig(method="salun", adversarial=adversarial, steps=steps, batch_size=4, lr=1e-3,
-                         **({"adv_steps": 2} if adversarial else {}))
+                         **({"adv_steps": 2} if adversarial else {}), **options)
     result = train_unet(pipe, forget, retain, config, mask=mask)
     return pipe, before, mask, result
 
@@ -77,6 +77,87 @@ def test_adversarial_flags():
         TrainConfig(adversarial=True, adv_steps=0)
     with pytest.raises(ConceptEraseError, match="--adv-steps is not used by --method salun"):
         EraseConfig(model="m", output="o", forget=["x"], surrogate=["y"], adv_steps=3)
+
+
+# -- --adv-attack relearn: SalUn's forget loss after simulated fine-tuning (first-order meta-unlearning)
+
+def _weights(pipe):
+    return torch.cat([p.detach().flatten() for p in pipe.unet.parameters()])
+
+
+def test_relearn_inner_attack_trains_the_mask_only_and_with_weight_0_is_salun_bit_for_bit():
+    pipe, before, mask, result = _train(True, adv_attack="relearn")
+    assert result.steps == 3 and all(torch.isfinite(torch.tensor(r["loss"])) for r in result.losses)
+    for name, p in pipe.unet.named_parameters():  # the simulation fine-tunes every weight; only salient ones keep
+        frozen = ~mask.masks[name] if name in mask.masks else torch.ones_like(p, dtype=torch.bool)
+        assert torch.equal(p.detach()[frozen], before[name][frozen]), name
+    plain = _weights(_train(False)[0])
+    assert torch.equal(_weights(pipe), _weights(_train(True, adv_attack="relearn")[0]))  # deterministic
+    assert not torch.equal(_weights(pipe), plain)
+    # the simulated fine-tuning leaves no trace: with its term weighted 0 the run is plain SalUn's
+    assert torch.equal(_weights(_train(True, adv_attack="relearn", adv_weight=0.0)[0]), plain)
+
+
+def test_relearn_inner_attack_gives_the_gradient_at_the_fine_tuned_weights_and_restores_the_model():
+    from concept_erase.diffusion.methods.salun_adv import RelearnedBatch
+
+    pipe = build_tiny_pipeline(seed=0)
+    unet, scheduler = pipe.unet, training_scheduler(pipe.scheduler)
+    method = TrainConfig(method="salun", adversarial=True, adv_attack="relearn", adv_steps=3).build_method()
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, 16, 16, generator=g)
+    embed = family_of(pipe).encode
+    cond, target = embed(pipe, ["a cat"] * 2, "cpu"), embed(pipe, ["a dog"] * 2, "cpu")
+    noise, t = sample_noise(latents, 1000, g)
+    names = [n for n, _ in unet.named_parameters()]
+    for i, p in enumerate(unet.parameters()):  # what a loop holds mid-step: flags of what trains, accumulated grads
+        p.requires_grad_(i % 2 == 0)
+        p.grad = torch.full_like(p, 0.5) if i % 2 == 0 else None
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    batch = method.forget_batch(unet, scheduler, latents, cond, target, noise, t, {}, step=0, prompts=["a cat"] * 2)
+    assert isinstance(batch, RelearnedBatch)
+    for name, value in unet.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    for i, p in enumerate(unet.parameters()):
+        assert p.requires_grad == (i % 2 == 0) and (p.grad is None) == (i % 2 == 1), names[i]
+        if p.grad is not None:
+            assert torch.all(p.grad == 0.5), names[i]
+    trained = [p for p in unet.parameters() if p.requires_grad]
+    assert [id(p) for p, _ in batch.relearned_grads] == [id(p) for p in trained]
+    # the gradient is taken at theta' (the fine-tuned weights), not at theta; with a vanishing inner rate theta'
+    # is theta and the two agree (the first-order limit)
+    at_theta = torch.autograd.grad(method.loss(unet, noise_batch(scheduler, latents, cond, noise, t, target),
+                                               None)[0], trained)
+    assert not all(torch.allclose(a, b) for a, (_, b) in zip(at_theta, batch.relearned_grads))
+    still = TrainConfig(method="salun", adversarial=True, adv_attack="relearn", adv_steps=3,
+                        adv_lr=1e-12).build_method()
+    limit = still.forget_batch(unet, scheduler, latents, cond, target, noise, t, {}, step=0, prompts=["a cat"] * 2)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, (_, b) in zip(at_theta, limit.relearned_grads))
+    # and the outer loss carries it: value + adv_weight x relearned loss, gradient + adv_weight x its gradient
+    for p in trained:
+        p.grad = None
+    loss, loss_f, _ = method.loss(unet, batch, None)
+    assert torch.allclose(loss, loss_f + batch.relearned_loss)
+    loss.backward()
+    for p, a, (_, b) in zip(trained, at_theta, batch.relearned_grads):
+        assert torch.allclose(p.grad, a + b, atol=1e-6)
+
+
+def test_relearn_inner_attack_flags():
+    assert TrainConfig(method="salun", adversarial=True, adv_attack="relearn").build_method().inner_lr() == 1e-4
+    assert TrainConfig(method="salun", adversarial=True).build_method().inner_lr() == 0.02
+    assert TrainConfig(method="salun", adversarial=True, adv_lr=0.1).build_method().inner_lr() == 0.1
+    with pytest.raises(ConceptEraseError, match="--adv-attack must be one of conditioning, relearn, got 'weights'"):
+        TrainConfig(adversarial=True, adv_attack="weights")
+    with pytest.raises(ConceptEraseError, match="--adv-weight is for --adv-attack relearn, not conditioning"):
+        TrainConfig(adversarial=True, adv_weight=2.0)
+    with pytest.raises(ConceptEraseError, match="--adv-weight must be >= 0, got -1"):
+        TrainConfig(adversarial=True, adv_attack="relearn", adv_weight=-1.0)
+    with pytest.raises(ConceptEraseError, match="--adv-attack is not used by --method salun"):
+        EraseConfig(model="m", output="o", forget=["x"], surrogate=["y"], adv_attack="relearn")
+    with pytest.raises(ConceptEraseError, match="--adv-attack relearn fine-tunes the UNet: it does not run with "
+                                                "--train text-encoder"):
+        TrainConfig(adversarial=True, adv_attack="relearn", train="text-encoder")
 
 
 # -- --train text-encoder (AdvUnlearn): the encoder trains on its mask, the UNet stays bit-identical

@@ -479,6 +479,62 @@ def test_attack_sweep_writes_asr_against_budget_for_the_model_and_the_control(tm
     assert "sweep embedding: steps=1 ASR " in capsys.readouterr().out
 
 
+def test_relearning_ratio_is_the_steps_to_the_base_rate_erased_against_never_knew():
+    """The relearning ratio on synthetic sweep points: the first swept step count at which each model's ASR
+    reaches the base's rate, and erased / floor; none without the floor or for another attack or setting; a
+    note where there is no base rate to get back to."""
+    from evaluation.attacks.sweep import relearning_line, relearning_ratio, sweep_lines, sweep_section
+
+    def pts(asr, floor, attack="relearn", setting="steps", values=(5, 10, 20, 40)):
+        return [{"attack": attack, "setting": setting, "value": v, "asr": a, "floor_asr": f, "attack_alone": a,
+                 "control_asr": None, "seconds": 1.0} for v, a, f in zip(values, asr, floor)]
+
+    faster = relearning_ratio(pts([40.0, 100.0, 100.0, 100.0], [0.0, 60.0, 100.0, 100.0]), 100.0)
+    assert faster == {"base_rate": 100.0, "erased_steps": 10, "floor_steps": 20, "ratio": 0.5}
+    # the points in any order; the base's rate below 100% is the target, not 100%
+    mixed = pts([100.0, 66.7, 0.0, 66.7], [66.7, 66.7, 0.0, 0.0], values=(40, 20, 5, 10))
+    assert relearning_ratio(mixed, 66.7) == {"base_rate": 66.7, "erased_steps": 10, "floor_steps": 20, "ratio": 0.5}
+    slow = relearning_ratio(pts([0.0, 0.0, 40.0, 100.0], [0.0, 60.0, 100.0, 100.0]), 100.0)
+    assert slow["ratio"] == 2.0
+    never = relearning_ratio(pts([40.0, 100.0, 100.0, 100.0], [0.0, 20.0, 60.0, 93.3]), 100.0)
+    assert never == {"base_rate": 100.0, "erased_steps": 10, "floor_steps": None, "ratio": None}
+    assert "the never-knew floor not within the sweep" in relearning_line(never)
+    assert "erased / floor = not measured" in relearning_line(never)
+    assert relearning_ratio(pts([100.0] * 4, [None] * 4), 100.0) is None  # no floor run
+    assert relearning_ratio(pts([100.0] * 4, [0.0] * 4, attack="embedding"), 100.0) is None
+    assert relearning_ratio(pts([100.0] * 4, [0.0] * 4, setting="lr"), 100.0) is None
+    assert relearning_ratio(pts([0.0] * 4, [0.0] * 4), 0.0) == {
+        "note": "no relearning ratio: the base model shows the concept on no row"}
+    assert relearning_ratio(pts([0.0] * 4, [0.0] * 4), None) == {
+        "note": "no relearning ratio: no base model was given"}
+    sweep = {"setting": "steps", "values": [5, 10, 20, 40], "headline_value": 40,
+             "points": pts([40.0, 100.0, 100.0, 100.0], [0.0, 60.0, 100.0, 100.0]), "relearning": faster}
+    line = ("Relearning ratio: the erased model gets back to the base model's rate (100.0% of the rows) at 10 steps, "
+            "the never-knew floor at 20 steps (each the first swept value that does); erased / floor = 0.50 (1: as "
+            "fast as a model that never knew the concept; below 1: faster).")
+    assert relearning_line(faster) == line and sweep_section(sweep).endswith(line) and sweep_lines(sweep)[-1] == line
+
+
+def test_attack_sweep_of_relearning_steps_with_the_floor_reports_the_relearning_ratio(monkeypatch, tmp_path):
+    """`attack --attack relearn --sweep steps=1,2 --floor` puts the relearning ratio in results.json's sweep and
+    the report. MiniSD stands in for both the erased and the never-knew model, so each draws the base's own images
+    before any fine-tuning: both are at the base's rate at the first value, and the ratio is 1."""
+    from concept_erase.cli import main
+    from concept_erase.diffusion.models.loading import load_pipeline
+    from evaluation.attacks import floor
+
+    monkeypatch.setattr(floor, "never_knew_model", lambda digit, log=print: load_pipeline("minisd"))
+    out = tmp_path / "relearn"
+    assert main(["attack", "--model", "minisd", "--base", "minisd", "--concept", "minisd-digit-seven", "--attack",
+                 "relearn", "--sweep", "steps=1,2", "--floor", "--no-control", "--out", str(out), "--seeds", "0",
+                 "--steps", "8", "--tiny-budget"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["base_detected"] > 0
+    assert results["sweep"]["relearning"] == {"base_rate": results["base_detected"], "erased_steps": 1,
+                                              "floor_steps": 1, "ratio": 1.0}
+    assert "Relearning ratio: the erased model gets back to the base model's rate" in (out / "report.md").read_text()
+
+
 # ------------------------------------------------------------------------------------------ text-free, relearning
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ...errors import ConceptEraseError
 from .spec import (FORGET_IMAGE_FIELDS, LOOP_FIELDS, RETAIN_DATA, RETAIN_FIELDS, SALIENCY_FIELDS, SAMPLING_FIELDS,
                    MethodSpec, unused_outputs, option_names)
 
@@ -41,6 +42,15 @@ class RLSpec(SalUnSpec):
 
 # The module that trains (`training/trained.py`): the denoiser, or the text encoder (AdvUnlearn).
 TRAINED = ("unet", "text-encoder")
+# What SalUn-Adv's inner attack attacks: the conditioning (AdvUnlearn), or the weights by relearning (a
+# first-order simulated fine-tuning, in the spirit of meta-unlearning: Gao et al., "Meta-Unlearning on Diffusion
+# Models: Preventing Relearning Unlearned Concepts", arXiv 2410.12777, ICCV 2025; docs/ALGORITHMS.md 4).
+ADV_ATTACKS = ("conditioning", "relearn")
+# --adv-lr when not given, per attack: the conditioning delta's Adam rate; for relearn the simulated fine-tuning's
+# Adam rate, the relearning attack's own (evaluation/attacks/budgets.py). Four times it (5 steps about as far as
+# the attack's 20) wrecked MiniSD: the first-order gradient at weights that far away kept "seven" and lost the
+# other digits (benchmarks/results/salun_adv_relearn_minisd.md)
+ADV_LR = {"conditioning": 0.02, "relearn": 1e-4}
 
 
 @dataclass
@@ -48,12 +58,22 @@ class AdversarialOptions:
     adversarial: bool = field(default=False, metadata={
         "help": "SalUn-Adv: every --adv-every steps an inner attack finds adversarial conditionings for half the "
                 "forget items against the current model, and the step remaps them to the surrogate as well "
-                "(AdvUnlearn-style; --method salun only)"})
+                "(AdvUnlearn-style; --method salun only; --adv-attack relearn attacks the weights instead)"})
+    adv_attack: str = field(default="conditioning", metadata={
+        "help": "adversarial: the inner attack: conditioning (perturbed conditionings, AdvUnlearn) or relearn "
+                "(--adv-steps simulated fine-tuning steps of the UNet on the forget images; SalUn's forget loss at "
+                "the fine-tuned weights adds its gradient to the step, first-order meta-unlearning)",
+        "choices": ADV_ATTACKS})
     adv_every: int = field(default=1, metadata={
         "help": "adversarial: run the inner attack every this many steps", "min": 1})
     adv_steps: int = field(default=5, metadata={
-        "help": "adversarial: inner attack steps (Adam on the conditioning)", "min": 1})
-    adv_lr: float = field(default=0.02, metadata={"help": "adversarial: the inner attack's learning rate", "above": 0})
+        "help": "adversarial: inner attack steps (Adam on the conditioning, or on the UNet's weights for relearn)",
+        "min": 1})
+    adv_lr: float | None = field(default=None, metadata={
+        "help": "adversarial: the inner attack's learning rate (default: "
+                + ", ".join(f"{lr:g} for {attack}" for attack, lr in ADV_LR.items()) + ")", "above": 0})
+    adv_weight: float = field(default=1.0, metadata={
+        "help": "adversarial relearn: the weight of SalUn's forget loss at the simulated fine-tuned weights", "min": 0})
     train: str = field(default="unet", metadata={
         "help": "the module that trains: unet, or text-encoder (AdvUnlearn's plug-in robust text encoder, UNet "
                 "frozen; salun only; the saliency mask is over the encoder's weights; the inner attack of "
@@ -64,8 +84,25 @@ class SalUnAdvSpec(SalUnSpec):
     name = "salun-adv"
     help = ("SalUn-Adv (SalUn + AdvUnlearn-style adversarial training): every --adv-every steps, --adv-steps inner "
             "attack steps find adversarial conditionings for half the forget items against the current model; the "
-            "SalUn step remaps them to the surrogate with the plain prompts, on the saliency mask's weights")
+            "SalUn step remaps them to the surrogate with the plain prompts, on the saliency mask's weights "
+            "(--adv-attack relearn: SalUn's forget loss after simulated fine-tuning instead)")
     fields = SalUnSpec.fields | option_names(AdversarialOptions)
+
+    @classmethod
+    def check_fields(cls, given, flag, all_fields):
+        super().check_fields(given, flag, all_fields)
+        relearn = given.get("adv_attack") == "relearn"
+        if "adv_weight" in given and not relearn:
+            raise ConceptEraseError(f"{flag('adv_weight')} is for --adv-attack relearn, not "
+                                    f"{given.get('adv_attack', 'conditioning')}")
+        if relearn and given.get("train", "unet") != "unet":
+            raise ConceptEraseError(f"--adv-attack relearn fine-tunes the UNet: it does not run with "
+                                    f"{flag('train')} {given['train']}")
+
+    def inner_lr(self) -> float:
+        """The inner attack's learning rate: --adv-lr, or its attack's default."""
+        c = self.config
+        return c.adv_lr if c.adv_lr is not None else ADV_LR[c.adv_attack]
 
 
 # --adversarial turns a method into its adversarial variant (the run config rewrites the method name).
