@@ -34,14 +34,13 @@ from pathlib import Path
 
 import torch
 
-from concept_erase.cli import main as concept_erase
 from concept_erase.concepts import get_concept
 from concept_erase.diffusion.methods import method_spec
 from concept_erase.diffusion.minisd.judge import load_judges
 from concept_erase.diffusion.models.loading import load_pipeline
 
 from erasure_minisd import Evaluator, write_results  # noqa: E402  (benchmarks/ is the script's folder)
-from leaderboard_minisd import cell, method_rows  # noqa: E402
+from leaderboard_minisd import cell, erase, method_rows  # noqa: E402
 
 CONCEPT = "minisd-digit-seven"
 # method -> the flags added to the preset's recipe (lr 1e-4 for all). ESD-x and CA: chosen by short runs on erase
@@ -54,19 +53,6 @@ RECIPES = {
     "uce": [],
     "ca": ["--steps", "30"],
 }
-
-
-def erase(method: str, seed: int, out: Path, cache: Path, recipe: list[str]) -> float:
-    """`concept-erase erase` on MiniSD-Flux with `recipe`; the wall time of the whole command."""
-    fields = method_spec(method).fields  # only the flags the method reads: erase refuses the others
-    argv = ["erase", "--model", "minisd-flux", "--concept", CONCEPT, "--method", method, *recipe,
-            "--output", str(out), "--no-progress", "--quiet"]
-    argv += ["--cache-dir", str(cache)] if "cache_dir" in fields else []
-    argv += ["--seed", str(seed)] if "seed" in fields else []
-    start = time.perf_counter()
-    if concept_erase(argv) != 0:
-        raise SystemExit(f"erase failed: {' '.join(argv)}")
-    return time.perf_counter() - start
 
 
 def main(argv=None) -> int:
@@ -101,7 +87,8 @@ def main(argv=None) -> int:
             # closed forms read no seed: one run
             for seed in seeds if "seed" in method_spec(method).fields else seeds[:1]:
                 out = Path(tmp) / f"{method}-{seed}"
-                seconds = erase(method, seed, out, Path(tmp) / "cache", recipes[method])
+                seconds = erase(["--method", method, *recipes[method]], CONCEPT, seed, out, Path(tmp) / "cache",
+                                model="minisd-flux")
                 rows.append({"method": method, "seed": seed, "flags": " ".join(recipes[method]), "erase_s": seconds,
                              **evaluate(load_pipeline(str(out)))})
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)

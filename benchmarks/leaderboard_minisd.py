@@ -51,11 +51,12 @@ def seed_free(method: str) -> bool:
     return "seed" not in method_spec(method_flags(method)[1]).fields
 
 
-def erase(method: str, concept: str, seed: int, out: Path, cache: Path) -> float:
-    flags = method_flags(method)
-    argv = ["erase", "--model", "minisd", "--concept", concept, *flags, "--output", str(out), "--no-progress",
+def erase(flags: list[str], concept: str, seed: int, out: Path, cache: Path, model: str = "minisd") -> float:
+    """`concept-erase erase --model MODEL --concept CONCEPT FLAGS` (FLAGS: "--method NAME" and the method's
+    recipe) with the run's seed and image cache where the method reads them; the command's wall time."""
+    argv = ["erase", "--model", model, "--concept", concept, *flags, "--output", str(out), "--no-progress",
             "--quiet"]
-    fields = method_spec(flags[1]).fields  # only the flags the method reads: erase refuses the others
+    fields = method_spec(flags[flags.index("--method") + 1]).fields  # erase refuses flags the method ignores
     argv += ["--cache-dir", str(cache)] if "cache_dir" in fields else []
     argv += ["--seed", str(seed)] if "seed" in fields else []
     start = time.perf_counter()
@@ -93,7 +94,7 @@ def main(argv=None) -> int:
         for method in methods:
             for seed in seeds[:1] if seed_free(method) else seeds:
                 out = Path(tmp) / f"{method}-{seed}"
-                seconds = erase(method, args.concept, seed, out, Path(tmp) / "cache")
+                seconds = erase(method_flags(method), args.concept, seed, out, Path(tmp) / "cache")
                 rows.append({"method": method, "seed": seed, "erase_s": seconds, **evaluate(load_pipeline(str(out)))})
                 print(json.dumps(rows[-1]), flush=True)
             # after each method: a run stopped early still leaves the table of the methods it finished

@@ -81,14 +81,14 @@ class ModelCounts:
 
 
 def config_folder(model: str, model_config: str | None) -> Path:
-    """The diffusers folder holding `model`'s component configs (a single file's: `model_config`)."""
-    from .minisd import MINISD_MODELS, minisd_path
+    """The diffusers folder holding `model`'s component configs (`facts.configs_folder`; a single file's:
+    `model_config`), or a one-line error saying what is missing."""
+    from .models.facts import configs_folder
 
-    if model in MINISD_MODELS:
-        return minisd_path(model)
+    folder = configs_folder(model, model_config or None)
+    if folder is not None:
+        return folder
     path = Path(model).expanduser()
-    if path.is_dir():
-        return path
     if path.is_file():
         if not model_config:
             raise ConceptEraseError(f"model {model!r} is a single file: give --config, a diffusers folder "

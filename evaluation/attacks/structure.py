@@ -7,9 +7,8 @@ files. `replay.py` checks a saved attack against it before `import torch` (secon
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-from concept_erase.diffusion.minisd import MINISD_MODELS, minisd_path
+from concept_erase.diffusion.models.facts import configs_folder
 from concept_erase.diffusion.models.families import family_from_config, family_of
 from concept_erase.errors import ConceptEraseError
 
@@ -42,10 +41,9 @@ def model_structure(model: str, config: str | None = None) -> dict | None:
     """`structure_of` the model `model` read from its config files (model_index.json, each text encoder's and
     the UNet's config.json), no weights loaded; None when they are not at hand (a hub id, a single file without
     --config): the replay is then checked once the model loads."""
-    model = str(model)
-    folder = minisd_path(model) if model in MINISD_MODELS else Path(model).expanduser()
-    if folder.is_file() and config is not None:  # a single file: its configs are --config's
-        return model_structure(config)
+    folder = configs_folder(model, config)
+    if folder is None:
+        return None
     try:
         family = family_from_config(folder)
         encoders = {}

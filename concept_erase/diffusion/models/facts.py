@@ -63,18 +63,26 @@ def check_model_source(source: str | os.PathLike) -> None:
         f"a hub id or one of {', '.join(MINISD_MODELS)})")
 
 
-def model_facts(source: str | os.PathLike, config: str | os.PathLike | None = None) -> ModelFacts:
-    """The facts of any `load_pipeline` source: "minisd" / "minisd-xl" / "minisd-flux" (their packaged
-    folders), a diffusers folder, or a single file with its `config` folder (configs only: its weights are the
-    file's). A hub id, or anything unreadable, gives no facts."""
+def configs_folder(source: str | os.PathLike, config: str | os.PathLike | None = None) -> Path | None:
+    """The diffusers folder holding a `load_pipeline` source's component configs: a MiniSD name's packaged
+    folder, the folder itself, or a single file's `config` folder; None where none is at hand (a hub id, a
+    single file without `config`)."""
     source = str(source)
     path = minisd_path(source) if source in MINISD_MODELS else Path(source).expanduser()
     if path.is_dir():
-        return ModelFacts(_timesteps(path), _vae_factor(path), _denoiser(path))
-    if path.is_file() and config is not None:
-        configs = model_facts(config)
-        return ModelFacts(configs.timesteps, configs.vae_factor)
-    return ModelFacts()
+        return path
+    return configs_folder(config) if path.is_file() and config is not None else None
+
+
+def model_facts(source: str | os.PathLike, config: str | os.PathLike | None = None) -> ModelFacts:
+    """The facts of any `load_pipeline` source (`configs_folder`): a single file's configs say the scheduler
+    and VAE, but its weights are the file's, so the denoiser's size stays unsaid. A hub id, or anything
+    unreadable, gives no facts."""
+    folder = configs_folder(source, config)
+    if folder is None:
+        return ModelFacts()
+    denoiser = _denoiser(folder) if folder == configs_folder(source) else None
+    return ModelFacts(_timesteps(folder), _vae_factor(folder), denoiser)
 
 
 def _json(path: Path) -> dict:
